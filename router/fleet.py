@@ -1,0 +1,136 @@
+"""Replicas and the fleet they form.
+
+A `Replica` is one vLLM server (possibly tensor-parallel over several GPUs) as the router
+sees it: where it is, what it serves, whether it is healthy, how much work the router has
+sent it that has not finished (`in_flight`), and what the replica itself last reported on
+its /metrics page (`EngineLoad`).  The monitor writes health and load, the proxy writes
+`in_flight`, and policies only read.  Nothing here does I/O.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator, Mapping
+
+
+class Health(enum.Enum):
+    """Health state machine of a replica.
+
+    UNKNOWN   never probed yet (gets no traffic: a replica that starts late must not eat
+              requests before it answers /health).
+    HEALTHY   probes pass; full traffic.
+    SUSPECT   a request-path connect failure or one failed probe; ranked after every
+              healthy replica so it only gets traffic when nothing better exists.
+    UNHEALTHY `failure_threshold` consecutive probe failures; no traffic until
+              `success_threshold` consecutive probes pass again.
+    """
+
+    UNKNOWN = "unknown"
+    HEALTHY = "healthy"
+    SUSPECT = "suspect"
+    UNHEALTHY = "unhealthy"
+
+
+@dataclass(slots=True)
+class EngineLoad:
+    """The replica's own view of its load, scraped from vLLM's /metrics.
+
+    Values are summed over the `engine` label (data-parallel engines behind one server).
+    Counters are cumulative as vLLM reports them; consumers take deltas.
+    """
+
+    running: float = 0.0
+    waiting: float = 0.0
+    kv_cache_usage: float = 0.0  # 0..1, blocks held by running requests
+    prefix_cache_queries: float = 0.0  # tokens, cumulative
+    prefix_cache_hits: float = 0.0  # tokens, cumulative
+    block_size: int | None = None  # tokens per KV block, from cache_config_info
+    num_gpu_blocks: int | None = None  # KV blocks, from cache_config_info
+    scraped_at: float = 0.0  # time.monotonic() of the scrape; 0 = never
+
+
+@dataclass(eq=False, slots=True)
+class Replica:
+    """One vLLM server behind the router.  Identity is the object (and `id`, its URL)."""
+
+    url: str  # base URL without trailing slash, e.g. http://127.0.0.1:8101
+    model: str  # the configured model name this replica serves
+    tensor_parallel_size: int = 1
+    weight: float = 1.0  # relative capacity hint from config (default 1)
+    labels: Mapping[str, str] = field(default_factory=dict)
+    api_key: str | None = None  # sent upstream as Authorization: Bearer ...
+    served_models: frozenset[str] = frozenset()  # discovered from /v1/models
+    max_model_len: int | None = None  # discovered from /v1/models
+    health: Health = Health.UNKNOWN
+    consecutive_failures: int = 0
+    consecutive_successes: int = 0
+    in_flight: int = 0  # requests the router has dispatched and not yet finished
+    load: EngineLoad = field(default_factory=EngineLoad)
+    last_change: float = field(default_factory=time.monotonic)
+
+    @property
+    def id(self) -> str:
+        return self.url
+
+    @property
+    def routable(self) -> bool:
+        """May this replica get traffic at all?  (SUSPECT ones are ranked last.)"""
+        return self.health in (Health.HEALTHY, Health.SUSPECT)
+
+    @property
+    def kv_capacity_tokens(self) -> int | None:
+        """KV cache size in tokens, if the replica reported it."""
+        if self.load.block_size and self.load.num_gpu_blocks:
+            return self.load.block_size * self.load.num_gpu_blocks
+        return None
+
+    @property
+    def queued(self) -> float:
+        """Work ahead of a new request: router in-flight, or the engine's own count if larger.
+
+        The router's count is fresh (updated at dispatch) but blind to other clients; the
+        scraped count sees everyone but lags by one scrape interval.  The max of the two
+        is the best cheap estimate.
+        """
+        return max(float(self.in_flight), self.load.running + self.load.waiting)
+
+
+class Fleet:
+    """All replicas, grouped by the configured model they serve.
+
+    The fleet is created once by the app from the config and passed explicitly to the
+    monitor, the proxy and the API handlers.
+    """
+
+    def __init__(self, replicas: Iterable[Replica] = ()) -> None:
+        self._by_model: dict[str, list[Replica]] = {}
+        for replica in replicas:
+            self.add(replica)
+
+    def add(self, replica: Replica) -> None:
+        self._by_model.setdefault(replica.model, []).append(replica)
+
+    def remove(self, replica: Replica) -> None:
+        group = self._by_model.get(replica.model, [])
+        if replica in group:
+            group.remove(replica)
+
+    def __iter__(self) -> Iterator[Replica]:
+        for group in self._by_model.values():
+            yield from group
+
+    def __len__(self) -> int:
+        return sum(len(group) for group in self._by_model.values())
+
+    def models(self) -> list[str]:
+        return list(self._by_model)
+
+    def for_model(self, model: str) -> list[Replica]:
+        """Every configured replica of `model`, healthy or not."""
+        return list(self._by_model.get(model, ()))
+
+    def routable(self, model: str) -> list[Replica]:
+        """Replicas of `model` that may get traffic now."""
+        return [r for r in self._by_model.get(model, ()) if r.routable]

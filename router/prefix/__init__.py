@@ -1,0 +1,1 @@
+"""Prefix routing: canonical routing text, chained block hashes, the bounded prefix index."""
