@@ -25,7 +25,8 @@ if TYPE_CHECKING:
 @dataclass(slots=True)
 class Decision:
     ranked: list["Replica"]  # best first; only routable replicas
-    why: dict[str, Any] = field(default_factory=dict)
+    why: dict[str, Any] = field(default_factory=dict)  # JSON-able explanation for logs
+    matched_blocks: dict[str, int] = field(default_factory=dict)  # replica id -> blocks matched
 
 
 @runtime_checkable
