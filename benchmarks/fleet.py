@@ -1,0 +1,271 @@
+"""The fleet under test: simulated or real vLLM replicas, their cache resets and counters.
+
+The same fleet serves every target of a run; between targets each replica's prefix cache
+is dropped (`POST /admin/reset` on the simulator; `POST /reset_prefix_cache` on real vLLM,
+which serves it when started with VLLM_SERVER_DEV_MODE=1; otherwise the replica is
+restarted) so no target inherits another's warm cache.
+
+Counters are read from each replica's own /metrics (vLLM's names; the older
+`gpu_prefix_cache_*` names are accepted) before and after a run, and the deltas give the
+prefix-cache hit rate and the load balance.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import aiohttp
+
+from benchmarks.procs import Proc, Processes
+from benchmarks.scenario import FleetSpec, ReplicaSpec
+
+# counter -> names to try, first found wins (vLLM renamed the prefix-cache metrics)
+COUNTERS: dict[str, tuple[str, ...]] = {
+    "queries": ("vllm:prefix_cache_queries_total", "vllm:gpu_prefix_cache_queries_total"),
+    "hits": ("vllm:prefix_cache_hits_total", "vllm:gpu_prefix_cache_hits_total"),
+    "requests": ("vllm:request_success_total",),
+    "prompt_tokens": ("vllm:prompt_tokens_total",),
+    "cached_prompt_tokens": ("vllm:prompt_tokens_cached_total",),
+    "generation_tokens": ("vllm:generation_tokens_total",),
+    "preemptions": ("vllm:num_preemptions_total",),
+}
+
+_LINE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{(.*)\})?\s+(\S+)')
+_LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
+
+
+def parse_metrics(text: str) -> dict[str, list[tuple[dict[str, str], float]]]:
+    """Prometheus text format -> name -> [(labels, value)]."""
+    out: dict[str, list[tuple[dict[str, str], float]]] = {}
+    for line in text.splitlines():
+        if not line or line[0] == "#":
+            continue
+        m = _LINE.match(line)
+        if not m:
+            continue
+        try:
+            value = float(m.group(4))
+        except ValueError:
+            continue
+        labels = dict(_LABEL.findall(m.group(3) or ""))
+        out.setdefault(m.group(1), []).append((labels, value))
+    return out
+
+
+def counters(text: str) -> dict[str, float]:
+    """The COUNTERS of one /metrics page, summed over label sets (engines, reasons)."""
+    parsed = parse_metrics(text)
+    out: dict[str, float] = {}
+    for key, names in COUNTERS.items():
+        for name in names:
+            if name in parsed:
+                out[key] = sum(v for _, v in parsed[name])
+                break
+    info = parsed.get("vllm:cache_config_info")
+    if info:
+        labels = info[0][0]
+        for key in ("block_size", "num_gpu_blocks"):
+            if labels.get(key, "").isdigit():
+                out[key] = int(labels[key])
+    return out
+
+
+def deltas(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    return {k: after[k] - before.get(k, 0.0) for k in COUNTERS if k in after}
+
+
+def fleet_counters(before: list[dict[str, float]], after: list[dict[str, float]]) -> dict[str, Any]:
+    """Hit rate and load balance of a run from every replica's counter deltas."""
+    per = [deltas(b, a) for b, a in zip(before, after)]
+    queries = sum(d.get("queries", 0.0) for d in per)
+    hits = sum(d.get("hits", 0.0) for d in per)
+    requests = [d.get("requests", 0.0) for d in per]
+    prefill = [d.get("prompt_tokens", 0.0) - d.get("cached_prompt_tokens", d.get("hits", 0.0)) for d in per]
+    total_req = sum(requests)
+    total_prefill = sum(prefill)
+    return {
+        "hit_rate": hits / queries if queries else None,
+        "queries": queries,
+        "hits": hits,
+        "per_replica": per,
+        "busiest_request_share": max(requests) / total_req if total_req else None,
+        "busiest_prefill_share": max(prefill) / total_prefill if total_prefill else None,
+        "fair_share": 1.0 / len(per) if per else None,
+        "preemptions": sum(d.get("preemptions", 0.0) for d in per),
+    }
+
+
+@dataclass(slots=True)
+class Replica:
+    url: str
+    spec: ReplicaSpec
+    proc: Proc | None = None
+    port: int = 0
+    kv_events_endpoint: str | None = None  # tcp://127.0.0.1:PORT when it publishes KV events
+    info: dict[str, Any] = field(default_factory=dict)  # block_size, num_gpu_blocks from /metrics
+
+
+class Fleet:
+    """A started fleet: replicas, how to reset them, how to read them."""
+
+    def __init__(self, spec: FleetSpec, model: str, procs: Processes, log_dir: Path,
+                 port_base: int, argv_prefix: list[str] | None = None) -> None:
+        self.spec = spec
+        self.argv_prefix = list(argv_prefix or [])  # e.g. taskset -c 1
+        self.model = model
+        self.procs = procs
+        self.log_dir = log_dir
+        self.port_base = port_base
+        self.replicas: list[Replica] = []
+
+    @property
+    def urls(self) -> list[str]:
+        return [r.url for r in self.replicas]
+
+    @property
+    def capacity_blocks(self) -> int:
+        return sum(int(r.info.get("num_gpu_blocks") or r.spec.kv_blocks or 0) for r in self.replicas)
+
+    @property
+    def block_size(self) -> int:
+        sizes = [int(r.info["block_size"]) for r in self.replicas if r.info.get("block_size")]
+        return sizes[0] if sizes else self.spec.block_size
+
+    # -- bring-up --------------------------------------------------------------------------
+    def sim_argv(self, index: int, replica: ReplicaSpec, port: int) -> tuple[list[str], str | None]:
+        argv = [*self.argv_prefix, sys.executable, "-m", "engines.sim", "--host", "127.0.0.1", "--port", str(port),
+                "--model", self.model, "--tp", str(replica.tp),
+                "--num-gpu-blocks", str(replica.kv_blocks), "--block-size", str(self.spec.block_size),
+                "--time-scale", repr(self.spec.time_scale), "--max-num-seqs", str(self.spec.max_num_seqs),
+                *self.spec.sim_args]
+        endpoint = None
+        if self.spec.kv_events:
+            zmq_port = port + 1000
+            argv += ["--kv-events-endpoint", f"tcp://*:{zmq_port}"]
+            endpoint = f"tcp://127.0.0.1:{zmq_port}"
+        return argv, endpoint
+
+    async def start(self, http: aiohttp.ClientSession) -> None:
+        if self.spec.kind == "real":
+            await self._start_real(http)
+            return
+        for i, replica in enumerate(self.spec.expanded()):
+            port = self.port_base + i
+            argv, endpoint = self.sim_argv(i, replica, port)
+            proc = self.procs.start(f"sim-{i}", argv, log_path=self.log_dir / f"sim-{i}.log")
+            self.replicas.append(Replica(f"http://127.0.0.1:{port}", replica, proc, port, endpoint))
+        await self.wait_healthy(http)
+
+    async def _start_real(self, http: aiohttp.ClientSession) -> None:
+        from benchmarks.real import start_real_fleet  # imported lazily: only real mode needs it
+        self.replicas = await start_real_fleet(self, http)
+        await self.wait_healthy(http)
+
+    async def wait_healthy(self, http: aiohttp.ClientSession) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.spec.startup_timeout_s
+        for replica in self.replicas:
+            while True:
+                if replica.proc is not None and not replica.proc.alive():
+                    raise RuntimeError(f"replica {replica.url} exited during start-up:\n{replica.proc.log_tail()}")
+                try:
+                    async with http.get(replica.url + "/health", timeout=aiohttp.ClientTimeout(total=2)) as r:
+                        if r.status == 200:
+                            break
+                except (aiohttp.ClientError, asyncio.TimeoutError):
+                    pass
+                if loop.time() > deadline:
+                    tail = replica.proc.log_tail() if replica.proc else ""
+                    raise RuntimeError(f"replica {replica.url} not healthy after "
+                                       f"{self.spec.startup_timeout_s:g}s\n{tail}")
+                await asyncio.sleep(0.2)
+            page = await self._metrics(http, replica)
+            replica.info = {k: v for k, v in counters(page).items() if k in ("block_size", "num_gpu_blocks")}
+
+    # -- between targets -------------------------------------------------------------------
+    async def reset(self, http: aiohttp.ClientSession) -> str:
+        """Drop every replica's prefix cache; returns how ("admin/reset", ...)."""
+        how = set()
+        for replica in self.replicas:
+            for path in ("/admin/reset", "/reset_prefix_cache"):
+                try:
+                    async with http.post(replica.url + path, timeout=aiohttp.ClientTimeout(total=10)) as r:
+                        if r.status == 200:
+                            how.add(path)
+                            break
+                except (aiohttp.ClientError, asyncio.TimeoutError):
+                    continue
+            else:
+                raise RuntimeError(f"replica {replica.url} offers no cache reset "
+                                   "(/admin/reset or /reset_prefix_cache)")
+        return ",".join(sorted(how))
+
+    async def _metrics(self, http: aiohttp.ClientSession, replica: Replica) -> str:
+        async with http.get(replica.url + "/metrics", timeout=aiohttp.ClientTimeout(total=10)) as r:
+            r.raise_for_status()
+            return await r.text()
+
+    async def read_counters(self, http: aiohttp.ClientSession) -> list[dict[str, float]]:
+        pages = await asyncio.gather(*(self._metrics(http, r) for r in self.replicas))
+        return [counters(p) for p in pages]
+
+    async def idle(self, http: aiohttp.ClientSession, timeout_s: float = 30.0) -> None:
+        """Wait until no replica runs or queues a request (aborted streams drain)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while loop.time() < deadline:
+            pages = await asyncio.gather(*(self._metrics(http, r) for r in self.replicas))
+            busy = 0.0
+            for page in pages:
+                parsed = parse_metrics(page)
+                for name in ("vllm:num_requests_running", "vllm:num_requests_waiting"):
+                    busy += sum(v for _, v in parsed.get(name, []))
+            if busy == 0:
+                return
+            await asyncio.sleep(0.2)
+
+    async def tokenizer(self, http: aiohttp.ClientSession) -> Callable[[list[dict[str, Any]]], Any]:
+        """A function prompts -> token lists, exactly as the replicas tokenize.
+
+        The simulator's tokenizer and chat template are imported (fast, no HTTP); for real
+        vLLM each prompt goes through replica 0's /tokenize.
+        """
+        if self.spec.kind == "sim":
+            from engines.sim.tokenizer import Tokenizer, render_chat
+            tok = Tokenizer()
+
+            async def local(prompts: list[dict[str, Any]]) -> list[list[int]]:
+                return [tok.encode(render_chat(p["messages"]) if "messages" in p else p["prompt"])
+                        for p in prompts]
+            return local
+
+        url = self.replicas[0].url + "/tokenize"
+
+        async def remote(prompts: list[dict[str, Any]]) -> list[list[int]]:
+            out = []
+            for p in prompts:
+                body = {"model": self.model, **p}
+                if "messages" in p:
+                    body["add_generation_prompt"] = True
+                async with http.post(url, data=json.dumps(body),
+                                     headers={"Content-Type": "application/json"}) as r:
+                    r.raise_for_status()
+                    out.append((await r.json())["tokens"])
+            return out
+        return remote
+
+    def describe(self) -> list[dict[str, Any]]:
+        return [{"url": r.url, "tp": r.spec.tp, "kv_blocks": r.info.get("num_gpu_blocks", r.spec.kv_blocks),
+                 "block_size": r.info.get("block_size", self.spec.block_size),
+                 "kv_events": r.kv_events_endpoint} for r in self.replicas]
+
+    def stop(self) -> None:
+        for replica in self.replicas:
+            if replica.proc is not None:
+                self.procs.stop(replica.proc)

@@ -1,0 +1,202 @@
+"""One routing scenario end to end: fleet up, every target in turn on the same fleet, report.
+
+For each target (and each QPS of a sweep, and each repeat): the replicas' caches are reset
+and drained, their counters read, the workload run through the target, the counters read
+again, and the run's prompts replayed through the oracle.  One raw JSON per run goes to
+OUTPUT/runs/, then the report (markdown + PNG) is rebuilt from all of them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks import loadgen
+from benchmarks.fleet import Fleet, fleet_counters
+from benchmarks.oracle import oracle
+from benchmarks.procs import Processes
+from benchmarks.scenario import Scenario, TargetSpec
+from benchmarks.stats import summarize
+from benchmarks.targets import RunningTarget, start_target, stop_target, versions
+from benchmarks.workloads import Workload, build
+
+
+def machine() -> dict[str, Any]:
+    cpu = platform.processor() or ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem_gib = None
+    try:
+        import psutil
+        mem_gib = round(psutil.virtual_memory().total / 2**30, 1)
+    except Exception:
+        pass
+    return {"platform": platform.platform(), "cpu": cpu, "cores": os.cpu_count(), "memory_gib": mem_gib,
+            "python": platform.python_version()}
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              timeout=5).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def run_file_name(target: TargetSpec, qps: float | None, repeat: int) -> str:
+    name = target.slug
+    if qps is not None:
+        name += f"__qps{qps:g}"
+    return f"{name}__rep{repeat}.json"
+
+
+def write_meta(scenario: Scenario, out: Path, extra: dict[str, Any] | None = None) -> None:
+    meta = {
+        "scenario": scenario.name,
+        "description": scenario.description,
+        "command": "python -m benchmarks " + " ".join(sys.argv[1:]),
+        "scenario_file": scenario.file,
+        "scenario_yaml": scenario.raw,
+        "versions": versions(),
+        "git_commit": git_commit(),
+        "machine": machine(),
+        "finished_at": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        **(extra or {}),
+    }
+    (out / "meta.json").write_text(json.dumps(meta, indent=2, default=str))
+
+
+class _Progress:
+    """A tqdm bar if tqdm is installed (the bench extra), else silent."""
+
+    def __init__(self, total: int | None, enabled: bool) -> None:
+        self.bar = None
+        if enabled:
+            try:
+                from tqdm import tqdm
+                self.bar = tqdm(total=total, unit="req", dynamic_ncols=True, file=sys.stderr)
+            except ImportError:
+                print("benchmarks: install tqdm (pip install -e '.[bench]') for a progress bar", file=sys.stderr)
+
+    def describe(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.set_description(text)
+        else:
+            print(f"benchmarks: {text}", file=sys.stderr)
+
+    def update(self, _record: Any = None) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+async def _sample(sampler, stop: asyncio.Event) -> None:
+    while not stop.is_set():
+        sampler.sample()
+        try:
+            await asyncio.wait_for(stop.wait(), 0.25)
+        except asyncio.TimeoutError:
+            pass
+
+
+async def measure(scenario: Scenario, fleet: Fleet, target: RunningTarget, workload: Workload, qps: float | None,
+                  http, progress: _Progress, tokenize) -> dict[str, Any]:
+    """One run: reset, counters, load, counters, oracle, summary."""
+    reset_how = await fleet.reset(http)
+    await fleet.idle(http)
+    before = await fleet.read_counters(http)
+    arrival = scenario.arrival
+    spec = loadgen.LoadSpec(
+        url=target.url, model=scenario.model, api=scenario.api,
+        arrival="poisson" if qps is not None else "closed", qps=qps or 0.0,
+        concurrency=arrival.concurrency or 1, max_requests=scenario.limits.max_requests,
+        max_duration_s=scenario.limits.max_duration_s, request_timeout_s=scenario.limits.request_timeout_s,
+        ignore_eos=scenario.ignore_eos, seed=scenario.seed)
+    stop = asyncio.Event()
+    sampler_task = None
+    if target.sampler is not None:
+        target.sampler.start()
+        sampler_task = asyncio.create_task(_sample(target.sampler, stop))
+    try:
+        result = await loadgen.run(spec, workload, on_done=progress.update, http=http)
+    finally:
+        stop.set()
+        if sampler_task is not None:
+            await sampler_task
+    resources = target.sampler.stop() if target.sampler is not None else None
+    await fleet.idle(http)
+    after = await fleet.read_counters(http)
+    tokens = await tokenize(result.prompts)
+    return {
+        "scenario": scenario.name,
+        "target": target.spec.name,
+        "qps": qps,
+        "concurrency": arrival.concurrency if qps is None else None,
+        "stopped_by": result.stopped_by,
+        "summary": summarize(result.records, result.itls, result.duration_s, scenario.slo_ttft_s),
+        "replicas": fleet_counters(before, after),
+        "oracle": oracle(tokens, fleet.block_size, fleet.capacity_blocks),
+        "router_resources": resources,
+        "cache_reset": reset_how,
+        "records": result.records,
+    }
+
+
+async def run_routing(scenario: Scenario, procs: Processes, *, targets: list[TargetSpec] | None = None,
+                      progress: bool = True, port_base: int = 18100) -> Path:
+    """Run a routing scenario; returns the output folder (raw JSON, table, plots)."""
+    from benchmarks import report  # matplotlib is imported only when a report is written
+
+    out = scenario.output
+    runs_dir = out / "runs"
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    targets = targets or list(scenario.targets)
+    workload = build(scenario.workload, scenario.seed)
+    per_run = min(workload.total_requests, scenario.limits.max_requests)
+    points = scenario.arrival.points
+    bar = _Progress(per_run * len(points) * scenario.repeats * len(targets), progress)
+    http = loadgen.make_client()
+    fleet = Fleet(scenario.fleet, scenario.model, procs, out / "logs", port_base)
+    try:
+        bar.describe("starting fleet")
+        await fleet.start(http)
+        tokenize = await fleet.tokenizer(http)
+        backends = [{"url": r.url, "tp": r.spec.tp, "kv_events": r.kv_events_endpoint,
+                     "block_size": fleet.block_size} for r in fleet.replicas]
+        for target in targets:
+            bar.describe(f"{target.name}: starting")
+            running = await start_target(target, procs=procs, model=scenario.model, backends=backends,
+                                         run_dir=out, http=http, startup_timeout_s=scenario.fleet.startup_timeout_s)
+            try:
+                for qps in points:
+                    for rep in range(scenario.repeats):
+                        label = f"{target.name}" + (f" @ {qps:g} qps" if qps is not None else "")
+                        bar.describe(label + (f" (repeat {rep + 1})" if scenario.repeats > 1 else ""))
+                        run = await measure(scenario, fleet, running, workload, qps, http, bar, tokenize)
+                        run["repeat"] = rep
+                        (runs_dir / run_file_name(target, qps, rep)).write_text(json.dumps(run, default=str))
+            finally:
+                stop_target(running, procs)
+        write_meta(scenario, out, {"fleet": fleet.describe(), "workload_requests": workload.total_requests,
+                                   "time_scale": scenario.fleet.time_scale})
+    finally:
+        bar.close()
+        fleet.stop()
+        await http.close()
+    report.write_report(out)
+    return out

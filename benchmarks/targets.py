@@ -1,0 +1,152 @@
+"""What the load generator talks to: our router (one policy), a peer router, or one replica.
+
+- `ours:POLICY` starts our router as a subprocess, `python -m router --config routes.yaml`,
+  with a routes.yaml generated for the run: the fleet's URLs as backends (with their
+  tensor-parallel sizes), the policy, and no `launch:` block.
+- `vllm-router:POLICY` and `sglang-router:POLICY` start the peers installed from PyPI into
+  the benchmark environment (`pip install -e '.[bench]'`), with their default knobs, on the
+  same fleet URLs.  `vllm-router:kv_aware` subscribes to the replicas' KV events.
+- `direct` sends everything to the first replica: the no-router baseline for overhead.
+
+Each router process may be pinned to CPU cores (`taskset -c`, set before exec so every
+thread it spawns inherits it) and its CPU seconds and peak RSS are sampled with psutil.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import socket
+import sys
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import yaml
+
+from benchmarks.procs import Proc, Processes, ResourceSampler
+from benchmarks.scenario import TargetSpec
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _bin(name: str) -> str:
+    """A console script of the running environment (the benchmark venv), else from PATH."""
+    local = Path(sys.executable).parent / name
+    if local.exists():
+        return str(local)
+    found = shutil.which(name)
+    if not found:
+        raise RuntimeError(f"'{name}' is not installed: pip install -e '.[bench]'")
+    return found
+
+
+def routes_yaml(model: str, backends: list[dict[str, Any]], policy: str, port: int) -> dict[str, Any]:
+    """Our router's config for a benchmark run: the fleet as static backends, no launch."""
+    return {
+        # no per-request access log: the peers run at log level warning, which logs none either
+        "server": {"host": "127.0.0.1", "port": port, "access_log": False, "log_level": "warning"},
+        "models": [{
+            "name": model,
+            "backends": [{"url": b["url"], "tensor_parallel_size": b["tp"]} for b in backends],
+        }],
+        "routing": {"policy": policy},
+    }
+
+
+def router_argv(target: TargetSpec, *, model: str, backends: list[dict[str, Any]], port: int,
+                run_dir: Path) -> list[str]:
+    """The command line that starts `target` (not `direct`) on `port` in front of `backends`."""
+    urls = [b["url"] for b in backends]
+    if target.kind == "ours":
+        config = run_dir / f"routes-{target.policy}.yaml"
+        config.parent.mkdir(parents=True, exist_ok=True)
+        config.write_text(yaml.safe_dump(routes_yaml(model, backends, target.policy, port), sort_keys=False))
+        return [sys.executable, "-m", "router", "--config", str(config)]
+    common = ["--worker-urls", *urls, "--host", "127.0.0.1", "--port", str(port),
+              "--policy", target.policy, "--prometheus-host", "127.0.0.1",
+              "--prometheus-port", str(free_port())]
+    if target.kind == "vllm-router":
+        argv = [_bin("vllm-router"), *common, "--log-level", "warning"]
+        if target.policy == "kv_aware":
+            for b in backends:
+                argv += ["--kv-event-source", f"{b['url']}={b['kv_events']}"]
+            argv += ["--kv-event-block-size", str(backends[0]["block_size"]), "--kv-event-model", model]
+        return argv
+    if target.kind == "sglang-router":
+        return [sys.executable, "-m", "sglang_router.launch_router", *common, "--log-level", "warn"]
+    raise ValueError(f"no command for target {target.name}")
+
+
+def versions() -> dict[str, str]:
+    """Versions of every router the harness can run."""
+    out = {}
+    for dist in ("vllm-smart-router", "vllm-router", "sglang-router", "aiohttp"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = "not installed"
+    return out
+
+
+@dataclass(eq=False)
+class RunningTarget:
+    spec: TargetSpec
+    url: str
+    proc: Proc | None = None
+    sampler: ResourceSampler | None = None
+
+
+async def start_target(target: TargetSpec, *, procs: Processes, model: str, backends: list[dict[str, Any]],
+                       run_dir: Path, http: aiohttp.ClientSession, cores: str | None = None,
+                       startup_timeout_s: float = 60.0) -> RunningTarget:
+    """Start `target` and wait until it routes a request; `direct` starts nothing."""
+    if target.kind == "direct":
+        return RunningTarget(target, backends[0]["url"])
+    port = free_port()
+    argv = router_argv(target, model=model, backends=backends, port=port, run_dir=run_dir)
+    if cores is not None and shutil.which("taskset"):
+        argv = ["taskset", "-c", cores, *argv]
+    proc = procs.start(target.slug, argv, log_path=run_dir / "logs" / f"{target.slug}.log")
+    running = RunningTarget(target, f"http://127.0.0.1:{port}", proc, ResourceSampler(proc.pid))
+    try:
+        await wait_routes(running, model, http, startup_timeout_s)
+    except BaseException:
+        procs.stop(proc)
+        raise
+    return running
+
+
+async def wait_routes(target: RunningTarget, model: str, http: aiohttp.ClientSession, timeout_s: float) -> None:
+    """Until one tiny completion gets a 200 through the target (so every replica is known)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    body = {"model": model, "prompt": "ping", "max_tokens": 1}
+    last = ""
+    while loop.time() < deadline:
+        if target.proc is not None and not target.proc.alive():
+            raise RuntimeError(f"{target.spec.name} exited during start-up:\n{target.proc.log_tail()}")
+        try:
+            async with http.post(target.url + "/v1/completions", json=body,
+                                 timeout=aiohttp.ClientTimeout(total=5)) as r:
+                if r.status == 200:
+                    await r.read()
+                    await asyncio.sleep(1.0 if target.proc is not None else 0)  # let health checks settle
+                    return
+                last = f"HTTP {r.status}: {(await r.text())[:200]}"
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            last = f"{type(exc).__name__}"
+        await asyncio.sleep(0.25)
+    tail = target.proc.log_tail() if target.proc else ""
+    raise RuntimeError(f"{target.spec.name} did not route a request within {timeout_s:g}s ({last})\n{tail}")
+
+
+def stop_target(target: RunningTarget, procs: Processes) -> None:
+    if target.proc is not None:
+        procs.stop(target.proc)

@@ -1,0 +1,182 @@
+"""Seeded, deterministic workloads: sessions of turns whose prompts share prefixes the way
+real traffic does.
+
+Sizes are in tokens of the simulator's tokenizer, which cuts text at about 4 characters a
+token, so a size of N tokens is 4*N characters of text here.  The same scenario and seed
+give byte-identical prompts on every run and machine (only `random.Random(seed)` is used).
+
+A `Session` is what one user (or one agent) sends: a system prompt, optional earlier
+history, and turns.  The load generator keeps each session's conversation: turn k is sent
+as system + history + (turn 1, answer 1, ..., turn k), where the answers are the streamed
+text the target actually returned, so the next turn's prompt extends the previous one
+exactly as in production chat.  Shapes:
+
+- multi_turn: production-stack's multi-round QA: `users` x `rounds`, one system prompt
+  shared by everyone, optional per-user history, `think_time_s` between a user's rounds.
+- shared_prefix: SGLang's generated-shared-prefix: `groups` x `prompts_per_group`, each
+  prompt a long group prefix (the system message) plus a short question; with `zipf` > 0
+  the groups' popularity follows Zipf(s) instead of being equal.  Order is shuffled.
+- agentic: `agents` long contexts (shared tool spec + own task), each growing by a short
+  tool result per step for `steps` calls.
+- no_reuse: random prompts that share nothing (the control: prefix routing must not hurt).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from benchmarks.scenario import WorkloadSpec
+
+CHARS_PER_TOKEN = 4
+
+_SYLLABLES = ("ka", "lo", "mi", "ren", "tas", "vo", "qui", "bel", "dor", "fen", "gra", "hul",
+              "jin", "pra", "sto", "tur", "wex", "yal", "zon", "mar", "nel", "pos", "rid", "sen")
+
+
+@dataclass(frozen=True, slots=True)
+class Turn:
+    text: str  # the new user (or tool-result) message of this turn
+    max_tokens: int
+    think_s: float = 0.0  # wait after the previous turn's answer before sending this one
+
+
+@dataclass(frozen=True, slots=True)
+class Session:
+    id: str
+    system: str | None
+    history: tuple[tuple[str, str], ...]  # (role, content) before turn 1
+    turns: tuple[Turn, ...]
+    group: str = ""  # shared_prefix: the group; others: the session id
+
+    @property
+    def requests(self) -> int:
+        return len(self.turns)
+
+
+@dataclass(frozen=True, slots=True)
+class Workload:
+    kind: str
+    sessions: tuple[Session, ...]
+
+    @property
+    def total_requests(self) -> int:
+        return sum(s.requests for s in self.sessions)
+
+
+def words(rng: random.Random, tokens: int) -> str:
+    """Pseudo-words of exactly tokens*4 characters (ends without a trailing space)."""
+    n = tokens * CHARS_PER_TOKEN
+    out: list[str] = []
+    size = 0
+    while size < n:
+        word = "".join(rng.choice(_SYLLABLES) for _ in range(rng.randint(1, 3)))
+        out.append(word)
+        size += len(word) + 1
+    return " ".join(out)[:n].rstrip().ljust(n, ".")
+
+
+def build(spec: WorkloadSpec, seed: int) -> Workload:
+    """The workload of a scenario: same spec and seed, same sessions."""
+    builder = {
+        "multi_turn": _multi_turn,
+        "shared_prefix": _shared_prefix,
+        "agentic": _agentic,
+        "no_reuse": _no_reuse,
+    }[spec.kind]
+    rng = random.Random(f"{spec.kind}:{seed}")
+    return Workload(spec.kind, tuple(builder(spec, rng)))
+
+
+def _multi_turn(spec: WorkloadSpec, rng: random.Random) -> list[Session]:
+    system = "You are a helpful assistant. " + words(rng, spec.system_prompt_tokens)
+    sessions = []
+    for u in range(spec.users):
+        sid = f"user-{u:04d}"
+        history: list[tuple[str, str]] = []
+        remaining = spec.history_tokens
+        while remaining > 0:  # earlier exchanges of ~question+answer each
+            q = min(remaining, spec.question_tokens)
+            a = min(remaining - q, spec.answer_tokens)
+            history.append(("user", f"[{sid}] " + words(rng, q)))
+            if a > 0:
+                history.append(("assistant", words(rng, a)))
+            remaining -= q + a
+        turns = tuple(
+            Turn(text=f"[{sid} round {r}] " + words(rng, spec.question_tokens),
+                 max_tokens=spec.answer_tokens,
+                 think_s=spec.think_time_s if r else 0.0)
+            for r in range(spec.rounds)
+        )
+        sessions.append(Session(sid, system, tuple(history), turns, group=sid))
+    return sessions
+
+
+def zipf_counts(groups: int, total: int, s: float, rng: random.Random) -> list[int]:
+    """How many of `total` prompts each group gets: equal when s == 0, else Zipf(s) sampled."""
+    if s <= 0:
+        base, extra = divmod(total, groups)
+        return [base + (1 if g < extra else 0) for g in range(groups)]
+    weights = [1.0 / (g + 1) ** s for g in range(groups)]
+    counts = [0] * groups
+    for g in rng.choices(range(groups), weights=weights, k=total):
+        counts[g] += 1
+    return counts
+
+
+def _shared_prefix(spec: WorkloadSpec, rng: random.Random) -> list[Session]:
+    prefixes = [f"[group {g}] " + words(rng, spec.prefix_tokens) for g in range(spec.groups)]
+    counts = zipf_counts(spec.groups, spec.groups * spec.prompts_per_group, spec.zipf, rng)
+    sessions = []
+    for g, count in enumerate(counts):
+        for p in range(count):
+            sid = f"g{g:03d}-p{p:04d}"
+            turn = Turn(text=f"[{sid}] " + words(rng, spec.question_tokens), max_tokens=spec.answer_tokens)
+            sessions.append(Session(sid, prefixes[g], (), (turn,), group=f"g{g:03d}"))
+    rng.shuffle(sessions)
+    return sessions
+
+
+def _agentic(spec: WorkloadSpec, rng: random.Random) -> list[Session]:
+    system = "You are an agent. Tools: " + words(rng, spec.system_prompt_tokens)
+    sessions = []
+    for a in range(spec.agents):
+        sid = f"agent-{a:03d}"
+        turns = [Turn(text=f"[{sid} task] " + words(rng, spec.context_tokens), max_tokens=spec.answer_tokens)]
+        for step in range(1, spec.steps):
+            turns.append(Turn(text=f"[tool result {step}] " + words(rng, spec.tool_result_tokens),
+                              max_tokens=spec.answer_tokens, think_s=spec.think_time_s))
+        sessions.append(Session(sid, system, (), tuple(turns), group=sid))
+    return sessions
+
+
+def _no_reuse(spec: WorkloadSpec, rng: random.Random) -> list[Session]:
+    sessions = []
+    for i in range(spec.requests):
+        sid = f"r{i:05d}-{rng.getrandbits(32):08x}"
+        turn = Turn(text=f"[{sid}] " + words(rng, spec.prompt_tokens), max_tokens=spec.answer_tokens)
+        sessions.append(Session(sid, None, (), (turn,), group=sid))
+    return sessions
+
+
+# --- rendering ------------------------------------------------------------------------------
+
+def messages_for(session: Session, answers: list[str], turn_index: int) -> list[dict[str, str]]:
+    """The chat messages of `session`'s turn `turn_index`, given the answers to earlier turns."""
+    msgs: list[dict[str, str]] = []
+    if session.system is not None:
+        msgs.append({"role": "system", "content": session.system})
+    msgs.extend({"role": role, "content": content} for role, content in session.history)
+    for k in range(turn_index):
+        msgs.append({"role": "user", "content": session.turns[k].text})
+        msgs.append({"role": "assistant", "content": answers[k]})
+    msgs.append({"role": "user", "content": session.turns[turn_index].text})
+    return msgs
+
+
+def render(messages: list[dict[str, str]]) -> str:
+    """The ChatML rendering (the simulator's and the tiny reference model's template), used as
+    the prompt for `api: completions`.  The next turn's rendering extends this one's."""
+    parts = [f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages]
+    parts.append("<|im_start|>assistant\n")
+    return "".join(parts)
