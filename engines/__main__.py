@@ -1,0 +1,7 @@
+"""`python -m engines ...`: see engines/cli.py."""
+
+import sys
+
+from engines.cli import main
+
+sys.exit(main())
