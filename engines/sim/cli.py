@@ -1,0 +1,181 @@
+"""`python -m engines.sim --port 8101 --model NAME [options]`: run one simulated vLLM replica.
+
+Flag names follow `vllm serve` where vLLM has the same knob (--max-model-len, --block-size,
+--num-gpu-blocks-override, --max-num-seqs, --max-num-batched-tokens, --enable-prefix-caching,
+--tensor-parallel-size, --kv-events-config, --enable-prompt-tokens-details,
+--served-model-name), so a launcher can hand both kinds the same arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+
+import orjson
+from aiohttp import web
+
+from engines.sim.cost_model import CostModel
+from engines.sim.engine import Engine, EngineConfig
+from engines.sim.faults import Faults
+from engines.sim.kv_events import KVEventPublisher, KVEventsConfig
+from engines.sim.metrics import SimMetrics
+from engines.sim.server import ServerOptions, SimServer
+from engines.sim.tokenizer import Tokenizer
+
+log = logging.getLogger("engines.sim")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m engines.sim", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model_tag", nargs="?", help="model (like `vllm serve MODEL`); --model wins")
+    p.add_argument("--model", help="served model name")
+    p.add_argument("--served-model-name", help="alias of --model, as in vLLM")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-model-len", type=int, default=8192)
+    p.add_argument("--block-size", type=int, default=16, help="tokens per KV block (vLLM's GPU default)")
+    p.add_argument("--num-gpu-blocks", "--num-gpu-blocks-override", dest="num_gpu_blocks", type=int,
+                   help="KV blocks (default: what fits on the modelled GPUs)")
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--enable-prompt-tokens-details", action=argparse.BooleanOptionalAction, default=True,
+                   help="usage.prompt_tokens_details.cached_tokens (on by default in the simulator)")
+    p.add_argument("--tp", "--tensor-parallel-size", dest="tp", type=int, default=1)
+    p.add_argument("--time-scale", type=float, default=1.0,
+                   help="run the schedule this many times faster than real time; metrics stay in "
+                        "simulated seconds")
+    p.add_argument("--default-output-len", type=int, default=128,
+                   help="tokens generated (then finish_reason stop) when a chat request sets no max_tokens")
+    p.add_argument("--legacy-metric-names", action="store_true",
+                   help="emit vllm:gpu_cache_usage_perc / vllm:gpu_prefix_cache_* instead")
+    p.add_argument("--kv-events-config", type=orjson.loads, default=None,
+                   help="vLLM's JSON, e.g. '{\"enable_kv_cache_events\": true, \"publisher\": \"zmq\", "
+                        "\"endpoint\": \"tcp://*:5557\", \"replay_endpoint\": \"tcp://*:5558\", \"topic\": \"kv\"}'")
+    p.add_argument("--kv-events-endpoint", help="shorthand: publish KV events on this ZMQ endpoint "
+                   "(e.g. tcp://*:5557); merged into --kv-events-config")
+    p.add_argument("--kv-events-replay-endpoint", help="shorthand: the replay ROUTER endpoint")
+    p.add_argument("--kv-events-topic", help="shorthand: the PUB topic (vLLM's default: empty)")
+    p.add_argument("--vocab-size", type=int, default=128256)
+    cm = p.add_argument_group("cost model (defaults: Llama-3.1-8B on H100 SXM; see cost_model.py)")
+    defaults = CostModel()
+    for name in ("params_b", "peak_tflops", "hbm_tbps", "gpu_mem_gib", "gpu_memory_utilization", "mfu",
+                 "bw_efficiency", "step_overhead_s", "tp_efficiency"):
+        cm.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(defaults, name))
+    for name in ("num_layers", "hidden_size", "num_kv_heads", "head_dim"):
+        cm.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(defaults, name))
+    f = p.add_argument_group("fault injection (also at run time: POST /admin/faults)")
+    f.add_argument("--fail-rate", type=float, default=0.0)
+    f.add_argument("--hang-rate", type=float, default=0.0)
+    f.add_argument("--slow-factor", type=float, default=1.0)
+    f.add_argument("--cut-after-chunks", type=int)
+    f.add_argument("--cut-rate", type=float, default=1.0)
+    f.add_argument("--exit-after", type=int)
+    f.add_argument("--unhealthy-for", type=float, default=0.0)
+    f.add_argument("--start-delay", type=float, default=0.0,
+                   help="seconds before the port is even opened (real vLLM refuses connections until up)")
+    f.add_argument("--fault-seed", type=int, default=0)
+    p.add_argument("--log-level", default="info")
+    return p
+
+
+def _cost_model(args: argparse.Namespace) -> CostModel:
+    names = CostModel.__dataclass_fields__
+    return CostModel(**{k: getattr(args, k) for k in names if hasattr(args, k)})
+
+
+def _kv_events_config(args: argparse.Namespace) -> KVEventsConfig | None:
+    raw = dict(args.kv_events_config or {})
+    if args.kv_events_endpoint:
+        raw.update(enable_kv_cache_events=True, publisher="zmq", endpoint=args.kv_events_endpoint)
+    if args.kv_events_replay_endpoint:
+        raw["replay_endpoint"] = args.kv_events_replay_endpoint
+    if args.kv_events_topic is not None:
+        raw["topic"] = args.kv_events_topic
+    return KVEventsConfig.from_json(raw) if raw else None
+
+
+async def serve(args: argparse.Namespace) -> None:
+    try:
+        import uvloop  # noqa: F401  (installed by main() when present)
+    except ImportError:
+        pass
+    model = args.model or args.served_model_name or args.model_tag or "sim-model"
+    cost = _cost_model(args)
+    num_blocks = args.num_gpu_blocks or cost.num_gpu_blocks(args.block_size)
+    if num_blocks * args.block_size < args.max_model_len:
+        raise SystemExit(f"error: the KV cache ({num_blocks} blocks of {args.block_size} tokens) cannot hold "
+                         f"one request of --max-model-len {args.max_model_len}; lower --max-model-len or "
+                         f"raise --num-gpu-blocks")
+    kv_cfg = _kv_events_config(args)
+    if args.start_delay > 0:
+        await asyncio.sleep(args.start_delay)
+    publisher = KVEventPublisher(kv_cfg) if kv_cfg is not None and kv_cfg.enabled else None
+    metrics = SimMetrics(model, block_size=args.block_size, num_gpu_blocks=num_blocks,
+                         enable_prefix_caching=args.enable_prefix_caching,
+                         gpu_memory_utilization=cost.gpu_memory_utilization,
+                         legacy_names=args.legacy_metric_names)
+    tokenizer = Tokenizer(vocab_size=args.vocab_size)
+    engine = Engine(EngineConfig(model=model, max_model_len=args.max_model_len, block_size=args.block_size,
+                                 num_gpu_blocks=num_blocks, max_num_seqs=args.max_num_seqs,
+                                 max_num_batched_tokens=args.max_num_batched_tokens,
+                                 enable_prefix_caching=args.enable_prefix_caching, time_scale=args.time_scale),
+                    cost, tokenizer, metrics, publisher)
+    faults = Faults(fail_rate=args.fail_rate, hang_rate=args.hang_rate, slow_factor=args.slow_factor,
+                    cut_after_chunks=args.cut_after_chunks, cut_rate=args.cut_rate, exit_after=args.exit_after,
+                    seed=args.fault_seed)
+    if args.unhealthy_for:
+        faults.update({"unhealthy_for": args.unhealthy_for})
+    engine.slow_factor = faults.slow_factor
+    server = SimServer(engine, tokenizer, faults,
+                       ServerOptions(host=args.host, prompt_tokens_details=args.enable_prompt_tokens_details,
+                                     default_output_len=args.default_output_len),
+                       kv_cfg, publisher)
+    runner = web.AppRunner(server.build_app(), access_log=None, handler_cancellation=True)
+    await runner.setup()
+    site = web.TCPSite(runner, args.host, args.port, reuse_address=True)
+    await site.start()
+    if publisher is not None:
+        publisher.start()
+    engine_task = asyncio.create_task(engine.run(), name="engine")
+    log.info("simulated vLLM %s serving %s on http://%s:%d (tp=%d, %d blocks of %d, time scale %g)",
+             "0.32.0", model, args.host, args.port, args.tp, num_blocks, args.block_size, args.time_scale)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    done, _ = await asyncio.wait([engine_task, asyncio.create_task(stop.wait())],
+                                 return_when=asyncio.FIRST_COMPLETED)
+    if engine_task in done and engine_task.exception() is not None:
+        log.error("engine loop died", exc_info=engine_task.exception())
+    engine_task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await engine_task
+    await runner.cleanup()
+    if publisher is not None:
+        await publisher.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        import uvloop
+        runner = uvloop.run
+    except ImportError:
+        runner = asyncio.run
+    try:
+        runner(serve(args))
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,187 @@
+"""The engine loop: one asyncio task that schedules a step, waits the step's modelled time,
+applies it, and hands new tokens to the requests' output channels.
+
+Time.  ``Clock`` measures *simulated* seconds: wall time since start multiplied by
+``time_scale``.  A step of modelled duration d sleeps d / time_scale of wall time, so with
+``--time-scale 10`` the same schedule runs ten times faster.  Everything the replica reports
+(/metrics histograms, ``created`` stays wall-clock) is in simulated seconds; what a client
+measures on the wall is simulated time / time_scale.  Benchmarks compare targets under the same
+scale, and multiply client-side latencies by the scale to read them as simulated seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+
+from engines.sim.cost_model import CostModel
+from engines.sim.kv_cache import KVCache
+from engines.sim.metrics import SimMetrics
+from engines.sim.scheduler import Scheduler, SimRequest, Status
+from engines.sim.tokenizer import Tokenizer
+
+
+class Clock:
+    def __init__(self, scale: float = 1.0) -> None:
+        if scale <= 0:
+            raise ValueError("time scale must be > 0")
+        self.scale = scale
+        self._t0 = time.monotonic()
+
+    def now(self) -> float:
+        return (time.monotonic() - self._t0) * self.scale
+
+    async def sleep_until(self, t: float) -> None:
+        delay = (t - self.now()) / self.scale
+        if delay > 0:
+            await asyncio.sleep(delay)
+
+
+class OutputChannel:
+    """New tokens of one request, waiting for its HTTP handler.  Holds at most the tokens of
+    one request (bounded by max_tokens)."""
+
+    __slots__ = ("pending", "done", "_event")
+
+    def __init__(self) -> None:
+        self.pending: list[int] = []
+        self.done = False
+        self._event = asyncio.Event()
+
+    def push(self, token: int | None, done: bool) -> None:
+        if token is not None:
+            self.pending.append(token)
+        self.done = self.done or done
+        self._event.set()
+
+    async def next(self) -> tuple[list[int], bool]:
+        """Tokens produced since the last call, and whether the request has finished."""
+        while not self.pending and not self.done:
+            self._event.clear()
+            await self._event.wait()
+        tokens, self.pending = self.pending, []
+        return tokens, self.done
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    model: str
+    max_model_len: int = 8192
+    block_size: int = 16
+    num_gpu_blocks: int = 2048
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192
+    enable_prefix_caching: bool = True
+    time_scale: float = 1.0
+
+
+class Engine:
+    def __init__(self, cfg: EngineConfig, cost: CostModel, tokenizer: Tokenizer,
+                 metrics: SimMetrics, publisher=None) -> None:
+        self.cfg = cfg
+        self.cost = cost
+        self.tokenizer = tokenizer
+        self.metrics = metrics
+        self.publisher = publisher
+        self.clock = Clock(cfg.time_scale)
+        self.kv = KVCache(cfg.num_gpu_blocks, cfg.block_size, cfg.enable_prefix_caching,
+                          emit_events=publisher is not None)
+        self.sched = Scheduler(self.kv, max_num_seqs=cfg.max_num_seqs,
+                               max_num_batched_tokens=cfg.max_num_batched_tokens,
+                               max_model_len=cfg.max_model_len)
+        self.slow_factor = 1.0  # fault injection: multiplies every step's time
+        self._wake = asyncio.Event()
+
+    # -- requests ---------------------------------------------------------------------------
+    def submit(self, req: SimRequest) -> OutputChannel:
+        req.arrival = self.clock.now()
+        req.sink = OutputChannel()
+        self.sched.add(req)
+        self._refresh_load()
+        self._wake.set()
+        return req.sink
+
+    def abort(self, req: SimRequest) -> None:
+        """Drop a request at once (client disconnected); a no-op once it has finished."""
+        if self.sched.remove(req, "abort"):
+            self.metrics.success["abort"].inc()
+            self._refresh_load()
+        req.sink = None
+
+    def reset_prefix_cache(self) -> bool:
+        ok = self.kv.reset()
+        self._publish_events()
+        return ok
+
+    def _refresh_load(self) -> None:
+        self.metrics.set_load(len(self.sched.running), len(self.sched.waiting), self.kv.usage())
+
+    # -- the loop ---------------------------------------------------------------------------
+    async def run(self) -> None:
+        while True:
+            if not self.sched.has_work():
+                self._refresh_load()
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            start = self.clock.now()
+            plan = self.sched.schedule()
+            for req in plan.newly_admitted:
+                self.metrics.on_scheduled(req.num_tokens, req.num_computed)
+                if req.first_scheduled is None:
+                    req.first_scheduled = start
+            if plan.preempted:
+                self.metrics.preemptions.inc(len(plan.preempted))
+            self.metrics.on_step(len(self.sched.running), len(self.sched.waiting), self.kv.usage(),
+                                 plan.num_tokens)
+            if not plan.scheduled:  # cannot happen with max_model_len <= KV capacity; never spin
+                await asyncio.sleep(0.001)
+                continue
+            prefill, decode = [], []
+            for req, n in plan.scheduled:
+                if n == 1 and req.output_ids and req.num_computed + 1 == req.num_tokens:
+                    decode.append(req.num_tokens)
+                else:
+                    prefill.append((n, req.num_computed + n))
+            await self.clock.sleep_until(start + self.cost.step_time(prefill, decode) * self.slow_factor)
+            outputs = self.sched.complete(plan, self._next_token)
+            self._publish_events()
+            now = self.clock.now()
+            for out in outputs:
+                if out.new_token is not None:
+                    self._on_token(out.request, now, out.finished)
+                if out.request.sink is not None:
+                    out.request.sink.push(out.new_token, out.finished)
+
+    def _next_token(self, req: SimRequest) -> int:
+        return self.tokenizer.output_token(len(req.output_ids), req.seed)
+
+    def _publish_events(self) -> None:
+        events = self.kv.drain_events()
+        if events and self.publisher is not None:
+            self.publisher.publish(events)
+
+    def _on_token(self, req: SimRequest, now: float, finished: bool) -> None:
+        m = self.metrics
+        m.generation_tokens.inc()
+        if req.first_token is None:
+            req.first_token = now
+            m.on_first_token(len(req.prompt_ids), max(req.num_cached_tokens, 0), now - req.arrival)
+        else:
+            m.itl.observe(now - req.last_token)
+        req.last_token = now
+        if finished and req.status is Status.FINISHED:
+            n_out = len(req.output_ids)
+            m.success[req.finish_reason or "length"].inc()
+            m.e2e.observe(now - req.arrival)
+            m.request_prompt_tokens.observe(len(req.prompt_ids))
+            m.request_generation_tokens.observe(n_out)
+            m.params_max_tokens.observe(req.max_tokens)
+            first_sched = req.first_scheduled if req.first_scheduled is not None else req.arrival
+            m.queue_time.observe(first_sched - req.arrival)
+            m.inference_time.observe(now - first_sched)
+            m.prefill_time.observe(req.first_token - first_sched)
+            m.decode_time.observe(now - req.first_token)
+            if n_out > 1:
+                m.tpot.observe((now - req.first_token) / (n_out - 1))

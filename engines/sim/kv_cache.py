@@ -1,0 +1,218 @@
+"""A paged KV cache with prefix caching, shaped like vLLM v1's block pool.
+
+* A fixed number of blocks of ``block_size`` tokens.  Nothing here grows with traffic: the
+  hash index holds at most one entry per block and the free queue at most every block.
+* Every full block gets a chained hash (``block_hash``, vLLM's default ``sha256`` scheme, so
+  hashes in KV events equal real vLLM's for the same token ids).
+* A freed block keeps its hash and stays findable until it is reused: free blocks form an LRU
+  queue; allocation takes the front and evicts that block's hash (a ``BlockRemoved`` event).
+  A request frees its blocks tail first, so a prompt's last blocks are evicted before its
+  first ones, as in vLLM.
+* Usage (``kv_cache_usage_perc``) is blocks referenced by live requests over all blocks:
+  0 when idle, cached or not, like real vLLM.
+
+The cache records KV events (as plain dicts in vLLM's wire shape) in ``pending_events``;
+the engine drains them once per step into one batch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import pickle
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Sequence
+
+NONE_HASH: bytes = hashlib.sha256(pickle.dumps("vllm-none-hash", protocol=5)).digest()
+
+
+def block_hash(parent: bytes | None, tokens: Sequence[int]) -> bytes:
+    """vLLM's ``sha256`` block hash: sha256(pickle((parent, tuple(tokens), None)))."""
+    return hashlib.sha256(
+        pickle.dumps((NONE_HASH if parent is None else parent, tuple(tokens), None), protocol=5)
+    ).digest()
+
+
+def event_hash(h: bytes) -> int:
+    """The integer vLLM puts in KV events: the digest's last 8 bytes, big-endian."""
+    return int.from_bytes(h[-8:], "big")
+
+
+def extend_block_hashes(hashes: list[bytes], token_ids: Sequence[int], block_size: int) -> None:
+    """Append the hashes of every full block of ``token_ids`` not yet in ``hashes``."""
+    n_full = len(token_ids) // block_size
+    parent = hashes[-1] if hashes else None
+    for i in range(len(hashes), n_full):
+        parent = block_hash(parent, token_ids[i * block_size:(i + 1) * block_size])
+        hashes.append(parent)
+
+
+@dataclass(slots=True)
+class Block:
+    id: int
+    ref_cnt: int = 0
+    hash: bytes | None = None
+
+
+@dataclass(slots=True)
+class Allocation:
+    """The blocks one request holds, and how many of them are committed to the hash index."""
+
+    block_ids: list[int] = field(default_factory=list)
+    num_cached_blocks: int = 0
+
+
+class KVCache:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
+                 emit_events: bool = False) -> None:
+        if num_blocks < 1 or block_size < 1:
+            raise ValueError("num_blocks and block_size must be >= 1")
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.emit_events = emit_events
+        self.blocks = [Block(i) for i in range(num_blocks)]
+        self._free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
+        self._by_hash: dict[bytes, int] = {}
+        self.pending_events: list[dict] = []
+
+    # -- accounting -------------------------------------------------------------------------
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self._free)
+
+    @property
+    def num_cached_hashes(self) -> int:
+        return len(self._by_hash)
+
+    def usage(self) -> float:
+        return (self.num_blocks - len(self._free)) / self.num_blocks
+
+    # -- prefix lookup ----------------------------------------------------------------------
+    def find_cached_prefix(self, hashes: Sequence[bytes], max_blocks: int) -> list[int]:
+        """Block ids of the longest cached prefix of ``hashes`` (at most ``max_blocks``)."""
+        if not self.enable_prefix_caching:
+            return []
+        found = []
+        for h in hashes[:max_blocks]:
+            bid = self._by_hash.get(h)
+            if bid is None:
+                break
+            found.append(bid)
+        return found
+
+    # -- allocation -------------------------------------------------------------------------
+    def can_allocate(self, alloc: Allocation, num_tokens: int, hit_blocks: Sequence[int] = ()) -> bool:
+        need = self._blocks_needed(alloc, num_tokens, len(hit_blocks))
+        reclaimable = sum(1 for b in hit_blocks if self.blocks[b].ref_cnt == 0)
+        return need <= len(self._free) - reclaimable
+
+    def allocate(self, alloc: Allocation, num_tokens: int, hit_blocks: Sequence[int] = ()) -> bool:
+        """Give ``alloc`` enough blocks for ``num_tokens`` tokens, first taking the cached
+        ``hit_blocks`` (only for an empty allocation).  False, changing nothing, when the
+        free blocks do not suffice."""
+        if not self.can_allocate(alloc, num_tokens, hit_blocks):
+            return False
+        for bid in hit_blocks:
+            self._touch(bid)
+            alloc.block_ids.append(bid)
+        alloc.num_cached_blocks += len(hit_blocks)
+        for _ in range(self._blocks_needed(alloc, num_tokens, 0)):
+            alloc.block_ids.append(self._take_free())
+        return True
+
+    def _blocks_needed(self, alloc: Allocation, num_tokens: int, extra_held: int) -> int:
+        total = -(-num_tokens // self.block_size)
+        return max(0, total - len(alloc.block_ids) - extra_held)
+
+    def _touch(self, bid: int) -> None:
+        block = self.blocks[bid]
+        if block.ref_cnt == 0:
+            del self._free[bid]
+        block.ref_cnt += 1
+
+    def _take_free(self) -> int:
+        bid, _ = self._free.popitem(last=False)
+        block = self.blocks[bid]
+        if block.hash is not None:
+            self._evict(block)
+        block.ref_cnt = 1
+        return bid
+
+    def _evict(self, block: Block) -> None:
+        h = block.hash
+        block.hash = None
+        if self._by_hash.get(h) == block.id:
+            del self._by_hash[h]
+            if self.emit_events:
+                self.pending_events.append({"type": "BlockRemoved", "block_hashes": [event_hash(h)],
+                                            "medium": "GPU", "group_idx": 0})
+
+    def free(self, alloc: Allocation) -> None:
+        """Release a request's blocks, tail first, keeping their hashes findable."""
+        for bid in reversed(alloc.block_ids):
+            block = self.blocks[bid]
+            block.ref_cnt -= 1
+            if block.ref_cnt == 0:
+                self._free[bid] = None
+        alloc.block_ids.clear()
+        alloc.num_cached_blocks = 0
+
+    # -- committing computed blocks ---------------------------------------------------------
+    def cache_full_blocks(self, alloc: Allocation, hashes: Sequence[bytes],
+                          token_ids: Sequence[int], num_computed: int) -> None:
+        """Register every block of ``alloc`` that ``num_computed`` tokens have filled."""
+        if not self.enable_prefix_caching:
+            return
+        n_full = min(num_computed // self.block_size, len(alloc.block_ids), len(hashes))
+        start = alloc.num_cached_blocks
+        if n_full <= start:
+            return
+        stored: list[int] = []
+        bs = self.block_size
+        for i in range(start, n_full):
+            block = self.blocks[alloc.block_ids[i]]
+            h = hashes[i]
+            if block.hash is None and h not in self._by_hash:
+                block.hash = h
+                self._by_hash[h] = block.id
+                stored.append(i)
+        alloc.num_cached_blocks = n_full
+        if self.emit_events and stored:
+            # One BlockStored per contiguous run of newly stored blocks.
+            runs: list[list[int]] = []
+            for i in stored:
+                if runs and runs[-1][-1] == i - 1:
+                    runs[-1].append(i)
+                else:
+                    runs.append([i])
+            for run in runs:
+                first, last = run[0], run[-1]
+                self.pending_events.append({
+                    "type": "BlockStored",
+                    "block_hashes": [event_hash(hashes[i]) for i in run],
+                    "parent_block_hash": event_hash(hashes[first - 1]) if first else None,
+                    "token_ids": list(token_ids[first * bs:(last + 1) * bs]),
+                    "block_size": bs,
+                    "lora_id": None,
+                    "medium": "GPU",
+                    "lora_name": None,
+                    "extra_keys": [None] * len(run),
+                    "group_idx": 0,
+                    "kv_cache_spec_kind": "full_attention",
+                })
+
+    def reset(self) -> bool:
+        """Drop every cached hash (vLLM's reset_prefix_cache).  Only when no block is held."""
+        if len(self._free) != self.num_blocks:
+            return False
+        for block in self.blocks:
+            block.hash = None
+        self._by_hash.clear()
+        if self.emit_events:
+            self.pending_events.append({"type": "AllBlocksCleared"})
+        return True
+
+    def drain_events(self) -> list[dict]:
+        events, self.pending_events = self.pending_events, []
+        return events

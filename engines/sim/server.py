@@ -1,0 +1,436 @@
+"""The simulator's HTTP surface (aiohttp), shaped like `vllm serve`'s.
+
+GET  /health /ping /v1/models /version /metrics /load /kv_event_sources
+POST /v1/completions /v1/chat/completions /v1/embeddings /tokenize /detokenize
+     /v1/completions/render /v1/chat/completions/render
+Admin (the simulator's own): GET|POST /admin/faults, POST /admin/reset (and vLLM's
+/reset_prefix_cache), GET /admin/stats.
+
+A client that goes away aborts its request at once: the handler is cancelled (aiohttp's
+handler_cancellation) or its next write fails, and the ``finally`` hands the request back to
+the engine, which frees its blocks and drops it from the running count.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable
+
+import orjson
+from aiohttp import web
+
+from engines.sim.engine import Engine, OutputChannel
+from engines.sim.faults import Faults
+from engines.sim.kv_events import KVEventPublisher, KVEventsConfig, public_endpoint
+from engines.sim.protocol import (DONE, VLLM_VERSION, ApiError, GenerationParams, Responder, check_length,
+                                  check_model, common_params, models_body, parse_json, random_id, usage)
+from engines.sim.scheduler import SimRequest
+from engines.sim.tokenizer import Tokenizer, content_text, render_chat
+
+log = logging.getLogger("engines.sim")
+
+SAMPLING_KEYS = ("n", "temperature", "top_p", "top_k", "min_p", "seed", "stop", "stop_token_ids",
+                 "max_tokens", "min_tokens", "presence_penalty", "frequency_penalty",
+                 "repetition_penalty", "ignore_eos", "logprobs", "skip_special_tokens")
+
+
+@dataclass(frozen=True, slots=True)
+class ServerOptions:
+    host: str = "127.0.0.1"
+    root: str | None = None  # /v1/models "root"; default: the model name
+    prompt_tokens_details: bool = True  # vLLM's --enable-prompt-tokens-details
+    default_output_len: int = 128  # tokens a request without max_tokens generates before "stop"
+    embedding_dim: int = 256
+
+
+def _json(body: Any, status: int = 200) -> web.Response:
+    return web.Response(body=body if isinstance(body, bytes) else orjson.dumps(body), status=status,
+                        content_type="application/json")
+
+
+def _error(exc: ApiError) -> web.Response:
+    return web.Response(body=exc.body(), status=exc.status, content_type="application/json")
+
+
+class SimServer:
+    def __init__(self, engine: Engine, tokenizer: Tokenizer, faults: Faults, opts: ServerOptions,
+                 kv_events: KVEventsConfig | None = None, publisher: KVEventPublisher | None = None) -> None:
+        self.engine = engine
+        self.tok = tokenizer
+        self.faults = faults
+        self.opts = opts
+        self.model = engine.cfg.model
+        self.max_model_len = engine.cfg.max_model_len
+        self.kv_events = kv_events
+        self.publisher = publisher
+        self.fingerprint = f"vllm-{VLLM_VERSION}-{hashlib.blake2b(self.model.encode(), digest_size=4).hexdigest()}"
+        self.created = int(time.time())
+        self.in_flight = 0
+        self.answered = 0
+
+    # -- app --------------------------------------------------------------------------------
+    def build_app(self) -> web.Application:
+        app = web.Application(middlewares=[_not_found_json], client_max_size=64 * 1024 * 1024)
+        r = app.router
+        r.add_get("/health", self.health)
+        r.add_get("/ping", self.health)
+        r.add_get("/v1/models", self.models)
+        r.add_get("/version", self.version)
+        r.add_get("/metrics", self.metrics)
+        r.add_get("/load", self.load)
+        r.add_get("/kv_event_sources", self.kv_event_sources)
+        r.add_post("/v1/completions", self.completions)
+        r.add_post("/v1/chat/completions", self.chat)
+        r.add_post("/v1/embeddings", self.embeddings)
+        r.add_post("/tokenize", self.tokenize)
+        r.add_post("/detokenize", self.detokenize)
+        r.add_post("/v1/completions/render", self.render_completion)
+        r.add_post("/v1/chat/completions/render", self.render_chat)
+        r.add_get("/admin/faults", self.get_faults)
+        r.add_post("/admin/faults", self.set_faults)
+        r.add_post("/admin/reset", self.reset)
+        r.add_post("/reset_prefix_cache", self.reset)
+        r.add_get("/admin/stats", self.stats)
+        return app
+
+    # -- simple GETs ------------------------------------------------------------------------
+    async def health(self, request: web.Request) -> web.Response:
+        return web.Response(status=200 if self.faults.healthy() else 503)
+
+    async def models(self, request: web.Request) -> web.Response:
+        return _json(models_body(self.model, self.opts.root or self.model, self.max_model_len, self.created))
+
+    async def version(self, request: web.Request) -> web.Response:
+        return _json({"version": VLLM_VERSION})
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        return web.Response(body=self.engine.metrics.render(),
+                            headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+
+    async def load(self, request: web.Request) -> web.Response:
+        return _json({"server_load": self.in_flight})
+
+    async def kv_event_sources(self, request: web.Request) -> web.Response:
+        cfg = self.kv_events
+        if cfg is None or not cfg.enabled:
+            return _json([])
+        return _json([{"data_parallel_rank": 0, "endpoint": public_endpoint(cfg.endpoint, self.opts.host),
+                       "replay_endpoint": public_endpoint(cfg.replay_endpoint, self.opts.host),
+                       "topic": cfg.topic}])
+
+    async def stats(self, request: web.Request) -> web.Response:
+        kv = self.engine.kv
+        return _json({"running": len(self.engine.sched.running), "waiting": len(self.engine.sched.waiting),
+                      "num_gpu_blocks": kv.num_blocks, "free_blocks": kv.num_free_blocks,
+                      "cached_blocks": kv.num_cached_hashes, "kv_cache_usage": kv.usage(),
+                      "in_flight": self.in_flight, "answered": self.answered,
+                      "kv_events_buffered": self.publisher.buffered if self.publisher else 0})
+
+    # -- admin ------------------------------------------------------------------------------
+    async def get_faults(self, request: web.Request) -> web.Response:
+        return _json(self.faults.state())
+
+    async def set_faults(self, request: web.Request) -> web.Response:
+        try:
+            self.faults.update(parse_json(await request.read()))
+        except ApiError as exc:
+            return _error(exc)
+        except (TypeError, ValueError) as exc:
+            return _error(ApiError(400, str(exc)))
+        self.engine.slow_factor = self.faults.slow_factor
+        return _json(self.faults.state())
+
+    async def reset(self, request: web.Request) -> web.Response:
+        if not self.engine.reset_prefix_cache():
+            return _error(ApiError(400, "cannot reset the prefix cache while requests hold blocks"))
+        return web.Response(status=200)
+
+    # -- tokenizer endpoints ----------------------------------------------------------------
+    def _chat_text(self, body: dict[str, Any]) -> str:
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise ApiError(400, "messages: Field required (a non-empty list)", "messages")
+        for m in messages:
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+                raise ApiError(400, "messages: each message needs a string role", "messages")
+            try:
+                content_text(m.get("content"))
+            except TypeError as exc:
+                raise ApiError(400, f"messages: {exc}", "messages") from None
+        return render_chat(messages, bool(body.get("add_generation_prompt", True)),
+                           bool(body.get("continue_final_message", False)))
+
+    def _prompt_ids(self, body: dict[str, Any]) -> list[int]:
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+            prompt = prompt[0]
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ApiError(400, "prompt cannot be empty", "prompt")
+            return self.tok.encode(prompt)
+        if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool)
+                                                       for t in prompt):
+            if any(t < 0 or t >= self.tok.vocab_size for t in prompt):
+                raise ApiError(400, "Token id out of vocabulary", "prompt")
+            return list(prompt)
+        if prompt is None:
+            raise ApiError(400, "prompt: Field required", "prompt")
+        raise ApiError(400, "prompt: a string, a list of token ids, or a list of one of them", "prompt")
+
+    async def tokenize(self, request: web.Request) -> web.Response:
+        try:
+            body = parse_json(await request.read())
+            check_model(body, self.model)
+            if "messages" in body:
+                ids = self.tok.encode(self._chat_text(body))
+            else:
+                prompt = body.get("prompt")
+                if not isinstance(prompt, str):
+                    raise ApiError(400, "prompt: Input should be a valid string", "prompt")
+                ids = self.tok.encode(prompt)
+        except ApiError as exc:
+            return _error(exc)
+        strs = [self.tok.token_str(t) for t in ids] if body.get("return_token_strs") else None
+        return _json({"count": len(ids), "max_model_len": self.max_model_len, "tokens": ids, "token_strs": strs})
+
+    async def detokenize(self, request: web.Request) -> web.Response:
+        try:
+            body = parse_json(await request.read())
+            check_model(body, self.model)
+            tokens = body.get("tokens")
+            if not isinstance(tokens, list) or not all(isinstance(t, int) for t in tokens):
+                raise ApiError(400, "tokens: Input should be a valid list of integers", "tokens")
+        except ApiError as exc:
+            return _error(exc)
+        return _json({"prompt": self.tok.decode(tokens)})
+
+    def _generate_request(self, kind: str, body: dict[str, Any], ids: list[int]) -> dict[str, Any]:
+        sampling = {k: body[k] for k in SAMPLING_KEYS if body.get(k) is not None}
+        if "max_tokens" not in sampling and body.get("max_completion_tokens") is not None:
+            sampling["max_tokens"] = body["max_completion_tokens"]
+        return {"request_id": random_id("chatcmpl-" if kind == "chat" else "cmpl-"), "token_ids": ids,
+                "features": None, "sampling_params": sampling, "model": self.model,
+                "stream": bool(body.get("stream", False)), "stream_options": body.get("stream_options"),
+                "cache_salt": body.get("cache_salt"), "priority": body.get("priority", 0),
+                "kv_transfer_params": None, "token_offsets": None}
+
+    async def render_completion(self, request: web.Request) -> web.Response:
+        try:
+            body = parse_json(await request.read())
+            check_model(body, self.model)
+            prompts = body.get("prompt")
+            if isinstance(prompts, list) and prompts and all(isinstance(p, str) for p in prompts):
+                out = [self._generate_request("completion", body, self._prompt_ids({"prompt": p}))
+                       for p in prompts]
+            else:
+                out = [self._generate_request("completion", body, self._prompt_ids(body))]
+        except ApiError as exc:
+            return _error(exc)
+        return _json(out)
+
+    async def render_chat(self, request: web.Request) -> web.Response:
+        try:
+            body = parse_json(await request.read())
+            check_model(body, self.model)
+            out = self._generate_request("chat", body, self.tok.encode(self._chat_text(body)))
+            out["assistant_tokens_mask"] = None
+        except ApiError as exc:
+            return _error(exc)
+        return _json(out)
+
+    # -- generation -------------------------------------------------------------------------
+    def _parse(self, kind: str, body: dict[str, Any]) -> GenerationParams:
+        model = check_model(body, self.model)
+        max_tokens, stream, include_usage, continuous, seed = common_params(body)
+        if kind == "chat":
+            ids = self.tok.encode(self._chat_text(body))
+        else:
+            ids = self._prompt_ids(body)
+            if max_tokens is None:
+                max_tokens = 16  # vLLM's default for /v1/completions
+        check_length(len(ids), max_tokens, self.max_model_len)
+        return GenerationParams(kind, model, ids, max_tokens, stream, include_usage, continuous, seed, body)
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._generate(request, "completion")
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        return await self._generate(request, "chat")
+
+    async def _generate(self, request: web.Request, kind: str) -> web.StreamResponse:
+        self.in_flight += 1
+        try:
+            try:
+                params = self._parse(kind, parse_json(await request.read()))
+            except ApiError as exc:
+                return _error(exc)
+            if self.faults.draw_fail():
+                return _error(ApiError(500, "Simulated failure (fault injection)"))
+            if self.faults.draw_hang():
+                await asyncio.Future()  # until the client goes away (handler cancelled)
+            cut = self.faults.draw_cut()
+            if params.max_tokens is None:
+                max_tokens = min(self.opts.default_output_len, self.max_model_len - len(params.prompt_ids))
+                req = SimRequest(random_id("req-"), params.prompt_ids, max(1, max_tokens), "stop", params.seed)
+            else:
+                req = SimRequest(random_id("req-"), params.prompt_ids, params.max_tokens, "length", params.seed)
+            chan = self.engine.submit(req)
+            try:
+                if params.stream:
+                    resp = await self._stream(request, req, chan, params, cut)
+                else:
+                    resp = await self._full(request, req, chan, params, cut)
+            finally:
+                self.engine.abort(req)
+            return resp
+        finally:
+            self.in_flight -= 1
+
+    def _cached(self, req: SimRequest) -> int | None:
+        return max(req.num_cached_tokens, 0) if self.opts.prompt_tokens_details else None
+
+    def _answered(self) -> None:
+        self.answered += 1
+        limit = self.faults.exit_after
+        if limit is not None and self.answered >= limit:
+            log.warning("fault injection: exiting after %d answered requests", self.answered)
+            asyncio.get_running_loop().call_later(0.05, os._exit, 1)
+
+    async def _full(self, request: web.Request, req: SimRequest, chan: OutputChannel,
+                    params: GenerationParams, cut: int | None) -> web.StreamResponse:
+        done = False
+        while not done:
+            _, done = await chan.next()
+        if cut is not None:
+            return _cut(request)
+        responder = Responder(params.kind, params.model, self.fingerprint)
+        body = responder.full(self.tok.decode(req.output_ids), req.finish_reason or "length",
+                              usage(len(req.prompt_ids), len(req.output_ids), self._cached(req), stream=False))
+        self._answered()
+        return _json(body)
+
+    async def _stream(self, request: web.Request, req: SimRequest, chan: OutputChannel,
+                      params: GenerationParams, cut: int | None) -> web.StreamResponse:
+        responder = Responder(params.kind, params.model, self.fingerprint)
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8"})
+        await resp.prepare(request)
+        sent = 0
+        n_prompt = len(req.prompt_ids)
+
+        def running_usage() -> dict[str, Any] | None:
+            if not params.continuous_usage:
+                return None
+            return usage(n_prompt, len(req.output_ids), self._cached(req), stream=True)
+
+        async def send(chunk: bytes) -> bool:
+            nonlocal sent
+            if cut is not None and sent >= cut:
+                _cut(request)
+                return False
+            await resp.write(chunk)
+            sent += 1
+            return True
+
+        first = True
+        done = False
+        n_out = 0
+        while not done:
+            tokens, done = await chan.next()
+            if first and tokens and params.kind == "chat":
+                if not await send(responder.role_chunk(running_usage())):
+                    return resp
+            first = first and not tokens
+            for i, tok in enumerate(tokens):
+                n_out += 1
+                last = done and i == len(tokens) - 1
+                finish = (req.finish_reason or "length") if last else None
+                if not await send(responder.delta_chunk(self.tok.token_str(tok), finish, running_usage())):
+                    return resp
+        if params.include_usage:
+            if not await send(responder.usage_chunk(usage(n_prompt, n_out, self._cached(req), stream=True))):
+                return resp
+        if cut is not None and sent >= cut:
+            _cut(request)
+            return resp
+        await resp.write(DONE)
+        await resp.write_eof()
+        self._answered()
+        return resp
+
+    # -- embeddings -------------------------------------------------------------------------
+    async def embeddings(self, request: web.Request) -> web.Response:
+        try:
+            body = parse_json(await request.read())
+            model = check_model(body, self.model)
+            inputs = body.get("input")
+            if isinstance(inputs, str) or (isinstance(inputs, list) and inputs and isinstance(inputs[0], int)):
+                inputs = [inputs]
+            if not isinstance(inputs, list) or not inputs:
+                raise ApiError(400, "input: Field required", "input")
+            token_lists = []
+            for item in inputs:
+                ids = self.tok.encode(item) if isinstance(item, str) else item
+                if not isinstance(ids, list) or not all(isinstance(t, int) for t in ids):
+                    raise ApiError(400, "input: strings or lists of token ids", "input")
+                check_length(len(ids), None, self.max_model_len)
+                token_lists.append(ids)
+        except ApiError as exc:
+            return _error(exc)
+        if self.faults.draw_fail():
+            return _error(ApiError(500, "Simulated failure (fault injection)"))
+        n = sum(len(ids) for ids in token_lists)
+        clock = self.engine.clock
+        await clock.sleep_until(clock.now() + self.engine.cost.step_time([(n, n)], []) * self.engine.slow_factor)
+        data = [{"index": i, "object": "embedding", "embedding": _embedding(ids, self.opts.embedding_dim)}
+                for i, ids in enumerate(token_lists)]
+        return _json({"id": random_id("embd-"), "object": "list", "created": int(time.time()), "model": model,
+                      "data": data, "usage": {"prompt_tokens": n, "total_tokens": n, "completion_tokens": 0,
+                                              "prompt_tokens_details": None}})
+
+
+def _embedding(ids: list[int], dim: int) -> list[float]:
+    """A deterministic unit vector per token sequence."""
+    seed = hashlib.blake2b(orjson.dumps(ids), digest_size=16).digest()
+    vec = []
+    block = seed
+    while len(vec) < dim:
+        block = hashlib.blake2b(block, digest_size=64).digest()
+        vec.extend((b - 127.5) / 127.5 for b in block)
+    vec = vec[:dim]
+    norm = math.sqrt(sum(v * v for v in vec)) or 1.0
+    return [v / norm for v in vec]
+
+
+def _cut(request: web.Request) -> web.StreamResponse:
+    """Fault injection: drop the connection without finishing the response."""
+    if request.transport is not None:
+        request.transport.abort()
+    raise _Cut()
+
+
+class _Cut(Exception):
+    pass
+
+
+@web.middleware
+async def _not_found_json(request: web.Request,
+                          handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except web.HTTPNotFound:
+        return _json({"detail": "Not Found"}, status=404)
+    except web.HTTPMethodNotAllowed:
+        return _json({"detail": "Method Not Allowed"}, status=405)
+    except (_Cut, ConnectionResetError):
+        # The connection is gone (cut on purpose, or by the client); nothing left to answer.
+        with contextlib.suppress(Exception):
+            if request.transport is not None:
+                request.transport.abort()
+        raise asyncio.CancelledError() from None

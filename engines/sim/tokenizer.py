@@ -1,0 +1,120 @@
+"""A deterministic, cheap stand-in for a real tokenizer.
+
+Text is cut into 4-character chunks from the start of each *segment*; every chunk becomes one
+token whose id is a stable hash of the chunk.  Segments are the stretches between special
+tokens (``<|im_start|>``, ``<|im_end|>``, ``<|endoftext|>``), each a single token like in a
+real BPE vocabulary.  Two properties follow and the router relies on both:
+
+* if text A is a prefix of text B, then ``encode(A)[:-1]`` is a prefix of ``encode(B)``
+  (only A's last, partial chunk can differ), so prefix relations in text are prefix relations
+  in tokens, as with a real tokenizer;
+* chat turns rendered with the ChatML-like template restart chunking after every special
+  token, so turn N+1's tokens extend turn N's tokens up to the last partial chunk.
+
+``decode`` is exact for any ids this process produced (a bounded LRU remembers id -> chunk;
+hash collisions resolve to the most recent chunk).  Unknown ids decode to a fixed filler.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections import OrderedDict
+from typing import Iterable, Mapping, Sequence
+
+CHARS_PER_TOKEN = 4
+
+SPECIAL_TOKENS: dict[str, int] = {"<|endoftext|>": 0, "<|im_start|>": 1, "<|im_end|>": 2}
+SPECIAL_IDS: dict[int, str] = {v: k for k, v in SPECIAL_TOKENS.items()}
+_FIRST_REGULAR_ID = 256  # ids below are reserved for special tokens
+_SPECIAL_RE = re.compile("|".join(re.escape(s) for s in SPECIAL_TOKENS))
+
+# Generated text: a fixed cycle of 4-character pieces, so every generated token is one chunk
+# and a reply pasted back into the next turn tokenizes to the same ids.
+_OUTPUT_PIECES = ("The ", "sim ", "says", " hel", "lo, ", "and ", "this", " is ", "text",
+                  " ok.")
+
+
+class Tokenizer:
+    """Chunk tokenizer with a bounded decode memory."""
+
+    def __init__(self, vocab_size: int = 128256, decode_memory: int = 65536) -> None:
+        if vocab_size <= _FIRST_REGULAR_ID:
+            raise ValueError(f"vocab_size must be > {_FIRST_REGULAR_ID}")
+        self.vocab_size = vocab_size
+        self._span = vocab_size - _FIRST_REGULAR_ID
+        self._memory: OrderedDict[int, str] = OrderedDict()
+        self._memory_cap = decode_memory
+
+    # -- encoding ---------------------------------------------------------------------------
+    def chunk_id(self, chunk: str) -> int:
+        digest = hashlib.blake2b(chunk.encode("utf-8", "surrogatepass"), digest_size=8).digest()
+        tid = _FIRST_REGULAR_ID + int.from_bytes(digest, "big") % self._span
+        mem = self._memory
+        if tid in mem:
+            mem.move_to_end(tid)
+        mem[tid] = chunk
+        if len(mem) > self._memory_cap:
+            mem.popitem(last=False)
+        return tid
+
+    def _encode_plain(self, text: str, out: list[int]) -> None:
+        for i in range(0, len(text), CHARS_PER_TOKEN):
+            out.append(self.chunk_id(text[i:i + CHARS_PER_TOKEN]))
+
+    def encode(self, text: str) -> list[int]:
+        out: list[int] = []
+        pos = 0
+        for m in _SPECIAL_RE.finditer(text):
+            self._encode_plain(text[pos:m.start()], out)
+            out.append(SPECIAL_TOKENS[m.group(0)])
+            pos = m.end()
+        self._encode_plain(text[pos:], out)
+        return out
+
+    # -- decoding ---------------------------------------------------------------------------
+    def token_str(self, tid: int) -> str:
+        special = SPECIAL_IDS.get(tid)
+        if special is not None:
+            return special
+        return self._memory.get(tid, "\ufffd")
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return "".join(self.token_str(t) for t in ids)
+
+    # -- generation -------------------------------------------------------------------------
+    def output_token(self, index: int, seed: int = 0) -> int:
+        """The id of the ``index``-th generated token of a request seeded with ``seed``."""
+        return self.chunk_id(_OUTPUT_PIECES[(index + seed) % len(_OUTPUT_PIECES)])
+
+
+def render_chat(messages: Sequence[Mapping[str, object]], add_generation_prompt: bool = True,
+                continue_final_message: bool = False) -> str:
+    """Render messages with a ChatML-like template (the tiny reference model uses one too).
+
+    ``<|im_start|>{role}\\n{content}<|im_end|>\\n`` per message, then
+    ``<|im_start|>assistant\\n`` when a generation prompt is asked for.
+    """
+    parts = []
+    last = len(messages) - 1
+    for i, msg in enumerate(messages):
+        content = content_text(msg.get("content"))
+        if continue_final_message and i == last:
+            parts.append(f"<|im_start|>{msg.get('role')}\n{content}")
+        else:
+            parts.append(f"<|im_start|>{msg.get('role')}\n{content}<|im_end|>\n")
+    if add_generation_prompt and not continue_final_message:
+        parts.append("<|im_start|>assistant\n")
+    return "".join(parts)
+
+
+def content_text(content: object) -> str:
+    """Message content as text: a string, or the text parts of a list of content parts."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(str(p.get("text", "")) for p in content
+                       if isinstance(p, dict) and p.get("type", "text") == "text")
+    raise TypeError("message content must be a string or a list of content parts")
