@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -138,18 +137,19 @@ class Fleet:
         return sizes[0] if sizes else self.spec.block_size
 
     # -- bring-up --------------------------------------------------------------------------
-    def sim_argv(self, index: int, replica: ReplicaSpec, port: int) -> tuple[list[str], str | None]:
-        argv = [*self.argv_prefix, sys.executable, "-m", "engines.sim", "--host", "127.0.0.1", "--port", str(port),
-                "--model", self.model, "--tp", str(replica.tp),
-                "--num-gpu-blocks", str(replica.kv_blocks), "--block-size", str(self.spec.block_size),
-                "--time-scale", repr(self.spec.time_scale), "--max-num-seqs", str(self.spec.max_num_seqs),
-                *self.spec.sim_args]
-        endpoint = None
-        if self.spec.kv_events:
-            zmq_port = port + 1000
-            argv += ["--kv-events-endpoint", f"tcp://*:{zmq_port}"]
-            endpoint = f"tcp://127.0.0.1:{zmq_port}"
-        return argv, endpoint
+    def sim_argv(self, replica: ReplicaSpec, port: int) -> tuple[list[str], str | None]:
+        """The simulator's command line (built by engines.sim.process.SimProcess, not started by
+        it: the harness's own registry starts and stops it) and its KV-event endpoint."""
+        from engines.sim.process import SimProcess
+
+        kv_tokens = replica.kv_blocks * self.spec.block_size
+        sim = SimProcess(self.model, port=port, time_scale=self.spec.time_scale, kv_events=self.spec.kv_events,
+                         args=["--tp", str(replica.tp), "--num-gpu-blocks", str(replica.kv_blocks),
+                               "--block-size", str(self.spec.block_size),
+                               "--max-model-len", str(min(kv_tokens, 32768)),
+                               "--max-num-seqs", str(self.spec.max_num_seqs), "--log-level", "warning",
+                               *self.spec.sim_args])
+        return [*self.argv_prefix, *sim.argv()], sim.kv_events_endpoint
 
     async def start(self, http: aiohttp.ClientSession) -> None:
         if self.spec.kind == "real":
@@ -157,7 +157,7 @@ class Fleet:
             return
         for i, replica in enumerate(self.spec.expanded()):
             port = self.port_base + i
-            argv, endpoint = self.sim_argv(i, replica, port)
+            argv, endpoint = self.sim_argv(replica, port)
             proc = self.procs.start(f"sim-{i}", argv, log_path=self.log_dir / f"sim-{i}.log")
             self.replicas.append(Replica(f"http://127.0.0.1:{port}", replica, proc, port, endpoint))
         await self.wait_healthy(http)

@@ -229,7 +229,8 @@ async def run(spec: LoadSpec, workload: Workload,
         body = request_body(spec, session, answers[si], ti)
         result.prompts.append({k: body[k] for k in ("messages", "prompt") if k in body})
         sent_at = time.perf_counter() - perf0
-        record, gaps, text = await send(http, url, body, {"X-Session-Id": session.id}, spec.request_timeout_s)
+        record, gaps, text = await send(http, url, body, {"Content-Type": "application/json",
+                                                           "X-Session-Id": session.id}, spec.request_timeout_s)
         last_end[0] = time.perf_counter()
         record.update(session=session.id, turn=ti, sent_at_s=round(sent_at, 6))
         answers[si].append(text)

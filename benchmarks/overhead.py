@@ -273,8 +273,10 @@ def write_overhead_report(out: Path, meta: dict[str, Any]) -> Path:
                 _ms(_added(agg, t, "streams", None, "itl_p50")), _ms(_added(agg, t, "streams", None, "itl_p99")),
                 _ms(row["ttft_p99"]), f"{row['errors']:.0f}" if row["errors"] is not None else "–",
                 f"{row['core'] * 100:.0f}%" if row["core"] is not None else "–"]) + " |")
-    lines += ["", "![overhead](overhead.png)", ""]
-    _plot(agg, targets, rates, out / "overhead.png", _plt())
+    plt = _plt()
+    if plt is not None:
+        _plot(agg, targets, rates, out / "overhead.png", plt)
+        lines += ["", "![overhead](overhead.png)", ""]
     lines += provenance(meta)
     path = out / "results.md"
     path.write_text("\n".join(lines))

@@ -39,7 +39,9 @@ def _pct(v: Any) -> str:
 
 
 def _num(v: Any) -> str:
-    return "–" if v is None else f"{v:,.1f}" if abs(v) < 1000 else f"{v:,.0f}"
+    if v is None:
+        return "–"
+    return f"{v:.2f}" if abs(v) < 10 else f"{v:,.1f}" if abs(v) < 1000 else f"{v:,.0f}"
 
 
 def _int(v: Any) -> str:
@@ -130,8 +132,8 @@ def routing_tables(agg: dict[tuple[str, float | None], Row]) -> str:
             lines.append("| " + " | ".join(cells) + " |")
         orc = next(iter(rows.values()))["oracle"]
         lines.append("")
-        lines.append(f"Oracle hit rate (one cache of the fleet's {orc['capacity_blocks']} blocks x "
-                     f"{orc['block_size']} tokens): {_pct(median(r['oracle']['hit_rate'] for r in rows.values()))}; "
+        lines.append(f"Oracle hit rate (one cache of the fleet's {orc['capacity_blocks']:.0f} blocks x "
+                     f"{orc['block_size']:.0f} tokens): {_pct(median(r['oracle']['hit_rate'] for r in rows.values()))}; "
                      f"with unbounded capacity: {_pct(median(r['oracle']['hit_rate_unbounded'] for r in rows.values()))}.")
         lines.append("")
         lines.append(ratio_table(rows, names))
@@ -162,7 +164,11 @@ def ratio_table(rows: dict[str, Row], names: list[str]) -> str:
 # -- plots ----------------------------------------------------------------------------------
 
 def _plt():
-    import matplotlib
+    """matplotlib's pyplot (headless), or None when the bench extra is not installed."""
+    try:
+        import matplotlib
+    except ImportError:
+        return None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     return plt
@@ -176,17 +182,25 @@ def _color(name: str, i: int) -> str:
     return options[i % len(options)]
 
 
-def plot_ttft(agg: dict[tuple[str, float | None], Row], path: Path, title: str) -> None:
+def _colors(names: list[str]) -> dict[str, str]:
+    """One stable colour per target: blues/greens for ours, reds for vllm-router, browns for sglang."""
+    seen: dict[str, int] = defaultdict(int)
+    out = {}
+    for n in names:
+        kind = n.split(":")[0]
+        out[n] = _color(n, seen[kind])
+        seen[kind] += 1
+    return out
+
+
+def plot_ttft(agg: dict[tuple[str, float | None], Row], path: Path, title: str) -> bool:
     plt = _plt()
+    if plt is None:
+        return False
     names = target_order(sorted({t for t, _ in agg}))
     qps_points = sorted({q for _, q in agg if q is not None})
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    counters: dict[str, int] = defaultdict(int)
-    colors = {}
-    for n in names:
-        kind = n.split(":")[0]
-        colors[n] = _color(n, counters[kind])
-        counters[kind] += 1
+    colors = _colors(names)
     for ax, pct in zip(axes, ("p50", "p99")):
         if len(qps_points) > 1:
             for n in names:
@@ -209,18 +223,22 @@ def plot_ttft(agg: dict[tuple[str, float | None], Row], path: Path, title: str) 
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return True
 
 
-def plot_hit_rate(agg: dict[tuple[str, float | None], Row], path: Path, title: str) -> None:
+def plot_hit_rate(agg: dict[tuple[str, float | None], Row], path: Path, title: str) -> bool:
     plt = _plt()
+    if plt is None:
+        return False
     qps_points = sorted({q for _, q in agg}, key=lambda q: (q is None, q or 0))
     qps = qps_points[-1] if qps_points[-1] is not None or len(qps_points) == 1 else qps_points[-2]
     rows = {t: r for (t, q), r in agg.items() if q == qps}
+    colors = _colors(target_order(list(rows)))
     names = [n for n in target_order(list(rows)) if n != "direct"]
     fracs = [_frac_of_oracle(rows[n]) or 0 for n in names]
     hits = [_g("replicas", "hit_rate")(rows[n]) or 0 for n in names]
     fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(names) + 2), 4.5))
-    bars = ax.bar(range(len(names)), fracs, color=[_color(n, i) for i, n in enumerate(names)])
+    bars = ax.bar(range(len(names)), fracs, color=[colors[n] for n in names])
     for bar, frac, hit in zip(bars, fracs, hits):
         ax.annotate(f"{frac * 100:.0f}%\n(hit {hit * 100:.0f}%)", (bar.get_x() + bar.get_width() / 2, frac),
                     ha="center", va="bottom", fontsize=7)
@@ -235,6 +253,7 @@ def plot_hit_rate(agg: dict[tuple[str, float | None], Row], path: Path, title: s
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return True
 
 
 # -- the whole report --------------------------------------------------------------------------
@@ -250,12 +269,15 @@ def write_report(out: Path) -> Path:
         raise SystemExit(f"no runs under {out / 'runs'}")
     agg = aggregate(runs)
     name = meta.get("scenario", out.name)
-    plot_ttft(agg, out / "ttft.png", name)
-    plot_hit_rate(agg, out / "hit_rate.png", name)
+    plotted = plot_ttft(agg, out / "ttft.png", name) & plot_hit_rate(agg, out / "hit_rate.png", name)
     text = [f"# Scenario `{name}`", ""]
     if meta.get("description"):
         text += [meta["description"].strip(), ""]
-    text += [routing_tables(agg), "![TTFT](ttft.png)", "", "![hit rate as a fraction of the oracle](hit_rate.png)", ""]
+    text += [routing_tables(agg)]
+    if plotted:
+        text += ["![TTFT](ttft.png)", "", "![hit rate as a fraction of the oracle](hit_rate.png)", ""]
+    else:
+        text += ["(No plots: matplotlib is missing; `pip install -e '.[bench]'` and run `python -m benchmarks report`.)", ""]
     text += provenance(meta)
     path = out / "results.md"
     path.write_text("\n".join(text))
