@@ -1,0 +1,192 @@
+"""`cache_aware` (the default): lowest estimated time to first token, within bounded load.
+
+One cost, no threshold chain.  For each replica r, with T the request's prompt tokens
+(``RouteRequest.estimated_prompt_tokens``) and m_r the blocks of its prefix the index says
+r was sent (``PrefixIndex.match``):
+
+    uncached_r = T - min(T, m_r x tokens_per_block)
+    queue_s_r  = load_r x typical_tokens / rate_r
+    cost_r     = queue_s_r + uncached_r / rate_r            (seconds)
+
+* ``load_r`` is ``Replica.queued`` (router in-flight, or the scraped running + waiting if
+  larger): the requests ahead of this one.  Each is assumed to cost the replica a typical
+  request's prefill, ``typical_tokens`` = EWMA of the uncached prompt tokens of the
+  requests this policy saw answered.  Dividing by the replica's rate makes the queue
+  relative to its capacity: four requests queued on a TP=4 replica weigh like one on a
+  TP=1 replica.
+* ``rate_r`` (prefill tokens/s) starts at ``prefill_tokens_per_s x tensor_parallel_size x
+  weight`` and is learned online: ``observe()`` gets the time to first byte of every
+  answered request, and when at least ``min_learn_tokens`` were uncached, the sample
+  uncached / ttfb enters an EWMA (``ewma_alpha``) of that replica's rate.  Queueing inside
+  ttfb makes a busy replica read slower than it is, which steers work away from it: the
+  safe direction.  So for a long uncached prompt a TP=4 replica is rightly preferred to
+  an idle TP=1 one, while a short or mostly cached prompt goes where its prefix is.
+* **Bounded-load guard** (router/policies/load.py): replicas that would exceed
+  ``load_factor`` x their fair share of the load rank after all that would not, so a prefix
+  shared by every request (a common system prompt) cannot pile its whole traffic on the
+  replica that first cached it.  The guard reorders, never drops: all given replicas are
+  ranked (the proxy fails over down the list), healthy ones before SUSPECT ones.
+* Ties (an idle fleet, a prompt no one has seen) go to the lesser load per capacity, then
+  by rotation, so equal replicas share traffic.
+
+``Decision.why``: matched blocks, load, queue estimate and cost of the winner and the
+runner-up, and how many replicas the guard held back.  ``Decision.matched_blocks``: the
+index's match for every given replica (the proxy passes the winner's to ``observe``).
+
+Parameters (``routing.params``):
+    load_factor (number > 1, default 1.25): the bounded-load factor c.
+    prefill_tokens_per_s (number > 0, default 20000): prior prefill rate of one TP=1,
+        weight-1 replica (the simulator's 8B-on-H100 model does about 26k).
+    ewma_alpha (0 < a <= 1, default 0.2): weight of a new sample in the learned rates.
+    min_learn_tokens (integer >= 1, default 256): smaller uncached prompts teach no rate
+        (their ttfb is overhead, not prefill).
+    typical_tokens (number > 0, default 512): initial typical uncached tokens per request.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Sequence
+
+from router.policies.base import Decision
+from router.policies.load import DEFAULT_LOAD_FACTOR, capacity, split_by_health, within_bound
+
+if TYPE_CHECKING:
+    from router.fleet import Replica
+    from router.prefix.index import PrefixIndex
+    from router.requests import RouteRequest
+    from router.validation import Node
+
+DEFAULT_PREFILL_TOKENS_PER_S = 20_000.0  # prior, per TP=1 weight-1 replica
+DEFAULT_EWMA_ALPHA = 0.2  # weight of a new observation in learned rates
+DEFAULT_MIN_LEARN_TOKENS = 256  # below this many uncached tokens, ttfb is mostly overhead
+DEFAULT_TYPICAL_TOKENS = 512.0  # initial typical uncached prompt tokens per queued request
+RATE_CLAMP = 16.0  # a learned rate stays within [prior / 16, prior x 16]
+MAX_TRACKED_REPLICAS = 4096  # bound on the learned-rate table (replicas come and go)
+
+PARAMS = ("load_factor", "prefill_tokens_per_s", "ewma_alpha", "min_learn_tokens", "typical_tokens")
+
+
+class CacheAware:
+    name = "cache_aware"
+
+    def __init__(
+        self,
+        *,
+        load_factor: float = DEFAULT_LOAD_FACTOR,
+        prefill_tokens_per_s: float = DEFAULT_PREFILL_TOKENS_PER_S,
+        ewma_alpha: float = DEFAULT_EWMA_ALPHA,
+        min_learn_tokens: int = DEFAULT_MIN_LEARN_TOKENS,
+        typical_tokens: float = DEFAULT_TYPICAL_TOKENS,
+    ) -> None:
+        self.load_factor = load_factor
+        self.prefill_tokens_per_s = prefill_tokens_per_s
+        self.ewma_alpha = ewma_alpha
+        self.min_learn_tokens = min_learn_tokens
+        self.typical_tokens = typical_tokens
+        self._rates: dict[str, float] = {}  # replica id -> learned prefill tokens/s
+        self._tokens_per_block = 16  # from the index at rank time, for observe()
+        self._turn = 0
+
+    # -- the cost model ---------------------------------------------------------------
+    def prior_rate(self, replica: "Replica") -> float:
+        return self.prefill_tokens_per_s * capacity(replica)
+
+    def prefill_rate(self, replica: "Replica") -> float:
+        """Prefill tokens/s of `replica`: learned if observed, else the prior."""
+        rate = self._rates.get(replica.id)
+        return rate if rate is not None else self.prior_rate(replica)
+
+    def rank(
+        self,
+        request: "RouteRequest",
+        replicas: Sequence["Replica"],
+        index: "PrefixIndex",
+    ) -> Decision:
+        healthy, suspect = split_by_health(replicas)
+        candidates = healthy + suspect
+        if not candidates:
+            return Decision(ranked=[], why={"policy": self.name})
+        tpb = self._tokens_per_block = index.tokens_per_block
+        ids = [r.id for r in candidates]
+        matched = index.match(request.block_hashes, ids)
+        prompt = request.estimated_prompt_tokens
+        typical = self.typical_tokens
+        rates = self._rates
+        base = self.prefill_tokens_per_s
+
+        loads = [r.queued for r in candidates]
+        caps = [capacity(r) for r in candidates]
+        n_healthy = len(healthy)
+        ok = within_bound(loads[:n_healthy], caps[:n_healthy], self.load_factor) if healthy else []
+        ok += within_bound(loads[n_healthy:], caps[n_healthy:], self.load_factor)
+
+        n = len(candidates)
+        self._turn = (self._turn + 1) & 0x3FFFFFFF
+        start = self._turn % n
+        costs: list[float] = []
+        queues: list[float] = []
+        for i in range(n):
+            rate = rates.get(ids[i]) or base * caps[i]
+            uncached = prompt - min(prompt, matched[ids[i]] * tpb)
+            queue_s = loads[i] * typical / rate
+            queues.append(queue_s)
+            costs.append(queue_s + uncached / rate)
+        # Suspect after healthy; within each, guard-passing first; then cost, load per
+        # capacity, longer match, rotation.
+        order = sorted(range(n), key=lambda i: (i >= n_healthy, not ok[i], costs[i],
+                                                loads[i] / caps[i], -matched[ids[i]], (i - start) % n))
+        ranked = [candidates[i] for i in order]
+        win = order[0]
+        why: dict[str, object] = {
+            "policy": self.name,
+            "matched_blocks": matched[ids[win]],
+            "load": loads[win],
+            "queue_s": round(queues[win], 6),
+            "cost_s": round(costs[win], 6),
+            "held_back": n_healthy - sum(ok[:n_healthy]),
+        }
+        if n > 1:
+            run = order[1]
+            why["runner_up"] = ids[run]
+            why["runner_up_matched_blocks"] = matched[ids[run]]
+            why["runner_up_cost_s"] = round(costs[run], 6)
+        return Decision(ranked=ranked, why=why, matched_blocks=matched)
+
+    # -- learning ---------------------------------------------------------------------
+    def observe(
+        self,
+        replica: "Replica",
+        request: "RouteRequest",
+        *,
+        time_to_first_byte_s: float,
+        matched_blocks: int,
+    ) -> None:
+        prompt = request.estimated_prompt_tokens
+        uncached = prompt - min(prompt, matched_blocks * self._tokens_per_block)
+        alpha = self.ewma_alpha
+        self.typical_tokens += alpha * (max(uncached, 1) - self.typical_tokens)
+        if uncached < self.min_learn_tokens or time_to_first_byte_s <= 0:
+            return
+        prior = self.prior_rate(replica)
+        sample = min(max(uncached / time_to_first_byte_s, prior / RATE_CLAMP), prior * RATE_CLAMP)
+        rates = self._rates
+        old = rates.get(replica.id)
+        if old is None:
+            if len(rates) >= MAX_TRACKED_REPLICAS:
+                del rates[next(iter(rates))]
+            old = prior
+        rates[replica.id] = old + alpha * (sample - old)
+
+
+def build(params: "Node") -> CacheAware:
+    params.mapping(PARAMS)
+    return CacheAware(
+        load_factor=params.get("load_factor", DEFAULT_LOAD_FACTOR).number(minimum=1.0, exclusive_minimum=True),
+        prefill_tokens_per_s=params.get("prefill_tokens_per_s", DEFAULT_PREFILL_TOKENS_PER_S).number(
+            minimum=0.0, exclusive_minimum=True),
+        ewma_alpha=params.get("ewma_alpha", DEFAULT_EWMA_ALPHA).number(
+            minimum=0.0, maximum=1.0, exclusive_minimum=True),
+        min_learn_tokens=params.get("min_learn_tokens", DEFAULT_MIN_LEARN_TOKENS).integer(minimum=1),
+        typical_tokens=params.get("typical_tokens", DEFAULT_TYPICAL_TOKENS).number(
+            minimum=0.0, exclusive_minimum=True),
+    )

@@ -1,0 +1,189 @@
+"""Properties every policy keeps, whatever the fleet looks like (hypothesis)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from router.fleet import EngineLoad, Health, Replica
+from router.policies import build_policy
+from router.policies.load import capacity, load_allowances
+from router.prefix.hashing import hash_text
+from router.prefix.index import PrefixIndex
+from router.requests import RouteRequest
+from router.validation import Node
+
+POLICIES = ["cache_aware", "prefix_affinity", "session", "power_of_two", "random"]
+SYSTEM = "You are a careful assistant. Answer briefly and cite sources. " * 8
+
+
+def make_request(text: str, session: str | None = None) -> RouteRequest:
+    return RouteRequest(model="m", path="/v1/completions", body=b"", routing_text=text,
+                        block_hashes=hash_text(text, "m"), prompt_chars=len(text),
+                        session_key=session)
+
+
+replica_spec = st.tuples(
+    st.sampled_from(list(Health)),
+    st.integers(0, 20),  # router in-flight
+    st.integers(0, 20),  # scraped running + waiting
+    st.sampled_from([1, 1, 2, 4]),  # tensor parallel size
+    st.integers(0, 12),  # blocks of the request's prefix the index says it was sent
+)
+
+
+def build_fleet(specs, text: str) -> tuple[list[Replica], PrefixIndex]:
+    index = PrefixIndex()
+    hashes = hash_text(text, "m")
+    replicas = []
+    for i, (health, in_flight, scraped, tp, matched) in enumerate(specs):
+        r = Replica(url=f"http://r{i}", model="m", tensor_parallel_size=tp, health=health,
+                    in_flight=in_flight, load=EngineLoad(running=scraped))
+        replicas.append(r)
+        if matched:
+            index.record(hashes[:matched], r.id)
+    return replicas, index
+
+
+@pytest.mark.parametrize("name", POLICIES)
+@settings(max_examples=80, deadline=None)
+@given(specs=st.lists(replica_spec, max_size=9), with_session=st.booleans(), suffix=st.text(max_size=300))
+def test_ranks_every_routable_replica_once_healthy_before_suspect(name, specs, with_session, suffix):
+    policy = build_policy(name, Node({}, "routing.params"))
+    text = SYSTEM + suffix
+    replicas, index = build_fleet(specs, text)
+    decision = policy.rank(make_request(text, "s-1" if with_session else None), replicas, index)
+    ranked = decision.ranked
+    routable = [r for r in replicas if r.health in (Health.HEALTHY, Health.SUSPECT)]
+    assert sorted(r.id for r in ranked) == sorted(r.id for r in routable)
+    assert all(r.health is not Health.UNHEALTHY and r.health is not Health.UNKNOWN for r in ranked)
+    healths = [r.health for r in ranked]
+    assert healths == sorted(healths, key=lambda h: h is Health.SUSPECT)
+    assert decision.why.get("policy") == name
+
+
+@pytest.mark.parametrize("name", ["cache_aware", "session"])
+@settings(max_examples=150, deadline=None)
+@given(specs=st.lists(replica_spec, min_size=1, max_size=9), factor=st.sampled_from([1.1, 1.25, 2.0]))
+def test_bounded_load_guard_holds_for_the_winner(name, specs, factor):
+    policy = build_policy(name, Node({"load_factor": factor}, "routing.params"))
+    replicas, index = build_fleet(specs, SYSTEM)
+    decision = policy.rank(make_request(SYSTEM, "key"), replicas, index)
+    healthy = [r for r in replicas if r.health is Health.HEALTHY]
+    if not healthy:
+        return
+    winner = decision.ranked[0]
+    allowances = load_allowances([r.queued for r in healthy], [capacity(r) for r in healthy], factor)
+    allowed = allowances[healthy.index(winner)]
+    assert winner.queued + 1 <= allowed
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    specs=st.lists(st.tuples(st.integers(0, 8), st.integers(0, 12)), min_size=2, max_size=8),
+    prompt_blocks=st.integers(1, 40),
+)
+def test_cache_aware_more_matched_and_less_load_never_ranks_worse(specs, prompt_blocks):
+    text = (SYSTEM * 4)[: 64 * prompt_blocks]
+    replicas, index = build_fleet([(Health.HEALTHY, load, 0, 1, m) for load, m in specs], text)
+    decision = build_policy("cache_aware", Node({}, "")).rank(make_request(text), replicas, index)
+    position = {r.id: i for i, r in enumerate(decision.ranked)}
+    for a, (load_a, m_a) in zip(replicas, specs):
+        for b, (load_b, m_b) in zip(replicas, specs):
+            m_a_eff, m_b_eff = min(m_a, prompt_blocks), min(m_b, prompt_blocks)
+            if a is not b and m_a_eff >= m_b_eff and load_a <= load_b and (m_a_eff, -load_a) != (m_b_eff, -load_b):
+                assert position[a.id] < position[b.id], (a.id, b.id, decision.why)
+
+
+def test_cache_aware_prefers_tp4_for_long_uncached_prompts_and_cache_for_short_ones() -> None:
+    tp1 = Replica(url="http://tp1", model="m", tensor_parallel_size=1, health=Health.HEALTHY)
+    tp4 = Replica(url="http://tp4", model="m", tensor_parallel_size=4, health=Health.HEALTHY, in_flight=2)
+    policy = build_policy("cache_aware", Node({}, ""))
+    long_prompt = "novel text " * 3000
+    assert policy.rank(make_request(long_prompt), [tp1, tp4], PrefixIndex()).ranked[0] is tp4
+    # A mostly cached prompt stays where its prefix is, even on the smaller replica.
+    index = PrefixIndex()
+    index.record(hash_text(long_prompt, "m"), tp1.id)
+    decision = policy.rank(make_request(long_prompt + "one more question"), [tp1, tp4], index)
+    assert decision.ranked[0] is tp1
+    assert decision.matched_blocks[tp1.id] == len(hash_text(long_prompt, "m"))
+    assert decision.why["matched_blocks"] == decision.matched_blocks[tp1.id]
+    assert decision.why["runner_up"] == tp4.id and decision.why["cost_s"] < decision.why["runner_up_cost_s"]
+
+
+def test_cache_aware_learns_prefill_rates_from_observed_ttfb() -> None:
+    a = Replica(url="http://a", model="m", health=Health.HEALTHY)
+    b = Replica(url="http://b", model="m", health=Health.HEALTHY)
+    policy = build_policy("cache_aware", Node({}, ""))
+    request = make_request("x" * 40_000)  # 10k tokens, nothing cached
+    for _ in range(30):  # a is observed to prefill 4x slower than b
+        policy.observe(a, request, time_to_first_byte_s=2.0, matched_blocks=0)
+        policy.observe(b, request, time_to_first_byte_s=0.5, matched_blocks=0)
+    assert policy.prefill_rate(a) == pytest.approx(5_000, rel=0.05)
+    assert policy.prefill_rate(b) == pytest.approx(20_000, rel=0.05)
+    for _ in range(5):
+        assert policy.rank(request, [a, b], PrefixIndex()).ranked[0] is b
+    # Short prompts teach nothing (their ttfb is overhead).
+    policy.observe(a, make_request("short"), time_to_first_byte_s=10.0, matched_blocks=0)
+    assert policy.prefill_rate(a) == pytest.approx(5_000, rel=0.05)
+
+
+def test_cache_aware_spreads_a_prefix_shared_by_everyone_prefix_affinity_does_not() -> None:
+    """A burst of requests sharing one system prompt: the guard keeps loads bounded."""
+    results = {}
+    for name in ("cache_aware", "prefix_affinity"):
+        policy = build_policy(name, Node({}, ""))
+        replicas = [Replica(url=f"http://r{i}", model="m", health=Health.HEALTHY) for i in range(4)]
+        index = PrefixIndex()
+        for n in range(100):  # nothing finishes during the burst
+            request = make_request(SYSTEM + f"user {n}: hello")
+            winner = policy.rank(request, replicas, index).ranked[0]
+            winner.in_flight += 1
+            index.record(request.block_hashes, winner.id)
+        results[name] = max(r.in_flight for r in replicas)
+    assert results["cache_aware"] <= math.ceil(1.25 * 100 / 4)
+    assert results["prefix_affinity"] > 50  # the hot spot the guard exists to prevent
+
+
+def test_cache_aware_spreads_an_idle_fleet_by_rotation() -> None:
+    policy = build_policy("cache_aware", Node({}, ""))
+    replicas = [Replica(url=f"http://r{i}", model="m", health=Health.HEALTHY) for i in range(4)]
+    winners = {policy.rank(make_request(f"q{i}"), replicas, PrefixIndex()).ranked[0].id for i in range(8)}
+    assert len(winners) == 4
+
+
+def test_suspect_replicas_only_win_when_nothing_healthy_remains() -> None:
+    good = Replica(url="http://good", model="m", health=Health.HEALTHY, in_flight=30)
+    shaky = Replica(url="http://shaky", model="m", health=Health.SUSPECT)
+    index = PrefixIndex()
+    index.record(hash_text(SYSTEM, "m"), shaky.id)
+    for name in POLICIES:
+        policy = build_policy(name, Node({}, ""))
+        assert [r.id for r in policy.rank(make_request(SYSTEM, "k"), [shaky, good], index).ranked] == \
+            [good.id, shaky.id]
+        assert policy.rank(make_request(SYSTEM, "k"), [shaky], index).ranked == [shaky]
+        assert policy.rank(make_request(SYSTEM, "k"), [], index).ranked == []
+
+
+@pytest.mark.parametrize("name", POLICIES)
+def test_unknown_parameters_are_config_errors_with_their_path(name) -> None:
+    from router.validation import ConfigError
+
+    with pytest.raises(ConfigError, match=r"routing\.params\.bogus"):
+        build_policy(name, Node({"bogus": 1}, "routing.params"))
+
+
+def test_parameter_ranges_are_checked() -> None:
+    from router.validation import ConfigError
+
+    for bad in ({"load_factor": 1.0}, {"ewma_alpha": 0}, {"prefill_tokens_per_s": -1},
+                {"min_learn_tokens": 0}, {"typical_tokens": "many"}):
+        with pytest.raises(ConfigError):
+            build_policy("cache_aware", Node(bad, "routing.params"))
+    with pytest.raises(ConfigError):
+        build_policy("session", Node({"virtual_nodes": 0}, "routing.params"))
+    with pytest.raises(ConfigError):
+        build_policy("random", Node({"seed": "x"}, "routing.params"))
