@@ -151,6 +151,8 @@ def ratio_table(rows: dict[str, Row], names: list[str]) -> str:
     rr = rows.get("ours:round_robin")
     for name in ours:
         for ref_name, ref in (("best peer", peers), ("round robin", ["ours:round_robin"] if rr else [])):
+            if ref == [name]:
+                continue
             if not ref:
                 continue
             cells = []

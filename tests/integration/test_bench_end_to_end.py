@@ -1,0 +1,98 @@
+"""A tiny scenario end to end against simulated replicas: fleet, our router, report; and an
+interrupted run leaves no process behind."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from benchmarks.procs import Processes
+from benchmarks.report import load_runs
+from benchmarks.runner import run_routing
+from benchmarks.scenario import load_scenario
+
+ROOT = Path(__file__).resolve().parents[2]
+
+TINY = """
+name: tiny
+output: {out}
+seed: 1
+workload: {{kind: multi_turn, users: 3, rounds: 3, system_prompt_tokens: 300, history_tokens: 0,
+           question_tokens: 20, answer_tokens: 8, think_time_s: 0.05}}
+arrival: {{kind: {arrival}}}
+limits: {{max_requests: {max_requests}, max_duration_s: {max_duration}, request_timeout_s: 20}}
+fleet:
+  replicas: [{{tp: 1, count: 1, kv_blocks: 256}}, {{tp: 2, count: 1, kv_blocks: 512}}]
+  time_scale: 10
+  startup_timeout_s: 30
+targets: [ours:round_robin, ours:cache_aware, direct]
+"""
+
+
+def write(tmp_path, arrival="poisson, qps: 30", max_requests=9, max_duration=20):
+    path = tmp_path / "tiny.yaml"
+    path.write_text(TINY.format(out=tmp_path / "out", arrival=arrival, max_requests=max_requests,
+                                max_duration=max_duration))
+    return path
+
+
+async def test_tiny_scenario_end_to_end(tmp_path):
+    scenario = load_scenario(write(tmp_path))
+    with Processes() as procs:
+        out = await run_routing(scenario, procs, progress=False, port_base=19100)
+        assert procs.running == []  # fleet and routers stopped when the run ended
+    runs = {r["target"]: r for r in load_runs(out)}
+    assert set(runs) == {"ours:round_robin", "ours:cache_aware", "direct"}
+    for name, run in runs.items():
+        s = run["summary"]
+        assert (s["requests"], s["errors"]) == (9, 0), (name, s["error_kinds"])
+        assert s["ttft_s"]["p50"] > 0 and s["output_tokens"] == 9 * 8
+        replicas = run["replicas"]
+        assert replicas["queries"] > 0 and 0 <= replicas["hit_rate"] <= 1
+        assert run["oracle"]["requests"] == 9 and run["oracle"]["capacity_blocks"] == 768
+        assert replicas["hit_rate"] <= run["oracle"]["hit_rate_unbounded"] * 1.15 + 0.02
+    assert runs["direct"]["replicas"]["busiest_request_share"] == 1.0  # one replica took everything
+    assert runs["ours:round_robin"]["replicas"]["busiest_request_share"] < 0.8
+    assert runs["ours:cache_aware"]["router_resources"]["peak_rss_mb"] > 10
+    text = (out / "results.md").read_text()
+    assert "`ours:cache_aware`" in text and "Oracle hit rate" in text and "Command:" in text
+
+
+def _descendants(pid):
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.Error:
+        return []
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_interrupt_leaves_nothing_behind(tmp_path, sig):
+    scenario = write(tmp_path, arrival="closed, concurrency: 2", max_requests=100000, max_duration=120)
+    run = subprocess.Popen([sys.executable, "-m", "benchmarks", "run", "--scenario", str(scenario), "--no-progress",
+                            "--targets", "ours:round_robin"],
+                           cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        seen: dict[int, psutil.Process] = {}
+        deadline = time.time() + 60
+        while time.time() < deadline:  # 2 replicas + the router, all started by the run
+            for p in _descendants(run.pid):
+                seen[p.pid] = p
+            if len(seen) >= 3 and (tmp_path / "out" / "logs" / "ours__round_robin.log").exists():
+                break
+            time.sleep(0.2)
+        assert len(seen) >= 3, run.stdout.read1().decode() if run.poll() is not None else seen
+        time.sleep(1.0)  # mid-run
+        run.send_signal(sig)
+        assert run.wait(30) == 130
+        for p in seen.values():
+            assert not p.is_running() or p.status() == psutil.STATUS_ZOMBIE, p
+    finally:
+        if run.poll() is None:
+            os.kill(run.pid, signal.SIGKILL)
+            run.wait()
