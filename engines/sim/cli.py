@@ -108,10 +108,12 @@ async def serve(args: argparse.Namespace) -> None:
     model = args.model or args.served_model_name or args.model_tag or "sim-model"
     cost = _cost_model(args)
     num_blocks = args.num_gpu_blocks or cost.num_gpu_blocks(args.block_size)
-    if num_blocks * args.block_size < args.max_model_len:
-        raise SystemExit(f"error: the KV cache ({num_blocks} blocks of {args.block_size} tokens) cannot hold "
-                         f"one request of --max-model-len {args.max_model_len}; lower --max-model-len or "
-                         f"raise --num-gpu-blocks")
+    max_model_len = args.max_model_len
+    if num_blocks * args.block_size < max_model_len:
+        # One request must always fit, or it could wait forever: shrink the context instead.
+        max_model_len = num_blocks * args.block_size
+        log.warning("KV cache holds only %d tokens: max_model_len lowered from %d to %d",
+                    max_model_len, args.max_model_len, max_model_len)
     kv_cfg = _kv_events_config(args)
     if args.start_delay > 0:
         await asyncio.sleep(args.start_delay)
@@ -121,7 +123,7 @@ async def serve(args: argparse.Namespace) -> None:
                          gpu_memory_utilization=cost.gpu_memory_utilization,
                          legacy_names=args.legacy_metric_names)
     tokenizer = Tokenizer(vocab_size=args.vocab_size)
-    engine = Engine(EngineConfig(model=model, max_model_len=args.max_model_len, block_size=args.block_size,
+    engine = Engine(EngineConfig(model=model, max_model_len=max_model_len, block_size=args.block_size,
                                  num_gpu_blocks=num_blocks, max_num_seqs=args.max_num_seqs,
                                  max_num_batched_tokens=args.max_num_batched_tokens,
                                  enable_prefix_caching=args.enable_prefix_caching, time_scale=args.time_scale),
