@@ -1,12 +1,15 @@
 """The engine loop: one asyncio task that schedules a step, waits the step's modelled time,
 applies it, and hands new tokens to the requests' output channels.
 
-Time.  ``Clock`` measures *simulated* seconds: wall time since start multiplied by
-``time_scale``.  A step of modelled duration d sleeps d / time_scale of wall time, so with
-``--time-scale 10`` the same schedule runs ten times faster.  Everything the replica reports
-(/metrics histograms, ``created`` stays wall-clock) is in simulated seconds; what a client
-measures on the wall is simulated time / time_scale.  Benchmarks compare targets under the same
-scale, and multiply client-side latencies by the scale to read them as simulated seconds.
+Time.  ``Clock`` reads *simulated* seconds.  Idle, they pass at ``time_scale`` times the wall
+clock.  Busy, each step advances them by exactly its modelled duration: the loop sleeps
+duration / time_scale of wall time, and whatever the simulator itself costs beyond that (its
+Python, the event loop's timer granularity, HTTP work) is dropped from simulated time instead
+of leaking into it, multiplied by the scale.  So every latency the replica reports
+(/metrics histograms) is model time, the same at ``--time-scale 1`` and ``100``; what a client
+measures on the wall is at least simulated time / time_scale, more when the process cannot
+keep up (``/admin/stats`` shows the accumulated ``clock_lag_s``).  Benchmarks compare targets
+under the same scale.
 """
 
 from __future__ import annotations
@@ -23,19 +26,49 @@ from engines.sim.tokenizer import Tokenizer
 
 
 class Clock:
+    """Simulated seconds: wall time x scale while idle; exact model time while busy."""
+
     def __init__(self, scale: float = 1.0) -> None:
         if scale <= 0:
             raise ValueError("time scale must be > 0")
         self.scale = scale
         self._t0 = time.monotonic()
+        self.lag = 0.0  # simulated seconds dropped because the process ran behind the model
+        self._cap: float | None = None  # while busy: the end of the step under way
+        self._last = 0.0
+
+    def _raw(self) -> float:
+        return (time.monotonic() - self._t0) * self.scale - self.lag
 
     def now(self) -> float:
-        return (time.monotonic() - self._t0) * self.scale
+        t = self._raw()
+        if self._cap is not None and t > self._cap:
+            t = self._cap
+        if t > self._last:
+            self._last = t
+        return self._last
 
-    async def sleep_until(self, t: float) -> None:
-        delay = (t - self.now()) / self.scale
-        if delay > 0:
-            await asyncio.sleep(delay)
+    async def advance_to(self, t: float) -> None:
+        """The engine's step: simulated time moves to ``t`` (and no further until the next
+        step or ``release``), taking (t - now) / scale of wall time or less if behind."""
+        self._cap = t
+        await asyncio.sleep(max(0.0, (t - self._raw()) / self.scale))
+        self._absorb()
+
+    def release(self) -> None:
+        """The engine goes idle: simulated time runs with the wall clock again from here."""
+        self._absorb()
+        self._cap = None
+
+    def _absorb(self) -> None:
+        if self._cap is not None:
+            over = self._raw() - self._cap
+            if over > 0:
+                self.lag += over
+
+    async def sleep(self, seconds: float) -> None:
+        """Wait ``seconds`` of simulated time outside the engine loop (e.g. an embedding)."""
+        await asyncio.sleep(seconds / self.scale)
 
 
 class OutputChannel:
@@ -122,6 +155,7 @@ class Engine:
         while True:
             if not self.sched.has_work():
                 self._refresh_load()
+                self.clock.release()
                 self._wake.clear()
                 await self._wake.wait()
                 continue
@@ -144,7 +178,7 @@ class Engine:
                     decode.append(req.num_tokens)
                 else:
                     prefill.append((n, req.num_computed + n))
-            await self.clock.sleep_until(start + self.cost.step_time(prefill, decode) * self.slow_factor)
+            await self.clock.advance_to(start + self.cost.step_time(prefill, decode) * self.slow_factor)
             outputs = self.sched.complete(plan, self._next_token)
             self._publish_events()
             now = self.clock.now()

@@ -131,6 +131,7 @@ class SimServer:
                       "num_gpu_blocks": kv.num_blocks, "free_blocks": kv.num_free_blocks,
                       "cached_blocks": kv.num_cached_hashes, "kv_cache_usage": kv.usage(),
                       "in_flight": self.in_flight, "answered": self.answered,
+                      "clock_lag_s": self.engine.clock.lag,
                       "kv_events_buffered": self.publisher.buffered if self.publisher else 0})
 
     # -- admin ------------------------------------------------------------------------------
@@ -386,8 +387,7 @@ class SimServer:
         if self.faults.draw_fail():
             return _error(ApiError(500, "Simulated failure (fault injection)"))
         n = sum(len(ids) for ids in token_lists)
-        clock = self.engine.clock
-        await clock.sleep_until(clock.now() + self.engine.cost.step_time([(n, n)], []) * self.engine.slow_factor)
+        await self.engine.clock.sleep(self.engine.cost.step_time([(n, n)], []) * self.engine.slow_factor)
         data = [{"index": i, "object": "embedding", "embedding": _embedding(ids, self.opts.embedding_dim)}
                 for i, ids in enumerate(token_lists)]
         return _json({"id": random_id("embd-"), "object": "list", "created": int(time.time()), "model": model,

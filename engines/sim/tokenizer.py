@@ -11,15 +11,14 @@ real BPE vocabulary.  Two properties follow and the router relies on both:
 * chat turns rendered with the ChatML-like template restart chunking after every special
   token, so turn N+1's tokens extend turn N's tokens up to the last partial chunk.
 
-``decode`` is exact for any ids this process produced (a bounded LRU remembers id -> chunk;
-hash collisions resolve to the most recent chunk).  Unknown ids decode to a fixed filler.
+``decode`` is exact for any ids this process produced recently (a bounded memory keeps
+id -> chunk for the last 65,536 distinct chunks; hash collisions resolve to the newest chunk).  Unknown ids decode to a fixed filler.
 """
 
 from __future__ import annotations
 
 import hashlib
 import re
-from collections import OrderedDict
 from typing import Iterable, Mapping, Sequence
 
 CHARS_PER_TOKEN = 4
@@ -43,24 +42,34 @@ class Tokenizer:
             raise ValueError(f"vocab_size must be > {_FIRST_REGULAR_ID}")
         self.vocab_size = vocab_size
         self._span = vocab_size - _FIRST_REGULAR_ID
-        self._memory: OrderedDict[int, str] = OrderedDict()
+        # chunk -> id and id -> chunk for the most recently *new* chunks (FIFO, bounded): the
+        # first saves hashing on the hot path, the second makes decode exact.
+        self._ids: dict[str, int] = {}
+        self._memory: dict[int, str] = {}
         self._memory_cap = decode_memory
 
     # -- encoding ---------------------------------------------------------------------------
     def chunk_id(self, chunk: str) -> int:
+        tid = self._ids.get(chunk)
+        if tid is not None:
+            return tid
         digest = hashlib.blake2b(chunk.encode("utf-8", "surrogatepass"), digest_size=8).digest()
         tid = _FIRST_REGULAR_ID + int.from_bytes(digest, "big") % self._span
-        mem = self._memory
-        if tid in mem:
-            mem.move_to_end(tid)
-        mem[tid] = chunk
-        if len(mem) > self._memory_cap:
-            mem.popitem(last=False)
+        if len(self._ids) >= self._memory_cap:
+            old_chunk = next(iter(self._ids))
+            old_id = self._ids.pop(old_chunk)
+            if self._memory.get(old_id) == old_chunk:
+                del self._memory[old_id]
+        self._ids[chunk] = tid
+        self._memory[tid] = chunk
         return tid
 
     def _encode_plain(self, text: str, out: list[int]) -> None:
+        ids, chunk_id = self._ids, self.chunk_id
         for i in range(0, len(text), CHARS_PER_TOKEN):
-            out.append(self.chunk_id(text[i:i + CHARS_PER_TOKEN]))
+            chunk = text[i:i + CHARS_PER_TOKEN]
+            tid = ids.get(chunk)
+            out.append(tid if tid is not None else chunk_id(chunk))
 
     def encode(self, text: str) -> list[int]:
         out: list[int] = []

@@ -43,7 +43,7 @@ def test_decode_inverts_encode(text: str) -> None:
 def test_decode_memory_is_bounded() -> None:
     tok = Tokenizer(decode_memory=100)
     tok.encode("".join(f"{i:04d}" for i in range(1000)))
-    assert len(tok._memory) == 100
+    assert len(tok._memory) <= 100 and len(tok._ids) == 100
 
 
 def test_next_chat_turn_extends_the_previous_turns_tokens() -> None:
