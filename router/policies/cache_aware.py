@@ -48,7 +48,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Sequence
 
 from router.policies.base import Decision
-from router.policies.load import DEFAULT_LOAD_FACTOR, capacity, split_by_health, within_bound
+from router.policies.load import DEFAULT_LOAD_FACTOR, Candidates, capacity
 
 if TYPE_CHECKING:
     from router.fleet import Replica
@@ -102,54 +102,48 @@ class CacheAware:
         replicas: Sequence["Replica"],
         index: "PrefixIndex",
     ) -> Decision:
-        healthy, suspect = split_by_health(replicas)
-        candidates = healthy + suspect
-        if not candidates:
+        cands = Candidates.of(replicas)
+        n = len(cands)
+        if not n:
             return Decision(ranked=[], why={"policy": self.name})
         tpb = self._tokens_per_block = index.tokens_per_block
-        ids = [r.id for r in candidates]
+        ids, loads, caps, suspect = cands.ids, cands.loads, cands.capacities, cands.suspect
         matched = index.match(request.block_hashes, ids)
+        ok = cands.within_bound(self.load_factor)
+
         prompt = request.estimated_prompt_tokens
         typical = self.typical_tokens
         rates = self._rates
         base = self.prefill_tokens_per_s
-
-        loads = [r.queued for r in candidates]
-        caps = [capacity(r) for r in candidates]
-        n_healthy = len(healthy)
-        ok = within_bound(loads[:n_healthy], caps[:n_healthy], self.load_factor) if healthy else []
-        ok += within_bound(loads[n_healthy:], caps[n_healthy:], self.load_factor)
-
-        n = len(candidates)
         self._turn = (self._turn + 1) & 0x3FFFFFFF
         start = self._turn % n
-        costs: list[float] = []
-        queues: list[float] = []
+        # Sort keys: suspect after healthy; within each, guard-passing first; then cost,
+        # load per capacity, longer match, rotation (ties of an idle fleet spread).
+        keys = []
         for i in range(n):
-            rate = rates.get(ids[i]) or base * caps[i]
-            uncached = prompt - min(prompt, matched[ids[i]] * tpb)
+            rid = ids[i]
+            rate = rates.get(rid) or base * caps[i]
+            m = matched[rid]
+            cached = m * tpb
             queue_s = loads[i] * typical / rate
-            queues.append(queue_s)
-            costs.append(queue_s + uncached / rate)
-        # Suspect after healthy; within each, guard-passing first; then cost, load per
-        # capacity, longer match, rotation.
-        order = sorted(range(n), key=lambda i: (i >= n_healthy, not ok[i], costs[i],
-                                                loads[i] / caps[i], -matched[ids[i]], (i - start) % n))
-        ranked = [candidates[i] for i in order]
-        win = order[0]
+            cost = queue_s + ((prompt - cached) / rate if cached < prompt else 0.0)
+            keys.append((suspect[i], not ok[i], cost, loads[i] / caps[i], -m, (i - start) % n, i, queue_s))
+        keys.sort()
+        ranked = [cands.replicas[k[6]] for k in keys]
+        win = keys[0]
         why: dict[str, object] = {
             "policy": self.name,
-            "matched_blocks": matched[ids[win]],
-            "load": loads[win],
-            "queue_s": round(queues[win], 6),
-            "cost_s": round(costs[win], 6),
-            "held_back": n_healthy - sum(ok[:n_healthy]),
+            "matched_blocks": -win[4],
+            "load": loads[win[6]],
+            "queue_s": round(win[7], 6),
+            "cost_s": round(win[2], 6),
+            "held_back": sum(1 for s, o in zip(suspect, ok) if not (s or o)),
         }
         if n > 1:
-            run = order[1]
-            why["runner_up"] = ids[run]
-            why["runner_up_matched_blocks"] = matched[ids[run]]
-            why["runner_up_cost_s"] = round(costs[run], 6)
+            run = keys[1]
+            why["runner_up"] = ids[run[6]]
+            why["runner_up_matched_blocks"] = -run[4]
+            why["runner_up_cost_s"] = round(run[2], 6)
         return Decision(ranked=ranked, why=why, matched_blocks=matched)
 
     # -- learning ---------------------------------------------------------------------

@@ -12,13 +12,16 @@
 * **Bounded load** (consistent hashing with bounded loads, Mirrokni et al. 2018): with
   total load L over the healthy replicas and the new request counted, replica r may take
   the request only while ``load_r + 1 <= ceil(c * (L + 1) * capacity_r / sum(capacity))``.
-  Some replica always qualifies (the allowances sum to at least c * (L + 1) > L + 1), so
-  the guard never empties the ranking; it only reorders it.
+  With integer loads some replica always qualifies (if none did, each load_r would be at
+  least its allowance and L >= sum of allowances >= c * (L + 1) > L).  The guard only
+  reorders: replicas over it rank after those within it, so were a whole group over it
+  (fractional scraped loads), the group would simply be ordered by cost.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Sequence
 
 from router.fleet import Health
@@ -63,5 +66,67 @@ def load_allowances(loads: Sequence[float], capacities: Sequence[float], factor:
 def within_bound(loads: Sequence[float], capacities: Sequence[float], factor: float) -> list[bool]:
     """Per replica, whether taking the request keeps it within the bounded-load guard."""
     allowances = load_allowances(loads, capacities, factor)
-    eligible = [current + 1.0 <= allowed for current, allowed in zip(loads, allowances)]
-    return eligible if any(eligible) else [True] * len(eligible)  # fractional loads only
+    return [current + 1.0 <= allowed for current, allowed in zip(loads, allowances)]
+
+
+@dataclass(slots=True)
+class Candidates:
+    """The routable replicas of one decision with their id, load and capacity, in one pass.
+
+    Same definitions as ``load()`` / ``capacity()`` above (``Replica.queued`` and
+    tp x weight), computed inline: at 64 replicas the per-replica function calls alone
+    cost more than the rest of a decision (measured by benchmarks/routing_micro.py).
+    Order is the given order; ``suspect[i]`` says which group replica i is in.
+    """
+
+    replicas: list["Replica"]
+    ids: list[str]
+    loads: list[float]
+    capacities: list[float]
+    suspect: list[bool]
+    load_totals: list[float]  # [healthy, suspect]
+    capacity_totals: list[float]  # [healthy, suspect]
+
+    @classmethod
+    def of(cls, replicas: Sequence["Replica"]) -> "Candidates":
+        healthy_state, suspect_state = Health.HEALTHY, Health.SUSPECT
+        kept: list[Replica] = []
+        ids: list[str] = []
+        loads: list[float] = []
+        caps: list[float] = []
+        flags: list[bool] = []
+        load_totals = [0.0, 0.0]
+        cap_totals = [0.0, 0.0]
+        for r in replicas:
+            health = r.health
+            if health is healthy_state:
+                group = 0
+            elif health is suspect_state:
+                group = 1
+            else:
+                continue
+            engine = r.load
+            queued = float(r.in_flight)
+            scraped = engine.running + engine.waiting
+            if scraped > queued:
+                queued = scraped
+            weight = r.weight
+            cap = (r.tensor_parallel_size if r.tensor_parallel_size > 1 else 1) * (weight if weight > 0 else 1.0)
+            kept.append(r)
+            ids.append(r.url)
+            loads.append(queued)
+            caps.append(cap)
+            flags.append(group == 1)
+            load_totals[group] += queued
+            cap_totals[group] += cap
+        return cls(kept, ids, loads, caps, flags, load_totals, cap_totals)
+
+    def __len__(self) -> int:
+        return len(self.replicas)
+
+    def within_bound(self, factor: float) -> list[bool]:
+        """Per replica, whether taking the request keeps it within the guard of its group."""
+        scale = [factor * (self.load_totals[g] + 1.0) / (self.capacity_totals[g] or 1.0) for g in (0, 1)]
+        ceil = math.ceil
+        return [load + 1.0 <= ceil(scale[s] * cap - 1e-9)
+                for load, cap, s in zip(self.loads, self.capacities, self.suspect)]

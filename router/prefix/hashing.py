@@ -7,8 +7,8 @@ ids the client sent) is cut into fixed-size blocks and hashed as a chain:
     h_i = xxh3_64(block_i, seed=h_{i-1})          for i = 1..n
 
 The previous hash enters xxh3 as its 64-bit seed, which plays the role of concatenating
-``h_{i-1} || block_i`` without copying the block (measured 1.6x faster than the
-concatenation on this project's machines; the chaining property is the same).  So h_i
+``h_{i-1} || block_i`` without building a new bytes object per block (about 1.5x faster
+on the 2-core AMD EPYC development machine; the chaining property is the same).  So h_i
 depends on every byte of blocks 1..i: two inputs share their first k hashes exactly when
 (barring a 64-bit xxh3 collision) they share their first k blocks.
 
@@ -38,6 +38,7 @@ from __future__ import annotations
 
 from array import array
 from functools import lru_cache
+from struct import Struct
 from typing import Sequence
 
 import xxhash
@@ -73,16 +74,22 @@ def chain_seed(
     return _xxh3(encoded)
 
 
+@lru_cache(maxsize=64)
+def _blocks_of(block_bytes: int) -> Struct:
+    return Struct(f"{block_bytes}s")
+
+
 def _chain(data: bytes, block_bytes: int, seed: int) -> tuple[int, ...]:
     """Chained hashes of the full `block_bytes`-sized blocks of `data`."""
-    end = len(data) - block_bytes + 1
-    if end <= 0:
+    full = len(data) - len(data) % block_bytes
+    if not full:
         return ()
-    blocks = [data[i : i + block_bytes] for i in range(0, end, block_bytes)]
     out = []
     append = out.append
     h = seed
-    for block in blocks:
+    # struct.iter_unpack cuts the blocks in C: 32 us instead of 53 us for 32k characters
+    # with slicing in Python (2-core AMD EPYC, CPU time per call).
+    for (block,) in _blocks_of(block_bytes).iter_unpack(memoryview(data)[:full]):
         h = _xxh3(block, h)
         append(h)
     return tuple(out)

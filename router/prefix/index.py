@@ -67,6 +67,7 @@ BYTES_PER_NODE = 320
 BYTES_PER_RECORD = 160
 DEFAULT_MEMORY_BUDGET_BYTES = 256 * 1024 * 1024
 DEFAULT_CAPACITY_BLOCKS = DEFAULT_MEMORY_BUDGET_BYTES // (BYTES_PER_NODE + BYTES_PER_RECORD)
+_MAX_WANTED_CACHE = 256  # distinct candidate-id tuples whose slot masks are cached
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +102,8 @@ class PrefixIndex:
         self._free_slots: list[int] = []  # heap of released bit positions
         self._caps: dict[str, int] = {}  # replica id -> capacity in blocks
         self._records = 0  # sum of len(held) over replicas
+        # replica-id tuple -> (slot bitmask, ids without a slot); cleared when slots change
+        self._wanted_cache: dict[tuple[str, ...], tuple[int, tuple[str, ...]]] = {}
         self._tick = 0
         self.evicted_global = 0  # records dropped by the global bound
         self.evicted_replica = 0  # records dropped by per-replica capacities
@@ -108,38 +111,78 @@ class PrefixIndex:
     # -- queries ------------------------------------------------------------------
     def match(self, hashes: Sequence[int], replica_ids: Iterable[str]) -> dict[str, int]:
         """Blocks of `hashes` each replica is known to hold as a prefix (0 if none)."""
-        result = dict.fromkeys(replica_ids, 0)
-        want = 0
-        slot = self._slot
-        for rid in result:
-            bit = slot.get(rid)
-            if bit is not None:
-                want |= 1 << bit
+        ids = replica_ids if isinstance(replica_ids, tuple) else tuple(replica_ids)
+        want, unknown = self._wanted(ids)
         if not want or not hashes:
-            return result
+            return dict.fromkeys(ids, 0)
         get = self._nodes.get
+        n = len(hashes)
+        phases: list[tuple[int, int]] = []  # (replicas whose match ends here, depth)
         mask = want
-        depth = 0
-        for h in hashes:
-            held_by = get(h)
-            if held_by is None:
-                break
-            still = mask & held_by
-            if still != mask:
-                self._assign(result, mask ^ still, depth)
-                mask = still
-                if not mask:
-                    return result
-            depth += 1
-        self._assign(result, mask, depth)
+        depth = 0  # every replica in `mask` holds hashes[:depth]
+        while mask and depth < n:
+            # Prefix closure makes "holds all of mask" monotone along the path (a
+            # replica holding a block holds its ancestors), so the next depth where the
+            # mask shrinks is found by galloping then bisecting: O(log run) lookups
+            # per distinct mask instead of one lookup per block.
+            if get(hashes[depth], 0) & mask == mask:
+                lo, step = depth, 1  # hashes[lo] holds all of mask
+                hi = n
+                while lo + step < n:
+                    if get(hashes[lo + step], 0) & mask == mask:
+                        lo += step
+                        step <<= 1
+                    else:
+                        hi = lo + step
+                        break
+                while hi - lo > 1:  # invariant: hashes[lo] holds all, hashes[hi] not (or end)
+                    mid = (lo + hi) >> 1
+                    if get(hashes[mid], 0) & mask == mask:
+                        lo = mid
+                    else:
+                        hi = mid
+                depth = lo + 1
+                if depth == n:
+                    break
+            still = mask & get(hashes[depth], 0)
+            phases.append((mask ^ still, depth))
+            mask = still
+            depth += 1 if still else 0
+        if mask:
+            phases.append((mask, depth))
+        # Most replicas usually end in the same phase (e.g. all hold the shared system
+        # prompt): fill the result with that depth in C, then set the others bit by bit.
+        bulk = max(phases, key=lambda phase: phase[0].bit_count())
+        result = dict.fromkeys(ids, bulk[1])
+        for rid in unknown:
+            result[rid] = 0
+        id_of_slot = self._id_of_slot
+        for phase in phases:
+            if phase is not bulk:
+                dropped, at = phase
+                while dropped:
+                    low = dropped & -dropped
+                    result[id_of_slot[low.bit_length() - 1]] = at
+                    dropped ^= low
         return result
 
-    def _assign(self, result: dict[str, int], mask: int, depth: int) -> None:
-        id_of_slot = self._id_of_slot
-        while mask:
-            low = mask & -mask
-            result[id_of_slot[low.bit_length() - 1]] = depth
-            mask ^= low
+    def _wanted(self, ids: tuple[str, ...]) -> tuple[int, tuple[str, ...]]:
+        """(bitmask of the slots of `ids`, the ids without a slot), cached per id tuple."""
+        entry = self._wanted_cache.get(ids)
+        if entry is None:
+            want = 0
+            unknown = []
+            slot = self._slot
+            for rid in ids:
+                bit = slot.get(rid)
+                if bit is None:
+                    unknown.append(rid)
+                else:
+                    want |= 1 << bit
+            if len(self._wanted_cache) >= _MAX_WANTED_CACHE:
+                self._wanted_cache.clear()
+            entry = self._wanted_cache[ids] = (want, tuple(unknown))
+        return entry
 
     def __len__(self) -> int:
         """Number of trie nodes (distinct prefixes)."""
@@ -256,6 +299,7 @@ class PrefixIndex:
             self._records -= len(held)
         del self._id_of_slot[bit_pos]
         heapq.heappush(self._free_slots, bit_pos)
+        self._wanted_cache.clear()
 
     def clear(self) -> None:
         """Forget everything (replica slots and capacities stay)."""
@@ -271,6 +315,7 @@ class PrefixIndex:
             bit_pos = heapq.heappop(self._free_slots) if self._free_slots else len(self._slot)
             self._slot[replica_id] = bit_pos
             self._id_of_slot[bit_pos] = replica_id
+            self._wanted_cache.clear()
         return bit_pos
 
     def _unset(self, h: int, bit: int) -> None:
