@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-model-len", type=int, default=8192)
-    p.add_argument("--block-size", type=int, default=16, help="tokens per KV block (vLLM's GPU default)")
+    p.add_argument("--block-size", type=int, default=None, help="tokens per KV block (default 16, vLLM's GPU default)")
     p.add_argument("--num-gpu-blocks", "--num-gpu-blocks-override", dest="num_gpu_blocks", type=int,
                    help="KV blocks (default: what fits on the modelled GPUs)")
     p.add_argument("--max-num-seqs", type=int, default=256)
@@ -106,6 +106,8 @@ async def serve(args: argparse.Namespace) -> None:
     except ImportError:
         pass
     model = args.model or args.served_model_name or args.model_tag or "sim-model"
+    user_block_size = args.block_size is not None
+    args.block_size = args.block_size or 16
     cost = _cost_model(args)
     num_blocks = args.num_gpu_blocks or cost.num_gpu_blocks(args.block_size)
     max_model_len = args.max_model_len
@@ -120,7 +122,8 @@ async def serve(args: argparse.Namespace) -> None:
     publisher = KVEventPublisher(kv_cfg) if kv_cfg is not None and kv_cfg.enabled else None
     metrics = SimMetrics(model, block_size=args.block_size, num_gpu_blocks=num_blocks,
                          enable_prefix_caching=args.enable_prefix_caching,
-                         gpu_memory_utilization=cost.gpu_memory_utilization,
+                         gpu_memory_utilization=cost.gpu_memory_utilization, max_model_len=max_model_len,
+                         num_gpu_blocks_override=args.num_gpu_blocks, user_specified_block_size=user_block_size,
                          legacy_names=args.legacy_metric_names)
     tokenizer = Tokenizer(vocab_size=args.vocab_size)
     engine = Engine(EngineConfig(model=model, max_model_len=max_model_len, block_size=args.block_size,

@@ -136,9 +136,9 @@ class Engine:
         return req.sink
 
     def abort(self, req: SimRequest) -> None:
-        """Drop a request at once (client disconnected); a no-op once it has finished."""
+        """Drop a request at once (client disconnected); a no-op once it has finished.  Like
+        vLLM's output processor, a client abort records no finished-request stats."""
         if self.sched.remove(req, "abort"):
-            self.metrics.success["abort"].inc()
             self._refresh_load()
         req.sink = None
 
@@ -162,7 +162,8 @@ class Engine:
             start = self.clock.now()
             plan = self.sched.schedule()
             for req in plan.newly_admitted:
-                self.metrics.on_scheduled(req.num_tokens, req.num_computed)
+                if req.num_preemptions == 0:
+                    self.metrics.on_scheduled(req.num_tokens, req.num_computed)
                 if req.first_scheduled is None:
                     req.first_scheduled = start
             if plan.preempted:
@@ -201,6 +202,9 @@ class Engine:
         m.generation_tokens.inc()
         if req.first_token is None:
             req.first_token = now
+            # vLLM's created_cache_tokens: prompt tokens now in the prefix cache, minus the hit.
+            cached_now = min(req.alloc.num_cached_blocks * self.kv.block_size, len(req.prompt_ids))
+            req.num_cache_creation_tokens = max(0, cached_now - max(req.num_cached_tokens, 0))
             m.on_first_token(len(req.prompt_ids), max(req.num_cached_tokens, 0), now - req.arrival)
         else:
             m.itl.observe(now - req.last_token)

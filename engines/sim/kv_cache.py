@@ -5,7 +5,7 @@
 * Every full block gets a chained hash (``block_hash``, vLLM's default ``sha256`` scheme, so
   hashes in KV events equal real vLLM's for the same token ids).
 * A freed block keeps its hash and stays findable until it is reused: free blocks form an LRU
-  queue; allocation takes the front and evicts that block's hash (a ``BlockRemoved`` event).
+  queue (identical blocks computed twice are both kept, as in vLLM); allocation takes the front and evicts that block's hash (a ``BlockRemoved`` event).
   A request frees its blocks tail first, so a prompt's last blocks are evicted before its
   first ones, as in vLLM.
 * Usage (``kv_cache_usage_perc``) is blocks referenced by live requests over all blocks:
@@ -73,7 +73,9 @@ class KVCache:
         self.emit_events = emit_events
         self.blocks = [Block(i) for i in range(num_blocks)]
         self._free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
-        self._by_hash: dict[bytes, int] = {}
+        # hash -> the blocks holding it.  Like vLLM's BlockHashToBlockMap, identical blocks are not
+        # de-duplicated (block tables stay append-only); at most one entry per block in total.
+        self._by_hash: dict[bytes, dict[int, None]] = {}
         self.pending_events: list[dict] = []
 
     # -- accounting -------------------------------------------------------------------------
@@ -85,6 +87,10 @@ class KVCache:
     def num_cached_hashes(self) -> int:
         return len(self._by_hash)
 
+    @property
+    def num_cached_blocks(self) -> int:
+        return sum(len(ids) for ids in self._by_hash.values())
+
     def usage(self) -> float:
         return (self.num_blocks - len(self._free)) / self.num_blocks
 
@@ -95,10 +101,10 @@ class KVCache:
             return []
         found = []
         for h in hashes[:max_blocks]:
-            bid = self._by_hash.get(h)
-            if bid is None:
+            ids = self._by_hash.get(h)
+            if not ids:
                 break
-            found.append(bid)
+            found.append(next(iter(ids)))
         return found
 
     # -- allocation -------------------------------------------------------------------------
@@ -140,10 +146,15 @@ class KVCache:
         return bid
 
     def _evict(self, block: Block) -> None:
+        """Drop a reused block's hash; vLLM reports BlockRemoved for it even when an identical
+        block elsewhere still holds the same hash."""
         h = block.hash
         block.hash = None
-        if self._by_hash.get(h) == block.id:
-            del self._by_hash[h]
+        ids = self._by_hash.get(h)
+        if ids is not None and block.id in ids:
+            del ids[block.id]
+            if not ids:
+                del self._by_hash[h]
             if self.emit_events:
                 self.pending_events.append({"type": "BlockRemoved", "block_hashes": [event_hash(h)],
                                             "medium": "GPU", "group_idx": 0})
@@ -168,39 +179,28 @@ class KVCache:
         start = alloc.num_cached_blocks
         if n_full <= start:
             return
-        stored: list[int] = []
         bs = self.block_size
         for i in range(start, n_full):
             block = self.blocks[alloc.block_ids[i]]
-            h = hashes[i]
-            if block.hash is None and h not in self._by_hash:
-                block.hash = h
-                self._by_hash[h] = block.id
-                stored.append(i)
+            block.hash = hashes[i]
+            self._by_hash.setdefault(hashes[i], {})[block.id] = None
         alloc.num_cached_blocks = n_full
-        if self.emit_events and stored:
-            # One BlockStored per contiguous run of newly stored blocks.
-            runs: list[list[int]] = []
-            for i in stored:
-                if runs and runs[-1][-1] == i - 1:
-                    runs[-1].append(i)
-                else:
-                    runs.append([i])
-            for run in runs:
-                first, last = run[0], run[-1]
-                self.pending_events.append({
-                    "type": "BlockStored",
-                    "block_hashes": [event_hash(hashes[i]) for i in run],
-                    "parent_block_hash": event_hash(hashes[first - 1]) if first else None,
-                    "token_ids": list(token_ids[first * bs:(last + 1) * bs]),
-                    "block_size": bs,
-                    "lora_id": None,
-                    "medium": "GPU",
-                    "lora_name": None,
-                    "extra_keys": [None] * len(run),
-                    "group_idx": 0,
-                    "kv_cache_spec_kind": "full_attention",
-                })
+        if self.emit_events:
+            # One BlockStored per call, as vLLM's BlockPool.cache_full_blocks: a recomputed block
+            # whose hash is already cached elsewhere is stored (and reported) again.
+            self.pending_events.append({
+                "type": "BlockStored",
+                "block_hashes": [event_hash(h) for h in hashes[start:n_full]],
+                "parent_block_hash": event_hash(hashes[start - 1]) if start else None,
+                "token_ids": list(token_ids[start * bs:n_full * bs]),
+                "block_size": bs,
+                "lora_id": None,
+                "medium": "GPU",
+                "lora_name": None,
+                "extra_keys": [None] * (n_full - start),
+                "group_idx": 0,
+                "kv_cache_spec_kind": "full_attention",
+            })
 
     def reset(self) -> bool:
         """Drop every cached hash (vLLM's reset_prefix_cache).  Only when no block is held."""

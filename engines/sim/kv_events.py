@@ -5,8 +5,9 @@
   ``type`` (BlockStored / BlockRemoved / AllBlocksCleared), as in
   ../shared/reference/kv_events.jsonl.  One batch per engine step that changed the cache.
 * Optional replay ROUTER socket: a DEALER sends ``["", start_seq as 8 bytes]`` and gets every
-  buffered batch with seq >= start_seq as ``["", seq, payload]``, then the end marker
-  ``["", -1 as 8 signed bytes, ""]``.  The buffer keeps the last ``buffer_steps`` batches.
+  buffered batch with seq >= start_seq as ``["", topic, seq, payload]``, then the end marker
+  ``["", "", -1 as 8 signed bytes, ""]`` (vLLM's ZmqEventPublisher._service_replay).  The
+  buffer keeps the last ``buffer_steps`` batches.
 * Like vLLM, an endpoint with ``*`` (or ``::``) binds, any other connects.
 
 ``publish`` never blocks the engine: batches go through a bounded queue to a sender task; when
@@ -115,13 +116,14 @@ class KVEventPublisher:
         assert self._replay is not None
         while True:
             frames = await self._replay.recv_multipart()
-            if len(frames) < 3:
-                continue
-            client, start = frames[0], int.from_bytes(frames[-1], "big", signed=True)
+            if len(frames) != 3:
+                continue  # vLLM ignores malformed requests too
+            client, _, start_bytes = frames
+            start = int.from_bytes(start_bytes, "big")
             for seq, payload in list(self._buffer):
                 if seq >= start:
-                    await self._replay.send_multipart((client, b"", seq.to_bytes(8, "big"), payload))
-            await self._replay.send_multipart((client, b"", END_SEQ, b""))
+                    await self._replay.send_multipart((client, b"", self._topic, seq.to_bytes(8, "big"), payload))
+            await self._replay.send_multipart((client, b"", b"", END_SEQ, b""))
 
     async def close(self) -> None:
         for task in self._tasks:

@@ -29,7 +29,8 @@ class SimMetrics:
     """Owns the registry; the engine calls the ``on_*`` hooks."""
 
     def __init__(self, model_name: str, *, block_size: int, num_gpu_blocks: int,
-                 enable_prefix_caching: bool, gpu_memory_utilization: float,
+                 enable_prefix_caching: bool, gpu_memory_utilization: float, max_model_len: int = 8192,
+                 num_gpu_blocks_override: int | None = None, user_specified_block_size: bool = False,
                  legacy_names: bool = False) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         reg = self.registry
@@ -99,18 +100,18 @@ class SimMetrics:
                                       "Histogram of time spent in PREFILL phase for request.", LATENCY_BUCKETS)
         self.decode_time = histogram("vllm:request_decode_time_seconds",
                                      "Histogram of time spent in DECODE phase for request.", LATENCY_BUCKETS)
+        config = _cache_config_labels(block_size, num_gpu_blocks, enable_prefix_caching, gpu_memory_utilization,
+                                      max_model_len, num_gpu_blocks_override, user_specified_block_size)
         info = Gauge("vllm:cache_config_info", "Information of the LLMEngine CacheConfig",
-                     tuple(sorted(_cache_config_labels(block_size, num_gpu_blocks, enable_prefix_caching,
-                                                       gpu_memory_utilization))) + ("engine",),
-                     registry=reg)
-        info.labels(**_cache_config_labels(block_size, num_gpu_blocks, enable_prefix_caching,
-                                           gpu_memory_utilization), engine="0").set(1)
+                     tuple(sorted(config)) + ("engine",), registry=reg)
+        info.labels(**config, engine="0").set(1)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
     # -- hooks ------------------------------------------------------------------------------
     def on_scheduled(self, queried_tokens: int, hit_tokens: int) -> None:
+        """At admission of a request never preempted (vLLM keeps re-admissions apart)."""
         self.prefix_queries.inc(queried_tokens)
         self.prefix_hits.inc(hit_tokens)
 
@@ -125,6 +126,7 @@ class SimMetrics:
         self.kv_usage.set(kv_usage)
 
     def on_first_token(self, prompt_len: int, cached: int, ttft: float) -> None:
+        """vLLM counts prompt tokens (and their cached part) when the first token comes out."""
         self.prompt_tokens.inc(prompt_len)
         self.prompt_tokens_cached.inc(cached)
         self.prompt_cache_hit.inc(cached)
@@ -133,7 +135,8 @@ class SimMetrics:
 
 
 def _cache_config_labels(block_size: int, num_gpu_blocks: int, enable_prefix_caching: bool,
-                         gpu_memory_utilization: float) -> dict[str, str]:
+                         gpu_memory_utilization: float, max_model_len: int, num_gpu_blocks_override: int | None,
+                         user_specified_block_size: bool) -> dict[str, str]:
     """The CacheConfig fields vLLM 0.32 puts on cache_config_info, with a simulated replica's values."""
     return {
         "_block_size_resolved": "True", "block_size": str(block_size), "cache_dtype": "auto",
@@ -142,14 +145,15 @@ def _cache_config_labels(block_size: int, num_gpu_blocks: int, enable_prefix_cac
         "enable_prefix_caching": str(enable_prefix_caching),
         "gpu_memory_utilization": str(gpu_memory_utilization), "hash_block_size": "None",
         "is_attention_free": "False", "kv_cache_dtype_skip_layers": "[]", "kv_cache_layout": "None",
-        "kv_cache_max_concurrency": "None", "kv_cache_memory_bytes": "None",
+        "kv_cache_max_concurrency": str(block_size * num_gpu_blocks / max_model_len),
+        "kv_cache_memory_bytes": "None",
         "kv_cache_size_tokens": str(block_size * num_gpu_blocks), "kv_offloading_backend": "native",
         "kv_offloading_size": "None", "kv_sharing_fast_prefill": "False", "mamba_block_size": "None",
         "mamba_cache_dtype": "auto", "mamba_cache_mode": "none", "mamba_page_size_padded": "None",
         "mamba_ssm_cache_dtype": "float32", "num_cpu_blocks": "None",
-        "num_gpu_blocks": str(num_gpu_blocks), "num_gpu_blocks_override": "None",
+        "num_gpu_blocks": str(num_gpu_blocks), "num_gpu_blocks_override": str(num_gpu_blocks_override),
         "prefix_cache_retention_interval": "0", "prefix_caching_hash_algo": "sha256",
         "prefix_match_unit": "None", "replayssm_buffer_len": "16", "skip_page_size_padded": "None",
         "sliding_window": "None", "swa_bounded_replay": "True", "use_kda_recoverssm": "False",
-        "use_replayssm": "False", "user_specified_block_size": "False",
+        "use_replayssm": "False", "user_specified_block_size": str(user_specified_block_size),
     }

@@ -111,16 +111,31 @@ def check_length(prompt_len: int, max_tokens: int | None, max_model_len: int) ->
 
 
 # -- response bodies ------------------------------------------------------------------------
-def usage(prompt: int, completion: int, cached: int | None, stream: bool) -> dict[str, Any]:
-    """Usage as vLLM writes it: non-stream bodies carry every field, stream chunks only the set ones."""
+def usage(prompt: int, completion: int, cached: int | None = None, *, stream: bool = False,
+          created: int | None = None, chat: bool = False) -> dict[str, Any]:
+    """Usage as vLLM 0.32 writes it.  ``cached`` None: prompt-token details are off.
+
+    Non-stream bodies carry every field; stream chunks drop unset ones (pydantic
+    ``exclude_unset``): a completion's usage chunk has ``{"cached_tokens"}`` only, while chat
+    sets ``created_cache_tokens`` too (verified against a live replica by tests/conformance).
+    """
     out: dict[str, Any] = {"prompt_tokens": prompt, "total_tokens": prompt + completion,
                            "completion_tokens": completion}
+    if cached is None:
+        details = None
+    elif chat and stream:
+        details = {"cached_tokens": cached, "created_cache_tokens": created}
+    elif chat:
+        details = {"cached_tokens": cached, "created_cache_tokens": created, "multimodal_tokens": None}
+    elif stream:
+        details = {"cached_tokens": cached}
+    else:
+        details = {"cached_tokens": cached, "created_cache_tokens": None, "multimodal_tokens": None}
     if stream:
-        if cached is not None:
-            out["prompt_tokens_details"] = {"cached_tokens": cached}
+        if details is not None:
+            out["prompt_tokens_details"] = details
         return out
-    out["prompt_tokens_details"] = None if cached is None else {
-        "cached_tokens": cached, "created_cache_tokens": None, "multimodal_tokens": None}
+    out["prompt_tokens_details"] = details
     out["completion_tokens_details"] = None
     return out
 

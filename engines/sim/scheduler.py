@@ -45,6 +45,7 @@ class SimRequest:
     alloc: Allocation = field(default_factory=Allocation)
     num_computed: int = 0
     num_cached_tokens: int = -1  # prefix-cache hit at first scheduling; -1 before
+    num_cache_creation_tokens: int = 0  # prompt tokens this request wrote to the cache (at first token)
     status: Status = Status.WAITING
     num_preemptions: int = 0
     finish_reason: str | None = None

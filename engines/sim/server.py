@@ -129,7 +129,7 @@ class SimServer:
         kv = self.engine.kv
         return _json({"running": len(self.engine.sched.running), "waiting": len(self.engine.sched.waiting),
                       "num_gpu_blocks": kv.num_blocks, "free_blocks": kv.num_free_blocks,
-                      "cached_blocks": kv.num_cached_hashes, "kv_cache_usage": kv.usage(),
+                      "cached_blocks": kv.num_cached_blocks, "kv_cache_usage": kv.usage(),
                       "in_flight": self.in_flight, "answered": self.answered,
                       "clock_lag_s": self.engine.clock.lag,
                       "kv_events_buffered": self.publisher.buffered if self.publisher else 0})
@@ -294,8 +294,10 @@ class SimServer:
         finally:
             self.in_flight -= 1
 
-    def _cached(self, req: SimRequest) -> int | None:
-        return max(req.num_cached_tokens, 0) if self.opts.prompt_tokens_details else None
+    def _usage(self, req: SimRequest, kind: str, stream: bool, n_out: int | None = None) -> dict[str, Any]:
+        cached = max(req.num_cached_tokens, 0) if self.opts.prompt_tokens_details else None
+        return usage(len(req.prompt_ids), len(req.output_ids) if n_out is None else n_out, cached,
+                     stream=stream, created=req.num_cache_creation_tokens, chat=kind == "chat")
 
     def _answered(self) -> None:
         self.answered += 1
@@ -313,7 +315,7 @@ class SimServer:
             return _cut(request)
         responder = Responder(params.kind, params.model, self.fingerprint)
         body = responder.full(self.tok.decode(req.output_ids), req.finish_reason or "length",
-                              usage(len(req.prompt_ids), len(req.output_ids), self._cached(req), stream=False))
+                              self._usage(req, params.kind, stream=False))
         self._answered()
         return _json(body)
 
@@ -326,9 +328,7 @@ class SimServer:
         n_prompt = len(req.prompt_ids)
 
         def running_usage() -> dict[str, Any] | None:
-            if not params.continuous_usage:
-                return None
-            return usage(n_prompt, len(req.output_ids), self._cached(req), stream=True)
+            return usage(n_prompt, n_out, stream=True) if params.continuous_usage else None
 
         async def send(chunk: bytes) -> bool:
             nonlocal sent
@@ -355,7 +355,7 @@ class SimServer:
                 if not await send(responder.delta_chunk(self.tok.token_str(tok), finish, running_usage())):
                     return resp
         if params.include_usage:
-            if not await send(responder.usage_chunk(usage(n_prompt, n_out, self._cached(req), stream=True))):
+            if not await send(responder.usage_chunk(self._usage(req, params.kind, stream=True, n_out=n_out))):
                 return resp
         if cut is not None and sent >= cut:
             _cut(request)

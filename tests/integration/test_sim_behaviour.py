@@ -55,6 +55,8 @@ async def test_prefix_cache_counters_and_cached_tokens_count_like_vllm():
         assert first["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
         cached = (n - 1) // 128 * 128
         assert second["usage"]["prompt_tokens_details"]["cached_tokens"] == cached
+        # Completions: vLLM sets cached_tokens only.
+        assert second["usage"]["prompt_tokens_details"]["created_cache_tokens"] is None
         q, h = "vllm:prefix_cache_queries_total", "vllm:prefix_cache_hits_total"
         assert mid[q] - before[q] == n and mid[h] - before[h] == 0
         assert after[q] - mid[q] == n and after[h] - mid[h] == cached
@@ -69,6 +71,30 @@ async def test_prefix_cache_counters_and_cached_tokens_count_like_vllm():
         text = await metrics_text(http, sim)
         assert sample(text, "vllm:request_success_total", finished_reason="length") == 3
         assert 'vllm:cache_config_info{' in text and 'block_size="128"' in text and 'num_gpu_blocks="100"' in text
+
+
+async def test_chat_reports_created_cache_tokens():
+    """vLLM's chat usage: created_cache_tokens = prompt tokens in cached blocks minus the hit."""
+    messages = [{"role": "user", "content": LONG[:2000]}]
+    async with SimProcess(MODEL, time_scale=50, args=["--block-size", "16", "--num-gpu-blocks", "400"]) as sim, \
+            aiohttp.ClientSession() as http:
+        details = []
+        for stream in (False, True):
+            body = {"model": MODEL, "messages": messages, "max_tokens": 2, "stream": stream,
+                    "stream_options": {"include_usage": True} if stream else None}
+            async with http.post(sim.url + "/v1/chat/completions", json=body) as r:
+                if stream:
+                    lines = [ln for ln in (await r.read()).split(b"\n\n") if ln.startswith(b"data: {")]
+                    details.append(json.loads(lines[-1][6:])["usage"])
+                else:
+                    details.append((await r.json())["usage"])
+        n = details[0]["prompt_tokens"]
+        full = n // 16 * 16
+        assert details[0]["prompt_tokens_details"] == {"cached_tokens": 0, "created_cache_tokens": full,
+                                                       "multimodal_tokens": None}
+        hit = (n - 1) // 16 * 16
+        # The stream's usage chunk leaves the unset multimodal_tokens out.
+        assert details[1]["prompt_tokens_details"] == {"cached_tokens": hit, "created_cache_tokens": full - hit}
 
 
 async def test_load_shows_in_running_waiting_and_kv_usage_and_then_drains():
@@ -101,6 +127,8 @@ async def test_preemptions_counted_when_running_requests_outgrow_the_cache():
         m = await sim.metrics(http)
         assert m["vllm:num_preemptions_total"] > 0
         assert m["vllm:kv_cache_usage_perc"] == 0.0
+        # Re-admissions after preemption are not prefix-cache queries (vLLM counts them apart).
+        assert m["vllm:prefix_cache_queries_total"] == sum(r["usage"]["prompt_tokens"] for r in results)
 
 
 async def test_kv_events_publish_vllms_wire_format_with_replay():
@@ -145,11 +173,14 @@ async def test_kv_events_publish_vllms_wire_format_with_replay():
             seqs = []
             while True:
                 frames = await asyncio.wait_for(dealer.recv_multipart(), 5)
-                seq_n = int.from_bytes(frames[1], "big", signed=True)
+                assert len(frames) == 4  # ["", topic, seq, payload]; end: ["", "", -1, ""]
+                seq_n = int.from_bytes(frames[2], "big", signed=True)
                 if seq_n == -1:
+                    assert frames[1] == b"" and frames[3] == b""
                     break
+                assert frames[1] == b"kv"
                 seqs.append(seq_n)
-                msgpack.unpackb(frames[2])
+                msgpack.unpackb(frames[3])
             assert seqs == list(range(len(seqs))) and len(seqs) >= 1
             dealer.close(0)
         finally:
@@ -175,7 +206,9 @@ async def test_client_disconnect_aborts_at_once():
         await _until(sim, http, lambda m: m["vllm:num_requests_running"] == 0
                      and m["vllm:kv_cache_usage_perc"] == 0)
         text = await metrics_text(http, sim)
-        assert sample(text, "vllm:request_success_total", finished_reason="abort") == 2
+        # Like vLLM's output processor, a client abort records no finished-request stats.
+        assert sample(text, "vllm:request_success_total", finished_reason="abort") == 0
+        assert sample(text, "vllm:e2e_request_latency_seconds_count") == 0
         async with http.get(sim.url + "/admin/stats") as r:
             stats = await r.json()
         assert stats["in_flight"] == 0 and stats["running"] == 0 and stats["waiting"] == 0

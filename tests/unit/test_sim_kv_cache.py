@@ -115,6 +115,25 @@ def test_events_store_remove_and_clear() -> None:
     assert kv.num_cached_hashes == 0
 
 
+def test_a_recomputed_block_is_stored_again_like_vllm() -> None:
+    """A prompt of exactly 2 blocks hits 1 (the last token is always computed) and stores its
+    last block again under the same hash; evicting either copy reports BlockRemoved."""
+    kv = KVCache(num_blocks=4, block_size=2, emit_events=True)
+    a, hashes = _alloc(kv, [1, 2, 3, 4])
+    b, _ = _alloc(kv, [1, 2, 3, 4])
+    first, second = kv.drain_events()
+    assert second["block_hashes"] == [event_hash(hashes[1])]
+    assert second["parent_block_hash"] == event_hash(hashes[0]) and second["token_ids"] == [3, 4]
+    assert kv.num_cached_hashes == 2 and kv.num_cached_blocks == 3
+    kv.free(a)
+    kv.free(b)
+    c, _ = _alloc(kv, [9] * 8)
+    removed = [e for e in kv.drain_events() if e["type"] == "BlockRemoved"]
+    assert sorted(h for e in removed for h in e["block_hashes"]) == sorted(
+        [event_hash(hashes[0]), event_hash(hashes[1]), event_hash(hashes[1])])
+    assert kv.num_cached_blocks == 4  # c's own blocks
+
+
 def test_stored_event_chains_to_the_previous_block() -> None:
     kv = KVCache(num_blocks=8, block_size=2, emit_events=True)
     tokens = [1, 2, 3, 4, 5, 6, 7]
@@ -149,7 +168,7 @@ def test_bounded_under_any_traffic(ops: list[tuple[int, int]]) -> None:
             live.append(alloc)
         held = {b for a in live for b in a.block_ids}
         assert kv.num_free_blocks + len(held) == 16
-        assert kv.num_cached_hashes <= 16
+        assert kv.num_cached_hashes <= kv.num_cached_blocks <= 16
         kv.drain_events()
     for alloc in live:
         kv.free(alloc)
