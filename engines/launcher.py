@@ -224,7 +224,8 @@ class RunningFleet:
         """SIGTERM every replica's process group, SIGKILL what is left after `grace` s."""
         _stop_records([(r.pid, r) for r in self.replicas], grace)
         if self.state_file is not None:
-            self.state_file.unlink(missing_ok=True)
+            # Forget only our own records: the file may list replicas of another `up`.
+            _rewrite_state(self.state_file, drop_pids={r.pid for r in self.replicas})
 
     async def stop_async(self, grace: float = STOP_GRACE_S) -> None:
         await asyncio.to_thread(self.stop, grace)
@@ -355,22 +356,28 @@ class Launcher:
             fleet.wait_healthy(timeout)
         except BaseException:
             fleet.stop()
-            self._forget({r.name for r in fleet.replicas})
+            self._forget({r.pid for r in fleet.replicas})
             raise
         return fleet
 
-    def _forget(self, names: set[str]) -> None:
-        state = read_state(self.state_file)
-        keep = [r for r in state.get("replicas", []) if r.get("name") not in names and is_ours(r)]
-        if keep:
-            state["replicas"] = keep
-            self.state_file.write_text(json.dumps(state, indent=2) + "\n")
-        else:
-            self.state_file.unlink(missing_ok=True)
+    def _forget(self, pids: set[int]) -> None:
+        _rewrite_state(self.state_file, drop_pids=pids)
 
     def down(self, names: Iterable[str] | None = None, grace: float = STOP_GRACE_S) -> list[str]:
         """Stop the replicas in the state file (all, or those named); returns what was stopped."""
         return stop_from_state(self.state_file, names, grace)
+
+
+def _rewrite_state(state_file: Path, drop_pids: set[int]) -> None:
+    state = read_state(state_file)
+    keep = [r for r in state.get("replicas", []) if r.get("pid") not in drop_pids and is_ours(r)]
+    if keep:
+        state["replicas"] = keep
+        tmp = state_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(state, indent=2) + "\n")
+        tmp.replace(state_file)
+    else:
+        state_file.unlink(missing_ok=True)
 
 
 def read_state(state_file: str | Path) -> dict:
@@ -392,12 +399,7 @@ def stop_from_state(state_file: str | Path, names: Iterable[str] | None = None,
     ours = [r for r in targets if is_ours(r)]
     _stop_records([(int(r["pid"]), None) for r in ours], grace)
     stopped = [r["name"] for r in ours]
-    keep = [r for r in records if r not in targets and is_ours(r)]
-    if keep:
-        state["replicas"] = keep
-        state_file.write_text(json.dumps(state, indent=2) + "\n")
-    else:
-        state_file.unlink(missing_ok=True)
+    _rewrite_state(state_file, drop_pids={int(r["pid"]) for r in targets})
     return stopped
 
 

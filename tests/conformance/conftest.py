@@ -1,4 +1,5 @@
-"""Engines under test for the conformance suite: each kind starts once per session.
+"""Engines under test for the conformance suite: each kind starts once (package scope:
+they stop when the suite ends, before tests/e2e starts its own real replicas).
 
 `engine` is parametrized over the kinds: ``sim`` always, ``vllm`` when the CPU build is
 installed (else those tests are skipped, with the command that installs it).  Both run two
@@ -60,7 +61,7 @@ def vllm_registry_entry(replicas: int = REPLICAS) -> dict:
     }
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def engines_state_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("engines")
 
@@ -110,7 +111,7 @@ def _start_sim(state_dir: Path):
     return engine, stop
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def engine_pool(engines_state_dir):
     """Started engines by kind, started lazily, stopped at the end of the session."""
     started: dict[str, tuple[Engine, object]] = {}
@@ -132,13 +133,13 @@ def engine_pool(engines_state_dir):
         stop()
 
 
-@pytest.fixture(scope="session", params=KINDS)
+@pytest.fixture(scope="package", params=KINDS)
 def engine(request, engine_pool) -> Engine:
     """Each engine kind in turn (tests using it run once per kind)."""
     return engine_pool(request.param)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def both_engines(engine_pool) -> dict[str, Engine]:
     """Sim and real vLLM together, for checks that compare them (skipped without vLLM)."""
     return {kind: engine_pool(kind) for kind in KINDS}

@@ -155,3 +155,19 @@ def test_cli_dry_run_prints_commands(tmp_path, capsys):
     bad.write_text("models:\n  - {name: s, kind: sym}\n")
     assert main(["up", "--config", str(bad), "--dry-run"]) == 2
     assert "models[0].kind" in capsys.readouterr().err
+
+
+def test_stopping_one_fleet_keeps_the_other_fleets_records(tmp_path):
+    """The router's `launch:` and a manual `engines up` may share .engines/state.json."""
+    launcher = Launcher(tmp_path)
+    first = launcher.up([fake_plan("one-0")], timeout=20)
+    second = launcher.start([fake_plan("two-0")])
+    second.wait_healthy(timeout=20)
+    names = [r["name"] for r in json.loads((tmp_path / "state.json").read_text())["replicas"]]
+    assert names == ["one-0", "two-0"]
+    second.stop()
+    names = [r["name"] for r in json.loads((tmp_path / "state.json").read_text())["replicas"]]
+    assert names == ["one-0"]
+    assert first.replicas[0].running()
+    assert launcher.down() == ["one-0"]
+    assert not (tmp_path / "state.json").exists()
