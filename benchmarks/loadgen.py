@@ -45,6 +45,7 @@ class LoadSpec:
     ignore_eos: bool = True
     seed: int = 0
     stream: bool = True
+    ramp_s: float = 0.0  # closed loop: start the workers evenly over this many seconds
 
 
 @dataclass(slots=True)
@@ -268,7 +269,9 @@ async def run(spec: LoadSpec, workload: Workload,
         if tasks:
             await asyncio.gather(*list(tasks), return_exceptions=True)
 
-    async def worker() -> None:
+    async def worker(index: int) -> None:
+        if spec.ramp_s > 0:
+            await asyncio.sleep(spec.ramp_s * index / spec.concurrency)
         while may_dispatch():
             item = await _next_before(ready, deadline)
             if not may_dispatch() or item is None:
@@ -279,7 +282,7 @@ async def run(spec: LoadSpec, workload: Workload,
         if spec.arrival == "poisson":
             await poisson()
         else:
-            await asyncio.gather(*(worker() for _ in range(spec.concurrency)))
+            await asyncio.gather(*(worker(i) for i in range(spec.concurrency)))
     finally:
         ready.close()
         for task in list(tasks):

@@ -12,7 +12,10 @@ Three phases, every target against `direct` (the client straight to the replica)
    The router's CPU use over the phase says whether the router or the client/simulator side
    was the limit (100% of one core: the router);
 3. added inter-token latency with `streams` concurrent streams of `stream_tokens` tokens,
-   the simulator slowed to `stream_time_scale` so the token pace is realistic.
+   started evenly over `stream_ramp_s`; the simulator runs in real time with every engine
+   step lasting at least `stream_step_s` (its --step-overhead-s), which paces the tokens so
+   that two cores can carry thousands of streams (slowing the whole cost model instead would
+   make prefill steps last seconds).
 
 Figures are medians over `repeats`.
 """
@@ -31,7 +34,7 @@ from typing import Any
 from benchmarks import loadgen
 from benchmarks.fleet import Fleet
 from benchmarks.procs import Processes
-from benchmarks.runner import _Progress, _sample, write_meta
+from benchmarks.runner import _Progress, _sample, clear_runs, write_meta
 from benchmarks.scenario import Scenario, TargetSpec
 from benchmarks.stats import median, summarize
 from benchmarks.targets import start_target, stop_target
@@ -63,13 +66,14 @@ def _pin_self(core: int | None) -> set[int] | None:
 
 async def _phase(scenario: Scenario, fleet: Fleet, running, http, bar, *, phase: str, rate: float | None,
                  concurrency: int, duration_s: float, workload: Workload, repeat: int,
-                 out: Path) -> dict[str, Any]:
+                 out: Path, ramp_s: float = 0.0) -> dict[str, Any]:
     ov = scenario.overhead
     spec = loadgen.LoadSpec(
         url=running.url, model=scenario.model, api="completions",
         arrival="poisson" if rate is not None else "closed", qps=rate or 0.0, concurrency=concurrency,
         max_requests=workload.total_requests, max_duration_s=duration_s,
-        request_timeout_s=scenario.limits.request_timeout_s, ignore_eos=True, seed=scenario.seed + repeat)
+        request_timeout_s=scenario.limits.request_timeout_s, ignore_eos=True, seed=scenario.seed + repeat,
+        ramp_s=ramp_s)
     await fleet.idle(http)
     stop = asyncio.Event()
     sampler_task = None
@@ -85,6 +89,8 @@ async def _phase(scenario: Scenario, fleet: Fleet, running, http, bar, *, phase:
     resources = running.sampler.stop() if running.sampler is not None else None
     if resources is not None:
         resources["core_utilization"] = round(resources["cpu_s"] / max(result.duration_s, 1e-9), 3)
+        done = sum(1 for r in result.records if not r.get("error"))
+        resources["cpu_ms_per_request"] = round(resources["cpu_s"] * 1000 / done, 4) if done else None
     run = {
         "scenario": scenario.name, "target": running.spec.name, "phase": phase, "rate": rate,
         "concurrency": concurrency if rate is None else None, "repeat": repeat,
@@ -109,6 +115,8 @@ async def run_overhead(scenario: Scenario, procs: Processes, *, targets: list[Ta
     if not any(t.kind == "direct" for t in targets):
         targets.insert(0, TargetSpec("direct"))
     reps = scenario.repeats
+    for target in targets:
+        clear_runs(out / "runs", target)
     sat_reqs = int(ov.saturation_duration_s * 4000)  # more than one core can send: the deadline ends it
     bar = _Progress(None, progress)  # saturation runs are bounded by time, not count
     saved = _pin_self(ov.client_core)
@@ -119,10 +127,11 @@ async def run_overhead(scenario: Scenario, procs: Processes, *, targets: list[Ta
         for phase_fleet in ("instant", "streams"):
             if phase_fleet == "streams" and ov.streams == 0:
                 continue
-            time_scale = scenario.fleet.time_scale if phase_fleet == "instant" else ov.stream_time_scale
-            fleet_spec = dataclasses.replace(
-                scenario.fleet, time_scale=time_scale,
-                max_num_seqs=max(scenario.fleet.max_num_seqs, ov.streams + 16 if phase_fleet == "streams" else 0))
+            fleet_spec = scenario.fleet
+            if phase_fleet == "streams":
+                fleet_spec = dataclasses.replace(
+                    scenario.fleet, time_scale=1.0, max_num_seqs=max(scenario.fleet.max_num_seqs, ov.streams + 16),
+                    sim_args=(*scenario.fleet.sim_args, "--step-overhead-s", repr(ov.stream_step_s)))
             fleet = Fleet(fleet_spec, scenario.model, procs, out / "logs", port_base, argv_prefix=sim_pin)
             bar.describe(f"starting fleet ({phase_fleet})")
             await fleet.start(http)
@@ -140,7 +149,7 @@ async def run_overhead(scenario: Scenario, procs: Processes, *, targets: list[Ta
                                 await _phase(scenario, fleet, running, http, bar, phase="streams", rate=None,
                                              concurrency=ov.streams, duration_s=scenario.limits.max_duration_s,
                                              workload=tiny_workload(ov.streams, ov.prompt_tokens, ov.stream_tokens),
-                                             repeat=rep, out=out)
+                                             repeat=rep, out=out, ramp_s=ov.stream_ramp_s)
                                 continue
                             for rate in ov.rates:
                                 bar.describe(f"{target.name}: {rate:g} req/s")
@@ -196,6 +205,7 @@ def _agg(runs: list[dict[str, Any]]) -> dict[tuple[str, str, float | None], dict
         "itl_p50": ("summary", "itl_s", "p50"), "itl_p99": ("summary", "itl_s", "p99"),
         "rate": ("summary", "request_rate",), "errors": ("summary", "errors"),
         "cpu_s": ("router_resources", "cpu_s"), "rss": ("router_resources", "peak_rss_mb"),
+        "cpu_ms": ("router_resources", "cpu_ms_per_request"),
         "core": ("router_resources", "core_utilization"),
     }
     for key, items in groups.items():
@@ -245,8 +255,9 @@ def write_overhead_report(out: Path, meta: dict[str, Any]) -> Path:
                 f"{row['errors']:.0f}" if row["errors"] is not None else "–",
                 f"{row['cpu_s']:.2f}" if row["cpu_s"] is not None else "–"]) + " |")
     lines += ["", f"## Maximum sustained request rate (closed loop, {s.get('saturation_concurrency')} clients)", "",
-              "| target | req/s | e2e p50 ms | e2e p99 ms | errors | router core use | router peak RSS MB |",
-              "|---|---|---|---|---|---|---|"]
+              "| target | req/s | e2e p50 ms | e2e p99 ms | errors | router core use | router CPU ms / request | "
+              "one-core ceiling req/s (1 / CPU per request) | router peak RSS MB |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for t in targets:
         row = agg.get((t, "saturation", None))
         if row is None:
@@ -255,15 +266,20 @@ def write_overhead_report(out: Path, meta: dict[str, Any]) -> Path:
             f"`{t}`", f"{row['rate']:.0f}" if row["rate"] else "–", _ms(row["e2e_p50"]), _ms(row["e2e_p99"]),
             f"{row['errors']:.0f}" if row["errors"] is not None else "–",
             f"{row['core'] * 100:.0f}%" if row["core"] is not None else "–",
+            f"{row['cpu_ms']:.3f}" if row["cpu_ms"] else "–",
+            f"{1000 / row['cpu_ms']:,.0f}" if row["cpu_ms"] else "–",
             f"{row['rss']:.0f}" if row["rss"] is not None else "–"]) + " |")
     direct_sat = agg.get(("direct", "saturation", None), {}).get("rate")
     if direct_sat:
         lines += ["", f"`direct` is the ceiling of the client + simulator side on one core ({direct_sat:.0f} req/s): "
-                  "a router reaching it was not the bottleneck; a router whose core use is near 100% was."]
+                  "a router reaching it was not the bottleneck; a router whose core use is near 100% was. Where "
+                  "the router's core was not saturated, the one-core ceiling (1 / its CPU time per request) is "
+                  "the rate it could sustain if the client side were faster, assuming CPU per request stays flat."]
     streams = [t for t in targets if (t, "streams", None) in agg]
     if streams:
         lines += ["", f"## Added inter-token latency with {s.get('streams')} concurrent streams "
-                  f"({s.get('stream_tokens')} tokens each, simulator time scale {s.get('stream_time_scale')})", "",
+                  f"({s.get('stream_tokens')} tokens each, started over {s.get('stream_ramp_s')} s; every simulator step "
+                  f"lasts at least {s.get('stream_step_s')} s)", "",
                   "| target | ITL p50 ms | ITL p99 ms | added ITL p50 | added ITL p99 | TTFT p99 ms | errors | router core use |",
                   "|---|---|---|---|---|---|---|---|"]
         for t in streams:

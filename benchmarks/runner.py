@@ -62,6 +62,13 @@ def run_file_name(target: TargetSpec, qps: float | None, repeat: int) -> str:
     return f"{name}__rep{repeat}.json"
 
 
+def clear_runs(runs_dir: Path, target: TargetSpec) -> None:
+    """Forget `target`'s earlier raw runs in this folder (other targets' runs stay, so one
+    target can be re-run with --targets and the report still shows everyone)."""
+    for old in runs_dir.glob(f"{target.slug}__*.json"):
+        old.unlink()
+
+
 def write_meta(scenario: Scenario, out: Path, extra: dict[str, Any] | None = None) -> None:
     meta = {
         "scenario": scenario.name,
@@ -179,6 +186,7 @@ async def run_routing(scenario: Scenario, procs: Processes, *, targets: list[Tar
         backends = [{"url": r.url, "tp": r.spec.tp, "kv_events": r.kv_events_endpoint,
                      "block_size": fleet.block_size} for r in fleet.replicas]
         for target in targets:
+            clear_runs(runs_dir, target)
             bar.describe(f"{target.name}: starting")
             running = await start_target(target, procs=procs, model=scenario.model, backends=backends,
                                          run_dir=out, http=http, startup_timeout_s=scenario.fleet.startup_timeout_s)

@@ -158,7 +158,8 @@ class OverheadSpec:
     saturation_duration_s: float = 10.0
     streams: int = 1000
     stream_tokens: int = 40
-    stream_time_scale: float = 0.2  # the simulator's pace during the many-streams phase
+    stream_step_s: float = 0.2  # many-streams phase: every engine step lasts at least this (paces tokens)
+    stream_ramp_s: float = 2.0  # the streams start evenly over this long
     router_core: int = 0
     client_core: int = 1
 
@@ -332,7 +333,7 @@ def _targets(node: Node, fleet: FleetSpec) -> tuple[TargetSpec, ...]:
 
 def _overhead(node: Node) -> OverheadSpec:
     node.mapping(("rates", "duration_s", "prompt_tokens", "output_tokens", "saturation_concurrency",
-                  "saturation_duration_s", "streams", "stream_tokens", "stream_time_scale",
+                  "saturation_duration_s", "streams", "stream_tokens", "stream_step_s", "stream_ramp_s",
                   "router_core", "client_core"))
     d = OverheadSpec()
     rates_node = node.get("rates", list(d.rates))
@@ -348,7 +349,8 @@ def _overhead(node: Node) -> OverheadSpec:
         saturation_duration_s=node.get("saturation_duration_s", d.saturation_duration_s).number(minimum=0, exclusive_minimum=True),
         streams=node.get("streams", d.streams).integer(minimum=0),
         stream_tokens=node.get("stream_tokens", d.stream_tokens).integer(minimum=1),
-        stream_time_scale=node.get("stream_time_scale", d.stream_time_scale).number(minimum=0, exclusive_minimum=True),
+        stream_step_s=node.get("stream_step_s", d.stream_step_s).number(minimum=0, exclusive_minimum=True),
+        stream_ramp_s=node.get("stream_ramp_s", d.stream_ramp_s).number(minimum=0),
         router_core=node.get("router_core", d.router_core).integer(minimum=0),
         client_core=node.get("client_core", d.client_core).integer(minimum=0),
     )
