@@ -111,9 +111,10 @@ async def serve(args: argparse.Namespace) -> None:
     cost = _cost_model(args)
     num_blocks = args.num_gpu_blocks or cost.num_gpu_blocks(args.block_size)
     max_model_len = args.max_model_len
-    if num_blocks * args.block_size < max_model_len:
+    capacity = max(1, num_blocks - 1) * args.block_size  # less vLLM's null block
+    if capacity < max_model_len:
         # One request must always fit, or it could wait forever: shrink the context instead.
-        max_model_len = num_blocks * args.block_size
+        max_model_len = capacity
         log.warning("KV cache holds only %d tokens: max_model_len lowered from %d to %d",
                     max_model_len, args.max_model_len, max_model_len)
     kv_cfg = _kv_events_config(args)

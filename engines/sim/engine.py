@@ -118,7 +118,8 @@ class Engine:
         self.metrics = metrics
         self.publisher = publisher
         self.clock = Clock(cfg.time_scale)
-        self.kv = KVCache(cfg.num_gpu_blocks, cfg.block_size, cfg.enable_prefix_caching,
+        # vLLM reserves one of num_gpu_blocks as its null block; usage is over the rest.
+        self.kv = KVCache(max(1, cfg.num_gpu_blocks - 1), cfg.block_size, cfg.enable_prefix_caching,
                           emit_events=publisher is not None)
         self.sched = Scheduler(self.kv, max_num_seqs=cfg.max_num_seqs,
                                max_num_batched_tokens=cfg.max_num_batched_tokens,

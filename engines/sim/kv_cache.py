@@ -9,7 +9,8 @@
   A request frees its blocks tail first, so a prompt's last blocks are evicted before its
   first ones, as in vLLM.
 * Usage (``kv_cache_usage_perc``) is blocks referenced by live requests over all blocks:
-  0 when idle, cached or not, like real vLLM.
+  0 when idle, cached or not, like real vLLM.  (The engine builds this pool with
+  ``num_gpu_blocks - 1`` blocks: vLLM reserves one as its null block.)
 
 The cache records KV events (as plain dicts in vLLM's wire shape) in ``pending_events``;
 the engine drains them once per step into one batch.

@@ -128,7 +128,7 @@ class SimServer:
     async def stats(self, request: web.Request) -> web.Response:
         kv = self.engine.kv
         return _json({"running": len(self.engine.sched.running), "waiting": len(self.engine.sched.waiting),
-                      "num_gpu_blocks": kv.num_blocks, "free_blocks": kv.num_free_blocks,
+                      "num_gpu_blocks": self.engine.cfg.num_gpu_blocks, "usable_blocks": kv.num_blocks, "free_blocks": kv.num_free_blocks,
                       "cached_blocks": kv.num_cached_blocks, "kv_cache_usage": kv.usage(),
                       "in_flight": self.in_flight, "answered": self.answered,
                       "clock_lag_s": self.engine.clock.lag,
