@@ -69,6 +69,10 @@ class Replica:
     in_flight: int = 0  # requests the router has dispatched and not yet finished
     load: EngineLoad = field(default_factory=EngineLoad)
     last_change: float = field(default_factory=time.monotonic)
+    # Where the replica publishes vLLM KV-cache events (ZMQ), when it does (None: it does not).
+    kv_events_endpoint: str | None = None
+    kv_replay_endpoint: str | None = None
+    kv_events_topic: str | None = None
 
     @property
     def id(self) -> str:

@@ -36,3 +36,225 @@ class RouteRequest:
         if self.routing_tokens is not None:
             return len(self.routing_tokens)
         return max(1, self.prompt_chars // 4)
+
+
+# --------------------------------------------------------------------------- builder
+# Validation of what the router itself reads from a body; everything else is the
+# replica's business (vLLM validates its own parameters and answers in the same shape).
+
+_CHAT = "/v1/chat/completions"
+_COMPLETIONS = "/v1/completions"
+_EMBEDDINGS = "/v1/embeddings"
+
+
+class BodyError(ValueError):
+    """A body the router cannot route (400); `param` names the offending field."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+
+def _type_name(value: object) -> str:
+    return {dict: "object", list: "array", str: "string", bool: "boolean", int: "integer",
+            float: "number", type(None): "null"}.get(type(value), type(value).__name__)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_prompt(value: object, param: str) -> None:
+    """A prompt/input: a string, a list of strings, token ids, or lists of token ids."""
+    if isinstance(value, str):
+        return
+    if isinstance(value, list) and value:
+        if all(isinstance(v, str) for v in value) or all(_is_int(v) for v in value):
+            return
+        if all(isinstance(v, list) and v and all(_is_int(t) for t in v) for v in value):
+            return
+    raise BodyError(f"'{param}' must be a string, an array of strings, an array of token ids "
+                    f"or an array of token-id arrays, found {_type_name(value)}"
+                    + (" (empty)" if value in ([], "") else ""), param)
+
+
+def validate_body(path: str, data: object) -> dict:
+    """Check the fields the router reads; returns the body as a dict or raises BodyError."""
+    if not isinstance(data, dict):
+        raise BodyError(f"The request body must be a JSON object, found {_type_name(data)}")
+    if "model" in data and not isinstance(data["model"], str):
+        raise BodyError(f"'model' must be a string, found {_type_name(data['model'])}", "model")
+    stream = data.get("stream")
+    if stream is not None and not isinstance(stream, bool):
+        raise BodyError(f"'stream' must be a boolean, found {_type_name(stream)}", "stream")
+    options = data.get("stream_options")
+    if options is not None and not isinstance(options, dict):
+        raise BodyError(f"'stream_options' must be an object, found {_type_name(options)}",
+                        "stream_options")
+    for key in ("user", "cache_salt"):
+        if data.get(key) is not None and not isinstance(data[key], str):
+            raise BodyError(f"'{key}' must be a string, found {_type_name(data[key])}", key)
+    if path == _CHAT:
+        messages = data.get("messages")
+        if messages is None:
+            raise BodyError("'messages' is required", "messages")
+        if not isinstance(messages, list):
+            raise BodyError(f"'messages' must be an array, found {_type_name(messages)}", "messages")
+        for i, message in enumerate(messages):
+            if not isinstance(message, dict):
+                raise BodyError(f"'messages[{i}]' must be an object, found {_type_name(message)}",
+                                "messages")
+            if not isinstance(message.get("role"), str):
+                raise BodyError(f"'messages[{i}].role' must be a string", "messages")
+        tools = data.get("tools")
+        if tools is not None and not isinstance(tools, list):
+            raise BodyError(f"'tools' must be an array, found {_type_name(tools)}", "tools")
+    elif path == _COMPLETIONS:
+        if "prompt" not in data:
+            raise BodyError("'prompt' is required", "prompt")
+        _check_prompt(data["prompt"], "prompt")
+    elif path == _EMBEDDINGS:
+        if "input" not in data and "messages" not in data:
+            raise BodyError("'input' is required", "input")
+        if "input" in data:
+            _check_prompt(data["input"], "input")
+    return data
+
+
+def build_route_request(
+    *,
+    model: str,
+    path: str,
+    data: dict,
+    body: bytes,
+    request_id: str = "",
+    headers: tuple[tuple[str, str], ...] = (),
+    session_key: str | None = None,
+    block_chars: int = 64,
+    block_tokens: int = 16,
+    with_prefix: bool = True,
+) -> RouteRequest:
+    """The RouteRequest of a validated body: routing text, block hashes, session key.
+
+    `model` is the canonical (alias-resolved) name; `body` the bytes to forward.  The
+    routing input and its chained block hashes come from router.prefix (rendering.py and
+    hashing.py), computed once here.
+    """
+    from router.prefix.hashing import prefix_hashes
+    from router.prefix.rendering import routing_input
+
+    stream = data.get("stream") is True
+    cache_salt = data.get("cache_salt") if isinstance(data.get("cache_salt"), str) else None
+    if session_key is None and isinstance(data.get("user"), str) and data["user"]:
+        session_key = data["user"]
+    text: str | None = None
+    tokens: tuple[int, ...] | None = None
+    hashes: tuple[int, ...] = ()
+    chars = 0
+    if with_prefix and path in (_CHAT, _COMPLETIONS, _EMBEDDINGS):
+        rin = routing_input(data)
+        text, tokens, chars = rin.text, rin.tokens, rin.chars
+        hashes = prefix_hashes(model, text=text, tokens=tokens, cache_salt=cache_salt,
+                               block_chars=block_chars, block_tokens=block_tokens)
+    return RouteRequest(
+        model=model,
+        path=path,
+        body=body,
+        stream=stream,
+        request_id=request_id,
+        routing_text=text,
+        routing_tokens=tokens,
+        block_hashes=hashes,
+        prompt_chars=chars,
+        session_key=session_key,
+        cache_salt=cache_salt,
+        headers=headers,
+    )
+
+
+def rewrite_model(body: bytes, data: dict, new_model: str) -> bytes:
+    """`body` with its top-level "model" value replaced by `new_model`, all else verbatim.
+
+    Used only for aliases.  The top-level string value of every "model" key is swapped in
+    place, so every other byte the client sent is forwarded as sent.  If the body's
+    layout defeats the scanner (e.g. an escaped key), it is re-encoded as a fallback.
+    """
+    import orjson
+
+    spans = _top_level_string_spans(body, b"model")
+    if not spans:
+        return orjson.dumps({**data, "model": new_model})
+    replacement = orjson.dumps(new_model)
+    out = bytearray()
+    last = 0
+    for start, end in spans:
+        out += body[last:start]
+        out += replacement
+        last = end
+    out += body[last:]
+    return bytes(out)
+
+
+def _skip_string(buf: bytes, i: int) -> int:
+    """Index just past the JSON string starting at buf[i] == '"'."""
+    n = len(buf)
+    i += 1
+    while i < n:
+        c = buf[i]
+        if c == 0x5C:  # backslash
+            i += 2
+            continue
+        if c == 0x22:
+            return i + 1
+        i += 1
+    raise ValueError("unterminated string")
+
+
+def _top_level_string_spans(buf: bytes, key: bytes) -> list[tuple[int, int]]:
+    """Byte spans of the string values of `key` in the top-level object of valid JSON."""
+    spans: list[tuple[int, int]] = []
+    quoted_key = b'"' + key + b'"'
+    n = len(buf)
+    depth = 0
+    i = 0
+    expect_key = False
+    try:
+        while i < n:
+            c = buf[i]
+            if c == 0x22:  # a string
+                end = _skip_string(buf, i)
+                if depth == 1 and expect_key:
+                    is_key = buf[i:end] == quoted_key
+                    j = end
+                    while j < n and buf[j] in b" \t\r\n":
+                        j += 1
+                    if j < n and buf[j] == 0x3A:  # ':'
+                        j += 1
+                        while j < n and buf[j] in b" \t\r\n":
+                            j += 1
+                        if is_key:
+                            if j < n and buf[j] == 0x22:
+                                value_end = _skip_string(buf, j)
+                                spans.append((j, value_end))
+                                i = value_end
+                                expect_key = False
+                                continue
+                            return []  # non-string model: let the caller re-encode
+                        i = j
+                        expect_key = False
+                        continue
+                i = end
+                continue
+            if c in b"{[":
+                depth += 1
+                if depth == 1 and c == 0x7B:
+                    expect_key = True
+            elif c in b"}]":
+                depth -= 1
+            elif c == 0x2C and depth == 1:  # ','
+                expect_key = True
+            i += 1
+    except ValueError:
+        return []
+    return spans

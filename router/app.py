@@ -1,0 +1,259 @@
+"""The router application: every long-lived object, created once from a Config.
+
+`Router` owns the telemetry registry, the fleet, the prefix index, the policy, the
+upstream HTTP session, the monitor, the proxy and the API handlers, and optionally the
+locally launched engines (`launch:`).  Nothing is global: two routers in one process (as
+in the tests) share nothing.
+
+    router = await Router.create(config)      # launches engines, opens the session
+    app = router.app                          # aiohttp Application with every route
+    server = await serve(router, host, port)  # listening (handler cancellation on)
+    ...
+    await server.drain_and_close(timeout)     # SIGTERM path: stop accepting, drain, clean up
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import socket
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+
+from router.api import Api
+from router.config import BackendConfig, Config, LaunchConfig, ModelConfig
+from router.errors import error_middleware
+from router.fleet import EngineLoad, Fleet, Health, Replica
+from router.monitor import Monitor
+from router.policies import build_policy
+from router.prefix.index import DEFAULT_CAPACITY_BLOCKS, PrefixIndex
+from router.proxy import Proxy
+from router.telemetry import Telemetry, init_sentry
+
+log = logging.getLogger("router.app")
+
+ROUTER_KEY: web.AppKey["Router"] = web.AppKey("router", object)  # type: ignore[arg-type]
+
+
+def build_fleet(config: Config) -> Fleet:
+    fleet = Fleet()
+    for model in config.models:
+        for backend in model.backends:
+            fleet.add(Replica(
+                url=backend.url, model=model.name,
+                tensor_parallel_size=backend.tensor_parallel_size, weight=backend.weight,
+                labels=dict(backend.labels), api_key=backend.api_key,
+                kv_events_endpoint=backend.kv_events_endpoint,
+                kv_replay_endpoint=backend.kv_replay_endpoint,
+                kv_events_topic=backend.kv_events_topic,
+            ))
+    return fleet
+
+
+async def launch_engines(launch: LaunchConfig) -> tuple[Any, list[tuple[str, BackendConfig]]]:
+    """Start the `launch:` engines (engines.launcher) and wait until they are healthy.
+
+    Returns the running fleet handle (to stop later) and (served model name, backend) pairs.
+    """
+    from engines import launcher
+
+    if launch.config is not None:
+        engines_config = launcher.load_config(launch.config)
+    else:
+        engines_config = launcher.parse_config(dict(launch.inline or {}), launch.file)
+    plans = launcher.plan(engines_config, only=launch.only or None)
+    runner = launcher.Launcher(state_dir=engines_config.state_dir)
+    running = await asyncio.to_thread(runner.start, plans)
+    try:
+        await running.wait_healthy_async(timeout=launch.ready_timeout)
+    except BaseException:
+        await running.stop_async()
+        raise
+    backends = [
+        (p.served_model_name, BackendConfig(
+            url=p.url, tensor_parallel_size=p.tensor_parallel_size * p.pipeline_parallel_size,
+            kv_events_endpoint=p.kv_events_endpoint, kv_replay_endpoint=p.kv_replay_endpoint,
+            kv_events_topic=p.kv_events_topic))
+        for p in plans
+    ]
+    log.info("launched %d replica(s): %s", len(plans), ", ".join(p.url for p in plans))
+    return running, backends
+
+
+def merge_backends(config: Config, launched: list[tuple[str, BackendConfig]]) -> Config:
+    """The config with launched replicas added to their models (new models appended)."""
+    models = {m.name: m for m in config.models}
+    order = [m.name for m in config.models]
+    for name, backend in launched:
+        model = models.get(name)
+        if model is None:
+            model = ModelConfig(name=name)
+            order.append(name)
+        if any(b.url == backend.url for b in model.backends):
+            continue
+        models[name] = dataclasses.replace(model, backends=model.backends + (backend,))
+    return dataclasses.replace(config, models=tuple(models[n] for n in order))
+
+
+class Router:
+    """One running router: the objects the request path and the background tasks share."""
+
+    def __init__(self, config: Config, *, registry: CollectorRegistry | None = None) -> None:
+        self.config = config
+        self.telemetry = Telemetry(registry)
+        self.fleet = build_fleet(config)
+        prefix = config.prefix
+        self.index = PrefixIndex(prefix.capacity_blocks or DEFAULT_CAPACITY_BLOCKS,
+                                 tokens_per_block=max(1, prefix.block_chars // 4))
+        self.policy = build_policy(config.routing.policy, config.routing.params_node())
+        self.telemetry.set_info(self.policy.name)
+        self.session: aiohttp.ClientSession | None = None
+        self.monitor: Monitor | None = None
+        self.proxy: Proxy | None = None
+        self.api: Api | None = None
+        self.app: web.Application | None = None
+        self.engines: Any = None  # engines.launcher.RunningFleet when `launch:` started some
+
+    @classmethod
+    async def create(cls, config: Config, *, registry: CollectorRegistry | None = None,
+                     launch: bool = True) -> "Router":
+        """Launch engines if asked, then build everything (inside a running event loop)."""
+        engines = None
+        if launch and config.launch is not None:
+            engines, launched = await launch_engines(config.launch)
+            config = merge_backends(config, launched)
+        try:
+            router = cls(config, registry=registry)
+            router.engines = engines
+            router._build()
+        except BaseException:
+            if engines is not None:
+                await engines.stop_async()
+            raise
+        return router
+
+    def _build(self) -> None:
+        cfg = self.config
+        connector = aiohttp.TCPConnector(limit=cfg.proxy.max_connections, limit_per_host=0,
+                                         enable_cleanup_closed=True, ttl_dns_cache=300)
+        self.session = aiohttp.ClientSession(connector=connector, auto_decompress=False,
+                                             timeout=aiohttp.ClientTimeout(total=None))
+        self.monitor = Monitor(self.fleet, self.session, cfg.health, cfg.metrics, self.telemetry,
+                               on_load=self._on_load, on_change=self._on_health)
+        self.proxy = Proxy(session=self.session, policy=self.policy, index=self.index,
+                           config=cfg.proxy, telemetry=self.telemetry, monitor=self.monitor,
+                           request_id_header=cfg.server.request_id_header)
+        self.api = Api(config=cfg, fleet=self.fleet, proxy=self.proxy, telemetry=self.telemetry,
+                       index=self.index)
+        app = web.Application(client_max_size=cfg.server.max_body_bytes,
+                              middlewares=[error_middleware], handler_args={"lingering_time": 1.0})
+        app[ROUTER_KEY] = self
+        app.add_routes(self.api.routes())
+        app.on_startup.append(self._on_startup)
+        app.on_cleanup.append(self._on_cleanup)
+        self.app = app
+
+    # -- fleet feedback ------------------------------------------------------------------
+    def _on_load(self, replica: Replica, old: EngineLoad, new: EngineLoad) -> None:
+        """Keep the prefix index honest about what a replica can hold."""
+        if old.scraped_at and (new.prefix_cache_queries < old.prefix_cache_queries):
+            # Counters went backwards: the replica restarted with an empty cache.
+            log.info("replica %s restarted (prefix-cache counters reset): forgetting its prefixes",
+                     replica.id)
+            self.index.remove_replica(replica.id)
+        if (not old.scraped_at or new.block_size != old.block_size
+                or new.num_gpu_blocks != old.num_gpu_blocks):
+            self.index.set_replica_capacity_tokens(replica.id, replica.kv_capacity_tokens)
+
+    def _on_health(self, replica: Replica, old: Health, new: Health) -> None:
+        return None
+
+    # -- lifecycle -------------------------------------------------------------------------
+    async def _on_startup(self, app: web.Application) -> None:
+        init_sentry(self.config.server.sentry_dsn)
+        assert self.monitor is not None
+        await self.monitor.start()
+
+    async def _on_cleanup(self, app: web.Application) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Stop background tasks, close the upstream session, stop launched engines."""
+        if self.monitor is not None:
+            await self.monitor.stop()
+        if self.session is not None and not self.session.closed:
+            await self.session.close()
+        if self.engines is not None:
+            engines, self.engines = self.engines, None
+            with contextlib.suppress(Exception):
+                await engines.stop_async(grace=5.0)
+
+
+class Server:
+    """A Router listening on a socket."""
+
+    def __init__(self, router: Router, runner: web.AppRunner, site: web.TCPSite, port: int) -> None:
+        self.router = router
+        self.runner = runner
+        self.site = site
+        self.port = port
+
+    @property
+    def url(self) -> str:
+        host = self.router.config.server.host
+        host = "127.0.0.1" if host in ("0.0.0.0", "", "::") else host
+        return f"http://{host}:{self.port}"
+
+    async def drain_and_close(self, timeout: float | None = None) -> bool:
+        """Stop accepting, let in-flight requests finish (up to `timeout`), then clean up.
+
+        Returns True when every in-flight request finished within the timeout.
+        """
+        timeout = self.router.config.server.drain_timeout if timeout is None else timeout
+        assert self.router.api is not None and self.router.proxy is not None
+        self.router.api.draining = True
+        for site in list(self.runner.sites):
+            await site.stop()  # the listening socket closes: no new connections
+        active = len(self.router.proxy.active)
+        if active:
+            log.info("draining %d in-flight request(s) for up to %gs", active, timeout)
+        drained = await self.router.proxy.wait_idle(timeout)
+        if not drained:
+            log.warning("drain timeout: %d request(s) still in flight are cut",
+                        len(self.router.proxy.active))
+        await self.runner.cleanup()
+        return drained
+
+    async def close(self) -> None:
+        await self.runner.cleanup()
+
+
+async def serve(router: Router, host: str | None = None, port: int | None = None) -> Server:
+    """Listen on host:port (port 0: a free one).  Handlers are cancelled when their client
+    disconnects, which is what closes the upstream connection at once."""
+    assert router.app is not None
+    cfg = router.config.server
+    host = cfg.host if host is None else host
+    port = cfg.port if port is None else port
+    runner = web.AppRunner(router.app, handler_cancellation=True, access_log=None,
+                           shutdown_timeout=1.0)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port, backlog=1024, reuse_address=True)
+    try:
+        await site.start()
+    except BaseException:
+        await runner.cleanup()
+        raise
+    bound = port
+    server = getattr(site, "_server", None)
+    if server is not None and server.sockets:
+        for sock in server.sockets:
+            if sock.family in (socket.AF_INET, socket.AF_INET6):
+                bound = sock.getsockname()[1]
+                break
+    return Server(router, runner, site, bound)

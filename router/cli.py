@@ -1,0 +1,142 @@
+"""The `router` command.
+
+    router --config config/routes.yaml [--host H] [--port P] [--log-level L] [--no-launch]
+    router check-config FILE          validate routes.yaml (and its launch: engines) and exit
+
+Exit status: 0 on success (and after a SIGTERM drain), 2 for a configuration error (the
+message names the file, the key path, what was found and what was expected), 1 when the
+router cannot start (port in use, a launched engine that does not come up).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from router import __version__
+from router.config import DEFAULT_CONFIG_PATH, Config, load_config, validate_policy_params
+from router.validation import ConfigError
+
+log = logging.getLogger("router.cli")
+EXIT_CONFIG = 2
+
+
+def _check(path: str) -> Config:
+    config = load_config(path)
+    validate_policy_params(config)
+    if config.launch is not None:
+        from engines import launcher
+
+        if config.launch.config is not None:
+            engines_config = launcher.load_config(config.launch.config)
+        else:
+            engines_config = launcher.parse_config(dict(config.launch.inline or {}),
+                                                   config.launch.file)
+        if config.launch.only:
+            launcher.plan(engines_config, only=config.launch.only)
+    return config
+
+
+def check_config(path: str) -> int:
+    try:
+        config = _check(path)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    backends = sum(len(m.backends) for m in config.models)
+    launch = " + launched engines" if config.launch is not None else ""
+    print(f"{path}: OK ({len(config.models)} model(s), {backends} backend(s){launch}, "
+          f"policy {config.routing.policy})")
+    return 0
+
+
+async def _serve(config: Config, host: str | None, port: int | None, launch: bool) -> int:
+    from router.app import Router, serve
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    router = await Router.create(config, launch=launch)
+    try:
+        server = await serve(router, host, port)
+    except BaseException:
+        await router.close()
+        raise
+    policy = router.policy.name
+    log.info("router %s serving on %s (policy %s, %d replica(s) of %s)", __version__, server.url,
+             policy, len(router.fleet), ", ".join(router.fleet.models()) or "no model")
+    print(f"router listening on {server.url} (policy {policy})", file=sys.stderr, flush=True)
+    await stop.wait()
+    log.info("signal received: draining")
+    drained = await server.drain_and_close()
+    log.info("router stopped (%s)", "drained" if drained else "drain timeout")
+    return 0
+
+
+def _run(coro) -> int:  # type: ignore[no-untyped-def]
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a core dependency off Windows
+        return asyncio.run(coro)
+    return uvloop.run(coro)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="router", description="A prefix-cache-aware, load-aware router for vLLM replicas.",
+        epilog="Also: `router check-config FILE` validates a routes.yaml and exits.")
+    parser.add_argument("--config", "-c", default=None,
+                        help=f"routes.yaml (default: {DEFAULT_CONFIG_PATH})")
+    parser.add_argument("--host", default=None, help="override server.host")
+    parser.add_argument("--port", type=int, default=None, help="override server.port")
+    parser.add_argument("--log-level", default=None,
+                        choices=["debug", "info", "warning", "error", "critical"])
+    parser.add_argument("--no-launch", action="store_true",
+                        help="ignore the config's launch: block (engines already running)")
+    parser.add_argument("--version", action="version", version=f"router {__version__}")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "check-config":
+        sub = argparse.ArgumentParser(prog="router check-config",
+                                      description="Validate a routes.yaml and exit.")
+        sub.add_argument("file")
+        return check_config(sub.parse_args(argv[1:]).file)
+    args = build_parser().parse_args(argv)
+    path = args.config or str(DEFAULT_CONFIG_PATH)
+    try:
+        config = _check(path) if not args.no_launch else load_config(path)
+        if args.no_launch:
+            validate_policy_params(config)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    from router.telemetry import setup_logging
+
+    server = config.server
+    setup_logging(args.log_level or server.log_level, server.log_format, server.access_log)
+    try:
+        return _run(_serve(config, args.host, args.port, launch=not args.no_launch))
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except KeyboardInterrupt:
+        return 0
+    except OSError as exc:
+        print(f"error: cannot start the router: {exc}", file=sys.stderr)
+        return 1
+    except Exception as exc:  # noqa: BLE001 - e.g. engines.launcher.LaunchError
+        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,330 @@
+"""Fleet monitoring: per-replica background tasks that poll /health, /metrics, /v1/models.
+
+Never on the request path.  Each replica gets one task that loops:
+
+* **health** every ``health.interval``: GET /health; 200 is a pass, anything else (or a
+  connect error / timeout) a failure.  The state machine (router.fleet.Health):
+
+      UNKNOWN   --pass-->                      HEALTHY   (a late replica joins at once)
+      HEALTHY   --fail-->                      SUSPECT   (ranked last, still usable)
+      SUSPECT   --pass-->                      HEALTHY
+      any       --failure_threshold fails-->   UNHEALTHY (no traffic)
+      UNHEALTHY --success_threshold passes-->  HEALTHY
+
+  `mark_suspect()` is the request path's shortcut: a connect failure makes the replica
+  SUSPECT at once and wakes its task for an immediate probe.
+* **metrics** every ``metrics.scrape_interval`` while the replica is routable: vLLM's
+  /metrics parsed with prometheus_client, summed over the ``engine`` label, accepting the
+  current and the older (gpu_*) metric names.
+* **models** when the replica becomes healthy and every ``metrics.models_interval``:
+  /v1/models gives the served model names and max_model_len.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import Callable, Iterable
+
+import aiohttp
+import orjson
+from prometheus_client.parser import text_string_to_metric_families
+
+from router.config import HealthConfig, MetricsConfig
+from router.fleet import EngineLoad, Fleet, Health, Replica
+from router.telemetry import Telemetry
+
+log = logging.getLogger("router.monitor")
+
+# Sample names read from vLLM /metrics: the current name first, then older fallbacks.
+RUNNING = ("vllm:num_requests_running",)
+WAITING = ("vllm:num_requests_waiting",)
+KV_USAGE = ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc")
+PREFIX_QUERIES = ("vllm:prefix_cache_queries_total", "vllm:gpu_prefix_cache_queries_total",
+                  "vllm:prefix_cache_queries", "vllm:gpu_prefix_cache_queries")
+PREFIX_HITS = ("vllm:prefix_cache_hits_total", "vllm:gpu_prefix_cache_hits_total",
+               "vllm:prefix_cache_hits", "vllm:gpu_prefix_cache_hits")
+CACHE_CONFIG = "vllm:cache_config_info"
+_WANTED = frozenset((*RUNNING, *WAITING, *KV_USAGE, *PREFIX_QUERIES, *PREFIX_HITS, CACHE_CONFIG))
+
+
+def _int_label(value: str | None) -> int | None:
+    try:
+        number = int(float(value)) if value not in (None, "", "None") else None
+    except ValueError:
+        return None
+    return number if number and number > 0 else None
+
+
+def parse_engine_load(text: str, model_names: Iterable[str] = (), *,
+                      scraped_at: float | None = None) -> EngineLoad:
+    """Read the load of one vLLM server from its /metrics text.
+
+    Samples are summed over every label but ``model_name``; when samples carry a
+    model_name that is one of `model_names`, only those count (a server may report
+    several models).  For each quantity the first name present in the fallback list wins.
+    """
+    wanted_models = set(model_names)
+    values: dict[str, list[tuple[str | None, float]]] = {}
+    block_size: int | None = None
+    num_blocks: int | None = None
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name not in _WANTED:
+                continue
+            labels = sample.labels
+            if sample.name == CACHE_CONFIG:
+                if block_size is None:
+                    block_size = _int_label(labels.get("block_size"))
+                num = _int_label(labels.get("num_gpu_blocks"))
+                if num:  # data-parallel engines: each has its own blocks
+                    num_blocks = (num_blocks or 0) + num
+                continue
+            values.setdefault(sample.name, []).append((labels.get("model_name"), sample.value))
+
+    present_models = {m for series in values.values() for m, _ in series if m is not None}
+    keep = wanted_models & present_models
+
+    def total(names: tuple[str, ...]) -> float | None:
+        for name in names:
+            series = values.get(name)
+            if series is None:
+                continue
+            if keep:
+                return sum(v for m, v in series if m in keep)
+            return sum(v for _, v in series)
+        return None
+
+    kv = total(KV_USAGE)
+    kv_series = next((values[n] for n in KV_USAGE if n in values), [])
+    kv_count = len([1 for m, _ in kv_series if not keep or m in keep]) or 1
+    return EngineLoad(
+        running=total(RUNNING) or 0.0,
+        waiting=total(WAITING) or 0.0,
+        # a fraction per engine: average, not sum, over data-parallel engines
+        kv_cache_usage=(kv / kv_count) if kv is not None else 0.0,
+        prefix_cache_queries=total(PREFIX_QUERIES) or 0.0,
+        prefix_cache_hits=total(PREFIX_HITS) or 0.0,
+        block_size=block_size,
+        num_gpu_blocks=num_blocks,
+        scraped_at=time.monotonic() if scraped_at is None else scraped_at,
+    )
+
+
+def parse_models(payload: bytes) -> tuple[frozenset[str], int | None]:
+    """Served model ids and the largest max_model_len from a /v1/models body."""
+    data = orjson.loads(payload)
+    names: set[str] = set()
+    max_len: int | None = None
+    for entry in data.get("data") or ():
+        if isinstance(entry, dict) and isinstance(entry.get("id"), str):
+            names.add(entry["id"])
+            length = entry.get("max_model_len")
+            if isinstance(length, int) and (max_len is None or length > max_len):
+                max_len = length
+    return frozenset(names), max_len
+
+
+class Monitor:
+    """Owns the polling tasks of every replica in a fleet."""
+
+    def __init__(self, fleet: Fleet, session: aiohttp.ClientSession, health: HealthConfig,
+                 metrics: MetricsConfig, telemetry: Telemetry | None = None,
+                 on_change: Callable[[Replica, Health, Health], None] | None = None,
+                 on_load: Callable[[Replica, EngineLoad, EngineLoad], None] | None = None) -> None:
+        self.fleet = fleet
+        self.session = session
+        self.health_cfg = health
+        self.metrics_cfg = metrics
+        self.telemetry = telemetry
+        self.on_change = on_change
+        self.on_load = on_load
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._wake: dict[str, asyncio.Event] = {}
+        self._closing = False
+
+    # -- lifecycle ----------------------------------------------------------------
+    async def start(self) -> None:
+        for replica in self.fleet:
+            self.watch(replica)
+
+    def watch(self, replica: Replica) -> None:
+        """Start polling `replica` (idempotent)."""
+        if replica.id in self._tasks or self._closing:
+            return
+        self._wake[replica.id] = asyncio.Event()
+        if self.telemetry:
+            self.telemetry.init_replica(replica)
+        self._tasks[replica.id] = asyncio.create_task(self._run(replica),
+                                                      name=f"monitor:{replica.id}")
+
+    async def unwatch(self, replica: Replica) -> None:
+        task = self._tasks.pop(replica.id, None)
+        self._wake.pop(replica.id, None)
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def stop(self) -> None:
+        self._closing = True
+        tasks = list(self._tasks.values())
+        self._tasks.clear()
+        self._wake.clear()
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+    # -- request-path feedback ----------------------------------------------------
+    def mark_suspect(self, replica: Replica) -> None:
+        """A connect failure on the request path: SUSPECT now, probe again at once."""
+        replica.consecutive_successes = 0
+        replica.consecutive_failures = max(replica.consecutive_failures, 1)
+        if replica.health is Health.HEALTHY:
+            self._set(replica, Health.SUSPECT)
+        wake = self._wake.get(replica.id)
+        if wake is not None:
+            wake.set()
+
+    # -- state machine ------------------------------------------------------------
+    def _set(self, replica: Replica, new: Health) -> None:
+        old = replica.health
+        if old is new:
+            return
+        replica.health = new
+        replica.last_change = time.monotonic()
+        log.info("replica %s (%s): %s -> %s", replica.id, replica.model, old.value, new.value)
+        if self.telemetry:
+            self.telemetry.set_health(replica)
+        if self.on_change is not None:
+            try:
+                self.on_change(replica, old, new)
+            except Exception:  # noqa: BLE001 - a listener must not kill the monitor
+                log.exception("health listener failed")
+
+    def record_probe(self, replica: Replica, ok: bool) -> None:
+        """Apply one probe result to the replica's health state machine."""
+        cfg = self.health_cfg
+        if self.telemetry:
+            self.telemetry.probes.labels(replica.id, "pass" if ok else "fail").inc()
+        if ok:
+            replica.consecutive_failures = 0
+            replica.consecutive_successes += 1
+            if replica.health in (Health.UNKNOWN, Health.SUSPECT):
+                self._set(replica, Health.HEALTHY)
+            elif (replica.health is Health.UNHEALTHY
+                  and replica.consecutive_successes >= cfg.success_threshold):
+                self._set(replica, Health.HEALTHY)
+        else:
+            replica.consecutive_successes = 0
+            replica.consecutive_failures += 1
+            if replica.consecutive_failures >= cfg.failure_threshold:
+                self._set(replica, Health.UNHEALTHY)
+            elif replica.health is Health.HEALTHY:
+                self._set(replica, Health.SUSPECT)
+
+    # -- polling ------------------------------------------------------------------
+    def _headers(self, replica: Replica) -> dict[str, str]:
+        # identity: the upstream session does not decompress (the proxy relays bytes as
+        # sent), and vLLM's /metrics is gzipped when the client accepts gzip.
+        headers = {"Accept-Encoding": "identity"}
+        if replica.api_key:
+            headers["Authorization"] = f"Bearer {replica.api_key}"
+        return headers
+
+    async def probe_health(self, replica: Replica) -> bool:
+        timeout = aiohttp.ClientTimeout(total=self.health_cfg.timeout)
+        try:
+            async with self.session.get(f"{replica.url}/health", headers=self._headers(replica),
+                                        timeout=timeout) as resp:
+                await resp.read()
+                return resp.status == 200
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+            return False
+
+    async def scrape_metrics(self, replica: Replica) -> bool:
+        timeout = aiohttp.ClientTimeout(total=self.metrics_cfg.timeout)
+        try:
+            async with self.session.get(f"{replica.url}/metrics", headers=self._headers(replica),
+                                        timeout=timeout) as resp:
+                if resp.status != 200:
+                    return False
+                text = await resp.text()
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError, UnicodeDecodeError):
+            return False
+        try:
+            names = replica.served_models | {replica.model}
+            old, replica.load = replica.load, parse_engine_load(text, names)
+        except Exception as exc:  # noqa: BLE001 - a malformed page must not kill the task
+            log.debug("replica %s: unreadable /metrics: %s", replica.id, exc)
+            return False
+        if self.on_load is not None:
+            try:
+                self.on_load(replica, old, replica.load)
+            except Exception:  # noqa: BLE001
+                log.exception("load listener failed")
+        if self.telemetry:
+            self.telemetry.set_engine_load(replica)
+        return True
+
+    async def discover_models(self, replica: Replica) -> bool:
+        timeout = aiohttp.ClientTimeout(total=self.metrics_cfg.timeout)
+        try:
+            async with self.session.get(f"{replica.url}/v1/models", headers=self._headers(replica),
+                                        timeout=timeout) as resp:
+                if resp.status != 200:
+                    return False
+                payload = await resp.read()
+            names, max_len = parse_models(payload)
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError, AttributeError):
+            return False
+        if names:
+            replica.served_models = names
+        if max_len is not None:
+            replica.max_model_len = max_len
+        return True
+
+    async def poll_once(self, replica: Replica) -> None:
+        """One health probe, then (if routable) metrics and, when due, models."""
+        was_routable = replica.routable
+        self.record_probe(replica, await self.probe_health(replica))
+        if replica.routable:
+            if not was_routable or not replica.served_models:
+                await self.discover_models(replica)
+            await self.scrape_metrics(replica)
+
+    async def _run(self, replica: Replica) -> None:
+        loop = asyncio.get_running_loop()
+        next_health = next_metrics = next_models = loop.time()
+        wake = self._wake[replica.id]
+        while True:
+            now = loop.time()
+            try:
+                if now >= next_health or wake.is_set():
+                    wake.clear()
+                    was_routable = replica.routable
+                    self.record_probe(replica, await self.probe_health(replica))
+                    next_health = loop.time() + self.health_cfg.interval
+                    if replica.routable and not was_routable:
+                        next_models = next_metrics = loop.time()  # just joined: learn it now
+                if replica.routable:
+                    if loop.time() >= next_models:
+                        await self.discover_models(replica)
+                        next_models = loop.time() + self.metrics_cfg.models_interval
+                    if loop.time() >= next_metrics:
+                        await self.scrape_metrics(replica)
+                        next_metrics = loop.time() + self.metrics_cfg.scrape_interval
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - keep watching whatever happens
+                log.exception("monitor of %s failed; continuing", replica.id)
+            deadline = min(next_health, next_metrics if replica.routable else next_health,
+                           next_models if replica.routable else next_health)
+            delay = max(0.0, deadline - loop.time())
+            if delay > 0:
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(wake.wait(), timeout=delay)

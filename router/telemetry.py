@@ -1,0 +1,225 @@
+"""The router's own observability: Prometheus metrics, the access log, Sentry.
+
+Metrics live in a `CollectorRegistry` that the app creates (no module globals, so two
+routers in one process - as in the tests - never share counters).  Every name starts with
+``router_``; the ``vllm:`` names belong to the engines and are never reused here.
+
+The access log writes one line per request on the ``router.access`` logger: JSON (one
+object per line) or a compact ``key=value`` text line.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import orjson
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+from router import __version__
+from router.fleet import Health, Replica
+
+access_log = logging.getLogger("router.access")
+log = logging.getLogger("router")
+
+# Latency buckets (seconds): sub-millisecond router overhead up to multi-minute generations.
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                   10.0, 30.0, 60.0, 120.0, 300.0)
+DECISION_BUCKETS = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 1e-2, 0.1)
+BLOCK_BUCKETS = (0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)
+NO_REPLICA = "none"  # replica label of requests answered by the router itself
+
+
+class Telemetry:
+    """All router_ metrics, registered in a registry owned by this object."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.build_info = Info("router_build", "Router version and active routing policy.",
+                               registry=r)
+        self.requests = Counter(
+            "router_requests", "Requests answered, by model, replica (none: answered by the "
+            "router) and HTTP status.", ["model", "replica", "status"], registry=r)
+        self.duration = Histogram(
+            "router_request_duration_seconds", "Time from request arrival to the last byte "
+            "sent to the client.", ["model"], buckets=LATENCY_BUCKETS, registry=r)
+        self.ttfb = Histogram(
+            "router_time_to_first_byte_seconds", "Time from request arrival to the first "
+            "response body byte from the replica (TTFT for streams).", ["model", "replica"],
+            buckets=LATENCY_BUCKETS, registry=r)
+        self.in_flight = Gauge(
+            "router_in_flight_requests", "Requests dispatched to a replica and not finished.",
+            ["model", "replica"], registry=r)
+        self.health = Gauge(
+            "router_replica_health", "Replica health state (1 for the current state).",
+            ["model", "replica", "state"], registry=r)
+        self.engine_load = Gauge(
+            "router_replica_engine_load", "Load the replica last reported on /metrics: "
+            "running and waiting requests, KV cache usage (0..1).",
+            ["model", "replica", "kind"], registry=r)
+        self.retries = Counter(
+            "router_retries", "Upstream attempts after the first one.", ["model"], registry=r)
+        self.failovers = Counter(
+            "router_failovers", "Requests that left a replica for the next one in the ranking "
+            "before any byte reached the client.", ["model", "replica"], registry=r)
+        self.upstream_errors = Counter(
+            "router_upstream_errors", "Upstream failures by kind: connect, timeout, status_5xx, "
+            "status_429, disconnect, stream_cut.", ["model", "replica", "kind"], registry=r)
+        self.client_disconnects = Counter(
+            "router_client_disconnects", "Requests whose client went away before the end.",
+            ["model"], registry=r)
+        self.decisions = Counter(
+            "router_policy_decisions", "Routing decisions by policy and chosen replica.",
+            ["policy", "model", "replica"], registry=r)
+        self.decision_seconds = Histogram(
+            "router_policy_decision_seconds", "Time the policy took to rank the replicas.",
+            ["policy"], buckets=DECISION_BUCKETS, registry=r)
+        self.matched_blocks = Histogram(
+            "router_policy_matched_blocks", "Prefix blocks the chosen replica was believed to "
+            "hold.", ["policy"], buckets=BLOCK_BUCKETS, registry=r)
+        self.probes = Counter(
+            "router_health_probes", "Replica health probes by result.",
+            ["replica", "result"], registry=r)
+
+    # -- helpers used by the proxy and the monitor -----------------------------------
+    def set_info(self, policy: str) -> None:
+        self.build_info.info({"version": __version__, "policy": policy})
+
+    def init_replica(self, replica: Replica) -> None:
+        """Create every per-replica series at 0 so dashboards show replicas before traffic."""
+        self.in_flight.labels(replica.model, replica.id).set(replica.in_flight)
+        self.set_health(replica)
+
+    def set_health(self, replica: Replica) -> None:
+        for state in Health:
+            self.health.labels(replica.model, replica.id, state.value).set(
+                1 if replica.health is state else 0)
+
+    def set_in_flight(self, replica: Replica) -> None:
+        self.in_flight.labels(replica.model, replica.id).set(replica.in_flight)
+
+    def set_engine_load(self, replica: Replica) -> None:
+        load = replica.load
+        self.engine_load.labels(replica.model, replica.id, "running").set(load.running)
+        self.engine_load.labels(replica.model, replica.id, "waiting").set(load.waiting)
+        self.engine_load.labels(replica.model, replica.id, "kv_cache_usage").set(load.kv_cache_usage)
+
+    def render(self) -> tuple[bytes, str]:
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+@dataclass(slots=True)
+class RequestRecord:
+    """What happened to one request: filled in along the way, logged once at the end."""
+
+    request_id: str
+    method: str
+    path: str
+    started: float = field(default_factory=time.perf_counter)
+    model: str | None = None
+    stream: bool = False
+    replica: str | None = None
+    attempts: int = 0
+    policy: str | None = None
+    why: dict[str, Any] | None = None
+    status: int = 0
+    ttfb: float | None = None  # seconds, first body byte from the replica
+    error: str | None = None
+    client: str | None = None
+    client_gone: bool = False  # the client went away before the response was complete
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
+
+    def as_dict(self, duration: float) -> dict[str, Any]:
+        return {
+            "ts": round(time.time(), 3),
+            "request_id": self.request_id,
+            "method": self.method,
+            "path": self.path,
+            "model": self.model,
+            "stream": self.stream,
+            "replica": self.replica,
+            "attempts": self.attempts,
+            "policy": self.policy,
+            "why": self.why,
+            "status": self.status,
+            "ttfb_ms": None if self.ttfb is None else round(self.ttfb * 1000, 3),
+            "duration_ms": round(duration * 1000, 3),
+            "error": self.error,
+            "client": self.client,
+        }
+
+
+def _text_value(value: Any) -> str:
+    if isinstance(value, (dict, list)):
+        return orjson.dumps(value).decode()
+    text = str(value)
+    return f'"{text}"' if " " in text else text
+
+
+def write_access_log(record: RequestRecord, duration: float, fmt: str = "json") -> None:
+    if not access_log.isEnabledFor(logging.INFO):
+        return
+    data = record.as_dict(duration)
+    if fmt == "json":
+        line = orjson.dumps(data, default=str).decode()
+    else:
+        line = " ".join(f"{k}={_text_value(v)}" for k, v in data.items() if v is not None)
+    access_log.info(line)
+
+
+def setup_logging(level: str = "info", fmt: str = "json", access: bool = True) -> None:
+    """Root logging for the CLI: plain messages to stderr; the access log as given."""
+    root = logging.getLogger()
+    if not any(getattr(h, "_router", False) for h in root.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler._router = True  # type: ignore[attr-defined]
+        if fmt == "json":
+            handler.setFormatter(_JsonFormatter())
+        else:
+            handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        root.addHandler(handler)
+    root.setLevel(level.upper())
+    access_log.setLevel(logging.INFO if access else logging.WARNING)
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+class _JsonFormatter(logging.Formatter):
+    """Access-log lines are already JSON and pass through; other records become JSON."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        if record.name == access_log.name:
+            return record.getMessage()
+        data = {"ts": round(record.created, 3), "level": record.levelname.lower(),
+                "logger": record.name, "message": record.getMessage()}
+        if record.exc_info:
+            data["exc"] = self.formatException(record.exc_info)
+        return orjson.dumps(data, default=str).decode()
+
+
+def init_sentry(dsn: str | None, *, environment: str | None = None) -> bool:
+    """Initialise Sentry when a DSN is configured (config or SENTRY_DSN); never fatal."""
+    dsn = dsn or os.environ.get("SENTRY_DSN")
+    if not dsn:
+        return False
+    try:
+        import sentry_sdk
+
+        sentry_sdk.init(dsn=dsn, environment=environment, release=f"vllm-smart-router@{__version__}",
+                        traces_sample_rate=float(os.environ.get("SENTRY_TRACES_SAMPLE_RATE", "0")))
+        return True
+    except Exception as exc:  # noqa: BLE001 - telemetry must never stop the router
+        log.warning("Sentry init failed: %s", exc)
+        return False
+
+
+def metric_names(registry: CollectorRegistry) -> Iterable[str]:
+    for family in registry.collect():
+        yield family.name

@@ -1,0 +1,185 @@
+"""routes.yaml validation: every error names file, key path, found and expected."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from router.cli import main as cli_main
+from router.config import (DEFAULT_CONFIG_PATH, Config, load_config, parse_config,
+                           validate_policy_params)
+from router.validation import ConfigError
+
+ROOT = Path(__file__).resolve().parents[2]
+GOOD = {
+    "models": [{"name": "m", "aliases": ["a"], "backends": [
+        {"url": "http://127.0.0.1:8101"},
+        {"url": "http://127.0.0.1:8102/", "tensor_parallel_size": 4, "weight": 2,
+         "labels": {"zone": "b"}, "api_key": "sk-x"},
+        "http://127.0.0.1:8103",
+    ]}],
+}
+
+
+def error(data: object, **kw: object) -> ConfigError:
+    with pytest.raises(ConfigError) as info:
+        parse_config(data, "routes.yaml", **kw)
+    return info.value
+
+
+def test_minimal_config_gets_documented_defaults() -> None:
+    cfg = parse_config(GOOD, "routes.yaml")
+    assert isinstance(cfg, Config)
+    assert cfg.server.host == "127.0.0.1" and cfg.server.port == 8000
+    assert cfg.routing.policy == "cache_aware"
+    assert cfg.health.interval == 1.0
+    assert cfg.proxy.max_attempts == 3
+    backends = cfg.models[0].backends
+    assert [b.url for b in backends] == ["http://127.0.0.1:8101", "http://127.0.0.1:8102",
+                                         "http://127.0.0.1:8103"]
+    assert backends[1].tensor_parallel_size == 4 and backends[1].weight == 2.0
+    assert backends[1].labels == {"zone": "b"} and backends[1].api_key == "sk-x"
+    assert cfg.aliases() == {"a": "m"}
+
+
+def test_config_is_frozen() -> None:
+    cfg = parse_config(GOOD)
+    with pytest.raises(AttributeError):
+        cfg.server.port = 1  # type: ignore[misc]
+
+
+def test_unknown_key_has_path_and_did_you_mean() -> None:
+    exc = error({**GOOD, "helth": {}})
+    assert exc.file == "routes.yaml" and exc.path == "helth"
+    assert "did you mean 'health'" in str(exc)
+    exc = error({"models": [{"name": "m", "backends": [{"url": "http://h:1", "wieght": 2}]}]})
+    assert exc.path == "models[0].backends[0].wieght"
+    assert "did you mean 'weight'" in str(exc)
+
+
+@pytest.mark.parametrize("backend, path, found, expected", [
+    ({"url": "ftp://x"}, "models[0].backends[1].url", "'ftp://x'", "http(s) URL"),
+    ({"url": 8101}, "models[0].backends[1].url", "int 8101", "expected a string"),
+    ({"url": "http://h:1", "tensor_parallel_size": 0}, "models[0].backends[1].tensor_parallel_size",
+     "found 0", ">= 1"),
+    ({"url": "http://h:1", "tensor_parallel_size": "4"}, "models[0].backends[1].tensor_parallel_size",
+     "str '4'", "an integer"),
+    ({"url": "http://h:1", "weight": -1}, "models[0].backends[1].weight", "found -1", "greater than 0"),
+    ({"url": "http://h:99999"}, "models[0].backends[1].url", "99999", "valid port"),
+])
+def test_bad_backend_values(backend: dict, path: str, found: str, expected: str) -> None:
+    data = {"models": [{"name": "m", "backends": [{"url": "http://h:2"}, backend]}]}
+    exc = error(data)
+    assert exc.path == path
+    assert found in str(exc) and expected in str(exc)
+    assert str(exc).startswith("routes.yaml: " + path)
+
+
+@pytest.mark.parametrize("section, key, value, fragment", [
+    ("server", "port", "80", "expected an integer"),
+    ("server", "port", 70000, "<= 65535"),
+    ("server", "log_format", "xml", "expected one of json, text"),
+    ("server", "max_body_bytes", 10, ">= 1024"),
+    ("health", "interval", 0, "greater than 0"),
+    ("health", "failure_threshold", 0, ">= 1"),
+    ("proxy", "max_attempts", 0, ">= 1"),
+    ("proxy", "backoff_max", 0.001, ">= backoff_initial"),
+    ("routing", "policy", "round-robin", "did you mean 'round_robin'"),
+    ("metrics", "scrape_interval", "1s", "expected a number"),
+])
+def test_bad_section_values(section: str, key: str, value: object, fragment: str) -> None:
+    exc = error({**GOOD, section: {key: value}})
+    assert exc.path == f"{section}.{key}"
+    assert fragment in str(exc)
+
+
+def test_structure_errors() -> None:
+    assert "expected a mapping" in str(error([1, 2]))
+    assert error({"models": {"name": "m"}}).path == "models"
+    assert "at least one model" in str(error({"models": []}))
+    exc = error({"models": [{"name": "m", "backends": []}]})
+    assert exc.path == "models[0].backends" and "at least one backend" in str(exc)
+    assert error({"models": [{"backends": ["http://h:1"]}]}).path == "models[0].name"
+
+
+def test_duplicates_are_errors() -> None:
+    dup_model = {"models": [{"name": "m", "backends": ["http://h:1"]},
+                            {"name": "m", "backends": ["http://h:2"]}]}
+    exc = error(dup_model)
+    assert exc.path == "models[1].name" and "models[0].name" in str(exc)
+    dup_alias = {"models": [{"name": "m", "backends": ["http://h:1"]},
+                            {"name": "n", "aliases": ["m"], "backends": ["http://h:2"]}]}
+    assert error(dup_alias).path == "models[1].aliases[0]"
+    dup_url = {"models": [{"name": "m", "backends": ["http://h:1", "http://h:1/"]}]}
+    assert error(dup_url).path == "models[0].backends[1]"
+
+
+def test_api_key_from_environment() -> None:
+    data = {"models": [{"name": "m", "backends": [{"url": "http://h:1", "api_key_env": "K"}]}]}
+    assert parse_config(data, env={"K": "secret"}).models[0].backends[0].api_key == "secret"
+    exc = error(data, env={})
+    assert exc.path == "models[0].backends[0].api_key_env" and "'K' is not set" in str(exc)
+
+
+def test_policy_params_are_validated_with_their_path() -> None:
+    cfg = parse_config({**GOOD, "routing": {"policy": "least_load", "params": {"use_scrapped": True}}},
+                       "routes.yaml")
+    with pytest.raises(ConfigError) as info:
+        validate_policy_params(cfg)
+    assert info.value.path == "routing.params.use_scrapped"
+    assert "did you mean 'use_scraped'" in str(info.value)
+
+
+def test_launch_block(tmp_path: Path) -> None:
+    (tmp_path / "engines.yaml").write_text("models: []\n")
+    routes = tmp_path / "routes.yaml"
+    routes.write_text(yaml.safe_dump({"launch": {"config": "engines.yaml"},
+                                      "models": [{"name": "m"}]}))
+    cfg = load_config(routes)
+    assert cfg.launch is not None and cfg.launch.config == str(tmp_path / "engines.yaml")
+    assert cfg.models[0].backends == ()  # they come from the launched engines
+    exc = error({"launch": {"config": "nope.yaml"}})
+    assert exc.path == "launch.config" and "no file" in str(exc)
+    assert error({"launch": {}}).path == "launch"
+    inline = parse_config({"launch": {"models": [{"name": "s", "kind": "sim"}]}})
+    assert inline.launch is not None and inline.launch.inline is not None
+
+
+def test_yaml_syntax_error_names_line(tmp_path: Path) -> None:
+    bad = tmp_path / "routes.yaml"
+    bad.write_text("models:\n  - name: [unclosed\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(bad)
+    assert str(bad) in str(info.value) and "line" in str(info.value)
+
+
+def test_embedded_default_config_is_valid() -> None:
+    assert DEFAULT_CONFIG_PATH == ROOT / "config" / "routes.yaml"
+    assert cli_main(["check-config", str(DEFAULT_CONFIG_PATH)]) == 0
+    cfg = load_config(DEFAULT_CONFIG_PATH)
+    assert cfg.server.port == 8000 and cfg.routing.policy == "cache_aware"
+    assert cfg.launch is not None
+
+
+def test_check_config_command_exit_status(tmp_path: Path) -> None:
+    bad = tmp_path / "routes.yaml"
+    bad.write_text(yaml.safe_dump({"models": [{"name": "m", "backends": [{"url": "http://h:1",
+                                                                          "tensor_parallel": 2}]}]}))
+    proc = subprocess.run([sys.executable, "-m", "router", "check-config", str(bad)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert proc.returncode == 2
+    assert f"{bad}: models[0].backends[0].tensor_parallel: unknown key" in proc.stderr
+    assert "did you mean 'tensor_parallel_size'" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    # Serving with a bad config is the same error and the same status.
+    assert cli_main(["--config", str(bad)]) == 2
+    good = tmp_path / "good.yaml"
+    good.write_text(yaml.safe_dump(GOOD))
+    proc = subprocess.run([sys.executable, "-m", "router", "check-config", str(good)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "OK" in proc.stdout
