@@ -43,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="KV blocks (default: what fits on the modelled GPUs)")
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    p.add_argument("--max-num-queued-reqs", type=int, default=10_000,
+                   help="answer 503 (vLLM's QueueOverflowError) beyond this many unfinished requests; "
+                        "vLLM's default is unlimited, the simulator keeps a bound (0: unlimited)")
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--enable-prompt-tokens-details", action=argparse.BooleanOptionalAction, default=True,
                    help="usage.prompt_tokens_details.cached_tokens (on by default in the simulator)")
@@ -140,7 +143,8 @@ async def serve(args: argparse.Namespace) -> None:
     engine.slow_factor = faults.slow_factor
     server = SimServer(engine, tokenizer, faults,
                        ServerOptions(host=args.host, prompt_tokens_details=args.enable_prompt_tokens_details,
-                                     default_output_len=args.default_output_len),
+                                     default_output_len=args.default_output_len,
+                                     max_num_queued_reqs=args.max_num_queued_reqs or None),
                        kv_cfg, publisher)
     runner = web.AppRunner(server.build_app(), access_log=None, handler_cancellation=True)
     await runner.setup()

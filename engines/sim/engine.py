@@ -143,6 +143,9 @@ class Engine:
             self._refresh_load()
         req.sink = None
 
+    def num_unfinished(self) -> int:
+        return len(self.sched.running) + len(self.sched.waiting)
+
     def reset_prefix_cache(self) -> bool:
         ok = self.kv.reset()
         self._publish_events()

@@ -76,6 +76,11 @@ class SimMetrics:
         success = Counter("vllm:request_success", "Count of successfully processed requests.",
                           LABELS + ("finished_reason",), registry=reg)
         self.success = {r: success.labels(**lv, finished_reason=r) for r in FINISH_REASONS}
+        rejections = Counter("vllm:admission_rejections",
+                             "Number of admission attempts rejected by a queue limit, by reason.",
+                             ("model_name", "reason"), registry=reg)
+        self.rejected_queue_full = rejections.labels(model_name=model_name, reason="max_num_queued_reqs")
+        rejections.labels(model_name=model_name, reason="max_num_queued_tokens")
         self.request_prompt_tokens = histogram("vllm:request_prompt_tokens",
                                                "Number of prefill tokens processed.", TOKEN_BUCKETS)
         self.request_generation_tokens = histogram("vllm:request_generation_tokens",

@@ -19,6 +19,12 @@ class ApiError(Exception):
     TYPES = {400: "BadRequestError", 404: "NotFoundError", 500: "InternalServerError",
              503: "ServiceUnavailableError"}
 
+    @classmethod
+    def queue_full(cls) -> "ApiError":
+        """vLLM's QueueOverflowError (--max-num-queued-reqs exceeded)."""
+        return cls(503, "The engine is currently busy and cannot accept new requests. "
+                        "Please try again later or on a different instance.")
+
     def __init__(self, status: int, message: str, param: str | None = None) -> None:
         super().__init__(message)
         self.status = status

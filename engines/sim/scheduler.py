@@ -121,13 +121,18 @@ class Scheduler:
     def schedule(self) -> StepPlan:
         plan = StepPlan()
         budget = self.max_num_batched_tokens
-        kept: list[SimRequest] = []
-        queue = list(self.running)
-        while queue and budget > 0:
-            req = queue.pop(0)
+        running, kept = self.running, []
+        i, end = 0, len(running)  # running[i:end]: not yet visited this step
+        while i < end and budget > 0:
+            req = running[i]
+            i += 1
             n = min(req.num_tokens - req.num_computed, budget)
             while not self.kv.allocate(req.alloc, req.num_computed + n):
-                victim = queue.pop() if queue else req
+                if end > i:  # the most recently admitted request not yet visited
+                    end -= 1
+                    victim = running[end]
+                else:
+                    victim = req
                 self._preempt(victim)
                 plan.preempted.append(victim)
                 if victim is req:
@@ -136,7 +141,7 @@ class Scheduler:
                 kept.append(req)
                 plan.scheduled.append((req, n))
                 budget -= n
-        kept.extend(queue)  # out of budget this step, still running
+        kept.extend(running[i:end])  # out of budget this step, still running
         self.running = kept
 
         if plan.preempted:

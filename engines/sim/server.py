@@ -48,6 +48,7 @@ class ServerOptions:
     prompt_tokens_details: bool = True  # vLLM's --enable-prompt-tokens-details
     default_output_len: int = 128  # tokens a request without max_tokens generates before "stop"
     embedding_dim: int = 256
+    max_num_queued_reqs: int | None = 10_000  # vLLM: unlimited by default; here a hard bound
 
 
 def _json(body: Any, status: int = 200) -> web.Response:
@@ -276,6 +277,10 @@ class SimServer:
                 return _error(ApiError(500, "Simulated failure (fault injection)"))
             if self.faults.draw_hang():
                 await asyncio.Future()  # until the client goes away (handler cancelled)
+            limit = self.opts.max_num_queued_reqs
+            if limit is not None and self.engine.num_unfinished() + 1 > limit:
+                self.engine.metrics.rejected_queue_full.inc()
+                return _error(ApiError.queue_full())
             cut = self.faults.draw_cut()
             if params.max_tokens is None:
                 max_tokens = min(self.opts.default_output_len, self.max_model_len - len(params.prompt_ids))

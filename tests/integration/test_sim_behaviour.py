@@ -240,6 +240,20 @@ async def test_state_stays_bounded_after_much_traffic():
         assert 0 < stats["kv_events_buffered"] <= 50
 
 
+async def test_queue_limit_answers_503_like_vllm():
+    async with SimProcess(MODEL, time_scale=1, args=["--num-gpu-blocks", "600", "--max-num-queued-reqs", "2"]) as sim, \
+            aiohttp.ClientSession() as http:
+        slow = [asyncio.create_task(complete(http, sim, f"{i} slow", max_tokens=400)) for i in range(2)]
+        await _until(sim, http, lambda m: m["vllm:num_requests_running"] == 2)
+        async with http.post(sim.url + "/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 1}) as r:
+            assert r.status == 503
+            assert "currently busy" in (await r.json())["error"]["message"]
+        text = await metrics_text(http, sim)
+        assert sample(text, "vllm:admission_rejections_total", reason="max_num_queued_reqs") == 1
+        for task in slow:
+            task.cancel()
+
+
 async def test_legacy_metric_names():
     async with SimProcess(MODEL, time_scale=50, args=["--legacy-metric-names", "--num-gpu-blocks", "600"]) as sim, \
             aiohttp.ClientSession() as http:
