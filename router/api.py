@@ -40,6 +40,7 @@ INFERENCE_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
 PASS_THROUGH_PATHS = ("/tokenize", "/detokenize")
 GET_ONLY_PATHS = frozenset({"/v1/models"})
 _REQUEST_ID_RE = re.compile(r"^[\x21-\x7e]{1,200}$")  # visible ASCII, bounded
+REQUEST_ID_KEY = web.RequestKey("request_id", str)
 
 
 class Api:
@@ -73,6 +74,14 @@ class Api:
             web.post("/v1/{tail:.*}", self.handle_inference),
         ]
 
+    @web.middleware
+    async def request_id_middleware(self, request: web.Request, handler) -> web.StreamResponse:  # type: ignore[no-untyped-def]
+        """Every answer carries a request id, including the ones aiohttp makes (404/405)."""
+        response = await handler(request)
+        if not response.prepared and self._rid_header not in response.headers:
+            response.headers[self._rid_header] = request.get(REQUEST_ID_KEY) or self._request_id(request)
+        return response
+
     # -- model names ----------------------------------------------------------------
     def known_models(self) -> list[str]:
         """Every name a client may use: configured models, aliases, discovered names."""
@@ -104,6 +113,7 @@ class Api:
     async def handle_inference(self, request: web.Request) -> web.StreamResponse:
         record = RequestRecord(request_id=self._request_id(request), method=request.method,
                                path=request.path, client=request.remote)
+        request[REQUEST_ID_KEY] = record.request_id
         key = self.proxy.begin(record)
         response: web.StreamResponse | None = None
         try:
@@ -155,7 +165,7 @@ class Api:
             body = rewrite_model(body, data, canonical)
         candidates = [r for r in replicas if r.routable]
         if not candidates:
-            raise self.proxy._unavailable(canonical)
+            raise self.proxy.unavailable(canonical)
         session_key = request.headers.get(self._session_header) or None
         route = build_route_request(
             model=canonical, path=path, data=data, body=body, request_id=record.request_id,
@@ -220,7 +230,7 @@ class Api:
             if entry["id"] == name:
                 return _json(entry)
         self.resolve(name)  # 404 with the valid names if it is unknown altogether
-        raise self.proxy._unavailable(name)
+        raise self.proxy.unavailable(name)
 
     async def handle_health(self, request: web.Request) -> web.Response:
         return _json({"status": "draining" if self.draining else "ok"})

@@ -151,7 +151,8 @@ class Router:
         self.api = Api(config=cfg, fleet=self.fleet, proxy=self.proxy, telemetry=self.telemetry,
                        index=self.index)
         app = web.Application(client_max_size=cfg.server.max_body_bytes,
-                              middlewares=[error_middleware], handler_args={"lingering_time": 1.0})
+                              middlewares=[self.api.request_id_middleware, error_middleware],
+                              handler_args={"lingering_time": 1.0})
         app[ROUTER_KEY] = self
         app.add_routes(self.api.routes())
         app.on_startup.append(self._on_startup)

@@ -58,6 +58,25 @@ def _int_label(value: str | None) -> int | None:
     return number if number and number > 0 else None
 
 
+def _wanted_lines(text: str) -> str:
+    """Only the sample lines the router reads (a vLLM page is ~50 kB, mostly histograms).
+
+    Filtering first makes a scrape ~50x cheaper to parse, which matters because parsing
+    runs on the event loop: 64 replicas scraped every second must cost milliseconds.
+    """
+    keep = []
+    for line in text.splitlines():
+        if not line.startswith("vllm:"):
+            continue
+        cut = line.find("{")
+        if cut < 0:
+            cut = line.find(" ")
+        if line[:cut] in _WANTED:
+            keep.append(line)
+    keep.append("")
+    return "\n".join(keep)
+
+
 def parse_engine_load(text: str, model_names: Iterable[str] = (), *,
                       scraped_at: float | None = None) -> EngineLoad:
     """Read the load of one vLLM server from its /metrics text.
@@ -70,7 +89,7 @@ def parse_engine_load(text: str, model_names: Iterable[str] = (), *,
     values: dict[str, list[tuple[str | None, float]]] = {}
     block_size: int | None = None
     num_blocks: int | None = None
-    for family in text_string_to_metric_families(text):
+    for family in text_string_to_metric_families(_wanted_lines(text)):
         for sample in family.samples:
             if sample.name not in _WANTED:
                 continue

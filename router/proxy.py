@@ -166,7 +166,7 @@ class Proxy:
                       candidates: Sequence[Replica], record: RequestRecord) -> web.StreamResponse:
         decision = self.rank(route, candidates, record)
         if not decision.ranked:
-            raise self._unavailable(route.model)
+            raise self.unavailable(route.model)
         cfg = self.config
         tried: list[Replica] = []
         last: UpstreamFailure | None = None
@@ -206,7 +206,7 @@ class Proxy:
                 return replica
         return routable[len(tried) % len(routable)]
 
-    def _unavailable(self, model: str, detail: str = "") -> RouterError:
+    def unavailable(self, model: str, detail: str = "") -> RouterError:
         retry_after = str(self.config.retry_after)
         message = f"No healthy replica is available for model `{model}`"
         return RouterError(503, message + (f": {detail}" if detail else ""),
@@ -225,7 +225,7 @@ class Proxy:
         names = ", ".join(dict.fromkeys(r.id for r in tried)) or "none"
         record.error = last.message if last is not None else "no routable replica"
         detail = f"{len(tried)} attempt(s) failed (tried: {names})" if tried else ""
-        raise self._unavailable(route.model, detail)
+        raise self.unavailable(route.model, detail)
 
     def _upstream_headers(self, route: "RouteRequest", replica: Replica, number: int) -> CIMultiDict[str]:
         headers = CIMultiDict(route.headers)

@@ -185,10 +185,12 @@ async def test_wrong_method_405_and_unknown_path_404(fakes, start_router, make_r
     for method, path in [("GET", "/v1/chat/completions"), ("PUT", "/v1/completions"),
                          ("DELETE", "/v1/embeddings"), ("POST", "/v1/models"), ("POST", "/health"),
                          ("POST", "/metrics"), ("GET", "/tokenize")]:
-        async with http.request(method, server.url + path, data=b"{}") as r:
+        async with http.request(method, server.url + path, data=b"{}",
+                                headers={"X-Request-Id": "wrong-method"}) as r:
             payload = await r.json()
             assert_error(r.status, payload, 405)
             assert "Allow" in r.headers, (method, path)
+            assert r.headers["X-Request-Id"] == "wrong-method"
     async with http.get(server.url + "/v2/nothing") as r:
         assert_error(r.status, await r.json(), 404)
     assert fake.seen == []
