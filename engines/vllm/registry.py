@@ -435,12 +435,48 @@ def _fixed_ports(spec: ModelSpec) -> Iterable[tuple[str, int]]:
 
 # -- planning -------------------------------------------------------------------------------
 
+AUTO_PORT_FLOOR = 20000
+
+
+def _ephemeral_low() -> int:
+    """Where the kernel starts handing out ports for bind(0) and outgoing connections."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def _bindable(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
 def free_port(host: str = LOCALHOST, exclude: set[int] | None = None) -> int:
-    """A TCP port nobody listens on right now (and not in `exclude`)."""
+    """A TCP port nobody listens on right now (and not in `exclude`).
+
+    Picked at random *below* the kernel's ephemeral range: a replica binds its ports many
+    seconds after planning (vLLM opens its KV-event socket only once the engine is up), and a
+    port from bind(0) could meanwhile be handed to any other process asking for a free port
+    (vLLM itself does so for its internal sockets).  Falls back to bind(0) when that fails.
+    """
+    import random
+
     exclude = exclude or set()
+    bind_host = host if host not in ("0.0.0.0", "") else LOCALHOST
+    low = _ephemeral_low()
+    rng = random.SystemRandom()
+    if low - AUTO_PORT_FLOOR > 100:
+        for _ in range(200):
+            port = rng.randrange(AUTO_PORT_FLOOR, low)
+            if port not in exclude and _bindable(bind_host, port):
+                return port
     for _ in range(100):
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            s.bind((host if host not in ("0.0.0.0", "") else LOCALHOST, 0))
+            s.bind((bind_host, 0))
             port = s.getsockname()[1]
         if port not in exclude:
             return port
