@@ -104,10 +104,6 @@ def _kv_events_config(args: argparse.Namespace) -> KVEventsConfig | None:
 
 
 async def serve(args: argparse.Namespace) -> None:
-    try:
-        import uvloop  # noqa: F401  (installed by main() when present)
-    except ImportError:
-        pass
     model = args.model or args.served_model_name or args.model_tag or "sim-model"
     user_block_size = args.block_size is not None
     args.block_size = args.block_size or 16
@@ -148,7 +144,7 @@ async def serve(args: argparse.Namespace) -> None:
                        kv_cfg, publisher)
     runner = web.AppRunner(server.build_app(), access_log=None, handler_cancellation=True)
     await runner.setup()
-    site = web.TCPSite(runner, args.host, args.port, reuse_address=True)
+    site = web.TCPSite(runner, args.host, args.port, reuse_address=True, shutdown_timeout=1.0)
     await site.start()
     if publisher is not None:
         publisher.start()

@@ -21,7 +21,7 @@ import math
 import os
 import time
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, NoReturn
 
 import orjson
 from aiohttp import web
@@ -317,7 +317,7 @@ class SimServer:
         while not done:
             _, done = await chan.next()
         if cut is not None:
-            return _cut(request)
+            _cut(request)
         responder = Responder(params.kind, params.model, self.fingerprint)
         body = responder.full(self.tok.decode(req.output_ids), req.finish_reason or "length",
                               self._usage(req, params.kind, stream=False))
@@ -329,43 +329,30 @@ class SimServer:
         responder = Responder(params.kind, params.model, self.fingerprint)
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8"})
         await resp.prepare(request)
-        sent = 0
-        n_prompt = len(req.prompt_ids)
+        sent = n_out = 0
 
-        def running_usage() -> dict[str, Any] | None:
-            return usage(n_prompt, n_out, stream=True) if params.continuous_usage else None
-
-        async def send(chunk: bytes) -> bool:
+        async def send(chunk: bytes) -> None:
             nonlocal sent
             if cut is not None and sent >= cut:
                 _cut(request)
-                return False
             await resp.write(chunk)
             sent += 1
-            return True
 
-        first = True
+        def running_usage() -> dict[str, Any] | None:
+            return usage(len(req.prompt_ids), n_out, stream=True) if params.continuous_usage else None
+
         done = False
-        n_out = 0
         while not done:
             tokens, done = await chan.next()
-            if first and tokens and params.kind == "chat":
-                if not await send(responder.role_chunk(running_usage())):
-                    return resp
-            first = first and not tokens
+            if tokens and n_out == 0 and params.kind == "chat":
+                await send(responder.role_chunk(running_usage()))
             for i, tok in enumerate(tokens):
                 n_out += 1
-                last = done and i == len(tokens) - 1
-                finish = (req.finish_reason or "length") if last else None
-                if not await send(responder.delta_chunk(self.tok.token_str(tok), finish, running_usage())):
-                    return resp
+                finish = (req.finish_reason or "length") if done and i == len(tokens) - 1 else None
+                await send(responder.delta_chunk(self.tok.token_str(tok), finish, running_usage()))
         if params.include_usage:
-            if not await send(responder.usage_chunk(self._usage(req, params.kind, stream=True, n_out=n_out))):
-                return resp
-        if cut is not None and sent >= cut:
-            _cut(request)
-            return resp
-        await resp.write(DONE)
+            await send(responder.usage_chunk(self._usage(req, params.kind, stream=True, n_out=n_out)))
+        await send(DONE)
         await resp.write_eof()
         self._answered()
         return resp
@@ -413,7 +400,7 @@ def _embedding(ids: list[int], dim: int) -> list[float]:
     return [v / norm for v in vec]
 
 
-def _cut(request: web.Request) -> web.StreamResponse:
+def _cut(request: web.Request) -> NoReturn:
     """Fault injection: drop the connection without finishing the response."""
     if request.transport is not None:
         request.transport.abort()

@@ -9,12 +9,11 @@ import time
 
 import aiohttp
 import msgpack
-import pytest
 import zmq
 import zmq.asyncio
 
 from engines.sim.kv_cache import block_hash, event_hash
-from engines.sim.process import SimProcess, parse_metrics
+from engines.sim.process import SimProcess
 
 MODEL = "sim-b"
 LONG = "".join(f"line {i}: the quick brown fox jumps over the lazy dog\n" for i in range(100))
