@@ -165,6 +165,15 @@ async def test_kv_events_publish_vllms_wire_format_with_replay():
             assert stored["block_hashes"] == expected
             # A repeat stores nothing new (all prompt blocks hit); generated blocks came before.
             await complete(http, sim, prompt, max_tokens=1)
+            # Resetting the prefix cache (vLLM's /reset_prefix_cache) publishes AllBlocksCleared.
+            async with http.post(sim.url + "/admin/reset") as r:
+                assert r.status == 200
+            types = []
+            while "AllBlocksCleared" not in types:
+                _, _, payload = await asyncio.wait_for(sub.recv_multipart(), 5)
+                types += [e["type"] for e in msgpack.unpackb(payload)[1]]
+            async with http.get(sim.url + "/admin/stats") as r:
+                assert (await r.json())["cached_blocks"] == 0
             # Replay from 0: every batch again, then the end marker.
             dealer = ctx.socket(zmq.DEALER)
             dealer.connect(sim.kv_replay_endpoint)
