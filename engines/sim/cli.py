@@ -23,6 +23,7 @@ from engines.sim.engine import Engine, EngineConfig
 from engines.sim.faults import Faults
 from engines.sim.kv_events import KVEventPublisher, KVEventsConfig
 from engines.sim.metrics import SimMetrics
+from engines.sim.protocol import VLLM_VERSION
 from engines.sim.server import ServerOptions, SimServer
 from engines.sim.tokenizer import Tokenizer
 
@@ -126,17 +127,16 @@ async def serve(args: argparse.Namespace) -> None:
                          num_gpu_blocks_override=args.num_gpu_blocks, user_specified_block_size=user_block_size,
                          legacy_names=args.legacy_metric_names)
     tokenizer = Tokenizer(vocab_size=args.vocab_size)
-    engine = Engine(EngineConfig(model=model, max_model_len=max_model_len, block_size=args.block_size,
-                                 num_gpu_blocks=num_blocks, max_num_seqs=args.max_num_seqs,
-                                 max_num_batched_tokens=args.max_num_batched_tokens,
-                                 enable_prefix_caching=args.enable_prefix_caching, time_scale=args.time_scale),
-                    cost, tokenizer, metrics, publisher)
     faults = Faults(fail_rate=args.fail_rate, hang_rate=args.hang_rate, slow_factor=args.slow_factor,
                     cut_after_chunks=args.cut_after_chunks, cut_rate=args.cut_rate, exit_after=args.exit_after,
                     seed=args.fault_seed)
     if args.unhealthy_for:
         faults.update({"unhealthy_for": args.unhealthy_for})
-    engine.slow_factor = faults.slow_factor
+    engine = Engine(EngineConfig(model=model, max_model_len=max_model_len, block_size=args.block_size,
+                                 num_gpu_blocks=num_blocks, max_num_seqs=args.max_num_seqs,
+                                 max_num_batched_tokens=args.max_num_batched_tokens,
+                                 enable_prefix_caching=args.enable_prefix_caching, time_scale=args.time_scale),
+                    cost, tokenizer, metrics, publisher, faults)
     server = SimServer(engine, tokenizer, faults,
                        ServerOptions(host=args.host, prompt_tokens_details=args.enable_prompt_tokens_details,
                                      default_output_len=args.default_output_len,
@@ -150,7 +150,7 @@ async def serve(args: argparse.Namespace) -> None:
         publisher.start()
     engine_task = asyncio.create_task(engine.run(), name="engine")
     log.info("simulated vLLM %s serving %s on http://%s:%d (tp=%d, %d blocks of %d, time scale %g)",
-             "0.32.0", model, args.host, args.port, args.tp, num_blocks, args.block_size, args.time_scale)
+             VLLM_VERSION, model, args.host, args.port, args.tp, num_blocks, args.block_size, args.time_scale)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -158,7 +158,8 @@ async def serve(args: argparse.Namespace) -> None:
             loop.add_signal_handler(sig, stop.set)
     done, _ = await asyncio.wait([engine_task, asyncio.create_task(stop.wait())],
                                  return_when=asyncio.FIRST_COMPLETED)
-    if engine_task in done and engine_task.exception() is not None:
+    died = engine_task in done and engine_task.exception() is not None
+    if died:
         log.error("engine loop died", exc_info=engine_task.exception())
     engine_task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
@@ -166,6 +167,8 @@ async def serve(args: argparse.Namespace) -> None:
     await runner.cleanup()
     if publisher is not None:
         await publisher.close()
+    if died:
+        raise SystemExit(1)
 
 
 def main(argv: list[str] | None = None) -> int:

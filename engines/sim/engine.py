@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass
 
 from engines.sim.cost_model import CostModel
+from engines.sim.faults import Faults
 from engines.sim.kv_cache import KVCache
 from engines.sim.metrics import SimMetrics
 from engines.sim.scheduler import Scheduler, SimRequest, Status
@@ -111,7 +112,7 @@ class EngineConfig:
 
 class Engine:
     def __init__(self, cfg: EngineConfig, cost: CostModel, tokenizer: Tokenizer,
-                 metrics: SimMetrics, publisher=None) -> None:
+                 metrics: SimMetrics, publisher=None, faults: Faults | None = None) -> None:
         self.cfg = cfg
         self.cost = cost
         self.tokenizer = tokenizer
@@ -124,7 +125,7 @@ class Engine:
         self.sched = Scheduler(self.kv, max_num_seqs=cfg.max_num_seqs,
                                max_num_batched_tokens=cfg.max_num_batched_tokens,
                                max_model_len=cfg.max_model_len)
-        self.slow_factor = 1.0  # fault injection: multiplies every step's time
+        self.faults = faults or Faults()  # slow_factor multiplies every step's time
         self._wake = asyncio.Event()
 
     # -- requests ---------------------------------------------------------------------------
@@ -183,7 +184,7 @@ class Engine:
                     decode.append(req.num_tokens)
                 else:
                     prefill.append((n, req.num_computed + n))
-            await self.clock.advance_to(start + self.cost.step_time(prefill, decode) * self.slow_factor)
+            await self.clock.advance_to(start + self.cost.step_time(prefill, decode) * self.faults.slow_factor)
             outputs = self.sched.complete(plan, self._next_token)
             self._publish_events()
             now = self.clock.now()

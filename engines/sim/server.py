@@ -146,7 +146,6 @@ class SimServer:
             return _error(exc)
         except (TypeError, ValueError) as exc:
             return _error(ApiError(400, str(exc)))
-        self.engine.slow_factor = self.faults.slow_factor
         return _json(self.faults.state())
 
     async def reset(self, request: web.Request) -> web.Response:
@@ -379,7 +378,7 @@ class SimServer:
         if self.faults.draw_fail():
             return _error(ApiError(500, "Simulated failure (fault injection)"))
         n = sum(len(ids) for ids in token_lists)
-        await self.engine.clock.sleep(self.engine.cost.step_time([(n, n)], []) * self.engine.slow_factor)
+        await self.engine.clock.sleep(self.engine.cost.step_time([(n, n)], []) * self.faults.slow_factor)
         data = [{"index": i, "object": "embedding", "embedding": _embedding(ids, self.opts.embedding_dim)}
                 for i, ids in enumerate(token_lists)]
         return _json({"id": random_id("embd-"), "object": "list", "created": int(time.time()), "model": model,
