@@ -5,14 +5,22 @@ One cost, no threshold chain.  For each replica r, with T the request's prompt t
 r was sent (``PrefixIndex.match``):
 
     uncached_r = T - min(T, m_r x tokens_per_block)
-    queue_s_r  = load_r x typical_tokens / rate_r
+    queue_s_r  = (waiting_r + running_weight x running_r) x typical_tokens / rate_r
     cost_r     = queue_s_r + uncached_r / rate_r            (seconds)
 
-* ``load_r`` is ``Replica.queued`` (router in-flight, or the scraped running + waiting if
-  larger): the requests ahead of this one.  Each is assumed to cost the replica a typical
-  request's prefill, ``typical_tokens`` = EWMA of the uncached prompt tokens of the
-  requests this policy saw answered.  Dividing by the replica's rate makes the queue
-  relative to its capacity: four requests queued on a TP=4 replica weigh like one on a
+* The queue: of the requests ahead (``Replica.queued``: router in-flight, or the scraped
+  running + waiting if larger), ``waiting_r`` are the ones the replica itself last
+  reported waiting (``vllm:num_requests_waiting``) and ``running_r`` the rest.  A waiting
+  request must be prefilled before this one: it costs a typical request's prefill,
+  ``typical_tokens`` = EWMA of the uncached prompt tokens of the requests this policy saw
+  answered.  Any other request ahead is running, or about to run: it spends most of its
+  life decoding, and continuous batching prefills the new request beside it, so it only
+  slows the shared steps, counted as ``running_weight`` of a waiting one.  (Counting every
+  in-flight request as a full prefill moves a conversation off its cached history as
+  soon as another replica has one request less in flight.)  A replica that saturates
+  (KV cache full, max_num_seqs reached) reports a waiting queue and is then avoided;
+  until then the bounded-load guard keeps the load even.  Dividing by the replica's rate makes the queue
+  relative to its capacity: four requests waiting on a TP=4 replica weigh like one on a
   TP=1 replica.
 * ``rate_r`` (prefill tokens/s) starts at ``prefill_tokens_per_s x tensor_parallel_size x
   weight`` and is learned online: ``observe()`` gets the time to first byte of every
@@ -22,9 +30,9 @@ r was sent (``PrefixIndex.match``):
   safe direction.  So for a long uncached prompt a TP=4 replica is rightly preferred to
   an idle TP=1 one, while a short or mostly cached prompt goes where its prefix is.
 * **Bounded-load guard** (router/policies/load.py): replicas that would exceed
-  ``load_factor`` x their fair share of the load rank after all that would not, so a prefix
-  shared by every request (a common system prompt) cannot pile its whole traffic on the
-  replica that first cached it.  The guard reorders, never drops: all given replicas are
+  ``load_factor`` x their fair share of the load (and ``load_headroom`` requests above it)
+  rank after all that would not, so a prefix shared by every request (a common system
+  prompt) cannot pile its whole traffic on the replica that first cached it.  The guard reorders, never drops: all given replicas are
   ranked (the proxy fails over down the list), healthy ones before SUSPECT ones.
 * Ties (an idle fleet, a prompt no one has seen) go to the lesser load per capacity, then
   by rotation, so equal replicas share traffic.
@@ -35,12 +43,16 @@ index's match for every given replica (the proxy passes the winner's to ``observ
 
 Parameters (``routing.params``):
     load_factor (number > 1, default 1.25): the bounded-load factor c.
+    load_headroom (number >= 0, default 2): requests above its fair share a replica may
+        always carry (router/policies/load.py).
     prefill_tokens_per_s (number > 0, default 20000): prior prefill rate of one TP=1,
         weight-1 replica (the simulator's 8B-on-H100 model does about 26k).
     ewma_alpha (0 < a <= 1, default 0.2): weight of a new sample in the learned rates.
     min_learn_tokens (integer >= 1, default 256): smaller uncached prompts teach no rate
         (their ttfb is overhead, not prefill).
     typical_tokens (number > 0, default 512): initial typical uncached tokens per request.
+    running_weight (0 <= w <= 1, default 0.1): a running request's weight in the queue
+        relative to a waiting one.
 """
 
 from __future__ import annotations
@@ -48,7 +60,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Sequence
 
 from router.policies.base import Decision
-from router.policies.load import DEFAULT_LOAD_FACTOR, Candidates, capacity
+from router.policies.load import DEFAULT_LOAD_FACTOR, DEFAULT_LOAD_HEADROOM, Candidates, capacity
 
 if TYPE_CHECKING:
     from router.fleet import Replica
@@ -60,10 +72,12 @@ DEFAULT_PREFILL_TOKENS_PER_S = 20_000.0  # prior, per TP=1 weight-1 replica
 DEFAULT_EWMA_ALPHA = 0.2  # weight of a new observation in learned rates
 DEFAULT_MIN_LEARN_TOKENS = 256  # below this many uncached tokens, ttfb is mostly overhead
 DEFAULT_TYPICAL_TOKENS = 512.0  # initial typical uncached prompt tokens per queued request
+DEFAULT_RUNNING_WEIGHT = 0.1  # a running (decoding) request vs a waiting one, in the queue
 RATE_CLAMP = 16.0  # a learned rate stays within [prior / 16, prior x 16]
 MAX_TRACKED_REPLICAS = 4096  # bound on the learned-rate table (replicas come and go)
 
-PARAMS = ("load_factor", "prefill_tokens_per_s", "ewma_alpha", "min_learn_tokens", "typical_tokens")
+PARAMS = ("load_factor", "load_headroom", "prefill_tokens_per_s", "ewma_alpha", "min_learn_tokens", "typical_tokens",
+          "running_weight")
 
 
 class CacheAware:
@@ -73,16 +87,20 @@ class CacheAware:
         self,
         *,
         load_factor: float = DEFAULT_LOAD_FACTOR,
+        load_headroom: float = DEFAULT_LOAD_HEADROOM,
         prefill_tokens_per_s: float = DEFAULT_PREFILL_TOKENS_PER_S,
         ewma_alpha: float = DEFAULT_EWMA_ALPHA,
         min_learn_tokens: int = DEFAULT_MIN_LEARN_TOKENS,
         typical_tokens: float = DEFAULT_TYPICAL_TOKENS,
+        running_weight: float = DEFAULT_RUNNING_WEIGHT,
     ) -> None:
         self.load_factor = load_factor
+        self.load_headroom = load_headroom
         self.prefill_tokens_per_s = prefill_tokens_per_s
         self.ewma_alpha = ewma_alpha
         self.min_learn_tokens = min_learn_tokens
         self.typical_tokens = typical_tokens
+        self.running_weight = running_weight
         self._rates: dict[str, float] = {}  # replica id -> learned prefill tokens/s
         self._tokens_per_block = 16  # from the index at rank time, for observe()
         self._turn = 0
@@ -108,11 +126,13 @@ class CacheAware:
             return Decision(ranked=[], why={"policy": self.name})
         tpb = self._tokens_per_block = index.tokens_per_block
         ids, loads, caps, suspect = cands.ids, cands.loads, cands.capacities, cands.suspect
+        waiting, running = cands.waiting, cands.running
         matched = index.match(request.block_hashes, ids)
-        ok = cands.within_bound(self.load_factor)
+        ok = cands.within_bound(self.load_factor, self.load_headroom)
 
         prompt = request.estimated_prompt_tokens
         typical = self.typical_tokens
+        running_weight = self.running_weight
         rates = self._rates
         base = self.prefill_tokens_per_s
         self._turn = (self._turn + 1) & 0x3FFFFFFF
@@ -125,7 +145,7 @@ class CacheAware:
             rate = rates.get(rid) or base * caps[i]
             m = matched[rid]
             cached = m * tpb
-            queue_s = loads[i] * typical / rate
+            queue_s = (waiting[i] + running_weight * running[i]) * typical / rate
             cost = queue_s + ((prompt - cached) / rate if cached < prompt else 0.0)
             keys.append((suspect[i], not ok[i], cost, loads[i] / caps[i], -m, (i - start) % n, i, queue_s))
         keys.sort()
@@ -176,6 +196,7 @@ def build(params: "Node") -> CacheAware:
     params.mapping(PARAMS)
     return CacheAware(
         load_factor=params.get("load_factor", DEFAULT_LOAD_FACTOR).number(minimum=1.0, exclusive_minimum=True),
+        load_headroom=params.get("load_headroom", DEFAULT_LOAD_HEADROOM).number(minimum=0.0),
         prefill_tokens_per_s=params.get("prefill_tokens_per_s", DEFAULT_PREFILL_TOKENS_PER_S).number(
             minimum=0.0, exclusive_minimum=True),
         ewma_alpha=params.get("ewma_alpha", DEFAULT_EWMA_ALPHA).number(
@@ -183,4 +204,5 @@ def build(params: "Node") -> CacheAware:
         min_learn_tokens=params.get("min_learn_tokens", DEFAULT_MIN_LEARN_TOKENS).integer(minimum=1),
         typical_tokens=params.get("typical_tokens", DEFAULT_TYPICAL_TOKENS).number(
             minimum=0.0, exclusive_minimum=True),
+        running_weight=params.get("running_weight", DEFAULT_RUNNING_WEIGHT).number(minimum=0.0, maximum=1.0),
     )

@@ -10,8 +10,8 @@ whose prefix cache then holds the conversation, without the router remembering s
   of the next point clockwise.  A replica joining or leaving moves only the keys of the
   arcs it gains or loses, about 1/N of them; the others keep their replica.
 * **Bounded loads** (Mirrokni, Thorup, Zadimoghaddam 2018): walking clockwise, replicas
-  above ``load_factor`` x their fair share of the load (router/policies/load.py) are
-  skipped, so a heavy session spills to the next replica on the ring instead of piling up.
+  above the bounded-load guard (``load_factor`` x their fair share of the load, with
+  ``load_headroom``; router/policies/load.py) are skipped, so a heavy session spills to the next replica on the ring instead of piling up.
 * **Ranking**: healthy replicas in ring order from the key's point, those within the bound
   first; then SUSPECT ones in ring order.  Every given replica is ranked.
 * **No key**: the request is routed by ``cache_aware`` (whose parameters this policy
@@ -22,7 +22,8 @@ in and out of health does not rebuild the ring on every request.
 
 Parameters:
     virtual_nodes (integer >= 1, default 160): ring points per unit of capacity.
-    load_factor (number > 1, default 1.25): the bounded-load factor c (also cache_aware's).
+    load_factor (number > 1, default 1.25), load_headroom (number >= 0, default 2): the
+        bounded-load guard (router/policies/load.py), also cache_aware's.
     and cache_aware's parameters, for requests without a session key.
 """
 
@@ -35,7 +36,7 @@ import xxhash
 
 from router.policies import cache_aware
 from router.policies.base import Decision
-from router.policies.load import DEFAULT_LOAD_FACTOR, capacity, split_by_health, within_bound
+from router.policies.load import DEFAULT_LOAD_FACTOR, DEFAULT_LOAD_HEADROOM, capacity, split_by_health, within_bound
 
 if TYPE_CHECKING:
     from router.fleet import Replica
@@ -88,11 +89,13 @@ class Session:
         *,
         virtual_nodes: int = DEFAULT_VIRTUAL_NODES,
         load_factor: float = DEFAULT_LOAD_FACTOR,
+        load_headroom: float = DEFAULT_LOAD_HEADROOM,
         fallback: cache_aware.CacheAware | None = None,
     ) -> None:
         self.virtual_nodes = virtual_nodes
         self.load_factor = load_factor
-        self.fallback = fallback or cache_aware.CacheAware(load_factor=load_factor)
+        self.load_headroom = load_headroom
+        self.fallback = fallback or cache_aware.CacheAware(load_factor=load_factor, load_headroom=load_headroom)
         self._rings: dict[frozenset[tuple[str, float]], _Ring] = {}
 
     def _ring(self, replicas: Sequence["Replica"]) -> _Ring:
@@ -126,7 +129,8 @@ class Session:
         held_back: list[Replica] = []
         if healthy:
             order = [by_id[rid] for rid in self._ring(healthy).walk(key_hash, len(healthy))]
-            ok = within_bound([r.queued for r in order], [capacity(r) for r in order], self.load_factor)
+            ok = within_bound([r.queued for r in order], [capacity(r) for r in order], self.load_factor,
+                              self.load_headroom)
             ranked = [r for r, fits in zip(order, ok) if fits]
             held_back = [r for r, fits in zip(order, ok) if not fits]
         ranked += held_back
@@ -149,6 +153,7 @@ def build(params: "Node") -> Session:
     return Session(
         virtual_nodes=params.get("virtual_nodes", DEFAULT_VIRTUAL_NODES).integer(minimum=1),
         load_factor=fallback.load_factor,
+        load_headroom=fallback.load_headroom,
         fallback=fallback,
     )
 

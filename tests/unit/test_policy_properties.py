@@ -76,7 +76,9 @@ def test_bounded_load_guard_holds_for_the_winner(name, specs, factor):
     if not healthy:
         return
     winner = decision.ranked[0]
-    allowances = load_allowances([r.queued for r in healthy], [capacity(r) for r in healthy], factor)
+    allowances = load_allowances([r.queued for r in healthy], [capacity(r) for r in healthy], factor, 2)
+    share = (sum(r.queued for r in healthy) + 1) * capacity(winner) / sum(capacity(r) for r in healthy)
+    assert winner.queued + 1 <= max(math.ceil(factor * share - 1e-9), math.ceil(share - 1e-9) + 2)
     allowed = allowances[healthy.index(winner)]
     assert winner.queued + 1 <= allowed
 
