@@ -107,6 +107,7 @@ class Replica:
     proc: Proc | None = None
     port: int = 0
     kv_events_endpoint: str | None = None  # tcp://127.0.0.1:PORT when it publishes KV events
+    kv_replay_endpoint: str | None = None
     info: dict[str, Any] = field(default_factory=dict)  # block_size, num_gpu_blocks from /metrics
 
 
@@ -137,9 +138,9 @@ class Fleet:
         return sizes[0] if sizes else self.spec.block_size
 
     # -- bring-up --------------------------------------------------------------------------
-    def sim_argv(self, replica: ReplicaSpec, port: int) -> tuple[list[str], str | None]:
+    def sim_argv(self, replica: ReplicaSpec, port: int) -> tuple[list[str], str | None, str | None]:
         """The simulator's command line (built by engines.sim.process.SimProcess, not started by
-        it: the harness's own registry starts and stops it) and its KV-event endpoint."""
+        it: the harness's own registry starts and stops it) and its KV-event endpoints."""
         from engines.sim.process import SimProcess
 
         kv_tokens = replica.kv_blocks * self.spec.block_size
@@ -149,7 +150,7 @@ class Fleet:
                                "--max-model-len", str(min(kv_tokens, 32768)),
                                "--max-num-seqs", str(self.spec.max_num_seqs), "--log-level", "warning",
                                *self.spec.sim_args])
-        return [*self.argv_prefix, *sim.argv()], sim.kv_events_endpoint
+        return [*self.argv_prefix, *sim.argv()], sim.kv_events_endpoint, sim.kv_replay_endpoint
 
     async def start(self, http: aiohttp.ClientSession) -> None:
         if self.spec.kind == "real":
@@ -157,9 +158,9 @@ class Fleet:
             return
         for i, replica in enumerate(self.spec.expanded()):
             port = self.port_base + i
-            argv, endpoint = self.sim_argv(replica, port)
+            argv, endpoint, replay = self.sim_argv(replica, port)
             proc = self.procs.start(f"sim-{i}", argv, log_path=self.log_dir / f"sim-{i}.log")
-            self.replicas.append(Replica(f"http://127.0.0.1:{port}", replica, proc, port, endpoint))
+            self.replicas.append(Replica(f"http://127.0.0.1:{port}", replica, proc, port, endpoint, replay))
         await self.wait_healthy(http)
 
     async def _start_real(self, http: aiohttp.ClientSession) -> None:
@@ -259,6 +260,11 @@ class Fleet:
                     out.append((await r.json())["tokens"])
             return out
         return remote
+
+    def backends(self) -> list[dict[str, Any]]:
+        """The fleet as the targets need it: URL, TP size, KV-event endpoints, block size."""
+        return [{"url": r.url, "tp": r.spec.tp, "kv_events": r.kv_events_endpoint, "kv_replay": r.kv_replay_endpoint,
+                 "block_size": self.block_size} for r in self.replicas]
 
     def describe(self) -> list[dict[str, Any]]:
         return [{"url": r.url, "tp": r.spec.tp, "kv_blocks": r.info.get("num_gpu_blocks", r.spec.kv_blocks),

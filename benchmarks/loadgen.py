@@ -245,7 +245,8 @@ async def run(spec: LoadSpec, workload: Workload,
         if ready.closed:
             return False
         if len(result.prompts) >= spec.max_requests:
-            result.stopped_by = "max_requests"
+            if len(result.prompts) < workload.total_requests:
+                result.stopped_by = "max_requests"
         elif loop.time() >= deadline:
             result.stopped_by = "max_duration"
         else:

@@ -135,8 +135,7 @@ async def run_overhead(scenario: Scenario, procs: Processes, *, targets: list[Ta
             fleet = Fleet(fleet_spec, scenario.model, procs, out / "logs", port_base, argv_prefix=sim_pin)
             bar.describe(f"starting fleet ({phase_fleet})")
             await fleet.start(http)
-            backends = [{"url": r.url, "tp": r.spec.tp, "kv_events": r.kv_events_endpoint,
-                         "block_size": fleet.block_size} for r in fleet.replicas]
+            backends = fleet.backends()
             try:
                 for target in targets:
                     running = await start_target(target, procs=procs, model=scenario.model, backends=backends,

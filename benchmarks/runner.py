@@ -183,8 +183,7 @@ async def run_routing(scenario: Scenario, procs: Processes, *, targets: list[Tar
         bar.describe("starting fleet")
         await fleet.start(http)
         tokenize = await fleet.tokenizer(http)
-        backends = [{"url": r.url, "tp": r.spec.tp, "kv_events": r.kv_events_endpoint,
-                     "block_size": fleet.block_size} for r in fleet.replicas]
+        backends = fleet.backends()
         for target in targets:
             clear_runs(runs_dir, target)
             bar.describe(f"{target.name}: starting")

@@ -48,13 +48,22 @@ def _bin(name: str) -> str:
 
 
 def routes_yaml(model: str, backends: list[dict[str, Any]], policy: str, port: int) -> dict[str, Any]:
-    """Our router's config for a benchmark run: the fleet as static backends, no launch."""
+    """Our router's config for a benchmark run: the fleet as static backends (with their KV-event
+    endpoints when the fleet publishes them, as vllm-router:kv_aware gets them), no launch."""
+    def backend(b: dict[str, Any]) -> dict[str, Any]:
+        out: dict[str, Any] = {"url": b["url"], "tensor_parallel_size": b["tp"]}
+        if b.get("kv_events"):
+            out["kv_events"] = {"endpoint": b["kv_events"], "topic": ""}
+            if b.get("kv_replay"):
+                out["kv_events"]["replay_endpoint"] = b["kv_replay"]
+        return out
+
     return {
         # no per-request access log: the peers run at log level warning, which logs none either
         "server": {"host": "127.0.0.1", "port": port, "access_log": False, "log_level": "warning"},
         "models": [{
             "name": model,
-            "backends": [{"url": b["url"], "tensor_parallel_size": b["tp"]} for b in backends],
+            "backends": [backend(b) for b in backends],
         }],
         "routing": {"policy": policy},
     }
@@ -65,7 +74,7 @@ def router_argv(target: TargetSpec, *, model: str, backends: list[dict[str, Any]
     """The command line that starts `target` (not `direct`) on `port` in front of `backends`."""
     urls = [b["url"] for b in backends]
     if target.kind == "ours":
-        config = run_dir / f"routes-{target.policy}.yaml"
+        config = run_dir / "configs" / f"routes-{target.policy}.yaml"
         config.parent.mkdir(parents=True, exist_ok=True)
         config.write_text(yaml.safe_dump(routes_yaml(model, backends, target.policy, port), sort_keys=False))
         return [sys.executable, "-m", "router", "--config", str(config)]
@@ -77,6 +86,8 @@ def router_argv(target: TargetSpec, *, model: str, backends: list[dict[str, Any]
         if target.policy == "kv_aware":
             for b in backends:
                 argv += ["--kv-event-source", f"{b['url']}={b['kv_events']}"]
+                if b.get("kv_replay"):
+                    argv += ["--kv-event-replay-source", f"{b['url']}={b['kv_replay']}"]
             argv += ["--kv-event-block-size", str(backends[0]["block_size"]), "--kv-event-model", model]
         return argv
     if target.kind == "sglang-router":
