@@ -243,5 +243,17 @@ def build_tiny_model(model_dir: Path = DEFAULT_MODEL_DIR, *, venv: Path = DEFAUL
 
 def install_all(venv: Path = DEFAULT_VENV, model_dir: Path = DEFAULT_MODEL_DIR, *,
                 force: bool = False) -> None:
-    install_env(venv, force=force)
-    build_tiny_model(model_dir, venv=venv, force=force)
+    """Environment + model; concurrent runs (two `make test`s) wait for each other."""
+    import fcntl
+
+    venv.mkdir(parents=True, exist_ok=True)  # `python -m venv` accepts an existing folder
+    lock_path = venv / ".install.lock"
+    with open(lock_path, "w") as lock:
+        if not (is_installed(venv) and model_ready(model_dir)) or force:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                _log(f"another install holds {lock_path}; waiting for it")
+                fcntl.flock(lock, fcntl.LOCK_EX)
+        install_env(venv, force=force)
+        build_tiny_model(model_dir, venv=venv, force=force)
