@@ -300,8 +300,9 @@ def provenance(meta: dict[str, Any]) -> list[str]:
         lines.append("")
     if meta.get("fleet"):
         fleet = ", ".join(f"TP{r['tp']} ({r['kv_blocks']} blocks x {r['block_size']})" for r in meta["fleet"])
-        lines.append(f"Fleet: {fleet}; simulator time scale {meta.get('time_scale', 1)} "
-                     "(latencies are wall-clock as measured).")
+        engine = ("real vLLM (CPU build)" if meta.get("fleet_kind") == "real"
+                  else f"simulated, time scale {meta.get('time_scale', 1)}")
+        lines.append(f"Fleet: {fleet}; {engine} (latencies are wall-clock as measured).")
         lines.append("")
     lines.append("Figures are medians over repeats where a scenario repeats. Hit rate: the replicas' own "
                  "`vllm:prefix_cache_hits_total / queries_total` deltas over the run; oracle: see "

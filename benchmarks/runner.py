@@ -200,7 +200,8 @@ async def run_routing(scenario: Scenario, procs: Processes, *, targets: list[Tar
             finally:
                 stop_target(running, procs)
         write_meta(scenario, out, {"fleet": fleet.describe(), "workload_requests": workload.total_requests,
-                                   "time_scale": scenario.fleet.time_scale})
+                                   "time_scale": scenario.fleet.time_scale,
+                                   "fleet_kind": scenario.fleet.kind})
     finally:
         bar.close()
         fleet.stop()
