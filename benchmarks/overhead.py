@@ -104,6 +104,30 @@ async def _phase(scenario: Scenario, fleet: Fleet, running, http, bar, *, phase:
     return run
 
 
+async def _target_phases(scenario: Scenario, fleet: Fleet, running, http, bar, phase_fleet: str, rep: int,
+                         out: Path, sat_reqs: int) -> None:
+    ov = scenario.overhead
+    name = running.spec.name
+    if phase_fleet == "streams":
+        bar.describe(f"{name}: {ov.streams} streams (repeat {rep + 1})")
+        await _phase(scenario, fleet, running, http, bar, phase="streams", rate=None, concurrency=ov.streams,
+                     duration_s=scenario.limits.max_duration_s,
+                     workload=tiny_workload(ov.streams, ov.prompt_tokens, ov.stream_tokens),
+                     repeat=rep, out=out, ramp_s=ov.stream_ramp_s)
+        return
+    for rate in ov.rates:
+        bar.describe(f"{name}: {rate:g} req/s (repeat {rep + 1})")
+        await _phase(scenario, fleet, running, http, bar, phase="rate", rate=rate, concurrency=0,
+                     duration_s=ov.duration_s,
+                     workload=tiny_workload(math.ceil(rate * ov.duration_s * 1.2) + 10, ov.prompt_tokens,
+                                            ov.output_tokens),
+                     repeat=rep, out=out)
+    bar.describe(f"{name}: saturation, {ov.saturation_concurrency} clients (repeat {rep + 1})")
+    await _phase(scenario, fleet, running, http, bar, phase="saturation", rate=None,
+                 concurrency=ov.saturation_concurrency, duration_s=ov.saturation_duration_s,
+                 workload=tiny_workload(sat_reqs, ov.prompt_tokens, ov.output_tokens), repeat=rep, out=out)
+
+
 async def run_overhead(scenario: Scenario, procs: Processes, *, targets: list[TargetSpec] | None = None,
                        progress: bool = True, port_base: int = 18300) -> Path:
     from benchmarks.report import write_report
@@ -137,33 +161,17 @@ async def run_overhead(scenario: Scenario, procs: Processes, *, targets: list[Ta
             await fleet.start(http)
             backends = fleet.backends()
             try:
-                for target in targets:
-                    running = await start_target(target, procs=procs, model=scenario.model, backends=backends,
-                                                 run_dir=out, http=http, cores=cores,
-                                                 startup_timeout_s=scenario.fleet.startup_timeout_s)
-                    try:
-                        for rep in range(reps):
-                            if phase_fleet == "streams":
-                                bar.describe(f"{target.name}: {ov.streams} streams")
-                                await _phase(scenario, fleet, running, http, bar, phase="streams", rate=None,
-                                             concurrency=ov.streams, duration_s=scenario.limits.max_duration_s,
-                                             workload=tiny_workload(ov.streams, ov.prompt_tokens, ov.stream_tokens),
-                                             repeat=rep, out=out, ramp_s=ov.stream_ramp_s)
-                                continue
-                            for rate in ov.rates:
-                                bar.describe(f"{target.name}: {rate:g} req/s")
-                                await _phase(scenario, fleet, running, http, bar, phase="rate", rate=rate,
-                                             concurrency=0, duration_s=ov.duration_s,
-                                             workload=tiny_workload(math.ceil(rate * ov.duration_s * 1.2) + 10,
-                                                                    ov.prompt_tokens, ov.output_tokens),
-                                             repeat=rep, out=out)
-                            bar.describe(f"{target.name}: saturation, {ov.saturation_concurrency} clients")
-                            await _phase(scenario, fleet, running, http, bar, phase="saturation", rate=None,
-                                         concurrency=ov.saturation_concurrency, duration_s=ov.saturation_duration_s,
-                                         workload=tiny_workload(sat_reqs, ov.prompt_tokens, ov.output_tokens),
-                                         repeat=rep, out=out)
-                    finally:
-                        stop_target(running, procs)
+                # Repeat-major order: every target runs once before any runs again, so a drift in
+                # the machine's background load spreads over all targets instead of hitting one.
+                for rep in range(reps):
+                    for target in targets:
+                        running = await start_target(target, procs=procs, model=scenario.model, backends=backends,
+                                                     run_dir=out, http=http, cores=cores,
+                                                     startup_timeout_s=scenario.fleet.startup_timeout_s)
+                        try:
+                            await _target_phases(scenario, fleet, running, http, bar, phase_fleet, rep, out, sat_reqs)
+                        finally:
+                            stop_target(running, procs)
             finally:
                 fleet.stop()
         write_meta(scenario, out, {"mode": "overhead", "settings": dataclasses.asdict(ov),
@@ -299,19 +307,34 @@ def write_overhead_report(out: Path, meta: dict[str, Any]) -> Path:
 
 
 def _plot(agg, targets: list[str], rates: list[float], path: Path, plt) -> None:
+    """Added e2e latency p50 and p99 per rate, and added ITL p50/p99 with many streams."""
+    from benchmarks.report import _colors
+
     routers = [t for t in targets if t != "direct"]
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    colors = _colors(targets)
+    streams = any((t, "streams", None) in agg for t in routers)
+    fig, axes = plt.subplots(1, 3 if streams else 2, figsize=(16 if streams else 12, 4.5))
     width = 0.8 / max(1, len(routers))
     for ax, pct in zip(axes, ("p50", "p99")):
         for i, t in enumerate(routers):
             ys = [(_added(agg, t, "rate", r, f"e2e_{pct}") or 0) * 1000 for r in rates]
-            ax.bar([x + i * width for x in range(len(rates))], ys, width, label=t)
-        ax.set_xticks([x + width * (len(routers) - 1) / 2 for x in range(len(rates))], [f"{r:g}/s" for r in rates])
+            ax.bar([x + i * width for x in range(len(rates))], ys, width, label=t, color=colors[t])
+        ax.set_xticks([x + width * (len(routers) - 1) / 2 for x in range(len(rates))], [f"{r:g} req/s" for r in rates])
         ax.set_ylabel(f"added e2e latency {pct} (ms)")
-        ax.set_title(f"router-added latency, {pct} (vs direct)")
+        ax.set_title(f"router-added latency {pct} vs direct")
         ax.axhline(0, color="black", linewidth=0.6)
         ax.grid(axis="y", alpha=0.3)
     axes[0].legend(fontsize=7)
+    if streams:
+        ax = axes[2]
+        for i, t in enumerate(routers):
+            ys = [(_added(agg, t, "streams", None, f"itl_{pct}") or 0) * 1000 for pct in ("p50", "p99")]
+            ax.bar([x + i * width for x in range(2)], ys, width, label=t, color=colors[t])
+        ax.set_xticks([x + width * (len(routers) - 1) / 2 for x in range(2)], ["ITL p50", "ITL p99"])
+        ax.set_ylabel("added inter-token latency (ms)")
+        ax.set_title("added ITL, many concurrent streams")
+        ax.axhline(0, color="black", linewidth=0.6)
+        ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

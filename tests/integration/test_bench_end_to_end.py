@@ -96,3 +96,40 @@ def test_interrupt_leaves_nothing_behind(tmp_path, sig):
         if run.poll() is None:
             os.kill(run.pid, signal.SIGKILL)
             run.wait()
+
+
+OVERHEAD = """
+name: ov
+mode: overhead
+output: {out}
+repeats: 2
+fleet:
+  replicas: [{{tp: 1, count: 1, kv_blocks: 4096}}]
+  time_scale: 1000
+overhead: {{rates: [40], duration_s: 1, saturation_concurrency: 8, saturation_duration_s: 1,
+           streams: 20, stream_tokens: 5, stream_step_s: 0.05, stream_ramp_s: 0.2}}
+limits: {{max_duration_s: 20, request_timeout_s: 20}}
+targets: [ours:round_robin]
+"""
+
+
+async def test_overhead_scenario_end_to_end(tmp_path):
+    from benchmarks.overhead import run_overhead
+
+    path = tmp_path / "ov.yaml"
+    path.write_text(OVERHEAD.format(out=tmp_path / "out"))
+    scenario = load_scenario(path)
+    with Processes() as procs:
+        out = await run_overhead(scenario, procs, progress=False, port_base=19300)
+        assert procs.running == []
+    runs = load_runs(out)
+    phases = {(r["target"], r["phase"], r["repeat"]) for r in runs}
+    for target in ("direct", "ours:round_robin"):  # direct is always added as the baseline
+        for phase in ("rate", "saturation", "streams"):
+            assert {(target, phase, 0), (target, phase, 1)} <= phases
+    streams = next(r for r in runs if r["phase"] == "streams" and r["target"] == "ours:round_robin")
+    assert streams["summary"]["ok"] == 20 and streams["summary"]["itl_s"]["count"] == 20 * 4
+    sat = next(r for r in runs if r["phase"] == "saturation" and r["target"] == "ours:round_robin")
+    assert sat["router_resources"]["cpu_ms_per_request"] > 0
+    text = (out / "results.md").read_text()
+    assert "Added latency at fixed request rates" in text and "`ours:round_robin` | 40 |" in text
