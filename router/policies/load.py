@@ -62,8 +62,11 @@ def load_allowances(loads: Sequence[float], capacities: Sequence[float], factor:
     """Per replica, the most load it may carry after taking one more request."""
     scale = (sum(loads) + 1.0) / (sum(capacities) or 1.0)
     ceil = math.ceil
-    return [max(ceil(factor * share - _EPS), ceil(share - _EPS) + headroom)
-            for share in [scale * cap for cap in capacities]]
+    per_capacity = {  # fleets have few distinct capacities: compute each once
+        cap: max(ceil(factor * scale * cap - _EPS), ceil(scale * cap - _EPS) + headroom)
+        for cap in set(capacities)
+    }
+    return [per_capacity[cap] for cap in capacities]
 
 
 def within_bound(loads: Sequence[float], capacities: Sequence[float], factor: float,
