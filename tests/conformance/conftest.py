@@ -133,7 +133,8 @@ def engine_pool(engines_state_dir):
         stop()
 
 
-@pytest.fixture(scope="package", params=KINDS)
+@pytest.fixture(scope="package", params=[
+    "sim", pytest.param("vllm", marks=[pytest.mark.vllm, pytest.mark.slow])])
 def engine(request, engine_pool) -> Engine:
     """Each engine kind in turn (tests using it run once per kind)."""
     return engine_pool(request.param)
@@ -143,3 +144,11 @@ def engine(request, engine_pool) -> Engine:
 def both_engines(engine_pool) -> dict[str, Engine]:
     """Sim and real vLLM together, for checks that compare them (skipped without vLLM)."""
     return {kind: engine_pool(kind) for kind in KINDS}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests that compare with real vLLM carry the `vllm` marker (`-m "not vllm"` skips them)."""
+    for item in items:
+        if "both_engines" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.vllm)
+            item.add_marker(pytest.mark.slow)
