@@ -124,8 +124,8 @@ async def _sample(sampler, stop: asyncio.Event) -> None:
 async def measure(scenario: Scenario, fleet: Fleet, target: RunningTarget, workload: Workload, qps: float | None,
                   http, progress: _Progress, tokenize) -> dict[str, Any]:
     """One run: reset, counters, load, counters, oracle, summary."""
+    await fleet.idle(http)  # nothing running (vLLM refuses to reset a cache in use)
     reset_how = await fleet.reset(http)
-    await fleet.idle(http)
     before = await fleet.read_counters(http)
     arrival = scenario.arrival
     spec = loadgen.LoadSpec(
