@@ -18,4 +18,6 @@ Modules, one noun each:
   runner.py    one scenario end to end
   overhead.py  router-added latency, max sustained rate, added inter-token latency
   report.py    markdown tables and PNG plots from the raw JSON
+  real.py      real vLLM replicas from an engines.yaml registry (fleet.kind: real)
+  routing_micro.py  the routing-decision micro-benchmark (prefix routing issue)
 """

@@ -17,7 +17,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Sequence
@@ -200,11 +199,3 @@ class ResourceSampler:
         self.sample()
         return {"cpu_s": round(self._last_cpu - self._cpu0, 3), "peak_rss_mb": round(self._peak / 2**20, 1)}
 
-
-def wait_until(predicate, timeout_s: float, interval_s: float = 0.1) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval_s)
-    return False

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-import socket
 import sys
 from dataclasses import dataclass
 from importlib import metadata
@@ -28,12 +27,7 @@ import yaml
 
 from benchmarks.procs import Proc, Processes, ResourceSampler
 from benchmarks.scenario import TargetSpec
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from engines.sim.process import free_port
 
 
 def _bin(name: str) -> str:
