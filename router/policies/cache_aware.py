@@ -1,12 +1,13 @@
 """`cache_aware` (the default): lowest estimated time to first token, within bounded load.
 
 One cost, no threshold chain.  For each replica r, with T the request's prompt tokens
-(``RouteRequest.estimated_prompt_tokens``) and m_r the blocks of its prefix the index says
-r was sent (``PrefixIndex.match``):
+(``RouteRequest.estimated_prompt_tokens``), n its blocks and m_r the blocks of its prefix
+the index says r was sent (``PrefixIndex.match``):
 
     uncached_r = T - min(T, m_r x tokens_per_block)
-    queue_s_r  = (waiting_r + running_weight x running_r) x typical_tokens / rate_r
-    cost_r     = queue_s_r + uncached_r / rate_r            (seconds)
+    queue_s_r  = (waiting_r + running_weight x running_r + over_share_r) x typical_tokens / rate_r
+    evict_s_r  = max(0, n - m_r - free_r) x tokens_per_block x eviction_weight / rate_r
+    cost_r     = queue_s_r + uncached_r / rate_r + evict_s_r            (seconds)
 
 * The queue: of the requests ahead (``Replica.queued``: router in-flight, or the scraped
   running + waiting if larger), ``waiting_r`` are the ones the replica itself last
@@ -18,10 +19,25 @@ r was sent (``PrefixIndex.match``):
   slows the shared steps, counted as ``running_weight`` of a waiting one.  (Counting every
   in-flight request as a full prefill moves a conversation off its cached history as
   soon as another replica has one request less in flight.)  A replica that saturates
-  (KV cache full, max_num_seqs reached) reports a waiting queue and is then avoided;
-  until then the bounded-load guard keeps the load even.  Dividing by the replica's rate makes the queue
-  relative to its capacity: four requests waiting on a TP=4 replica weigh like one on a
-  TP=1 replica.
+  (KV cache full, max_num_seqs reached) reports a waiting queue and is then avoided.
+* ``over_share_r``: requests beyond r's bounded share of the recent traffic (the last
+  ~``RECENT_WINDOW`` decisions, decayed; the same bound as the guard below, applied to
+  those counts) count as waiting in its queue: under sustained skew they will be.  At low
+  load the in-flight counts are too small to tell a replica that takes two thirds of all
+  new conversations from one that takes its share; this term does, softly: a returning
+  conversation whose history is cached there outweighs a small excess and stays, new
+  and cold requests go elsewhere.
+* ``evict_s_r``: the index knows how many blocks r can hold (``free_r`` =
+  ``PrefixIndex.free_blocks``, from its KV capacity).  Storing the request's new blocks on
+  a full replica evicts as many blocks of other prefixes, which will likely be asked for
+  again and recomputed: ``eviction_weight`` prefills of each.  So new conversations go
+  where the KV cache has room, rather than all to the fastest replica whose cache is
+  already full of other conversations.  (benchmarks/scenarios/multi_turn.yaml, one run
+  each on the loaded 2-core dev machine: hit rate 42% without the two terms above, 58%
+  with the eviction term alone, 70% with the share term alone, 68% with both; the
+  busiest replica's request share 69%, 65%, 59%, 62%, its fair share being 50%.  The
+  share term alone cost 0.03-0.20 of hit rate on tests/integration/test_prefix_routing.py
+  by moving conversations; together they do not.)
 * ``rate_r`` (prefill tokens/s) starts at ``prefill_tokens_per_s x tensor_parallel_size x
   weight`` and is learned online: ``observe()`` gets the time to first byte of every
   answered request, and when at least ``min_learn_tokens`` were uncached, the sample
@@ -29,17 +45,20 @@ r was sent (``PrefixIndex.match``):
   ttfb makes a busy replica read slower than it is, which steers work away from it: the
   safe direction.  So for a long uncached prompt a TP=4 replica is rightly preferred to
   an idle TP=1 one, while a short or mostly cached prompt goes where its prefix is.
-* **Bounded-load guard** (router/policies/load.py): replicas that would exceed
-  ``load_factor`` x their fair share of the load (and ``load_headroom`` requests above it)
-  rank after all that would not, so a prefix shared by every request (a common system
-  prompt) cannot pile its whole traffic on the replica that first cached it.  The guard reorders, never drops: all given replicas are
-  ranked (the proxy fails over down the list), healthy ones before SUSPECT ones.
+  Dividing by the rate makes every term relative to the replica's capacity.
+* **Bounded-load guard** (router/policies/load.py): replicas whose in-flight load would
+  exceed ``load_factor`` x their fair share (and ``load_headroom`` requests above it) rank
+  after all that would not, so a burst of requests sharing a prefix (a common system
+  prompt) cannot pile onto the replica that first cached it.  The guard reorders, never
+  drops: all given replicas are ranked (the proxy fails over down the list), healthy
+  ones before SUSPECT ones.
 * Ties (an idle fleet, a prompt no one has seen) go to the lesser load per capacity, then
-  by rotation, so equal replicas share traffic.
+  the longer match, then by rotation, so equal replicas share traffic.
 
-``Decision.why``: matched blocks, load, queue estimate and cost of the winner and the
-runner-up, and how many replicas the guard held back.  ``Decision.matched_blocks``: the
-index's match for every given replica (the proxy passes the winner's to ``observe``).
+``Decision.why``: matched blocks, load, queue estimate, blocks it would evict and cost of
+the winner, cost and match of the runner-up, and how many replicas the guard held back.
+``Decision.matched_blocks``: the index's match for every given replica (the proxy passes
+the winner's to ``observe``).
 
 Parameters (``routing.params``):
     load_factor (number > 1, default 1.25): the bounded-load factor c.
@@ -53,6 +72,7 @@ Parameters (``routing.params``):
     typical_tokens (number > 0, default 512): initial typical uncached tokens per request.
     running_weight (0 <= w <= 1, default 0.1): a running request's weight in the queue
         relative to a waiting one.
+    eviction_weight (number >= 0, default 2): future prefills an evicted block costs.
 """
 
 from __future__ import annotations
@@ -60,7 +80,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Sequence
 
 from router.policies.base import Decision
-from router.policies.load import DEFAULT_LOAD_FACTOR, DEFAULT_LOAD_HEADROOM, Candidates, capacity
+from router.policies.load import DEFAULT_LOAD_FACTOR, DEFAULT_LOAD_HEADROOM, Candidates, RecentDispatches, capacity
 
 if TYPE_CHECKING:
     from router.fleet import Replica
@@ -73,11 +93,13 @@ DEFAULT_EWMA_ALPHA = 0.2  # weight of a new observation in learned rates
 DEFAULT_MIN_LEARN_TOKENS = 256  # below this many uncached tokens, ttfb is mostly overhead
 DEFAULT_TYPICAL_TOKENS = 512.0  # initial typical uncached prompt tokens per queued request
 DEFAULT_RUNNING_WEIGHT = 0.1  # a running (decoding) request vs a waiting one, in the queue
+DEFAULT_EVICTION_WEIGHT = 2.0  # future recompute of an evicted block, in prefills of that block
 RATE_CLAMP = 16.0  # a learned rate stays within [prior / 16, prior x 16]
 MAX_TRACKED_REPLICAS = 4096  # bound on the learned-rate table (replicas come and go)
+RECENT_WINDOW = 100.0  # decisions over which each replica's share of requests is counted
 
 PARAMS = ("load_factor", "load_headroom", "prefill_tokens_per_s", "ewma_alpha", "min_learn_tokens", "typical_tokens",
-          "running_weight")
+          "running_weight", "eviction_weight")
 
 
 class CacheAware:
@@ -93,6 +115,7 @@ class CacheAware:
         min_learn_tokens: int = DEFAULT_MIN_LEARN_TOKENS,
         typical_tokens: float = DEFAULT_TYPICAL_TOKENS,
         running_weight: float = DEFAULT_RUNNING_WEIGHT,
+        eviction_weight: float = DEFAULT_EVICTION_WEIGHT,
     ) -> None:
         self.load_factor = load_factor
         self.load_headroom = load_headroom
@@ -101,9 +124,11 @@ class CacheAware:
         self.min_learn_tokens = min_learn_tokens
         self.typical_tokens = typical_tokens
         self.running_weight = running_weight
+        self.eviction_weight = eviction_weight
         self._rates: dict[str, float] = {}  # replica id -> learned prefill tokens/s
         self._tokens_per_block = 16  # from the index at rank time, for observe()
         self._turn = 0
+        self._recent = RecentDispatches(RECENT_WINDOW)
 
     # -- the cost model ---------------------------------------------------------------
     def prior_rate(self, replica: "Replica") -> float:
@@ -128,7 +153,10 @@ class CacheAware:
         ids, loads, caps, suspect = cands.ids, cands.loads, cands.capacities, cands.suspect
         waiting, running = cands.waiting, cands.running
         matched = index.match(request.block_hashes, ids)
-        ok = cands.within_bound(self.load_factor, self.load_headroom)
+        over_load = cands.excess(self.load_factor, self.load_headroom)  # > 0: held back by the guard
+        over_share = cands.excess(self.load_factor, self.load_headroom, self._recent.counts(ids))
+        free = index.free_blocks(ids)
+        n_blocks = len(request.block_hashes)
 
         prompt = request.estimated_prompt_tokens
         typical = self.typical_tokens
@@ -139,25 +167,37 @@ class CacheAware:
         start = self._turn % n
         # Sort keys: suspect after healthy; within each, guard-passing first; then cost,
         # load per capacity, longer match, rotation (ties of an idle fleet spread).
+        evict_tokens = tpb * self.eviction_weight
         keys = []
         for i in range(n):
             rid = ids[i]
             rate = rates.get(rid) or base * caps[i]
             m = matched[rid]
-            cached = m * tpb
-            queue_s = (waiting[i] + running_weight * running[i]) * typical / rate
-            cost = queue_s + ((prompt - cached) / rate if cached < prompt else 0.0)
-            keys.append((suspect[i], not ok[i], cost, loads[i] / caps[i], -m, (i - start) % n, i, queue_s))
+            uncached = prompt - m * tpb
+            # tokens of work ahead of the first token, all at this replica's prefill rate
+            work = (waiting[i] + running_weight * running[i] + over_share[i]) * typical
+            if uncached > 0:
+                work += uncached
+            evicted = n_blocks - m - free[i]
+            if evicted > 0:
+                work += evicted * evict_tokens
+            keys.append((suspect[i], over_load[i] > 0.0, work / rate, loads[i] / caps[i], -m, (i - start) % n, i))
         keys.sort()
         ranked = [cands.replicas[k[6]] for k in keys]
         win = keys[0]
+        w = win[6]
+        self._recent.add(ids[w])
+        rate = rates.get(ids[w]) or base * caps[w]
+        queue_s = (waiting[w] + running_weight * running[w] + over_share[w]) * typical / rate
         why: dict[str, object] = {
             "policy": self.name,
             "matched_blocks": -win[4],
-            "load": loads[win[6]],
-            "queue_s": round(win[7], 6),
+            "load": loads[w],
+            "queue_s": round(queue_s, 6),
+            "over_share": round(over_share[w], 3),
+            "evicts_blocks": max(0, int(n_blocks + win[4] - free[w])) if free[w] != float("inf") else 0,
             "cost_s": round(win[2], 6),
-            "held_back": sum(1 for s, o in zip(suspect, ok) if not (s or o)),
+            "held_back": sum(1 for s, o in zip(suspect, over_load) if o > 0.0 and not s),
         }
         if n > 1:
             run = keys[1]
@@ -205,4 +245,5 @@ def build(params: "Node") -> CacheAware:
         typical_tokens=params.get("typical_tokens", DEFAULT_TYPICAL_TOKENS).number(
             minimum=0.0, exclusive_minimum=True),
         running_weight=params.get("running_weight", DEFAULT_RUNNING_WEIGHT).number(minimum=0.0, maximum=1.0),
+        eviction_weight=params.get("eviction_weight", DEFAULT_EVICTION_WEIGHT).number(minimum=0.0),
     )

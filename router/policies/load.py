@@ -132,13 +132,59 @@ class Candidates:
 
     def within_bound(self, factor: float, headroom: float = DEFAULT_LOAD_HEADROOM) -> list[bool]:
         """Per replica, whether taking the request keeps it within the guard of its group."""
-        if True not in self.suspect:
-            return within_bound(self.loads, self.capacities, factor, headroom)
-        ok = [False] * len(self.replicas)
-        for group in (False, True):
-            members = [i for i, s in enumerate(self.suspect) if s is group]
-            fits = within_bound([self.loads[i] for i in members], [self.capacities[i] for i in members],
-                                factor, headroom)
-            for i, fit in zip(members, fits):
-                ok[i] = fit
-        return ok
+        return [excess <= 0 for excess in self.excess(factor, headroom)]
+
+    def excess(self, factor: float, headroom: float = DEFAULT_LOAD_HEADROOM,
+               loads: Sequence[float] | None = None) -> list[float]:
+        """Per replica, by how much taking the request would exceed the bounded-load
+        allowance of its group (0 when within it).  `loads` replaces the replicas' current
+        loads (e.g. their counts of recent dispatches)."""
+        loads = self.loads if loads is None else loads
+        if True not in self.suspect:  # the usual case: one group, no index juggling
+            allowed = load_allowances(loads, self.capacities, factor, headroom)
+            over = [current + 1.0 - limit for current, limit in zip(loads, allowed)]
+            return [x if x > 0.0 else 0.0 for x in over]
+        groups = [[i for i, s in enumerate(self.suspect) if s is group] for group in (False, True)]
+        out = [0.0] * len(loads)
+        for members in groups:
+            sub = [loads[i] for i in members]
+            allowed = load_allowances(sub, [self.capacities[i] for i in members], factor, headroom)
+            for i, current, limit in zip(members, sub, allowed):
+                over = current + 1.0 - limit
+                if over > 0:
+                    out[i] = over
+        return out
+
+
+class RecentDispatches:
+    """Exponentially decayed count of the requests dispatched to each replica.
+
+    Each dispatch adds 1 and every older one decays by ``1 - 1/window``, so the counts
+    sum to about ``window`` in steady state and a replica's count over the sum is its
+    share of the recent requests.  O(1) per dispatch: instead of decaying every count,
+    each new dispatch weighs ``1/decay`` times the previous one, and reads divide by the
+    current weight (everything is rescaled when the weight grows large).
+    """
+
+    def __init__(self, window: float = 100.0, max_tracked: int = 4096) -> None:
+        self._decay = 1.0 - 1.0 / window
+        self._unit = 1.0
+        self._counts: dict[str, float] = {}
+        self._max_tracked = max_tracked
+
+    def add(self, replica_id: str) -> None:
+        self._unit /= self._decay
+        counts = self._counts
+        if replica_id not in counts and len(counts) >= self._max_tracked:
+            del counts[min(counts, key=counts.__getitem__)]  # the least recently busy
+        counts[replica_id] = counts.get(replica_id, 0.0) + self._unit
+        if self._unit > 1e100:
+            scale = 1.0 / self._unit
+            for rid in counts:
+                counts[rid] *= scale
+            self._unit = 1.0
+
+    def counts(self, replica_ids: Sequence[str]) -> list[float]:
+        get = self._counts.get
+        unit = self._unit
+        return [get(rid, 0.0) / unit for rid in replica_ids]

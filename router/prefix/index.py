@@ -200,6 +200,22 @@ class PrefixIndex:
     def replica_capacity_blocks(self, replica_id: str) -> int | None:
         return self._caps.get(replica_id)
 
+    def free_blocks(self, replica_ids: Sequence[str]) -> list[float]:
+        """Per replica, blocks it can still be sent before the index must forget some of
+        its prefixes (its capacity minus what it holds); infinite without a capacity."""
+        caps = self._caps
+        held = self._held
+        inf = float("inf")
+        out = []
+        for rid in replica_ids:
+            cap = caps.get(rid)
+            if cap is None:
+                out.append(inf)
+            else:
+                blocks = held.get(rid)
+                out.append(cap - (len(blocks) if blocks else 0))
+        return out
+
     def memory_bytes(self) -> int:
         """Estimated heap bytes of the index (measured per-node and per-record costs)."""
         return len(self._nodes) * BYTES_PER_NODE + self._records * BYTES_PER_RECORD

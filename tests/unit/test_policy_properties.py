@@ -189,3 +189,47 @@ def test_parameter_ranges_are_checked() -> None:
         build_policy("session", Node({"virtual_nodes": 0}, "routing.params"))
     with pytest.raises(ConfigError):
         build_policy("random", Node({"seed": "x"}, "routing.params"))
+
+
+def test_cache_aware_sends_new_conversations_where_the_kv_cache_has_room() -> None:
+    """A full replica would evict other prefixes: the faster but full TP=2 loses to a TP=1 with room."""
+    fast = Replica(url="http://fast", model="m", tensor_parallel_size=2, health=Health.HEALTHY)
+    roomy = Replica(url="http://roomy", model="m", health=Health.HEALTHY)
+    index = PrefixIndex(tokens_per_block=16)
+    index.set_replica_capacity_tokens(fast.id, 16 * 100)
+    index.set_replica_capacity_tokens(roomy.id, 16 * 100)
+    index.record(tuple(range(1, 101)), fast.id)  # fast's cache is full of another conversation
+    assert index.free_blocks([fast.id, roomy.id, "http://unknown"]) == [0, 100, float("inf")]
+    policy = build_policy("cache_aware", Node({}, ""))
+    decision = policy.rank(make_request("new conversation " * 200), [fast, roomy], index)
+    assert decision.ranked[0] is roomy
+    # Without the eviction term the faster replica wins.
+    greedy = build_policy("cache_aware", Node({"eviction_weight": 0}, ""))
+    assert greedy.rank(make_request("new conversation " * 200), [fast, roomy], index).ranked[0] is fast
+    decision = policy.rank(make_request("another one " * 200), [fast], index)
+    assert decision.why["evicts_blocks"] == len(hash_text("another one " * 200, "m"))
+
+
+def test_cache_aware_spreads_sustained_traffic_even_when_nothing_is_in_flight() -> None:
+    """Sequential requests sharing a prefix: in-flight is always 0, the recent-share term spreads them."""
+    replicas = [Replica(url=f"http://r{i}", model="m", health=Health.HEALTHY) for i in range(4)]
+    policy = build_policy("cache_aware", Node({}, ""))
+    index = PrefixIndex()
+    counts = {r.id: 0 for r in replicas}
+    for n in range(400):
+        request = make_request(SYSTEM + f"question {n}")
+        winner = policy.rank(request, replicas, index).ranked[0]
+        index.record(request.block_hashes, winner.id)
+        counts[winner.id] += 1
+    assert max(counts.values()) <= 1.5 * 100, counts
+    # A conversation whose long history is cached stays put while its replica is a little
+    # over its share; cold requests leave a replica far over its share.
+    history = SYSTEM + "long history " * 400
+    index.record(hash_text(history, "m"), replicas[0].id)
+    for _ in range(10):
+        policy.rank(make_request(SYSTEM + "noise"), [replicas[0]], index)
+    decision = policy.rank(make_request(history + " next turn"), replicas, index)
+    assert decision.ranked[0] is replicas[0] and decision.why["over_share"] > 0, decision.why
+    for _ in range(40):
+        policy.rank(make_request(SYSTEM + "noise"), [replicas[0]], index)
+    assert policy.rank(make_request(SYSTEM + "cold"), replicas, index).ranked[0] is not replicas[0]
