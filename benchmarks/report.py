@@ -10,6 +10,7 @@ rates and throughput above 1.
 from __future__ import annotations
 
 import json
+import re
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Callable
@@ -260,8 +261,53 @@ def plot_hit_rate(agg: dict[tuple[str, float | None], Row], path: Path, title: s
 
 # -- the whole report --------------------------------------------------------------------------
 
+def write_index(root: Path) -> Path:
+    """benchmarks/results/README.md: every routing scenario side by side, one row per target.
+
+    A cell is "TTFT p50 ms / p99 ms, hit rate as % of the oracle" at the scenario's highest
+    load point; overhead scenarios are linked."""
+    root = Path(root)
+    scenarios: dict[str, dict[tuple[str, float | None], Row]] = {}
+    links = []
+    for folder in sorted(p for p in root.iterdir() if (p / "meta.json").exists()):
+        meta = json.loads((folder / "meta.json").read_text())
+        first = re.split(r"\.\s", meta.get("description") or "", maxsplit=1)[0].strip()
+        links.append(f"- [{folder.name}]({folder.name}/results.md)" + (f": {first}." if first else ""))
+        if meta.get("mode") == "overhead":
+            continue
+        runs = load_runs(folder)
+        if runs:
+            scenarios[folder.name] = aggregate(runs)
+    names: list[str] = []
+    for agg in scenarios.values():
+        names += [t for t, _ in agg if t not in names]
+    names = target_order(names)
+    lines = ["# Benchmark results", "",
+             "Each cell: TTFT p50 / p99 in ms, then the prefix-cache hit rate as a share of the oracle, "
+             "at the scenario's highest load point (see each scenario's results.md for everything).", "",
+             "| target | " + " | ".join(scenarios) + " |", "|---|" + "---|" * len(scenarios)]
+    for name in names:
+        cells = []
+        for agg in scenarios.values():
+            points = sorted({q for t, q in agg if t == name}, key=lambda q: (q is None, q or 0))
+            row = agg.get((name, points[-1])) if points else None
+            if row is None:
+                cells.append("–")
+                continue
+            frac = _frac_of_oracle(row)
+            cells.append(f"{_ms(_g('summary', 'ttft_s', 'p50')(row))} / {_ms(_g('summary', 'ttft_s', 'p99')(row))}"
+                         + (f", {frac * 100:.0f}%" if frac is not None else ""))
+        lines.append(f"| `{name}` | " + " | ".join(cells) + " |")
+    lines += ["", "Scenarios:", "", *links, ""]
+    path = root / "README.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
 def write_report(out: Path) -> Path:
     out = Path(out)
+    if not (out / "runs").exists() and not (out / "meta.json").exists():
+        return write_index(out)
     meta = json.loads((out / "meta.json").read_text()) if (out / "meta.json").exists() else {}
     if meta.get("mode") == "overhead":
         from benchmarks.overhead import write_overhead_report

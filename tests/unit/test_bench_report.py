@@ -98,3 +98,17 @@ def test_write_report_with_plots(tmp_path):
     text = path.read_text()
     assert "![TTFT](ttft.png)" in text and "Command: `python -m benchmarks run x`" in text
     assert (tmp_path / "ttft.png").stat().st_size > 1000 and (tmp_path / "hit_rate.png").stat().st_size > 1000
+
+
+def test_index_puts_scenarios_side_by_side(tmp_path):
+    from benchmarks.report import write_index
+
+    for scenario, hit in (("alpha", 0.72), ("beta", 0.4)):
+        folder = tmp_path / scenario
+        (folder / "runs").mkdir(parents=True)
+        (folder / "meta.json").write_text(json.dumps({"scenario": scenario, "description": "A thing. More."}))
+        (folder / "runs" / "a.json").write_text(json.dumps(run("ours:cache_aware", 0.1, hit)))
+    text = write_index(tmp_path).read_text()
+    assert "| target | alpha | beta |" in text
+    assert "| `ours:cache_aware` | 100 / 200, 90% | 100 / 200, 50% |" in text
+    assert "- [alpha](alpha/results.md): A thing." in text
