@@ -23,6 +23,7 @@ import aiohttp
 
 from benchmarks.procs import Proc, Processes
 from benchmarks.scenario import FleetSpec, ReplicaSpec
+from engines.sim.process import free_port
 
 # counter -> names to try, first found wins (vLLM renamed the prefix-cache metrics)
 COUNTERS: dict[str, tuple[str, ...]] = {
@@ -115,13 +116,13 @@ class Fleet:
     """A started fleet: replicas, how to reset them, how to read them."""
 
     def __init__(self, spec: FleetSpec, model: str, procs: Processes, log_dir: Path,
-                 port_base: int, argv_prefix: list[str] | None = None) -> None:
+                 port_base: int | None = None, argv_prefix: list[str] | None = None) -> None:
         self.spec = spec
         self.argv_prefix = list(argv_prefix or [])  # e.g. taskset -c 1
         self.model = model
         self.procs = procs
         self.log_dir = log_dir
-        self.port_base = port_base
+        self.port_base = port_base  # None: a free port per replica
         self.replicas: list[Replica] = []
 
     @property
@@ -157,7 +158,7 @@ class Fleet:
             await self._start_real(http)
             return
         for i, replica in enumerate(self.spec.expanded()):
-            port = self.port_base + i
+            port = free_port() if self.port_base is None else self.port_base + i
             argv, endpoint, replay = self.sim_argv(replica, port)
             proc = self.procs.start(f"sim-{i}", argv, log_path=self.log_dir / f"sim-{i}.log")
             self.replicas.append(Replica(f"http://127.0.0.1:{port}", replica, proc, port, endpoint, replay))

@@ -129,7 +129,7 @@ async def _target_phases(scenario: Scenario, fleet: Fleet, running, http, bar, p
 
 
 async def run_overhead(scenario: Scenario, procs: Processes, *, targets: list[TargetSpec] | None = None,
-                       progress: bool = True, port_base: int = 18300) -> Path:
+                       progress: bool = True, port_base: int | None = None) -> Path:
     from benchmarks.report import write_report
 
     ov = scenario.overhead

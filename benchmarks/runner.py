@@ -165,7 +165,7 @@ async def measure(scenario: Scenario, fleet: Fleet, target: RunningTarget, workl
 
 
 async def run_routing(scenario: Scenario, procs: Processes, *, targets: list[TargetSpec] | None = None,
-                      progress: bool = True, port_base: int = 18100) -> Path:
+                      progress: bool = True, port_base: int | None = None) -> Path:
     """Run a routing scenario; returns the output folder (raw JSON, table, plots)."""
     from benchmarks import report  # matplotlib is imported only when a report is written
 

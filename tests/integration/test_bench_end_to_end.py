@@ -45,7 +45,7 @@ def write(tmp_path, arrival="poisson, qps: 30", max_requests=9, max_duration=20)
 async def test_tiny_scenario_end_to_end(tmp_path):
     scenario = load_scenario(write(tmp_path))
     with Processes() as procs:
-        out = await run_routing(scenario, procs, progress=False, port_base=19100)
+        out = await run_routing(scenario, procs, progress=False)
         assert procs.running == []  # fleet and routers stopped when the run ended
     runs = {r["target"]: r for r in load_runs(out)}
     assert set(runs) == {"ours:round_robin", "ours:cache_aware", "direct"}
@@ -120,7 +120,7 @@ async def test_overhead_scenario_end_to_end(tmp_path):
     path.write_text(OVERHEAD.format(out=tmp_path / "out"))
     scenario = load_scenario(path)
     with Processes() as procs:
-        out = await run_overhead(scenario, procs, progress=False, port_base=19300)
+        out = await run_overhead(scenario, procs, progress=False)
         assert procs.running == []
     runs = load_runs(out)
     phases = {(r["target"], r["phase"], r["repeat"]) for r in runs}
