@@ -80,7 +80,14 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Sequence
 
 from router.policies.base import Decision
-from router.policies.load import DEFAULT_LOAD_FACTOR, DEFAULT_LOAD_HEADROOM, Candidates, RecentDispatches, capacity
+from router.fleet import Health
+from router.policies.load import (
+    DEFAULT_LOAD_FACTOR,
+    DEFAULT_LOAD_HEADROOM,
+    RecentDispatches,
+    allowance_by_capacity,
+    capacity,
+)
 
 if TYPE_CHECKING:
     from router.fleet import Replica
@@ -145,59 +152,91 @@ class CacheAware:
         replicas: Sequence["Replica"],
         index: "PrefixIndex",
     ) -> Decision:
-        cands = Candidates.of(replicas)
-        n = len(cands)
+        # Pass 1, one row per routable replica: load (Replica.queued), capacity
+        # (load.capacity), its scraped waiting queue, its count of recent dispatches; and
+        # per health group the totals the bounded-load allowances need.  Inlined rather
+        # than calling those helpers: at 64 replicas per-replica calls would cost more
+        # than the rest of the decision (benchmarks/routing_micro.py).
+        healthy_state, suspect_state = Health.HEALTHY, Health.SUSPECT
+        recent_counts, recent_unit = self._recent.scaled()
+        recent_get = recent_counts.get
+        rows = []
+        totals = [[0.0, 0.0, 0.0], [0.0, 0.0, 0.0]]  # per group: load, recent, capacity
+        for r in replicas:
+            health = r.health
+            if health is healthy_state:
+                group = 0
+            elif health is suspect_state:
+                group = 1
+            else:
+                continue
+            engine = r.load
+            queued = float(r.in_flight)
+            scraped = engine.running + engine.waiting
+            if scraped > queued:
+                queued = scraped
+            weight = r.weight
+            cap = (r.tensor_parallel_size if r.tensor_parallel_size > 1 else 1) * (weight if weight > 0 else 1.0)
+            recent = recent_get(r.url, 0.0) / recent_unit
+            t = totals[group]
+            t[0] += queued
+            t[1] += recent
+            t[2] += cap
+            rows.append((r, r.url, group, queued, cap, engine.waiting, recent))
+        n = len(rows)
         if not n:
             return Decision(ranked=[], why={"policy": self.name})
-        tpb = self._tokens_per_block = index.tokens_per_block
-        ids, loads, caps, suspect = cands.ids, cands.loads, cands.capacities, cands.suspect
-        waiting, running = cands.waiting, cands.running
-        matched = index.match(request.block_hashes, ids)
-        over_load = cands.excess(self.load_factor, self.load_headroom)  # > 0: held back by the guard
-        over_share = cands.excess(self.load_factor, self.load_headroom, self._recent.counts(ids))
+        ids = [row[1] for row in rows]
+        hashes = request.block_hashes
+        matched = index.match(hashes, ids)
         free = index.free_blocks(ids)
-        n_blocks = len(request.block_hashes)
+        tpb = self._tokens_per_block = index.tokens_per_block
+        factor, headroom = self.load_factor, self.load_headroom
+        group_caps = [[row[4] for row in rows if row[2] == g] for g in (0, 1)]
+        load_allow = [allowance_by_capacity(t[0], t[2], c, factor, headroom) for t, c in zip(totals, group_caps)]
+        share_allow = [allowance_by_capacity(t[1], t[2], c, factor, headroom) for t, c in zip(totals, group_caps)]
 
+        # Pass 2: cost (tokens of work ahead of the first token / prefill rate) and sort key.
         prompt = request.estimated_prompt_tokens
+        n_blocks = len(hashes)
         typical = self.typical_tokens
         running_weight = self.running_weight
+        evict_tokens = tpb * self.eviction_weight
         rates = self._rates
         base = self.prefill_tokens_per_s
         self._turn = (self._turn + 1) & 0x3FFFFFFF
         start = self._turn % n
-        # Sort keys: suspect after healthy; within each, guard-passing first; then cost,
-        # load per capacity, longer match, rotation (ties of an idle fleet spread).
-        evict_tokens = tpb * self.eviction_weight
         keys = []
-        for i in range(n):
-            rid = ids[i]
-            rate = rates.get(rid) or base * caps[i]
+        for i, (_, rid, group, queued, cap, waiting, recent) in enumerate(rows):
+            rate = rates.get(rid) or base * cap
             m = matched[rid]
+            over_share = recent + 1.0 - share_allow[group][cap]
+            ahead = waiting + running_weight * (queued - waiting) + (over_share if over_share > 0.0 else 0.0)
+            work = ahead * typical
             uncached = prompt - m * tpb
-            # tokens of work ahead of the first token, all at this replica's prefill rate
-            work = (waiting[i] + running_weight * running[i] + over_share[i]) * typical
             if uncached > 0:
                 work += uncached
             evicted = n_blocks - m - free[i]
             if evicted > 0:
                 work += evicted * evict_tokens
-            keys.append((suspect[i], over_load[i] > 0.0, work / rate, loads[i] / caps[i], -m, (i - start) % n, i))
+            # suspect after healthy; within each, within the guard first; then cost, load
+            # per capacity, longer match, rotation (ties of an idle fleet spread)
+            held_back = queued + 1.0 > load_allow[group][cap]
+            keys.append((group, held_back, work / rate, queued / cap, -m, (i - start) % n, i, ahead / rate))
         keys.sort()
-        ranked = [cands.replicas[k[6]] for k in keys]
+        ranked = [rows[k[6]][0] for k in keys]
         win = keys[0]
         w = win[6]
         self._recent.add(ids[w])
-        rate = rates.get(ids[w]) or base * caps[w]
-        queue_s = (waiting[w] + running_weight * running[w] + over_share[w]) * typical / rate
         why: dict[str, object] = {
             "policy": self.name,
             "matched_blocks": -win[4],
-            "load": loads[w],
-            "queue_s": round(queue_s, 6),
-            "over_share": round(over_share[w], 3),
+            "load": rows[w][3],
+            "queue_s": round(win[7] * typical, 6),
+            "over_share": round(max(0.0, rows[w][6] + 1.0 - share_allow[rows[w][2]][rows[w][4]]), 3),
             "evicts_blocks": max(0, int(n_blocks + win[4] - free[w])) if free[w] != float("inf") else 0,
             "cost_s": round(win[2], 6),
-            "held_back": sum(1 for s, o in zip(suspect, over_load) if o > 0.0 and not s),
+            "held_back": len([1 for k in keys if k[1] and not k[0]]),
         }
         if n > 1:
             run = keys[1]

@@ -26,8 +26,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Iterable, Sequence
 
 from router.fleet import Health
 
@@ -57,16 +56,21 @@ def capacity(replica: "Replica") -> float:
     return max(1, replica.tensor_parallel_size) * weight
 
 
+def allowance_by_capacity(total_load: float, total_capacity: float, capacities: Iterable[float],
+                          factor: float, headroom: float = DEFAULT_LOAD_HEADROOM) -> dict[float, float]:
+    """The bounded-load allowance of a replica of each capacity in `capacities`: the most
+    load it may carry after taking one more request, the group carrying `total_load`."""
+    scale = (total_load + 1.0) / (total_capacity or 1.0)
+    ceil = math.ceil
+    return {cap: max(ceil(factor * scale * cap - _EPS), ceil(scale * cap - _EPS) + headroom)
+            for cap in set(capacities)}  # fleets have few distinct capacities
+
+
 def load_allowances(loads: Sequence[float], capacities: Sequence[float], factor: float,
                     headroom: float = DEFAULT_LOAD_HEADROOM) -> list[float]:
     """Per replica, the most load it may carry after taking one more request."""
-    scale = (sum(loads) + 1.0) / (sum(capacities) or 1.0)
-    ceil = math.ceil
-    per_capacity = {  # fleets have few distinct capacities: compute each once
-        cap: max(ceil(factor * scale * cap - _EPS), ceil(scale * cap - _EPS) + headroom)
-        for cap in set(capacities)
-    }
-    return [per_capacity[cap] for cap in capacities]
+    table = allowance_by_capacity(sum(loads), sum(capacities), capacities, factor, headroom)
+    return [table[cap] for cap in capacities]
 
 
 def within_bound(loads: Sequence[float], capacities: Sequence[float], factor: float,
@@ -74,86 +78,6 @@ def within_bound(loads: Sequence[float], capacities: Sequence[float], factor: fl
     """Per replica, whether taking the request keeps it within the bounded-load guard."""
     allowances = load_allowances(loads, capacities, factor, headroom)
     return [current + 1.0 <= allowed for current, allowed in zip(loads, allowances)]
-
-
-@dataclass(slots=True)
-class Candidates:
-    """The routable replicas of one decision with their id, load and capacity, in one pass.
-
-    Same definitions as ``Replica.queued`` and ``capacity()`` above, computed inline: at 64 replicas the per-replica function calls alone
-    cost more than the rest of a decision (measured by benchmarks/routing_micro.py).
-    Order is the given order; ``suspect[i]`` says which group replica i is in.
-    """
-
-    replicas: list["Replica"]
-    ids: list[str]
-    loads: list[float]
-    capacities: list[float]
-    waiting: list[float]  # the replica's own (scraped) waiting queue
-    running: list[float]  # the rest of the load: running, or dispatched and not yet seen
-    suspect: list[bool]
-
-    @classmethod
-    def of(cls, replicas: Sequence["Replica"]) -> "Candidates":
-        healthy_state, suspect_state = Health.HEALTHY, Health.SUSPECT
-        kept: list[Replica] = []
-        ids: list[str] = []
-        loads: list[float] = []
-        caps: list[float] = []
-        waiting: list[float] = []
-        running: list[float] = []
-        flags: list[bool] = []
-        for r in replicas:
-            health = r.health
-            if health is healthy_state:
-                is_suspect = False
-            elif health is suspect_state:
-                is_suspect = True
-            else:
-                continue
-            engine = r.load
-            queued = float(r.in_flight)
-            scraped = engine.running + engine.waiting
-            if scraped > queued:
-                queued = scraped
-            waiting.append(engine.waiting)
-            running.append(queued - engine.waiting)
-            weight = r.weight
-            cap = (r.tensor_parallel_size if r.tensor_parallel_size > 1 else 1) * (weight if weight > 0 else 1.0)
-            kept.append(r)
-            ids.append(r.url)
-            loads.append(queued)
-            caps.append(cap)
-            flags.append(is_suspect)
-        return cls(kept, ids, loads, caps, waiting, running, flags)
-
-    def __len__(self) -> int:
-        return len(self.replicas)
-
-    def within_bound(self, factor: float, headroom: float = DEFAULT_LOAD_HEADROOM) -> list[bool]:
-        """Per replica, whether taking the request keeps it within the guard of its group."""
-        return [excess <= 0 for excess in self.excess(factor, headroom)]
-
-    def excess(self, factor: float, headroom: float = DEFAULT_LOAD_HEADROOM,
-               loads: Sequence[float] | None = None) -> list[float]:
-        """Per replica, by how much taking the request would exceed the bounded-load
-        allowance of its group (0 when within it).  `loads` replaces the replicas' current
-        loads (e.g. their counts of recent dispatches)."""
-        loads = self.loads if loads is None else loads
-        if True not in self.suspect:  # the usual case: one group, no index juggling
-            allowed = load_allowances(loads, self.capacities, factor, headroom)
-            over = [current + 1.0 - limit for current, limit in zip(loads, allowed)]
-            return [x if x > 0.0 else 0.0 for x in over]
-        groups = [[i for i, s in enumerate(self.suspect) if s is group] for group in (False, True)]
-        out = [0.0] * len(loads)
-        for members in groups:
-            sub = [loads[i] for i in members]
-            allowed = load_allowances(sub, [self.capacities[i] for i in members], factor, headroom)
-            for i, current, limit in zip(members, sub, allowed):
-                over = current + 1.0 - limit
-                if over > 0:
-                    out[i] = over
-        return out
 
 
 class RecentDispatches:
@@ -188,3 +112,7 @@ class RecentDispatches:
         get = self._counts.get
         unit = self._unit
         return [get(rid, 0.0) / unit for rid in replica_ids]
+
+    def scaled(self) -> tuple[dict[str, float], float]:
+        """(raw counts, unit): a replica's count is raw / unit (for hot loops; read-only)."""
+        return self._counts, self._unit

@@ -206,15 +206,8 @@ class PrefixIndex:
         caps = self._caps
         held = self._held
         inf = float("inf")
-        out = []
-        for rid in replica_ids:
-            cap = caps.get(rid)
-            if cap is None:
-                out.append(inf)
-            else:
-                blocks = held.get(rid)
-                out.append(cap - (len(blocks) if blocks else 0))
-        return out
+        return [inf if (cap := caps.get(rid)) is None else cap - len(held.get(rid, ()))
+                for rid in replica_ids]
 
     def memory_bytes(self) -> int:
         """Estimated heap bytes of the index (measured per-node and per-record costs)."""
