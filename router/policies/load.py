@@ -108,11 +108,6 @@ class RecentDispatches:
                 counts[rid] *= scale
             self._unit = 1.0
 
-    def counts(self, replica_ids: Sequence[str]) -> list[float]:
-        get = self._counts.get
-        unit = self._unit
-        return [get(rid, 0.0) / unit for rid in replica_ids]
-
     def scaled(self) -> tuple[dict[str, float], float]:
         """(raw counts, unit): a replica's count is raw / unit (for hot loops; read-only)."""
         return self._counts, self._unit

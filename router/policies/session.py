@@ -107,11 +107,6 @@ class Session:
             ring = self._rings[members] = _Ring(sorted(members), self.virtual_nodes)
         return ring
 
-    def owner(self, key: str, replicas: Sequence["Replica"]) -> str | None:
-        """The replica id `key` maps to on the ring of `replicas`, ignoring load."""
-        order = self._ring(replicas).walk(_xxh3(key.encode()), 1) if replicas else []
-        return order[0] if order else None
-
     def rank(self, request: "RouteRequest", replicas: Sequence["Replica"],
              index: "PrefixIndex") -> Decision:
         if not request.session_key:

@@ -310,13 +310,6 @@ class PrefixIndex:
         heapq.heappush(self._free_slots, bit_pos)
         self._wanted_cache.clear()
 
-    def clear(self) -> None:
-        """Forget everything (replica slots and capacities stay)."""
-        self._nodes.clear()
-        for held in self._held.values():
-            held.clear()
-        self._records = 0
-
     # -- internals --------------------------------------------------------------------
     def _slot_of(self, replica_id: str) -> int:
         bit_pos = self._slot.get(replica_id)

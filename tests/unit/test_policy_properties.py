@@ -233,3 +233,21 @@ def test_cache_aware_spreads_sustained_traffic_even_when_nothing_is_in_flight() 
     for _ in range(40):
         policy.rank(make_request(SYSTEM + "noise"), [replicas[0]], index)
     assert policy.rank(make_request(SYSTEM + "cold"), replicas, index).ranked[0] is not replicas[0]
+
+
+def test_recent_dispatch_counts_decay_and_stay_bounded() -> None:
+    from router.policies.load import RecentDispatches
+
+    recent = RecentDispatches(window=10, max_tracked=3)
+    for _ in range(5000):  # far past the point where the weights are rescaled
+        recent.add("a")
+    raw, unit = recent.scaled()
+    assert raw["a"] / unit == pytest.approx(10, rel=1e-6)  # sum of a geometric series
+    for _ in range(10):
+        recent.add("b")
+    raw, unit = recent.scaled()
+    assert raw["a"] / unit == pytest.approx(10 * 0.9 ** 10, rel=1e-6)
+    for rid in ("c", "d"):  # a ~3.5, b ~6.5, c 1: d replaces c, the least busy lately
+        recent.add(rid)
+    raw, _ = recent.scaled()
+    assert sorted(raw) == ["a", "b", "d"]
