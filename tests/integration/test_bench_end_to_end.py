@@ -57,6 +57,9 @@ async def test_tiny_scenario_end_to_end(tmp_path):
         assert replicas["queries"] > 0 and 0 <= replicas["hit_rate"] <= 1
         assert run["oracle"]["requests"] == 9 and run["oracle"]["capacity_blocks"] == 768
         assert replicas["hit_rate"] <= run["oracle"]["hit_rate_unbounded"] * 1.15 + 0.02
+        # the oracle tokenizes exactly as the replicas do: the same prompt tokens three ways
+        assert replicas["queries"] == run["oracle"]["queries"] == s["prompt_tokens"]
+        assert replicas["hit_rate"] == pytest.approx(s["usage_hit_rate"])
     assert runs["direct"]["replicas"]["busiest_request_share"] == 1.0  # one replica took everything
     assert runs["ours:round_robin"]["replicas"]["busiest_request_share"] < 0.8
     assert runs["ours:cache_aware"]["router_resources"]["peak_rss_mb"] > 10
