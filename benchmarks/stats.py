@@ -70,10 +70,20 @@ def summarize(records: Sequence[dict[str, Any]], itls: Sequence[float], duration
         "prompt_tokens": prompt_tokens,
         "usage_cached_tokens": cached_tokens,
         "usage_hit_rate": cached_tokens / prompt_tokens if prompt_tokens else None,
+        # multi-turn and agentic: how much of a follow-up turn's prompt (turn >= 1) was cached,
+        # i.e. whether the session came back to a replica that still held its history
+        "followup_usage_hit_rate": _ratio(ok, lambda r: r.get("turn", 0) >= 1),
+        "first_turn_usage_hit_rate": _ratio(ok, lambda r: r.get("turn", 0) == 0),
         "slo_ttft_s": slo_ttft_s,
         "goodput": within_slo / duration_s,
         "goodput_fraction": within_slo / len(records) if records else 0.0,
     }
+
+
+def _ratio(records: Sequence[dict[str, Any]], keep) -> float | None:
+    chosen = [r for r in records if keep(r) and r.get("prompt_tokens")]
+    prompt = sum(r["prompt_tokens"] for r in chosen)
+    return sum(r.get("cached_tokens") or 0 for r in chosen) / prompt if prompt else None
 
 
 def _count(items: Iterable[str]) -> dict[str, int]:

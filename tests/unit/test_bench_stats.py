@@ -20,8 +20,8 @@ def test_distribution_and_median():
 
 def test_summarize_counts_goodput_errors_and_usage():
     records = [
-        {"ttft_s": 0.1, "e2e_s": 1.0, "output_tokens": 10, "prompt_tokens": 100, "cached_tokens": 50},
-        {"ttft_s": 2.0, "e2e_s": 3.0, "output_tokens": 10, "prompt_tokens": 100, "cached_tokens": 0},
+        {"ttft_s": 0.1, "e2e_s": 1.0, "output_tokens": 10, "prompt_tokens": 100, "cached_tokens": 50, "turn": 1},
+        {"ttft_s": 2.0, "e2e_s": 3.0, "output_tokens": 10, "prompt_tokens": 100, "cached_tokens": 0, "turn": 0},
         {"ttft_s": None, "e2e_s": 0.5, "output_tokens": 0, "error": "http 500: boom"},
     ]
     s = summarize(records, itls=[0.01, 0.03], duration_s=2.0, slo_ttft_s=1.0)
@@ -30,5 +30,6 @@ def test_summarize_counts_goodput_errors_and_usage():
     assert s["goodput"] == 0.5  # one request within the 1 s TTFT SLO, over 2 s
     assert s["output_throughput"] == 10.0
     assert s["usage_hit_rate"] == 0.25
+    assert (s["followup_usage_hit_rate"], s["first_turn_usage_hit_rate"]) == (0.5, 0.0)
     assert abs(s["itl_s"]["p50"] - 0.02) < 1e-12
     assert s["ttft_s"]["count"] == 2
