@@ -33,11 +33,11 @@ the index says r was sent (``PrefixIndex.match``):
   again and recomputed: ``eviction_weight`` prefills of each.  So new conversations go
   where the KV cache has room, rather than all to the fastest replica whose cache is
   already full of other conversations.  (benchmarks/scenarios/multi_turn.yaml, one run
-  each on the loaded 2-core dev machine: hit rate 42% without the two terms above, 58%
-  with the eviction term alone, 70% with the share term alone, 68% with both; the
-  busiest replica's request share 69%, 65%, 59%, 62%, its fair share being 50%.  The
-  share term alone cost 0.03-0.20 of hit rate on tests/integration/test_prefix_routing.py
-  by moving conversations; together they do not.)
+  each on the loaded 2-core dev machine, fair share of the busiest replica 50%: without
+  both terms hit rate 42%, busiest share 69%; eviction term alone 58%, 65%; both terms
+  68%, 62%.  A hard guard on the recent share instead of the soft term reached 70%, 59%
+  there, but moved conversations off their history in tests/integration/
+  test_prefix_routing.py: hit rate 0.54-0.72 there instead of 0.69-0.76.)
 * ``rate_r`` (prefill tokens/s) starts at ``prefill_tokens_per_s x tensor_parallel_size x
   weight`` and is learned online: ``observe()`` gets the time to first byte of every
   answered request, and when at least ``min_learn_tokens`` were uncached, the sample
