@@ -109,6 +109,7 @@ class Replica:
     port: int = 0
     kv_events_endpoint: str | None = None  # tcp://127.0.0.1:PORT when it publishes KV events
     kv_replay_endpoint: str | None = None
+    kv_topic: str = ""
     info: dict[str, Any] = field(default_factory=dict)  # block_size, num_gpu_blocks from /metrics
 
 
@@ -265,7 +266,7 @@ class Fleet:
     def backends(self) -> list[dict[str, Any]]:
         """The fleet as the targets need it: URL, TP size, KV-event endpoints, block size."""
         return [{"url": r.url, "tp": r.spec.tp, "kv_events": r.kv_events_endpoint, "kv_replay": r.kv_replay_endpoint,
-                 "block_size": self.block_size} for r in self.replicas]
+                 "kv_topic": r.kv_topic, "block_size": self.block_size} for r in self.replicas]
 
     def describe(self) -> list[dict[str, Any]]:
         return [{"url": r.url, "tp": r.spec.tp, "kv_blocks": r.info.get("num_gpu_blocks", r.spec.kv_blocks),

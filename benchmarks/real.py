@@ -39,5 +39,5 @@ async def start_real_fleet(fleet: "Fleet", http: aiohttp.ClientSession) -> list[
         proc = fleet.procs.start(p.name, list(p.argv), env={**p.env, "VLLM_SERVER_DEV_MODE": "1"},
                                  log_path=fleet.log_dir / f"{p.name}.log")
         replicas.append(Replica(p.url, ReplicaSpec(tp=p.tensor_parallel_size, count=1), proc, p.port,
-                                p.kv_events_endpoint, p.kv_replay_endpoint))
+                                p.kv_events_endpoint, p.kv_replay_endpoint, p.kv_events_topic or ""))
     return replicas

@@ -47,7 +47,7 @@ def routes_yaml(model: str, backends: list[dict[str, Any]], policy: str, port: i
     def backend(b: dict[str, Any]) -> dict[str, Any]:
         out: dict[str, Any] = {"url": b["url"], "tensor_parallel_size": b["tp"]}
         if b.get("kv_events"):
-            out["kv_events"] = {"endpoint": b["kv_events"], "topic": ""}
+            out["kv_events"] = {"endpoint": b["kv_events"], "topic": b.get("kv_topic", "")}
             if b.get("kv_replay"):
                 out["kv_events"]["replay_endpoint"] = b["kv_replay"]
         return out
