@@ -17,8 +17,8 @@ that is a multiple of the replica count round robin would send each conversation
 same replica every turn by accident; 23 conversations on 4 replicas make it move every
 conversation to the next replica each turn, as it does under real traffic.  Measured
 with the policy as committed (seven runs of this test on the shared 2-core machine):
-cache_aware 0.67-0.76, round robin 0.35-0.43, their ratio 1.63-2.19; busiest replica
-1.20-1.30x the mean request count.
+cache_aware 0.68-0.76, round robin 0.35-0.43, their ratio 1.63-2.19; busiest replica
+1.11-1.30x the mean request count.
 """
 
 from __future__ import annotations
