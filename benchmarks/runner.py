@@ -186,19 +186,23 @@ async def run_routing(scenario: Scenario, procs: Processes, *, targets: list[Tar
         backends = fleet.backends()
         for target in targets:
             clear_runs(runs_dir, target)
-            bar.describe(f"{target.name}: starting")
-            running = await start_target(target, procs=procs, model=scenario.model, backends=backends,
-                                         run_dir=out, http=http, startup_timeout_s=scenario.fleet.startup_timeout_s)
-            try:
-                for qps in points:
-                    for rep in range(scenario.repeats):
+        # Repeat-major: every target runs once (in a fresh process) before any runs again, so a
+        # drift in the machine's background load spreads over all targets.
+        for rep in range(scenario.repeats):
+            for target in targets:
+                bar.describe(f"{target.name}: starting")
+                running = await start_target(target, procs=procs, model=scenario.model, backends=backends,
+                                             run_dir=out, http=http,
+                                             startup_timeout_s=scenario.fleet.startup_timeout_s)
+                try:
+                    for qps in points:
                         label = f"{target.name}" + (f" @ {qps:g} qps" if qps is not None else "")
                         bar.describe(label + (f" (repeat {rep + 1})" if scenario.repeats > 1 else ""))
                         run = await measure(scenario, fleet, running, workload, qps, http, bar, tokenize)
                         run["repeat"] = rep
                         (runs_dir / run_file_name(target, qps, rep)).write_text(json.dumps(run, default=str))
-            finally:
-                stop_target(running, procs)
+                finally:
+                    stop_target(running, procs)
         write_meta(scenario, out, {"fleet": fleet.describe(), "workload_requests": workload.total_requests,
                                    "time_scale": scenario.fleet.time_scale,
                                    "fleet_kind": scenario.fleet.kind})
