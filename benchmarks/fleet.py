@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -23,7 +22,8 @@ import aiohttp
 
 from benchmarks.procs import Proc, Processes
 from benchmarks.scenario import FleetSpec, ReplicaSpec
-from engines.sim.process import free_port
+from engines.sim.process import free_port, parse_metrics
+from router.monitor import parse_engine_load
 
 # counter -> names to try, first found wins (vLLM renamed the prefix-cache metrics)
 COUNTERS: dict[str, tuple[str, ...]] = {
@@ -36,43 +36,21 @@ COUNTERS: dict[str, tuple[str, ...]] = {
     "preemptions": ("vllm:num_preemptions_total",),
 }
 
-_LINE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{(.*)\})?\s+(\S+)')
-_LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
-
-
-def parse_metrics(text: str) -> dict[str, list[tuple[dict[str, str], float]]]:
-    """Prometheus text format -> name -> [(labels, value)]."""
-    out: dict[str, list[tuple[dict[str, str], float]]] = {}
-    for line in text.splitlines():
-        if not line or line[0] == "#":
-            continue
-        m = _LINE.match(line)
-        if not m:
-            continue
-        try:
-            value = float(m.group(4))
-        except ValueError:
-            continue
-        labels = dict(_LABEL.findall(m.group(3) or ""))
-        out.setdefault(m.group(1), []).append((labels, value))
-    return out
-
-
 def counters(text: str) -> dict[str, float]:
-    """The COUNTERS of one /metrics page, summed over label sets (engines, reasons)."""
-    parsed = parse_metrics(text)
+    """The COUNTERS of one /metrics page, summed over label sets (engines, finish reasons),
+    plus the KV cache's block size and block count as the router's monitor reads them."""
+    totals = parse_metrics(text)
     out: dict[str, float] = {}
     for key, names in COUNTERS.items():
         for name in names:
-            if name in parsed:
-                out[key] = sum(v for _, v in parsed[name])
+            if name in totals:
+                out[key] = totals[name]
                 break
-    info = parsed.get("vllm:cache_config_info")
-    if info:
-        labels = info[0][0]
-        for key in ("block_size", "num_gpu_blocks"):
-            if labels.get(key, "").isdigit():
-                out[key] = int(labels[key])
+    load = parse_engine_load(text)
+    if load.block_size:
+        out["block_size"] = load.block_size
+    if load.num_gpu_blocks:
+        out["num_gpu_blocks"] = load.num_gpu_blocks
     return out
 
 
@@ -224,12 +202,8 @@ class Fleet:
         deadline = loop.time() + timeout_s
         while loop.time() < deadline:
             pages = await asyncio.gather(*(self._metrics(http, r) for r in self.replicas))
-            busy = 0.0
-            for page in pages:
-                parsed = parse_metrics(page)
-                for name in ("vllm:num_requests_running", "vllm:num_requests_waiting"):
-                    busy += sum(v for _, v in parsed.get(name, []))
-            if busy == 0:
+            loads = [parse_engine_load(page) for page in pages]
+            if sum(load.running + load.waiting for load in loads) == 0:
                 return
             await asyncio.sleep(0.2)
 
