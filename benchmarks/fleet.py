@@ -2,8 +2,8 @@
 
 The same fleet serves every target of a run; between targets each replica's prefix cache
 is dropped (`POST /admin/reset` on the simulator; `POST /reset_prefix_cache` on real vLLM,
-which serves it when started with VLLM_SERVER_DEV_MODE=1; otherwise the replica is
-restarted) so no target inherits another's warm cache.
+which serves it when started with VLLM_SERVER_DEV_MODE=1, as benchmarks/real.py does; a
+replica offering neither stops the run) so no target inherits another's warm cache.
 
 Counters are read from each replica's own /metrics (vLLM's names; the older
 `gpu_prefix_cache_*` names are accepted) before and after a run, and the deltas give the
