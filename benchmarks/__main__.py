@@ -36,7 +36,10 @@ def _run(args: argparse.Namespace) -> int:
         scenario = dataclasses.replace(scenario, output=Path(args.output))
     targets = None
     if args.targets:
-        targets = [parse_target(Node(t.strip(), "--targets", "command line")) for t in args.targets.split(",")]
+        variants = {name: Node(value, f"variants.{name}", scenario.file)
+                    for name, value in (scenario.raw.get("variants") or {}).items()}
+        targets = [parse_target(Node(t.strip(), "--targets", "command line"), variants)
+                   for t in args.targets.split(",")]
     procs = Processes()
     # SIGTERM behaves like Ctrl-C: KeyboardInterrupt unwinds the run, the finally stops everything.
     signal.signal(signal.SIGTERM, signal.default_int_handler)

@@ -350,6 +350,12 @@ def provenance(meta: dict[str, Any]) -> list[str]:
                   else f"simulated, time scale {meta.get('time_scale', 1)}")
         lines.append(f"Fleet: {fleet}; {engine} (latencies are wall-clock as measured).")
         lines.append("")
+    variants = (meta.get("scenario_yaml") or {}).get("variants") or {}
+    if variants:
+        lines.append("Variants (`@NAME` targets): " + "; ".join(
+            f"`{name}` = " + (" ".join(map(str, value)) if isinstance(value, list) else f"routing.params {value}")
+            for name, value in variants.items()) + ". Targets without one run with their defaults.")
+        lines.append("")
     lines.append("Figures are medians over repeats where a scenario repeats. Hit rate: the replicas' own "
                  "`vllm:prefix_cache_hits_total / queries_total` deltas over the run; oracle: see "
                  "benchmarks/oracle.py (one LRU cache of the whole fleet's KV capacity, requests in the order sent).")

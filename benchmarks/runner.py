@@ -66,7 +66,8 @@ def clear_runs(runs_dir: Path, target: TargetSpec) -> None:
     """Forget `target`'s earlier raw runs in this folder (other targets' runs stay, so one
     target can be re-run with --targets and the report still shows everyone)."""
     for old in runs_dir.glob(f"{target.slug}__*.json"):
-        old.unlink()
+        if json.loads(old.read_text()).get("target") == target.name:  # not a variant's runs
+            old.unlink()
 
 
 def write_meta(scenario: Scenario, out: Path, extra: dict[str, Any] | None = None) -> None:

@@ -7,11 +7,12 @@ mean").  See benchmarks/README.md for the full schema with an example per worklo
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from router.validation import ConfigError, Node, load_yaml
+from router.validation import ConfigError, Node, describe, load_yaml
 
 WORKLOAD_KINDS = ("multi_turn", "shared_prefix", "agentic", "no_reuse")
 ARRIVAL_KINDS = ("poisson", "sweep", "closed")
@@ -127,14 +128,19 @@ class FleetSpec:
 class TargetSpec:
     kind: str  # ours | vllm-router | sglang-router | direct
     policy: str = ""
+    variant: str = ""  # a name from the scenario's `variants:`, e.g. "balanced"
+    args: tuple[str, ...] = ()  # peers: extra command-line flags of the variant
+    params: tuple[tuple[str, Any], ...] = ()  # ours: routing.params of the variant
 
     @property
     def name(self) -> str:
-        return self.kind if self.kind == "direct" else f"{self.kind}:{self.policy}"
+        if self.kind == "direct":
+            return "direct"
+        return f"{self.kind}:{self.policy}" + (f"@{self.variant}" if self.variant else "")
 
     @property
     def slug(self) -> str:
-        return self.name.replace(":", "__")
+        return self.name.replace(":", "__").replace("@", "__")
 
     @property
     def is_peer(self) -> bool:
@@ -187,7 +193,7 @@ class Scenario:
 
 
 _TOP_KEYS = ("name", "description", "mode", "output", "seed", "model", "api", "ignore_eos",
-             "workload", "arrival", "limits", "slo", "fleet", "targets", "repeats", "overhead")
+             "workload", "arrival", "limits", "slo", "fleet", "targets", "variants", "repeats", "overhead")
 
 
 def load_scenario(file: str | Path) -> Scenario:
@@ -200,7 +206,8 @@ def parse_scenario(root: Node) -> Scenario:
     name = root.get("name").string()
     mode = root.get("mode", "routing").choice(MODES)
     fleet = _fleet(root.get("fleet", {}))
-    targets = _targets(root.get("targets"), fleet)
+    variants = _variants(root.get("variants", {}))
+    targets = _targets(root.get("targets"), fleet, variants)
     output = Path(root.get("output", f"benchmarks/results/{name}").string())
     limits_node = root.get("limits", {}).mapping(("max_requests", "max_duration_s", "request_timeout_s"))
     limits = LimitsSpec(
@@ -299,9 +306,11 @@ def _fleet(node: Node) -> FleetSpec:
     )
 
 
-def parse_target(node: Node) -> TargetSpec:
-    """`direct`, `ours:POLICY`, `vllm-router:POLICY` or `sglang-router:POLICY`."""
+def parse_target(node: Node, variants: dict[str, Node] | None = None) -> TargetSpec:
+    """`direct`, `ours:POLICY`, `vllm-router:POLICY` or `sglang-router:POLICY`, each optionally
+    `@VARIANT` naming an entry of the scenario's `variants:` (peer flags, or our routing params)."""
     text = node.string()
+    text, _, variant = text.partition("@")
     kind, _, policy = text.partition(":")
     kind = Node(kind, node.path, node.file).choice(TARGET_KINDS)
     if kind == "direct":
@@ -312,14 +321,42 @@ def parse_target(node: Node) -> TargetSpec:
         node.fail(f"expected '{kind}:POLICY'")
     options = OUR_POLICIES if kind == "ours" else PEER_POLICIES[kind]
     policy = Node(policy, node.path, node.file).choice(options)
-    return TargetSpec(kind, policy)
+    if not variant:
+        return TargetSpec(kind, policy)
+    variants = variants or {}
+    if variant not in variants:
+        hint = difflib.get_close_matches(variant, list(variants), n=1)
+        node.fail(f"unknown variant '{variant}'" + (f"; did you mean '{hint[0]}'?" if hint else "")
+                  + f" (variants: {', '.join(variants) or 'none defined'})")
+    spec = variants[variant]
+    if kind == "ours":
+        if not isinstance(spec.value, dict):
+            spec.fail("a variant used by our router is a mapping of routing params")
+        return TargetSpec(kind, policy, variant, params=tuple(sorted(spec.value.items())))
+    if not isinstance(spec.value, list):
+        spec.fail(f"a variant used by {kind} is a list of its command-line flags")
+    return TargetSpec(kind, policy, variant, args=tuple(str(a) for a in spec.value))
 
 
-def _targets(node: Node, fleet: FleetSpec) -> tuple[TargetSpec, ...]:
+def _variants(node: Node) -> dict[str, Node]:
+    if node.value is None:
+        return {}
+    if not isinstance(node.value, dict):
+        node.fail(f"expected a mapping of variant names, found {describe(node.value)}")
+    out = {}
+    for key in node.value:
+        child = node.get(str(key))
+        if not isinstance(child.value, (list, dict)):
+            child.fail("expected a list of peer flags or a mapping of our routing params")
+        out[str(key)] = child
+    return out
+
+
+def _targets(node: Node, fleet: FleetSpec, variants: dict[str, Node]) -> tuple[TargetSpec, ...]:
     targets = []
     seen = set()
     for item in node.items():
-        target = parse_target(item)
+        target = parse_target(item, variants)
         if target.name in seen:
             item.fail(f"target '{target.name}' is listed twice")
         if target.kind == "vllm-router" and target.policy == "kv_aware" and not fleet.kv_events:

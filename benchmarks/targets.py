@@ -68,15 +68,18 @@ def router_argv(target: TargetSpec, *, model: str, backends: list[dict[str, Any]
     """The command line that starts `target` (not `direct`) on `port` in front of `backends`."""
     urls = [b["url"] for b in backends]
     if target.kind == "ours":
-        config = run_dir / "configs" / f"routes-{target.policy}.yaml"
+        config = run_dir / "configs" / f"routes-{target.slug.removeprefix('ours__')}.yaml"
         config.parent.mkdir(parents=True, exist_ok=True)
-        config.write_text(yaml.safe_dump(routes_yaml(model, backends, target.policy, port), sort_keys=False))
+        routes = routes_yaml(model, backends, target.policy, port)
+        if target.params:
+            routes["routing"]["params"] = dict(target.params)
+        config.write_text(yaml.safe_dump(routes, sort_keys=False))
         return [sys.executable, "-m", "router", "--config", str(config)]
     common = ["--worker-urls", *urls, "--host", "127.0.0.1", "--port", str(port),
               "--policy", target.policy, "--prometheus-host", "127.0.0.1",
               "--prometheus-port", str(free_port())]
     if target.kind == "vllm-router":
-        argv = [_bin("vllm-router"), *common, "--log-level", "warning"]
+        argv = [_bin("vllm-router"), *common, "--log-level", "warning", *target.args]
         if target.policy == "kv_aware":
             for b in backends:
                 argv += ["--kv-event-source", f"{b['url']}={b['kv_events']}"]
@@ -85,7 +88,7 @@ def router_argv(target: TargetSpec, *, model: str, backends: list[dict[str, Any]
             argv += ["--kv-event-block-size", str(backends[0]["block_size"]), "--kv-event-model", model]
         return argv
     if target.kind == "sglang-router":
-        return [sys.executable, "-m", "sglang_router.launch_router", *common, "--log-level", "warn"]
+        return [sys.executable, "-m", "sglang_router.launch_router", *common, "--log-level", "warn", *target.args]
     raise ValueError(f"no command for target {target.name}")
 
 

@@ -50,7 +50,7 @@ def test_base_is_valid():
 def test_unknown_top_key_suggests():
     assert error(with_("fleeet", {})) == "s.yaml: fleeet: unknown key 'fleeet'; did you mean 'fleet'? " \
         "(allowed: name, description, mode, output, seed, model, api, ignore_eos, workload, arrival, limits, " \
-        "slo, fleet, targets, repeats, overhead)"
+        "slo, fleet, targets, variants, repeats, overhead)"
 
 
 def test_wrong_type_names_the_path():
@@ -106,3 +106,24 @@ def test_shipped_scenarios_are_valid(path):
 def test_the_required_scenarios_exist():
     names = {p.stem for p in SCENARIOS}
     assert {"multi_turn", "shared_prefix", "agentic", "no_reuse", "overhead", "real_vllm"} <= names
+
+
+def test_variants_for_peers_and_ours():
+    data = with_("targets", ["vllm-router:cache_aware@balanced", "ours:cache_aware@wide", "vllm-router:cache_aware"])
+    data["variants"] = {"balanced": ["--balance-abs-threshold", 2], "wide": {"load_factor": 1.5}}
+    s = parse(data)
+    peer, ours, plain = s.targets
+    assert peer.name == "vllm-router:cache_aware@balanced" and peer.args == ("--balance-abs-threshold", "2")
+    assert peer.slug == "vllm-router__cache_aware__balanced"
+    assert ours.params == (("load_factor", 1.5),) and plain.args == ()
+
+
+def test_variant_errors():
+    data = with_("targets", ["vllm-router:cache_aware@balancd"])
+    data["variants"] = {"balanced": ["--x"]}
+    assert "targets[0]: unknown variant 'balancd'; did you mean 'balanced'?" in error(data)
+    data = with_("targets", ["ours:cache_aware@balanced"])
+    data["variants"] = {"balanced": ["--x"]}
+    assert "variants.balanced: a variant used by our router is a mapping of routing params" in error(data)
+    data["variants"] = {"balanced": 3}
+    assert "variants.balanced: expected a list of peer flags" in error(data)
