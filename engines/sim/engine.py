@@ -55,6 +55,12 @@ class Clock:
         self._cap = t
         await asyncio.sleep(max(0.0, (t - self._raw()) / self.scale))
         self._absorb()
+        # The step is done: simulated time is now exactly t, even if the event loop woke
+        # early (uvloop rounds timers down to whole milliseconds, so at a large time scale
+        # most steps' sleeps return at once).  The wall time still owed stays in _raw() < t
+        # and lengthens the next sleep, so the wall pace keeps to the scale on average.
+        if t > self._last:
+            self._last = t
 
     def release(self) -> None:
         """The engine goes idle: simulated time runs with the wall clock again from here."""

@@ -12,7 +12,7 @@ import pytest
 
 from engines.sim.process import SimProcess
 
-REFERENCE = Path(__file__).resolve().parents[3] / "shared" / "reference"
+REFERENCE = Path(__file__).resolve().parents[1] / "reference"
 MODEL = "sim-a"
 ARGS = ["--num-gpu-blocks", "512", "--max-model-len", "4096", "--block-size", "16"]
 

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from engines.sim.kv_cache import NONE_HASH, Allocation, KVCache, block_hash, event_hash, extend_block_hashes
 
-REFERENCE = Path(__file__).resolve().parents[3] / "shared" / "reference"
+REFERENCE = Path(__file__).resolve().parents[1] / "reference"
 
 
 def test_block_hash_is_vllms_sha256_pickle_formula() -> None:
