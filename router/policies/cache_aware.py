@@ -258,7 +258,9 @@ class CacheAware:
         uncached = prompt - min(prompt, matched_blocks * self._tokens_per_block)
         alpha = self.ewma_alpha
         self.typical_tokens += alpha * (max(uncached, 1) - self.typical_tokens)
-        if uncached < self.min_learn_tokens or time_to_first_byte_s <= 0:
+        # A non-streamed answer's first byte comes after the whole generation, so its
+        # timing says nothing about prefill: only streamed requests teach a rate.
+        if not request.stream or uncached < self.min_learn_tokens or time_to_first_byte_s <= 0:
             return
         prior = self.prior_rate(replica)
         sample = min(max(uncached / time_to_first_byte_s, prior / RATE_CLAMP), prior * RATE_CLAMP)

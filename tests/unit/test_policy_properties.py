@@ -20,10 +20,10 @@ POLICIES = ["cache_aware", "prefix_affinity", "session", "power_of_two", "random
 SYSTEM = "You are a careful assistant. Answer briefly and cite sources. " * 8
 
 
-def make_request(text: str, session: str | None = None) -> RouteRequest:
+def make_request(text: str, session: str | None = None, stream: bool = True) -> RouteRequest:
     return RouteRequest(model="m", path="/v1/completions", body=b"", routing_text=text,
                         block_hashes=hash_text(text, "m"), prompt_chars=len(text),
-                        session_key=session)
+                        session_key=session, stream=stream)
 
 
 replica_spec = st.tuples(
@@ -131,6 +131,10 @@ def test_cache_aware_learns_prefill_rates_from_observed_ttfb() -> None:
     # Short prompts teach nothing (their ttfb is overhead).
     policy.observe(a, make_request("short"), time_to_first_byte_s=10.0, matched_blocks=0)
     assert policy.prefill_rate(a) == pytest.approx(5_000, rel=0.05)
+    # Non-streamed answers teach nothing either: their first byte comes after the generation.
+    for _ in range(30):
+        policy.observe(b, make_request("x" * 40_000, stream=False), time_to_first_byte_s=8.0, matched_blocks=0)
+    assert policy.prefill_rate(b) == pytest.approx(20_000, rel=0.05)
 
 
 def test_cache_aware_spreads_a_prefix_shared_by_everyone_prefix_affinity_does_not() -> None:
