@@ -183,6 +183,8 @@ async def send(http: aiohttp.ClientSession, url: str, body: dict[str, Any], head
         record["error"] = f"timeout after {timeout_s:g}s"
     except aiohttp.ClientError as exc:
         record["error"] = f"client: {type(exc).__name__}: {str(exc)[:160]}"
+    except (ValueError, OSError) as exc:  # a malformed chunk, a socket error: this request failed
+        record["error"] = f"bad response: {type(exc).__name__}: {str(exc)[:160]}"
     record["e2e_s"] = time.perf_counter() - start
     if record["error"] is None and record["ttft_s"] is None:
         record["ttft_s"] = record["e2e_s"]  # an empty answer: first byte is the whole answer

@@ -130,3 +130,18 @@ async def test_connection_refused_is_an_error():
     w = multi_turn(users=1, rounds=1)
     result = await loadgen.run(loadgen.LoadSpec(url="http://127.0.0.1:9", model="m", request_timeout_s=2), w)
     assert result.records[0]["error"].startswith("client:")
+
+
+async def test_malformed_chunk_is_an_error_not_a_crash(aiohttp_server):
+    async def bad(request):
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        await resp.write(b"data: {not json\n\n")
+        return resp
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", bad)
+    srv = await aiohttp_server(app)
+    w = multi_turn(users=2, rounds=2)
+    result = await loadgen.run(loadgen.LoadSpec(url=str(srv.make_url("")).rstrip("/"), model="m", concurrency=2), w)
+    assert len(result.records) == 2 and all(r["error"].startswith("bad response") for r in result.records)
