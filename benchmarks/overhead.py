@@ -34,7 +34,7 @@ from typing import Any
 from benchmarks import loadgen
 from benchmarks.fleet import Fleet
 from benchmarks.procs import Processes
-from benchmarks.runner import _Progress, _sample, clear_runs, write_meta
+from benchmarks.runner import _Progress, _sample, clear_runs, git_state, write_meta
 from benchmarks.scenario import Scenario, TargetSpec
 from benchmarks.stats import median, summarize
 from benchmarks.targets import start_target, stop_target
@@ -139,6 +139,7 @@ async def run_overhead(scenario: Scenario, procs: Processes, *, targets: list[Ta
     if not any(t.kind == "direct" for t in targets):
         targets.insert(0, TargetSpec("direct"))
     reps = scenario.repeats
+    git = git_state()
     for target in targets:
         clear_runs(out / "runs", target)
     sat_reqs = int(ov.saturation_duration_s * 4000)  # more than one core can send: the deadline ends it
@@ -175,7 +176,7 @@ async def run_overhead(scenario: Scenario, procs: Processes, *, targets: list[Ta
             finally:
                 fleet.stop()
         write_meta(scenario, out, {"mode": "overhead", "settings": dataclasses.asdict(ov),
-                                   "time_scale": scenario.fleet.time_scale})
+                                   "time_scale": scenario.fleet.time_scale}, git)
     finally:
         bar.close()
         await http.close()

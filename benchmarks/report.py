@@ -335,7 +335,10 @@ def write_report(out: Path) -> Path:
 def provenance(meta: dict[str, Any]) -> list[str]:
     lines = ["## How this was measured", ""]
     if meta.get("command"):
-        lines += [f"Command: `{meta['command']}` (at commit {meta.get('git_commit', '?')}, {meta.get('finished_at', '')})", ""]
+        dirty = meta.get("uncommitted") or []
+        lines += [f"Command: `{meta['command']}` (at commit {meta.get('git_commit', '?')}"
+                  + (f" with uncommitted changes to {', '.join(dirty)}" if dirty else "")
+                  + f"; finished {meta.get('finished_at', '')})", ""]
     if meta.get("versions"):
         lines.append("Versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()) + ".")
         lines.append("")

@@ -47,12 +47,16 @@ def machine() -> dict[str, Any]:
             "python": platform.python_version()}
 
 
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              timeout=5).stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
+def git_state() -> dict[str, Any]:
+    """The commit the code under test came from, and which of its files differed from it."""
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", *args], capture_output=True, text=True, timeout=5).stdout
+        except (OSError, subprocess.SubprocessError):
+            return ""
+    dirty = [line[3:] for line in git("status", "--porcelain", "--untracked-files=no", "--",
+                                      "router", "engines", "benchmarks").splitlines()]
+    return {"git_commit": git("rev-parse", "--short", "HEAD").strip() or "unknown", "uncommitted": dirty}
 
 
 def run_file_name(target: TargetSpec, qps: float | None, repeat: int) -> str:
@@ -70,7 +74,8 @@ def clear_runs(runs_dir: Path, target: TargetSpec) -> None:
             old.unlink()
 
 
-def write_meta(scenario: Scenario, out: Path, extra: dict[str, Any] | None = None) -> None:
+def write_meta(scenario: Scenario, out: Path, extra: dict[str, Any] | None = None,
+               git: dict[str, Any] | None = None) -> None:
     meta = {
         "scenario": scenario.name,
         "description": scenario.description,
@@ -78,7 +83,7 @@ def write_meta(scenario: Scenario, out: Path, extra: dict[str, Any] | None = Non
         "scenario_file": scenario.file,
         "scenario_yaml": scenario.raw,
         "versions": versions(),
-        "git_commit": git_commit(),
+        **(git or git_state()),
         "machine": machine(),
         "finished_at": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         **(extra or {}),
@@ -174,6 +179,7 @@ async def run_routing(scenario: Scenario, procs: Processes, *, targets: list[Tar
     runs_dir = out / "runs"
     runs_dir.mkdir(parents=True, exist_ok=True)
     targets = targets or list(scenario.targets)
+    git = git_state()  # before the run: the code that is about to be measured
     workload = build(scenario.workload, scenario.seed)
     per_run = min(workload.total_requests, scenario.limits.max_requests)
     points = scenario.arrival.points
@@ -206,7 +212,7 @@ async def run_routing(scenario: Scenario, procs: Processes, *, targets: list[Tar
                     stop_target(running, procs)
         write_meta(scenario, out, {"fleet": fleet.describe(), "workload_requests": workload.total_requests,
                                    "time_scale": scenario.fleet.time_scale,
-                                   "fleet_kind": scenario.fleet.kind})
+                                   "fleet_kind": scenario.fleet.kind}, git)
     finally:
         bar.close()
         fleet.stop()
