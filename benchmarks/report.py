@@ -105,9 +105,21 @@ def aggregate(runs: list[Row]) -> dict[tuple[str, float | None], Row]:
     return out
 
 
+_KINDS = ("ours", "vllm-router", "sglang-router", "direct")
+_POLICIES = ("round_robin", "least_load", "power_of_two", "random", "prefix_affinity", "session",
+             "consistent_hash", "sticky_least_loaded", "cache_aware", "kv_aware")
+
+
 def target_order(names: list[str]) -> list[str]:
-    kinds = {"ours": 0, "vllm-router": 1, "sglang-router": 2, "direct": 3}
-    return sorted(names, key=lambda n: (kinds.get(n.split(":")[0], 9), names.index(n)))
+    """One fixed order (so every table and plot lists, and colours, targets alike): ours, then
+    vllm-router, sglang-router, direct; within each, baselines before cache-aware policies and
+    a policy's defaults before its variants."""
+    def key(name: str) -> tuple:
+        base, _, variant = name.partition("@")
+        kind, _, policy = base.partition(":")
+        return (_KINDS.index(kind) if kind in _KINDS else 9,
+                _POLICIES.index(policy) if policy in _POLICIES else 99, policy, variant)
+    return sorted(names, key=key)
 
 
 def _best(rows: dict[str, Row], names: list[str], getter, higher: bool) -> float | None:
@@ -179,7 +191,8 @@ def _plt():
 
 def _color(name: str, i: int) -> str:
     palette = {"ours": ["#1f77b4", "#2ca02c", "#17becf", "#9467bd", "#08306b", "#6baed6", "#74c476"],
-               "vllm-router": ["#d62728", "#ff7f0e", "#e377c2"], "sglang-router": ["#8c564b", "#bcbd22"],
+               "vllm-router": ["#d62728", "#ff7f0e", "#e377c2", "#f4a582", "#b2182b"],
+               "sglang-router": ["#8c564b", "#bcbd22", "#c49c94"],
                "direct": ["#7f7f7f"]}
     options = palette.get(name.split(":")[0], ["#000000"])
     return options[i % len(options)]
@@ -200,7 +213,7 @@ def plot_ttft(agg: dict[tuple[str, float | None], Row], path: Path, title: str) 
     plt = _plt()
     if plt is None:
         return False
-    names = target_order(sorted({t for t, _ in agg}))
+    names = target_order(list({t for t, _ in agg}))
     qps_points = sorted({q for _, q in agg if q is not None})
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     colors = _colors(names)
@@ -217,6 +230,11 @@ def plot_ttft(agg: dict[tuple[str, float | None], Row], path: Path, title: str) 
             ys = [(_g("summary", "ttft_s", pct)(agg.get((n, key_q), {})) or 0) * 1000 for n in names]
             ax.bar(range(len(names)), ys, color=[colors[n] for n in names])
             ax.set_xticks(range(len(names)), names, rotation=35, ha="right", fontsize=8)
+            positive = [y for y in ys if y > 0]
+            if positive and max(positive) > 20 * min(positive):
+                ax.set_yscale("log")  # a collapsed target must not flatten everyone else
+            for x, y in enumerate(ys):
+                ax.annotate(f"{y:.0f}", (x, y), ha="center", va="bottom", fontsize=7)
         ax.set_ylabel(f"TTFT {pct} (ms)")
         ax.set_title(f"TTFT {pct}")
         ax.grid(alpha=0.3)
