@@ -223,8 +223,10 @@ def _agg(runs: list[dict[str, Any]]) -> dict[tuple[str, str, float | None], dict
 
 
 def _order(names: set[str]) -> list[str]:
-    kinds = {"direct": 0, "ours": 1, "vllm-router": 2, "sglang-router": 3}
-    return sorted(names, key=lambda n: (kinds.get(n.split(":")[0], 9), n))
+    """direct first, then the report's fixed target order (the same colours as other plots)."""
+    from benchmarks.report import target_order
+
+    return ["direct"] * ("direct" in names) + target_order([n for n in names if n != "direct"])
 
 
 def _added(agg, target: str, phase: str, rate, field: str) -> float | None:
