@@ -79,6 +79,12 @@ def fleet_counters(before: list[dict[str, float]], after: list[dict[str, float]]
     }
 
 
+class _PortTaken(RuntimeError):
+    def __init__(self, replica: "Replica", message: str) -> None:
+        super().__init__(message)
+        self.replica = replica
+
+
 @dataclass(slots=True)
 class Replica:
     url: str
@@ -137,11 +143,23 @@ class Fleet:
             await self._start_real(http)
             return
         for i, replica in enumerate(self.spec.expanded()):
-            port = free_port() if self.port_base is None else self.port_base + i
-            argv, endpoint, replay = self.sim_argv(replica, port)
-            proc = self.procs.start(f"sim-{i}", argv, log_path=self.log_dir / f"sim-{i}.log")
-            self.replicas.append(Replica(f"http://127.0.0.1:{port}", replica, proc, port, endpoint, replay))
-        await self.wait_healthy(http)
+            self.replicas.append(self._start_sim(i, replica))
+        for attempt in range(3):
+            try:
+                await self.wait_healthy(http)
+                return
+            except _PortTaken as taken:  # a free port was taken between picking and binding
+                if attempt == 2 or self.port_base is not None:
+                    raise RuntimeError(str(taken)) from None
+                i = self.replicas.index(taken.replica)
+                self.procs.stop(taken.replica.proc)
+                self.replicas[i] = self._start_sim(i, taken.replica.spec)
+
+    def _start_sim(self, i: int, replica: ReplicaSpec) -> Replica:
+        port = free_port() if self.port_base is None else self.port_base + i
+        argv, endpoint, replay = self.sim_argv(replica, port)
+        proc = self.procs.start(f"sim-{i}", argv, log_path=self.log_dir / f"sim-{i}.log")
+        return Replica(f"http://127.0.0.1:{port}", replica, proc, port, endpoint, replay)
 
     async def _start_real(self, http: aiohttp.ClientSession) -> None:
         from benchmarks.real import start_real_fleet  # imported lazily: only real mode needs it
@@ -154,7 +172,10 @@ class Fleet:
         for replica in self.replicas:
             while True:
                 if replica.proc is not None and not replica.proc.alive():
-                    raise RuntimeError(f"replica {replica.url} exited during start-up:\n{replica.proc.log_tail()}")
+                    tail = replica.proc.log_tail()
+                    if "address already in use" in tail.lower():
+                        raise _PortTaken(replica, f"replica {replica.url}: a port was taken:\n{tail}")
+                    raise RuntimeError(f"replica {replica.url} exited during start-up:\n{tail}")
                 try:
                     async with http.get(replica.url + "/health", timeout=aiohttp.ClientTimeout(total=2)) as r:
                         if r.status == 200:

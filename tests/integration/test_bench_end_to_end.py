@@ -136,3 +136,29 @@ async def test_overhead_scenario_end_to_end(tmp_path):
     assert sat["router_resources"]["cpu_ms_per_request"] > 0
     text = (out / "results.md").read_text()
     assert "Added latency at fixed request rates" in text and "`ours:round_robin` | 40 |" in text
+
+
+async def test_fleet_retries_a_port_taken_before_the_replica_bound_it(tmp_path, monkeypatch):
+    import socket
+
+    from benchmarks import fleet as fleet_module
+    from benchmarks.fleet import Fleet
+    from benchmarks.loadgen import make_client
+    from benchmarks.scenario import FleetSpec, ReplicaSpec
+    from engines.sim.process import free_port
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    ports = iter([taken.getsockname()[1]])
+    monkeypatch.setattr(fleet_module, "free_port", lambda: next(ports, None) or free_port())
+    http = make_client()
+    try:
+        with Processes() as procs:
+            fleet = Fleet(FleetSpec(replicas=(ReplicaSpec(1, 1, 256),)), "sim-model", procs, tmp_path)
+            await fleet.start(http)
+            assert fleet.replicas[0].port != taken.getsockname()[1]
+            assert len(procs.running) == 1  # the failed first try is gone
+    finally:
+        taken.close()
+        await http.close()
