@@ -352,11 +352,18 @@ def write_report(out: Path) -> Path:
 
 def provenance(meta: dict[str, Any]) -> list[str]:
     lines = ["## How this was measured", ""]
-    if meta.get("command"):
-        dirty = meta.get("uncommitted") or []
-        lines += [f"Command: `{meta['command']}` (at commit {meta.get('git_commit', '?')}"
-                  + (f" with uncommitted changes to {', '.join(dirty)}" if dirty else "")
-                  + f"; finished {meta.get('finished_at', '')})", ""]
+    history = meta.get("history") or ([meta] if meta.get("command") else [])
+    if len(history) > 1:
+        lines.append("Commands, oldest first (a later `--targets` run replaced the runs of the targets it names):")
+        lines.append("")
+    for entry in history:
+        dirty = entry.get("uncommitted") or []
+        lines.append(f"{'- ' if len(history) > 1 else 'Command: '}`{entry['command']}` (at commit "
+                     f"{entry.get('git_commit', '?')}"
+                     + (f" with uncommitted changes to {', '.join(dirty)}" if dirty else "")
+                     + f"; finished {entry.get('finished_at', '')})")
+    if history:
+        lines.append("")
     if meta.get("versions"):
         lines.append("Versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()) + ".")
         lines.append("")

@@ -88,7 +88,15 @@ def write_meta(scenario: Scenario, out: Path, extra: dict[str, Any] | None = Non
         "finished_at": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         **(extra or {}),
     }
+    # Every command that wrote runs into this folder, oldest first: a later `--targets` run
+    # replaces only the runs of the targets it names.
+    previous = json.loads((out / "meta.json").read_text()) if (out / "meta.json").exists() else {}
+    history = previous.get("history") or ([{k: previous.get(k) for k in _HISTORY_KEYS}] if previous else [])
+    meta["history"] = [*history, {k: meta.get(k) for k in _HISTORY_KEYS}]
     (out / "meta.json").write_text(json.dumps(meta, indent=2, default=str))
+
+
+_HISTORY_KEYS = ("command", "git_commit", "uncommitted", "finished_at")
 
 
 class _Progress:
@@ -207,6 +215,7 @@ async def run_routing(scenario: Scenario, procs: Processes, *, targets: list[Tar
                         bar.describe(label + (f" (repeat {rep + 1})" if scenario.repeats > 1 else ""))
                         run = await measure(scenario, fleet, running, workload, qps, http, bar, tokenize)
                         run["repeat"] = rep
+                        run["git_commit"] = git["git_commit"]
                         (runs_dir / run_file_name(target, qps, rep)).write_text(json.dumps(run, default=str))
                 finally:
                     stop_target(running, procs)
