@@ -74,6 +74,7 @@ COLUMNS: list[tuple[str, Callable[[Row], Any], Callable[[Any], str], bool]] = [
     ("router peak RSS MB", _g("router_resources", "peak_rss_mb"), _num, False),
 ]
 
+SPREAD_COLUMNS = ["TTFT p50 ms", "TTFT p99 ms", "hit rate"]
 RATIO_COLUMNS = ["TTFT p50 ms", "TTFT p99 ms", "out tok/s", "goodput req/s", "hit rate", "busiest prefill share"]
 
 
@@ -101,6 +102,8 @@ def aggregate(runs: list[Row]) -> dict[tuple[str, float | None], Row]:
     for key, items in groups.items():
         row = _median_tree(items)
         row["repeats"] = len(items)
+        row["spread"] = {title: sorted(v for v in (get(i) for i in items) if v is not None)
+                         for title, get, _fmt, _higher in COLUMNS if title in SPREAD_COLUMNS}
         out[key] = row
     return out
 
@@ -150,7 +153,21 @@ def routing_tables(agg: dict[tuple[str, float | None], Row]) -> str:
                      f"with unbounded capacity: {_pct(median(r['oracle']['hit_rate_unbounded'] for r in rows.values()))}.")
         lines.append("")
         lines.append(ratio_table(rows, names))
+        if any(r.get("repeats", 1) > 1 for r in rows.values()):
+            lines += ["", spread_table(rows, names)]
         lines.append("")
+    return "\n".join(lines)
+
+
+def spread_table(rows: dict[str, Row], names: list[str]) -> str:
+    """Every repeat's value of the figures that vary most, so a median is not read as certain."""
+    fmts = {title: fmt for title, _get, fmt, _h in COLUMNS}
+    lines = ["Every repeat, lowest to highest:", "",
+             "| target | " + " | ".join(SPREAD_COLUMNS) + " |", "|---|" + "---|" * len(SPREAD_COLUMNS)]
+    for name in names:
+        spread = rows[name].get("spread") or {}
+        cells = [", ".join(fmts[t](v) for v in spread.get(t, [])) or "–" for t in SPREAD_COLUMNS]
+        lines.append(f"| `{name}` | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
