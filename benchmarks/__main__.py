@@ -13,6 +13,7 @@ import resource
 import signal
 import sys
 from pathlib import Path
+from typing import Any, Coroutine, TypeVar
 
 from benchmarks.procs import Processes
 from benchmarks.scenario import ConfigError, load_scenario, parse_target
@@ -41,15 +42,18 @@ def _run(args: argparse.Namespace) -> int:
         targets = [parse_target(Node(t.strip(), "--targets", "command line"), variants)
                    for t in args.targets.split(",")]
     procs = Processes()
-    # SIGTERM behaves like Ctrl-C: KeyboardInterrupt unwinds the run, the finally stops everything.
+    # Outside the event loop SIGTERM behaves like Ctrl-C too: KeyboardInterrupt unwinds the
+    # run and the finally stops everything.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         if scenario.mode == "overhead":
             from benchmarks.overhead import run_overhead
-            out = asyncio.run(run_overhead(scenario, procs, targets=targets, progress=not args.no_progress))
+            out = asyncio.run(_interruptible(run_overhead(scenario, procs, targets=targets,
+                                                          progress=not args.no_progress)))
         else:
             from benchmarks.runner import run_routing
-            out = asyncio.run(run_routing(scenario, procs, targets=targets, progress=not args.no_progress))
+            out = asyncio.run(_interruptible(run_routing(scenario, procs, targets=targets,
+                                                         progress=not args.no_progress)))
     except KeyboardInterrupt:
         print("\nbenchmarks: interrupted; stopping every process this run started", file=sys.stderr)
         return 130
@@ -58,6 +62,52 @@ def _run(args: argparse.Namespace) -> int:
     print(f"results: {out / 'results.md'}")
     return 0
 
+
+
+T = TypeVar("T")
+
+RECANCEL_INTERVAL_S = 0.5  # how often an interrupted run is cancelled again until it stops
+
+
+async def _interruptible(coro: Coroutine[Any, Any, T]) -> T:
+    """Run `coro`; SIGINT or SIGTERM cancels it and ends in KeyboardInterrupt.
+
+    asyncio.run's own Ctrl-C handling cancels the main task once; a cancellation that lands
+    while an inner asyncio.wait_for completes is swallowed (a known race in Python 3.11), and
+    the run then went on to the end and exited 0.  Here the run is cancelled again every
+    RECANCEL_INTERVAL_S until it stops, and whatever it returns, an interrupted run ends in
+    KeyboardInterrupt (exit status 130 after every started process is stopped).
+    """
+    loop = asyncio.get_running_loop()
+    task = asyncio.ensure_future(coro)
+    interrupted = False
+
+    def cancel_again() -> None:
+        if not task.done():
+            task.cancel()
+            loop.call_later(RECANCEL_INTERVAL_S, cancel_again)
+
+    def interrupt() -> None:
+        nonlocal interrupted
+        if not interrupted:
+            interrupted = True
+            cancel_again()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, interrupt)
+    try:
+        result = await task
+    except asyncio.CancelledError:
+        if interrupted:
+            raise KeyboardInterrupt from None
+        raise
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+            signal.signal(sig, signal.default_int_handler)
+    if interrupted:
+        raise KeyboardInterrupt
+    return result
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
