@@ -22,7 +22,6 @@ Figures are medians over `repeats`.
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import json
 import math
@@ -34,7 +33,7 @@ from typing import Any
 from benchmarks import loadgen
 from benchmarks.fleet import Fleet
 from benchmarks.procs import Processes
-from benchmarks.runner import _Progress, _sample, clear_runs, git_state, write_meta
+from benchmarks.runner import _Progress, clear_runs, git_state, load_with_resources, write_meta
 from benchmarks.scenario import Scenario, TargetSpec
 from benchmarks.stats import median, summarize
 from benchmarks.targets import start_target, stop_target
@@ -75,18 +74,7 @@ async def _phase(scenario: Scenario, fleet: Fleet, running, http, bar, *, phase:
         request_timeout_s=scenario.limits.request_timeout_s, ignore_eos=True, seed=scenario.seed + repeat,
         ramp_s=ramp_s)
     await fleet.idle(http)
-    stop = asyncio.Event()
-    sampler_task = None
-    if running.sampler is not None:
-        running.sampler.start()
-        sampler_task = asyncio.create_task(_sample(running.sampler, stop))
-    try:
-        result = await loadgen.run(spec, workload, on_done=bar.update, http=http)
-    finally:
-        stop.set()
-        if sampler_task is not None:
-            await sampler_task
-    resources = running.sampler.stop() if running.sampler is not None else None
+    result, resources = await load_with_resources(running, spec, workload, on_done=bar.update, http=http)
     if resources is not None:
         resources["core_utilization"] = round(resources["cpu_s"] / max(result.duration_s, 1e-9), 3)
         done = sum(1 for r in result.records if not r.get("error"))

@@ -12,7 +12,6 @@ PR_SET_PDEATHSIG on Linux, so even a harness killed with SIGKILL takes them alon
 
 from __future__ import annotations
 
-import ctypes
 import os
 import signal
 import subprocess
@@ -23,16 +22,7 @@ from typing import IO, Sequence
 
 import psutil
 
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-        except OSError:
-            pass
-
+from engines.children import die_with_parent
 
 @dataclass(eq=False)
 class Proc:
@@ -88,7 +78,7 @@ class Processes:
             env=full_env,
             cwd=cwd,
             start_new_session=True,  # a terminal's Ctrl-C reaches the harness only; it stops these
-            preexec_fn=_die_with_parent,
+            preexec_fn=die_with_parent(signal.SIGTERM),
         )
         proc = Proc(name, list(argv), popen, log_path, log)
         self._procs.append(proc)

@@ -135,6 +135,23 @@ async def _sample(sampler, stop: asyncio.Event) -> None:
             pass
 
 
+async def load_with_resources(target: RunningTarget, spec: loadgen.LoadSpec, workload: Workload, *,
+                              on_done, http) -> tuple[loadgen.LoadResult, dict[str, Any] | None]:
+    """Run the load while sampling the target router's CPU and RSS (None for `direct`)."""
+    stop = asyncio.Event()
+    sampler_task = None
+    if target.sampler is not None:
+        target.sampler.start()
+        sampler_task = asyncio.create_task(_sample(target.sampler, stop))
+    try:
+        result = await loadgen.run(spec, workload, on_done=on_done, http=http)
+    finally:
+        stop.set()
+        if sampler_task is not None:
+            await sampler_task
+    return result, (target.sampler.stop() if target.sampler is not None else None)
+
+
 async def measure(scenario: Scenario, fleet: Fleet, target: RunningTarget, workload: Workload, qps: float | None,
                   http, progress: _Progress, tokenize) -> dict[str, Any]:
     """One run: reset, counters, load, counters, oracle, summary."""
@@ -148,18 +165,7 @@ async def measure(scenario: Scenario, fleet: Fleet, target: RunningTarget, workl
         concurrency=arrival.concurrency or 1, max_requests=scenario.limits.max_requests,
         max_duration_s=scenario.limits.max_duration_s, request_timeout_s=scenario.limits.request_timeout_s,
         ignore_eos=scenario.ignore_eos, seed=scenario.seed)
-    stop = asyncio.Event()
-    sampler_task = None
-    if target.sampler is not None:
-        target.sampler.start()
-        sampler_task = asyncio.create_task(_sample(target.sampler, stop))
-    try:
-        result = await loadgen.run(spec, workload, on_done=progress.update, http=http)
-    finally:
-        stop.set()
-        if sampler_task is not None:
-            await sampler_task
-    resources = target.sampler.stop() if target.sampler is not None else None
+    result, resources = await load_with_resources(target, spec, workload, on_done=progress.update, http=http)
     await fleet.idle(http)
     after = await fleet.read_counters(http)
     tokens = await tokenize(result.prompts)
