@@ -15,7 +15,6 @@ import asyncio
 import logging
 import signal
 import sys
-from pathlib import Path
 from typing import Sequence
 
 from router import __version__

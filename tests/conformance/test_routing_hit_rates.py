@@ -12,7 +12,6 @@ must order the policies the same way on both engine kinds.
 from __future__ import annotations
 
 import aiohttp
-import pytest
 
 from _conformance import MODEL, Engine, unique_text
 
