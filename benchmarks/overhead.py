@@ -33,6 +33,7 @@ from typing import Any
 from benchmarks import loadgen
 from benchmarks.fleet import Fleet
 from benchmarks.procs import Processes
+from benchmarks.report import dig
 from benchmarks.runner import _Progress, clear_runs, git_state, load_with_resources, write_meta
 from benchmarks.scenario import Scenario, TargetSpec
 from benchmarks.stats import median, summarize
@@ -176,15 +177,6 @@ async def run_overhead(scenario: Scenario, procs: Processes, *, targets: list[Ta
 
 # -- report -----------------------------------------------------------------------------------
 
-def _get(run: dict[str, Any], *keys: str) -> Any:
-    value: Any = run
-    for key in keys:
-        if not isinstance(value, dict) or value.get(key) is None:
-            return None
-        value = value[key]
-    return value
-
-
 def _ms(v: Any) -> str:
     return "–" if v is None else f"{v * 1000:.2f}"
 
@@ -205,7 +197,7 @@ def _agg(runs: list[dict[str, Any]]) -> dict[tuple[str, str, float | None], dict
         "core": ("router_resources", "core_utilization"),
     }
     for key, items in groups.items():
-        out[key] = {name: median(_get(r, *path) for r in items) for name, path in paths.items()}
+        out[key] = {name: median(dig(r, *path) for r in items) for name, path in paths.items()}
         out[key]["repeats"] = len(items)
     return out
 

@@ -19,16 +19,18 @@ from benchmarks.stats import median
 
 Row = dict[str, Any]
 
+def dig(value: Any, *keys: str) -> Any:
+    """value[k1][k2]...; None where a level is missing, None or not a dict."""
+    for key in keys:
+        if not isinstance(value, dict) or value.get(key) is None:
+            return None
+        value = value[key]
+    return value
+
+
 # (column header, getter over an aggregated row, format, higher is better)
 def _g(*keys: str) -> Callable[[Row], Any]:
-    def get(row: Row) -> Any:
-        value: Any = row
-        for key in keys:
-            if not isinstance(value, dict) or value.get(key) is None:
-                return None
-            value = value[key]
-        return value
-    return get
+    return lambda row: dig(row, *keys)
 
 
 def _ms(v: Any) -> str:
