@@ -26,7 +26,6 @@ class RouteRequest:
     block_hashes: tuple[int, ...] = ()
     prompt_chars: int = 0  # length of routing text (or token count * 4) for cost models
     session_key: str | None = None  # header (configurable) or body `user`
-    lora: str | None = None
     cache_salt: str | None = None
     headers: tuple[tuple[str, str], ...] = field(default=())  # forwardable client headers
 
