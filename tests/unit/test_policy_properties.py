@@ -255,3 +255,27 @@ def test_recent_dispatch_counts_decay_and_stay_bounded() -> None:
         recent.add(rid)
     raw, _ = recent.scaled()
     assert sorted(raw) == ["a", "b", "d"]
+
+
+def test_learned_rates_stay_bounded(monkeypatch) -> None:
+    from router.policies import cache_aware
+
+    monkeypatch.setattr(cache_aware, "MAX_TRACKED_REPLICAS", 3)
+    policy = cache_aware.CacheAware(min_learn_tokens=1)
+    request = make_request(SYSTEM * 4)
+    for i in range(10):  # replicas come and go; each teaches one rate
+        replica = Replica(url=f"http://r{i}", model="m", health=Health.HEALTHY)
+        policy.observe(replica, request, time_to_first_byte_s=0.01, matched_blocks=0)
+    assert list(policy._rates) == ["http://r7", "http://r8", "http://r9"]  # oldest dropped
+
+
+def test_round_robin_counters_stay_bounded(monkeypatch) -> None:
+    from router.policies import round_robin
+
+    monkeypatch.setattr(round_robin, "_MAX_COUNTERS", 3)
+    policy = round_robin.RoundRobin()
+    replicas = [Replica(url=f"http://r{i}", model="m", health=Health.HEALTHY) for i in range(2)]
+    for i in range(10):  # many distinct model names
+        request = RouteRequest(model=f"m{i}", path="/v1/completions", body=b"")
+        policy.rank(request, replicas, PrefixIndex())
+        assert len(policy._next) <= 3
