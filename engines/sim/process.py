@@ -161,8 +161,7 @@ class SimProcess:
         if proc is None:
             return None
         if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(signal.SIGTERM)
+            self._sigterm()
             try:
                 proc.wait(self.stop_timeout)
             except subprocess.TimeoutExpired:
@@ -175,15 +174,16 @@ class SimProcess:
         if proc is None:
             return None
         if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(signal.SIGTERM)
-            deadline = time.monotonic() + self.stop_timeout
-            while proc.poll() is None and time.monotonic() < deadline:
-                await asyncio.sleep(0.02)
-            if proc.poll() is None:
+            self._sigterm()
+            if await self.wait_exit(self.stop_timeout) is None:
                 proc.kill()
                 proc.wait()
         return proc.returncode
+
+    def _sigterm(self) -> None:
+        assert self.proc is not None
+        with contextlib.suppress(ProcessLookupError):
+            self.proc.send_signal(signal.SIGTERM)
 
     async def kill(self) -> None:
         """SIGKILL: the replica vanishes mid-request, like a crashed server."""
