@@ -184,40 +184,41 @@ class RunningFleet:
                 return rep
         raise KeyError(name)
 
-    def _check_exited(self, pending: Iterable[RunningReplica]) -> None:
+    def _health_deadline(self, timeout: float | None) -> float:
+        return time.monotonic() + (timeout or max(r.plan.health_timeout_s for r in self.replicas))
+
+    def _check_pending(self, pending: list[RunningReplica], deadline: float, timeout: float | None) -> None:
+        """Raise LaunchError if a replica still not healthy has exited, or time is up."""
         for rep in pending:
             if not rep.running():
                 raise LaunchError(
                     f"replica {rep.name} exited (code {rep.exit_code()}) before it was healthy; "
                     f"log {rep.log_path}:\n{rep.log_tail()}")
+        if time.monotonic() > deadline:
+            names = ", ".join(f"{r.name} ({r.log_path})" for r in pending)
+            raise LaunchError(f"not healthy after {timeout or 'the health timeout'} s: {names}")
 
     def wait_healthy(self, timeout: float | None = None, interval: float = 0.25) -> None:
         """Block until every replica answers GET /health with 200 (or raise LaunchError)."""
-        deadline = time.monotonic() + (timeout or max(r.plan.health_timeout_s for r in self.replicas))
+        deadline = self._health_deadline(timeout)
         pending = list(self.replicas)
         while pending:
             pending = [r for r in pending if not _health_ok(r.url)]
             if not pending:
                 return
-            self._check_exited(pending)
-            if time.monotonic() > deadline:
-                names = ", ".join(f"{r.name} ({r.log_path})" for r in pending)
-                raise LaunchError(f"not healthy after {timeout or 'the health timeout'} s: {names}")
+            self._check_pending(pending, deadline, timeout)
             time.sleep(interval)
 
     async def wait_healthy_async(self, timeout: float | None = None, interval: float = 0.25) -> None:
         """`wait_healthy` for an event loop (probes run in a worker thread, never blocking it)."""
-        deadline = time.monotonic() + (timeout or max(r.plan.health_timeout_s for r in self.replicas))
+        deadline = self._health_deadline(timeout)
         pending = list(self.replicas)
         while pending:
             oks = await asyncio.gather(*(asyncio.to_thread(_health_ok, r.url) for r in pending))
             pending = [r for r, ok in zip(pending, oks) if not ok]
             if not pending:
                 return
-            self._check_exited(pending)
-            if time.monotonic() > deadline:
-                names = ", ".join(f"{r.name} ({r.log_path})" for r in pending)
-                raise LaunchError(f"not healthy in time: {names}")
+            self._check_pending(pending, deadline, timeout)
             await asyncio.sleep(interval)
 
     def stop(self, grace: float = STOP_GRACE_S) -> None:
