@@ -28,7 +28,7 @@ PEER_POLICIES = {
 }
 TARGET_KINDS = ("ours", "vllm-router", "sglang-router", "direct")
 
-# Per workload kind: parameter -> (default, kind) where kind is "int", "num" or "bool".
+# Per workload kind: parameter -> (default, kind) where kind is "int" or "num".
 WORKLOAD_PARAMS: dict[str, dict[str, tuple[Any, str]]] = {
     "multi_turn": {
         "users": (16, "int"),
@@ -141,10 +141,6 @@ class TargetSpec:
     @property
     def slug(self) -> str:
         return self.name.replace(":", "__").replace("@", "__")
-
-    @property
-    def is_peer(self) -> bool:
-        return self.kind in PEER_POLICIES
 
 
 @dataclass(frozen=True, slots=True)
