@@ -30,7 +30,7 @@ import asyncio
 import itertools
 import logging
 import time
-from typing import TYPE_CHECKING, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 import aiohttp
 from aiohttp import web
@@ -371,7 +371,3 @@ class Proxy:
         except ConnectionResetError:  # incl. aiohttp.ClientConnectionResetError
             record.client_gone = True  # the caller's `finally` closes the upstream connection
         return out
-
-
-def replicas_text(replicas: Iterable[Replica]) -> str:
-    return ", ".join(r.id for r in replicas)

@@ -15,7 +15,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 import orjson
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
@@ -218,8 +218,3 @@ def init_sentry(dsn: str | None, *, environment: str | None = None) -> bool:
     except Exception as exc:  # noqa: BLE001 - telemetry must never stop the router
         log.warning("Sentry init failed: %s", exc)
         return False
-
-
-def metric_names(registry: CollectorRegistry) -> Iterable[str]:
-    for family in registry.collect():
-        yield family.name
