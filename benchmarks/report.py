@@ -15,6 +15,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Callable
 
+from benchmarks.scenario import TARGET_KINDS
 from benchmarks.stats import median
 
 Row = dict[str, Any]
@@ -110,7 +111,6 @@ def aggregate(runs: list[Row]) -> dict[tuple[str, float | None], Row]:
     return out
 
 
-_KINDS = ("ours", "vllm-router", "sglang-router", "direct")
 _POLICIES = ("round_robin", "least_load", "power_of_two", "random", "prefix_affinity", "session",
              "consistent_hash", "sticky_least_loaded", "cache_aware", "kv_aware")
 
@@ -122,7 +122,7 @@ def target_order(names: list[str]) -> list[str]:
     def key(name: str) -> tuple:
         base, _, variant = name.partition("@")
         kind, _, policy = base.partition(":")
-        return (_KINDS.index(kind) if kind in _KINDS else 9,
+        return (TARGET_KINDS.index(kind) if kind in TARGET_KINDS else 9,
                 _POLICIES.index(policy) if policy in _POLICIES else 99, policy, variant)
     return sorted(names, key=key)
 
@@ -183,9 +183,7 @@ def ratio_table(rows: dict[str, Row], names: list[str]) -> str:
     rr = rows.get("ours:round_robin")
     for name in ours:
         for ref_name, ref in (("best peer", peers), ("round robin", ["ours:round_robin"] if rr else [])):
-            if ref == [name]:
-                continue
-            if not ref:
+            if not ref or ref == [name]:
                 continue
             cells = []
             for title, get, _fmt, higher in cols:
