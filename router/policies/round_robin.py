@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Sequence
 
-from router.fleet import Health
 from router.policies.base import Decision, StatelessPolicy
+from router.policies.load import split_by_health
 
 if TYPE_CHECKING:
     from router.fleet import Replica
@@ -40,10 +40,8 @@ class RoundRobin(StatelessPolicy):
             self._next.clear()
         self._next[request.model] = (turn + 1) % n
         start = turn % n
-        rotated = list(replicas[start:]) + list(replicas[:start])
-        ranked = [r for r in rotated if r.health is Health.HEALTHY] + [
-            r for r in rotated if r.health is not Health.HEALTHY]
-        return Decision(ranked=ranked, why={"policy": self.name, "turn": start})
+        healthy, suspect = split_by_health(list(replicas[start:]) + list(replicas[:start]))
+        return Decision(ranked=healthy + suspect, why={"policy": self.name, "turn": start})
 
 
 def build(params: "Node") -> RoundRobin:

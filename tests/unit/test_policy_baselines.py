@@ -63,3 +63,12 @@ def test_random_is_seedable_and_roughly_uniform() -> None:
     policy = build_policy("random", Node({}, ""))
     firsts = Counter(policy.rank(request(), replicas, PrefixIndex()).ranked[0].id for _ in range(4000))
     assert min(firsts.values()) > 800
+
+
+def test_round_robin_rotates_healthy_first_then_suspect() -> None:
+    replicas = fleet(4)
+    replicas[1].health = Health.SUSPECT
+    replicas[3].health = Health.UNHEALTHY  # never ranked
+    policy = build_policy("round_robin", Node({}, ""))
+    ids = [[r.id[-2:] for r in policy.rank(request(), replicas, PrefixIndex()).ranked] for _ in range(4)]
+    assert ids == [["r0", "r2", "r1"], ["r2", "r0", "r1"], ["r2", "r0", "r1"], ["r0", "r2", "r1"]]
