@@ -111,10 +111,6 @@ class Fleet:
         self.replicas: list[Replica] = []
 
     @property
-    def urls(self) -> list[str]:
-        return [r.url for r in self.replicas]
-
-    @property
     def capacity_blocks(self) -> int:
         return sum(int(r.info.get("num_gpu_blocks") or r.spec.kv_blocks or 0) for r in self.replicas)
 
