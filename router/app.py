@@ -28,7 +28,7 @@ from prometheus_client import CollectorRegistry
 from router.api import Api
 from router.config import BackendConfig, Config, LaunchConfig, ModelConfig
 from router.errors import error_middleware
-from router.fleet import EngineLoad, Fleet, Health, Replica
+from router.fleet import EngineLoad, Fleet, Replica
 from router.monitor import Monitor
 from router.policies import build_policy
 from router.prefix.index import DEFAULT_CAPACITY_BLOCKS, PrefixIndex
@@ -144,7 +144,7 @@ class Router:
         self.session = aiohttp.ClientSession(connector=connector, auto_decompress=False,
                                              timeout=aiohttp.ClientTimeout(total=None))
         self.monitor = Monitor(self.fleet, self.session, cfg.health, cfg.metrics, self.telemetry,
-                               on_load=self._on_load, on_change=self._on_health)
+                               on_load=self._on_load)
         self.proxy = Proxy(session=self.session, policy=self.policy, index=self.index,
                            config=cfg.proxy, telemetry=self.telemetry, monitor=self.monitor,
                            request_id_header=cfg.server.request_id_header)
@@ -170,9 +170,6 @@ class Router:
         if (not old.scraped_at or new.block_size != old.block_size
                 or new.num_gpu_blocks != old.num_gpu_blocks):
             self.index.set_replica_capacity_tokens(replica.id, replica.kv_capacity_tokens)
-
-    def _on_health(self, replica: Replica, old: Health, new: Health) -> None:
-        return None
 
     # -- lifecycle -------------------------------------------------------------------------
     async def _on_startup(self, app: web.Application) -> None:

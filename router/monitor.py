@@ -151,14 +151,12 @@ class Monitor:
 
     def __init__(self, fleet: Fleet, session: aiohttp.ClientSession, health: HealthConfig,
                  metrics: MetricsConfig, telemetry: Telemetry | None = None,
-                 on_change: Callable[[Replica, Health, Health], None] | None = None,
                  on_load: Callable[[Replica, EngineLoad, EngineLoad], None] | None = None) -> None:
         self.fleet = fleet
         self.session = session
         self.health_cfg = health
         self.metrics_cfg = metrics
         self.telemetry = telemetry
-        self.on_change = on_change
         self.on_load = on_load
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._wake: dict[str, asyncio.Event] = {}
@@ -219,11 +217,6 @@ class Monitor:
         log.info("replica %s (%s): %s -> %s", replica.id, replica.model, old.value, new.value)
         if self.telemetry:
             self.telemetry.set_health(replica)
-        if self.on_change is not None:
-            try:
-                self.on_change(replica, old, new)
-            except Exception:  # noqa: BLE001 - a listener must not kill the monitor
-                log.exception("health listener failed")
 
     def record_probe(self, replica: Replica, ok: bool) -> None:
         """Apply one probe result to the replica's health state machine."""
