@@ -27,6 +27,7 @@ import random
 from dataclasses import dataclass
 
 from benchmarks.scenario import WorkloadSpec
+from engines.sim.tokenizer import render_chat
 
 CHARS_PER_TOKEN = 4
 
@@ -177,6 +178,4 @@ def messages_for(session: Session, answers: list[str], turn_index: int) -> list[
 def render(messages: list[dict[str, str]]) -> str:
     """The ChatML rendering (the simulator's and the tiny reference model's template), used as
     the prompt for `api: completions`.  The next turn's rendering extends this one's."""
-    parts = [f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages]
-    parts.append("<|im_start|>assistant\n")
-    return "".join(parts)
+    return render_chat(messages)
