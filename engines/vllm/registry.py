@@ -525,19 +525,25 @@ def vllm_argv(spec: ModelSpec, rep: ReplicaSpec, *, port: int, kv_port: int | No
         argv.append("--enforce-eager")
     # cached_tokens in usage (prompt_tokens_details) is what the router and tests read.
     argv.append("--enable-prompt-tokens-details")
-    if spec.kv_events is not None and kv_port is not None:
-        cfg: dict[str, Any] = {
-            "enable_kv_cache_events": True,
-            "publisher": "zmq",
-            # The publisher binds only when the endpoint has '*' (else it connects).
-            "endpoint": f"tcp://*:{kv_port}",
-            "topic": spec.kv_events.topic,
-        }
-        if replay_port is not None:
-            cfg["replay_endpoint"] = f"tcp://*:{replay_port}"
-        argv += ["--kv-events-config", json.dumps(cfg, separators=(",", ":"))]
+    argv += _kv_events_args(spec, kv_port, replay_port)
     argv += list(rep.extra_args)
     return argv
+
+
+def _kv_events_args(spec: ModelSpec, kv_port: int | None, replay_port: int | None) -> list[str]:
+    """``--kv-events-config JSON`` (the same for vLLM and the simulator), or nothing."""
+    if spec.kv_events is None or kv_port is None:
+        return []
+    cfg: dict[str, Any] = {
+        "enable_kv_cache_events": True,
+        "publisher": "zmq",
+        # The publisher binds only when the endpoint has '*' (else it connects).
+        "endpoint": f"tcp://*:{kv_port}",
+        "topic": spec.kv_events.topic,
+    }
+    if replay_port is not None:
+        cfg["replay_endpoint"] = f"tcp://*:{replay_port}"
+    return ["--kv-events-config", json.dumps(cfg, separators=(",", ":"))]
 
 
 def sim_argv(spec: ModelSpec, rep: ReplicaSpec, *, port: int, kv_port: int | None,
@@ -546,22 +552,13 @@ def sim_argv(spec: ModelSpec, rep: ReplicaSpec, *, port: int, kv_port: int | Non
     argv = [python or sys.executable, "-m", "engines.sim", "--host", spec.host,
             "--port", str(port), "--model", spec.served_model_name,
             "--tp", str(rep.tensor_parallel_size)]
-    if spec.max_model_len is not None:
-        argv += ["--max-model-len", str(spec.max_model_len)]
-    if spec.block_size is not None:
-        argv += ["--block-size", str(spec.block_size)]
-    if spec.num_gpu_blocks_override is not None:
-        argv += ["--num-gpu-blocks", str(spec.num_gpu_blocks_override)]
-    if spec.max_num_seqs is not None:
-        argv += ["--max-num-seqs", str(spec.max_num_seqs)]
+    _flag(argv, "--max-model-len", spec.max_model_len)
+    _flag(argv, "--block-size", spec.block_size)
+    _flag(argv, "--num-gpu-blocks", spec.num_gpu_blocks_override)
+    _flag(argv, "--max-num-seqs", spec.max_num_seqs)
     if not spec.enable_prefix_caching:
         argv.append("--no-enable-prefix-caching")
-    if spec.kv_events is not None and kv_port is not None:
-        cfg: dict[str, Any] = {"enable_kv_cache_events": True, "publisher": "zmq",
-                               "endpoint": f"tcp://*:{kv_port}", "topic": spec.kv_events.topic}
-        if replay_port is not None:
-            cfg["replay_endpoint"] = f"tcp://*:{replay_port}"
-        argv += ["--kv-events-config", json.dumps(cfg, separators=(",", ":"))]
+    argv += _kv_events_args(spec, kv_port, replay_port)
     for key, value in rep.sim.items():
         flag = "--" + key.replace("_", "-")
         if value is True:
