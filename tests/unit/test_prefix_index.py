@@ -236,3 +236,17 @@ def test_random_operations_keep_the_trie_consistent_and_bounded(ops) -> None:
             held = index._held.get(rid_, {})
             assert all(h in held for h in path[:k])
             assert k == len(path) or path[k] not in held  # and the longest such prefix
+
+
+def test_candidate_mask_cache_stays_bounded() -> None:
+    from router.prefix import index as index_module
+
+    index = PrefixIndex()
+    hashes = hash_text("shared prefix " * 40, "m")
+    for i in range(40):
+        index.record(hashes, f"r{i}")
+    subsets = [tuple(f"r{j}" for j in range(40) if (k >> (j % 20)) & 1) for k in range(1, 600)]
+    for ids in subsets:  # far more distinct candidate sets than the cache keeps
+        index.match(hashes, ids)
+        assert len(index._wanted_cache) <= index_module._MAX_WANTED_CACHE
+    assert index.match(hashes, subsets[0]) == {rid: len(hashes) for rid in subsets[0]}
