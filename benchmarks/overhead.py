@@ -33,7 +33,7 @@ from typing import Any
 from benchmarks import loadgen
 from benchmarks.fleet import Fleet
 from benchmarks.procs import Processes
-from benchmarks.report import dig
+from benchmarks.report import _colors, _plt, dig, load_runs, provenance, target_order, write_report
 from benchmarks.runner import _Progress, clear_runs, git_state, load_with_resources, write_meta
 from benchmarks.scenario import Scenario, TargetSpec
 from benchmarks.stats import median, summarize
@@ -119,8 +119,6 @@ async def _target_phases(scenario: Scenario, fleet: Fleet, running, http, bar, p
 
 async def run_overhead(scenario: Scenario, procs: Processes, *, targets: list[TargetSpec] | None = None,
                        progress: bool = True, port_base: int | None = None) -> Path:
-    from benchmarks.report import write_report
-
     ov = scenario.overhead
     out = scenario.output
     (out / "runs").mkdir(parents=True, exist_ok=True)
@@ -204,8 +202,6 @@ def _agg(runs: list[dict[str, Any]]) -> dict[tuple[str, str, float | None], dict
 
 def _order(names: set[str]) -> list[str]:
     """direct first, then the report's fixed target order (the same colours as other plots)."""
-    from benchmarks.report import target_order
-
     return ["direct"] * ("direct" in names) + target_order([n for n in names if n != "direct"])
 
 
@@ -215,8 +211,6 @@ def _added(agg, target: str, phase: str, rate, field: str) -> float | None:
 
 
 def write_overhead_report(out: Path, meta: dict[str, Any]) -> Path:
-    from benchmarks.report import _plt, load_runs, provenance
-
     runs = load_runs(out)
     agg = _agg(runs)
     targets = _order({t for t, _, _ in agg})
@@ -291,8 +285,6 @@ def write_overhead_report(out: Path, meta: dict[str, Any]) -> Path:
 
 def _plot(agg, targets: list[str], rates: list[float], path: Path, plt) -> None:
     """Added e2e latency p50 and p99 per rate, and added ITL p50/p99 with many streams."""
-    from benchmarks.report import _colors
-
     routers = [t for t in targets if t != "direct"]
     colors = _colors(targets)
     streams = any((t, "streams", None) in agg for t in routers)
