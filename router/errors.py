@@ -77,13 +77,12 @@ class RouterError(Exception):
         self.headers = dict(headers or {})
         self.type = type or error_type(status)
 
-    def response(self, extra_headers: Mapping[str, str] | None = None) -> web.Response:
-        headers = {**self.headers, **(extra_headers or {})}
+    def response(self) -> web.Response:
         return web.Response(
             status=self.status,
             body=error_body(self.status, self.message, param=self.param, type=self.type),
             content_type=JSON_CONTENT_TYPE,
-            headers=headers,
+            headers=self.headers,
         )
 
 
