@@ -13,7 +13,7 @@ import json
 import re
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 from benchmarks.scenario import TARGET_KINDS
 from benchmarks.stats import median
@@ -134,9 +134,14 @@ def _best(rows: dict[str, Row], names: list[str], getter, higher: bool) -> float
     return max(values) if higher else min(values)
 
 
+def _load_points(qps: Iterable[float | None]) -> list[float | None]:
+    """The distinct load points, lowest QPS first and the closed loop (None) last."""
+    return sorted(set(qps), key=lambda q: (q is None, q or 0))
+
+
 def routing_tables(agg: dict[tuple[str, float | None], Row]) -> str:
     lines: list[str] = []
-    points = sorted({q for _, q in agg}, key=lambda q: (q is None, q or 0))
+    points = _load_points(q for _, q in agg)
     for qps in points:
         rows = {t: r for (t, q), r in agg.items() if q == qps}
         names = target_order(list(rows))
@@ -268,7 +273,7 @@ def plot_hit_rate(agg: dict[tuple[str, float | None], Row], path: Path, title: s
     plt = _plt()
     if plt is None:
         return False
-    qps_points = sorted({q for _, q in agg}, key=lambda q: (q is None, q or 0))
+    qps_points = _load_points(q for _, q in agg)
     qps = qps_points[-1] if qps_points[-1] is not None or len(qps_points) == 1 else qps_points[-2]
     rows = {t: r for (t, q), r in agg.items() if q == qps}
     colors = _colors(target_order(list(rows)))
@@ -324,7 +329,7 @@ def write_index(root: Path) -> Path:
     for name in names:
         cells = []
         for agg in scenarios.values():
-            points = sorted({q for t, q in agg if t == name}, key=lambda q: (q is None, q or 0))
+            points = _load_points(q for t, q in agg if t == name)
             row = agg.get((name, points[-1])) if points else None
             if row is None:
                 cells.append("–")
