@@ -209,17 +209,19 @@ class Fleet:
             r.raise_for_status()
             return await r.text()
 
+    async def _pages(self, http: aiohttp.ClientSession) -> list[str]:
+        """Every replica's /metrics page, fetched concurrently."""
+        return await asyncio.gather(*(self._metrics(http, r) for r in self.replicas))
+
     async def read_counters(self, http: aiohttp.ClientSession) -> list[dict[str, float]]:
-        pages = await asyncio.gather(*(self._metrics(http, r) for r in self.replicas))
-        return [counters(p) for p in pages]
+        return [counters(p) for p in await self._pages(http)]
 
     async def idle(self, http: aiohttp.ClientSession, timeout_s: float = 30.0) -> None:
         """Wait until no replica runs or queues a request (aborted streams drain)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         while loop.time() < deadline:
-            pages = await asyncio.gather(*(self._metrics(http, r) for r in self.replicas))
-            loads = [parse_engine_load(page) for page in pages]
+            loads = [parse_engine_load(page) for page in await self._pages(http)]
             if sum(load.running + load.waiting for load in loads) == 0:
                 return
             await asyncio.sleep(0.2)
