@@ -48,7 +48,7 @@ def vllm_registry_entry(replicas: int = REPLICAS) -> dict:
         "model": str(TINY_MODEL),
         "served_model_name": MODEL,
         "load_format": "dummy",
-        "dtype": "bfloat16",
+        "dtype": "float32",  # as config/engines-cpu.yaml: bf16 SIGILLs on some Xeons
         "max_model_len": MAX_MODEL_LEN,
         "enforce_eager": True,
         "block_size": BLOCK_SIZE,
