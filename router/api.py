@@ -1,17 +1,21 @@
 """HTTP handlers: the OpenAI-compatible surface of the router.
 
-    POST /v1/chat/completions, /v1/completions, /v1/embeddings      routed by body `model`
-    POST /v1/* (any other), /tokenize, /detokenize                   passed through the same way
+    POST server.forward_paths            routed by body `model` (default: vLLM's inference
+                                         API, router/paths.py; nothing else is forwarded)
     GET  /v1/models, /v1/models/{id}    models of healthy replicas plus aliases
     GET  /health                        the router process is alive
     GET  /ready                         every configured model has a healthy replica
     GET  /metrics                       the router's own Prometheus metrics (router_*)
-    GET  /admin/replicas                the fleet as the router sees it (JSON)
+    GET  /admin/replicas                the fleet as the router sees it (JSON; admin only)
+    OPTIONS *                           CORS preflight (router/cors.py)
 
-Each POST body is read once (capped at ``server.max_body_bytes``: 413) and parsed once
-with orjson; the bytes forwarded are the client's own, except that an alias in `model`
-is rewritten to the canonical name.  Every answer carries the request id (the client's
-``X-Request-Id`` or a generated one).
+A forwarded request goes through, in order: the raw path check (400), the client key
+(401), the body (read once, capped, decoded: 413/408/415/503), JSON parsing and the
+fields the router reads (400), the model and the key's model allowlist (404), the
+candidates (503), the rate limits (429), the admission queue (429), then the proxy.  The
+bytes forwarded are the client's own, except that an alias in `model` is rewritten to
+the canonical name and a compressed body is forwarded decompressed.  Every answer carries
+the request id (the client's ``X-Request-Id`` or a generated one).
 """
 
 from __future__ import annotations
@@ -25,9 +29,12 @@ from typing import TYPE_CHECKING, Any
 import orjson
 from aiohttp import web
 
-from router.errors import RouterError, bad_request
+from router.admission import Admission, QueueRejection, RateLimitExceeded
+from router.auth import Client, KeyRing
+from router.errors import Handler, RouterError, bad_request
 from router.fleet import Fleet, Health, Replica
-from router.limits import read_body
+from router.limits import BodyBudget, BodyLease, read_body
+from router.paths import raw_path_problem
 from router.proxy import CLIENT_CLOSED, Proxy, forwardable_request_headers
 from router.requests import BodyError, build_route_request, rewrite_model, validate_body
 from router.telemetry import NO_REPLICA, RequestRecord, Telemetry, write_access_log
@@ -37,32 +44,38 @@ if TYPE_CHECKING:
     from router.prefix.index import PrefixIndex
 
 INFERENCE_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
-PASS_THROUGH_PATHS = ("/tokenize", "/detokenize")
-GET_ONLY_PATHS = frozenset({"/v1/models"})
 _REQUEST_ID_RE = re.compile(r"^[\x21-\x7e]{1,200}$")  # visible ASCII, bounded
 REQUEST_ID_KEY = web.RequestKey("request_id", str)
+_PRIORITY_RE = re.compile(r"^[+-]?\d{1,6}$")
 
 
 class Api:
     """The handlers, bound to the objects the app created."""
 
     def __init__(self, *, config: "Config", fleet: Fleet, proxy: Proxy, telemetry: Telemetry,
-                 index: "PrefixIndex | None" = None) -> None:
+                 index: "PrefixIndex | None" = None, keyring: KeyRing | None = None,
+                 admission: Admission | None = None, bodies: BodyBudget | None = None) -> None:
         self.config = config
         self.fleet = fleet
         self.proxy = proxy
         self.telemetry = telemetry
         self.index = index
+        self.keyring = keyring or KeyRing(config.auth, config.server.trusted_proxies)
+        self.admission = admission or Admission(
+            config.admission, retry_after=config.proxy.retry_after,
+            on_queue=lambda model, n: telemetry.queue_length.labels(model).set(n))
+        self.bodies = bodies or BodyBudget(config.server.max_inflight_body_bytes,
+                                           config.proxy.retry_after)
         self.aliases = config.aliases()
         self.model_names = [m.name for m in config.models] or fleet.models()
         self.draining = False
         self.started = int(time.time())
         self._rid_header = config.server.request_id_header
         self._session_header = config.routing.session_header
+        self._priority_header = config.admission.priority_header
 
     def routes(self) -> list[web.RouteDef]:
-        post = [web.post(path, self.handle_inference) for path in INFERENCE_PATHS]
-        post += [web.post(path, self.handle_inference) for path in PASS_THROUGH_PATHS]
+        post = [web.post(path, self.handle_inference) for path in self.config.server.forward_paths]
         return [
             *post,
             web.get("/v1/models", self.handle_models),
@@ -71,37 +84,64 @@ class Api:
             web.get("/ready", self.handle_ready),
             web.get("/metrics", self.handle_metrics),
             web.get("/admin/replicas", self.handle_replicas),
-            web.post("/v1/{tail:.*}", self.handle_inference),
         ]
 
     @web.middleware
-    async def request_id_middleware(self, request: web.Request, handler) -> web.StreamResponse:  # type: ignore[no-untyped-def]
+    async def request_id_middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         """Every answer carries a request id, including the ones aiohttp makes (404/405)."""
         response = await handler(request)
         if not response.prepared and self._rid_header not in response.headers:
             response.headers[self._rid_header] = request.get(REQUEST_ID_KEY) or self._request_id(request)
         return response
 
+    @web.middleware
+    async def path_guard(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """400 for a path that is not plain (router/paths.py), before any routing."""
+        raw = request.raw_path
+        problem = raw_path_problem(raw)
+        # Model ids may hold characters a client percent-encodes; that path is never forwarded.
+        if problem is not None and not (request.method in ("GET", "HEAD")
+                                        and raw.startswith("/v1/models/")
+                                        and problem.startswith("percent")):
+            self.telemetry.rejections.labels("bad_path").inc()
+            raise bad_request(f"Invalid request path: {problem}")
+        return await handler(request)
+
     # -- model names ----------------------------------------------------------------
-    def known_models(self) -> list[str]:
+    def known_models(self, client: Client | None = None) -> list[str]:
         """Every name a client may use: configured models, aliases, discovered names."""
         names = list(self.model_names) + list(self.aliases)
         for replica in self.fleet:
             names.extend(sorted(replica.served_models - set(names)))
-        return list(dict.fromkeys(names))
+        names = list(dict.fromkeys(names))
+        return [n for n in names if client is None or client.may_use(n)]
 
-    def resolve(self, name: str) -> tuple[str, list[Replica]]:
-        """(canonical name, its replicas) for a requested model name or alias; 404 if none."""
+    def resolve(self, name: str, client: Client | None = None) -> tuple[str, list[Replica]]:
+        """(canonical name, its replicas) for a requested model name or alias; 404 if none.
+
+        Replicas that reported their served models and do not list the canonical name
+        are left out (they would answer 404).  A key that may not use `name` gets the
+        same 404 as for a model that does not exist.
+        """
         canonical = self.aliases.get(name, name)
-        replicas = self.fleet.for_model(canonical)
+        if client is not None and not (client.may_use(name) or client.may_use(canonical)):
+            self.telemetry.rejections.labels("forbidden_model").inc()
+            raise self._no_such_model(name, client)
+        replicas = [r for r in self.fleet.for_model(canonical)
+                    if not r.served_models or canonical in r.served_models]
         if replicas:
             return canonical, replicas
         served = [r for r in self.fleet if name in r.served_models]
         if served:  # e.g. a LoRA adapter or extra served name a replica reported
             return name, served
-        valid = ", ".join(self.known_models()) or "(none)"
-        raise RouterError(404, f"The model `{name}` does not exist. Valid models: {valid}.",
-                          param="model")
+        if self.fleet.for_model(canonical):  # configured, but no replica serves it
+            return canonical, []
+        raise self._no_such_model(name, client)
+
+    def _no_such_model(self, name: str, client: Client | None) -> RouterError:
+        valid = ", ".join(self.known_models(client)) or "(none)"
+        return RouterError(404, f"The model `{name}` does not exist or you do not have access "
+                                f"to it. Valid models: {valid}.", param="model")
 
     # -- POST: inference and pass-through --------------------------------------------
     def _request_id(self, request: web.Request) -> str:
@@ -115,10 +155,11 @@ class Api:
                                path=request.path, client=request.remote)
         request[REQUEST_ID_KEY] = record.request_id
         key = self.proxy.begin(record)
+        lease = self.bodies.lease()
         response: web.StreamResponse | None = None
         try:
             try:
-                response = await self._route(request, record)
+                response = await self._route(request, record, lease)
             except RouterError as exc:
                 response = exc.response()
             return response
@@ -126,22 +167,52 @@ class Api:
             record.client_gone = True
             raise
         finally:
+            lease.release()
+            self.telemetry.body_bytes.set(self.bodies.used)
             self.proxy.end(key)
+            if record.admitted and record.model is not None:
+                self.admission.on_request_end(record.model)
             if response is not None and not response.prepared:
                 response.headers[self._rid_header] = record.request_id
             status = CLIENT_CLOSED if record.client_gone else (
                 response.status if response is not None else 500)
             self._finish(record, status)
 
-    async def _route(self, request: web.Request, record: RequestRecord) -> web.StreamResponse:
-        path = request.path
-        if path in GET_ONLY_PATHS:
-            raise RouterError(405, f"Method {request.method} is not allowed on {path}; allowed: GET",
-                              headers={"Allow": "GET, HEAD"})
+    def _reject(self, reason: str, error: RouterError) -> RouterError:
+        self.telemetry.rejections.labels(reason).inc()
+        return error
+
+    def _priority(self, request: web.Request, client: Client) -> int:
+        """The key's priority, or lower if the request's priority header asks for it."""
+        given = request.headers.get(self._priority_header)
+        if given is None:
+            return client.priority
+        if not _PRIORITY_RE.match(given.strip()):
+            raise bad_request(f"'{self._priority_header}' must be an integer")
+        return min(int(given), client.priority)
+
+    async def _route(self, request: web.Request, record: RequestRecord,
+                     lease: BodyLease) -> web.StreamResponse:
+        path = request.match_info.route.resource.canonical  # the allowlist's own string
         if self.draining:
             raise RouterError(503, "The router is shutting down", headers={
                 "Retry-After": str(self.config.proxy.retry_after), "Connection": "close"})
-        body = await read_body(request, self.config.server.max_body_bytes)
+        try:
+            client = self.keyring.client(request.headers, request.remote)
+        except RouterError as exc:
+            raise self._reject("auth", exc) from None
+        record.client = client.address
+        record.client_name = client.name
+        server = self.config.server
+        try:
+            body = await read_body(request, server.max_body_bytes, timeout=server.body_timeout,
+                                   lease=lease)
+        except RouterError as exc:
+            if exc.status == 503:
+                self.telemetry.rejections.labels("body_budget").inc()
+            raise
+        finally:
+            self.telemetry.body_bytes.set(self.bodies.used)
         if not body.strip():
             raise bad_request("The request body is empty; expected a JSON object")
         try:
@@ -154,11 +225,14 @@ class Api:
             raise bad_request(exc.message, exc.param) from None
         requested = data.get("model")
         if requested is None:
+            allowed = self.known_models(client)
             if path in INFERENCE_PATHS or len(self.model_names) != 1:
                 raise bad_request("'model' is required", "model")
             requested = self.model_names[0]  # e.g. /tokenize without a model: the only one
+            if requested not in allowed:
+                raise self._no_such_model(requested, client)
         record.model = requested
-        canonical, replicas = self.resolve(requested)
+        canonical, replicas = self.resolve(requested, client)
         record.model = canonical
         record.stream = data.get("stream") is True
         if canonical != requested and "model" in data:
@@ -166,13 +240,41 @@ class Api:
         candidates = [r for r in replicas if r.routable]
         if not candidates:
             raise self.proxy.unavailable(canonical)
+        admissible = [r for r in candidates if self.proxy.admissible(r)]
+        if not admissible:
+            raise self._reject("ejected", self.proxy.ejected_error(canonical, candidates))
         session_key = request.headers.get(self._session_header) or None
+        prefix = self.config.prefix
         route = build_route_request(
             model=canonical, path=path, data=data, body=body, request_id=record.request_id,
             headers=forwardable_request_headers(request.headers, self._rid_header),
-            session_key=session_key, block_chars=self.config.prefix.block_chars,
-            block_tokens=self.config.prefix.block_tokens)
-        return await self.proxy.forward(request, route, candidates, record)
+            session_key=session_key, block_chars=prefix.block_chars,
+            block_tokens=prefix.block_tokens, max_blocks=prefix.max_blocks_per_request)
+        try:
+            self.admission.limiter.check(client, _token_cost(route.estimated_prompt_tokens, data))
+        except RateLimitExceeded as exc:
+            raise self._reject(f"rate_limit_{exc.kind}", exc.error) from None
+        priority = self._priority(request, client)
+        try:
+            waited = await self.admission.admit(canonical, admissible, client, priority)
+        except QueueRejection as exc:
+            raise self._reject(exc.reason, exc.error) from None
+        record.admitted = True
+        if waited:
+            record.queued_s = waited
+            self.telemetry.queue_wait.labels(canonical).observe(waited)
+            # The fleet may have changed while the request waited.
+            admissible = [r for r in replicas if r.routable and self.proxy.admissible(r)]
+            if not admissible:
+                raise self.proxy.unavailable(canonical)
+        return await self.proxy.forward(request, route, admissible, record)
+
+    def on_load(self, replica: Replica) -> None:
+        """A replica's fresh load report: the admission queue may admit more."""
+        model = replica.model
+        if self.admission.queued(model):
+            replicas = [r for r in self.fleet.for_model(model) if r.routable]
+            self.admission.on_load(model, replicas)
 
     def _finish(self, record: RequestRecord, status: int) -> None:
         record.status = status
@@ -221,15 +323,24 @@ class Api:
                 entries[alias] = self._model_entry(alias, healthy_by_model[model], model)
         return list(entries.values())
 
+    def _client(self, request: web.Request) -> Client:
+        try:
+            return self.keyring.client(request.headers, request.remote)
+        except RouterError as exc:
+            raise self._reject("auth", exc) from None
+
     async def handle_models(self, request: web.Request) -> web.Response:
-        return _json({"object": "list", "data": self.model_list()})
+        client = self._client(request)
+        return _json({"object": "list",
+                      "data": [e for e in self.model_list() if client.may_use(e["id"])]})
 
     async def handle_model(self, request: web.Request) -> web.Response:
+        client = self._client(request)
         name = request.match_info["model"]
         for entry in self.model_list():
-            if entry["id"] == name:
+            if entry["id"] == name and client.may_use(name):
                 return _json(entry)
-        self.resolve(name)  # 404 with the valid names if it is unknown altogether
+        self.resolve(name, client)  # 404 with the valid names if it is unknown altogether
         raise self.proxy.unavailable(name)
 
     async def handle_health(self, request: web.Request) -> web.Response:
@@ -248,12 +359,15 @@ class Api:
         return _json(payload, status=200 if ready else 503)
 
     async def handle_metrics(self, request: web.Request) -> web.Response:
+        if self.keyring.protect_metrics:
+            self.keyring.check_admin(request.headers, request.remote)
         body, content_type = self.telemetry.render()
         response = web.Response(body=body)
         response.headers["Content-Type"] = content_type
         return response
 
     async def handle_replicas(self, request: web.Request) -> web.Response:
+        self.keyring.check_admin(request.headers, request.remote)
         replicas = []
         for r in self.fleet:
             replicas.append({
@@ -262,6 +376,10 @@ class Api:
                 "labels": dict(r.labels), "served_models": sorted(r.served_models),
                 "max_model_len": r.max_model_len, "in_flight": r.in_flight,
                 "consecutive_failures": r.consecutive_failures,
+                "circuit_breaker": {"state": r.breaker.state.value,
+                                    "consecutive_failures": r.breaker.failures,
+                                    "retry_in_s": round(self.proxy.breakers.retry_in(r.breaker), 3),
+                                    "last_failure": r.breaker.last_reason},
                 "load": {"running": r.load.running, "waiting": r.load.waiting,
                          "kv_cache_usage": r.load.kv_cache_usage,
                          "prefix_cache_queries": r.load.prefix_cache_queries,
@@ -269,7 +387,9 @@ class Api:
                          "block_size": r.load.block_size, "num_gpu_blocks": r.load.num_gpu_blocks},
             })
         payload: dict[str, Any] = {"policy": self.proxy.policy.name, "replicas": replicas,
-                                   "active_requests": len(self.proxy.active)}
+                                   "active_requests": len(self.proxy.active),
+                                   "admission_queue": self.admission.waiting,
+                                   "request_body_bytes_held": self.bodies.used}
         if self.index is not None and hasattr(self.index, "stats"):
             stats = self.index.stats()
             payload["prefix_index"] = {k: v for k, v in stats.items() if k != "replicas"}
@@ -278,3 +398,9 @@ class Api:
 
 def _json(payload: Any, status: int = 200) -> web.Response:
     return web.Response(status=status, body=orjson.dumps(payload), content_type="application/json")
+
+
+def _token_cost(prompt_tokens: int, data: dict[str, Any]) -> int:
+    """What a request costs a tokens-per-minute bucket: its prompt plus its max output."""
+    out = data.get("max_completion_tokens", data.get("max_tokens"))
+    return prompt_tokens + (out if isinstance(out, int) and not isinstance(out, bool) and out > 0 else 0)

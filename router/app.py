@@ -27,6 +27,9 @@ from prometheus_client import CollectorRegistry
 
 from router.api import Api
 from router.config import BackendConfig, Config, LaunchConfig, ModelConfig
+from router.connections import (ConnectionLimits, FrontDoorRunner, default_connection_cap,
+                                raise_fd_limit)
+from router.cors import Cors
 from router.errors import error_middleware
 from router.fleet import EngineLoad, Fleet, Replica
 from router.monitor import Monitor
@@ -112,12 +115,15 @@ class Router:
                                  tokens_per_block=max(1, prefix.block_chars // 4))
         self.policy = build_policy(config.routing.policy, config.routing.params_node())
         self.telemetry.set_info(self.policy.name)
-        self.session: aiohttp.ClientSession | None = None
+        self.session: aiohttp.ClientSession | None = None  # requests to replicas
+        self.probe_session: aiohttp.ClientSession | None = None  # the monitor's own pool
+        self.cors = Cors(config.cors)
         self.monitor: Monitor | None = None
         self.proxy: Proxy | None = None
         self.api: Api | None = None
         self.app: web.Application | None = None
         self.engines: Any = None  # engines.launcher.RunningFleet when `launch:` started some
+        self.connection_limits: ConnectionLimits | None = None  # set by serve()
 
     @classmethod
     async def create(cls, config: Config, *, registry: CollectorRegistry | None = None,
@@ -143,18 +149,27 @@ class Router:
                                          enable_cleanup_closed=True, ttl_dns_cache=300)
         self.session = aiohttp.ClientSession(connector=connector, auto_decompress=False,
                                              timeout=aiohttp.ClientTimeout(total=None))
-        self.monitor = Monitor(self.fleet, self.session, cfg.health, cfg.metrics, self.telemetry,
-                               on_load=self._on_load)
+        # Probes get their own pool, so long streams filling `proxy.max_connections` can
+        # never make a replica look dead.
+        self.probe_session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, enable_cleanup_closed=True,
+                                           ttl_dns_cache=300),
+            auto_decompress=False, timeout=aiohttp.ClientTimeout(total=None))
+        self.monitor = Monitor(self.fleet, self.probe_session, cfg.health, cfg.metrics,
+                               self.telemetry, on_load=self._on_load, on_health=self._on_health)
         self.proxy = Proxy(session=self.session, policy=self.policy, index=self.index,
                            config=cfg.proxy, telemetry=self.telemetry, monitor=self.monitor,
-                           request_id_header=cfg.server.request_id_header)
+                           request_id_header=cfg.server.request_id_header,
+                           breaker_config=cfg.circuit_breaker)
         self.api = Api(config=cfg, fleet=self.fleet, proxy=self.proxy, telemetry=self.telemetry,
                        index=self.index)
         app = web.Application(client_max_size=cfg.server.max_body_bytes,
-                              middlewares=[self.api.request_id_middleware, error_middleware],
+                              middlewares=[self.api.request_id_middleware, error_middleware,
+                                           self.api.path_guard, self.cors.middleware],
                               handler_args={"lingering_time": 1.0})
         app[ROUTER_KEY] = self
         app.add_routes(self.api.routes())
+        app.on_response_prepare.append(self.cors.on_response_prepare)
         app.on_startup.append(self._on_startup)
         app.on_cleanup.append(self._on_cleanup)
         self.app = app
@@ -170,6 +185,12 @@ class Router:
         if (not old.scraped_at or new.block_size != old.block_size
                 or new.num_gpu_blocks != old.num_gpu_blocks):
             self.index.set_replica_capacity_tokens(replica.id, replica.kv_capacity_tokens)
+        if self.api is not None:
+            self.api.on_load(replica)
+
+    def _on_health(self, replica: Replica, old: object, new: object) -> None:
+        if self.proxy is not None:
+            self.proxy.on_health(replica, old, new)  # type: ignore[arg-type]
 
     # -- lifecycle -------------------------------------------------------------------------
     async def _on_startup(self, app: web.Application) -> None:
@@ -184,8 +205,9 @@ class Router:
         """Stop background tasks, close the upstream session, stop launched engines."""
         if self.monitor is not None:
             await self.monitor.stop()
-        if self.session is not None and not self.session.closed:
-            await self.session.close()
+        for session in (self.session, self.probe_session):
+            if session is not None and not session.closed:
+                await session.close()
         if self.engines is not None:
             engines, self.engines = self.engines, None
             with contextlib.suppress(Exception):
@@ -222,8 +244,9 @@ class Server:
             log.info("draining %d in-flight request(s) for up to %gs", active, timeout)
         drained = await self.router.proxy.wait_idle(timeout)
         if not drained:
-            log.warning("drain timeout: %d request(s) still in flight are cut",
-                        len(self.router.proxy.active))
+            log.warning("drain timeout: %d request(s) still in flight are cut (streams end "
+                        "with an error event)", len(self.router.proxy.active))
+            await self.router.proxy.cut_and_wait()
         await self.runner.cleanup()
         return drained
 
@@ -238,10 +261,18 @@ async def serve(router: Router, host: str | None = None, port: int | None = None
     cfg = router.config.server
     host = cfg.host if host is None else host
     port = cfg.port if port is None else port
-    runner = web.AppRunner(router.app, handler_cancellation=True, access_log=None,
-                           shutdown_timeout=1.0)
+    fd_limit = raise_fd_limit()
+    cap = cfg.max_connections or default_connection_cap(fd_limit)
+    limits = ConnectionLimits(cap, cfg.header_timeout)
+    router.connection_limits = limits
+    router.telemetry.connections.set_function(lambda: limits.open)
+    log.info("accepting up to %d client connections (file-descriptor limit %d), backlog %d",
+             cap, fd_limit, cfg.backlog)
+    runner = FrontDoorRunner(router.app, limits=limits, handler_cancellation=True,
+                             access_log=None, shutdown_timeout=1.0,
+                             keepalive_timeout=cfg.keepalive_timeout, auto_decompress=False)
     await runner.setup()
-    site = web.TCPSite(runner, host, port, backlog=1024, reuse_address=True)
+    site = web.TCPSite(runner, host, port, backlog=cfg.backlog, reuse_address=True)
     try:
         await site.start()
     except BaseException:

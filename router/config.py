@@ -1,24 +1,39 @@
 """routes.yaml: the router's configuration, validated into frozen dataclasses.
 
     server:   {host, port, max_body_bytes, drain_timeout, request_id_header, access_log,
-               log_format, log_level, sentry_dsn}
+               log_format, log_level, sentry_dsn, backlog, max_connections, header_timeout,
+               body_timeout, keepalive_timeout, max_inflight_body_bytes, trusted_proxies,
+               forward_paths}
+    auth:     {keys: [{name, key | key_env | key_file, models, priority, rate_limit}],
+               keys_file, admin_key | admin_key_env | admin_key_file, protect_metrics}
+    cors:     {allow_origins, allow_methods, allow_headers, expose_headers,
+               allow_credentials, max_age}
+    admission: {enabled, queue_size, max_wait, max_waiting_per_replica, max_kv_usage,
+               priority_header, rate_limit, max_clients}
     models:   - {name, aliases: [..], backends: [{url, tensor_parallel_size, weight,
-                 labels, api_key | api_key_env}]}
+                 labels, api_key | api_key_env | api_key_file}]}
     routing:  {policy, params: {...}, session_header}
-    prefix:   {block_chars, block_tokens, capacity_blocks}
+    prefix:   {block_chars, block_tokens, capacity_blocks, max_blocks_per_request}
     health:   {interval, timeout, failure_threshold, success_threshold}
     metrics:  {scrape_interval, timeout, models_interval}
-    proxy:    {connect_timeout, read_timeout, max_attempts, backoff_initial, backoff_max,
-               deadline, retry_after, max_connections}
+    proxy:    {connect_timeout, first_byte_timeout, read_timeout, unhealthy_grace,
+               max_attempts, backoff_initial, backoff_max, deadline, retry_after,
+               max_connections, retry_budget_ratio, retry_budget_min_per_s, buffer_bytes}
+    circuit_breaker: {failure_threshold, ejection_time, max_ejection_time, max_retry_after}
     launch:   {config: engines.yaml, only: [..], ...}   (optional: local engines to start)
 
 Every error names the file, the key path (``models[0].backends[1].url``), what was found
 and what was expected; unknown keys get a "did you mean" hint (router.validation).  The
 whole file is read with ``yaml.safe_load``; nothing in it is executed.
+
+Secrets (client keys, the admin key, backend API keys) come from the file itself, an
+environment variable (``*_env``) or a file of their own (``*_file``, e.g. a Kubernetes or
+Docker secret).  They are fields with ``repr=False``, and no error message ever quotes one.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +41,7 @@ from types import MappingProxyType
 from typing import Any, Mapping
 from urllib.parse import urlsplit
 
+from router.paths import DEFAULT_FORWARD_PATHS, forward_path_problem
 from router.policies import DEFAULT_POLICY, POLICY_NAMES
 from router.validation import ConfigError, Node, describe, load_yaml
 
@@ -45,7 +61,76 @@ class ServerConfig:
     access_log: bool = True
     log_format: str = "json"  # json | text
     log_level: str = "info"
-    sentry_dsn: str | None = None  # SENTRY_DSN in the environment also enables Sentry
+    sentry_dsn: str | None = field(default=None, repr=False)  # or SENTRY_DSN in the environment
+    backlog: int = 4096  # listen backlog (the kernel caps it at net.core.somaxconn)
+    max_connections: int | None = None  # client connections at once (None: from the fd limit)
+    header_timeout: float = 10.0  # seconds for a request's line and headers to arrive
+    body_timeout: float = 60.0  # seconds for its body to arrive
+    keepalive_timeout: float = 75.0  # an idle keep-alive connection is closed after this
+    max_inflight_body_bytes: int = 256 * 1024 * 1024  # request bodies held at once, all together
+    trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    forward_paths: tuple[str, ...] = DEFAULT_FORWARD_PATHS  # POST paths forwarded to replicas
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimitConfig:
+    """Token buckets of one client: requests per second (with a burst) and tokens per minute."""
+
+    requests_per_s: float | None = None
+    burst: float | None = None  # requests the bucket holds (default: one second's worth, >= 1)
+    tokens_per_min: float | None = None  # prompt tokens (estimated) + requested max_tokens
+
+
+@dataclass(frozen=True, slots=True)
+class ClientKeyConfig:
+    name: str  # shown in logs and metrics instead of the key
+    key: str = field(repr=False)
+    models: tuple[str, ...] = ()  # models (or aliases) this key may use; empty: all
+    priority: int = 0  # admission priority class (higher first)
+    rate_limit: RateLimitConfig | None = None  # overrides admission.rate_limit
+
+
+@dataclass(frozen=True, slots=True)
+class AuthConfig:
+    keys: tuple[ClientKeyConfig, ...] = ()  # empty: no client authentication
+    admin_key: str | None = field(default=None, repr=False)  # None: /admin only from loopback
+    protect_metrics: bool = False  # /metrics needs the admin key too
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.keys)
+
+
+@dataclass(frozen=True, slots=True)
+class CorsConfig:
+    allow_origins: tuple[str, ...] = ()  # empty: no CORS headers at all; "*": any origin
+    allow_methods: tuple[str, ...] = ("GET", "POST", "OPTIONS")
+    allow_headers: tuple[str, ...] = ("Authorization", "Content-Type", "X-Request-Id",
+                                      "X-Session-Id", "X-Priority", "OpenAI-Organization",
+                                      "OpenAI-Project", "X-Stainless-*")
+    expose_headers: tuple[str, ...] = ("X-Request-Id", "Retry-After")
+    allow_credentials: bool = False
+    max_age: int = 600  # seconds a browser may cache a preflight answer
+
+
+@dataclass(frozen=True, slots=True)
+class AdmissionConfig:
+    enabled: bool = True
+    queue_size: int = 1024  # requests waiting at once for a saturated fleet (0: 429 at once)
+    max_wait: float = 30.0  # seconds a request may wait; then 429
+    max_waiting_per_replica: float = 16  # a replica with this many waiting requests is saturated
+    max_kv_usage: float = 0.98  # ... or with this much of its KV cache in use
+    priority_header: str = "X-Priority"  # may lower a request's priority, never raise it
+    rate_limit: RateLimitConfig | None = None  # per client (its key, else its address)
+    max_clients: int = 10_000  # bound on per-client state (rate-limit buckets, queues)
+
+
+@dataclass(frozen=True, slots=True)
+class CircuitBreakerConfig:
+    failure_threshold: int = 5  # consecutive request-path failures that eject a replica
+    ejection_time: float = 5.0  # seconds out for the first ejection; doubles each time
+    max_ejection_time: float = 60.0
+    max_retry_after: float = 60.0  # cap on how long an upstream Retry-After keeps it out
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,7 +139,7 @@ class BackendConfig:
     tensor_parallel_size: int = 1
     weight: float = 1.0
     labels: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
-    api_key: str | None = None
+    api_key: str | None = field(default=None, repr=False)
     kv_events_endpoint: str | None = None  # tcp://host:port of the replica's KV-event publisher
     kv_replay_endpoint: str | None = None
     kv_events_topic: str | None = None
@@ -84,6 +169,7 @@ class PrefixConfig:
     block_chars: int = 64  # bytes of routing text per hashed block
     block_tokens: int = 16  # token ids per hashed block when the client sent tokens
     capacity_blocks: int | None = None  # global prefix-index bound (None: the index's default)
+    max_blocks_per_request: int = 8192  # blocks hashed per request (one huge prompt cannot flush the index)
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,13 +190,18 @@ class MetricsConfig:
 @dataclass(frozen=True, slots=True)
 class ProxyConfig:
     connect_timeout: float = 2.0
-    read_timeout: float = 600.0  # max silence between upstream bytes
+    first_byte_timeout: float = 60.0  # a stream's wait for its first byte (its TTFT)
+    read_timeout: float = 600.0  # max silence between upstream bytes (and a non-stream answer's wait)
+    unhealthy_grace: float = 2.0  # max silence while the replica is unhealthy
     max_attempts: int = 3  # upstream attempts per request, first one included
     backoff_initial: float = 0.02  # seconds; full-jitter exponential backoff between attempts
     backoff_max: float = 0.5
     deadline: float = 30.0  # no new attempt starts this long after the request arrived
     retry_after: int = 1  # Retry-After seconds on 503
     max_connections: int = 0  # upstream connection pool size (0: unlimited)
+    retry_budget_ratio: float = 0.2  # retries may add at most this share of the requests ...
+    retry_budget_min_per_s: float = 5.0  # ... plus this many per second
+    buffer_bytes: int = 1024 * 1024  # non-stream answers up to this size are buffered whole
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,12 +218,16 @@ class LaunchConfig:
 @dataclass(frozen=True, slots=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    cors: CorsConfig = field(default_factory=CorsConfig)
+    admission: AdmissionConfig = field(default_factory=AdmissionConfig)
     models: tuple[ModelConfig, ...] = ()
     routing: RoutingConfig = field(default_factory=RoutingConfig)
     prefix: PrefixConfig = field(default_factory=PrefixConfig)
     health: HealthConfig = field(default_factory=HealthConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     proxy: ProxyConfig = field(default_factory=ProxyConfig)
+    circuit_breaker: CircuitBreakerConfig = field(default_factory=CircuitBreakerConfig)
     launch: LaunchConfig | None = None
     file: str | None = None
 
@@ -148,19 +243,32 @@ class Config:
 
 
 # --------------------------------------------------------------------------- parsing
-_TOP_KEYS = ("server", "models", "routing", "prefix", "health", "metrics", "proxy", "launch")
+_TOP_KEYS = ("server", "auth", "cors", "admission", "models", "routing", "prefix", "health",
+             "metrics", "proxy", "circuit_breaker", "launch")
 _SERVER_KEYS = ("host", "port", "max_body_bytes", "drain_timeout", "request_id_header",
-                "access_log", "log_format", "log_level", "sentry_dsn")
+                "access_log", "log_format", "log_level", "sentry_dsn", "backlog",
+                "max_connections", "header_timeout", "body_timeout", "keepalive_timeout",
+                "max_inflight_body_bytes", "trusted_proxies", "forward_paths")
+_AUTH_KEYS = ("keys", "keys_file", "admin_key", "admin_key_env", "admin_key_file",
+              "protect_metrics")
+_CLIENT_KEY_KEYS = ("name", "key", "key_env", "key_file", "models", "priority", "rate_limit")
+_RATE_LIMIT_KEYS = ("requests_per_s", "burst", "tokens_per_min")
+_CORS_KEYS = ("allow_origins", "allow_methods", "allow_headers", "expose_headers",
+              "allow_credentials", "max_age")
+_ADMISSION_KEYS = ("enabled", "queue_size", "max_wait", "max_waiting_per_replica",
+                   "max_kv_usage", "priority_header", "rate_limit", "max_clients")
+_BREAKER_KEYS = ("failure_threshold", "ejection_time", "max_ejection_time", "max_retry_after")
 _MODEL_KEYS = ("name", "aliases", "backends")
 _BACKEND_KEYS = ("url", "tensor_parallel_size", "weight", "labels", "api_key", "api_key_env",
-                 "kv_events")
+                 "api_key_file", "kv_events")
 _KV_EVENTS_KEYS = ("endpoint", "replay_endpoint", "topic")
 _ROUTING_KEYS = ("policy", "params", "session_header")
-_PREFIX_KEYS = ("block_chars", "block_tokens", "capacity_blocks")
+_PREFIX_KEYS = ("block_chars", "block_tokens", "capacity_blocks", "max_blocks_per_request")
 _HEALTH_KEYS = ("interval", "timeout", "failure_threshold", "success_threshold")
 _METRICS_KEYS = ("scrape_interval", "timeout", "models_interval")
-_PROXY_KEYS = ("connect_timeout", "read_timeout", "max_attempts", "backoff_initial",
-               "backoff_max", "deadline", "retry_after", "max_connections")
+_PROXY_KEYS = ("connect_timeout", "first_byte_timeout", "read_timeout", "unhealthy_grace",
+               "max_attempts", "backoff_initial", "backoff_max", "deadline", "retry_after",
+               "max_connections", "retry_budget_ratio", "retry_budget_min_per_s", "buffer_bytes")
 _LAUNCH_KEYS = ("config", "models", "only", "ready_timeout")
 
 
@@ -191,9 +299,56 @@ def _url(node: Node) -> str:
         parts.port  # noqa: B018 - raises on a bad port
     except ValueError:
         node.fail(f"expected a valid port in the URL, found {describe(value)}")
+    if parts.username is not None or parts.password is not None:
+        # Never quote the value: it holds a credential.
+        node.fail("credentials in the URL are not allowed (URLs are logged and shown in metrics); "
+                  "put the replica's key in api_key, api_key_env or api_key_file")
     if parts.query or parts.fragment:
         node.fail(f"expected a base URL without query or fragment, found {describe(value)}")
     return value.rstrip("/")
+
+
+def _resolve_path(value: str, base_dir: Path | None) -> Path:
+    path = Path(value)
+    return path if path.is_absolute() or base_dir is None else base_dir / path
+
+
+def _secret(node: Node, name: str, env: Mapping[str, str], base_dir: Path | None, *,
+            required: bool = False, min_length: int = 1) -> str | None:
+    """The secret `name` of a mapping node, from `name`, `name_env` or `name_file`.
+
+    At most one of the three may be given.  Error messages name the key, the variable or
+    the file, never the secret itself.
+    """
+    given = [k for k in (name, f"{name}_env", f"{name}_file") if node.has(k)]
+    if len(given) > 1:
+        node.get(given[1]).fail(f"give only one of {name}, {name}_env, {name}_file")
+    if not given:
+        if required:
+            node.get(name, None).fail(f"required: one of {name}, {name}_env, {name}_file")
+        return None
+    key = given[0]
+    source = node.get(key)
+    if key == name:
+        if not isinstance(source.value, str):
+            source.fail("expected a string (quote it in YAML)")
+        value = source.value
+    elif key.endswith("_env"):
+        var = source.string()
+        if var not in env:
+            source.fail(f"environment variable '{var}' is not set")
+        value = env[var]
+    else:
+        path = _resolve_path(source.string(), base_dir)
+        try:
+            value = path.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            source.fail(f"cannot read the secret file {path}: {exc.strerror or exc}")
+    if len(value.strip()) < min_length:
+        source.fail(f"expected a secret of at least {min_length} characters")
+    if any(c.isspace() or ord(c) < 0x21 for c in value):
+        source.fail("the secret must not contain whitespace or control characters")
+    return value
 
 
 def _zmq_endpoint(node: Node) -> str:
@@ -203,14 +358,50 @@ def _zmq_endpoint(node: Node) -> str:
     return value
 
 
+def _network(node: Node) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    value = node.string()
+    try:
+        return ipaddress.ip_network(value, strict=False)
+    except ValueError:
+        node.fail(f"expected an IP address or CIDR like 10.0.0.0/8, found {describe(value)}")
+
+
+def _forward_paths(node: Node) -> tuple[str, ...]:
+    paths: list[str] = []
+    for item in node.items():
+        path = item.string()
+        problem = forward_path_problem(path)
+        if problem is not None:
+            item.fail(f"{problem}; found {describe(path)}")
+        paths.append(path)
+    if not paths:
+        node.fail("expected at least one path")
+    return tuple(dict.fromkeys(paths))
+
+
 def _server(node: Node) -> ServerConfig:
     node.mapping(_SERVER_KEYS)
     d = ServerConfig()
     dsn = node.get("sentry_dsn", None)
+    max_conn = node.get("max_connections", None)
+    max_body = _int(node, "max_body_bytes", d.max_body_bytes, minimum=1024)
+    budget_node = node.get("max_inflight_body_bytes", max(d.max_inflight_body_bytes, max_body))
+    budget = budget_node.integer(minimum=1024)
+    if budget < max_body:
+        budget_node.fail(f"expected a value >= max_body_bytes ({max_body}), found {budget}")
     return ServerConfig(
+        backlog=_int(node, "backlog", d.backlog, minimum=1, maximum=1 << 20),
+        max_connections=None if max_conn.value is None else max_conn.integer(minimum=1),
+        header_timeout=_num(node, "header_timeout", d.header_timeout),
+        body_timeout=_num(node, "body_timeout", d.body_timeout),
+        keepalive_timeout=_num(node, "keepalive_timeout", d.keepalive_timeout),
+        max_inflight_body_bytes=budget,
+        trusted_proxies=tuple(_network(n) for n in node.get("trusted_proxies", []).items()),
+        forward_paths=(_forward_paths(node.get("forward_paths"))
+                       if node.has("forward_paths") else d.forward_paths),
         host=node.get("host", d.host).string(),
         port=_int(node, "port", d.port, minimum=0, maximum=65535),
-        max_body_bytes=_int(node, "max_body_bytes", d.max_body_bytes, minimum=1024),
+        max_body_bytes=max_body,
         drain_timeout=_num(node, "drain_timeout", d.drain_timeout, exclusive=False),
         request_id_header=_header_name(node.get("request_id_header", d.request_id_header)),
         access_log=node.get("access_log", d.access_log).boolean(),
@@ -220,19 +411,131 @@ def _server(node: Node) -> ServerConfig:
     )
 
 
-def _backend(node: Node, env: Mapping[str, str]) -> BackendConfig:
+def _rate_limit(node: Node) -> RateLimitConfig:
+    node.mapping(_RATE_LIMIT_KEYS)
+    if not any(node.has(k) for k in ("requests_per_s", "tokens_per_min")):
+        node.fail("expected requests_per_s and/or tokens_per_min")
+    rps = node.get("requests_per_s", None)
+    burst = node.get("burst", None)
+    tpm = node.get("tokens_per_min", None)
+    if burst.value is not None and rps.value is None:
+        burst.fail("burst needs requests_per_s")
+    return RateLimitConfig(
+        requests_per_s=None if rps.value is None else rps.number(minimum=0, exclusive_minimum=True),
+        burst=None if burst.value is None else burst.number(minimum=1),
+        tokens_per_min=None if tpm.value is None else tpm.number(minimum=0, exclusive_minimum=True),
+    )
+
+
+def _client_keys(node: Node, env: Mapping[str, str], base_dir: Path | None,
+                 seen_names: dict[str, str], seen_keys: dict[str, str]) -> list[ClientKeyConfig]:
+    keys: list[ClientKeyConfig] = []
+    for item in node.items():
+        item.mapping(_CLIENT_KEY_KEYS)
+        name_node = item.get("name")
+        name = name_node.string()
+        if name in seen_names:
+            name_node.fail(f"key name '{name}' is already used at {seen_names[name]}")
+        seen_names[name] = name_node.path
+        secret = _secret(item, "key", env, base_dir, required=True, min_length=8)
+        assert secret is not None
+        if secret in seen_keys:
+            item.fail(f"this key is the same as the key at {seen_keys[secret]}")
+        seen_keys[secret] = item.path
+        keys.append(ClientKeyConfig(
+            name=name, key=secret,
+            models=tuple(item.get("models", []).string_list()),
+            priority=_int(item, "priority", 0, minimum=-1000, maximum=1000),
+            rate_limit=_rate_limit(item.get("rate_limit")) if item.has("rate_limit") else None,
+        ))
+    return keys
+
+
+def _auth(node: Node, env: Mapping[str, str], base_dir: Path | None) -> AuthConfig:
+    node.mapping(_AUTH_KEYS)
+    names: dict[str, str] = {}
+    secrets: dict[str, str] = {}
+    keys = _client_keys(node.get("keys", []), env, base_dir, names, secrets)
+    if node.has("keys_file"):
+        file_node = node.get("keys_file")
+        path = _resolve_path(file_node.string(), base_dir)
+        root = load_yaml(path)
+        items = root.value.get("keys") if isinstance(root.value, Mapping) else root.value
+        keys += _client_keys(Node(items, "keys", path), env, path.parent, names, secrets)
+    return AuthConfig(
+        keys=tuple(keys),
+        admin_key=_secret(node, "admin_key", env, base_dir, min_length=8),
+        protect_metrics=node.get("protect_metrics", False).boolean(),
+    )
+
+
+def _cors(node: Node) -> CorsConfig:
+    node.mapping(_CORS_KEYS)
+    d = CorsConfig()
+    origins = []
+    for item in node.get("allow_origins", []).items():
+        origin = item.string().rstrip("/")
+        if origin != "*" and not (origin.startswith(("http://", "https://")) and
+                                  urlsplit(origin).hostname and not urlsplit(origin).path):
+            item.fail(f"expected \"*\" or an origin like https://app.example.com, found {describe(origin)}")
+        origins.append(origin)
+    credentials = node.get("allow_credentials", d.allow_credentials).boolean()
+    if credentials and "*" in origins:
+        node.get("allow_credentials").fail(
+            "allow_credentials cannot be used with the origin \"*\" (browsers refuse it); list the origins")
+
+    def names(key: str, default: tuple[str, ...]) -> tuple[str, ...]:
+        if not node.has(key):
+            return default
+        return tuple(_header_name(n) if key != "allow_methods" else n.string().upper()
+                     for n in node.get(key).items())
+
+    return CorsConfig(
+        allow_origins=tuple(origins),
+        allow_methods=names("allow_methods", d.allow_methods),
+        allow_headers=names("allow_headers", d.allow_headers),
+        expose_headers=names("expose_headers", d.expose_headers),
+        allow_credentials=credentials,
+        max_age=_int(node, "max_age", d.max_age, minimum=0, maximum=86400),
+    )
+
+
+def _admission(node: Node) -> AdmissionConfig:
+    node.mapping(_ADMISSION_KEYS)
+    d = AdmissionConfig()
+    return AdmissionConfig(
+        enabled=node.get("enabled", d.enabled).boolean(),
+        queue_size=_int(node, "queue_size", d.queue_size, minimum=0, maximum=1_000_000),
+        max_wait=_num(node, "max_wait", d.max_wait),
+        max_waiting_per_replica=_num(node, "max_waiting_per_replica", d.max_waiting_per_replica),
+        max_kv_usage=_num(node, "max_kv_usage", d.max_kv_usage, maximum=1.0),
+        priority_header=_header_name(node.get("priority_header", d.priority_header)),
+        rate_limit=_rate_limit(node.get("rate_limit")) if node.has("rate_limit") else None,
+        max_clients=_int(node, "max_clients", d.max_clients, minimum=1, maximum=10_000_000),
+    )
+
+
+def _circuit_breaker(node: Node) -> CircuitBreakerConfig:
+    node.mapping(_BREAKER_KEYS)
+    d = CircuitBreakerConfig()
+    first = _num(node, "ejection_time", d.ejection_time)
+    longest_node = node.get("max_ejection_time", d.max_ejection_time)
+    longest = longest_node.number(minimum=0.0, exclusive_minimum=True)
+    if longest < first:
+        longest_node.fail(f"expected a value >= ejection_time ({first:g}), found {longest:g}")
+    return CircuitBreakerConfig(
+        failure_threshold=_int(node, "failure_threshold", d.failure_threshold, minimum=1),
+        ejection_time=first,
+        max_ejection_time=longest,
+        max_retry_after=_num(node, "max_retry_after", d.max_retry_after, exclusive=False),
+    )
+
+
+def _backend(node: Node, env: Mapping[str, str], base_dir: Path | None = None) -> BackendConfig:
     if isinstance(node.value, str):  # shorthand: just the URL
         return BackendConfig(url=_url(node))
     node.mapping(_BACKEND_KEYS)
-    api_key = node.get("api_key", None).optional_string()
-    if node.has("api_key_env"):
-        key_node = node.get("api_key_env")
-        var = key_node.string()
-        if api_key is not None:
-            key_node.fail("give either api_key or api_key_env, not both")
-        if var not in env:
-            key_node.fail(f"environment variable '{var}' is not set")
-        api_key = env[var]
+    api_key = _secret(node, "api_key", env, base_dir)
     kv_endpoint = kv_replay = kv_topic = None
     if node.has("kv_events"):
         kv = node.get("kv_events").mapping(_KV_EVENTS_KEYS)
@@ -252,7 +555,8 @@ def _backend(node: Node, env: Mapping[str, str]) -> BackendConfig:
     )
 
 
-def _models(node: Node, env: Mapping[str, str]) -> tuple[ModelConfig, ...]:
+def _models(node: Node, env: Mapping[str, str],
+            base_dir: Path | None = None) -> tuple[ModelConfig, ...]:
     models: list[ModelConfig] = []
     names: dict[str, str] = {}  # name or alias -> key path where it was defined
     urls: dict[str, str] = {}
@@ -272,7 +576,7 @@ def _models(node: Node, env: Mapping[str, str]) -> tuple[ModelConfig, ...]:
             aliases.append(alias)
         backends: list[BackendConfig] = []
         for backend_node in item.get("backends", []).items():
-            backend = _backend(backend_node, env)
+            backend = _backend(backend_node, env, base_dir)
             if backend.url in urls:
                 backend_node.fail(f"backend URL {backend.url} is already used at {urls[backend.url]}")
             urls[backend.url] = backend_node.path
@@ -301,6 +605,7 @@ def _prefix(node: Node) -> PrefixConfig:
         block_chars=_int(node, "block_chars", 64, minimum=1, maximum=1 << 20),
         block_tokens=_int(node, "block_tokens", 16, minimum=1, maximum=1 << 16),
         capacity_blocks=None if cap.value is None else cap.integer(minimum=1),
+        max_blocks_per_request=_int(node, "max_blocks_per_request", 8192, minimum=1),
     )
 
 
@@ -335,13 +640,19 @@ def _proxy(node: Node) -> ProxyConfig:
         maximum_node.fail(f"expected a value >= backoff_initial ({initial:g}), found {maximum:g}")
     return ProxyConfig(
         connect_timeout=_num(node, "connect_timeout", d.connect_timeout),
+        first_byte_timeout=_num(node, "first_byte_timeout", d.first_byte_timeout),
         read_timeout=_num(node, "read_timeout", d.read_timeout),
+        unhealthy_grace=_num(node, "unhealthy_grace", d.unhealthy_grace),
         max_attempts=_int(node, "max_attempts", d.max_attempts, minimum=1, maximum=100),
         backoff_initial=initial,
         backoff_max=maximum,
         deadline=_num(node, "deadline", d.deadline),
         retry_after=_int(node, "retry_after", d.retry_after, minimum=0),
         max_connections=_int(node, "max_connections", d.max_connections, minimum=0),
+        retry_budget_ratio=_num(node, "retry_budget_ratio", d.retry_budget_ratio, exclusive=False),
+        retry_budget_min_per_s=_num(node, "retry_budget_min_per_s", d.retry_budget_min_per_s,
+                                    exclusive=False),
+        buffer_bytes=_int(node, "buffer_bytes", d.buffer_bytes, minimum=0),
     )
 
 
@@ -384,7 +695,7 @@ def parse_config(data: Any, file: str | Path | None = None, *,
     root.mapping(_TOP_KEYS)
     base_dir = Path(file).resolve().parent if file is not None else None
     launch = _launch(root.get("launch"), base_dir) if root.has("launch") else None
-    models = _models(root.get("models", []), env)
+    models = _models(root.get("models", []), env, base_dir)
     if not models and launch is None:
         root.get("models", None).fail(
             "expected at least one model with backends (or a `launch:` block that starts them)")
@@ -392,14 +703,19 @@ def parse_config(data: Any, file: str | Path | None = None, *,
         if not model.backends and launch is None:
             Node(None, f"models[{i}].backends", file).fail(
                 f"model '{model.name}' needs at least one backend (or a `launch:` block)")
+    auth = _auth(root.get("auth", {}), env, base_dir)
     return Config(
         server=_server(root.get("server", {})),
+        auth=auth,
+        cors=_cors(root.get("cors", {})),
+        admission=_admission(root.get("admission", {})),
         models=models,
         routing=_routing(root.get("routing", {})),
         prefix=_prefix(root.get("prefix", {})),
         health=_health(root.get("health", {})),
         metrics=_metrics(root.get("metrics", {})),
         proxy=_proxy(root.get("proxy", {})),
+        circuit_breaker=_circuit_breaker(root.get("circuit_breaker", {})),
         launch=launch,
         file=str(file) if file is not None else None,
     )
@@ -425,7 +741,9 @@ def validate_policy_params(config: Config) -> None:
 
 
 __all__ = [
-    "BackendConfig", "Config", "ConfigError", "HealthConfig", "LaunchConfig", "MetricsConfig",
-    "ModelConfig", "PrefixConfig", "ProxyConfig", "RoutingConfig", "ServerConfig",
+    "AdmissionConfig", "AuthConfig", "BackendConfig", "CircuitBreakerConfig", "ClientKeyConfig",
+    "Config", "ConfigError", "CorsConfig", "HealthConfig", "LaunchConfig", "MetricsConfig",
+    "ModelConfig", "PrefixConfig", "ProxyConfig", "RateLimitConfig", "RoutingConfig",
+    "ServerConfig",
     "load_config", "parse_config", "validate_policy_params", "DEFAULT_CONFIG_PATH",
 ]

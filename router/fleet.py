@@ -14,6 +14,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator, Mapping
 
+from router.breaker import Breaker
+
 
 class Health(enum.Enum):
     """Health state machine of a replica.
@@ -60,7 +62,7 @@ class Replica:
     tensor_parallel_size: int = 1
     weight: float = 1.0  # relative capacity hint from config (default 1)
     labels: Mapping[str, str] = field(default_factory=dict)
-    api_key: str | None = None  # sent upstream as Authorization: Bearer ...
+    api_key: str | None = field(default=None, repr=False)  # sent upstream as Authorization: Bearer
     served_models: frozenset[str] = frozenset()  # discovered from /v1/models
     max_model_len: int | None = None  # discovered from /v1/models
     health: Health = Health.UNKNOWN
@@ -68,6 +70,7 @@ class Replica:
     consecutive_successes: int = 0
     in_flight: int = 0  # requests the router has dispatched and not yet finished
     load: EngineLoad = field(default_factory=EngineLoad)
+    breaker: Breaker = field(default_factory=Breaker)  # request-path outlier ejection (breaker.py)
     last_change: float = field(default_factory=time.monotonic)
     # Where the replica publishes vLLM KV-cache events (ZMQ), when it does (None: it does not).
     kv_events_endpoint: str | None = None

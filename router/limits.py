@@ -1,31 +1,144 @@
-"""Admission limits: the request body cap.
+"""Request bodies: a size cap, a deadline, a budget for all bodies held at once, encodings.
 
-The body is the one thing every request brings that the router must hold in memory, so
-it is capped (``server.max_body_bytes``, 413 above it): a declared Content-Length over
-the cap is refused before a byte is read, and a chunked body is cut off as soon as it
-passes the cap (aiohttp's ``client_max_size``, set to the same value by app.py).
+The body is the one thing every request brings that the router must hold in memory (it
+is forwarded, and kept until the upstream request ends), so:
+
+* **Size** (``server.max_body_bytes``, 413 above it): a declared Content-Length over the
+  cap is refused before a byte is read; a chunked body is cut off as soon as it passes
+  the cap; a compressed body is cut off as soon as its *decompressed* size does (a
+  zip bomb costs the router at most the cap).
+* **Time** (``server.body_timeout``): the whole body must arrive within it, else 408 and
+  the connection is closed (a client trickling a body holds no socket for ever).
+* **Budget** (``server.max_inflight_body_bytes``): the bytes of every body held at once,
+  declared lengths reserved before reading.  Beyond it the request gets 503 with
+  ``Retry-After`` before its body is read, instead of the process growing until the
+  kernel kills it.
+* **Content-Encoding**: ``gzip``, ``x-gzip`` and ``deflate`` bodies are decompressed here
+  (incrementally, as the bytes arrive) and forwarded decompressed, without the header;
+  ``identity`` is a no-op; anything else is a 415; a corrupt stream is a 400.  (aiohttp's
+  own decompression is turned off, so the bytes counted are the bytes held.)
 """
 
 from __future__ import annotations
 
+import asyncio
+import zlib
+
 from aiohttp import web
 
 from router.errors import RouterError
+
+_READ_CHUNK = 256 * 1024
 
 
 def too_large(limit: int) -> RouterError:
     return RouterError(413, f"Request body too large: the limit is {limit} bytes")
 
 
-async def read_body(request: web.Request, limit: int) -> bytes:
-    """The whole request body, or a 413 RouterError if it is larger than `limit` bytes."""
+class BodyBudget:
+    """Bytes of request bodies held at once, across all requests (one per server)."""
+
+    def __init__(self, limit: int, retry_after: int = 1) -> None:
+        self.limit = limit
+        self.used = 0
+        self.retry_after = retry_after
+        self.refused = 0
+
+    def lease(self) -> "BodyLease":
+        return BodyLease(self)
+
+
+class BodyLease:
+    """One request's share of the budget; `release()` in a finally gives it back."""
+
+    __slots__ = ("budget", "held")
+
+    def __init__(self, budget: BodyBudget) -> None:
+        self.budget = budget
+        self.held = 0
+
+    def take(self, n: int) -> None:
+        budget = self.budget
+        if n <= 0:
+            return
+        if budget.used + n > budget.limit:
+            budget.refused += 1
+            raise RouterError(503, "The router is holding too many request bodies; retry shortly",
+                              headers={"Retry-After": str(budget.retry_after)})
+        budget.used += n
+        self.held += n
+
+    def release(self) -> None:
+        self.budget.used -= self.held
+        self.held = 0
+
+
+def _decoder(encoding: str) -> "zlib._Decompress | None":
+    if encoding in ("", "identity"):
+        return None
+    if encoding in ("gzip", "x-gzip"):
+        return zlib.decompressobj(16 + zlib.MAX_WBITS)
+    if encoding == "deflate":
+        return zlib.decompressobj(zlib.MAX_WBITS | 32)  # zlib-wrapped (RFC 9110) or raw-ish
+    raise RouterError(415, f"Unsupported Content-Encoding '{encoding}'; send identity, gzip or deflate")
+
+
+async def read_body(request: web.Request, limit: int, *, timeout: float,
+                    lease: BodyLease) -> bytes:
+    """The whole (decoded) request body, held under `lease`.
+
+    413 over `limit` bytes (raw or decoded), 408 after `timeout` seconds, 503 when the
+    budget is spent, 415/400 for an unsupported or corrupt Content-Encoding.
+    """
     declared = request.content_length
     if declared is not None and declared > limit:
         raise too_large(limit)
+    encoding = request.headers.get("Content-Encoding", "").strip().lower()
+    decoder = _decoder(encoding)
+    reserved = declared or 0
+    lease.take(reserved)
+    raw_size = 0
+    chunks: list[bytes] = []
+    decoded_size = 0
     try:
-        body = await request.read()
+        async with asyncio.timeout(timeout):
+            while True:
+                chunk = await request.content.read(_READ_CHUNK)
+                if not chunk:
+                    break
+                raw_size += len(chunk)
+                if raw_size > limit:
+                    raise too_large(limit)
+                if raw_size > reserved:  # chunked: reserve as the bytes come
+                    lease.take(raw_size - reserved)
+                    reserved = raw_size
+                if decoder is not None:
+                    chunk = _inflate(decoder, chunk, limit - decoded_size, limit)
+                    lease.take(len(chunk))
+                decoded_size += len(chunk)
+                chunks.append(chunk)
+            if decoder is not None:
+                tail = decoder.flush()
+                if tail:
+                    if decoded_size + len(tail) > limit:
+                        raise too_large(limit)
+                    lease.take(len(tail))
+                    chunks.append(tail)
+                if not decoder.eof:
+                    raise RouterError(400, f"The {encoding} request body is truncated")
+    except TimeoutError:
+        raise RouterError(408, f"The request body did not arrive within {timeout:g}s",
+                          headers={"Connection": "close"}) from None
     except web.HTTPRequestEntityTooLarge:
         raise too_large(limit) from None
-    if len(body) > limit:
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def _inflate(decoder: "zlib._Decompress", data: bytes, room: int, limit: int) -> bytes:
+    try:
+        out = decoder.decompress(data, room + 1)
+    except zlib.error as exc:
+        raise RouterError(400, f"The request body is not valid compressed data: {exc}") from None
+    if len(out) > room or decoder.unconsumed_tail:
         raise too_large(limit)
-    return body
+    return out

@@ -48,6 +48,7 @@ PREFIX_HITS = ("vllm:prefix_cache_hits_total", "vllm:gpu_prefix_cache_hits_total
                "vllm:prefix_cache_hits", "vllm:gpu_prefix_cache_hits")
 CACHE_CONFIG = "vllm:cache_config_info"
 _WANTED = frozenset((*RUNNING, *WAITING, *KV_USAGE, *PREFIX_QUERIES, *PREFIX_HITS, CACHE_CONFIG))
+_MIN_WAKE_GAP_S = 0.1
 
 
 def _int_label(value: str | None) -> int | None:
@@ -151,13 +152,15 @@ class Monitor:
 
     def __init__(self, fleet: Fleet, session: aiohttp.ClientSession, health: HealthConfig,
                  metrics: MetricsConfig, telemetry: Telemetry | None = None,
-                 on_load: Callable[[Replica, EngineLoad, EngineLoad], None] | None = None) -> None:
+                 on_load: Callable[[Replica, EngineLoad, EngineLoad], None] | None = None,
+                 on_health: Callable[[Replica, Health, Health], None] | None = None) -> None:
         self.fleet = fleet
-        self.session = session
+        self.session = session  # the monitor's own pool: probes never queue behind requests
         self.health_cfg = health
         self.metrics_cfg = metrics
         self.telemetry = telemetry
         self.on_load = on_load
+        self.on_health = on_health
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._wake: dict[str, asyncio.Event] = {}
         self._closing = False
@@ -217,6 +220,11 @@ class Monitor:
         log.info("replica %s (%s): %s -> %s", replica.id, replica.model, old.value, new.value)
         if self.telemetry:
             self.telemetry.set_health(replica)
+        if self.on_health is not None:
+            try:
+                self.on_health(replica, old, new)
+            except Exception:  # noqa: BLE001
+                log.exception("health listener failed")
 
     def record_probe(self, replica: Replica, ok: bool) -> None:
         """Apply one probe result to the replica's health state machine."""
@@ -256,6 +264,10 @@ class Monitor:
                 await resp.read()
                 return resp.status == 200
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+            return False
+        except Exception as exc:  # noqa: BLE001 - e.g. a ValueError from a bad request setup
+            log.warning("replica %s: health probe could not be sent: %s", replica.id,
+                        type(exc).__name__)
             return False
 
     async def scrape_metrics(self, replica: Replica) -> bool:
@@ -313,12 +325,17 @@ class Monitor:
         loop = asyncio.get_running_loop()
         next_health = next_metrics = next_models = loop.time()
         wake = self._wake[replica.id]
+        # An early probe (mark_suspect) waits at least this long after the last one, so a
+        # replica failing many requests at once is not probed in a tight loop.
+        min_gap = min(self.health_cfg.interval, _MIN_WAKE_GAP_S)
+        last_probe = -min_gap
         while True:
             now = loop.time()
             try:
-                if now >= next_health or wake.is_set():
+                if now >= next_health or (wake.is_set() and now - last_probe >= min_gap):
                     wake.clear()
                     was_routable = replica.routable
+                    last_probe = now
                     self.record_probe(replica, await self.probe_health(replica))
                     next_health = loop.time() + self.health_cfg.interval
                     if replica.routable and not was_routable:
@@ -334,8 +351,17 @@ class Monitor:
                 raise
             except Exception:  # noqa: BLE001 - keep watching whatever happens
                 log.exception("monitor of %s failed; continuing", replica.id)
+                # Whatever failed, the next round waits its interval: never a hot loop.
+                now = loop.time()
+                next_health = max(next_health, now + self.health_cfg.interval)
+                next_metrics = max(next_metrics, now + self.metrics_cfg.scrape_interval)
+                next_models = max(next_models, now + self.metrics_cfg.models_interval)
             deadline = min(next_health, next_metrics if replica.routable else next_health,
                            next_models if replica.routable else next_health)
+            if wake.is_set():  # woken too soon after a probe: probe when the gap is over
+                deadline = min(deadline, last_probe + min_gap)
+                wake.clear()
+                next_health = min(next_health, last_probe + min_gap)
             delay = max(0.0, deadline - loop.time())
             if delay > 0:
                 with contextlib.suppress(asyncio.TimeoutError):

@@ -1,32 +1,45 @@
-"""Forwarding: rank, dispatch, fail over before the first byte, relay verbatim, clean up.
+"""Forwarding: rank, dispatch, fail over before the answer is committed, relay verbatim.
 
 One request's life here:
 
-1. ``policy.rank`` orders the routable replicas (best first).  The ranking is computed
-   once; failover walks down it without asking again.
-2. Per attempt (at most ``proxy.max_attempts``, none started after ``proxy.deadline``;
-   tenacity drives the loop and its full-jitter exponential backoff):
+1. ``policy.rank`` orders the candidate replicas (best first), after the breakers
+   (router/breaker.py) took out ejected ones.  The ranking is computed once; failover
+   walks down it without asking again.
+2. Per attempt (at most ``proxy.max_attempts``, none started after ``proxy.deadline``,
+   none beyond the retry budget; tenacity drives the loop and its full-jitter backoff):
    * dispatch: ``replica.in_flight += 1`` and ``index.record(block_hashes, replica)``
      (so a burst of same-prefix requests sees each other at once);
    * POST the client's bytes with a per-attempt ``X-Request-Id: <id>-<attempt>``, the
-     replica's API key (never the client's Authorization) and no hop-by-hop headers;
-   * a connect error, a timeout, a disconnect, a 5xx or a 429 *before the first response
-     body byte* is a failover: the index record is forgotten, a connect failure marks the
-     replica SUSPECT at once (the monitor re-probes it), the next replica is tried;
-   * otherwise the response is committed: ``policy.observe`` gets the time to first byte.
-3. Relay.  A stream (``"stream": true`` answered with 200) is written to the client chunk
-   by chunk as the bytes arrive, never re-encoded; if the replica fails mid-stream the
-   stream ends with ``data: {"error": ...}`` and ``data: [DONE]``.  A non-stream response
-   is one JSON document: it is read whole and sent with its status, and a replica that
-   dies while sending it gives the client a 502.
+     replica's API key (never the client's credentials) and no hop-by-hop headers;
+   * wait for the answer (router/waits.py): a stream up to ``first_byte_timeout`` for its
+     first byte, a whole answer up to ``read_timeout``; cut to ``unhealthy_grace`` when the
+     replica turns UNHEALTHY meanwhile;
+   * before the answer is committed to the client, a connect error or timeout, a
+     first-byte timeout, a disconnect, a 5xx or a 429 is a failover: the index record is
+     forgotten, the breaker counts a failure (a ``Retry-After`` ejects the replica for
+     that long), connect-level failures mark the replica SUSPECT at once (the monitor
+     re-probes it), and the next replica is tried;
+   * otherwise the answer is committed: ``policy.observe`` gets the time to first byte, the
+     breaker a success, and a 4xx answer un-records the prefix (the replica cached
+     nothing).
+3. Relay.  A stream (``"stream": true`` answered with SSE) is written to the client chunk
+   by chunk as it arrives, never re-encoded; if the replica fails, stalls past
+   ``read_timeout`` (or the grace once it is unhealthy) or the drain runs out, the stream
+   ends with ``data: {"error": ...}`` and ``data: [DONE]``.  A non-stream answer is
+   buffered up to ``proxy.buffer_bytes`` (so a replica that dies mid-answer is still a
+   failover), and a larger one is relayed as it arrives (a cut then closes the client's
+   connection, which sees a truncated body rather than a wrong one).
 4. ``finally``: in-flight falls, the upstream response is released - or, if unfinished,
    its connection is closed, which is how vLLM learns to abort the request when the
    client went away (the handler is cancelled on disconnect, see app.py).
+
+Messages sent to clients never name a replica (its URL is topology); the access log does.
 """
 
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import itertools
 import logging
 import time
@@ -35,14 +48,17 @@ from typing import TYPE_CHECKING, Mapping, Sequence
 import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
-from tenacity import (AsyncRetrying, retry_if_exception_type, stop_after_attempt,
-                      stop_after_delay, wait_random_exponential)
+from tenacity import (AsyncRetrying, RetryCallState, retry_if_exception_type,
+                      stop_after_attempt, stop_after_delay, wait_random_exponential)
 
-from router.config import ProxyConfig
+from router.breaker import CircuitBreakers
+from router.config import CircuitBreakerConfig, ProxyConfig
 from router.errors import RouterError, error_body, sse_error_event
 from router.fleet import Health, Replica
 from router.policies.base import Decision, Policy
+from router.retry_budget import RetryBudget
 from router.telemetry import RequestRecord, Telemetry
+from router.waits import DRAIN, UNHEALTHY, Wait, Waits
 
 if TYPE_CHECKING:
     from router.monitor import Monitor
@@ -56,14 +72,31 @@ HOP_BY_HOP = frozenset({
     "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection",
     "te", "trailer", "trailers", "transfer-encoding", "upgrade",
 })
-# Request headers the router sets itself or must not pass on.
-_DROP_REQUEST = frozenset({"host", "content-length", "authorization", "expect", "x-request-id"})
+# Request headers the router sets itself or must not pass on: the client's credentials
+# (OpenAI, Anthropic and Azure styles), lengths, and the body encoding (bodies are
+# forwarded decoded, router/limits.py).
+_DROP_REQUEST = frozenset({"host", "content-length", "authorization", "x-api-key", "api-key",
+                           "expect", "x-request-id", "content-encoding", "cookie",
+                           "x-forwarded-for", "forwarded"})
 # Response headers aiohttp (re)computes for the client.
 _DROP_RESPONSE = frozenset({"content-length", "date", "server", "x-request-id"})
 _ERROR_BODY_CAP = 64 * 1024  # bytes kept of a failed upstream response
 CLIENT_CLOSED = 499  # nginx's status for "client closed the request"
 
-_UPSTREAM_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError, OSError)
+_UPSTREAM_ERRORS = (aiohttp.ClientError, OSError)
+# Failure kinds that say the replica itself may be down: probe it again at once.
+_CONNECTION_KINDS = frozenset({"connect", "connect_timeout", "disconnect", "first_byte_timeout"})
+_TIMEOUT_KINDS = frozenset({"connect_timeout", "first_byte_timeout", "read_timeout"})
+KIND_TEXT = {
+    "connect": "could not be reached",
+    "connect_timeout": "did not accept the connection in time",
+    "first_byte_timeout": "sent no first byte in time",
+    "read_timeout": "sent no answer in time",
+    "unhealthy": "turned unhealthy before answering",
+    "disconnect": "lost the connection before answering",
+    "status_5xx": "answered with a server error",
+    "status_429": "answered 429 (overloaded)",
+}
 
 
 def _connection_tokens(headers: Mapping[str, str] | CIMultiDictProxy[str]) -> set[str]:
@@ -74,7 +107,7 @@ def _connection_tokens(headers: Mapping[str, str] | CIMultiDictProxy[str]) -> se
 
 def forwardable_request_headers(headers: CIMultiDictProxy[str],
                                 request_id_header: str = "X-Request-Id") -> tuple[tuple[str, str], ...]:
-    """Client headers that may go upstream: no hop-by-hop, Host, Authorization, lengths."""
+    """Client headers that may go upstream: no hop-by-hop, Host, credentials, lengths."""
     drop = HOP_BY_HOP | _DROP_REQUEST | _connection_tokens(headers) | {request_id_header.lower()}
     return tuple((k, v) for k, v in headers.items() if k.lower() not in drop)
 
@@ -85,11 +118,28 @@ def client_response_headers(headers: CIMultiDictProxy[str]) -> CIMultiDict[str]:
     return CIMultiDict((k, v) for k, v in headers.items() if k.lower() not in drop)
 
 
+def retry_after_seconds(value: str | None, now: float | None = None) -> float | None:
+    """A Retry-After header (delta-seconds or an HTTP date) in seconds; None if absent/invalid."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when is None:
+        return None
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
 class UpstreamFailure(Exception):
-    """An attempt failed before the first response byte: fail over."""
+    """An attempt failed before its answer was committed to the client: fail over."""
 
     def __init__(self, replica: Replica, kind: str, message: str, *, status: int | None = None,
-                 body: bytes | None = None, headers: CIMultiDict[str] | None = None) -> None:
+                 body: bytes | None = None, headers: CIMultiDict[str] | None = None,
+                 retry_after: float | None = None) -> None:
         super().__init__(message)
         self.replica = replica
         self.kind = kind
@@ -97,6 +147,7 @@ class UpstreamFailure(Exception):
         self.status = status
         self.body = body
         self.headers = headers
+        self.retry_after = retry_after
 
 
 class NoReplicaLeft(Exception):
@@ -108,7 +159,8 @@ class Proxy:
 
     def __init__(self, *, session: aiohttp.ClientSession, policy: Policy, index: "PrefixIndex",
                  config: ProxyConfig, telemetry: Telemetry, monitor: "Monitor | None" = None,
-                 request_id_header: str = "X-Request-Id") -> None:
+                 request_id_header: str = "X-Request-Id",
+                 breaker_config: CircuitBreakerConfig | None = None) -> None:
         self.session = session
         self.policy = policy
         self.index = index
@@ -116,8 +168,12 @@ class Proxy:
         self.telemetry = telemetry
         self.monitor = monitor
         self.request_id_header = request_id_header
-        self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=config.connect_timeout,
-                                              sock_read=config.read_timeout)
+        # Waits are the router's own (router/waits.py); aiohttp only bounds the connect.
+        self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=config.connect_timeout)
+        self.waits = Waits(config.unhealthy_grace)
+        self.breakers = CircuitBreakers(breaker_config or CircuitBreakerConfig(),
+                                        on_change=telemetry.set_breaker)
+        self.retry_budget = RetryBudget(config.retry_budget_ratio, config.retry_budget_min_per_s)
         # Per-request bookkeeping (drain, introspection): entries removed in `finally`.
         self.active: dict[int, RequestRecord] = {}
         self._ids = itertools.count()
@@ -144,7 +200,28 @@ class Proxy:
         except asyncio.TimeoutError:
             return not self.active
 
-    # -- ranking ----------------------------------------------------------------------
+    async def cut_and_wait(self, timeout: float = 5.0) -> bool:
+        """The drain ran out: end every wait now (streams get their error event), then wait."""
+        self.waits.cut_all()
+        return await self.wait_idle(timeout)
+
+    def on_health(self, replica: Replica, old: Health, new: Health) -> None:
+        """Monitor listener: waits on a replica that turned UNHEALTHY are cut short."""
+        if new is Health.UNHEALTHY:
+            self.waits.cut_replica(replica)
+
+    # -- candidates and ranking ---------------------------------------------------------
+    def admissible(self, replica: Replica) -> bool:
+        return replica.routable and self.breakers.allows(replica.id, replica.breaker)
+
+    def ejected_error(self, model: str, replicas: Sequence[Replica]) -> RouterError:
+        """503 for a model whose routable replicas are all ejected by their breakers."""
+        wait = min((self.breakers.retry_in(r.breaker) for r in replicas), default=0.0)
+        seconds = max(1, int(wait + 0.999))
+        return RouterError(503, f"Every replica of model `{model}` is out of rotation after "
+                                f"failing requests; retry in {seconds}s",
+                           headers={"Retry-After": str(seconds)})
+
     def rank(self, route: "RouteRequest", candidates: Sequence[Replica],
              record: RequestRecord) -> Decision:
         started = time.perf_counter()
@@ -155,8 +232,9 @@ class Proxy:
             decision = Decision(ranked=list(candidates), why={"fallback": "policy error"})
         self.telemetry.decision_seconds.labels(self.policy.name).observe(time.perf_counter() - started)
         ranked = [r for r in decision.ranked if r.routable] or [r for r in candidates if r.routable]
-        # Healthy before suspect, whatever the policy said (stable: keeps its order).
-        decision.ranked = sorted(ranked, key=lambda r: r.health is not Health.HEALTHY)
+        # Healthy and closed before suspect or half-open, whatever the policy said (stable).
+        decision.ranked = sorted(ranked, key=lambda r: (r.health is not Health.HEALTHY)
+                                 + (r.breaker.state.value != "closed"))
         record.policy = self.policy.name
         record.why = decision.why
         return decision
@@ -168,11 +246,21 @@ class Proxy:
         if not decision.ranked:
             raise self.unavailable(route.model)
         cfg = self.config
+        self.retry_budget.on_request()
         tried: list[Replica] = []
         last: UpstreamFailure | None = None
+        stopped: list[str] = []
         remaining = max(0.0, cfg.deadline - record.elapsed())
+
+        def budget_stop(state: RetryCallState) -> bool:
+            if self.retry_budget.try_spend():
+                return False
+            stopped.append("budget")
+            self.telemetry.retry_budget_exhausted.labels(route.model).inc()
+            return True
+
         retrying = AsyncRetrying(
-            stop=stop_after_attempt(cfg.max_attempts) | stop_after_delay(remaining),
+            stop=stop_after_attempt(cfg.max_attempts) | stop_after_delay(remaining) | budget_stop,
             wait=wait_random_exponential(multiplier=cfg.backoff_initial, max=cfg.backoff_max),
             retry=retry_if_exception_type(UpstreamFailure),
             reraise=True,
@@ -189,22 +277,27 @@ class Proxy:
                     tried.append(replica)
                     record.attempts = number
                     record.replica = replica.id
-                    return await self._attempt(request, route, replica, number, decision, record)
-        except UpstreamFailure as failure:
-            last = failure
+                    try:
+                        return await self._attempt(request, route, replica, number, decision,
+                                                   record)
+                    except UpstreamFailure as failure:
+                        last = failure
+                        raise
+        except UpstreamFailure:
+            pass  # `last` holds it
         except NoReplicaLeft:
-            pass
-        return self._give_up(route, record, last, tried)
+            stopped.append("none_left")
+        return self._give_up(route, record, last, tried, stopped)
 
     def _pick(self, ranked: Sequence[Replica], tried: Sequence[Replica]) -> Replica:
-        """The best routable replica not tried yet; else cycle through the routable ones."""
-        routable = [r for r in ranked if r.routable]
-        if not routable:
+        """The best admissible replica not tried yet; else cycle through the admissible ones."""
+        usable = [r for r in ranked if self.admissible(r)]
+        if not usable:
             raise NoReplicaLeft()
-        for replica in routable:
+        for replica in usable:
             if replica not in tried:
                 return replica
-        return routable[len(tried) % len(routable)]
+        return usable[len(tried) % len(usable)]
 
     def unavailable(self, model: str, detail: str = "") -> RouterError:
         retry_after = str(self.config.retry_after)
@@ -213,19 +306,34 @@ class Proxy:
                            headers={"Retry-After": retry_after})
 
     def _give_up(self, route: "RouteRequest", record: RequestRecord,
-                 last: UpstreamFailure | None, tried: Sequence[Replica]) -> web.StreamResponse:
+                 last: UpstreamFailure | None, tried: Sequence[Replica],
+                 stopped: Sequence[str]) -> web.StreamResponse:
+        attempts = len(tried)
+        if "budget" in stopped:
+            why = "; no retry: the retry budget is spent (most requests are failing)"
+        elif "none_left" in stopped:
+            why = "; no other replica was left to try"
+        elif attempts < self.config.max_attempts and last is not None:
+            why = f"; the {self.config.deadline:g}s deadline for new attempts passed"
+        else:
+            why = ""
         if last is not None and last.status is not None:
             # The replicas answered, with errors: pass the last answer on (vLLM's shape).
-            record.error = f"upstream {last.status} after {len(tried)} attempt(s)"
+            record.error = f"upstream {last.status} after {attempts} attempt(s){why}"
             headers = last.headers or CIMultiDict()
             if last.status in (429, 503) and "Retry-After" not in headers:
                 headers["Retry-After"] = str(self.config.retry_after)
             return web.Response(status=last.status, body=last.body or error_body(
                 last.status, last.message), headers=headers)
-        names = ", ".join(dict.fromkeys(r.id for r in tried)) or "none"
-        record.error = last.message if last is not None else "no routable replica"
-        detail = f"{len(tried)} attempt(s) failed (tried: {names})" if tried else ""
-        raise self.unavailable(route.model, detail)
+        if last is None:
+            record.error = "no routable replica" + why
+            raise self.unavailable(route.model)
+        record.error = f"{last.kind}: {last.message} after {attempts} attempt(s){why}"
+        status = 504 if last.kind in _TIMEOUT_KINDS else 502
+        raise RouterError(status, f"No replica of model `{route.model}` answered: "
+                                  f"{attempts} attempt(s), the last replica "
+                                  f"{KIND_TEXT.get(last.kind, last.kind)}{why}",
+                          headers={"Retry-After": str(self.config.retry_after)})
 
     def _upstream_headers(self, route: "RouteRequest", replica: Replica, number: int) -> CIMultiDict[str]:
         headers = CIMultiDict(route.headers)
@@ -242,56 +350,102 @@ class Proxy:
     def _fail(self, route: "RouteRequest", replica: Replica, kind: str, message: str,
               **extra: object) -> UpstreamFailure:
         self.telemetry.upstream_errors.labels(route.model, replica.id, kind).inc()
-        if kind in ("connect", "disconnect") and self.monitor is not None:
+        if kind in _CONNECTION_KINDS and self.monitor is not None:
             self.monitor.mark_suspect(replica)
-        log.info("request %s: replica %s failed before the first byte (%s): %s",
+        log.info("request %s: replica %s failed before the answer (%s): %s",
                  route.request_id, replica.id, kind, message)
         return UpstreamFailure(replica, kind, message, **extra)  # type: ignore[arg-type]
 
+    def _timed_out(self, route: "RouteRequest", replica: Replica, wait: Wait,
+                   seconds: float) -> UpstreamFailure:
+        reason = wait.why()
+        if reason == DRAIN:
+            raise RouterError(503, "The router shut down before the replica answered",
+                              headers={"Retry-After": str(self.config.retry_after),
+                                       "Connection": "close"})
+        if reason == UNHEALTHY:
+            return self._fail(route, replica, "unhealthy",
+                              "the replica turned unhealthy before answering")
+        kind = "first_byte_timeout" if route.stream else "read_timeout"
+        return self._fail(route, replica, kind, f"no answer within {seconds:g}s")
+
     async def _attempt(self, request: web.Request, route: "RouteRequest", replica: Replica,
                        number: int, decision: Decision, record: RequestRecord) -> web.StreamResponse:
+        cfg = self.config
         replica.in_flight += 1
         self.telemetry.set_in_flight(replica)
+        breaker = replica.breaker
+        trial = self.breakers.on_dispatch(breaker)
+        outcome: str | None = None
         recording: "Recording | None" = None
         if route.block_hashes:
             recording = self.index.record(route.block_hashes, replica.id)
+        wait = self.waits.open(replica)
         resp: aiohttp.ClientResponse | None = None
         finished = False
+        first_limit = cfg.first_byte_timeout if route.stream else cfg.read_timeout
         try:
+            first = b""
+            complete = False
             try:
-                resp = await self.session.post(
-                    replica.url + route.path, data=route.body,
-                    headers=self._upstream_headers(route, replica, number),
-                    timeout=self._timeout, allow_redirects=False)
+                async with asyncio.timeout(wait.limit(first_limit)) as timeout:
+                    wait.timeout = timeout
+                    resp = await self.session.post(
+                        replica.url + route.path, data=route.body,
+                        headers=self._upstream_headers(route, replica, number),
+                        timeout=self._timeout, allow_redirects=False)
+                    if resp.status >= 500 or resp.status == 429:
+                        try:
+                            body = await resp.content.read(_ERROR_BODY_CAP)
+                        except _UPSTREAM_ERRORS:
+                            body = b""
+                        kind = "status_429" if resp.status == 429 else "status_5xx"
+                        raise self._fail(route, replica, kind, f"replica answered {resp.status}",
+                                         status=resp.status, body=body,
+                                         headers=client_response_headers(resp.headers),
+                                         retry_after=retry_after_seconds(
+                                             resp.headers.get("Retry-After")))
+                    streaming = route.stream and resp.status == 200 and \
+                        resp.content_type == "text/event-stream"
+                    if streaming:
+                        first = await resp.content.readany()
+                    else:
+                        first, complete = await self._buffer(resp, timeout, wait)
+            except aiohttp.ConnectionTimeoutError:
+                raise self._fail(route, replica, "connect_timeout",
+                                 f"no connection within {cfg.connect_timeout:g}s") from None
             except aiohttp.ClientConnectorError as exc:
-                raise self._fail(route, replica, "connect", str(exc) or type(exc).__name__)
-            except asyncio.TimeoutError:
-                raise self._fail(route, replica, "timeout", "no response headers in time")
+                raise self._fail(route, replica, "connect", str(exc) or type(exc).__name__) from None
+            except TimeoutError:
+                raise self._timed_out(route, replica, wait, first_limit) from None
             except _UPSTREAM_ERRORS as exc:
-                raise self._fail(route, replica, "disconnect", str(exc) or type(exc).__name__)
+                raise self._fail(route, replica, "disconnect", str(exc) or type(exc).__name__) from None
+            finally:
+                wait.timeout = None
 
-            if resp.status >= 500 or resp.status == 429:
-                try:
-                    body = await resp.content.read(_ERROR_BODY_CAP)
-                except _UPSTREAM_ERRORS:
-                    body = b""
-                kind = "status_429" if resp.status == 429 else "status_5xx"
-                raise self._fail(route, replica, kind, f"replica answered {resp.status}",
-                                 status=resp.status, body=body,
-                                 headers=client_response_headers(resp.headers))
-
-            is_sse = resp.content_type == "text/event-stream"
-            if route.stream and resp.status == 200 and is_sse:
-                out = await self._relay_stream(request, route, replica, resp, decision, record)
+            outcome = "success"
+            self.breakers.on_success(replica.id, breaker, trial)
+            if 400 <= resp.status < 500 and recording is not None:
+                self.index.forget(recording)  # the replica refused it: it cached nothing
+                recording = None
+            self._first_byte(route, replica, decision, record, resp.status)
+            if streaming:
+                out = await self._relay_stream(request, route, replica, resp, first, wait, record)
             else:
-                out = await self._relay_whole(route, replica, resp, decision, record)
+                out = await self._relay_whole(request, route, replica, resp, first, complete,
+                                              wait, record)
             finished = True
             return out
-        except UpstreamFailure:
+        except UpstreamFailure as failure:
+            outcome = "failure"
+            self.breakers.on_failure(replica.id, breaker, trial, failure.kind, failure.retry_after)
             if recording is not None:
                 self.index.forget(recording)
             raise
         finally:
+            if outcome is None:
+                self.breakers.on_abandon(breaker, trial)
+            self.waits.close(wait)
             replica.in_flight -= 1
             self.telemetry.set_in_flight(replica)
             if resp is not None:
@@ -300,74 +454,132 @@ class Proxy:
                 else:
                     resp.close()  # unfinished: drop the connection so vLLM aborts the request
 
+    async def _buffer(self, resp: aiohttp.ClientResponse, timeout: asyncio.Timeout,
+                      wait: Wait) -> tuple[bytes, bool]:
+        """Read a whole answer up to ``buffer_bytes``: (bytes, complete?)."""
+        limit = self.config.buffer_bytes
+        loop = asyncio.get_running_loop()
+        parts: list[bytes] = []
+        size = 0
+        content = resp.content
+        while True:
+            chunk = await content.readany()
+            if not chunk:
+                if not content.is_eof():
+                    raise aiohttp.ClientPayloadError("the answer ended early")
+                return b"".join(parts), True
+            parts.append(chunk)
+            size += len(chunk)
+            if size > limit:
+                return b"".join(parts), False
+            timeout.reschedule(loop.time() + wait.limit(self.config.read_timeout))
+
     def _first_byte(self, route: "RouteRequest", replica: Replica, decision: Decision,
-                    record: RequestRecord) -> None:
+                    record: RequestRecord, status: int) -> None:
         ttfb = record.elapsed()
         record.ttfb = ttfb
         self.telemetry.ttfb.labels(route.model, replica.id).observe(ttfb)
         matched = decision.matched_blocks.get(replica.id, 0)
         self.telemetry.decisions.labels(self.policy.name, route.model, replica.id).inc()
         self.telemetry.matched_blocks.labels(self.policy.name).observe(matched)
+        if status >= 300:
+            return  # an error answer's timing teaches nothing about prefill
         try:
             self.policy.observe(replica, route, time_to_first_byte_s=ttfb, matched_blocks=matched)
         except Exception:  # noqa: BLE001 - feedback is best effort
             log.exception("policy %s observe() failed", self.policy.name)
 
-    async def _relay_whole(self, route: "RouteRequest", replica: Replica,
-                           resp: aiohttp.ClientResponse, decision: Decision,
-                           record: RequestRecord) -> web.StreamResponse:
-        try:
-            body = await resp.read()
-        except _UPSTREAM_ERRORS as exc:
+    def _cut_reason(self, wait: Wait, exc: BaseException | None) -> tuple[str, str]:
+        """(log detail, client message) for a relay that stopped early."""
+        reason = wait.why() if isinstance(exc, TimeoutError) else None
+        if reason == DRAIN:
+            return ("router drain timeout",
+                    "The router shut down mid-stream, before the answer was complete")
+        if reason == UNHEALTHY:
+            return ("replica unhealthy and silent",
+                    "The replica serving this request became unhealthy and went silent mid-stream")
+        if isinstance(exc, TimeoutError):
+            return (f"no data for {self.config.read_timeout:g}s",
+                    f"The replica went silent mid-stream for {self.config.read_timeout:g}s")
+        detail = (str(exc) or type(exc).__name__) if exc is not None else "stream ended early"
+        return detail, "The replica serving this request failed mid-stream (its connection broke)"
+
+    async def _relay_whole(self, request: web.Request, route: "RouteRequest", replica: Replica,
+                           resp: aiohttp.ClientResponse, head: bytes, complete: bool,
+                           wait: Wait, record: RequestRecord) -> web.StreamResponse:
+        headers = client_response_headers(resp.headers)
+        if complete:
+            return web.Response(status=resp.status, body=head, headers=headers)
+        # Too large to buffer: relay it as it comes (the status is committed now).
+        out = web.StreamResponse(status=resp.status, headers=headers)
+        if resp.content_length is not None:
+            out.content_length = resp.content_length
+        out.headers[self.request_id_header] = route.request_id
+        problem, _ = await self._pump(request, out, resp, head, wait, record)
+        if problem is not None:
+            detail, _ = problem
             self.telemetry.upstream_errors.labels(route.model, replica.id, "stream_cut").inc()
-            record.error = f"replica failed while sending the response: {exc or type(exc).__name__}"
-            raise RouterError(502, f"The replica serving model `{route.model}` failed while "
-                                   "sending the response") from None
-        self._first_byte(route, replica, decision, record)
-        return web.Response(status=resp.status, body=body,
-                            headers=client_response_headers(resp.headers))
+            record.error = f"replica answer cut: {detail}"
+            log.warning("request %s: replica %s failed mid-answer: %s", route.request_id,
+                        replica.id, detail)
+            if request.transport is not None:
+                request.transport.close()  # the client sees a truncated body, not a short one
+            return out
+        if not record.client_gone:
+            await out.write_eof()
+        return out
 
     async def _relay_stream(self, request: web.Request, route: "RouteRequest", replica: Replica,
-                            resp: aiohttp.ClientResponse, decision: Decision,
+                            resp: aiohttp.ClientResponse, first: bytes, wait: Wait,
                             record: RequestRecord) -> web.StreamResponse:
-        content = resp.content
-        try:
-            first = await content.readany()
-        except asyncio.TimeoutError:
-            raise self._fail(route, replica, "timeout", "no first byte in time")
-        except _UPSTREAM_ERRORS as exc:
-            raise self._fail(route, replica, "disconnect", str(exc) or type(exc).__name__)
-        self._first_byte(route, replica, decision, record)
-
         out = web.StreamResponse(status=resp.status, headers=client_response_headers(resp.headers))
         out.headers[self.request_id_header] = route.request_id
+        problem, tail = await self._pump(request, out, resp, first, wait, record)
+        if record.client_gone:
+            return out
         try:
-            await out.prepare(request)
-            tail = b""
-            chunk = first
-            cut: str | None = None
-            while chunk:
-                await out.write(chunk)
-                tail = chunk[-2:] if len(chunk) >= 2 else tail[-1:] + chunk
-                try:
-                    chunk = await content.readany()
-                except asyncio.TimeoutError:
-                    cut = f"no data for {self.config.read_timeout:g}s"
-                    break
-                except _UPSTREAM_ERRORS as exc:
-                    cut = str(exc) or type(exc).__name__
-                    break
-            if cut is not None or not content.is_eof():
-                cut = cut or "stream ended early"
+            if problem is not None:
+                detail, message = problem
                 self.telemetry.upstream_errors.labels(route.model, replica.id, "stream_cut").inc()
-                record.error = f"replica stream cut: {cut}"
+                record.error = f"replica stream cut: {detail}"
                 log.warning("request %s: replica %s failed mid-stream: %s",
-                            route.request_id, replica.id, cut)
+                            route.request_id, replica.id, detail)
                 prefix = b"" if tail.endswith(b"\n\n") or not tail else (
                     b"\n" if tail.endswith(b"\n") else b"\n\n")
-                await out.write(prefix + sse_error_event(
-                    502, f"The replica serving model `{route.model}` failed mid-stream: {cut}"))
+                await out.write(prefix + sse_error_event(502, message))
             await out.write_eof()
         except ConnectionResetError:  # incl. aiohttp.ClientConnectionResetError
             record.client_gone = True  # the caller's `finally` closes the upstream connection
         return out
+
+    async def _pump(self, request: web.Request, out: web.StreamResponse,
+                    resp: aiohttp.ClientResponse, first: bytes, wait: Wait,
+                    record: RequestRecord) -> tuple[tuple[str, str] | None, bytes]:
+        """Copy the answer to the client.
+
+        Returns (None when the replica finished it, else why not; the last two bytes
+        written, so that a cut stream's error event starts on an event boundary).  A
+        client that went away sets ``record.client_gone``.
+        """
+        content = resp.content
+        read_timeout = self.config.read_timeout
+        chunk = first
+        tail = b""
+        try:
+            await out.prepare(request)
+            while chunk:
+                async with asyncio.timeout(wait.limit(read_timeout)) as timeout:
+                    wait.timeout = timeout
+                    await out.write(chunk)
+                    tail = chunk[-2:] if len(chunk) >= 2 else tail[-1:] + chunk
+                    chunk = await content.readany()
+                wait.timeout = None
+        except ConnectionResetError:  # incl. aiohttp.ClientConnectionResetError
+            record.client_gone = True
+            return None, tail
+        except (TimeoutError, *_UPSTREAM_ERRORS) as exc:
+            wait.timeout = None
+            return self._cut_reason(wait, exc), tail
+        if not content.is_eof():
+            return self._cut_reason(wait, None), tail
+        return None, tail

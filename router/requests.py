@@ -132,13 +132,17 @@ def build_route_request(
     session_key: str | None = None,
     block_chars: int = 64,
     block_tokens: int = 16,
+    max_blocks: int = 8192,
     with_prefix: bool = True,
 ) -> RouteRequest:
     """The RouteRequest of a validated body: routing text, block hashes, session key.
 
     `model` is the canonical (alias-resolved) name; `body` the bytes to forward.  The
     routing input and its chained block hashes come from router.prefix (rendering.py and
-    hashing.py), computed once here.
+    hashing.py), computed once here.  At most `max_blocks` blocks are hashed: a prompt's
+    first blocks are what identifies its prefix, and one huge prompt must neither cost
+    the event loop its whole length in hashing nor flood the prefix index (its size
+    still counts in full, in `prompt_chars`, for the cost models).
     """
     from router.prefix.hashing import prefix_hashes
     from router.prefix.rendering import routing_input
@@ -154,8 +158,13 @@ def build_route_request(
     if with_prefix and path in (_CHAT, _COMPLETIONS, _EMBEDDINGS):
         rin = routing_input(data)
         text, tokens, chars = rin.text, rin.tokens, rin.chars
-        hashes = prefix_hashes(model, text=text, tokens=tokens, cache_salt=cache_salt,
-                               block_chars=block_chars, block_tokens=block_tokens)
+        # UTF-8 has at least one byte a character, so this many characters still fill
+        # max_blocks blocks of block_chars bytes.
+        hashed_text = text[:max_blocks * block_chars] if text else text
+        hashed_tokens = tokens[:max_blocks * block_tokens] if tokens else tokens
+        hashes = prefix_hashes(model, text=hashed_text, tokens=hashed_tokens,
+                               cache_salt=cache_salt, block_chars=block_chars,
+                               block_tokens=block_tokens)[:max_blocks]
     return RouteRequest(
         model=model,
         path=path,
@@ -177,10 +186,14 @@ def rewrite_model(body: bytes, data: dict, new_model: str) -> bytes:
 
     Used only for aliases.  The top-level string value of every "model" key is swapped in
     place, so every other byte the client sent is forwarded as sent.  If the body's
-    layout defeats the scanner (e.g. an escaped key), it is re-encoded as a fallback.
+    layout defeats the scanner (e.g. an escaped key), it is re-encoded as a fallback; so
+    is a body over _SCAN_LIMIT bytes, where the scanner (a Python loop over every byte)
+    would hold the event loop, and orjson re-encodes in C.
     """
     import orjson
 
+    if len(body) > _SCAN_LIMIT:
+        return orjson.dumps({**data, "model": new_model})
     spans = _top_level_string_spans(body, b"model")
     if not spans:
         return orjson.dumps({**data, "model": new_model})
@@ -193,6 +206,9 @@ def rewrite_model(body: bytes, data: dict, new_model: str) -> bytes:
         last = end
     out += body[last:]
     return bytes(out)
+
+
+_SCAN_LIMIT = 64 * 1024
 
 
 def _skip_string(buf: bytes, i: int) -> int:

@@ -22,6 +22,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from router import __version__
+from router.breaker import Breaker, BreakerState
 from router.fleet import Health, Replica
 
 access_log = logging.getLogger("router.access")
@@ -86,6 +87,37 @@ class Telemetry:
         self.probes = Counter(
             "router_health_probes", "Replica health probes by result.",
             ["replica", "result"], registry=r)
+        # -- the front door ---------------------------------------------------------
+        self.rejections = Counter(
+            "router_rejections", "Requests the router refused before routing, by reason: "
+            "auth, forbidden_model, bad_path, rate_limit_requests, rate_limit_tokens, "
+            "queue_full, queue_timeout, body_budget, ejected.", ["reason"], registry=r)
+        self.queue_length = Gauge(
+            "router_admission_queue_length", "Requests waiting for a saturated fleet.",
+            ["model"], registry=r)
+        self.queue_wait = Histogram(
+            "router_admission_wait_seconds", "Time requests waited in the admission queue "
+            "(admitted ones).", ["model"], buckets=LATENCY_BUCKETS, registry=r)
+        self.breaker_state = Gauge(
+            "router_replica_circuit_breaker", "Circuit breaker state of each replica (1 for "
+            "the current state).", ["replica", "state"], registry=r)
+        self.ejections = Counter(
+            "router_replica_ejections", "Times a replica's circuit breaker opened.",
+            ["replica"], registry=r)
+        self.retry_budget_exhausted = Counter(
+            "router_retry_budget_exhausted", "Retries not made because the retry budget was "
+            "spent.", ["model"], registry=r)
+        self.connections = Gauge(
+            "router_client_connections", "Client connections open now.", registry=r)
+        self.connections_refused = Counter(
+            "router_client_connections_refused", "Client connections closed at once for being "
+            "over server.max_connections.", registry=r)
+        self.slow_heads = Counter(
+            "router_client_slow_heads", "Client connections closed with 408 because the "
+            "request head did not arrive within server.header_timeout.", registry=r)
+        self.body_bytes = Gauge(
+            "router_request_body_bytes_held", "Bytes of request bodies held now (budget: "
+            "server.max_inflight_body_bytes).", registry=r)
 
     # -- helpers used by the proxy and the monitor -----------------------------------
     def set_info(self, policy: str) -> None:
@@ -95,6 +127,14 @@ class Telemetry:
         """Create every per-replica series at 0 so dashboards show replicas before traffic."""
         self.in_flight.labels(replica.model, replica.id).set(replica.in_flight)
         self.set_health(replica)
+        self.set_breaker(replica.id, replica.breaker, "")
+
+    def set_breaker(self, replica_id: str, breaker: Breaker, reason: str) -> None:
+        for state in BreakerState:
+            self.breaker_state.labels(replica_id, state.value).set(
+                1 if breaker.state is state else 0)
+        if breaker.state is BreakerState.OPEN and reason:
+            self.ejections.labels(replica_id).inc()
 
     def set_health(self, replica: Replica) -> None:
         for state in Health:
@@ -133,6 +173,9 @@ class RequestRecord:
     error: str | None = None
     client: str | None = None
     client_gone: bool = False  # the client went away before the response was complete
+    client_name: str | None = None  # the API key's name (never the key), or "anonymous"
+    queued_s: float | None = None  # seconds waited in the admission queue
+    admitted: bool = False  # passed admission (holds a slot the queue hands on at its end)
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.started
@@ -154,6 +197,8 @@ class RequestRecord:
             "duration_ms": round(duration * 1000, 3),
             "error": self.error,
             "client": self.client,
+            "key": self.client_name,
+            "queued_ms": None if self.queued_s is None else round(self.queued_s * 1000, 3),
         }
 
 
@@ -212,8 +257,11 @@ def init_sentry(dsn: str | None, *, environment: str | None = None) -> bool:
     try:
         import sentry_sdk
 
+        # No PII and no request bodies (prompts are the users' data); Sentry's default
+        # scrubber removes Authorization, x-api-key, cookies and similar keys as well.
         sentry_sdk.init(dsn=dsn, environment=environment, release=f"vllm-smart-router@{__version__}",
-                        traces_sample_rate=float(os.environ.get("SENTRY_TRACES_SAMPLE_RATE", "0")))
+                        traces_sample_rate=float(os.environ.get("SENTRY_TRACES_SAMPLE_RATE", "0")),
+                        send_default_pii=False, max_request_body_size="never")
         return True
     except Exception as exc:  # noqa: BLE001 - telemetry must never stop the router
         log.warning("Sentry init failed: %s", exc)

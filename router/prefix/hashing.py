@@ -124,7 +124,10 @@ def hash_tokens(
     try:
         packed, kind = array("I", tokens), "tokens-u32"
     except OverflowError:  # an id >= 2**32 or negative: wider packing, separate chain
-        packed, kind = array("q", tokens), "tokens-i64"
+        try:
+            packed, kind = array("q", tokens), "tokens-i64"
+        except OverflowError:  # an id outside int64 (a client's nonsense): wrap it to 64 bits
+            packed, kind = array("Q", (t & 0xFFFFFFFFFFFFFFFF for t in tokens)), "tokens-u64"
     seed = chain_seed(model, kind=kind, block_size=block_tokens, lora=lora, cache_salt=cache_salt)
     return _chain(packed.tobytes(), block_tokens * packed.itemsize, seed)
 

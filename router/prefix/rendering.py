@@ -87,15 +87,32 @@ def render_prompt(prompt: Any) -> RoutingInput:
     return RoutingInput()
 
 
+_MAX_DEPTH = 64  # nesting kept by _canonical_json's fallback (orjson.dumps stops at 254)
+
+
+def _bounded(value: Any, depth: int = 0) -> Any:
+    """`value` with everything nested deeper than _MAX_DEPTH replaced by a marker."""
+    if depth >= _MAX_DEPTH:
+        return "<|deep|>"
+    if isinstance(value, Mapping):
+        return {str(k): _bounded(v, depth + 1) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_bounded(v, depth + 1) for v in value]
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value if not isinstance(value, int) or -(1 << 63) <= value < (1 << 64) else str(value)
+    return repr(value)
+
+
 def _canonical_json(value: Any) -> bytes:
+    """Stable bytes of a JSON value (sorted keys); never raises, whatever the nesting."""
     try:
         return orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
-    except TypeError:  # not JSON-able (cannot come from a parsed body); still stable
-        return repr(value).encode("utf-8", "surrogatepass")
+    except TypeError:  # too deep for orjson (JSONEncodeError is a TypeError): cut the depth
+        return orjson.dumps(_bounded(value), option=orjson.OPT_SORT_KEYS)
 
 
 def _placeholder(part: Mapping[str, Any]) -> str:
-    kind = part.get("type") or "part"
+    kind = part.get("type") if isinstance(part.get("type"), str) and part.get("type") else "part"
     return f"<|{kind}:{xxhash.xxh3_64_hexdigest(_canonical_json(part))}|>"
 
 
@@ -122,32 +139,44 @@ def _render_content(content: Any, out: list[str]) -> None:
     out.append(_placeholder({"type": "value", "value": content}))
 
 
+def _text(value: Any) -> str:
+    """A field that should be a string, as text: itself, or a stable placeholder."""
+    if isinstance(value, str):
+        return value
+    if value is None:
+        return ""
+    return _placeholder({"type": "value", "value": value})
+
+
 def _render_tool_call(call: Any, out: list[str]) -> None:
     if not isinstance(call, Mapping):
         out.append(f"<|tool_call|>{_placeholder({'type': 'value', 'value': call})}\n")
         return
     function = call.get("function") if isinstance(call.get("function"), Mapping) else call
-    name = function.get("name", "")
+    name = _text(function.get("name", ""))
     arguments = function.get("arguments", "")
     if not isinstance(arguments, str):
         arguments = _canonical_json(arguments).decode("utf-8")
-    out.append(f"<|tool_call|>{call.get('id', '')} {name}({arguments})\n")
+    out.append(f"<|tool_call|>{_text(call.get('id', ''))} {name}({arguments})\n")
 
 
 def _render_message(message: Any, out: list[str]) -> None:
     if not isinstance(message, Mapping):
         out.append(f"<|value|>\n{_placeholder({'type': 'value', 'value': message})}\n")
         return
-    header = f"<|{message.get('role', '')}|>"
+    header = f"<|{_text(message.get('role', ''))}|>"
     if message.get("name"):
-        header += f" name={message['name']}"
+        header += f" name={_text(message['name'])}"
     if message.get("tool_call_id"):
-        header += f" id={message['tool_call_id']}"
+        header += f" id={_text(message['tool_call_id'])}"
     out.append(header + "\n")
     _render_content(message.get("content"), out)
-    if message.get("content") is not None and (message.get("tool_calls") or message.get("function_call")):
+    tool_calls = message.get("tool_calls")
+    if not isinstance(tool_calls, list):  # vLLM refuses other types; route it anyway
+        tool_calls = [tool_calls] if tool_calls else []
+    if message.get("content") is not None and (tool_calls or message.get("function_call")):
         out.append("\n")
-    for call in message.get("tool_calls") or ():
+    for call in tool_calls:
         _render_tool_call(call, out)
     if isinstance(message.get("function_call"), Mapping):  # legacy single function call
         _render_tool_call({"function": message["function_call"]}, out)

@@ -139,12 +139,15 @@ async def test_non_stream_cut_before_answer_fails_over(make_sims, start_router, 
         async with http.post(server.url + "/v1/completions",
                              json={"model": "sim-a", "prompt": PROMPT, "max_tokens": 4}) as r:
             assert r.status == 200
-    # With only the cutting replica, the attempts run out: 503 with Retry-After.
+    # With only the cutting replica, the attempts run out: 502 with Retry-After, and a
+    # message that says what happened without naming the replica.
     solo = await start_router(make_routes([cutting.url]))
     async with http.post(solo.url + "/v1/completions",
                          json={"model": "sim-a", "prompt": PROMPT, "max_tokens": 4}) as r:
-        assert r.status == 503 and "Retry-After" in r.headers
-        assert "3 attempt(s)" in (await r.json())["error"]["message"]
+        assert r.status == 502 and "Retry-After" in r.headers
+        message = (await r.json())["error"]["message"]
+    assert "3 attempt(s)" in message and "lost the connection" in message
+    assert cutting.url not in message and "127.0.0.1" not in message
 
 
 async def test_client_disconnect_aborts_upstream_at_once(make_sim, start_router, make_routes, http,
