@@ -67,6 +67,13 @@ class Api:
         self.bodies = bodies or BodyBudget(config.server.max_inflight_body_bytes,
                                            config.proxy.retry_after)
         self.aliases = config.aliases()
+        # Per limited key, the names it may use: its list, with aliases resolved both ways.
+        self._access: dict[str, frozenset[str]] = {}
+        for key in config.auth.keys:
+            if key.models:
+                canon = {self.aliases.get(n, n) for n in key.models}
+                self._access[key.name] = frozenset(
+                    set(key.models) | canon | {a for a, m in self.aliases.items() if m in canon})
         self.model_names = [m.name for m in config.models] or fleet.models()
         self.draining = False
         self.started = int(time.time())
@@ -108,13 +115,20 @@ class Api:
         return await handler(request)
 
     # -- model names ----------------------------------------------------------------
+    def may_use(self, client: Client | None, name: str) -> bool:
+        """May `client` use the model (or alias) `name`?"""
+        if client is None or client.key is None or client.name not in self._access:
+            return True
+        allowed = self._access[client.name]
+        return name in allowed or self.aliases.get(name, name) in allowed
+
     def known_models(self, client: Client | None = None) -> list[str]:
         """Every name a client may use: configured models, aliases, discovered names."""
         names = list(self.model_names) + list(self.aliases)
         for replica in self.fleet:
             names.extend(sorted(replica.served_models - set(names)))
         names = list(dict.fromkeys(names))
-        return [n for n in names if client is None or client.may_use(n)]
+        return [n for n in names if self.may_use(client, n)]
 
     def resolve(self, name: str, client: Client | None = None) -> tuple[str, list[Replica]]:
         """(canonical name, its replicas) for a requested model name or alias; 404 if none.
@@ -124,7 +138,7 @@ class Api:
         same 404 as for a model that does not exist.
         """
         canonical = self.aliases.get(name, name)
-        if client is not None and not (client.may_use(name) or client.may_use(canonical)):
+        if not self.may_use(client, name):
             self.telemetry.rejections.labels("forbidden_model").inc()
             raise self._no_such_model(name, client)
         replicas = [r for r in self.fleet.for_model(canonical)
@@ -332,13 +346,13 @@ class Api:
     async def handle_models(self, request: web.Request) -> web.Response:
         client = self._client(request)
         return _json({"object": "list",
-                      "data": [e for e in self.model_list() if client.may_use(e["id"])]})
+                      "data": [e for e in self.model_list() if self.may_use(client, e["id"])]})
 
     async def handle_model(self, request: web.Request) -> web.Response:
         client = self._client(request)
         name = request.match_info["model"]
         for entry in self.model_list():
-            if entry["id"] == name and client.may_use(name):
+            if entry["id"] == name and self.may_use(client, name):
                 return _json(entry)
         self.resolve(name, client)  # 404 with the valid names if it is unknown altogether
         raise self.proxy.unavailable(name)

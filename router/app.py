@@ -263,7 +263,10 @@ async def serve(router: Router, host: str | None = None, port: int | None = None
     port = cfg.port if port is None else port
     fd_limit = raise_fd_limit()
     cap = cfg.max_connections or default_connection_cap(fd_limit)
-    limits = ConnectionLimits(cap, cfg.header_timeout)
+    telemetry = router.telemetry
+    limits = ConnectionLimits(cap, cfg.header_timeout,
+                              on_refused=telemetry.connections_refused.inc,
+                              on_head_timeout=telemetry.slow_heads.inc)
     router.connection_limits = limits
     router.telemetry.connections.set_function(lambda: limits.open)
     log.info("accepting up to %d client connections (file-descriptor limit %d), backlog %d",

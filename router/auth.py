@@ -70,9 +70,6 @@ class Client:
     def priority(self) -> int:
         return self.key.priority if self.key is not None else 0
 
-    def may_use(self, model: str) -> bool:
-        return self.key is None or not self.key.models or model in self.key.models
-
 
 def unauthorized(message: str = "Invalid or missing API key. Send it as 'Authorization: "
                  "Bearer KEY'.") -> RouterError:

@@ -15,9 +15,10 @@ answer, a 5xx or a 429; any other answer (2xx, and 4xx: the replica works, the r
 was wrong) is a success and resets the count.  The ejection time starts at
 ``ejection_time`` and doubles with each ejection that follows a failed trial, up to
 ``max_ejection_time``; a successful trial resets it.  An open breaker takes the replica
-out of every ranking; a half-open one lets exactly one request through at a time, ranked
-after every closed replica.  (The anchors: Envoy's outlier detection, and the circuit
-breakers of vllm-router and SGLang's gateway.)
+out of every ranking.  A half-open one is back in the rankings where the policy puts it
+(so it does get its trial: ranked last, it would never be tried while the others answer),
+but takes one request at a time until one succeeds.  (The anchors: Envoy's outlier
+detection, and the circuit breakers of vllm-router and SGLang's gateway.)
 
 The state lives on each Replica (``replica.breaker``, bounded by the fleet); the rules are
 here, in `CircuitBreakers`.

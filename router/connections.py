@@ -31,7 +31,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import resource
-from typing import Any
+from typing import Any, Callable
 
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
@@ -72,14 +72,18 @@ def _raw_error(status: int, reason: str, message: str, extra: str = "") -> bytes
 
 
 class ConnectionLimits:
-    """The limits every client connection of one server shares, and its count."""
+    """The limits every client connection of one server shares, and its counts."""
 
-    def __init__(self, max_connections: int, header_timeout: float) -> None:
+    def __init__(self, max_connections: int, header_timeout: float,
+                 on_refused: Callable[[], None] | None = None,
+                 on_head_timeout: Callable[[], None] | None = None) -> None:
         self.max_connections = max_connections
         self.header_timeout = header_timeout
         self.open = 0
         self.refused = 0  # connections answered 503 for being over the cap
         self.head_timeouts = 0  # connections closed with 408 for a slow request head
+        self.on_refused = on_refused  # e.g. a metric's inc
+        self.on_head_timeout = on_head_timeout
 
 
 class FrontDoorProtocol(RequestHandler):
@@ -98,6 +102,8 @@ class FrontDoorProtocol(RequestHandler):
         limits = self._limits
         if limits.open >= limits.max_connections:
             limits.refused += 1
+            if limits.on_refused is not None:
+                limits.on_refused()
             assert isinstance(transport, asyncio.Transport)
             transport.write(_raw_error(
                 503, "Service Unavailable",
@@ -146,6 +152,8 @@ class FrontDoorProtocol(RequestHandler):
         if self._force_close or self.transport is None or not self._waiting_for_head():
             return
         self._limits.head_timeouts += 1
+        if self._limits.on_head_timeout is not None:
+            self._limits.on_head_timeout()
         self.transport.write(_raw_error(
             408, "Request Timeout",
             f"The request line and headers did not arrive within {self._limits.header_timeout:g}s"))

@@ -232,9 +232,8 @@ class Proxy:
             decision = Decision(ranked=list(candidates), why={"fallback": "policy error"})
         self.telemetry.decision_seconds.labels(self.policy.name).observe(time.perf_counter() - started)
         ranked = [r for r in decision.ranked if r.routable] or [r for r in candidates if r.routable]
-        # Healthy and closed before suspect or half-open, whatever the policy said (stable).
-        decision.ranked = sorted(ranked, key=lambda r: (r.health is not Health.HEALTHY)
-                                 + (r.breaker.state.value != "closed"))
+        # Healthy before suspect, whatever the policy said (stable: keeps its order).
+        decision.ranked = sorted(ranked, key=lambda r: r.health is not Health.HEALTHY)
         record.policy = self.policy.name
         record.why = decision.why
         return decision

@@ -18,6 +18,7 @@ from typing import Any, Awaitable, Callable, Sequence
 
 import aiohttp
 import pytest
+from aiohttp import web
 
 from engines.sim.process import SimProcess
 from router.app import Router, Server, serve
@@ -133,6 +134,189 @@ async def start_router():
     for server in servers:
         with contextlib.suppress(Exception):
             await server.close()
+
+
+class FakeReplica:
+    """A vLLM-shaped HTTP server in the test process that records requests, answers as told.
+
+    For tests that must see the exact bytes and headers that reached a replica, or make a
+    replica misbehave in one precise way.  `mode` for inference requests:
+      json     a small JSON answer naming the path and the replica (the default)
+      partial  promise 1,000 bytes, send 10, hang up
+      hang     accept and never answer (until the client goes away)
+      big      a JSON answer of `big_size` bytes: the first half at once, the rest when
+               `release` is set (so a test can watch the first half arrive)
+    """
+
+    def __init__(self, models: tuple[str, ...] = ("sim-a",)) -> None:
+        self.models = models
+        self.seen: list[tuple[str, Any, bytes]] = []  # (path, headers, body)
+        self.healthy = True
+        self.status = 200  # status for inference requests
+        self.error_headers: dict[str, str] = {"Retry-After": "7"}
+        self.mode = "json"
+        self.extra_headers: dict[str, str] = {}
+        self.waiting = 0.0  # reported as vllm:num_requests_waiting
+        self.kv_usage = 0.0  # reported as vllm:kv_cache_usage_perc
+        self.big_size = 4 * 1024 * 1024
+        self.release = asyncio.Event()
+        self.in_flight = 0
+        self.runner: web.AppRunner | None = None
+        self.url = ""
+
+    async def start(self) -> "FakeReplica":
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.router.add_get("/health", self.health)
+        app.router.add_get("/v1/models", self.list_models)
+        app.router.add_get("/metrics", self.metrics)
+        app.router.add_post("/{tail:.*}", self.infer)
+        self.runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self.url = f"http://127.0.0.1:{port}"
+        return self
+
+    async def stop(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()
+
+    async def health(self, request: web.Request) -> web.Response:
+        return web.Response(status=200 if self.healthy else 503)
+
+    async def list_models(self, request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [
+            {"id": m, "object": "model", "max_model_len": 4096} for m in self.models]})
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        name = self.models[0]
+        return web.Response(text=(
+            "# TYPE vllm:num_requests_running gauge\n"
+            f'vllm:num_requests_running{{engine="0",model_name="{name}"}} {float(self.in_flight)}\n'
+            "# TYPE vllm:num_requests_waiting gauge\n"
+            f'vllm:num_requests_waiting{{engine="0",model_name="{name}"}} {self.waiting}\n'
+            "# TYPE vllm:kv_cache_usage_perc gauge\n"
+            f'vllm:kv_cache_usage_perc{{engine="0",model_name="{name}"}} {self.kv_usage}\n'))
+
+    async def infer(self, request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        self.seen.append((request.path_qs, request.headers.copy(), body))
+        self.in_flight += 1
+        try:
+            return await self._answer(request)
+        finally:
+            self.in_flight -= 1
+
+    async def _answer(self, request: web.Request) -> web.StreamResponse:
+        if self.status != 200:
+            return web.json_response(
+                {"error": {"message": f"fake {self.status}", "type": "X", "param": None,
+                           "code": self.status}}, status=self.status, headers=self.error_headers)
+        if self.mode == "partial":  # promise 1000 bytes, send 10, hang up
+            resp = web.StreamResponse(headers={"Content-Type": "application/json"})
+            resp.content_length = 1000
+            await resp.prepare(request)
+            await resp.write(b'{"id": "x"')
+            assert request.transport is not None
+            request.transport.close()
+            return resp
+        if self.mode == "hang":
+            await asyncio.Future()
+        if self.mode == "big":
+            resp = web.StreamResponse(headers={"Content-Type": "application/json"})
+            resp.content_length = self.big_size
+            await resp.prepare(request)
+            half = self.big_size // 2
+            await resp.write(b'{"pad": "' + b"x" * (half - 9))
+            await self.release.wait()
+            await resp.write(b"x" * (self.big_size - half - 2) + b'"}')
+            await resp.write_eof()
+            return resp
+        headers = {"Proxy-Authenticate": "Basic", "X-Replica-Kept": "yes", **self.extra_headers}
+        return web.json_response({"ok": True, "path": request.path, "url": self.url},
+                                 headers=headers)
+
+    @property
+    def request_ids(self) -> list[str]:
+        return [h.get("X-Request-Id", "") for _, h, _ in self.seen]
+
+
+@pytest.fixture
+async def fakes():
+    """Factory: `await fakes(n, models=(...))` -> n started FakeReplicas."""
+    started: list[FakeReplica] = []
+
+    async def factory(n: int = 1, **kw: Any) -> list[FakeReplica]:
+        new = [await FakeReplica(**kw).start() for _ in range(n)]
+        started.extend(new)
+        return new
+
+    yield factory
+    for fake in started:
+        fake.release.set()
+        await fake.stop()
+
+
+async def raw_exchange(url: str, data: bytes | list[bytes], *, timeout: float = 5.0,
+                       gap: float = 0.0) -> tuple[int | None, dict[str, str], bytes]:
+    """Send raw bytes (pieces `gap` seconds apart) to the server at `url`, read until it closes.
+
+    Returns (status or None if nothing came back, headers of the first answer, raw body
+    bytes after the first head).  For requests no HTTP client would send.
+    """
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    raw = b""
+    try:
+        try:
+            for piece in ([data] if isinstance(data, bytes) else data):
+                writer.write(piece)
+                await writer.drain()
+                if gap:
+                    await asyncio.sleep(gap)
+        except ConnectionError:
+            pass  # the server hung up mid-send: read what it said
+        with contextlib.suppress(asyncio.TimeoutError, ConnectionError):
+            async with asyncio.timeout(timeout):
+                while chunk := await reader.read(65536):
+                    raw += chunk
+    finally:
+        writer.close()
+        with contextlib.suppress(Exception):
+            await writer.wait_closed()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    if not head.startswith(b"HTTP/"):
+        return None, {}, raw
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    return int(lines[0].split()[1]), headers, body
+
+
+def metric_value(text: str, name: str, **labels: str) -> float | None:
+    """The value of one sample in a /metrics page (None if absent)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return sample.value
+    return None
+
+
+@pytest.fixture
+def metric():
+    """`metric(text, name, **labels)`: see metric_value."""
+    return metric_value
+
+
+@pytest.fixture
+def raw_http():
+    """`await raw_http(url, bytes_or_pieces, timeout=..., gap=...)`: see raw_exchange."""
+    return raw_exchange
 
 
 @pytest.fixture

@@ -75,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
         cm.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(defaults, name))
     f = p.add_argument_group("fault injection (also at run time: POST /admin/faults)")
     f.add_argument("--fail-rate", type=float, default=0.0)
+    f.add_argument("--fail-status", type=int, default=500, help="status of --fail-rate answers")
+    f.add_argument("--fail-retry-after", type=int, default=None,
+                   help="Retry-After seconds of --fail-rate answers")
     f.add_argument("--hang-rate", type=float, default=0.0)
     f.add_argument("--slow-factor", type=float, default=1.0)
     f.add_argument("--cut-after-chunks", type=int)
@@ -127,7 +130,9 @@ async def serve(args: argparse.Namespace) -> None:
                          num_gpu_blocks_override=args.num_gpu_blocks, user_specified_block_size=user_block_size,
                          legacy_names=args.legacy_metric_names)
     tokenizer = Tokenizer(vocab_size=args.vocab_size)
-    faults = Faults(fail_rate=args.fail_rate, hang_rate=args.hang_rate, slow_factor=args.slow_factor,
+    faults = Faults(fail_rate=args.fail_rate, fail_status=args.fail_status,
+                    fail_retry_after=args.fail_retry_after, hang_rate=args.hang_rate,
+                    slow_factor=args.slow_factor,
                     cut_after_chunks=args.cut_after_chunks, cut_rate=args.cut_rate, exit_after=args.exit_after,
                     seed=args.fault_seed)
     if args.unhealthy_for:

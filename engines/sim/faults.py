@@ -2,7 +2,9 @@
 
 | field            | effect on generation requests (completions, chat, embeddings)            |
 |------------------|--------------------------------------------------------------------------|
-| fail_rate        | this fraction is answered 500 at once                                    |
+| fail_rate        | this fraction is answered `fail_status` (default 500) at once            |
+| fail_status      | the status of those answers, e.g. 429 or 503 (4xx/5xx)                   |
+| fail_retry_after | the Retry-After seconds those answers carry (null: no header)            |
 | hang_rate        | this fraction is accepted and never answered (until the client leaves)   |
 | slow_factor      | every engine step takes this many times longer                           |
 | cut_after_chunks | the connection is closed after this many SSE chunks (a non-stream       |
@@ -27,6 +29,8 @@ from typing import Any
 @dataclass
 class Faults:
     fail_rate: float = 0.0
+    fail_status: int = 500
+    fail_retry_after: int | None = None
     hang_rate: float = 0.0
     slow_factor: float = 1.0
     cut_after_chunks: int | None = None
@@ -43,6 +47,9 @@ class Faults:
 
     def draw_fail(self) -> bool:
         return self.fail_rate > 0 and self._rng.random() < self.fail_rate
+
+    def failure_headers(self) -> dict[str, str]:
+        return {} if self.fail_retry_after is None else {"Retry-After": str(self.fail_retry_after)}
 
     def draw_hang(self) -> bool:
         return self.hang_rate > 0 and self._rng.random() < self.hang_rate
@@ -69,10 +76,14 @@ class Faults:
                 raise ValueError(f"unknown fault {key!r}")
             if value is None:
                 value = getattr(defaults, key)
-            elif key in ("cut_after_chunks", "exit_after", "seed"):
+            elif key in ("cut_after_chunks", "exit_after", "seed", "fail_retry_after"):
                 value = int(value)
                 if value < 0:
                     raise ValueError(f"{key} must be >= 0")
+            elif key == "fail_status":
+                value = int(value)
+                if not 400 <= value <= 599:
+                    raise ValueError("fail_status must be a 4xx or 5xx status")
             else:
                 value = float(value)
                 if value < 0 or (key.endswith("_rate") and value > 1) or (key == "slow_factor" and value == 0):

@@ -184,6 +184,7 @@ class SimProcess:
         assert self.proc is not None
         with contextlib.suppress(ProcessLookupError):
             self.proc.send_signal(signal.SIGTERM)
+            self.proc.send_signal(signal.SIGCONT)  # a paused child must wake to exit
 
     async def kill(self) -> None:
         """SIGKILL: the replica vanishes mid-request, like a crashed server."""
@@ -191,6 +192,16 @@ class SimProcess:
             self.proc.kill()
             while self.proc.poll() is None:
                 await asyncio.sleep(0.01)
+
+    def pause(self) -> None:
+        """SIGSTOP: the replica hangs, connections open and silent, like a wedged engine."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """SIGCONT after pause()."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)
 
     async def wait_exit(self, timeout: float) -> int | None:
         """Wait for the child to exit on its own (e.g. the exit_after fault)."""

@@ -16,8 +16,8 @@ VLLM_VERSION = "0.32.0"
 class ApiError(Exception):
     """An error vLLM would answer with ``{"error": {...}}`` and this status."""
 
-    TYPES = {400: "BadRequestError", 404: "NotFoundError", 500: "InternalServerError",
-             503: "ServiceUnavailableError"}
+    TYPES = {400: "BadRequestError", 404: "NotFoundError", 429: "RateLimitError",
+             500: "InternalServerError", 503: "ServiceUnavailableError"}
 
     @classmethod
     def queue_full(cls) -> "ApiError":

@@ -56,8 +56,9 @@ def _json(body: Any, status: int = 200) -> web.Response:
                         content_type="application/json")
 
 
-def _error(exc: ApiError) -> web.Response:
-    return web.Response(body=exc.body(), status=exc.status, content_type="application/json")
+def _error(exc: ApiError, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(body=exc.body(), status=exc.status, content_type="application/json",
+                        headers=headers)
 
 
 class SimServer:
@@ -259,6 +260,10 @@ class SimServer:
         check_length(len(ids), max_tokens, self.max_model_len)
         return GenerationParams(kind, model, ids, max_tokens, stream, include_usage, continuous, seed, body)
 
+    def _injected_failure(self) -> web.Response:
+        return _error(ApiError(self.faults.fail_status, "Simulated failure (fault injection)"),
+                      self.faults.failure_headers())
+
     async def completions(self, request: web.Request) -> web.StreamResponse:
         return await self._generate(request, "completion")
 
@@ -273,7 +278,7 @@ class SimServer:
             except ApiError as exc:
                 return _error(exc)
             if self.faults.draw_fail():
-                return _error(ApiError(500, "Simulated failure (fault injection)"))
+                return self._injected_failure()
             if self.faults.draw_hang():
                 await asyncio.Future()  # until the client goes away (handler cancelled)
             limit = self.opts.max_num_queued_reqs
@@ -376,7 +381,7 @@ class SimServer:
         except ApiError as exc:
             return _error(exc)
         if self.faults.draw_fail():
-            return _error(ApiError(500, "Simulated failure (fault injection)"))
+            return self._injected_failure()
         n = sum(len(ids) for ids in token_lists)
         await self.engine.clock.sleep(self.engine.cost.step_time([(n, n)], []) * self.faults.slow_factor)
         data = [{"index": i, "object": "embedding", "embedding": _embedding(ids, self.opts.embedding_dim)}

@@ -183,3 +183,88 @@ def test_check_config_command_exit_status(tmp_path: Path) -> None:
                           capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert "OK" in proc.stdout
+
+
+# -- the front door's keys (production hardening) ----------------------------------------
+def test_credentials_in_backend_urls_are_refused_without_quoting_them() -> None:
+    for url in ("http://user:hunter2secret@h:1", "http://hunter2secret@h:1"):
+        exc = error({"models": [{"name": "m", "backends": [{"url": url, "api_key": "k"}]}]})
+        assert exc.path == "models[0].backends[0].url"
+        assert "credentials in the URL" in str(exc) and "hunter2secret" not in str(exc)
+    exc = error({"models": [{"name": "m", "backends": ["http://u:hunter2secret@h:1"]}]})
+    assert "hunter2secret" not in str(exc)
+
+
+def test_secrets_come_from_config_env_or_file_and_never_show(tmp_path: Path) -> None:
+    (tmp_path / "b.key").write_text("sk-from-a-file-123\n")
+    (tmp_path / "keys.yaml").write_text(yaml.safe_dump({"keys": [
+        {"name": "c", "key": "sk-from-keys-file-1", "models": ["m"]}]}))
+    data = {**GOOD, "auth": {
+        "keys": [{"name": "a", "key_env": "A_KEY", "priority": 2,
+                  "rate_limit": {"requests_per_s": 5, "tokens_per_min": 1000}},
+                 {"name": "b", "key_file": "b.key"}],
+        "keys_file": "keys.yaml", "admin_key": "admin-secret-1", "protect_metrics": True}}
+    cfg = parse_config(data, tmp_path / "routes.yaml", env={"A_KEY": "sk-from-env-12345"})
+    keys = {k.name: k for k in cfg.auth.keys}
+    assert keys["a"].key == "sk-from-env-12345" and keys["a"].priority == 2
+    assert keys["a"].rate_limit.requests_per_s == 5 and keys["a"].rate_limit.tokens_per_min == 1000
+    assert keys["b"].key == "sk-from-a-file-123" and keys["c"].models == ("m",)
+    assert cfg.auth.admin_key == "admin-secret-1" and cfg.auth.protect_metrics
+    text = repr(cfg)
+    assert not any(s in text for s in ("sk-from", "admin-secret", "sk-x"))
+
+
+@pytest.mark.parametrize("auth, path, fragment", [
+    ({"keys": [{"name": "a"}]}, "auth.keys[0].key", "one of key, key_env, key_file"),
+    ({"keys": [{"name": "a", "key": "short"}]}, "auth.keys[0].key", "at least 8"),
+    ({"keys": [{"name": "a", "key": 12345678}]}, "auth.keys[0].key", "expected a string"),
+    ({"keys": [{"name": "a", "key": "sk-1234567 8"}]}, "auth.keys[0].key", "whitespace"),
+    ({"keys": [{"name": "a", "key": "sk-12345678", "key_env": "X"}]}, "auth.keys[0].key_env",
+     "only one of"),
+    ({"keys": [{"name": "a", "key": "sk-12345678"}, {"name": "a", "key": "sk-87654321"}]},
+     "auth.keys[1].name", "already used"),
+    ({"keys": [{"name": "a", "key": "sk-12345678"}, {"name": "b", "key": "sk-12345678"}]},
+     "auth.keys[1]", "same as the key at auth.keys[0]"),
+    ({"keys": [{"name": "a", "key_file": "/nonexistent/k"}]}, "auth.keys[0].key_file",
+     "cannot read"),
+    ({"keys": [{"name": "a", "key": "sk-12345678", "rate_limit": {"burst": 3}}]},
+     "auth.keys[0].rate_limit", "requests_per_s"),
+    ({"admin_key_env": "NOPE"}, "auth.admin_key_env", "'NOPE' is not set"),
+])
+def test_bad_auth(auth: dict, path: str, fragment: str) -> None:
+    exc = error({**GOOD, "auth": auth}, env={})
+    assert exc.path == path and fragment in str(exc)
+    assert "sk-1234567" not in str(exc) and "sk-8765" not in str(exc)
+
+
+@pytest.mark.parametrize("section, value, path, fragment", [
+    ("server", {"forward_paths": ["/v1/load_lora_adapter"]}, "server.forward_paths[0]",
+     "management"),
+    ("server", {"forward_paths": ["/admin/faults"]}, "server.forward_paths[0]", "management"),
+    ("server", {"forward_paths": ["/v1/x%2F"]}, "server.forward_paths[0]", "plain absolute path"),
+    ("server", {"forward_paths": ["/v1/models"]}, "server.forward_paths[0]", "serves this path"),
+    ("server", {"forward_paths": []}, "server.forward_paths", "at least one"),
+    ("server", {"trusted_proxies": ["10.0.0.0/33"]}, "server.trusted_proxies[0]", "CIDR"),
+    ("server", {"max_body_bytes": 4096, "max_inflight_body_bytes": 2048},
+     "server.max_inflight_body_bytes", ">= max_body_bytes"),
+    ("cors", {"allow_origins": ["app.example.com"]}, "cors.allow_origins[0]", "an origin like"),
+    ("cors", {"allow_origins": ["*"], "allow_credentials": True}, "cors.allow_credentials",
+     "cannot be used"),
+    ("admission", {"max_kv_usage": 1.5}, "admission.max_kv_usage", "<= 1"),
+    ("admission", {"queue_size": -1}, "admission.queue_size", ">= 0"),
+    ("circuit_breaker", {"ejection_time": 10, "max_ejection_time": 5},
+     "circuit_breaker.max_ejection_time", ">= ejection_time"),
+    ("proxy", {"first_byte_timeout": 0}, "proxy.first_byte_timeout", "greater than 0"),
+    ("admission", {"enabeld": True}, "admission.enabeld", "did you mean 'enabled'"),
+])
+def test_bad_front_door_values(section: str, value: dict, path: str, fragment: str) -> None:
+    exc = error({**GOOD, section: value})
+    assert exc.path == path and fragment in str(exc)
+
+
+def test_front_door_defaults() -> None:
+    cfg = parse_config(GOOD, "routes.yaml")
+    assert "/v1/chat/completions" in cfg.server.forward_paths and not cfg.auth.enabled
+    assert cfg.server.header_timeout == 10 and cfg.proxy.first_byte_timeout == 60
+    assert cfg.admission.enabled and cfg.circuit_breaker.failure_threshold == 5
+    assert not cfg.cors.allow_origins

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from router.prefix.hashing import hash_tokens
+from router.requests import build_route_request
 from router.prefix.rendering import RoutingInput, render_messages, render_prompt, routing_input
 
 text = st.text(max_size=80)
@@ -98,3 +101,60 @@ def test_routing_input_of_bodies() -> None:
     assert routing_input({"model": "m"}) == RoutingInput()
     assert routing_input({"prompt": [1, 2, 3]}).chars == 12
     assert routing_input({"prompt": "abcd"}).chars == 4
+
+
+# -- hostile input: the router renders whatever a client sends without failing -----------
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers(min_value=-(2**70), max_value=2**70) | st.floats()
+    | st.text(max_size=20),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(
+        st.sampled_from(["role", "content", "type", "text", "name", "tool_calls", "function",
+                         "arguments", "id", "tool_call_id", "image_url", "refusal", "x"]),
+        children, max_size=5),
+    max_leaves=25)
+
+
+def _deep(depth: int) -> object:
+    value: object = "x"
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+@given(messages=st.lists(_JSON, max_size=4), tools=_JSON, prompt=_JSON)
+@settings(max_examples=1500, deadline=None)
+def test_routing_input_never_fails_on_any_json(messages: list, tools: object, prompt: object) -> None:
+    for body in ({"messages": messages, "tools": tools}, {"prompt": prompt}, {"input": prompt}):
+        rin = routing_input(body)
+        assert rin.text is None or isinstance(rin.text, str)
+
+
+@pytest.mark.parametrize("depth", [10, 300, 1000, 5000])
+def test_deep_nesting_in_content_tools_and_names_is_rendered(depth: int) -> None:
+    deep = _deep(depth)
+    body = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": deep}],
+                          "name": deep, "tool_call_id": deep,
+                          "tool_calls": [{"id": deep, "function": {"name": deep, "arguments": deep}}]},
+                         {"role": "assistant", "tool_calls": 5},
+                         {"role": "assistant", "tool_calls": "abc"}],
+            "tools": [deep]}
+    first = routing_input(body).text
+    assert first and routing_input(body).text == first  # stable
+
+
+def test_token_ids_of_any_size_hash() -> None:
+    for tokens in ([2**63, 1] * 16, [-(2**63) - 5] * 32, [2**64 + 7] * 32, [-1] * 32):
+        assert len(hash_tokens(tokens, "m", block_tokens=16)) == 2
+    assert hash_tokens([2**64 + 7] * 16, "m") != hash_tokens([2**64 + 8] * 16, "m")
+
+
+def test_hashed_blocks_per_request_are_capped() -> None:
+    text = "0123456789abcdef" * 100_000  # 1.6 MB of prompt
+    route = build_route_request(model="m", path="/v1/completions", data={"prompt": text},
+                                body=b"", block_chars=64, max_blocks=128)
+    assert len(route.block_hashes) == 128
+    assert route.prompt_chars == len(text)  # the cost models still see its whole size
+    full = build_route_request(model="m", path="/v1/completions", data={"prompt": text[:64 * 128]},
+                               body=b"", block_chars=64)
+    assert full.block_hashes == route.block_hashes

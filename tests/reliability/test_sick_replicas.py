@@ -1,0 +1,252 @@
+"""Distrust of sick replicas: each fault kind, from outside, with real simulated replicas.
+
+killed and disconnecting replicas are covered in tests/integration/test_router_failover.py;
+here: stopped (SIGSTOP), 500-ing and 429-ing while /health passes, slow, flapping, a fleet
+where every replica fails, a replica that never sends its first byte, and one that does not
+serve the model it is configured for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import aiohttp
+
+from router.fleet import Health
+
+PROMPT = "You are a helpful assistant. Answer briefly. " * 4
+
+
+async def upstream_errors(server, http: aiohttp.ClientSession, replica_url: str) -> float:
+    async with http.get(server.url + "/metrics") as r:
+        text = await r.text()
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith("router_upstream_errors_total{") and f'replica="{replica_url}"' in line:
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+async def test_stopped_replica_under_load_fails_over_within_seconds(make_sims, start_router,
+                                                                    make_routes, http, until) -> None:
+    sims = await make_sims(3, time_scale=1.0)
+    server = await start_router(make_routes(
+        [s.url for s in sims], policy="round_robin",
+        health={"interval": 0.2, "timeout": 0.3, "failure_threshold": 2},
+        proxy={"unhealthy_grace": 0.5, "read_timeout": 600, "deadline": 30}))
+    victim = next(r for r in server.router.fleet if r.url == sims[0].url)
+    results: list[tuple[int, float]] = []
+    streams: list[bytes] = []
+
+    async def one(i: int) -> None:
+        started = time.monotonic()
+        async with http.post(server.url + "/v1/completions", json={
+                "model": "sim-a", "prompt": f"{PROMPT} {i}", "max_tokens": 60}) as r:
+            await r.read()
+            results.append((r.status, time.monotonic() - started))
+
+    async def stream(i: int) -> None:
+        async with http.post(server.url + "/v1/completions", json={
+                "model": "sim-a", "prompt": f"{PROMPT} s{i}", "max_tokens": 400, "stream": True}) as r:
+            streams.append(await r.read())
+
+    load = [asyncio.create_task(one(i)) for i in range(30)]
+    load += [asyncio.create_task(stream(i)) for i in range(6)]
+    await asyncio.sleep(0.3)
+    sims[0].pause()  # SIGSTOP: connections stay open, nothing answers
+    try:
+        await asyncio.wait_for(asyncio.gather(*load), timeout=20)
+        await until(lambda: victim.health is Health.UNHEALTHY, message="stopped replica unhealthy")
+    finally:
+        sims[0].resume()
+    # Nothing waited for read_timeout (600 s): every non-stream request was answered by a
+    # healthy replica, and streams that had started on the stopped one ended properly.
+    assert [s for s, _ in results] == [200] * 30
+    assert max(t for _, t in results) < 15
+    for raw in streams:
+        assert raw.endswith(b"data: [DONE]\n\n")
+    assert all(r.in_flight == 0 for r in server.router.fleet)
+
+
+async def test_probes_have_their_own_pool(fakes, start_router, make_routes, http, until) -> None:
+    fleet = await fakes(2)
+    for fake in fleet:
+        fake.mode = "hang"
+    server = await start_router(make_routes([f.url for f in fleet],
+                                            proxy={"max_connections": 4, "read_timeout": 30}))
+    hung = [asyncio.create_task(http.post(server.url + "/v1/completions",
+                                          json={"model": "sim-a", "prompt": "x"}))
+            for _ in range(8)]  # twice the request pool
+    await until(lambda: sum(f.in_flight for f in fleet) == 4, message="request pool full")
+    probes_before = sum(1 for _ in server.router.fleet)
+    await asyncio.sleep(1.0)  # ~10 probe rounds
+    assert all(r.health is Health.HEALTHY for r in server.router.fleet)
+    async with http.get(server.url + "/metrics") as r:
+        text = await r.text()
+    assert 'result="fail"' not in text and probes_before == 2
+    for task in hung:
+        task.cancel()
+    await asyncio.gather(*hung, return_exceptions=True)
+
+
+async def test_replicas_that_do_not_serve_the_model_get_none_of_it(fakes, start_router,
+                                                                   make_routes, http, until) -> None:
+    right = (await fakes(1))[0]
+    wrong = (await fakes(1, models=("other-model",)))[0]
+    server = await start_router(make_routes([right.url, wrong.url], policy="round_robin"))
+    wrong_replica = next(r for r in server.router.fleet if r.url == wrong.url)
+    await until(lambda: bool(wrong_replica.served_models), message="models discovered")
+    for _ in range(20):
+        async with http.post(server.url + "/v1/completions",
+                             json={"model": "sim-a", "prompt": "x"}) as r:
+            assert r.status == 200
+    assert not wrong.seen and len(right.seen) == 20
+
+
+async def test_a_replica_failing_every_request_is_ejected_and_readmitted(
+        make_sims, start_router, make_routes, http, until) -> None:
+    sims = await make_sims(3)
+    bad = sims[0]
+    await bad.set_faults(http, fail_rate=1.0)  # 500 to everything, /health still passes
+    server = await start_router(make_routes(
+        [s.url for s in sims], policy="round_robin",
+        circuit_breaker={"failure_threshold": 3, "ejection_time": 1.0, "max_ejection_time": 2.0}))
+    for i in range(60):
+        async with http.post(server.url + "/v1/completions",
+                             json={"model": "sim-a", "prompt": f"x {i}", "max_tokens": 2}) as r:
+            assert r.status == 200
+    # The first failures eject it; after that it sees only half-open trials (about one a
+    # second), not a third of all first attempts.
+    assert 3 <= await upstream_errors(server, http, bad.url) <= 6
+    replica = next(r for r in server.router.fleet if r.url == bad.url)
+    assert replica.health is Health.HEALTHY  # the probes never saw anything wrong
+    async with http.get(server.url + "/admin/replicas") as r:
+        view = next(x for x in (await r.json())["replicas"] if x["url"] == bad.url)
+    assert view["circuit_breaker"]["state"] in ("open", "half_open")
+    await bad.set_faults(http, clear=True)
+    await asyncio.sleep(2.1)
+    for i in range(12):  # the next trial succeeds and it is back in rotation
+        async with http.post(server.url + "/v1/completions",
+                             json={"model": "sim-a", "prompt": f"y {i}", "max_tokens": 2}) as r:
+            assert r.status == 200
+    assert replica.breaker.state.value == "closed"
+    async with http.get(server.url + "/metrics") as r:
+        text = await r.text()
+    assert f'router_replica_ejections_total{{replica="{bad.url}"}}' in text
+
+
+async def test_retry_after_from_a_429ing_replica_is_respected(make_sims, start_router, make_routes,
+                                                              http) -> None:
+    limited, good = await make_sims(2)
+    await limited.set_faults(http, fail_rate=1.0, fail_status=429, fail_retry_after=2)
+    server = await start_router(make_routes([limited.url, good.url], policy="round_robin"))
+    started = time.monotonic()
+    for i in range(20):
+        async with http.post(server.url + "/v1/completions",
+                             json={"model": "sim-a", "prompt": f"x {i}", "max_tokens": 2}) as r:
+            assert r.status == 200
+    assert time.monotonic() - started < 2
+    assert await upstream_errors(server, http, limited.url) == 1  # asked to wait, it waits
+    await asyncio.sleep(2.1)
+    async with http.post(server.url + "/v1/completions",
+                         json={"model": "sim-a", "prompt": "z", "max_tokens": 2}) as r:
+        assert r.status == 200
+    async with http.post(server.url + "/v1/completions",
+                         json={"model": "sim-a", "prompt": "z2", "max_tokens": 2}) as r:
+        assert r.status == 200
+    assert await upstream_errors(server, http, limited.url) == 2  # one trial after the wait
+
+
+async def test_a_failing_fleet_is_not_hammered_with_retries(make_sims, start_router, make_routes,
+                                                            http) -> None:
+    sims = await make_sims(2)
+    for sim in sims:
+        await sim.set_faults(http, fail_rate=1.0)
+    # Breakers effectively off, to see the retry budget alone.
+    server = await start_router(make_routes(
+        [s.url for s in sims], proxy={"max_attempts": 3, "retry_budget_ratio": 0.2,
+                                      "retry_budget_min_per_s": 1.0},
+        circuit_breaker={"failure_threshold": 100000}))
+    started = time.monotonic()
+    for i in range(100):
+        async with http.post(server.url + "/v1/completions",
+                             json={"model": "sim-a", "prompt": f"x {i}", "max_tokens": 2}) as r:
+            assert r.status == 500
+    elapsed = time.monotonic() - started
+    attempts = sum([await upstream_errors(server, http, s.url) for s in sims])
+    # Without a budget: 300 attempts.  With it: 100 + the initial bucket (30) + 20% of 100
+    # + 1 a second.
+    assert attempts <= 100 + 30 + 20 + elapsed + 1, attempts
+    async with http.get(server.url + "/metrics") as r:
+        assert "router_retry_budget_exhausted_total" in await r.text()
+    # With the default breakers, the failing fleet is ejected and answered at once.
+    default = await start_router(make_routes([s.url for s in sims]))
+    statuses = []
+    for i in range(30):
+        async with http.post(default.url + "/v1/completions",
+                             json={"model": "sim-a", "prompt": f"y {i}", "max_tokens": 2}) as r:
+            statuses.append(r.status)
+            if r.status == 503:
+                assert "out of rotation" in (await r.json())["error"]["message"]
+                assert "Retry-After" in r.headers
+    assert statuses.count(503) >= 20
+    assert sum([await upstream_errors(default, http, s.url) for s in sims]) <= 15
+
+
+async def test_no_first_byte_in_time_fails_over(fakes, start_router, make_routes, http) -> None:
+    hung, good = await fakes(2)
+    hung.mode = "hang"
+    server = await start_router(make_routes([hung.url, good.url], policy="round_robin",
+                                            proxy={"first_byte_timeout": 0.3}))
+    for _ in range(4):
+        started = time.monotonic()
+        async with http.post(server.url + "/v1/completions",
+                             json={"model": "sim-a", "prompt": "x", "stream": True}) as r:
+            assert r.status == 200 and (await r.json())["url"] == good.url
+        assert time.monotonic() - started < 2
+    async with http.get(server.url + "/metrics") as r:
+        assert 'kind="first_byte_timeout"' in await r.text()
+    # Alone, it is a 504 that says what happened.
+    solo = await start_router(make_routes([hung.url], proxy={"first_byte_timeout": 0.2,
+                                                             "max_attempts": 2}))
+    async with http.post(solo.url + "/v1/completions",
+                         json={"model": "sim-a", "prompt": "x", "stream": True}) as r:
+        payload = await r.json()
+        assert r.status == 504 and "no first byte in time" in payload["error"]["message"]
+
+
+async def test_slow_and_flapping_replicas_lose_no_request(make_sims, start_router, make_routes,
+                                                          http) -> None:
+    slow, flapping, steady = await make_sims(3, time_scale=5.0)
+    await slow.set_faults(http, slow_factor=20)
+    server = await start_router(make_routes([s.url for s in (slow, flapping, steady)],
+                                            policy="cache_aware",
+                                            health={"interval": 0.1, "failure_threshold": 2}))
+    stop = asyncio.Event()
+
+    async def flap() -> None:
+        while not stop.is_set():
+            await flapping.set_faults(http, unhealthy_for=0.3)
+            await asyncio.sleep(0.6)
+
+    flapper = asyncio.create_task(flap())
+    statuses: list[int] = []
+
+    async def one(i: int) -> None:
+        async with http.post(server.url + "/v1/completions", json={
+                "model": "sim-a", "prompt": f"{PROMPT} {i}", "max_tokens": 20,
+                "stream": i % 2 == 0}) as r:
+            body = await r.read()
+            statuses.append(r.status)
+            if i % 2 == 0:
+                assert body.endswith(b"data: [DONE]\n\n") and b'"error"' not in body
+
+    try:
+        for batch in range(6):
+            await asyncio.gather(*(one(batch * 8 + i) for i in range(8)))
+            await asyncio.sleep(0.2)
+    finally:
+        stop.set()
+        await flapper
+    assert statuses == [200] * 48
