@@ -49,6 +49,20 @@ REQUEST_ID_KEY = web.RequestKey("request_id", str)
 _PRIORITY_RE = re.compile(r"^[+-]?\d{1,6}$")
 
 
+
+async def expect_continue(request: web.Request) -> web.StreamResponse | None:
+    """`Expect: 100-continue` is answered at once; any other expectation is a JSON 417.
+
+    aiohttp's own handler answers the second in text/plain, outside the middlewares.
+    """
+    expect = request.headers.get("Expect", "")
+    if expect.lower() == "100-continue":
+        if request.version >= (1, 1):
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            request.writer.output_size = 0
+        return None
+    return RouterError(417, "Only 'Expect: 100-continue' is supported", param="Expect").response()
+
 class Api:
     """The handlers, bound to the objects the app created."""
 
@@ -82,7 +96,8 @@ class Api:
         self._priority_header = config.admission.priority_header
 
     def routes(self) -> list[web.RouteDef]:
-        post = [web.post(path, self.handle_inference) for path in self.config.server.forward_paths]
+        post = [web.post(path, self.handle_inference, expect_handler=expect_continue)
+                for path in self.config.server.forward_paths]
         return [
             *post,
             web.get("/v1/models", self.handle_models),

@@ -167,7 +167,10 @@ class FrontDoorProtocol(RequestHandler):
             log.error("error handling a request from %s", request.remote, exc_info=exc)
             text = "Internal router error"
         else:
-            detail = message or (exc.__class__.__name__ if exc else "bad request")
+            # aiohttp's message spans lines (the bad bytes and a caret): one line, bounded,
+            # so a client cannot forge or flood log lines.
+            detail = " ".join((message or (exc.__class__.__name__ if exc else "bad request"))
+                              .split())[:300]
             log.warning("malformed HTTP request from %s: %s", request.remote, detail)
             text = f"Malformed HTTP request: {detail}"
         if request.writer.output_size > 0:

@@ -10,6 +10,7 @@ object per line) or a compact ``key=value`` text line.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -206,7 +207,11 @@ def _text_value(value: Any) -> str:
     if isinstance(value, (dict, list)):
         return orjson.dumps(value).decode()
     text = str(value)
-    return f'"{text}"' if " " in text else text
+    # Client-chosen strings (model, request id) are quoted and escaped unless plainly safe,
+    # so no byte of theirs can break or forge a log line.
+    if text and text.isascii() and text.isprintable() and not any(c in text for c in ' "='):
+        return text
+    return json.dumps(text)
 
 
 def write_access_log(record: RequestRecord, duration: float, fmt: str = "json") -> None:
@@ -257,11 +262,17 @@ def init_sentry(dsn: str | None, *, environment: str | None = None) -> bool:
     try:
         import sentry_sdk
 
-        # No PII and no request bodies (prompts are the users' data); Sentry's default
-        # scrubber removes Authorization, x-api-key, cookies and similar keys as well.
+        from sentry_sdk.scrubber import DEFAULT_DENYLIST, EventScrubber
+
+        # No PII, no request bodies and no frame locals: prompts are the users' data and
+        # keys pass through locals (tests/reliability/test_sentry.py caught one).  The
+        # scrubber also removes the header spellings of API keys that clients send.
+        scrubber = EventScrubber(denylist=[*DEFAULT_DENYLIST, "x-api-key", "api-key",
+                                           "x-admin-key", "proxy-authorization"], recursive=True)
         sentry_sdk.init(dsn=dsn, environment=environment, release=f"vllm-smart-router@{__version__}",
                         traces_sample_rate=float(os.environ.get("SENTRY_TRACES_SAMPLE_RATE", "0")),
-                        send_default_pii=False, max_request_body_size="never")
+                        send_default_pii=False, max_request_body_size="never",
+                        include_local_variables=False, event_scrubber=scrubber)
         return True
     except Exception as exc:  # noqa: BLE001 - telemetry must never stop the router
         log.warning("Sentry init failed: %s", exc)
