@@ -1,4 +1,4 @@
-"""`python -m benchmarks run --scenario FILE` | `report DIR` | `check FILE`.
+"""`python -m benchmarks run --scenario FILE` | `chaos [...]` | `report DIR` | `check FILE`.
 
 Ctrl-C or SIGTERM at any point stops every process the run started (each by its own PID)
 before exiting with status 130; a scenario error exits with status 2.
@@ -13,7 +13,7 @@ import resource
 import signal
 import sys
 from pathlib import Path
-from typing import Any, Coroutine, TypeVar
+from typing import Any, Callable, Coroutine, TypeVar
 
 from benchmarks.procs import Processes
 from benchmarks.scenario import ConfigError, load_scenario, parse_target
@@ -41,19 +41,33 @@ def _run(args: argparse.Namespace) -> int:
                     for name, value in (scenario.raw.get("variants") or {}).items()}
         targets = [parse_target(Node(t.strip(), "--targets", "command line"), variants)
                    for t in args.targets.split(",")]
+    if scenario.mode == "overhead":
+        from benchmarks.overhead import run_overhead
+
+        return _execute(lambda procs: run_overhead(scenario, procs, targets=targets,
+                                                   progress=not args.no_progress))
+    from benchmarks.runner import run_routing
+
+    return _execute(lambda procs: run_routing(scenario, procs, targets=targets,
+                                              progress=not args.no_progress))
+
+
+def _chaos(args: argparse.Namespace, argv: list[str] | None) -> int:
+    from benchmarks.chaos import run_chaos, settings_from
+
+    settings = settings_from(args, "python -m benchmarks " + " ".join(
+        sys.argv[1:] if argv is None else argv))
+    return _execute(lambda procs: run_chaos(settings, procs))
+
+
+def _execute(run: Callable[[Processes], Coroutine[Any, Any, Path]]) -> int:
+    """Run one benchmark coroutine; every process it started is stopped whatever happens."""
     procs = Processes()
     # Outside the event loop SIGTERM behaves like Ctrl-C too: KeyboardInterrupt unwinds the
     # run and the finally stops everything.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
-        if scenario.mode == "overhead":
-            from benchmarks.overhead import run_overhead
-            out = asyncio.run(_interruptible(run_overhead(scenario, procs, targets=targets,
-                                                          progress=not args.no_progress)))
-        else:
-            from benchmarks.runner import run_routing
-            out = asyncio.run(_interruptible(run_routing(scenario, procs, targets=targets,
-                                                         progress=not args.no_progress)))
+        out = asyncio.run(_interruptible(run(procs)))
     except KeyboardInterrupt:
         print("\nbenchmarks: interrupted; stopping every process this run started", file=sys.stderr)
         return 130
@@ -61,7 +75,6 @@ def _run(args: argparse.Namespace) -> int:
         procs.stop_all()
     print(f"results: {out / 'results.md'}")
     return 0
-
 
 
 T = TypeVar("T")
@@ -119,6 +132,10 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     rep = sub.add_parser("report", help="rebuild results.md and the plots from OUTPUT/runs/*.json")
     rep.add_argument("output")
+    chaos = sub.add_parser("chaos", help="the reliability experiments (benchmarks/chaos.py)")
+    from benchmarks.chaos import add_arguments
+
+    add_arguments(chaos)
     check = sub.add_parser("check", help="validate a scenario file")
     check.add_argument("scenario")
     args = parser.parse_args(argv)
@@ -129,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{args.scenario}: ok ({scenario.mode}, {len(scenario.targets)} targets, "
                   f"{scenario.fleet.size} replicas)")
             return 0
+        if args.command == "chaos":
+            return _chaos(args, argv)
         if args.command == "report":
             from benchmarks.report import write_report
             print(f"results: {write_report(Path(args.output))}")

@@ -32,10 +32,11 @@ from router.connections import (ConnectionLimits, FrontDoorRunner, default_conne
 from router.cors import Cors
 from router.errors import error_middleware
 from router.fleet import EngineLoad, Fleet, Replica
+from router.loop_lag import LoopLag
 from router.monitor import Monitor
 from router.policies import build_policy
 from router.prefix.index import DEFAULT_CAPACITY_BLOCKS, PrefixIndex
-from router.proxy import Proxy
+from router.proxy import Proxy, connect_tracing
 from router.telemetry import Telemetry, init_sentry
 
 log = logging.getLogger("router.app")
@@ -148,19 +149,23 @@ class Router:
         connector = aiohttp.TCPConnector(limit=cfg.proxy.max_connections, limit_per_host=0,
                                          enable_cleanup_closed=True, ttl_dns_cache=300)
         self.session = aiohttp.ClientSession(connector=connector, auto_decompress=False,
-                                             timeout=aiohttp.ClientTimeout(total=None))
+                                             timeout=aiohttp.ClientTimeout(total=None),
+                                             trace_configs=[connect_tracing()])
         # Probes get their own pool, so long streams filling `proxy.max_connections` can
         # never make a replica look dead.
         self.probe_session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0, enable_cleanup_closed=True,
                                            ttl_dns_cache=300),
             auto_decompress=False, timeout=aiohttp.ClientTimeout(total=None))
+        self.loop_lag = LoopLag()
+        self.telemetry.loop_lag.set_function(self.loop_lag.recent_max)
         self.monitor = Monitor(self.fleet, self.probe_session, cfg.health, cfg.metrics,
-                               self.telemetry, on_load=self._on_load, on_health=self._on_health)
+                               self.telemetry, on_load=self._on_load, on_health=self._on_health,
+                               loop_lag=self.loop_lag)
         self.proxy = Proxy(session=self.session, policy=self.policy, index=self.index,
                            config=cfg.proxy, telemetry=self.telemetry, monitor=self.monitor,
                            request_id_header=cfg.server.request_id_header,
-                           breaker_config=cfg.circuit_breaker)
+                           breaker_config=cfg.circuit_breaker, loop_lag=self.loop_lag)
         self.api = Api(config=cfg, fleet=self.fleet, proxy=self.proxy, telemetry=self.telemetry,
                        index=self.index)
         app = web.Application(client_max_size=cfg.server.max_body_bytes,
@@ -196,6 +201,7 @@ class Router:
     async def _on_startup(self, app: web.Application) -> None:
         init_sentry(self.config.server.sentry_dsn)
         assert self.monitor is not None
+        self.loop_lag.start()
         await self.monitor.start()
 
     async def _on_cleanup(self, app: web.Application) -> None:
@@ -205,6 +211,7 @@ class Router:
         """Stop background tasks, close the upstream session, stop launched engines."""
         if self.monitor is not None:
             await self.monitor.stop()
+            await self.loop_lag.stop()
         for session in (self.session, self.probe_session):
             if session is not None and not session.closed:
                 await session.close()

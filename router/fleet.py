@@ -13,6 +13,7 @@ import enum
 import time
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator, Mapping
+from urllib.parse import urlsplit
 
 from router.breaker import Breaker
 
@@ -76,6 +77,12 @@ class Replica:
     kv_events_endpoint: str | None = None
     kv_replay_endpoint: str | None = None
     kv_events_topic: str | None = None
+
+    def __post_init__(self) -> None:
+        # The URL is the replica's id in logs, metrics and /admin: it must hold no secret.
+        # (routes.yaml refuses such URLs with a path-precise message; this guards the rest.)
+        if "@" in urlsplit(self.url).netloc:
+            raise ValueError("a replica URL must not hold credentials; use api_key")
 
     @property
     def id(self) -> str:

@@ -34,6 +34,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from router.config import HealthConfig, MetricsConfig
 from router.fleet import EngineLoad, Fleet, Health, Replica
+from router.loop_lag import LoopLag
 from router.telemetry import Telemetry
 
 log = logging.getLogger("router.monitor")
@@ -153,8 +154,10 @@ class Monitor:
     def __init__(self, fleet: Fleet, session: aiohttp.ClientSession, health: HealthConfig,
                  metrics: MetricsConfig, telemetry: Telemetry | None = None,
                  on_load: Callable[[Replica, EngineLoad, EngineLoad], None] | None = None,
-                 on_health: Callable[[Replica, Health, Health], None] | None = None) -> None:
+                 on_health: Callable[[Replica, Health, Health], None] | None = None,
+                 loop_lag: LoopLag | None = None) -> None:
         self.fleet = fleet
+        self.loop_lag = loop_lag
         self.session = session  # the monitor's own pool: probes never queue behind requests
         self.health_cfg = health
         self.metrics_cfg = metrics
@@ -256,14 +259,22 @@ class Monitor:
             headers["Authorization"] = f"Bearer {replica.api_key}"
         return headers
 
-    async def probe_health(self, replica: Replica) -> bool:
+    async def probe_health(self, replica: Replica) -> bool | None:
+        """True: passed; False: failed; None: timed out while the router's own loop stalled
+        (router/loop_lag.py), which says nothing about the replica."""
         timeout = aiohttp.ClientTimeout(total=self.health_cfg.timeout)
+        started = time.monotonic()
         try:
             async with self.session.get(f"{replica.url}/health", headers=self._headers(replica),
                                         timeout=timeout) as resp:
                 await resp.read()
                 return resp.status == 200
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+        except asyncio.TimeoutError:
+            if self.loop_lag is not None and self.loop_lag.stalled_since(
+                    started, self.health_cfg.timeout / 2):
+                return None
+            return False
+        except (aiohttp.ClientError, OSError):
             return False
         except Exception as exc:  # noqa: BLE001 - e.g. a ValueError from a bad request setup
             log.warning("replica %s: health probe could not be sent: %s", replica.id,
@@ -315,7 +326,9 @@ class Monitor:
     async def poll_once(self, replica: Replica) -> None:
         """One health probe, then (if routable) metrics and, when due, models."""
         was_routable = replica.routable
-        self.record_probe(replica, await self.probe_health(replica))
+        passed = await self.probe_health(replica)
+        if passed is not None:
+            self.record_probe(replica, passed)
         if replica.routable:
             if not was_routable or not replica.served_models:
                 await self.discover_models(replica)
@@ -336,7 +349,9 @@ class Monitor:
                     wake.clear()
                     was_routable = replica.routable
                     last_probe = now
-                    self.record_probe(replica, await self.probe_health(replica))
+                    passed = await self.probe_health(replica)
+                    if passed is not None:
+                        self.record_probe(replica, passed)
                     next_health = loop.time() + self.health_cfg.interval
                     if replica.routable and not was_routable:
                         next_models = next_metrics = loop.time()  # just joined: learn it now

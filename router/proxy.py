@@ -55,6 +55,7 @@ from router.breaker import CircuitBreakers
 from router.config import CircuitBreakerConfig, ProxyConfig
 from router.errors import RouterError, error_body, sse_error_event
 from router.fleet import Health, Replica
+from router.loop_lag import LoopLag
 from router.policies.base import Decision, Policy
 from router.retry_budget import RetryBudget
 from router.telemetry import RequestRecord, Telemetry
@@ -154,22 +155,88 @@ class NoReplicaLeft(Exception):
     """Every replica of the ranking became unroutable during failover."""
 
 
+
+class ConnectWatch:
+    """The connect timeout of one attempt, blind to the router's own event-loop stalls.
+
+    aiohttp's `sock_connect` timeout is a timer that, when the loop is busy, fires before
+    the loop has looked at a connection the kernel completed long ago: the replica is then
+    blamed (breaker, failover) for the router's overload, and with thousands of requests
+    arriving at once every replica was ejected.  This watch starts when aiohttp starts a
+    new connection (not while it waits for a pool slot, nor for a reused one), and when
+    `limit` has passed without the connection made it fires only if the loop did not
+    stall meanwhile (router/loop_lag.py); otherwise it looks again one `limit` later.  The
+    attempt's own deadlines (first byte, drain, unhealthy) still bound it.
+    """
+
+    def __init__(self, limit: float, loop_lag: LoopLag | None) -> None:
+        self.limit = limit
+        self.loop_lag = loop_lag
+        self.timeout: asyncio.Timeout | None = None
+        self.expired = False
+        self._started = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+
+    def connecting(self) -> None:
+        self._started = time.monotonic()
+        self._timer = asyncio.get_running_loop().call_later(self.limit, self._check)
+
+    def cancel(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _check(self) -> None:
+        lag = self.loop_lag
+        if lag is not None and lag.stalled_since(self._started, self.limit / 2):
+            self._started = time.monotonic()
+            self._timer = asyncio.get_running_loop().call_later(self.limit, self._check)
+            return
+        self._timer = None
+        self.expired = True
+        if self.timeout is not None:
+            self.timeout.reschedule(asyncio.get_running_loop().time())
+
+
+async def _on_connect_start(session: aiohttp.ClientSession, context: object,
+                            params: aiohttp.TraceConnectionCreateStartParams) -> None:
+    watch = getattr(context, "trace_request_ctx", None)
+    if isinstance(watch, ConnectWatch):
+        watch.connecting()
+
+
+async def _on_connect_end(session: aiohttp.ClientSession, context: object,
+                          params: aiohttp.TraceConnectionCreateEndParams) -> None:
+    watch = getattr(context, "trace_request_ctx", None)
+    if isinstance(watch, ConnectWatch):
+        watch.cancel()
+
+
+def connect_tracing() -> aiohttp.TraceConfig:
+    """The TraceConfig the upstream session needs for ConnectWatch."""
+    trace = aiohttp.TraceConfig()
+    trace.on_connection_create_start.append(_on_connect_start)
+    trace.on_connection_create_end.append(_on_connect_end)
+    return trace
+
+
 class Proxy:
     """Forwards RouteRequests to replicas; one per app."""
 
     def __init__(self, *, session: aiohttp.ClientSession, policy: Policy, index: "PrefixIndex",
                  config: ProxyConfig, telemetry: Telemetry, monitor: "Monitor | None" = None,
                  request_id_header: str = "X-Request-Id",
-                 breaker_config: CircuitBreakerConfig | None = None) -> None:
+                 breaker_config: CircuitBreakerConfig | None = None,
+                 loop_lag: LoopLag | None = None) -> None:
         self.session = session
+        self.loop_lag = loop_lag
         self.policy = policy
         self.index = index
         self.config = config
         self.telemetry = telemetry
         self.monitor = monitor
         self.request_id_header = request_id_header
-        # Waits are the router's own (router/waits.py); aiohttp only bounds the connect.
-        self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=config.connect_timeout)
+        # Waits are the router's own (router/waits.py); the connect's is a ConnectWatch.
         self.waits = Waits(config.unhealthy_grace)
         self.breakers = CircuitBreakers(breaker_config or CircuitBreakerConfig(),
                                         on_change=telemetry.set_breaker)
@@ -368,6 +435,25 @@ class Proxy:
         kind = "first_byte_timeout" if route.stream else "read_timeout"
         return self._fail(route, replica, kind, f"no answer within {seconds:g}s")
 
+    async def _connect(self, route: "RouteRequest", replica: Replica,
+                       number: int) -> aiohttp.ClientResponse:
+        """POST upstream, with the connect bounded by a `ConnectWatch` (below)."""
+        watch = ConnectWatch(self.config.connect_timeout, self.loop_lag)
+        try:
+            async with asyncio.timeout(None) as timeout:
+                watch.timeout = timeout
+                return await self.session.post(
+                    replica.url + route.path, data=route.body,
+                    headers=self._upstream_headers(route, replica, number),
+                    allow_redirects=False, trace_request_ctx=watch)
+        except TimeoutError:
+            if watch.expired:
+                raise aiohttp.ConnectionTimeoutError(
+                    f"no connection within {self.config.connect_timeout:g}s") from None
+            raise
+        finally:
+            watch.cancel()
+
     async def _attempt(self, request: web.Request, route: "RouteRequest", replica: Replica,
                        number: int, decision: Decision, record: RequestRecord) -> web.StreamResponse:
         cfg = self.config
@@ -389,10 +475,7 @@ class Proxy:
             try:
                 async with asyncio.timeout(wait.limit(first_limit)) as timeout:
                     wait.timeout = timeout
-                    resp = await self.session.post(
-                        replica.url + route.path, data=route.body,
-                        headers=self._upstream_headers(route, replica, number),
-                        timeout=self._timeout, allow_redirects=False)
+                    resp = await self._connect(route, replica, number)
                     if resp.status >= 500 or resp.status == 429:
                         try:
                             body = await resp.content.read(_ERROR_BODY_CAP)

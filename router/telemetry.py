@@ -110,6 +110,9 @@ class Telemetry:
             "spent.", ["model"], registry=r)
         self.connections = Gauge(
             "router_client_connections", "Client connections open now.", registry=r)
+        self.loop_lag = Gauge(
+            "router_event_loop_lag_seconds", "The longest stall of the router's event loop in "
+            "the last 10 s (timeouts during one do not count against replicas).", registry=r)
         self.connections_refused = Counter(
             "router_client_connections_refused", "Client connections closed at once for being "
             "over server.max_connections.", registry=r)

@@ -30,6 +30,9 @@ from engines.sim.tokenizer import Tokenizer
 log = logging.getLogger("engines.sim")
 
 
+UVICORN_BACKLOG = 2048
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m engines.sim", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -149,7 +152,10 @@ async def serve(args: argparse.Namespace) -> None:
                        kv_cfg, publisher)
     runner = web.AppRunner(server.build_app(), access_log=None, handler_cancellation=True)
     await runner.setup()
-    site = web.TCPSite(runner, args.host, args.port, reuse_address=True, shutdown_timeout=1.0)
+    # vLLM serves through uvicorn, whose listen backlog is 2048 (aiohttp's default is 128:
+    # a burst of new connections would see refusals real vLLM does not give).
+    site = web.TCPSite(runner, args.host, args.port, reuse_address=True, shutdown_timeout=1.0,
+                       backlog=UVICORN_BACKLOG)
     await site.start()
     if publisher is not None:
         publisher.start()

@@ -12,6 +12,7 @@ import asyncio
 import time
 
 import aiohttp
+import pytest
 
 from router.fleet import Health
 
@@ -250,3 +251,105 @@ async def test_slow_and_flapping_replicas_lose_no_request(make_sims, start_route
         stop.set()
         await flapper
     assert statuses == [200] * 48
+
+
+async def test_a_replica_that_never_accepts_the_connection_fails_over_in_connect_timeout(
+        fakes, start_router, make_routes, http, metric) -> None:
+    """A host that drops SYNs (its accept queue full) costs connect_timeout, then failover."""
+    import socket
+
+    blackhole = socket.socket()
+    blackhole.bind(("127.0.0.1", 0))
+    blackhole.listen(0)
+    host, port = blackhole.getsockname()
+    fillers = []
+    for _ in range(8):  # fill the accept queue; later SYNs are dropped
+        s = socket.socket()
+        s.setblocking(False)
+        try:
+            s.connect((host, port))
+        except BlockingIOError:
+            pass
+        fillers.append(s)
+    (good,) = await fakes(1)
+    dead_url = f"http://{host}:{port}"
+    try:
+        server = await start_router(make_routes(
+            [dead_url, good.url], proxy={"connect_timeout": 0.3, "max_attempts": 2},
+            health={"interval": 30, "timeout": 30}), wait_healthy=False)
+        for replica in server.router.fleet:
+            replica.health = Health.HEALTHY  # as if its probe had passed before it wedged
+        durations = []
+        for i in range(4):
+            started = time.monotonic()
+            async with http.post(server.url + "/v1/completions",
+                                 json={"model": "sim-a", "prompt": f"x {i}"}) as r:
+                assert r.status == 200, await r.text()
+            durations.append(time.monotonic() - started)
+        async with http.get(server.url + "/metrics") as r:
+            page = await r.text()
+        timeouts = metric(page, "router_upstream_errors_total", replica=dead_url,
+                          kind="connect_timeout")
+        assert timeouts and timeouts >= 1
+        # The ones that tried the dead replica first waited about connect_timeout, no more.
+        assert max(durations) < 2.0
+        assert max(durations) >= 0.25
+        # Alone, the dead replica gets a truthful answer: which wait ran out, and no URL.
+        solo = await start_router(make_routes(
+            [dead_url], proxy={"connect_timeout": 0.3, "max_attempts": 2},
+            health={"interval": 30, "timeout": 30}), wait_healthy=False)
+        for replica in solo.router.fleet:
+            replica.health = Health.HEALTHY
+        async with http.post(solo.url + "/v1/completions",
+                             json={"model": "sim-a", "prompt": "x"}) as r:
+            assert r.status == 504
+            message = (await r.json())["error"]["message"]
+        assert "did not accept the connection in time" in message, message
+        assert "No healthy replica" not in message and "127.0.0.1" not in message
+    finally:
+        for s in fillers:
+            s.close()
+        blackhole.close()
+
+
+async def test_a_probe_that_cannot_even_be_sent_neither_spins_nor_leaks(caplog) -> None:
+    """Regression: a backend URL with credentials plus an api_key made aiohttp raise a
+    ValueError in every probe; nobody caught it and the loop retried at 100% CPU, logging
+    megabytes a second and ignoring SIGTERM.  (The config refuses such URLs now; the
+    monitor must survive any probe error anyway.)"""
+    import logging
+
+    from router.config import HealthConfig, MetricsConfig
+    from router.fleet import Fleet, Replica
+    from router.monitor import Monitor
+
+    caplog.set_level(logging.DEBUG)
+    with pytest.raises(ValueError, match="credentials"):  # refused wherever a replica is made
+        Replica(url="http://user:hunter2secret@127.0.0.1:9", model="sim-a")
+    # A key aiohttp refuses to send (a newline): every probe raises ValueError before sending.
+    replica = Replica(url="http://127.0.0.1:9", model="sim-a",
+                      api_key="backend-key-0123456789\nX-Injected: 1")
+    fleet = Fleet([replica])
+    async with aiohttp.ClientSession() as session:
+        monitor = Monitor(fleet, session, HealthConfig(interval=0.1, timeout=0.5,
+                                                       failure_threshold=2),
+                          MetricsConfig(scrape_interval=0.1))
+        probes = 0
+        original = monitor.probe_health
+
+        async def counted(r):
+            nonlocal probes
+            probes += 1
+            return await original(r)
+
+        monitor.probe_health = counted  # type: ignore[method-assign]
+        await monitor.start()
+        await asyncio.sleep(1.0)
+        started = time.monotonic()
+        await monitor.stop()
+        assert time.monotonic() - started < 1.0, "the monitor stops promptly"
+    assert 3 <= probes <= 15, probes  # about one per interval, not a tight loop
+    assert replica.health is Health.UNHEALTHY
+    text = caplog.text
+    assert "hunter2secret" not in text and "backend-key-0123456789" not in text
+    assert len(caplog.records) <= 3 * probes + 5

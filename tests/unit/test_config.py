@@ -268,3 +268,29 @@ def test_front_door_defaults() -> None:
     assert cfg.server.header_timeout == 10 and cfg.proxy.first_byte_timeout == 60
     assert cfg.admission.enabled and cfg.circuit_breaker.failure_threshold == 5
     assert not cfg.cors.allow_origins
+
+
+def test_the_readme_configuration_reference_is_a_valid_config(tmp_path) -> None:
+    """Every key the README documents parses, with the values it shows."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme.split("### Configuration reference", 1)[1]
+    block = re.search(r"```yaml\n(.*?)```", section, re.S).group(1)
+    key_file = tmp_path / "batch_key"
+    key_file.write_text("sk-batch-0123456789\n")
+    (tmp_path / "engines.yaml").write_text("models: []\n")
+    text = block.replace("/run/secrets/batch_key", str(key_file))
+    path = tmp_path / "routes.yaml"
+    path.write_text(text)
+    env = {"TEAM_A_KEY": "sk-team-a-0123456789", "ROUTER_ADMIN_KEY": "admin-0123456789",
+           "LLAMA_KEY": "backend-0123456789"}
+    cfg = load_config(path, env=env)
+    assert cfg.auth.keys[0].name == "team-a" and cfg.auth.keys[0].key == env["TEAM_A_KEY"]
+    assert cfg.auth.keys[1].key == "sk-batch-0123456789"
+    assert cfg.auth.keys[0].rate_limit.tokens_per_min == 200000
+    assert cfg.cors.allow_origins == ("https://chat.example.com",)
+    assert cfg.admission.queue_size == 1024 and cfg.circuit_breaker.failure_threshold == 5
+    assert cfg.proxy.first_byte_timeout == 60 and cfg.server.header_timeout == 10
+    assert "/v1/embeddings" in cfg.server.forward_paths
