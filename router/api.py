@@ -7,6 +7,8 @@
     GET  /ready                         every configured model has a healthy replica
     GET  /metrics                       the router's own Prometheus metrics (router_*)
     GET  /admin/replicas                the fleet as the router sees it (JSON; admin only)
+    POST /admin/replicas, DELETE ...    register / remove a replica at run time (admin only)
+    POST /admin/reload                  re-read routes.yaml and apply it (admin only)
     OPTIONS *                           CORS preflight (router/cors.py)
 
 A forwarded request goes through, in order: the raw path check (400), the client key
@@ -38,9 +40,11 @@ from router.paths import raw_path_problem
 from router.proxy import CLIENT_CLOSED, Proxy, forwardable_request_headers
 from router.requests import BodyError, build_route_request, rewrite_model, validate_body
 from router.telemetry import NO_REPLICA, RequestRecord, Telemetry, write_access_log
+from router.validation import ConfigError
 
 if TYPE_CHECKING:
     from router.config import Config
+    from router.membership import Reloader
     from router.prefix.index import PrefixIndex
 
 INFERENCE_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
@@ -80,20 +84,33 @@ class Api:
             on_queue=lambda model, n: telemetry.queue_length.labels(model).set(n))
         self.bodies = bodies or BodyBudget(config.server.max_inflight_body_bytes,
                                            config.proxy.retry_after)
-        self.aliases = config.aliases()
-        # Per limited key, the names it may use: its list, with aliases resolved both ways.
-        self._access: dict[str, frozenset[str]] = {}
-        for key in config.auth.keys:
-            if key.models:
-                canon = {self.aliases.get(n, n) for n in key.models}
-                self._access[key.name] = frozenset(
-                    set(key.models) | canon | {a for a, m in self.aliases.items() if m in canon})
-        self.model_names = [m.name for m in config.models] or fleet.models()
+        self.reloader: "Reloader | None" = None  # set by the Router: reload and registration
+        self._derive(config)
         self.draining = False
         self.started = int(time.time())
         self._rid_header = config.server.request_id_header
         self._session_header = config.routing.session_header
         self._priority_header = config.admission.priority_header
+
+    def _derive(self, config: "Config") -> None:
+        """What the handlers precompute from the config (again after a reload)."""
+        self.config = config
+        self.aliases = config.aliases()
+        # Per limited key, the names it may use: its list, with aliases resolved both ways.
+        access: dict[str, frozenset[str]] = {}
+        for key in config.auth.keys:
+            if key.models:
+                canon = {self.aliases.get(n, n) for n in key.models}
+                access[key.name] = frozenset(
+                    set(key.models) | canon | {a for a, m in self.aliases.items() if m in canon})
+        self._access = access
+        self.model_names = [m.name for m in config.models] or self.fleet.models()
+
+    def apply_config(self, config: "Config") -> None:
+        """A reload: new models, aliases, keys; the server settings stay (router/membership.py)."""
+        if config.auth != self.config.auth:
+            self.keyring = KeyRing(config.auth, config.server.trusted_proxies)
+        self._derive(config)
 
     def routes(self) -> list[web.RouteDef]:
         post = [web.post(path, self.handle_inference, expect_handler=expect_continue)
@@ -106,6 +123,9 @@ class Api:
             web.get("/ready", self.handle_ready),
             web.get("/metrics", self.handle_metrics),
             web.get("/admin/replicas", self.handle_replicas),
+            web.post("/admin/replicas", self.handle_register),
+            web.delete("/admin/replicas", self.handle_deregister),
+            web.post("/admin/reload", self.handle_reload),
         ]
 
     @web.middleware
@@ -394,6 +414,51 @@ class Api:
         response = web.Response(body=body)
         response.headers["Content-Type"] = content_type
         return response
+
+    async def handle_reload(self, request: web.Request) -> web.Response:
+        """Re-read routes.yaml and apply it; 400 naming the file and key if it is invalid."""
+        self.keyring.check_admin(request.headers, request.remote)
+        assert self.reloader is not None
+        try:
+            summary = await self.reloader.reload()
+        except ConfigError as exc:
+            raise RouterError(400, f"Reload refused, nothing changed: {exc}") from None
+        return _json({"reloaded": True, **summary})
+
+    async def _admin_body(self, request: web.Request) -> Any:
+        self.keyring.check_admin(request.headers, request.remote)
+        lease = self.bodies.lease()
+        try:
+            raw = await read_body(request, 64 * 1024, timeout=self.config.server.body_timeout,
+                                  lease=lease)
+        finally:
+            lease.release()
+        try:
+            return orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            raise bad_request(f"Malformed JSON in the request body: {exc}") from None
+
+    async def handle_register(self, request: web.Request) -> web.Response:
+        """POST /admin/replicas {model, url, ...}: a new replica (traffic after its first probe)."""
+        body = await self._admin_body(request)
+        assert self.reloader is not None
+        try:
+            replica = self.reloader.register(body)
+        except ConfigError as exc:
+            raise bad_request(str(exc)) from None
+        return _json({"registered": {"model": replica.model, "url": replica.url,
+                                     "health": replica.health.value}}, status=201)
+
+    async def handle_deregister(self, request: web.Request) -> web.Response:
+        """DELETE /admin/replicas {url, model?}: no new requests; in-flight ones finish."""
+        body = await self._admin_body(request)
+        assert self.reloader is not None
+        try:
+            replica = self.reloader.deregister(body)
+        except ConfigError as exc:
+            raise RouterError(404 if "no replica" in str(exc) else 400, str(exc)) from None
+        return _json({"removed": {"model": replica.model, "url": replica.url,
+                                  "in_flight": replica.in_flight}})
 
     async def handle_replicas(self, request: web.Request) -> web.Response:
         self.keyring.check_admin(request.headers, request.remote)

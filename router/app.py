@@ -33,6 +33,7 @@ from router.cors import Cors
 from router.errors import error_middleware
 from router.fleet import EngineLoad, Fleet, Replica
 from router.loop_lag import LoopLag
+from router.membership import FleetWiring, Reloader, build_fleet
 from router.monitor import Monitor
 from router.policies import build_policy
 from router.prefix.index import DEFAULT_CAPACITY_BLOCKS, PrefixIndex
@@ -42,21 +43,6 @@ from router.telemetry import Telemetry, init_sentry
 log = logging.getLogger("router.app")
 
 ROUTER_KEY: web.AppKey["Router"] = web.AppKey("router", object)  # type: ignore[arg-type]
-
-
-def build_fleet(config: Config) -> Fleet:
-    fleet = Fleet()
-    for model in config.models:
-        for backend in model.backends:
-            fleet.add(Replica(
-                url=backend.url, model=model.name,
-                tensor_parallel_size=backend.tensor_parallel_size, weight=backend.weight,
-                labels=dict(backend.labels), api_key=backend.api_key,
-                kv_events_endpoint=backend.kv_events_endpoint,
-                kv_replay_endpoint=backend.kv_replay_endpoint,
-                kv_events_topic=backend.kv_events_topic,
-            ))
-    return fleet
 
 
 async def launch_engines(launch: LaunchConfig) -> tuple[Any, list[tuple[str, BackendConfig]]]:
@@ -125,18 +111,23 @@ class Router:
         self.app: web.Application | None = None
         self.engines: Any = None  # engines.launcher.RunningFleet when `launch:` started some
         self.connection_limits: ConnectionLimits | None = None  # set by serve()
+        self.launched: list[tuple[str, BackendConfig]] = []  # backends `launch:` started
+        self.reloader = Reloader(self)
+        self.fleet.listeners.append(FleetWiring(self))
 
     @classmethod
     async def create(cls, config: Config, *, registry: CollectorRegistry | None = None,
                      launch: bool = True) -> "Router":
         """Launch engines if asked, then build everything (inside a running event loop)."""
         engines = None
+        launched: list[tuple[str, BackendConfig]] = []
         if launch and config.launch is not None:
             engines, launched = await launch_engines(config.launch)
             config = merge_backends(config, launched)
         try:
             router = cls(config, registry=registry)
             router.engines = engines
+            router.launched = launched
             router._build()
         except BaseException:
             if engines is not None:
@@ -168,6 +159,7 @@ class Router:
                            breaker_config=cfg.circuit_breaker, loop_lag=self.loop_lag)
         self.api = Api(config=cfg, fleet=self.fleet, proxy=self.proxy, telemetry=self.telemetry,
                        index=self.index)
+        self.api.reloader = self.reloader
         app = web.Application(client_max_size=cfg.server.max_body_bytes,
                               middlewares=[self.api.request_id_middleware, error_middleware,
                                            self.api.path_guard, self.cors.middleware],
@@ -192,6 +184,21 @@ class Router:
             self.index.set_replica_capacity_tokens(replica.id, replica.kv_capacity_tokens)
         if self.api is not None:
             self.api.on_load(replica)
+
+    def apply_config(self, config: Config, *, rebuild_policy: bool) -> None:
+        """Make `config` the running one (router/membership.py decides what may change)."""
+        assert self.monitor is not None and self.proxy is not None and self.api is not None
+        if rebuild_policy:
+            policy = build_policy(config.routing.policy, config.routing.params_node())
+            adopt = getattr(policy, "adopt", None)
+            if adopt is not None and type(policy) is type(self.policy):
+                adopt(self.policy)  # what it learned about the replicas stays
+            self.policy = self.proxy.policy = policy
+            self.telemetry.set_info(policy.name)
+        self.monitor.health_cfg, self.monitor.metrics_cfg = config.health, config.metrics
+        self.proxy.apply_config(config.proxy, config.circuit_breaker)
+        self.api.apply_config(config)
+        self.config = config
 
     def _on_health(self, replica: Replica, old: object, new: object) -> None:
         if self.proxy is not None:

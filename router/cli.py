@@ -67,6 +67,20 @@ async def _serve(config: Config, host: str | None, port: int | None, launch: boo
     except BaseException:
         await router.close()
         raise
+    reloads: set[asyncio.Task[object]] = set()
+
+    async def reload() -> None:
+        try:
+            await router.reloader.reload()
+        except ConfigError:
+            pass  # logged by the reloader: the running config stays
+
+    def on_sighup() -> None:
+        task = loop.create_task(reload())
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, on_sighup)
     policy = router.policy.name
     log.info("router %s serving on %s (policy %s, %d replica(s) of %s)", __version__, server.url,
              policy, len(router.fleet), ", ".join(router.fleet.models()) or "no model")

@@ -531,6 +531,11 @@ def _circuit_breaker(node: Node) -> CircuitBreakerConfig:
     )
 
 
+def parse_backend(node: Node) -> BackendConfig:
+    """One `backends:` entry from outside a file (the admin API): no env or file secrets."""
+    return _backend(node, {}, None)
+
+
 def _backend(node: Node, env: Mapping[str, str], base_dir: Path | None = None) -> BackendConfig:
     if isinstance(node.value, str):  # shorthand: just the URL
         return BackendConfig(url=_url(node))

@@ -12,7 +12,7 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator, Mapping
+from typing import Iterable, Iterator, Mapping, Protocol
 from urllib.parse import urlsplit
 
 from router.breaker import Breaker
@@ -111,25 +111,52 @@ class Replica:
         return max(float(self.in_flight), self.load.running + self.load.waiting)
 
 
+class FleetListener(Protocol):
+    """Told of every membership change (monitor polling, prefix index, metric series...)."""
+
+    def replica_added(self, replica: Replica) -> None: ...
+
+    def replica_removed(self, replica: Replica) -> None: ...
+
+
 class Fleet:
     """All replicas, grouped by the configured model they serve.
 
-    The fleet is created once by the app from the config and passed explicitly to the
-    monitor, the proxy and the API handlers.
+    The fleet is created by the app from the config and passed explicitly to the monitor,
+    the proxy and the API handlers.  Membership changes only through `add` and `remove`
+    (from a reload or the admin API, router/membership.py), and every listener hears of
+    each one.  A removed replica keeps serving the requests it already has: they hold
+    the Replica object; it just is no longer a candidate for new ones.
     """
 
     def __init__(self, replicas: Iterable[Replica] = ()) -> None:
         self._by_model: dict[str, list[Replica]] = {}
+        self.listeners: list[FleetListener] = []
         for replica in replicas:
             self.add(replica)
 
     def add(self, replica: Replica) -> None:
+        if self.find(replica.model, replica.url) is not None:
+            raise ValueError(f"{replica.url} is already a replica of {replica.model}")
         self._by_model.setdefault(replica.model, []).append(replica)
+        for listener in self.listeners:
+            listener.replica_added(replica)
 
     def remove(self, replica: Replica) -> None:
         group = self._by_model.get(replica.model, [])
-        if replica in group:
-            group.remove(replica)
+        if replica not in group:
+            return
+        group.remove(replica)
+        if not group:
+            del self._by_model[replica.model]
+        for listener in self.listeners:
+            listener.replica_removed(replica)
+
+    def find(self, model: str, url: str) -> Replica | None:
+        for replica in self._by_model.get(model, ()):
+            if replica.url == url:
+                return replica
+        return None
 
     def __iter__(self) -> Iterator[Replica]:
         for group in self._by_model.values():

@@ -167,9 +167,11 @@ class Monitor:
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._wake: dict[str, asyncio.Event] = {}
         self._closing = False
+        self.started = False  # replicas added later are watched at once (router/membership.py)
 
     # -- lifecycle ----------------------------------------------------------------
     async def start(self) -> None:
+        self.started = True
         for replica in self.fleet:
             self.watch(replica)
 

@@ -247,6 +247,15 @@ class Proxy:
         self._idle = asyncio.Event()
         self._idle.set()
 
+    def apply_config(self, config: ProxyConfig, breakers: CircuitBreakerConfig) -> None:
+        """A reload's new timeouts, attempts and breaker settings, for the next attempts."""
+        if (config.retry_budget_ratio, config.retry_budget_min_per_s) != (
+                self.config.retry_budget_ratio, self.config.retry_budget_min_per_s):
+            self.retry_budget = RetryBudget(config.retry_budget_ratio, config.retry_budget_min_per_s)
+        self.waits.unhealthy_grace = config.unhealthy_grace
+        self.config = config
+        self.breakers.config = breakers
+
     # -- bookkeeping ------------------------------------------------------------------
     def begin(self, record: RequestRecord) -> int:
         key = next(self._ids)

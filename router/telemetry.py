@@ -133,6 +133,20 @@ class Telemetry:
         self.set_health(replica)
         self.set_breaker(replica.id, replica.breaker, "")
 
+    def forget_replica(self, replica_id: str) -> None:
+        """Remove every series labelled with a replica that left the fleet (bounded labels).
+
+        prometheus_client has no removal by one label, so the label tuples are read from
+        each metric's children (its `_metrics`, a private attribute)."""
+        for metric in self.registry._collector_to_names:  # type: ignore[attr-defined]
+            names = getattr(metric, "_labelnames", ())
+            if "replica" not in names:
+                continue
+            at = names.index("replica")
+            for labels in list(getattr(metric, "_metrics", {})):
+                if labels[at] == replica_id:
+                    metric.remove(*labels)
+
     def set_breaker(self, replica_id: str, breaker: Breaker, reason: str) -> None:
         for state in BreakerState:
             self.breaker_state.labels(replica_id, state.value).set(

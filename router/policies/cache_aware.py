@@ -250,6 +250,15 @@ class CacheAware:
         return Decision(ranked=ranked, why=why, matched_blocks=matched)
 
     # -- learning ---------------------------------------------------------------------
+    def adopt(self, old: "CacheAware") -> None:
+        """After a reload with new parameters: keep what `old` learned about the replicas."""
+        self._rates = dict(old._rates)
+        self._recent = old._recent
+
+    def forget_replica(self, replica_id: str) -> None:
+        """The replica left the fleet: its learned prefill rate goes too."""
+        self._rates.pop(replica_id, None)
+
     def observe(
         self,
         replica: "Replica",

@@ -1,0 +1,228 @@
+"""The live fleet: hot reload of routes.yaml and replicas registered through the admin API.
+
+Every membership change goes through `Fleet.add` / `Fleet.remove`, whose listeners (the
+`FleetWiring` below) start and stop the replica's polling, drop what the prefix index and
+the policy learned about a removed replica, and remove its metric series.  On top of that:
+
+* `Reloader.reload()` (SIGHUP, `POST /admin/reload`) reads the config file again.  An
+  invalid file changes nothing and says why.  A valid one is applied as a difference:
+  - backends: new ones join (as `unknown`: they get traffic after their first passing
+    probe), removed ones stop getting new requests while their in-flight requests finish,
+    and ones that stay keep their health, breaker, learned rate and prefix-index records;
+    changed `tensor_parallel_size`, `weight`, `labels`, `api_key` apply in place;
+  - `models` (names, aliases), `routing` (policy, params: a new policy of the same kind
+    keeps what the old one learned about the replicas that stay), `auth`, `health`,
+    `metrics`, `proxy` (all but `max_connections`) and `circuit_breaker` take effect;
+  - `server`, `cors`, `admission`, `prefix`, `launch` and `proxy.max_connections` need a
+    restart: a change there is reported (`restart_required`) and not applied.
+* `register()` / `deregister()` (`POST` / `DELETE /admin/replicas`) change membership at
+  run time, validated like a `backends:` entry.  Registered replicas survive reloads
+  (a reload manages the file's backends only) until they are deregistered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+from typing import TYPE_CHECKING, Any, Callable
+
+from router.config import BackendConfig, Config, ModelConfig, load_config, parse_backend
+from router.fleet import Fleet, Replica
+from router.validation import ConfigError, Node
+
+if TYPE_CHECKING:
+    from router.app import Router
+
+log = logging.getLogger("router.membership")
+
+# Sections a reload applies; the others need a restart.
+LIVE_SECTIONS = ("models", "routing", "auth", "health", "metrics", "proxy", "circuit_breaker")
+RESTART_SECTIONS = ("server", "cors", "admission", "prefix", "launch")
+_RETIRE_POLL_S = 0.5
+
+
+def replica_from(model: str, backend: BackendConfig) -> Replica:
+    return Replica(url=backend.url, model=model,
+                   tensor_parallel_size=backend.tensor_parallel_size, weight=backend.weight,
+                   labels=dict(backend.labels), api_key=backend.api_key,
+                   kv_events_endpoint=backend.kv_events_endpoint,
+                   kv_replay_endpoint=backend.kv_replay_endpoint,
+                   kv_events_topic=backend.kv_events_topic)
+
+
+def build_fleet(config: Config) -> Fleet:
+    fleet = Fleet()
+    for model in config.models:
+        for backend in model.backends:
+            fleet.add(replica_from(model.name, backend))
+    return fleet
+
+
+def _update_in_place(replica: Replica, backend: BackendConfig) -> bool:
+    """Apply a backend's changed settings to the replica that stays; True if any changed."""
+    new = {"tensor_parallel_size": backend.tensor_parallel_size, "weight": backend.weight,
+           "labels": dict(backend.labels), "api_key": backend.api_key}
+    changed = False
+    for name, value in new.items():
+        if getattr(replica, name) != value:
+            setattr(replica, name, value)
+            changed = True
+    return changed
+
+
+class FleetWiring:
+    """The fleet's listener: what joining and leaving mean for the router's other parts."""
+
+    def __init__(self, router: "Router") -> None:
+        self.router = router
+        self._stopping: set[asyncio.Task[None]] = set()
+
+    def replica_added(self, replica: Replica) -> None:
+        if self.router.monitor is not None and self.router.monitor.started:
+            self.router.monitor.watch(replica)
+
+    def replica_removed(self, replica: Replica) -> None:
+        router = self.router
+        router.index.remove_replica(replica.id)
+        forget = getattr(router.policy, "forget_replica", None)
+        if forget is not None:
+            forget(replica.id)
+        task = asyncio.get_running_loop().create_task(self._retire(replica))
+        self._stopping.add(task)  # kept until done (asyncio holds tasks weakly)
+        task.add_done_callback(self._stopping.discard)
+
+    async def _retire(self, replica: Replica) -> None:
+        """Stop polling it; once its last in-flight request ended, drop its metric series
+        (the requests it still serves count under it until then)."""
+        if self.router.monitor is not None:
+            await self.router.monitor.unwatch(replica)
+        while replica.in_flight > 0:
+            await asyncio.sleep(_RETIRE_POLL_S)
+        await asyncio.sleep(_RETIRE_POLL_S)  # the last request's metrics are written after it
+        if self.router.fleet.find(replica.model, replica.url) is None:  # not re-added since
+            self.router.telemetry.forget_replica(replica.id)
+
+
+def _section_changes(old: Config, new: Config) -> tuple[list[str], list[str]]:
+    live = [s for s in LIVE_SECTIONS if getattr(old, s) != getattr(new, s)]
+    restart = [s for s in RESTART_SECTIONS if getattr(old, s) != getattr(new, s)]
+    if old.proxy.max_connections != new.proxy.max_connections:
+        restart.append("proxy.max_connections")
+    return live, restart
+
+
+class Reloader:
+    """Applies a new Config to a running Router (see the module docstring)."""
+
+    def __init__(self, router: "Router", *, overrides: Callable[[Config], Config] | None = None) -> None:
+        self.router = router
+        self.overrides = overrides or (lambda config: config)  # e.g. the CLI's --port
+        self.registered: dict[tuple[str, str], Replica] = {}  # (model, url) from the admin API
+        self._lock = asyncio.Lock()
+
+    async def reload(self, path: str | None = None) -> dict[str, Any]:
+        """Re-read the config file; raises ConfigError (nothing changed) if it is invalid."""
+        router = self.router
+        path = path or router.config.file
+        if path is None:
+            raise ConfigError("this router was not started from a config file: nothing to reload")
+        async with self._lock:
+            try:
+                config = await asyncio.to_thread(load_config, path)
+                config = self.overrides(config)
+                from router.config import validate_policy_params
+
+                validate_policy_params(config)
+            except ConfigError as exc:
+                log.warning("reload of %s refused, nothing changed: %s", path, exc)
+                raise
+            return self._apply(config)
+
+    def _apply(self, config: Config) -> dict[str, Any]:
+        router = self.router
+        old = router.config
+        if router.launched:  # engines started by `launch:` stay what they were
+            from router.app import merge_backends
+
+            config = merge_backends(config, router.launched)
+        live, restart = _section_changes(old, config)
+        # Sections that need a restart keep their running values.
+        config = dataclasses.replace(
+            config, server=old.server, cors=old.cors, admission=old.admission,
+            prefix=old.prefix, launch=old.launch,
+            proxy=dataclasses.replace(config.proxy, max_connections=old.proxy.max_connections))
+        added, removed, updated = self._apply_backends(config)
+        policy_changed = (old.routing.policy, dict(old.routing.params)) != (
+            config.routing.policy, dict(config.routing.params))
+        router.apply_config(config, rebuild_policy=policy_changed)
+        summary = {"file": config.file, "applied": live, "restart_required": restart,
+                   "replicas_added": added, "replicas_removed": removed,
+                   "replicas_updated": updated, "policy": router.policy.name}
+        log.info("reloaded %s: %s", config.file, summary)
+        if restart:
+            log.warning("reload: changes to %s need a restart and were not applied",
+                        ", ".join(restart))
+        return summary
+
+    def _apply_backends(self, config: Config) -> tuple[list[str], list[str], list[str]]:
+        fleet = self.router.fleet
+        wanted = {(m.name, b.url): b for m in config.models for b in m.backends}
+        added, removed, updated = [], [], []
+        for replica in list(fleet):
+            key = (replica.model, replica.url)
+            if key in self.registered:
+                continue
+            backend = wanted.get(key)
+            if backend is None:
+                fleet.remove(replica)
+                removed.append(replica.id)
+            elif _update_in_place(replica, backend):
+                updated.append(replica.id)
+        for (model, url), backend in wanted.items():
+            if fleet.find(model, url) is None:
+                fleet.add(replica_from(model, backend))
+                added.append(url)
+        return added, removed, updated
+
+    # -- the admin API ---------------------------------------------------------------
+    def register(self, body: Any) -> Replica:
+        """Add a replica from a JSON body {model, url, tensor_parallel_size?, weight?, ...}."""
+        node = Node(body, "body", "POST /admin/replicas")
+        node.mapping(("model", "url", "tensor_parallel_size", "weight", "labels", "api_key"))
+        model = node.get("model").string()
+        if not model:
+            node.get("model").fail("expected a model name")
+        backend_doc = {k: v for k, v in body.items() if k != "model"}
+        backend = parse_backend(Node(backend_doc, "body", "POST /admin/replicas"))
+        fleet = self.router.fleet
+        if fleet.find(model, backend.url) is not None:
+            node.get("url").fail(f"{backend.url} is already a replica of {model}")
+        replica = replica_from(model, backend)
+        fleet.add(replica)
+        self.registered[(model, backend.url)] = replica
+        self._ensure_model(model)
+        log.info("replica %s of %s registered through the admin API", replica.id, model)
+        return replica
+
+    def deregister(self, body: Any) -> Replica:
+        node = Node(body, "body", "DELETE /admin/replicas")
+        node.mapping(("model", "url"))
+        url = node.get("url").string().rstrip("/")
+        model = node.get("model").string() if node.has("model") else None
+        matches = [r for r in self.router.fleet if r.url == url and model in (None, r.model)]
+        if not matches:
+            node.get("url").fail(f"no replica {url}" + (f" of {model}" if model else ""))
+        for replica in matches:
+            self.router.fleet.remove(replica)
+            self.registered.pop((replica.model, replica.url), None)
+            log.info("replica %s of %s removed through the admin API", replica.id, replica.model)
+        return matches[0]
+
+    def _ensure_model(self, model: str) -> None:
+        """A model first seen through registration becomes a model of the running config."""
+        config = self.router.config
+        if any(m.name == model for m in config.models):
+            return
+        self.router.apply_config(dataclasses.replace(
+            config, models=config.models + (ModelConfig(name=model),)), rebuild_policy=False)

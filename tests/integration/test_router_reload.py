@@ -1,0 +1,274 @@
+"""The live fleet: hot reload (POST /admin/reload, SIGHUP) and run-time registration.
+
+Each test runs real simulated replicas behind an in-process router started from a real
+routes.yaml file, and keeps traffic flowing while the fleet changes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from pathlib import Path
+
+import aiohttp
+import yaml
+
+from router.config import load_config
+from router.fleet import Health
+
+PROMPT = "You are a helpful assistant. Answer the question briefly, please. " * 3
+
+
+def write_routes(path: Path, make_routes, urls: list[str], **sections) -> Path:
+    path.write_text(yaml.safe_dump(make_routes(urls, **sections)))
+    return path
+
+
+class Load:
+    """Streams sent continuously (a few at a time) until stopped; every outcome kept."""
+
+    def __init__(self, url: str, *, concurrency: int = 6, max_tokens: int = 12) -> None:
+        self.url = url
+        self.concurrency = concurrency
+        self.max_tokens = max_tokens
+        self.outcomes: list[tuple[int, bool, str]] = []  # status, complete, error text
+        self._stop = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def _one(self, http: aiohttp.ClientSession, i: int) -> None:
+        body = {"model": "sim-a", "prompt": f"{PROMPT} {i}", "max_tokens": self.max_tokens,
+                "stream": True}
+        try:
+            async with http.post(self.url + "/v1/completions", json=body) as r:
+                raw = await r.read()
+                complete = raw.rstrip().endswith(b"data: [DONE]") and b'"error"' not in raw
+                self.outcomes.append((r.status, complete, "" if complete else raw[-300:].decode()))
+        except aiohttp.ClientError as exc:
+            self.outcomes.append((0, False, repr(exc)))
+
+    async def _worker(self, w: int) -> None:
+        async with aiohttp.ClientSession() as http:
+            i = 0
+            while not self._stop.is_set():
+                await self._one(http, w * 100_000 + i)
+                i += 1
+
+    def start(self) -> "Load":
+        self._tasks = [asyncio.create_task(self._worker(w)) for w in range(self.concurrency)]
+        return self
+
+    async def stop(self) -> list[tuple[int, bool, str]]:
+        self._stop.set()
+        await asyncio.gather(*self._tasks)
+        return self.outcomes
+
+
+async def test_reload_under_load_adds_removes_and_changes_policy_losing_nothing(
+        make_sims, start_router, make_routes, http, tmp_path, until, metric) -> None:
+    a, b, c = await make_sims(3, time_scale=10.0)
+    path = write_routes(tmp_path / "routes.yaml", make_routes, [a.url, b.url])
+    server = await start_router(load_config(path))
+    router = server.router
+    load = Load(server.url).start()
+    # A long stream on each replica, running across the reload.
+    long_body = {"model": "sim-a", "prompt": PROMPT, "max_tokens": 1500, "stream": True}
+    long_streams = [asyncio.create_task(http.post(server.url + "/v1/completions", json=long_body))
+                    for _ in range(2)]
+    await asyncio.sleep(0.8)
+    b_replica = router.fleet.find("sim-a", b.url)
+    assert b_replica is not None
+    blocks_before = router.index.replica_blocks(b.url)
+    assert blocks_before > 0
+    a_replica = router.fleet.find("sim-a", a.url)
+    assert a_replica is not None and a_replica.in_flight >= 1  # a stream runs on it
+
+    write_routes(path, make_routes, [b.url, c.url], policy="cache_aware",
+                 proxy={"max_attempts": 4}, health={"interval": 0.1, "failure_threshold": 3})
+    async with http.post(server.url + "/admin/reload") as r:
+        assert r.status == 200, await r.text()
+        summary = await r.json()
+    assert summary["replicas_added"] == [c.url] and summary["replicas_removed"] == [a.url]
+    assert summary["policy"] == "cache_aware" and summary["restart_required"] == []
+    assert set(summary["applied"]) >= {"models", "routing", "proxy", "health"}
+    # The replica that stays keeps its health, breaker and prefix-index records.
+    assert router.fleet.find("sim-a", b.url) is b_replica and b_replica.health is Health.HEALTHY
+    assert router.index.replica_blocks(b.url) >= blocks_before
+    assert router.proxy.config.max_attempts == 4 and router.policy.name == "cache_aware"
+    # The removed one is gone from the index and the metrics; the new one joins when healthy.
+    assert router.index.replica_blocks(a.url) == 0
+    await until(lambda: router.fleet.find("sim-a", c.url).health is Health.HEALTHY,
+                message="the new replica probed healthy")
+    await asyncio.sleep(1.0)
+    outcomes = await load.stop()
+    for task in long_streams:
+        resp = await task
+        raw = await resp.read()
+        assert resp.status == 200 and raw.rstrip().endswith(b"data: [DONE]") and b'"error"' not in raw
+    bad = [o for o in outcomes if o[0] != 200 or not o[1]]
+    assert not bad and len(outcomes) > 30, (len(outcomes), bad[:3])
+
+    async def metrics_page() -> str:
+        async with http.get(server.url + "/metrics") as r:
+            return await r.text()
+
+    # The removed replica's series go once its last request is done.
+    for _ in range(50):
+        page = await metrics_page()
+        if f'replica="{a.url}"' not in page:
+            break
+        await asyncio.sleep(0.1)
+    assert f'replica="{a.url}"' not in page
+    assert (metric(page, "router_policy_decisions_total", replica=c.url) or 0) > 0
+
+
+async def test_an_invalid_reload_changes_nothing_and_says_why(
+        make_sims, start_router, make_routes, http, tmp_path, caplog) -> None:
+    (a,) = await make_sims(1)
+    path = write_routes(tmp_path / "routes.yaml", make_routes, [a.url])
+    server = await start_router(load_config(path))
+    router = server.router
+    before = (router.config, list(router.fleet), router.policy)
+    doc = make_routes([a.url, "http://127.0.0.1:9"])
+    doc["routing"]["polcy"] = "random"
+    path.write_text(yaml.safe_dump(doc))
+    async with http.post(server.url + "/admin/reload") as r:
+        assert r.status == 400
+        message = (await r.json())["error"]["message"]
+    assert "nothing changed" in message and "routes.yaml" in message
+    assert "routing.polcy" in message and "did you mean 'policy'" in message
+    assert (router.config, list(router.fleet), router.policy) == before
+    assert "reload of" in caplog.text and "refused" in caplog.text
+    path.write_text("models: [unclosed")  # not even YAML
+    async with http.post(server.url + "/admin/reload") as r:
+        assert r.status == 400
+    assert list(router.fleet) == before[1]
+    async with http.post(server.url + "/v1/completions",
+                         json={"model": "sim-a", "prompt": "x", "max_tokens": 2}) as r:
+        assert r.status == 200
+
+
+async def test_admin_registration_under_load(make_sims, start_router, make_routes, http,
+                                             tmp_path, until) -> None:
+    a, b = await make_sims(2, time_scale=10.0)
+    admin = "admin-key-0123456789"
+    path = write_routes(tmp_path / "routes.yaml", make_routes, [a.url], auth={"admin_key": admin})
+    server = await start_router(load_config(path))
+    router = server.router
+    auth = {"Authorization": f"Bearer {admin}"}
+    url = server.url + "/admin/replicas"
+    async with http.post(url, json={"model": "sim-a", "url": b.url}) as r:
+        assert r.status == 401
+    load = Load(server.url).start()
+    await asyncio.sleep(0.3)
+    async with http.post(url, json={"model": "sim-a", "url": b.url, "weight": 2}, headers=auth) as r:
+        assert r.status == 201, await r.text()
+        assert (await r.json())["registered"]["health"] == "unknown"
+    async with http.post(url, json={"model": "sim-a", "url": b.url}, headers=auth) as r:
+        assert r.status == 400 and "already a replica" in (await r.json())["error"]["message"]
+    async with http.post(url, json={"model": "sim-a", "url": "ftp://x", "wieght": 1},
+                         headers=auth) as r:
+        assert r.status == 400
+        assert "body" in (await r.json())["error"]["message"]
+    await until(lambda: router.fleet.find("sim-a", b.url).health is Health.HEALTHY,
+                message="the registered replica probed healthy")
+    await asyncio.sleep(0.8)
+    registered = router.fleet.find("sim-a", b.url)
+    assert registered is not None and registered.weight == 2
+    # A reload of the file (which does not list it) keeps the registered replica.
+    async with http.post(server.url + "/admin/reload", headers=auth) as r:
+        assert r.status == 200 and (await r.json())["replicas_removed"] == []
+    async with http.request("DELETE", url, json={"url": a.url}, headers=auth) as r:
+        assert r.status == 200, await r.text()
+    async with http.request("DELETE", url, json={"url": a.url}, headers=auth) as r:
+        assert r.status == 404
+    await asyncio.sleep(0.8)
+    outcomes = await load.stop()
+    bad = [o for o in outcomes if o[0] != 200 or not o[1]]
+    assert not bad and len(outcomes) > 20, (len(outcomes), bad[:3])
+    assert [r.url for r in router.fleet] == [b.url]
+    async with http.get(url, headers=auth) as r:
+        listed = await r.json()
+    assert [rep["url"] for rep in listed["replicas"]] == [b.url]
+
+
+async def test_sighup_reloads_the_file(make_sims, make_routes, unused_port, tmp_path, http,
+                                       until) -> None:
+    """SIGHUP on a real `router` process re-reads its file."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    root = Path(__file__).resolve().parents[2]
+    a, b = await make_sims(2)
+    path = write_routes(tmp_path / "routes.yaml", make_routes, [a.url],
+                        server={"port": unused_port, "log_format": "text"})
+    log_path = tmp_path / "router.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "router", "--config", str(path)],
+                                stdout=log, stderr=subprocess.STDOUT, cwd=root,
+                                env={**os.environ, "PYTHONPATH": str(root)})
+    base = f"http://127.0.0.1:{unused_port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            assert proc.poll() is None, log_path.read_text()
+            try:
+                async with http.get(base + "/ready") as r:
+                    if r.status == 200:
+                        break
+            except aiohttp.ClientError:
+                pass
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.1)
+        write_routes(path, make_routes, [a.url, b.url],
+                     server={"port": unused_port, "log_format": "text"})
+        proc.send_signal(signal.SIGHUP)
+
+        async def urls() -> list[str]:
+            async with http.get(base + "/admin/replicas") as r:
+                return [rep["url"] for rep in (await r.json())["replicas"]]
+
+        deadline = time.monotonic() + 10
+        while await urls() != [a.url, b.url]:
+            assert time.monotonic() < deadline, log_path.read_text()
+            await asyncio.sleep(0.1)
+        path.write_text("models: [unclosed")
+        proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while "refused, nothing changed" not in log_path.read_text():
+            assert time.monotonic() < deadline, log_path.read_text()
+            await asyncio.sleep(0.1)
+        assert await urls() == [a.url, b.url] and proc.poll() is None
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    assert "Traceback" not in log_path.read_text()
+
+
+async def test_a_reload_keeps_what_the_policy_learned_about_replicas_that_stay(
+        make_sims, start_router, make_routes, http, tmp_path) -> None:
+    a, b = await make_sims(2)
+    path = write_routes(tmp_path / "routes.yaml", make_routes, [a.url, b.url], policy="cache_aware")
+    server = await start_router(load_config(path))
+    router = server.router
+    for i in range(8):  # long, unique, streamed prompts teach prefill rates
+        async with http.post(server.url + "/v1/completions", json={
+                "model": "sim-a", "prompt": f"{i} " + "fresh words every time " * 120,
+                "max_tokens": 2, "stream": True}) as r:
+            assert r.status == 200
+            await r.read()
+    old_policy = router.policy
+    learned = dict(old_policy._rates)
+    assert learned, "the policy learned no rate"
+    stays = next(iter(learned))  # a replica the policy learned about stays, the other goes
+    goes = b.url if stays == a.url else a.url
+    doc = make_routes([stays], policy="cache_aware")
+    doc["routing"]["params"] = {"load_factor": 1.5}
+    path.write_text(yaml.safe_dump(doc))
+    async with http.post(server.url + "/admin/reload") as r:
+        assert r.status == 200
+    assert router.policy is not old_policy and router.policy.load_factor == 1.5
+    kept = router.policy._rates
+    assert kept[stays] == learned[stays]
+    assert goes not in kept
