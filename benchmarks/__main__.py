@@ -12,12 +12,13 @@ import dataclasses
 import resource
 import signal
 import sys
+from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Any, Callable, Coroutine, TypeVar
+from typing import Any, TypeVar
 
 from benchmarks.procs import Processes
 from benchmarks.scenario import ConfigError, load_scenario, parse_target
-from router.validation import Node
+from yamlcheck import Node
 
 
 def _raise_fd_limit() -> None:

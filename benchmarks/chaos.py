@@ -31,12 +31,12 @@ import asyncio
 import contextlib
 import json
 import random
-import socket
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 import aiohttp
 import psutil
@@ -396,7 +396,7 @@ async def slowloris_run(settings: Settings, procs: Processes) -> dict[str, Any]:
                         await writer.drain()
                         try:
                             data = await asyncio.wait_for(reader.read(200), 2.0)
-                        except asyncio.TimeoutError:
+                        except TimeoutError:
                             continue
                         status = data.split(b" ", 2)[1].decode() if data.startswith(b"HTTP/") else "closed"
                         answers[status] = answers.get(status, 0) + 1
@@ -432,8 +432,8 @@ async def slowloris_run(settings: Settings, procs: Processes) -> dict[str, Any]:
             await asyncio.gather(*tasks, *lorises)
     finally:
         await stop_rig(rig, procs)
-    before = [l for t, l, _ in latencies if t < lead_s]
-    during = [l for t, l, _ in latencies if t >= lead_s]
+    before = [took for t, took, _ in latencies if t < lead_s]
+    during = [took for t, took, _ in latencies if t >= lead_s]
     return {"connections": settings.slowloris, "opened": opened, "refused_at_connect": refused,
             "answers": answers, "lead_s": lead_s,
             "held_peak": max((h for _, h, _ in series), default=0),

@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import aiohttp
 
@@ -80,7 +81,7 @@ def fleet_counters(before: list[dict[str, float]], after: list[dict[str, float]]
 
 
 class _PortTaken(RuntimeError):
-    def __init__(self, replica: "Replica", message: str) -> None:
+    def __init__(self, replica: Replica, message: str) -> None:
         super().__init__(message)
         self.replica = replica
 
@@ -176,7 +177,7 @@ class Fleet:
                     async with http.get(replica.url + "/health", timeout=aiohttp.ClientTimeout(total=2)) as r:
                         if r.status == 200:
                             break
-                except (aiohttp.ClientError, asyncio.TimeoutError):
+                except (TimeoutError, aiohttp.ClientError):
                     pass
                 if loop.time() > deadline:
                     tail = replica.proc.log_tail() if replica.proc else ""
@@ -197,7 +198,7 @@ class Fleet:
                         if r.status == 200:
                             how.add(path)
                             break
-                except (aiohttp.ClientError, asyncio.TimeoutError):
+                except (TimeoutError, aiohttp.ClientError):
                     continue
             else:
                 raise RuntimeError(f"replica {replica.url} offers no cache reset "

@@ -22,8 +22,9 @@ import asyncio
 import heapq
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import aiohttp
 import orjson
@@ -87,7 +88,7 @@ class _Ready:
                 changed = self._changed
                 try:
                     await asyncio.wait_for(changed.wait(), wait)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     pass
                 continue
             heapq.heappop(self._heap)
@@ -179,7 +180,7 @@ async def send(http: aiohttp.ClientSession, url: str, body: dict[str, Any], head
                 record["error"] = "truncated: stream ended without [DONE]"
             if not record["output_tokens"]:
                 record["output_tokens"] = chunks
-    except asyncio.TimeoutError:
+    except TimeoutError:
         record["error"] = f"timeout after {timeout_s:g}s"
     except aiohttp.ClientError as exc:
         record["error"] = f"client: {type(exc).__name__}: {str(exc)[:160]}"
@@ -303,5 +304,5 @@ async def _next_before(ready: _Ready, deadline: float) -> tuple[int, int] | None
         return None
     try:
         return await asyncio.wait_for(ready.next(), remaining)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         return None

@@ -24,8 +24,8 @@ limit: the reuse that exists in the workload at all.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Sequence
 
 
 @dataclass(frozen=True, slots=True)

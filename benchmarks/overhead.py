@@ -262,9 +262,10 @@ def write_overhead_report(out: Path, meta: dict[str, Any]) -> Path:
     streams = [t for t in targets if (t, "streams", None) in agg]
     if streams:
         lines += ["", f"## Added inter-token latency with {s.get('streams')} concurrent streams "
-                  f"({s.get('stream_tokens')} tokens each, started over {s.get('stream_ramp_s')} s; every simulator step "
-                  f"lasts at least {s.get('stream_step_s')} s)", "",
-                  "| target | ITL p50 ms | ITL p99 ms | added ITL p50 | added ITL p99 | TTFT p99 ms | errors | router core use |",
+                  f"({s.get('stream_tokens')} tokens each, started over {s.get('stream_ramp_s')} s; "
+                  f"every simulator step lasts at least {s.get('stream_step_s')} s)", "",
+                  "| target | ITL p50 ms | ITL p99 ms | added ITL p50 | added ITL p99 | TTFT p99 ms | errors "
+                  "| router core use |",
                   "|---|---|---|---|---|---|---|---|"]
         for t in streams:
             row = agg[(t, "streams", None)]

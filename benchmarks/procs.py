@@ -16,13 +16,15 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Sequence
+from typing import IO
 
 import psutil
 
 from engines.children import die_with_parent
+
 
 @dataclass(eq=False)
 class Proc:
@@ -52,7 +54,7 @@ class Processes:
     def __init__(self) -> None:
         self._procs: list[Proc] = []
 
-    def __enter__(self) -> "Processes":
+    def __enter__(self) -> Processes:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from benchmarks.fleet import Fleet, Replica
 
 
-async def start_real_fleet(fleet: "Fleet", http: aiohttp.ClientSession) -> list["Replica"]:
+async def start_real_fleet(fleet: Fleet, http: aiohttp.ClientSession) -> list[Replica]:
     from benchmarks.fleet import Replica
     from engines.launcher import load_config, plan
 

@@ -12,8 +12,9 @@ from __future__ import annotations
 import json
 import re
 from collections import defaultdict
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 from benchmarks.scenario import TARGET_KINDS
 from benchmarks.stats import median
@@ -156,8 +157,9 @@ def routing_tables(agg: dict[tuple[str, float | None], Row]) -> str:
         orc = next(iter(rows.values()))["oracle"]
         lines.append("")
         lines.append(f"Oracle hit rate (one cache of the fleet's {orc['capacity_blocks']:.0f} blocks x "
-                     f"{orc['block_size']:.0f} tokens): {_pct(median(r['oracle']['hit_rate'] for r in rows.values()))}; "
-                     f"with unbounded capacity: {_pct(median(r['oracle']['hit_rate_unbounded'] for r in rows.values()))}.")
+                     f"{orc['block_size']:.0f} tokens): "
+                     f"{_pct(median(r['oracle']['hit_rate'] for r in rows.values()))}; with unbounded "
+                     f"capacity: {_pct(median(r['oracle']['hit_rate_unbounded'] for r in rows.values()))}.")
         lines.append("")
         lines.append(ratio_table(rows, names))
         if any(r.get("repeats", 1) > 1 for r in rows.values()):
@@ -191,7 +193,7 @@ def ratio_table(rows: dict[str, Row], names: list[str]) -> str:
             if not ref or ref == [name]:
                 continue
             cells = []
-            for title, get, _fmt, higher in cols:
+            for _title, get, _fmt, higher in cols:
                 mine, best = get(rows[name]), _best(rows, ref, get, higher)
                 cells.append("–" if mine is None or not best else f"{mine / best:.2f}")
             lines.append("| " + " | ".join([f"`{name}`", ref_name] + cells) + " |")
@@ -365,7 +367,8 @@ def write_report(out: Path) -> Path:
     if plotted:
         text += ["![TTFT](ttft.png)", "", "![hit rate as a fraction of the oracle](hit_rate.png)", ""]
     else:
-        text += ["(No plots: matplotlib is missing; `pip install -e '.[bench]'` and run `python -m benchmarks report`.)", ""]
+        text += ["(No plots: matplotlib is missing; `pip install -e '.[bench]'` and run "
+                 "`python -m benchmarks report`.)", ""]
     text += provenance(meta)
     path = out / "results.md"
     path.write_text("\n".join(text))

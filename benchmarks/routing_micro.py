@@ -38,7 +38,7 @@ from router.policies import build_policy
 from router.prefix.hashing import prefix_hashes
 from router.prefix.index import DEFAULT_CAPACITY_BLOCKS, PrefixIndex
 from router.requests import RouteRequest
-from router.validation import Node
+from yamlcheck import Node
 
 MODEL = "meta-llama/Llama-3.1-8B-Instruct"
 TARGET_US = 100.0  # per decision at 64 replicas and 32k characters
@@ -187,13 +187,15 @@ def markdown(result: dict) -> str:
         "",
         f"Target: <= {TARGET_US:.0f} us per decision at 64 replicas and 32k characters.",
         "",
-        "| policy | prompt chars | blocks | replicas | decision us (p90) | wall us | hash us | match us | rank us (incl. match) |",
+        "| policy | prompt chars | blocks | replicas | decision us (p90) | wall us | hash us | match us "
+        "| rank us (incl. match) |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in result["decisions"]:
         lines.append(
             f"| {row['policy']} | {row['prompt_chars']:,} | {row['blocks']} | {row['replicas']} | "
-            f"{row['decision_us_median']} ({row['decision_us_p90']}) | {row['wall_us_median']} | {row['hash_us_median']} | "
+            f"{row['decision_us_median']} ({row['decision_us_p90']}) | {row['wall_us_median']} | "
+            f"{row['hash_us_median']} | "
             f"{row['match_us_median']} | {row['rank_us_median']} |")
     lines += ["", "## Decision time against the number of stored blocks (cache_aware, 64 replicas, 32k characters)",
               "", "| stored blocks | decision us (p90) | match us |", "|---:|---:|---:|"]
@@ -225,8 +227,10 @@ def main(argv: list[str] | None = None) -> int:
     repeats = args.repeats or (30 if args.quick else 300)
     background = 20_000 if args.quick else 200_000
     result: dict = {
-        "command": "python -m benchmarks.routing_micro" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip(),
-        "machine": machine(), "loadavg": " ".join(f"{x:.2f}" for x in os.getloadavg()), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "repeats": repeats,
+        "command": "python -m benchmarks.routing_micro"
+                   + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip(),
+        "machine": machine(), "loadavg": " ".join(f"{x:.2f}" for x in os.getloadavg()),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "repeats": repeats,
         "background_blocks": background, "target_us": TARGET_US, "decisions": [], "vs_stored": [], "memory": [],
     }
     for chars in PROMPT_CHARS:

@@ -131,7 +131,7 @@ async def _sample(sampler, stop: asyncio.Event) -> None:
         sampler.sample()
         try:
             await asyncio.wait_for(stop.wait(), 0.25)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pass
 
 

@@ -1,6 +1,6 @@
 """Scenario files: what to run, on which fleet, through which targets, and where to write.
 
-A scenario is YAML validated with `router.validation.Node`, so every mistake names the
+A scenario is YAML validated with `yamlcheck.Node`, so every mistake names the
 file, the key path, what was found and what was expected (unknown keys get a "did you
 mean").  See benchmarks/README.md for the full schema with an example per workload.
 """
@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from router.validation import ConfigError, Node, describe, load_yaml
+from yamlcheck import ConfigError, Node, describe, load_yaml
 
 WORKLOAD_KINDS = ("multi_turn", "shared_prefix", "agentic", "no_reuse")
 ARRIVAL_KINDS = ("poisson", "sweep", "closed")
@@ -379,7 +379,8 @@ def _overhead(node: Node) -> OverheadSpec:
         prompt_tokens=node.get("prompt_tokens", d.prompt_tokens).integer(minimum=1),
         output_tokens=node.get("output_tokens", d.output_tokens).integer(minimum=1),
         saturation_concurrency=node.get("saturation_concurrency", d.saturation_concurrency).integer(minimum=1),
-        saturation_duration_s=node.get("saturation_duration_s", d.saturation_duration_s).number(minimum=0, exclusive_minimum=True),
+        saturation_duration_s=node.get("saturation_duration_s", d.saturation_duration_s).number(
+            minimum=0, exclusive_minimum=True),
         streams=node.get("streams", d.streams).integer(minimum=0),
         stream_tokens=node.get("stream_tokens", d.stream_tokens).integer(minimum=1),
         stream_step_s=node.get("stream_step_s", d.stream_step_s).number(minimum=0, exclusive_minimum=True),

@@ -148,7 +148,7 @@ async def wait_routes(target: RunningTarget, model: str, http: aiohttp.ClientSes
                     await asyncio.sleep(1.0 if target.proc is not None else 0)  # let health checks settle
                     return
                 last = f"HTTP {r.status}: {(await r.text())[:200]}"
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, aiohttp.ClientError) as exc:
             last = f"{type(exc).__name__}"
         await asyncio.sleep(0.25)
     tail = target.proc.log_tail() if target.proc else ""

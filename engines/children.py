@@ -12,7 +12,7 @@ from __future__ import annotations
 import ctypes
 import signal
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 _PR_SET_PDEATHSIG = 1
 

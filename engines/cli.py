@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from router.validation import ConfigError
+from yamlcheck import ConfigError
 
 DEFAULT_CONFIG = "config/engines.yaml"
 

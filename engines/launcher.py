@@ -27,9 +27,9 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
 
 from engines.vllm.registry import (  # re-exported: the launcher's public interface
     EnginesConfig,

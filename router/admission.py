@@ -34,7 +34,7 @@ import asyncio
 import math
 import time
 from collections import OrderedDict, deque
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from router.auth import Client
 from router.config import AdmissionConfig, RateLimitConfig
@@ -139,7 +139,7 @@ class RateLimitExceeded(Exception):
 class _Waiter:
     __slots__ = ("future", "identity", "priority")
 
-    def __init__(self, future: "asyncio.Future[None]", identity: str, priority: int) -> None:
+    def __init__(self, future: asyncio.Future[None], identity: str, priority: int) -> None:
         self.future = future
         self.identity = identity
         self.priority = priority

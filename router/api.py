@@ -40,7 +40,7 @@ from router.paths import raw_path_problem
 from router.proxy import CLIENT_CLOSED, Proxy, forwardable_request_headers
 from router.requests import BodyError, build_route_request, rewrite_model, validate_body
 from router.telemetry import NO_REPLICA, RequestRecord, Telemetry, write_access_log
-from router.validation import ConfigError
+from yamlcheck import ConfigError
 
 if TYPE_CHECKING:
     from router.config import Config
@@ -70,8 +70,8 @@ async def expect_continue(request: web.Request) -> web.StreamResponse | None:
 class Api:
     """The handlers, bound to the objects the app created."""
 
-    def __init__(self, *, config: "Config", fleet: Fleet, proxy: Proxy, telemetry: Telemetry,
-                 index: "PrefixIndex | None" = None, keyring: KeyRing | None = None,
+    def __init__(self, *, config: Config, fleet: Fleet, proxy: Proxy, telemetry: Telemetry,
+                 index: PrefixIndex | None = None, keyring: KeyRing | None = None,
                  admission: Admission | None = None, bodies: BodyBudget | None = None) -> None:
         self.config = config
         self.fleet = fleet
@@ -84,7 +84,7 @@ class Api:
             on_queue=lambda model, n: telemetry.queue_length.labels(model).set(n))
         self.bodies = bodies or BodyBudget(config.server.max_inflight_body_bytes,
                                            config.proxy.retry_after)
-        self.reloader: "Reloader | None" = None  # set by the Router: reload and registration
+        self.reloader: Reloader | None = None  # set by the Router: reload and registration
         self._derive(config)
         self.draining = False
         self.started = int(time.time())
@@ -92,7 +92,7 @@ class Api:
         self._session_header = config.routing.session_header
         self._priority_header = config.admission.priority_header
 
-    def _derive(self, config: "Config") -> None:
+    def _derive(self, config: Config) -> None:
         """What the handlers precompute from the config (again after a reload)."""
         self.config = config
         self.aliases = config.aliases()
@@ -106,7 +106,7 @@ class Api:
         self._access = access
         self.model_names = [m.name for m in config.models] or self.fleet.models()
 
-    def apply_config(self, config: "Config") -> None:
+    def apply_config(self, config: Config) -> None:
         """A reload: new models, aliases, keys; the server settings stay (router/membership.py)."""
         if config.auth != self.config.auth:
             self.keyring = KeyRing(config.auth, config.server.trusted_proxies)
@@ -242,7 +242,9 @@ class Api:
 
     async def _route(self, request: web.Request, record: RequestRecord,
                      lease: BodyLease) -> web.StreamResponse:
-        path = request.match_info.route.resource.canonical  # the allowlist's own string
+        resource = request.match_info.route.resource
+        assert resource is not None  # only routed paths reach this handler
+        path = resource.canonical  # the allowlist's own string
         if self.draining:
             raise RouterError(503, "The router is shutting down", headers={
                 "Retry-After": str(self.config.proxy.retry_after), "Connection": "close"})

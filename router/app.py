@@ -27,11 +27,10 @@ from prometheus_client import CollectorRegistry
 
 from router.api import Api
 from router.config import BackendConfig, Config, LaunchConfig, ModelConfig
-from router.connections import (ConnectionLimits, FrontDoorRunner, default_connection_cap,
-                                raise_fd_limit)
+from router.connections import ConnectionLimits, FrontDoorRunner, default_connection_cap, raise_fd_limit
 from router.cors import Cors
 from router.errors import error_middleware
-from router.fleet import EngineLoad, Fleet, Replica
+from router.fleet import EngineLoad, Replica
 from router.loop_lag import LoopLag
 from router.membership import FleetWiring, Reloader, build_fleet
 from router.monitor import Monitor
@@ -42,7 +41,21 @@ from router.telemetry import Telemetry, init_sentry
 
 log = logging.getLogger("router.app")
 
-ROUTER_KEY: web.AppKey["Router"] = web.AppKey("router", object)  # type: ignore[arg-type]
+ROUTER_KEY: web.AppKey[Router] = web.AppKey("router", object)  # type: ignore[arg-type]
+
+
+def launch_plan(launch: LaunchConfig) -> tuple[Any, Any]:
+    """The `launch:` block resolved: (the engines config, the replicas it would start).
+
+    Validates the engines file (or the inline `models:`) and `only:`; `router check-config`
+    calls it without starting anything."""
+    from engines import launcher
+
+    if launch.config is not None:
+        engines_config = launcher.load_config(launch.config)
+    else:
+        engines_config = launcher.parse_config(dict(launch.inline or {}), launch.file)
+    return engines_config, launcher.plan(engines_config, only=launch.only or None)
 
 
 async def launch_engines(launch: LaunchConfig) -> tuple[Any, list[tuple[str, BackendConfig]]]:
@@ -52,11 +65,7 @@ async def launch_engines(launch: LaunchConfig) -> tuple[Any, list[tuple[str, Bac
     """
     from engines import launcher
 
-    if launch.config is not None:
-        engines_config = launcher.load_config(launch.config)
-    else:
-        engines_config = launcher.parse_config(dict(launch.inline or {}), launch.file)
-    plans = launcher.plan(engines_config, only=launch.only or None)
+    engines_config, plans = launch_plan(launch)
     runner = launcher.Launcher(state_dir=engines_config.state_dir)
     running = await asyncio.to_thread(runner.start, plans)
     try:
@@ -117,7 +126,7 @@ class Router:
 
     @classmethod
     async def create(cls, config: Config, *, registry: CollectorRegistry | None = None,
-                     launch: bool = True) -> "Router":
+                     launch: bool = True) -> Router:
         """Launch engines if asked, then build everything (inside a running event loop)."""
         engines = None
         launched: list[tuple[str, BackendConfig]] = []

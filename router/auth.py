@@ -30,8 +30,8 @@ from __future__ import annotations
 import hashlib
 import hmac
 import ipaddress
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Iterable, Mapping
 
 from router.config import AuthConfig, ClientKeyConfig
 from router.errors import RouterError
@@ -125,8 +125,9 @@ class KeyRing:
         """The client's address: the peer, or X-Forwarded-For through trusted proxies."""
         if not self.trusted_proxies or not self._trusted(peer):
             return peer
-        forwarded = ",".join(headers.getall("X-Forwarded-For", [])  # type: ignore[attr-defined]
-                             if hasattr(headers, "getall") else [headers.get("X-Forwarded-For", "")])
+        getall = getattr(headers, "getall", None)
+        forwarded = ",".join(getall("X-Forwarded-For", []) if getall is not None
+                             else [headers.get("X-Forwarded-For", "")])
         hops = [h.strip() for h in forwarded.split(",") if h.strip()]
         for hop in reversed(hops):
             if _ip(hop) is None:

@@ -29,8 +29,8 @@ from __future__ import annotations
 import enum
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from router.config import CircuitBreakerConfig
 
@@ -118,7 +118,7 @@ class CircuitBreakers:
 
     def _ejection_time(self, breaker: Breaker) -> float:
         cfg = self.config
-        return min(cfg.max_ejection_time, cfg.ejection_time * (2 ** min(breaker.ejections, 30)))
+        return min(cfg.max_ejection_time, cfg.ejection_time * float(2 ** min(breaker.ejections, 30)))
 
     def _open(self, replica_id: str, breaker: Breaker, seconds: float, reason: str) -> None:
         breaker.open_until = max(breaker.open_until, self._clock() + seconds)

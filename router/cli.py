@@ -15,11 +15,12 @@ import asyncio
 import logging
 import signal
 import sys
-from typing import Sequence
+from collections.abc import Coroutine, Sequence
+from typing import Any
 
 from router import __version__
 from router.config import DEFAULT_CONFIG_PATH, Config, load_config, validate_policy_params
-from router.validation import ConfigError
+from yamlcheck import ConfigError
 
 log = logging.getLogger("router.cli")
 EXIT_CONFIG = 2
@@ -29,15 +30,9 @@ def _check(path: str) -> Config:
     config = load_config(path)
     validate_policy_params(config)
     if config.launch is not None:
-        from engines import launcher
+        from router.app import launch_plan
 
-        if config.launch.config is not None:
-            engines_config = launcher.load_config(config.launch.config)
-        else:
-            engines_config = launcher.parse_config(dict(config.launch.inline or {}),
-                                                   config.launch.file)
-        if config.launch.only:
-            launcher.plan(engines_config, only=config.launch.only)
+        launch_plan(config.launch)
     return config
 
 
@@ -92,12 +87,13 @@ async def _serve(config: Config, host: str | None, port: int | None, launch: boo
     return 0
 
 
-def _run(coro) -> int:  # type: ignore[no-untyped-def]
+def _run(coro: Coroutine[Any, Any, int]) -> int:
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a core dependency off Windows
         return asyncio.run(coro)
-    return uvloop.run(coro)
+    result: int = uvloop.run(coro)
+    return result
 
 
 def build_parser() -> argparse.ArgumentParser:

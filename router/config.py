@@ -23,7 +23,7 @@
     launch:   {config: engines.yaml, only: [..], ...}   (optional: local engines to start)
 
 Every error names the file, the key path (``models[0].backends[1].url``), what was found
-and what was expected; unknown keys get a "did you mean" hint (router.validation).  The
+and what was expected; unknown keys get a "did you mean" hint (yamlcheck).  The
 whole file is read with ``yaml.safe_load``; nothing in it is executed.
 
 Secrets (client keys, the admin key, backend API keys) come from the file itself, an
@@ -35,15 +35,16 @@ from __future__ import annotations
 
 import ipaddress
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Mapping
+from typing import Any
 from urllib.parse import urlsplit
 
 from router.paths import DEFAULT_FORWARD_PATHS, forward_path_problem
 from router.policies import DEFAULT_POLICY, POLICY_NAMES
-from router.validation import ConfigError, Node, describe, load_yaml
+from yamlcheck import ConfigError, Node, describe, load_yaml
 
 LOG_FORMATS = ("json", "text")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
@@ -230,12 +231,6 @@ class Config:
     circuit_breaker: CircuitBreakerConfig = field(default_factory=CircuitBreakerConfig)
     launch: LaunchConfig | None = None
     file: str | None = None
-
-    def model(self, name: str) -> ModelConfig | None:
-        for model in self.models:
-            if model.name == name:
-                return model
-        return None
 
     def aliases(self) -> dict[str, str]:
         """alias -> canonical model name."""

@@ -31,7 +31,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import resource
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler

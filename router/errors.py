@@ -12,8 +12,9 @@ and anything unexpected (500, logged, never a traceback on the wire) into that s
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable, Mapping
 from http import HTTPStatus
-from typing import Any, Awaitable, Callable, Mapping
+from typing import Any
 
 import orjson
 from aiohttp import web

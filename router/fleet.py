@@ -10,9 +10,9 @@ its /metrics page (`EngineLoad`).  The monitor writes health and load, the proxy
 from __future__ import annotations
 
 import enum
-import time
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator, Mapping, Protocol
+from typing import Protocol
 from urllib.parse import urlsplit
 
 from router.breaker import Breaker
@@ -72,7 +72,6 @@ class Replica:
     in_flight: int = 0  # requests the router has dispatched and not yet finished
     load: EngineLoad = field(default_factory=EngineLoad)
     breaker: Breaker = field(default_factory=Breaker)  # request-path outlier ejection (breaker.py)
-    last_change: float = field(default_factory=time.monotonic)
     # Where the replica publishes vLLM KV-cache events (ZMQ), when it does (None: it does not).
     kv_events_endpoint: str | None = None
     kv_replay_endpoint: str | None = None
@@ -171,7 +170,3 @@ class Fleet:
     def for_model(self, model: str) -> list[Replica]:
         """Every configured replica of `model`, healthy or not."""
         return list(self._by_model.get(model, ()))
-
-    def routable(self, model: str) -> list[Replica]:
-        """Replicas of `model` that may get traffic now."""
-        return [r for r in self._by_model.get(model, ()) if r.routable]

@@ -44,7 +44,7 @@ class BodyBudget:
         self.retry_after = retry_after
         self.refused = 0
 
-    def lease(self) -> "BodyLease":
+    def lease(self) -> BodyLease:
         return BodyLease(self)
 
 
@@ -73,7 +73,7 @@ class BodyLease:
         self.held = 0
 
 
-def _decoder(encoding: str) -> "zlib._Decompress | None":
+def _decoder(encoding: str) -> zlib._Decompress | None:
     if encoding in ("", "identity"):
         return None
     if encoding in ("gzip", "x-gzip"):
@@ -134,7 +134,7 @@ async def read_body(request: web.Request, limit: int, *, timeout: float,
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
-def _inflate(decoder: "zlib._Decompress", data: bytes, room: int, limit: int) -> bytes:
+def _inflate(decoder: zlib._Decompress, data: bytes, room: int, limit: int) -> bytes:
     try:
         out = decoder.decompress(data, room + 1)
     except zlib.error as exc:

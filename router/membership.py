@@ -25,11 +25,12 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-from typing import TYPE_CHECKING, Any, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from router.config import BackendConfig, Config, ModelConfig, load_config, parse_backend
 from router.fleet import Fleet, Replica
-from router.validation import ConfigError, Node
+from yamlcheck import ConfigError, Node
 
 if TYPE_CHECKING:
     from router.app import Router
@@ -74,7 +75,7 @@ def _update_in_place(replica: Replica, backend: BackendConfig) -> bool:
 class FleetWiring:
     """The fleet's listener: what joining and leaving mean for the router's other parts."""
 
-    def __init__(self, router: "Router") -> None:
+    def __init__(self, router: Router) -> None:
         self.router = router
         self._stopping: set[asyncio.Task[None]] = set()
 
@@ -115,7 +116,7 @@ def _section_changes(old: Config, new: Config) -> tuple[list[str], list[str]]:
 class Reloader:
     """Applies a new Config to a running Router (see the module docstring)."""
 
-    def __init__(self, router: "Router", *, overrides: Callable[[Config], Config] | None = None) -> None:
+    def __init__(self, router: Router, *, overrides: Callable[[Config], Config] | None = None) -> None:
         self.router = router
         self.overrides = overrides or (lambda config: config)  # e.g. the CLI's --port
         self.registered: dict[tuple[str, str], Replica] = {}  # (model, url) from the admin API
@@ -126,7 +127,7 @@ class Reloader:
         router = self.router
         path = path or router.config.file
         if path is None:
-            raise ConfigError("this router was not started from a config file: nothing to reload")
+            raise ConfigError(None, "", "this router was not started from a config file: nothing to reload")
         async with self._lock:
             try:
                 config = await asyncio.to_thread(load_config, path)

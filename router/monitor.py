@@ -26,7 +26,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import aiohttp
 import orjson
@@ -221,7 +221,6 @@ class Monitor:
         if old is new:
             return
         replica.health = new
-        replica.last_change = time.monotonic()
         log.info("replica %s (%s): %s -> %s", replica.id, replica.model, old.value, new.value)
         if self.telemetry:
             self.telemetry.set_health(replica)
@@ -271,7 +270,7 @@ class Monitor:
                                         timeout=timeout) as resp:
                 await resp.read()
                 return resp.status == 200
-        except asyncio.TimeoutError:
+        except TimeoutError:
             if self.loop_lag is not None and self.loop_lag.stalled_since(
                     started, self.health_cfg.timeout / 2):
                 return None
@@ -291,7 +290,7 @@ class Monitor:
                 if resp.status != 200:
                     return False
                 text = await resp.text()
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError, UnicodeDecodeError):
+        except (TimeoutError, aiohttp.ClientError, OSError, UnicodeDecodeError):
             return False
         try:
             names = replica.served_models | {replica.model}
@@ -317,24 +316,13 @@ class Monitor:
                     return False
                 payload = await resp.read()
             names, max_len = parse_models(payload)
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError, AttributeError):
+        except (TimeoutError, aiohttp.ClientError, OSError, ValueError, AttributeError):
             return False
         if names:
             replica.served_models = names
         if max_len is not None:
             replica.max_model_len = max_len
         return True
-
-    async def poll_once(self, replica: Replica) -> None:
-        """One health probe, then (if routable) metrics and, when due, models."""
-        was_routable = replica.routable
-        passed = await self.probe_health(replica)
-        if passed is not None:
-            self.record_probe(replica, passed)
-        if replica.routable:
-            if not was_routable or not replica.served_models:
-                await self.discover_models(replica)
-            await self.scrape_metrics(replica)
 
     async def _run(self, replica: Replica) -> None:
         loop = asyncio.get_running_loop()

@@ -43,13 +43,22 @@ import email.utils
 import itertools
 import logging
 import time
-from typing import TYPE_CHECKING, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
-from tenacity import (AsyncRetrying, RetryCallState, retry_if_exception_type,
-                      stop_after_attempt, stop_after_delay, wait_random_exponential)
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception_type,
+    stop_after_attempt,
+    stop_after_delay,
+    stop_any,
+    wait_random_exponential,
+)
+from tenacity.stop import stop_base
 
 from router.breaker import CircuitBreakers
 from router.config import CircuitBreakerConfig, ProxyConfig
@@ -156,6 +165,16 @@ class NoReplicaLeft(Exception):
 
 
 
+
+class _StopWhen(stop_base):
+    """A tenacity stop condition from a plain predicate (the retry budget's)."""
+
+    def __init__(self, predicate: Callable[[RetryCallState], bool]) -> None:
+        self.predicate = predicate
+
+    def __call__(self, retry_state: RetryCallState) -> bool:
+        return bool(self.predicate(retry_state))
+
 class ConnectWatch:
     """The connect timeout of one attempt, blind to the router's own event-loop stalls.
 
@@ -223,8 +242,8 @@ def connect_tracing() -> aiohttp.TraceConfig:
 class Proxy:
     """Forwards RouteRequests to replicas; one per app."""
 
-    def __init__(self, *, session: aiohttp.ClientSession, policy: Policy, index: "PrefixIndex",
-                 config: ProxyConfig, telemetry: Telemetry, monitor: "Monitor | None" = None,
+    def __init__(self, *, session: aiohttp.ClientSession, policy: Policy, index: PrefixIndex,
+                 config: ProxyConfig, telemetry: Telemetry, monitor: Monitor | None = None,
                  request_id_header: str = "X-Request-Id",
                  breaker_config: CircuitBreakerConfig | None = None,
                  loop_lag: LoopLag | None = None) -> None:
@@ -273,7 +292,7 @@ class Proxy:
         try:
             await asyncio.wait_for(self._idle.wait(), timeout=timeout)
             return True
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return not self.active
 
     async def cut_and_wait(self, timeout: float = 5.0) -> bool:
@@ -298,7 +317,7 @@ class Proxy:
                                 f"failing requests; retry in {seconds}s",
                            headers={"Retry-After": str(seconds)})
 
-    def rank(self, route: "RouteRequest", candidates: Sequence[Replica],
+    def rank(self, route: RouteRequest, candidates: Sequence[Replica],
              record: RequestRecord) -> Decision:
         started = time.perf_counter()
         try:
@@ -315,7 +334,7 @@ class Proxy:
         return decision
 
     # -- forwarding -------------------------------------------------------------------
-    async def forward(self, request: web.Request, route: "RouteRequest",
+    async def forward(self, request: web.Request, route: RouteRequest,
                       candidates: Sequence[Replica], record: RequestRecord) -> web.StreamResponse:
         decision = self.rank(route, candidates, record)
         if not decision.ranked:
@@ -335,7 +354,8 @@ class Proxy:
             return True
 
         retrying = AsyncRetrying(
-            stop=stop_after_attempt(cfg.max_attempts) | stop_after_delay(remaining) | budget_stop,
+            stop=stop_any(stop_after_attempt(cfg.max_attempts), stop_after_delay(remaining),
+                          _StopWhen(budget_stop)),
             wait=wait_random_exponential(multiplier=cfg.backoff_initial, max=cfg.backoff_max),
             retry=retry_if_exception_type(UpstreamFailure),
             reraise=True,
@@ -380,7 +400,7 @@ class Proxy:
         return RouterError(503, message + (f": {detail}" if detail else ""),
                            headers={"Retry-After": retry_after})
 
-    def _give_up(self, route: "RouteRequest", record: RequestRecord,
+    def _give_up(self, route: RouteRequest, record: RequestRecord,
                  last: UpstreamFailure | None, tried: Sequence[Replica],
                  stopped: Sequence[str]) -> web.StreamResponse:
         attempts = len(tried)
@@ -410,7 +430,7 @@ class Proxy:
                                   f"{KIND_TEXT.get(last.kind, last.kind)}{why}",
                           headers={"Retry-After": str(self.config.retry_after)})
 
-    def _upstream_headers(self, route: "RouteRequest", replica: Replica, number: int) -> CIMultiDict[str]:
+    def _upstream_headers(self, route: RouteRequest, replica: Replica, number: int) -> CIMultiDict[str]:
         headers = CIMultiDict(route.headers)
         headers[self.request_id_header] = f"{route.request_id}-{number}"
         if self.request_id_header.lower() != "x-request-id":
@@ -422,7 +442,7 @@ class Proxy:
         headers["Content-Type"] = headers.get("Content-Type", "application/json")
         return headers
 
-    def _fail(self, route: "RouteRequest", replica: Replica, kind: str, message: str,
+    def _fail(self, route: RouteRequest, replica: Replica, kind: str, message: str,
               **extra: object) -> UpstreamFailure:
         self.telemetry.upstream_errors.labels(route.model, replica.id, kind).inc()
         if kind in _CONNECTION_KINDS and self.monitor is not None:
@@ -431,7 +451,7 @@ class Proxy:
                  route.request_id, replica.id, kind, message)
         return UpstreamFailure(replica, kind, message, **extra)  # type: ignore[arg-type]
 
-    def _timed_out(self, route: "RouteRequest", replica: Replica, wait: Wait,
+    def _timed_out(self, route: RouteRequest, replica: Replica, wait: Wait,
                    seconds: float) -> UpstreamFailure:
         reason = wait.why()
         if reason == DRAIN:
@@ -444,7 +464,7 @@ class Proxy:
         kind = "first_byte_timeout" if route.stream else "read_timeout"
         return self._fail(route, replica, kind, f"no answer within {seconds:g}s")
 
-    async def _connect(self, route: "RouteRequest", replica: Replica,
+    async def _connect(self, route: RouteRequest, replica: Replica,
                        number: int) -> aiohttp.ClientResponse:
         """POST upstream, with the connect bounded by a `ConnectWatch` (below)."""
         watch = ConnectWatch(self.config.connect_timeout, self.loop_lag)
@@ -463,7 +483,7 @@ class Proxy:
         finally:
             watch.cancel()
 
-    async def _attempt(self, request: web.Request, route: "RouteRequest", replica: Replica,
+    async def _attempt(self, request: web.Request, route: RouteRequest, replica: Replica,
                        number: int, decision: Decision, record: RequestRecord) -> web.StreamResponse:
         cfg = self.config
         replica.in_flight += 1
@@ -471,7 +491,7 @@ class Proxy:
         breaker = replica.breaker
         trial = self.breakers.on_dispatch(breaker)
         outcome: str | None = None
-        recording: "Recording | None" = None
+        recording: Recording | None = None
         if route.block_hashes:
             recording = self.index.record(route.block_hashes, replica.id)
         wait = self.waits.open(replica)
@@ -565,7 +585,7 @@ class Proxy:
                 return b"".join(parts), False
             timeout.reschedule(loop.time() + wait.limit(self.config.read_timeout))
 
-    def _first_byte(self, route: "RouteRequest", replica: Replica, decision: Decision,
+    def _first_byte(self, route: RouteRequest, replica: Replica, decision: Decision,
                     record: RequestRecord, status: int) -> None:
         ttfb = record.elapsed()
         record.ttfb = ttfb
@@ -595,7 +615,7 @@ class Proxy:
         detail = (str(exc) or type(exc).__name__) if exc is not None else "stream ended early"
         return detail, "The replica serving this request failed mid-stream (its connection broke)"
 
-    async def _relay_whole(self, request: web.Request, route: "RouteRequest", replica: Replica,
+    async def _relay_whole(self, request: web.Request, route: RouteRequest, replica: Replica,
                            resp: aiohttp.ClientResponse, head: bytes, complete: bool,
                            wait: Wait, record: RequestRecord) -> web.StreamResponse:
         headers = client_response_headers(resp.headers)
@@ -620,7 +640,7 @@ class Proxy:
             await out.write_eof()
         return out
 
-    async def _relay_stream(self, request: web.Request, route: "RouteRequest", replica: Replica,
+    async def _relay_stream(self, request: web.Request, route: RouteRequest, replica: Replica,
                             resp: aiohttp.ClientResponse, first: bytes, wait: Wait,
                             record: RequestRecord) -> web.StreamResponse:
         out = web.StreamResponse(status=resp.status, headers=client_response_headers(resp.headers))

@@ -9,6 +9,7 @@ client's bytes, unless alias resolution had to rewrite `model`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,7 +79,7 @@ def _check_prompt(value: object, param: str) -> None:
                     + (" (empty)" if value in ([], "") else ""), param)
 
 
-def validate_body(path: str, data: object) -> dict:
+def validate_body(path: str, data: object) -> dict[str, Any]:
     """Check the fields the router reads; returns the body as a dict or raises BodyError."""
     if not isinstance(data, dict):
         raise BodyError(f"The request body must be a JSON object, found {_type_name(data)}")
@@ -125,7 +126,7 @@ def build_route_request(
     *,
     model: str,
     path: str,
-    data: dict,
+    data: dict[str, Any],
     body: bytes,
     request_id: str = "",
     headers: tuple[tuple[str, str], ...] = (),
@@ -133,7 +134,6 @@ def build_route_request(
     block_chars: int = 64,
     block_tokens: int = 16,
     max_blocks: int = 8192,
-    with_prefix: bool = True,
 ) -> RouteRequest:
     """The RouteRequest of a validated body: routing text, block hashes, session key.
 
@@ -155,7 +155,7 @@ def build_route_request(
     tokens: tuple[int, ...] | None = None
     hashes: tuple[int, ...] = ()
     chars = 0
-    if with_prefix and path in (_CHAT, _COMPLETIONS, _EMBEDDINGS):
+    if path in (_CHAT, _COMPLETIONS, _EMBEDDINGS):
         rin = routing_input(data)
         text, tokens, chars = rin.text, rin.tokens, rin.chars
         # UTF-8 has at least one byte a character, so this many characters still fill
@@ -181,7 +181,7 @@ def build_route_request(
     )
 
 
-def rewrite_model(body: bytes, data: dict, new_model: str) -> bytes:
+def rewrite_model(body: bytes, data: dict[str, Any], new_model: str) -> bytes:
     """`body` with its top-level "model" value replaced by `new_model`, all else verbatim.
 
     Used only for aliases.  The top-level string value of every "model" key is swapped in

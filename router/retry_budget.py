@@ -6,7 +6,7 @@ Without one, a fleet where every replica fails gets ``max_attempts`` times its t
 from __future__ import annotations
 
 import time
-from typing import Callable
+from collections.abc import Callable
 
 
 class RetryBudget:

@@ -21,6 +21,7 @@ from typing import Any
 import orjson
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.metrics import MetricWrapperBase
 
 from router import __version__
 from router.breaker import Breaker, BreakerState
@@ -138,9 +139,9 @@ class Telemetry:
 
         prometheus_client has no removal by one label, so the label tuples are read from
         each metric's children (its `_metrics`, a private attribute)."""
-        for metric in self.registry._collector_to_names:  # type: ignore[attr-defined]
+        for metric in list(self.registry._collector_to_names):
             names = getattr(metric, "_labelnames", ())
-            if "replica" not in names:
+            if "replica" not in names or not isinstance(metric, MetricWrapperBase):
                 continue
             at = names.index("replica")
             for labels in list(getattr(metric, "_metrics", {})):
@@ -278,7 +279,6 @@ def init_sentry(dsn: str | None, *, environment: str | None = None) -> bool:
         return False
     try:
         import sentry_sdk
-
         from sentry_sdk.scrubber import DEFAULT_DENYLIST, EventScrubber
 
         # No PII, no request bodies and no frame locals: prompts are the users' data and

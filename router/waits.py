@@ -33,7 +33,7 @@ class Wait:
 
     __slots__ = ("replica", "timeout", "cut", "_waits")
 
-    def __init__(self, replica: Replica, waits: "Waits") -> None:
+    def __init__(self, replica: Replica, waits: Waits) -> None:
         self.replica = replica
         self.timeout: asyncio.Timeout | None = None  # the current wait, while one runs
         self.cut: str | None = None  # why it was cut short: UNHEALTHY or DRAIN

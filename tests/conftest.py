@@ -14,7 +14,8 @@ import asyncio
 import contextlib
 import socket
 import time
-from typing import Any, Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
 
 import aiohttp
 import pytest
@@ -164,7 +165,7 @@ class FakeReplica:
         self.runner: web.AppRunner | None = None
         self.url = ""
 
-    async def start(self) -> "FakeReplica":
+    async def start(self) -> FakeReplica:
         app = web.Application(client_max_size=64 * 1024 * 1024)
         app.router.add_get("/health", self.health)
         app.router.add_get("/v1/models", self.list_models)

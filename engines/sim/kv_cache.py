@@ -5,7 +5,8 @@
 * Every full block gets a chained hash (``block_hash``, vLLM's default ``sha256`` scheme, so
   hashes in KV events equal real vLLM's for the same token ids).
 * A freed block keeps its hash and stays findable until it is reused: free blocks form an LRU
-  queue (identical blocks computed twice are both kept, as in vLLM); allocation takes the front and evicts that block's hash (a ``BlockRemoved`` event).
+  queue (identical blocks computed twice are both kept, as in vLLM); allocation takes the
+  front and evicts that block's hash (a ``BlockRemoved`` event).
   A request frees its blocks tail first, so a prompt's last blocks are evicted before its
   first ones, as in vLLM.
 * Usage (``kv_cache_usage_perc``) is blocks referenced by live requests over all blocks:
@@ -21,8 +22,8 @@ from __future__ import annotations
 import hashlib
 import pickle
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 NONE_HASH: bytes = hashlib.sha256(pickle.dumps("vllm-none-hash", protocol=5)).digest()
 

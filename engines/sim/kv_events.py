@@ -21,11 +21,13 @@ import contextlib
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import msgpack
-import zmq
-import zmq.asyncio
+if TYPE_CHECKING:
+    import zmq.asyncio
+
+# pyzmq and msgpack (the `sim` extra) are imported only when a simulator publishes KV
+# events, so a simulator without them still runs without those packages.
 
 END_SEQ = (-1).to_bytes(8, "big", signed=True)
 
@@ -44,7 +46,7 @@ class KVEventsConfig:
     topic: str = ""
 
     @classmethod
-    def from_json(cls, obj: dict[str, Any]) -> "KVEventsConfig":
+    def from_json(cls, obj: dict[str, Any]) -> KVEventsConfig:
         known = {k: v for k, v in obj.items() if k in cls.__dataclass_fields__}
         cfg = cls(**known)
         if cfg.enable_kv_cache_events and cfg.publisher == "null":
@@ -74,6 +76,9 @@ class KVEventPublisher:
     def __init__(self, cfg: KVEventsConfig, dp_rank: int = 0) -> None:
         self.cfg = cfg
         self.dp_rank = dp_rank
+        import zmq
+        import zmq.asyncio
+
         self._ctx = zmq.asyncio.Context()
         self._pub = self._ctx.socket(zmq.PUB)
         self._pub.setsockopt(zmq.SNDHWM, cfg.hwm)
@@ -97,6 +102,8 @@ class KVEventPublisher:
             self._tasks.append(asyncio.create_task(self._replay_loop()))
 
     def publish(self, events: list[dict[str, Any]]) -> None:
+        import msgpack
+
         payload = msgpack.packb([time.time(), events, self.dp_rank], use_bin_type=True)
         item = (self._seq, payload)
         self._seq += 1

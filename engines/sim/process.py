@@ -24,8 +24,8 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import aiohttp
 
@@ -119,7 +119,7 @@ class SimProcess:
         if self.proc is not None and self.proc.poll() is not None:
             raise SimProcessError(f"simulator exited with {self.proc.returncode}:\n{self.log_tail()}")
 
-    async def start(self) -> "SimProcess":
+    async def start(self) -> SimProcess:
         self._spawn()
         if self.wait_healthy:
             await self.wait_until_healthy(self.startup_timeout)
@@ -138,7 +138,7 @@ class SimProcess:
                     raise SimProcessError(f"simulator not healthy after {timeout}s:\n{self.log_tail()}")
                 await asyncio.sleep(0.05)
 
-    def start_sync(self) -> "SimProcess":
+    def start_sync(self) -> SimProcess:
         """Start and wait for health without an event loop (for module-scoped sync fixtures)."""
         self._spawn()
         if self.wait_healthy:
@@ -210,7 +210,7 @@ class SimProcess:
             await asyncio.sleep(0.02)
         return self.returncode
 
-    async def __aenter__(self) -> "SimProcess":
+    async def __aenter__(self) -> SimProcess:
         try:
             return await self.start()
         except BaseException:
@@ -222,7 +222,7 @@ class SimProcess:
         await self.stop()
         self._cleanup_log()
 
-    def __enter__(self) -> "SimProcess":
+    def __enter__(self) -> SimProcess:
         try:
             return self.start_sync()
         except BaseException:

@@ -20,7 +20,7 @@ class ApiError(Exception):
              500: "InternalServerError", 503: "ServiceUnavailableError"}
 
     @classmethod
-    def queue_full(cls) -> "ApiError":
+    def queue_full(cls) -> ApiError:
         """vLLM's QueueOverflowError (--max-num-queued-reqs exceeded)."""
         return cls(503, "The engine is currently busy and cannot accept new requests. "
                         "Please try again later or on a different instance.")

@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import enum
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from engines.sim.kv_cache import Allocation, KVCache, extend_block_hashes
 

@@ -20,8 +20,9 @@ import logging
 import math
 import os
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable, NoReturn
+from typing import Any, NoReturn
 
 import orjson
 from aiohttp import web
@@ -29,8 +30,20 @@ from aiohttp import web
 from engines.sim.engine import Engine, OutputChannel
 from engines.sim.faults import Faults
 from engines.sim.kv_events import KVEventPublisher, KVEventsConfig, public_endpoint
-from engines.sim.protocol import (DONE, VLLM_VERSION, ApiError, GenerationParams, Responder, check_length,
-                                  check_model, common_params, models_body, parse_json, random_id, usage)
+from engines.sim.protocol import (
+    DONE,
+    VLLM_VERSION,
+    ApiError,
+    GenerationParams,
+    Responder,
+    check_length,
+    check_model,
+    common_params,
+    models_body,
+    parse_json,
+    random_id,
+    usage,
+)
 from engines.sim.scheduler import SimRequest
 from engines.sim.tokenizer import Tokenizer, content_text, render_chat
 
@@ -130,7 +143,8 @@ class SimServer:
     async def stats(self, request: web.Request) -> web.Response:
         kv = self.engine.kv
         return _json({"running": len(self.engine.sched.running), "waiting": len(self.engine.sched.waiting),
-                      "num_gpu_blocks": self.engine.cfg.num_gpu_blocks, "usable_blocks": kv.num_blocks, "free_blocks": kv.num_free_blocks,
+                      "num_gpu_blocks": self.engine.cfg.num_gpu_blocks, "usable_blocks": kv.num_blocks,
+                      "free_blocks": kv.num_free_blocks,
                       "cached_blocks": kv.num_cached_blocks, "kv_cache_usage": kv.usage(),
                       "in_flight": self.in_flight, "answered": self.answered,
                       "clock_lag_s": self.engine.clock.lag,

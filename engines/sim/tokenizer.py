@@ -12,14 +12,15 @@ real BPE vocabulary.  Two properties follow and the router relies on both:
   token, so turn N+1's tokens extend turn N's tokens up to the last partial chunk.
 
 ``decode`` is exact for any ids this process produced recently (a bounded memory keeps
-id -> chunk for the last 65,536 distinct chunks; hash collisions resolve to the newest chunk).  Unknown ids decode to a fixed filler.
+id -> chunk for the last 65,536 distinct chunks; hash collisions resolve to the newest
+chunk).  Unknown ids decode to a fixed filler.
 """
 
 from __future__ import annotations
 
 import hashlib
 import re
-from typing import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 CHARS_PER_TOKEN = 4
 

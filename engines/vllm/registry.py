@@ -12,7 +12,7 @@ One YAML file describes every replica we run, real or simulated::
         gpus: [0, 1, 2, 3]             # sliced per TP x PP group -> CUDA_VISIBLE_DEVICES
         port: 8000                     # base port (replica i gets base + i) or "auto"
 
-`parse_config` validates it with `router.validation.Node` (file + key path + did-you-mean
+`parse_config` validates it with `yamlcheck.Node` (file + key path + did-you-mean
 errors) into frozen dataclasses; `plan` turns those into `ReplicaPlan`s: the exact argv,
 the environment, the port and the URL of every replica.  Nothing here starts a process:
 that is `engines.launcher`.
@@ -25,11 +25,12 @@ import os
 import shlex
 import socket
 import sys
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
-from router.validation import ConfigError, Node, load_yaml
+from yamlcheck import ConfigError, Node, load_yaml
 
 KINDS = ("vllm", "sim")
 DEVICES = ("gpu", "cpu")

@@ -13,8 +13,9 @@ learn inherit the no-op.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol, Sequence, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
     from router.fleet import Replica
@@ -24,7 +25,7 @@ if TYPE_CHECKING:
 
 @dataclass(slots=True)
 class Decision:
-    ranked: list["Replica"]  # best first; only routable replicas
+    ranked: list[Replica]  # best first; only routable replicas
     why: dict[str, Any] = field(default_factory=dict)  # JSON-able explanation for logs
     matched_blocks: dict[str, int] = field(default_factory=dict)  # replica id -> blocks matched
 
@@ -35,17 +36,17 @@ class Policy(Protocol):
 
     def rank(
         self,
-        request: "RouteRequest",
-        replicas: Sequence["Replica"],
-        index: "PrefixIndex",
+        request: RouteRequest,
+        replicas: Sequence[Replica],
+        index: PrefixIndex,
     ) -> Decision:
         """Rank `replicas` (all routable, all serving request.model) best first."""
         ...
 
     def observe(
         self,
-        replica: "Replica",
-        request: "RouteRequest",
+        replica: Replica,
+        request: RouteRequest,
         *,
         time_to_first_byte_s: float,
         matched_blocks: int,
@@ -61,8 +62,8 @@ class StatelessPolicy:
 
     def observe(
         self,
-        replica: "Replica",
-        request: "RouteRequest",
+        replica: Replica,
+        request: RouteRequest,
         *,
         time_to_first_byte_s: float,
         matched_blocks: int,

@@ -81,10 +81,11 @@ Parameters (``routing.params``):
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-from router.policies.base import Decision
 from router.fleet import Health
+from router.policies.base import Decision
 from router.policies.load import (
     DEFAULT_LOAD_FACTOR,
     DEFAULT_LOAD_HEADROOM,
@@ -97,7 +98,7 @@ if TYPE_CHECKING:
     from router.fleet import Replica
     from router.prefix.index import PrefixIndex
     from router.requests import RouteRequest
-    from router.validation import Node
+    from yamlcheck import Node
 
 DEFAULT_PREFILL_TOKENS_PER_S = 20_000.0  # prior, per TP=1 weight-1 replica
 DEFAULT_EWMA_ALPHA = 0.2  # weight of a new observation in learned rates
@@ -142,19 +143,19 @@ class CacheAware:
         self._recent = RecentDispatches(RECENT_WINDOW)
 
     # -- the cost model ---------------------------------------------------------------
-    def prior_rate(self, replica: "Replica") -> float:
+    def prior_rate(self, replica: Replica) -> float:
         return self.prefill_tokens_per_s * capacity(replica)
 
-    def prefill_rate(self, replica: "Replica") -> float:
+    def prefill_rate(self, replica: Replica) -> float:
         """Prefill tokens/s of `replica`: learned if observed, else the prior."""
         rate = self._rates.get(replica.id)
         return rate if rate is not None else self.prior_rate(replica)
 
     def rank(
         self,
-        request: "RouteRequest",
-        replicas: Sequence["Replica"],
-        index: "PrefixIndex",
+        request: RouteRequest,
+        replicas: Sequence[Replica],
+        index: PrefixIndex,
     ) -> Decision:
         # Pass 1, one row per routable replica: load (Replica.queued), capacity
         # (load.capacity), its scraped waiting queue, its count of recent dispatches; and
@@ -250,7 +251,7 @@ class CacheAware:
         return Decision(ranked=ranked, why=why, matched_blocks=matched)
 
     # -- learning ---------------------------------------------------------------------
-    def adopt(self, old: "CacheAware") -> None:
+    def adopt(self, old: CacheAware) -> None:
         """After a reload with new parameters: keep what `old` learned about the replicas."""
         self._rates = dict(old._rates)
         self._recent = old._recent
@@ -261,8 +262,8 @@ class CacheAware:
 
     def observe(
         self,
-        replica: "Replica",
-        request: "RouteRequest",
+        replica: Replica,
+        request: RouteRequest,
         *,
         time_to_first_byte_s: float,
         matched_blocks: int,
@@ -286,7 +287,7 @@ class CacheAware:
         rates[replica.id] = old + alpha * (sample - old)
 
 
-def build(params: "Node") -> CacheAware:
+def build(params: Node) -> CacheAware:
     params.mapping(PARAMS)
     return CacheAware(
         load_factor=params.get("load_factor", DEFAULT_LOAD_FACTOR).number(minimum=1.0, exclusive_minimum=True),

@@ -19,7 +19,8 @@ Parameters:
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from router.fleet import Health
 from router.policies.base import Decision, StatelessPolicy
@@ -28,7 +29,7 @@ if TYPE_CHECKING:
     from router.fleet import Replica
     from router.prefix.index import PrefixIndex
     from router.requests import RouteRequest
-    from router.validation import Node
+    from yamlcheck import Node
 
 PARAMS = ("use_scraped", "use_weight")
 
@@ -41,7 +42,7 @@ class LeastLoad(StatelessPolicy):
         self.use_weight = use_weight
         self._turn = 0
 
-    def load(self, replica: "Replica") -> float:
+    def load(self, replica: Replica) -> float:
         work = float(replica.in_flight)
         if self.use_scraped:
             work += replica.load.waiting + replica.load.running
@@ -49,8 +50,8 @@ class LeastLoad(StatelessPolicy):
             work /= replica.weight
         return work
 
-    def rank(self, request: "RouteRequest", replicas: Sequence["Replica"],
-             index: "PrefixIndex") -> Decision:
+    def rank(self, request: RouteRequest, replicas: Sequence[Replica],
+             index: PrefixIndex) -> Decision:
         n = len(replicas)
         if n == 0:
             return Decision(ranked=[], why={"policy": self.name})
@@ -69,7 +70,7 @@ class LeastLoad(StatelessPolicy):
         return Decision(ranked=ranked, why=why)
 
 
-def build(params: "Node") -> LeastLoad:
+def build(params: Node) -> LeastLoad:
     params.mapping(PARAMS)
     return LeastLoad(
         use_scraped=params.get("use_scraped", True).boolean(),

@@ -26,7 +26,8 @@
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
 
 from router.fleet import Health
 
@@ -38,7 +39,7 @@ DEFAULT_LOAD_HEADROOM = 2  # ... unless within this many requests of its fair sh
 _EPS = 1e-9  # keeps float noise such as 2.0000000000000004 from adding a whole request
 
 
-def split_by_health(replicas: Sequence["Replica"]) -> tuple[list["Replica"], list["Replica"]]:
+def split_by_health(replicas: Sequence[Replica]) -> tuple[list[Replica], list[Replica]]:
     """(healthy, suspect) in the given order; other states are dropped."""
     healthy: list[Replica] = []
     suspect: list[Replica] = []
@@ -50,7 +51,7 @@ def split_by_health(replicas: Sequence["Replica"]) -> tuple[list["Replica"], lis
     return healthy, suspect
 
 
-def capacity(replica: "Replica") -> float:
+def capacity(replica: Replica) -> float:
     """Relative compute of a replica: tensor-parallel size x weight (> 0)."""
     weight = replica.weight if replica.weight > 0 else 1.0
     return max(1, replica.tensor_parallel_size) * weight

@@ -12,7 +12,8 @@ Parameters:
 from __future__ import annotations
 
 import random as _random
-from typing import TYPE_CHECKING, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from router.policies.base import Decision, StatelessPolicy
 from router.policies.load import capacity, split_by_health
@@ -21,12 +22,12 @@ if TYPE_CHECKING:
     from router.fleet import Replica
     from router.prefix.index import PrefixIndex
     from router.requests import RouteRequest
-    from router.validation import Node
+    from yamlcheck import Node
 
 PARAMS = ("seed",)
 
 
-def _relative_load(replica: "Replica") -> float:
+def _relative_load(replica: Replica) -> float:
     return replica.queued / capacity(replica)
 
 
@@ -36,8 +37,8 @@ class PowerOfTwo(StatelessPolicy):
     def __init__(self, *, seed: int | None = None) -> None:
         self._rng = _random.Random(seed)
 
-    def rank(self, request: "RouteRequest", replicas: Sequence["Replica"],
-             index: "PrefixIndex") -> Decision:
+    def rank(self, request: RouteRequest, replicas: Sequence[Replica],
+             index: PrefixIndex) -> Decision:
         healthy, suspect = split_by_health(replicas)
         suspect.sort(key=_relative_load)
         if len(healthy) < 2:
@@ -49,7 +50,7 @@ class PowerOfTwo(StatelessPolicy):
         return Decision(ranked=pair + rest + suspect, why=why)
 
 
-def build(params: "Node") -> PowerOfTwo:
+def build(params: Node) -> PowerOfTwo:
     params.mapping(PARAMS)
     seed = params.get("seed", None)
     return PowerOfTwo(seed=None if seed.value is None else seed.integer())

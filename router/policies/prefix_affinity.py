@@ -12,7 +12,8 @@ Parameters: none.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from router.policies.base import Decision, StatelessPolicy
 from router.policies.load import capacity, split_by_health
@@ -21,7 +22,7 @@ if TYPE_CHECKING:
     from router.fleet import Replica
     from router.prefix.index import PrefixIndex
     from router.requests import RouteRequest
-    from router.validation import Node
+    from yamlcheck import Node
 
 PARAMS: tuple[str, ...] = ()
 
@@ -32,8 +33,8 @@ class PrefixAffinity(StatelessPolicy):
     def __init__(self) -> None:
         self._turn = 0
 
-    def rank(self, request: "RouteRequest", replicas: Sequence["Replica"],
-             index: "PrefixIndex") -> Decision:
+    def rank(self, request: RouteRequest, replicas: Sequence[Replica],
+             index: PrefixIndex) -> Decision:
         healthy, suspect = split_by_health(replicas)
         candidates = healthy + suspect
         if not candidates:
@@ -55,6 +56,6 @@ class PrefixAffinity(StatelessPolicy):
         return Decision(ranked=ranked, why=why, matched_blocks=matched)
 
 
-def build(params: "Node") -> PrefixAffinity:
+def build(params: Node) -> PrefixAffinity:
     params.mapping(PARAMS)
     return PrefixAffinity()

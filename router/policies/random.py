@@ -10,7 +10,8 @@ Parameters:
 from __future__ import annotations
 
 import random as _random
-from typing import TYPE_CHECKING, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from router.policies.base import Decision, StatelessPolicy
 from router.policies.load import split_by_health
@@ -19,7 +20,7 @@ if TYPE_CHECKING:
     from router.fleet import Replica
     from router.prefix.index import PrefixIndex
     from router.requests import RouteRequest
-    from router.validation import Node
+    from yamlcheck import Node
 
 PARAMS = ("seed",)
 
@@ -30,15 +31,15 @@ class RandomPolicy(StatelessPolicy):
     def __init__(self, *, seed: int | None = None) -> None:
         self._rng = _random.Random(seed)
 
-    def rank(self, request: "RouteRequest", replicas: Sequence["Replica"],
-             index: "PrefixIndex") -> Decision:
+    def rank(self, request: RouteRequest, replicas: Sequence[Replica],
+             index: PrefixIndex) -> Decision:
         healthy, suspect = split_by_health(replicas)
         self._rng.shuffle(healthy)
         self._rng.shuffle(suspect)
         return Decision(ranked=healthy + suspect, why={"policy": self.name})
 
 
-def build(params: "Node") -> RandomPolicy:
+def build(params: Node) -> RandomPolicy:
     params.mapping(PARAMS)
     seed = params.get("seed", None)
     return RandomPolicy(seed=None if seed.value is None else seed.integer())

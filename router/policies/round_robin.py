@@ -9,7 +9,8 @@ Parameters: none.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from router.policies.base import Decision, StatelessPolicy
 from router.policies.load import split_by_health
@@ -18,7 +19,7 @@ if TYPE_CHECKING:
     from router.fleet import Replica
     from router.prefix.index import PrefixIndex
     from router.requests import RouteRequest
-    from router.validation import Node
+    from yamlcheck import Node
 
 PARAMS: tuple[str, ...] = ()
 _MAX_COUNTERS = 4096  # bound on per-model rotation counters (models are few)
@@ -30,8 +31,8 @@ class RoundRobin(StatelessPolicy):
     def __init__(self) -> None:
         self._next: dict[str, int] = {}
 
-    def rank(self, request: "RouteRequest", replicas: Sequence["Replica"],
-             index: "PrefixIndex") -> Decision:
+    def rank(self, request: RouteRequest, replicas: Sequence[Replica],
+             index: PrefixIndex) -> Decision:
         n = len(replicas)
         if n == 0:
             return Decision(ranked=[], why={"policy": self.name})
@@ -44,6 +45,6 @@ class RoundRobin(StatelessPolicy):
         return Decision(ranked=healthy + suspect, why={"policy": self.name, "turn": start})
 
 
-def build(params: "Node") -> RoundRobin:
+def build(params: Node) -> RoundRobin:
     params.mapping(PARAMS)
     return RoundRobin()

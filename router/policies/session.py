@@ -11,7 +11,8 @@ whose prefix cache then holds the conversation, without the router remembering s
   arcs it gains or loses, about 1/N of them; the others keep their replica.
 * **Bounded loads** (Mirrokni, Thorup, Zadimoghaddam 2018): walking clockwise, replicas
   above the bounded-load guard (``load_factor`` x their fair share of the load, with
-  ``load_headroom``; router/policies/load.py) are skipped, so a heavy session spills to the next replica on the ring instead of piling up.
+  ``load_headroom``; router/policies/load.py) are skipped, so a heavy session spills to the
+  next replica on the ring instead of piling up.
 * **Ranking**: healthy replicas in ring order from the key's point, those within the bound
   first; then SUSPECT ones in ring order.  Every given replica is ranked.
 * **No key**: the request is routed by ``cache_aware`` (whose parameters this policy
@@ -30,7 +31,8 @@ Parameters:
 from __future__ import annotations
 
 import bisect
-from typing import TYPE_CHECKING, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import xxhash
 
@@ -42,7 +44,7 @@ if TYPE_CHECKING:
     from router.fleet import Replica
     from router.prefix.index import PrefixIndex
     from router.requests import RouteRequest
-    from router.validation import Node
+    from yamlcheck import Node
 
 DEFAULT_VIRTUAL_NODES = 160  # ring points per unit of capacity: ~±8% spread of key shares
 MAX_CACHED_RINGS = 32  # distinct replica sets whose rings are kept
@@ -98,7 +100,7 @@ class Session:
         self.fallback = fallback or cache_aware.CacheAware(load_factor=load_factor, load_headroom=load_headroom)
         self._rings: dict[frozenset[tuple[str, float]], _Ring] = {}
 
-    def _ring(self, replicas: Sequence["Replica"]) -> _Ring:
+    def _ring(self, replicas: Sequence[Replica]) -> _Ring:
         members = frozenset((r.id, capacity(r)) for r in replicas)
         ring = self._rings.get(members)
         if ring is None:
@@ -107,8 +109,8 @@ class Session:
             ring = self._rings[members] = _Ring(sorted(members), self.virtual_nodes)
         return ring
 
-    def rank(self, request: "RouteRequest", replicas: Sequence["Replica"],
-             index: "PrefixIndex") -> Decision:
+    def rank(self, request: RouteRequest, replicas: Sequence[Replica],
+             index: PrefixIndex) -> Decision:
         if not request.session_key:
             decision = self.fallback.rank(request, replicas, index)
             decision.why = {**decision.why, "policy": self.name, "fallback": self.fallback.name}
@@ -136,13 +138,13 @@ class Session:
                "load": ranked[0].queued, "held_back": len(held_back)}
         return Decision(ranked=ranked, why=why, matched_blocks=matched)
 
-    def observe(self, replica: "Replica", request: "RouteRequest", *,
+    def observe(self, replica: Replica, request: RouteRequest, *,
                 time_to_first_byte_s: float, matched_blocks: int) -> None:
         self.fallback.observe(replica, request, time_to_first_byte_s=time_to_first_byte_s,
                               matched_blocks=matched_blocks)
 
 
-def build(params: "Node") -> Session:
+def build(params: Node) -> Session:
     params.mapping(PARAMS)
     fallback = cache_aware.build(_without(params, "virtual_nodes"))
     return Session(
@@ -153,8 +155,8 @@ def build(params: "Node") -> Session:
     )
 
 
-def _without(params: "Node", key: str) -> "Node":
-    from router.validation import Node
+def _without(params: Node, key: str) -> Node:
+    from yamlcheck import Node
 
     value = {k: v for k, v in (params.value or {}).items() if k != key}
     return Node(value, params.path, params.file)

@@ -37,9 +37,9 @@ Decisions, and why:
 from __future__ import annotations
 
 from array import array
+from collections.abc import Sequence
 from functools import lru_cache
 from struct import Struct
-from typing import Sequence
 
 import xxhash
 
@@ -84,7 +84,7 @@ def _chain(data: bytes, block_bytes: int, seed: int) -> tuple[int, ...]:
     full = len(data) - len(data) % block_bytes
     if not full:
         return ()
-    out = []
+    out: list[int] = []
     append = out.append
     h = seed
     # struct.iter_unpack cuts the blocks in C: 32 us instead of 53 us for 32k characters

@@ -1,6 +1,6 @@
 """The bounded, approximate prefix index: which replica was sent which prompt prefix.
 
-The router cannot see the replicas' KV caches (unless KV events are on, kv_events.py), so
+The router cannot see the replicas' KV caches (vLLM's KV events would show them; not read yet), so
 it remembers what it sent where: at dispatch, the request's chained block hashes
 (hashing.py) are recorded for the chosen replica.  A later request whose hashes start
 with the same k hashes was sent a prompt sharing its first k blocks with one that replica
@@ -52,8 +52,8 @@ from __future__ import annotations
 
 import heapq
 from collections import OrderedDict
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Sequence
 
 from router.prefix.hashing import DEFAULT_BLOCK_TOKENS
 

@@ -42,8 +42,9 @@ wrong cache guess, never a wrong answer (the replica computes the real prompt).
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import orjson
 import xxhash
@@ -152,7 +153,8 @@ def _render_tool_call(call: Any, out: list[str]) -> None:
     if not isinstance(call, Mapping):
         out.append(f"<|tool_call|>{_placeholder({'type': 'value', 'value': call})}\n")
         return
-    function = call.get("function") if isinstance(call.get("function"), Mapping) else call
+    inner = call.get("function")
+    function: Mapping[str, Any] = inner if isinstance(inner, Mapping) else call
     name = _text(function.get("name", ""))
     arguments = function.get("arguments", "")
     if not isinstance(arguments, str):

@@ -1,1 +1,4 @@
-"""Conformance suite: the simulator and real vLLM, checked by the same tests (a package so its engines stop when it ends)."""
+"""Conformance suite: the simulator and real vLLM, checked by the same tests.
+
+(A package, so its engines stop when it ends.)
+"""

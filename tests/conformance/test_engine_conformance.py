@@ -12,7 +12,6 @@ import json
 
 import aiohttp
 import pytest
-
 from _conformance import (
     BLOCK_SIZE,
     MODEL,

@@ -10,7 +10,6 @@ import aiohttp
 import pytest
 import zmq
 import zmq.asyncio
-
 from _conformance import (
     Engine,
     block_hashes,

@@ -12,7 +12,6 @@ must order the policies the same way on both engine kinds.
 from __future__ import annotations
 
 import aiohttp
-
 from _conformance import MODEL, Engine, unique_text
 
 POLICIES = ("round_robin", "prefix_affinity", "cache_aware")
@@ -25,7 +24,7 @@ async def run_workload(http: aiohttp.ClientSession, url: str) -> float:
     systems = [unique_text(180) for _ in range(CONVERSATIONS)]
     history: list[list[dict]] = [[{"role": "system", "content": s}] for s in systems]
     cached = prompt = 0
-    for turn in range(TURNS):
+    for _turn in range(TURNS):
         for conv in range(CONVERSATIONS):
             messages = history[conv] + [{"role": "user", "content": unique_text(25)}]
             async with http.post(url + "/v1/chat/completions", json={

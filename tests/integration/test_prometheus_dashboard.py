@@ -98,7 +98,8 @@ async def test_every_dashboard_query_runs_on_real_prometheus(
                                  json={"model": "sim-a", "prompt": system + "more", "max_tokens": 2}) as r:
                 await r.read()
         else:
-            pytest.fail("Prometheus never scraped every target twice: " + (tmp_path / "prometheus.log").read_text()[-2000:])
+            pytest.fail("Prometheus never scraped every target twice: "
+                        + (tmp_path / "prometheus.log").read_text()[-2000:])
 
         up = await query(http, base, 'up{job="stack"}')
         assert {r["metric"]["instance"] for r in up["result"] if r["value"][1] == "1"} == set(targets)

@@ -11,10 +11,9 @@ from router.fleet import EngineLoad, Fleet, Health, Replica
 from router.monitor import Monitor, parse_engine_load, parse_models
 from router.policies import build_policy
 from router.prefix.index import PrefixIndex
-from router.requests import (BodyError, RouteRequest, build_route_request, rewrite_model,
-                             validate_body)
+from router.requests import BodyError, RouteRequest, build_route_request, rewrite_model, validate_body
 from router.telemetry import Telemetry
-from router.validation import Node
+from yamlcheck import Node
 
 # Two data-parallel engines of one server (vLLM 0.32 names), plus another model's series.
 METRICS_NEW = """\
@@ -39,7 +38,7 @@ vllm:prefix_cache_hits_total{engine="1",model_name="m"} 100.0
 # TYPE vllm:cache_config_info gauge
 vllm:cache_config_info{block_size="16",enable_prefix_caching="True",engine="0",model_name="m",num_gpu_blocks="1000",num_cpu_blocks="None"} 1.0
 vllm:cache_config_info{block_size="16",enable_prefix_caching="True",engine="1",model_name="m",num_gpu_blocks="1000",num_cpu_blocks="None"} 1.0
-"""
+"""  # noqa: E501
 
 # Older vLLM: gpu_* names, no model filter needed.
 METRICS_LEGACY = """\

@@ -12,9 +12,9 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
-from aiohttp import web
 
 from router.fleet import Health
+
 
 def assert_error(status: int, payload: dict, expected: int, param: str | None = None) -> dict:
     assert status == expected, payload

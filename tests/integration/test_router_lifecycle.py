@@ -30,7 +30,7 @@ class RouterProcess:
         self.cwd = cwd
         self.proc: subprocess.Popen | None = None
 
-    def start(self) -> "RouterProcess":
+    def start(self) -> RouterProcess:
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "router", "--config", str(self.config_path)],
@@ -49,7 +49,7 @@ class RouterProcess:
                 async with http.get(self.url + "/ready", timeout=aiohttp.ClientTimeout(total=1)) as r:
                     if r.status == 200:
                         return
-            except (aiohttp.ClientError, asyncio.TimeoutError):
+            except (TimeoutError, aiohttp.ClientError):
                 pass
             await asyncio.sleep(0.05)
         raise AssertionError(f"router not ready:\n{self.log()}")
@@ -87,7 +87,7 @@ async def refused(url: str) -> bool:
         async with aiohttp.ClientSession() as fresh:
             async with fresh.get(url + "/health", timeout=aiohttp.ClientTimeout(total=0.5)):
                 return False
-    except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError, asyncio.TimeoutError):
+    except (TimeoutError, aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError):
         return True
 
 

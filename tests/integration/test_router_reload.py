@@ -53,7 +53,7 @@ class Load:
                 await self._one(http, w * 100_000 + i)
                 i += 1
 
-    def start(self) -> "Load":
+    def start(self) -> Load:
         self._tasks = [asyncio.create_task(self._worker(w)) for w in range(self.concurrency)]
         return self
 

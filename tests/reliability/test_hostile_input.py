@@ -19,8 +19,9 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 import yaml
@@ -337,7 +338,7 @@ def _raw(router: RouterChild, data: bytes, timeout: float = 5.0) -> tuple[int | 
         try:
             while chunk := s.recv(65536):
                 raw += chunk
-        except (TimeoutError, socket.timeout, ConnectionResetError):
+        except (TimeoutError, ConnectionResetError):
             pass
     head, _, body = raw.partition(b"\r\n\r\n")
     if not head.startswith(b"HTTP/"):

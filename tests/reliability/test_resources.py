@@ -115,7 +115,7 @@ async def test_the_body_budget_refuses_with_503_instead_of_growing(fakes, start_
         text = await r.text()
     assert metric(text, "router_request_body_bytes_held") == 2 * mib
     assert metric(text, "router_rejections_total", reason="body_budget") == 1
-    for reader, writer in trickling:  # they finish and are served
+    for _reader, writer in trickling:  # they finish and are served
         writer.write(b"x" * (mib - len(opening) - 2) + b'"}')
         await writer.drain()
     for reader, writer in trickling:

@@ -6,7 +6,6 @@ The receiver is a plain HTTP server speaking the part of Sentry's protocol the S
 
 from __future__ import annotations
 
-import asyncio
 import gzip
 import zlib
 
@@ -33,7 +32,7 @@ class EnvelopeReceiver:
         self.runner: web.AppRunner | None = None
         self.port = 0
 
-    async def start(self) -> "EnvelopeReceiver":
+    async def start(self) -> EnvelopeReceiver:
         app = web.Application()
         app.router.add_post("/api/{project}/envelope/", self.envelope)
         # The SDK gzips its envelopes: decode them here, as sentry.io does.

@@ -91,7 +91,8 @@ def test_table_shows_fraction_of_oracle():
 def test_write_report_with_plots(tmp_path):
     pytest.importorskip("matplotlib")
     (tmp_path / "runs").mkdir()
-    for i, r in enumerate(RUNS + [run("ours:cache_aware", 0.3, 0.7, qps=4.0), run("ours:round_robin", 0.4, 0.4, qps=4.0)]):
+    more = [run("ours:cache_aware", 0.3, 0.7, qps=4.0), run("ours:round_robin", 0.4, 0.4, qps=4.0)]
+    for i, r in enumerate(RUNS + more):
         (tmp_path / "runs" / f"{i}.json").write_text(json.dumps(r))
     (tmp_path / "meta.json").write_text(json.dumps({"scenario": "s", "command": "python -m benchmarks run x"}))
     path = write_report(tmp_path)

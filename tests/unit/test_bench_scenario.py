@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from benchmarks.scenario import ConfigError, load_scenario, parse_scenario
-from router.validation import Node
+from yamlcheck import Node
 
 SCENARIOS = sorted(Path(__file__).resolve().parents[2].joinpath("benchmarks", "scenarios").glob("*.yaml"))
 
@@ -76,9 +76,11 @@ def test_target_errors():
 
 
 def test_arrival_errors():
-    assert "arrival.qps_values: expected at least one QPS value" in error(with_("arrival", {"kind": "sweep", "qps_values": []}))
+    assert "arrival.qps_values: expected at least one QPS value" in error(
+        with_("arrival", {"kind": "sweep", "qps_values": []}))
     assert "arrival.qps: expected a number greater than 0" in error(with_("arrival", {"kind": "poisson", "qps": 0}))
-    assert "arrival.concurrency: unknown key" in error(with_("arrival", {"kind": "poisson", "qps": 1, "concurrency": 3}))
+    assert "arrival.concurrency: unknown key" in error(
+        with_("arrival", {"kind": "poisson", "qps": 1, "concurrency": 3}))
 
 
 def test_fleet_errors():

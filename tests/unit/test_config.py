@@ -10,9 +10,8 @@ import pytest
 import yaml
 
 from router.cli import main as cli_main
-from router.config import (DEFAULT_CONFIG_PATH, Config, load_config, parse_config,
-                           validate_policy_params)
-from router.validation import ConfigError
+from router.config import DEFAULT_CONFIG_PATH, Config, load_config, parse_config, validate_policy_params
+from yamlcheck import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
 GOOD = {

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from engines.launcher import load_config, parse_config, plan
-from router.validation import ConfigError
+from yamlcheck import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -5,8 +5,7 @@ from __future__ import annotations
 import orjson
 from aiohttp import web
 
-from router.errors import (RouterError, error_body, error_middleware, error_payload,
-                           sse_error_event)
+from router.errors import RouterError, error_body, error_middleware, error_payload, sse_error_event
 
 # What real vLLM 0.32 answers for an unknown model (shared/reference/error_404.json).
 VLLM_404 = {"error": {"message": "The model `nope` does not exist. Valid aliases: tiny-llama.",

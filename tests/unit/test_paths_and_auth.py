@@ -12,8 +12,13 @@ from multidict import CIMultiDict
 from router.auth import ANONYMOUS, KeyRing, presented_key
 from router.config import AuthConfig, ClientKeyConfig
 from router.errors import RouterError
-from router.paths import (DEFAULT_FORWARD_PATHS, MANAGEMENT_PATHS, forward_path_problem,
-                          is_management_path, raw_path_problem)
+from router.paths import (
+    DEFAULT_FORWARD_PATHS,
+    MANAGEMENT_PATHS,
+    forward_path_problem,
+    is_management_path,
+    raw_path_problem,
+)
 
 SMUGGLED = [
     "/v1/..%2Fadmin%2Ffaults", "/v1/%2e%2e/admin/faults", "/v1/%2E%2E%2Fadmin%2Ffaults",

@@ -9,7 +9,7 @@ from router.policies import build_policy
 from router.prefix.hashing import hash_text
 from router.prefix.index import PrefixIndex
 from router.requests import RouteRequest
-from router.validation import Node
+from yamlcheck import Node
 
 
 def fleet(n: int) -> list[Replica]:

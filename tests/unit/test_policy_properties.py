@@ -14,7 +14,7 @@ from router.policies.load import capacity, load_allowances
 from router.prefix.hashing import hash_text
 from router.prefix.index import PrefixIndex
 from router.requests import RouteRequest
-from router.validation import Node
+from yamlcheck import Node
 
 POLICIES = ["cache_aware", "prefix_affinity", "session", "power_of_two", "random"]
 SYSTEM = "You are a careful assistant. Answer briefly and cite sources. " * 8
@@ -176,14 +176,14 @@ def test_suspect_replicas_only_win_when_nothing_healthy_remains() -> None:
 
 @pytest.mark.parametrize("name", POLICIES)
 def test_unknown_parameters_are_config_errors_with_their_path(name) -> None:
-    from router.validation import ConfigError
+    from yamlcheck import ConfigError
 
     with pytest.raises(ConfigError, match=r"routing\.params\.bogus"):
         build_policy(name, Node({"bogus": 1}, "routing.params"))
 
 
 def test_parameter_ranges_are_checked() -> None:
-    from router.validation import ConfigError
+    from yamlcheck import ConfigError
 
     for bad in ({"load_factor": 1.0}, {"ewma_alpha": 0}, {"prefill_tokens_per_s": -1},
                 {"min_learn_tokens": 0}, {"typical_tokens": "many"}):

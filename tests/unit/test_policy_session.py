@@ -7,7 +7,7 @@ from router.policies import build_policy
 from router.policies.session import Session
 from router.prefix.index import PrefixIndex
 from router.requests import RouteRequest
-from router.validation import Node
+from yamlcheck import Node
 
 
 def fleet(n: int, **kw) -> list[Replica]:

@@ -1,5 +1,8 @@
 """Path-precise validation of YAML configuration, shared by routes.yaml and engines.yaml.
 
+Its own package so that router/ and engines/ both use it without importing each other
+(router/ uses engines.launcher; engines/ must not need router/).
+
 Every error names the file, the key path (e.g. ``models[0].backends[1].url``), what was
 found and what was expected, and for unknown keys a "did you mean" hint.  Validators
 read plain dicts/lists produced by ``yaml.safe_load`` and return typed values; callers
@@ -9,8 +12,9 @@ build frozen dataclasses from them.
 from __future__ import annotations
 
 import difflib
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Iterable, Mapping, NoReturn, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import yaml
 
@@ -59,7 +63,7 @@ class Node:
     def fail(self, message: str) -> NoReturn:
         raise ConfigError(self.file, self.path, message)
 
-    def mapping(self, allowed: Iterable[str]) -> "Node":
+    def mapping(self, allowed: Iterable[str]) -> Node:
         """Assert this node is a mapping whose keys are all in `allowed`."""
         if self.value is None:
             self.value = {}
@@ -77,7 +81,7 @@ class Node:
                 )
         return self
 
-    def get(self, key: str, default: Any = _MISSING) -> "Node":
+    def get(self, key: str, default: Any = _MISSING) -> Node:
         """The child `key`; missing and no default -> error; missing with default -> default."""
         assert isinstance(self.value, Mapping), "call mapping() first"
         if key in self.value and self.value[key] is not None:
@@ -89,7 +93,7 @@ class Node:
     def has(self, key: str) -> bool:
         return isinstance(self.value, Mapping) and self.value.get(key) is not None
 
-    def items(self) -> list["Node"]:
+    def items(self) -> list[Node]:
         """Children of a list node."""
         if self.value is None:
             return []
