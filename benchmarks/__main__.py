@@ -150,8 +150,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "chaos":
             return _chaos(args, argv)
         if args.command == "report":
-            from benchmarks.report import write_report
-            print(f"results: {write_report(Path(args.output))}")
+            from benchmarks.overhead import write_overhead_report
+            from benchmarks.report import read_meta, write_report
+
+            out = Path(args.output)
+            meta = read_meta(out)
+            written = write_overhead_report(out, meta) if meta.get("mode") == "overhead" else write_report(out)
+            print(f"results: {written}")
             return 0
         return _run(args)
     except ConfigError as exc:

