@@ -5,8 +5,6 @@ A recording hook is added to a real router's hooks; FakeReplicas answer, fail, o
 
 from __future__ import annotations
 
-import asyncio
-
 import aiohttp
 
 from router.hooks import Attempt, Hook
@@ -56,7 +54,7 @@ async def test_the_moments_of_success_failover_and_abandonment(fakes, start_rout
         async with http.post(server.url + "/v1/completions", json=body,
                              timeout=aiohttp.ClientTimeout(total=0.3)) as r:
             await r.read()
-    except asyncio.TimeoutError:
+    except TimeoutError:
         pass
     await until(lambda: ("complete", good.url, "abandoned") in recorder.events,
                 message="the abandoned attempt completed")
