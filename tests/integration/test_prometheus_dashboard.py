@@ -39,6 +39,8 @@ MUST_HAVE_DATA = {
     "Prefix-cache hit rate per replica (replicas' own counters)",
     "Replica health (1 = in state)",
     "Routing decisions per replica",
+    "Circuit breakers (1 = in state)",
+    "Client connections and event-loop lag",
 }
 
 
