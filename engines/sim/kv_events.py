@@ -76,8 +76,13 @@ class KVEventPublisher:
     def __init__(self, cfg: KVEventsConfig, dp_rank: int = 0) -> None:
         self.cfg = cfg
         self.dp_rank = dp_rank
-        import zmq
-        import zmq.asyncio
+        try:
+            import msgpack  # noqa: F401 - checked here, used by publish()
+            import zmq
+            import zmq.asyncio
+        except ImportError as exc:
+            raise SystemExit(f"the simulator's KV events need pyzmq and msgpack ({exc}): "
+                             "pip install 'vllm-smart-router[sim]'") from None
 
         self._ctx = zmq.asyncio.Context()
         self._pub = self._ctx.socket(zmq.PUB)
