@@ -41,6 +41,7 @@ from typing import Any
 import aiohttp
 import psutil
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from benchmarks.loadgen import make_client, send
 from benchmarks.procs import Proc, Processes
@@ -149,11 +150,11 @@ def attempts(text: str) -> dict[str, float]:
     answers it started (`router_policy_decisions`) plus the requests that left it for
     another replica (`router_failovers`)."""
     out: dict[str, float] = {}
-    for line in text.splitlines():
-        if line.startswith(("router_policy_decisions_total{", "router_failovers_total{")):
-            labels, _, value = line.rpartition(" ")
-            replica = labels.split('replica="', 1)[1].split('"', 1)[0]
-            out[replica] = out.get(replica, 0.0) + float(value)
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name in ("router_policy_decisions_total", "router_failovers_total"):
+                replica = sample.labels["replica"]
+                out[replica] = out.get(replica, 0.0) + sample.value
     return out
 
 

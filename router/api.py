@@ -26,6 +26,7 @@ import asyncio
 import re
 import time
 import uuid
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -36,6 +37,7 @@ from router.auth import Client, KeyRing
 from router.errors import Handler, RouterError, bad_request
 from router.fleet import Fleet, Health, Replica
 from router.limits import BodyBudget, BodyLease, read_body
+from router.membership import NoSuchReplica
 from router.paths import raw_path_problem
 from router.proxy import CLIENT_CLOSED, Proxy, forwardable_request_headers
 from router.requests import BodyError, build_route_request, rewrite_model, validate_body
@@ -440,25 +442,27 @@ class Api:
         except orjson.JSONDecodeError as exc:
             raise bad_request(f"Malformed JSON in the request body: {exc}") from None
 
-    async def handle_register(self, request: web.Request) -> web.Response:
-        """POST /admin/replicas {model, url, ...}: a new replica (traffic after its first probe)."""
+    async def _membership(self, request: web.Request, change: Callable[[Any], Replica]) -> Replica:
+        """Apply one admin membership change: 400 for a bad body, 404 for an unknown replica."""
         body = await self._admin_body(request)
-        assert self.reloader is not None
         try:
-            replica = self.reloader.register(body)
+            return change(body)
         except ConfigError as exc:
             raise bad_request(str(exc)) from None
+        except NoSuchReplica as exc:
+            raise RouterError(404, str(exc)) from None
+
+    async def handle_register(self, request: web.Request) -> web.Response:
+        """POST /admin/replicas {model, url, ...}: a new replica (traffic after its first probe)."""
+        assert self.reloader is not None
+        replica = await self._membership(request, self.reloader.register)
         return _json({"registered": {"model": replica.model, "url": replica.url,
                                      "health": replica.health.value}}, status=201)
 
     async def handle_deregister(self, request: web.Request) -> web.Response:
         """DELETE /admin/replicas {url, model?}: no new requests; in-flight ones finish."""
-        body = await self._admin_body(request)
         assert self.reloader is not None
-        try:
-            replica = self.reloader.deregister(body)
-        except ConfigError as exc:
-            raise RouterError(404 if "no replica" in str(exc) else 400, str(exc)) from None
+        replica = await self._membership(request, self.reloader.deregister)
         return _json({"removed": {"model": replica.model, "url": replica.url,
                                   "in_flight": replica.in_flight}})
 

@@ -72,6 +72,10 @@ def _update_in_place(replica: Replica, backend: BackendConfig) -> bool:
     return changed
 
 
+class NoSuchReplica(LookupError):
+    """DELETE /admin/replicas named a replica the fleet does not have."""
+
+
 class FleetWiring:
     """The fleet's listener: what joining and leaving mean for the router's other parts."""
 
@@ -213,7 +217,7 @@ class Reloader:
         model = node.get("model").string() if node.has("model") else None
         matches = [r for r in self.router.fleet if r.url == url and model in (None, r.model)]
         if not matches:
-            node.get("url").fail(f"no replica {url}" + (f" of {model}" if model else ""))
+            raise NoSuchReplica(f"No replica {url}" + (f" of {model}" if model else ""))
         for replica in matches:
             self.router.fleet.remove(replica)
             self.registered.pop((replica.model, replica.url), None)

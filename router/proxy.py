@@ -106,7 +106,7 @@ _ERROR_BODY_CAP = 64 * 1024  # bytes kept of a failed upstream response
 CLIENT_CLOSED = 499  # nginx's status for "client closed the request"
 
 _UPSTREAM_ERRORS = (aiohttp.ClientError, OSError)
-# Failure kinds that say the replica itself may be down: probe it again at once.
+# Failure kinds answered 504 (a wait ran out) rather than 502 when the attempts end.
 _TIMEOUT_KINDS = frozenset({"connect_timeout", "first_byte_timeout", "read_timeout"})
 KIND_TEXT = {
     "connect": "could not be reached",
@@ -175,8 +175,6 @@ class NoReplicaLeft(Exception):
     """Every replica of the ranking became unroutable during failover."""
 
 
-
-
 class _StopWhen(stop_base):
     """A tenacity stop condition from a plain predicate (the retry budget's)."""
 
@@ -185,6 +183,7 @@ class _StopWhen(stop_base):
 
     def __call__(self, retry_state: RetryCallState) -> bool:
         return bool(self.predicate(retry_state))
+
 
 class ConnectWatch:
     """The connect timeout of one attempt, blind to the router's own event-loop stalls.
@@ -264,7 +263,6 @@ class Proxy:
         self.index = index
         self.config = config
         self.telemetry = telemetry
-        self.monitor = monitor
         self.request_id_header = request_id_header
         # Waits are the router's own (router/waits.py); the connect's is a ConnectWatch.
         self.waits = Waits(config.unhealthy_grace)
