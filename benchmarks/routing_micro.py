@@ -34,10 +34,10 @@ import tracemalloc
 from pathlib import Path
 
 from router.fleet import EngineLoad, Health, Replica
-from router.policies import build_policy
 from router.prefix.hashing import prefix_hashes
 from router.prefix.index import DEFAULT_CAPACITY_BLOCKS, PrefixIndex
 from router.requests import RouteRequest
+from router.scheduling import build_profile as build_policy
 from yamlcheck import Node
 
 MODEL = "meta-llama/Llama-3.1-8B-Instruct"

@@ -34,7 +34,6 @@ from router.fleet import EngineLoad, Replica
 from router.loop_lag import LoopLag
 from router.membership import FleetWiring, Reloader, build_fleet
 from router.monitor import Monitor
-from router.policies import build_policy
 from router.prefix.index import DEFAULT_CAPACITY_BLOCKS, PrefixIndex
 from router.proxy import Proxy, connect_tracing
 from router.telemetry import Telemetry, init_sentry
@@ -109,7 +108,7 @@ class Router:
         prefix = config.prefix
         self.index = PrefixIndex(prefix.capacity_blocks or DEFAULT_CAPACITY_BLOCKS,
                                  tokens_per_block=max(1, prefix.block_chars // 4))
-        self.policy = build_policy(config.routing.policy, config.routing.params_node())
+        self.policy = config.routing.build_profile()
         self.telemetry.set_info(self.policy.name)
         self.session: aiohttp.ClientSession | None = None  # requests to replicas
         self.probe_session: aiohttp.ClientSession | None = None  # the monitor's own pool
@@ -198,10 +197,8 @@ class Router:
         """Make `config` the running one (router/membership.py decides what may change)."""
         assert self.monitor is not None and self.proxy is not None and self.api is not None
         if rebuild_policy:
-            policy = build_policy(config.routing.policy, config.routing.params_node())
-            adopt = getattr(policy, "adopt", None)
-            if adopt is not None and type(policy) is type(self.policy):
-                adopt(self.policy)  # what it learned about the replicas stays
+            policy = config.routing.build_profile()
+            policy.adopt(self.policy)  # what it learned about the replicas stays (rates, shares)
             self.policy = self.proxy.policy = policy
             self.telemetry.set_info(policy.name)
         self.monitor.health_cfg, self.monitor.metrics_cfg = config.health, config.metrics

@@ -31,8 +31,10 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from router.config import CircuitBreakerConfig
+if TYPE_CHECKING:
+    from router.config import CircuitBreakerConfig
 
 log = logging.getLogger("router.breaker")
 

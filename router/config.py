@@ -12,7 +12,7 @@
                priority_header, rate_limit, max_clients}
     models:   - {name, aliases: [..], backends: [{url, tensor_parallel_size, weight,
                  labels, api_key | api_key_env | api_key_file}]}
-    routing:  {policy, params: {...}, session_header}
+    routing:  {policy, params: {...}, terms: {...}, session_header}
     prefix:   {block_chars, block_tokens, capacity_blocks, max_blocks_per_request}
     health:   {interval, timeout, failure_threshold, success_threshold}
     metrics:  {scrape_interval, timeout, models_interval}
@@ -39,12 +39,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from router.paths import DEFAULT_FORWARD_PATHS, forward_path_problem
-from router.policies import DEFAULT_POLICY, POLICY_NAMES
+from router.scheduling.presets import DEFAULT_PRESET, PRESET_NAMES, build_profile
 from yamlcheck import ConfigError, Node, describe, load_yaml
+
+if TYPE_CHECKING:
+    from router.scheduling.profile import Profile
 
 LOG_FORMATS = ("json", "text")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
@@ -155,14 +158,23 @@ class ModelConfig:
 
 @dataclass(frozen=True, slots=True)
 class RoutingConfig:
-    policy: str = DEFAULT_POLICY
+    policy: str = DEFAULT_PRESET  # a preset of router/scheduling/presets.py
     params: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+    terms: Mapping[str, Any] | None = None  # cost term -> weight; None: the preset's own
     session_header: str = "X-Session-Id"  # session key header (else the body's `user`)
     file: str | None = None  # for params_node() error messages
 
     def params_node(self) -> Node:
         """The policy's parameters as a Node, so `build()` can report key paths."""
         return Node(dict(self.params), "routing.params", self.file)
+
+    def terms_node(self) -> Node | None:
+        """routing.terms as a Node (None when not set)."""
+        return None if self.terms is None else Node(dict(self.terms), "routing.terms", self.file)
+
+    def build_profile(self) -> Profile:
+        """The scheduling profile this section describes (ConfigError on bad params/terms)."""
+        return build_profile(self.policy, self.params_node(), self.terms_node())
 
 
 @dataclass(frozen=True, slots=True)
@@ -257,7 +269,7 @@ _MODEL_KEYS = ("name", "aliases", "backends")
 _BACKEND_KEYS = ("url", "tensor_parallel_size", "weight", "labels", "api_key", "api_key_env",
                  "api_key_file", "kv_events")
 _KV_EVENTS_KEYS = ("endpoint", "replay_endpoint", "topic")
-_ROUTING_KEYS = ("policy", "params", "session_header")
+_ROUTING_KEYS = ("policy", "params", "terms", "session_header")
 _PREFIX_KEYS = ("block_chars", "block_tokens", "capacity_blocks", "max_blocks_per_request")
 _HEALTH_KEYS = ("interval", "timeout", "failure_threshold", "success_threshold")
 _METRICS_KEYS = ("scrape_interval", "timeout", "models_interval")
@@ -590,9 +602,13 @@ def _routing(node: Node) -> RoutingConfig:
     params = node.get("params", {})
     if not isinstance(params.value, Mapping):
         params.fail(f"expected a mapping of policy parameters, found {describe(params.value)}")
+    terms = node.get("terms", None)
+    if terms.value is not None and not isinstance(terms.value, Mapping):
+        terms.fail(f"expected a mapping of cost term names to weights, found {describe(terms.value)}")
     return RoutingConfig(
-        policy=node.get("policy", DEFAULT_POLICY).choice(POLICY_NAMES),
+        policy=node.get("policy", DEFAULT_PRESET).choice(PRESET_NAMES),
         params=MappingProxyType(dict(params.value)),
+        terms=None if terms.value is None else MappingProxyType(dict(terms.value)),
         session_header=_header_name(node.get("session_header", "X-Session-Id")),
         file=str(node.file) if node.file is not None else None,
     )
@@ -728,16 +744,9 @@ def load_config(path: str | Path, *, env: Mapping[str, str] | None = None) -> Co
 
 
 def validate_policy_params(config: Config) -> None:
-    """Build the policy once so a bad `routing.params` is a config error, not a crash later."""
-    from router.policies import build_policy
-
-    try:
-        build_policy(config.routing.policy, config.routing.params_node())
-    except ConfigError:
-        raise
-    except ModuleNotFoundError as exc:
-        raise ConfigError(config.file, "routing.policy",
-                          f"policy '{config.routing.policy}' is not available ({exc})") from None
+    """Build the profile once so bad `routing.params` / `routing.terms` are config errors,
+    not a crash later."""
+    config.routing.build_profile()
 
 
 __all__ = [

@@ -36,10 +36,10 @@ if TYPE_CHECKING:
     from router.breaker import CircuitBreakers
     from router.fleet import Replica
     from router.monitor import Monitor
-    from router.policies.base import Decision, Policy
     from router.prefix.index import PrefixIndex
     from router.proxy import UpstreamFailure
     from router.requests import RouteRequest
+    from router.scheduling import Decision, Profile
     from router.telemetry import RequestRecord, Telemetry
 
 log = logging.getLogger("router.hooks")
@@ -181,7 +181,7 @@ class SuspectMarking(Hook):
 
 
 class PolicyFeedback(Hook):
-    def __init__(self, policy: Callable[[], Policy], telemetry: Telemetry) -> None:
+    def __init__(self, policy: Callable[[], Profile], telemetry: Telemetry) -> None:
         self.policy = policy  # a getter: a reload may swap the policy
         self.telemetry = telemetry
 

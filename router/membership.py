@@ -90,9 +90,7 @@ class FleetWiring:
     def replica_removed(self, replica: Replica) -> None:
         router = self.router
         router.index.remove_replica(replica.id)
-        forget = getattr(router.policy, "forget_replica", None)
-        if forget is not None:
-            forget(replica.id)
+        router.policy.forget_replica(replica.id)
         task = asyncio.get_running_loop().create_task(self._retire(replica))
         self._stopping.add(task)  # kept until done (asyncio holds tasks weakly)
         task.add_done_callback(self._stopping.discard)
@@ -158,8 +156,8 @@ class Reloader:
             prefix=old.prefix, launch=old.launch,
             proxy=dataclasses.replace(config.proxy, max_connections=old.proxy.max_connections))
         added, removed, updated = self._apply_backends(config)
-        policy_changed = (old.routing.policy, dict(old.routing.params)) != (
-            config.routing.policy, dict(config.routing.params))
+        policy_changed = (old.routing.policy, dict(old.routing.params), old.routing.terms) != (
+            config.routing.policy, dict(config.routing.params), config.routing.terms)
         router.apply_config(config, rebuild_policy=policy_changed)
         summary = {"file": config.file, "applied": live, "restart_required": restart,
                    "replicas_added": added, "replicas_removed": removed,

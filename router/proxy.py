@@ -77,8 +77,9 @@ from router.hooks import (
     SuspectMarking,
 )
 from router.loop_lag import LoopLag
-from router.policies.base import Decision, Policy
 from router.retry_budget import RetryBudget
+from router.scheduling import Decision, Profile
+from router.scheduling.candidates import health_order
 from router.telemetry import RequestRecord, Telemetry
 from router.waits import DRAIN, UNHEALTHY, Wait, Waits
 
@@ -252,7 +253,7 @@ def connect_tracing() -> aiohttp.TraceConfig:
 class Proxy:
     """Forwards RouteRequests to replicas; one per app."""
 
-    def __init__(self, *, session: aiohttp.ClientSession, policy: Policy, index: PrefixIndex,
+    def __init__(self, *, session: aiohttp.ClientSession, policy: Profile, index: PrefixIndex,
                  config: ProxyConfig, telemetry: Telemetry, monitor: Monitor | None = None,
                  request_id_header: str = "X-Request-Id",
                  breaker_config: CircuitBreakerConfig | None = None,
@@ -336,11 +337,8 @@ class Proxy:
             decision = self.policy.rank(route, candidates, self.index)
         except Exception:  # noqa: BLE001 - a policy bug must not fail the request
             log.exception("policy %s failed; falling back to configuration order", self.policy.name)
-            decision = Decision(ranked=list(candidates), why={"fallback": "policy error"})
+            decision = Decision(ranked=health_order(candidates), why={"fallback": "policy error"})
         self.telemetry.decision_seconds.labels(self.policy.name).observe(time.perf_counter() - started)
-        ranked = [r for r in decision.ranked if r.routable] or [r for r in candidates if r.routable]
-        # Healthy before suspect, whatever the policy said (stable: keeps its order).
-        decision.ranked = sorted(ranked, key=lambda r: r.health is not Health.HEALTHY)
         record.policy = self.policy.name
         record.why = decision.why
         return decision

@@ -74,24 +74,38 @@ def chain_seed(
     return _xxh3(encoded)
 
 
+_CHUNK_BLOCKS = 32  # blocks cut per struct call: one C call makes 32 bytes objects
+
+
 @lru_cache(maxsize=64)
-def _blocks_of(block_bytes: int) -> Struct:
-    return Struct(f"{block_bytes}s")
+def _blocks_of(block_bytes: int, count: int) -> Struct:
+    return Struct(f"{block_bytes}s" * count)
 
 
 def _chain(data: bytes, block_bytes: int, seed: int) -> tuple[int, ...]:
     """Chained hashes of the full `block_bytes`-sized blocks of `data`."""
-    full = len(data) - len(data) % block_bytes
-    if not full:
+    n_blocks = len(data) // block_bytes
+    if not n_blocks:
         return ()
     out: list[int] = []
     append = out.append
     h = seed
-    # struct.iter_unpack cuts the blocks in C: 32 us instead of 53 us for 32k characters
-    # with slicing in Python (2-core AMD EPYC, CPU time per call).
-    for (block,) in _blocks_of(block_bytes).iter_unpack(memoryview(data)[:full]):
-        h = _xxh3(block, h)
-        append(h)
+    view = memoryview(data)
+    # struct cuts the blocks in C, 32 per call (a tuple of 32 bytes objects): 25 us for 32k
+    # characters instead of 33 us one block per struct call, 53 us slicing in Python
+    # (2-core AMD EPYC, CPU time per call).
+    chunk = _CHUNK_BLOCKS * block_bytes
+    whole = n_blocks // _CHUNK_BLOCKS * chunk
+    if whole:
+        for group in _blocks_of(block_bytes, _CHUNK_BLOCKS).iter_unpack(view[:whole]):
+            for block in group:
+                h = _xxh3(block, h)
+                append(h)
+    rest = n_blocks % _CHUNK_BLOCKS
+    if rest:
+        for block in _blocks_of(block_bytes, rest).unpack_from(view, whole):
+            h = _xxh3(block, h)
+            append(h)
     return tuple(out)
 
 

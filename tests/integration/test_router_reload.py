@@ -259,16 +259,19 @@ async def test_a_reload_keeps_what_the_policy_learned_about_replicas_that_stay(
             assert r.status == 200
             await r.read()
     old_policy = router.policy
-    learned = dict(old_policy._rates)
+    learned = dict(old_policy.producer("rates")._rates)
     assert learned, "the policy learned no rate"
     stays = next(iter(learned))  # a replica the policy learned about stays, the other goes
     goes = b.url if stays == a.url else a.url
     doc = make_routes([stays], policy="cache_aware")
     doc["routing"]["params"] = {"load_factor": 1.5}
+    doc["routing"]["terms"] = {"queue": 1.0, "prefill": 1.0, "eviction": 1.0}  # new weights, same rates
     path.write_text(yaml.safe_dump(doc))
     async with http.post(server.url + "/admin/reload") as r:
         assert r.status == 200
-    assert router.policy is not old_policy and router.policy.load_factor == 1.5
-    kept = router.policy._rates
+    assert router.policy is not old_policy and router.policy.keys[0].load_factor == 1.5  # the guard
+    cost = router.policy.cost
+    assert cost is not None and cost.weights["eviction"] == 1.0
+    kept = router.policy.producer("rates")._rates
     assert kept[stays] == learned[stays]
     assert goes not in kept

@@ -148,7 +148,7 @@ def record(build: Callable[[str, Node], Any]) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    from router.policies import build_policy
+    from router.scheduling import build_profile
 
-    json.dump(record(build_policy), sys.stdout, indent=1)
+    json.dump(record(build_profile), sys.stdout, indent=1)
     sys.stdout.write("\n")

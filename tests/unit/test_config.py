@@ -133,6 +133,38 @@ def test_policy_params_are_validated_with_their_path() -> None:
     assert "did you mean 'use_scraped'" in str(info.value)
 
 
+@pytest.mark.parametrize(("routing", "path", "fragment"), [
+    ({"terms": {"prefil": 1.0}}, "routing.terms.prefil", "did you mean 'prefill'"),
+    ({"terms": {"queue": -1}}, "routing.terms.queue", ">= 0"),
+    ({"terms": {"queue": "fast"}}, "routing.terms.queue", "expected a number"),
+    ({"terms": {"queue": float("inf")}}, "routing.terms.queue", "finite"),
+    ({"terms": {"queue": 0, "prefill": 0}}, "routing.terms", "at least one cost term with a weight > 0"),
+    ({"terms": [1, 2]}, "routing.terms", "expected a mapping of cost term names to weights"),
+    ({"policy": "round_robin", "terms": {"queue": 1}}, "routing.terms", "sums no cost terms"),
+    ({"terms": {"eviction": 1}, "params": {"eviction_weight": 2}}, "routing.params.eviction_weight",
+     "routing.terms.eviction"),
+    ({"params": {"kv_pressure_onset": 1.5}}, "routing.params.kv_pressure_onset", "<= 0.99"),
+])
+def test_routing_terms_are_validated_with_their_path(routing: dict, path: str, fragment: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        validate_policy_params(parse_config({**GOOD, "routing": routing}, "routes.yaml"))
+    assert info.value.path == path and info.value.file == "routes.yaml"
+    assert fragment in info.value.message, info.value.message
+
+
+def test_routing_terms_set_the_profile_weights() -> None:
+    cfg = parse_config({**GOOD, "routing": {"terms": {"prefill": 1.0, "queue": 0.5, "kv_pressure": 2}}})
+    cost = cfg.routing.build_profile().cost
+    assert cost is not None and cost.weights == {"prefill": 1.0, "queue": 0.5, "kv_pressure": 2.0}
+    default = parse_config(GOOD).routing.build_profile().cost
+    assert default is not None and default.weights == {"queue": 1.0, "prefill": 1.0, "eviction": 2.0}
+    legacy = parse_config({**GOOD, "routing": {"params": {"eviction_weight": 0.5}}}).routing.build_profile().cost
+    assert legacy is not None and legacy.weights["eviction"] == 0.5
+    session = parse_config({**GOOD, "routing": {"policy": "session", "terms": {"prefill": 1}}})
+    cost = session.routing.build_profile().cost  # the cache_aware fallback of requests without a key
+    assert cost is not None and cost.weights == {"prefill": 1.0}
+
+
 def test_launch_block(tmp_path: Path) -> None:
     (tmp_path / "engines.yaml").write_text("models: []\n")
     routes = tmp_path / "routes.yaml"

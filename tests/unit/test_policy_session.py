@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from router.fleet import Health, Replica
-from router.policies import build_policy
-from router.policies.session import Session
 from router.prefix.index import PrefixIndex
 from router.requests import RouteRequest
+from router.scheduling import Profile
+from router.scheduling import build_profile as build_policy
+from router.scheduling.ring import RingOrder
 from yamlcheck import Node
 
 
@@ -21,7 +22,7 @@ def request(key: str | None, text: str = "hello " * 40) -> RouteRequest:
                         block_hashes=hash_text(text, "m"), prompt_chars=len(text), session_key=key)
 
 
-def owners(policy: Session, keys: list[str], replicas: list[Replica]) -> dict[str, str]:
+def owners(policy: Profile, keys: list[str], replicas: list[Replica]) -> dict[str, str]:
     return {k: policy.rank(request(k), replicas, PrefixIndex()).ranked[0].id for k in keys}
 
 
@@ -91,7 +92,7 @@ def test_without_a_key_it_falls_back_to_cache_aware() -> None:
     decision = policy.rank(req, replicas, index)
     assert decision.ranked[0] is replicas[2]
     assert decision.why["policy"] == "session" and decision.why["fallback"] == "cache_aware"
-    assert policy.fallback.load_factor == 1.5
+    assert policy.fallback is not None and policy.fallback.keys[0].load_factor == 1.5  # the guard
 
 
 def test_rings_are_cached_and_bounded() -> None:
@@ -99,4 +100,5 @@ def test_rings_are_cached_and_bounded() -> None:
     replicas = fleet(40)
     for i in range(60):  # many different replica subsets
         policy.rank(request("k"), replicas[: 1 + i % 40], PrefixIndex())
-    assert len(policy._rings) <= 32
+    ring = policy.keys[1]
+    assert isinstance(ring, RingOrder) and len(ring._rings) <= 32

@@ -1,0 +1,114 @@
+"""`Candidates`: the per-request table every pipeline stage reads, and the health filter.
+
+The proxy hands the scheduler the replicas that serve the request's model and that their
+circuit breakers admit.  `gather` turns them into one table, columns as parallel lists (one
+row per candidate, in the given order), so that producers, cost terms and order keys each
+work on whole columns in one call: at 64 candidates a Python call per replica per stage
+would cost more than the decision itself (benchmarks/routing_micro.py).
+
+**The health filter** lives here and only here: HEALTHY replicas are group 0, SUSPECT ones
+group 1 (they rank after every healthy one: they get traffic only when nothing better is
+left), anything else (UNKNOWN, UNHEALTHY) is dropped even if a caller passes it.  Every
+profile sorts on ``group`` first.
+
+Base columns, read once from the replicas:
+* ``queued``: ``Replica.queued``, the larger of the router's in-flight count (fresh, rises
+  at dispatch so a burst spreads at once) and the replica's scraped running + waiting
+  (sees other clients, lags a scrape);
+* ``capacity``: tensor-parallel size x weight (a TP=4 replica prefills about four times
+  as fast; ``weight`` is the operator's relative-capacity hint, <= 0 counts as 1);
+* ``waiting``: the replica's own last reported waiting queue (``vllm:num_requests_waiting``).
+Producers add what they compute to ``data`` under their own name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from router.fleet import Health
+
+if TYPE_CHECKING:
+    from router.fleet import Replica
+    from router.prefix.index import PrefixIndex
+
+HEALTHY_GROUP = 0
+SUSPECT_GROUP = 1
+
+
+class Candidates:
+    """The routable candidates of one request, as columns; see the module docstring."""
+
+    __slots__ = ("replicas", "ids", "group", "queued", "capacity", "waiting", "n", "n_healthy", "index", "data",
+                 "_capacity_groups")
+
+    def __init__(self, replicas: list[Replica], group: list[int], index: PrefixIndex) -> None:
+        self.replicas = replicas
+        self.group = group
+        self.n = len(replicas)
+        self.n_healthy = self.n - sum(group)
+        self.index = index
+        self.ids = [r.url for r in replicas]
+        loads = [r.load for r in replicas]
+        self.waiting = [load.waiting for load in loads]
+        self.queued = [f if (f := float(r.in_flight)) > (s := load.running + w) else s
+                       for r, load, w in zip(replicas, loads, self.waiting)]
+        self.capacity = [(r.tensor_parallel_size if r.tensor_parallel_size > 1 else 1)
+                         * (r.weight if r.weight > 0 else 1.0) for r in replicas]
+        self.data: dict[str, Any] = {}
+        self._capacity_groups: tuple[tuple[float, set[float]], ...] | None = None
+
+    def capacity_groups(self) -> tuple[tuple[float, set[float]], ...]:
+        """Per health group (healthy, suspect): total capacity and the distinct capacities
+        (computed once per request; the guard and the recent share both need them)."""
+        groups = self._capacity_groups
+        if groups is None:
+            caps = self.capacity
+            if self.n_healthy == self.n:
+                groups = ((sum(caps), set(caps)), (0.0, set()))
+            else:
+                per = [[c for c, g in zip(caps, self.group) if g == k] for k in (0, 1)]
+                groups = tuple((sum(p), set(p)) for p in per)
+            self._capacity_groups = groups
+        return groups
+
+    def group_rows(self, group: int) -> list[int]:
+        """Row numbers of one health group, in the given order."""
+        return [i for i, g in enumerate(self.group) if g == group]
+
+    def split_positions(self) -> list[int]:
+        """Each row's position in the healthy-then-suspect order (stable within a group)."""
+        healthy = 0
+        suspect = self.n_healthy
+        out = []
+        for g in self.group:
+            if g:
+                out.append(suspect)
+                suspect += 1
+            else:
+                out.append(healthy)
+                healthy += 1
+        return out
+
+
+def health_groups(replicas: Sequence[Replica]) -> list[int]:
+    """The health filter: per replica its group, HEALTHY 0, SUSPECT 1, anything else -1."""
+    healthy, suspect = Health.HEALTHY, Health.SUSPECT
+    return [HEALTHY_GROUP if (h := r.health) is healthy else SUSPECT_GROUP if h is suspect else -1
+            for r in replicas]
+
+
+def gather(replicas: Sequence[Replica], index: PrefixIndex) -> Candidates:
+    """Routable replicas in the given order, with their group and load columns."""
+    group = health_groups(replicas)
+    if -1 not in group:
+        return Candidates(replicas if isinstance(replicas, list) else list(replicas), group, index)
+    rows = [r for r, g in zip(replicas, group) if g >= 0]
+    return Candidates(rows, [g for g in group if g >= 0], index)
+
+
+def health_order(replicas: Sequence[Replica]) -> list[Replica]:
+    """Routable replicas, healthy before suspect, each group in the given order (what the
+    proxy falls back to if a profile fails)."""
+    keyed = sorted((g, i) for i, g in enumerate(health_groups(replicas)) if g >= 0)
+    return [replicas[i] for _, i in keyed]

@@ -1,0 +1,16 @@
+"""`Decision`: what the scheduler tells the proxy about one request."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from router.fleet import Replica
+
+
+@dataclass(slots=True)
+class Decision:
+    ranked: list[Replica]  # best first; only routable replicas; the proxy fails over down it
+    why: dict[str, Any] = field(default_factory=dict)  # JSON-able explanation for the access log
+    matched_blocks: dict[str, int] = field(default_factory=dict)  # replica id -> blocks matched

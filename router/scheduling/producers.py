@@ -1,0 +1,218 @@
+"""Producers: per-request data computed once for all candidates, before any term runs.
+
+Each producer writes its result into ``Candidates.data`` under its ``name``; terms and
+order keys read it from there.  A profile holds one instance of each producer its stages
+need, so a learned quantity (a replica's prefill rate) is learned once and read by every
+term that divides by it.
+
+* `PrefixMatch` ("prefix"): the approximate index's longest-prefix match of the request's
+  block hashes for every candidate (``PrefixIndex.match``, one walk for all) and the
+  blocks each replica still has room for (``PrefixIndex.free_blocks``, from its KV size).
+  The exact index from vLLM's KV events will be a second producer of the same shape.
+* `LearnedRates` ("rates"): each candidate's prefill rate in tokens/s, and the typical
+  uncached size of a request, both learned from the answers (``observe``).
+* `RecentShare` ("recent"): how many requests beyond its bounded share of the recent
+  traffic each candidate took (guard.py's allowance applied to decayed dispatch counts).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from router.scheduling import guard
+from router.scheduling.guard import DEFAULT_LOAD_FACTOR, DEFAULT_LOAD_HEADROOM, group_allowances
+
+if TYPE_CHECKING:
+    from router.fleet import Replica
+    from router.requests import RouteRequest
+    from router.scheduling.candidates import Candidates
+    from yamlcheck import Node
+
+DEFAULT_PREFILL_TOKENS_PER_S = 20_000.0  # prior, per TP=1 weight-1 replica
+DEFAULT_EWMA_ALPHA = 0.2  # weight of a new observation in learned rates
+DEFAULT_MIN_LEARN_TOKENS = 256  # below this many uncached tokens, ttfb is mostly overhead
+DEFAULT_TYPICAL_TOKENS = 512.0  # initial typical uncached prompt tokens per queued request
+RATE_CLAMP = 16.0  # a learned rate stays within [prior / 16, prior x 16]
+MAX_TRACKED_REPLICAS = 4096  # bound on the learned-rate table (replicas come and go)
+RECENT_WINDOW = 100.0  # decisions over which each replica's share of requests is counted
+
+
+@dataclass(slots=True)
+class PrefixData:
+    matched: list[int]  # per row: blocks of the request's prefix the replica holds
+    by_id: dict[str, int]  # the same, by replica id (Decision.matched_blocks)
+    free: list[float]  # per row: blocks the replica can still store (inf: unknown size)
+    blocks: int  # the request's full blocks
+    tokens_per_block: int
+
+
+class PrefixMatch:
+    """Longest-prefix match and free room in the approximate index, for every candidate."""
+
+    name = "prefix"
+
+    def produce(self, request: RouteRequest, cands: Candidates) -> None:
+        index = cands.index
+        by_id = index.match(request.block_hashes, cands.ids)
+        ids = cands.ids
+        cands.data["prefix"] = PrefixData(matched=[by_id[rid] for rid in ids], by_id=by_id,
+                                          free=index.free_blocks(ids), blocks=len(request.block_hashes),
+                                          tokens_per_block=index.tokens_per_block)
+
+
+class LearnedRates:
+    """Prefill tokens/s per candidate, learned from each answer's time to first byte.
+
+    ``rate_r`` starts at ``prefill_tokens_per_s x capacity_r`` (candidates.py) and, when a
+    streamed answer had at least ``min_learn_tokens`` uncached prompt tokens, the sample
+    uncached / ttfb enters an EWMA (``ewma_alpha``) of that replica's rate, clamped to
+    [prior / 16, prior x 16].  Queueing inside ttfb makes a busy replica read slower than
+    it is, which steers work away from it: the safe direction.  A non-streamed answer's
+    first byte comes after the whole generation, so it teaches no rate.
+    ``typical_tokens``: EWMA of the uncached prompt tokens of every answered request, the
+    work a queued request stands for (terms/queue.py).
+    """
+
+    name = "rates"
+
+    def __init__(self, *, prefill_tokens_per_s: float = DEFAULT_PREFILL_TOKENS_PER_S,
+                 ewma_alpha: float = DEFAULT_EWMA_ALPHA, min_learn_tokens: int = DEFAULT_MIN_LEARN_TOKENS,
+                 typical_tokens: float = DEFAULT_TYPICAL_TOKENS) -> None:
+        self.prefill_tokens_per_s = prefill_tokens_per_s
+        self.ewma_alpha = ewma_alpha
+        self.min_learn_tokens = min_learn_tokens
+        self.typical_tokens = typical_tokens
+        self._rates: dict[str, float] = {}  # replica id -> learned prefill tokens/s
+        self._tokens_per_block = 16  # from the index at rank time, for observe()
+
+    def prior_rate(self, replica: Replica) -> float:
+        cap = max(1, replica.tensor_parallel_size) * (replica.weight if replica.weight > 0 else 1.0)
+        return self.prefill_tokens_per_s * cap
+
+    def prefill_rate(self, replica: Replica) -> float:
+        """Prefill tokens/s of `replica`: learned if observed, else the prior."""
+        rate = self._rates.get(replica.id)
+        return rate if rate is not None else self.prior_rate(replica)
+
+    def produce(self, request: RouteRequest, cands: Candidates) -> None:
+        get = self._rates.get
+        base = self.prefill_tokens_per_s
+        self._tokens_per_block = cands.index.tokens_per_block
+        cands.data["rates"] = [get(rid) or base * cap for rid, cap in zip(cands.ids, cands.capacity)]
+        cands.data["typical_tokens"] = self.typical_tokens
+
+    def observe(self, replica: Replica, request: RouteRequest, *, time_to_first_byte_s: float,
+                matched_blocks: int) -> None:
+        prompt = request.estimated_prompt_tokens
+        uncached = prompt - min(prompt, matched_blocks * self._tokens_per_block)
+        alpha = self.ewma_alpha
+        self.typical_tokens += alpha * (max(uncached, 1) - self.typical_tokens)
+        if not request.stream or uncached < self.min_learn_tokens or time_to_first_byte_s <= 0:
+            return
+        prior = self.prior_rate(replica)
+        sample = min(max(uncached / time_to_first_byte_s, prior / RATE_CLAMP), prior * RATE_CLAMP)
+        rates = self._rates
+        old = rates.get(replica.id)
+        if old is None:
+            if len(rates) >= MAX_TRACKED_REPLICAS:
+                del rates[next(iter(rates))]
+            old = prior
+        rates[replica.id] = old + alpha * (sample - old)
+
+    def adopt(self, old: LearnedRates) -> None:
+        """After a reload with new parameters: keep the rates learned about the replicas."""
+        self._rates = dict(old._rates)
+
+    def forget_replica(self, replica_id: str) -> None:
+        self._rates.pop(replica_id, None)
+
+
+def build_rates(params: Node) -> LearnedRates:
+    return LearnedRates(
+        prefill_tokens_per_s=params.get("prefill_tokens_per_s", DEFAULT_PREFILL_TOKENS_PER_S).number(
+            minimum=0.0, exclusive_minimum=True),
+        ewma_alpha=params.get("ewma_alpha", DEFAULT_EWMA_ALPHA).number(minimum=0.0, maximum=1.0,
+                                                                       exclusive_minimum=True),
+        min_learn_tokens=params.get("min_learn_tokens", DEFAULT_MIN_LEARN_TOKENS).integer(minimum=1),
+        typical_tokens=params.get("typical_tokens", DEFAULT_TYPICAL_TOKENS).number(minimum=0.0,
+                                                                                   exclusive_minimum=True),
+    )
+
+
+RATES_PARAMS = ("prefill_tokens_per_s", "ewma_alpha", "min_learn_tokens", "typical_tokens")
+
+
+class RecentDispatches:
+    """Exponentially decayed count of the requests dispatched to each replica.
+
+    Each dispatch adds 1 and every older one decays by ``1 - 1/window``, so the counts
+    sum to about ``window`` in steady state and a replica's count over the sum is its
+    share of the recent requests.  O(1) per dispatch: instead of decaying every count,
+    each new dispatch weighs ``1/decay`` times the previous one, and reads divide by the
+    current weight (everything is rescaled when the weight grows large).
+    """
+
+    def __init__(self, window: float = RECENT_WINDOW, max_tracked: int = MAX_TRACKED_REPLICAS) -> None:
+        self._decay = 1.0 - 1.0 / window
+        self._unit = 1.0
+        self._counts: dict[str, float] = {}
+        self._max_tracked = max_tracked
+
+    def add(self, replica_id: str) -> None:
+        self._unit /= self._decay
+        counts = self._counts
+        if replica_id not in counts and len(counts) >= self._max_tracked:
+            del counts[min(counts, key=counts.__getitem__)]  # the least recently busy
+        counts[replica_id] = counts.get(replica_id, 0.0) + self._unit
+        if self._unit > 1e100:
+            scale = 1.0 / self._unit
+            for rid in counts:
+                counts[rid] *= scale
+            self._unit = 1.0
+
+    def scaled(self) -> tuple[dict[str, float], float]:
+        """(raw counts, unit): a replica's count is raw / unit (for hot loops; read-only)."""
+        return self._counts, self._unit
+
+
+class RecentShare:
+    """Requests beyond each candidate's bounded share of the recent traffic (>= 0).
+
+    At low load the in-flight counts are too small to tell a replica that takes two thirds
+    of all new conversations from one that takes its share; this column does: the queue
+    term counts the excess as waiting requests (under sustained skew they will be).  The
+    winner of each decision is counted (``chosen``).
+    """
+
+    name = "recent"
+
+    def __init__(self, *, load_factor: float = DEFAULT_LOAD_FACTOR,
+                 load_headroom: float = DEFAULT_LOAD_HEADROOM) -> None:
+        self.load_factor = load_factor
+        self.load_headroom = load_headroom
+        self.dispatches = RecentDispatches()
+
+    def produce(self, request: RouteRequest, cands: Candidates) -> None:
+        counts, unit = self.dispatches.scaled()
+        get = counts.get
+        recent = [get(rid, 0.0) / unit for rid in cands.ids]
+        healthy, suspect = group_allowances(recent, cands, self.load_factor, self.load_headroom)
+        if not suspect:
+            over = [d if (d := x + 1.0 - healthy[c]) > 0.0 else 0.0 for x, c in zip(recent, cands.capacity)]
+        else:
+            tables = (healthy, suspect)
+            over = [d if (d := x + 1.0 - tables[g][c]) > 0.0 else 0.0
+                    for x, c, g in zip(recent, cands.capacity, cands.group)]
+        cands.data["recent"] = over
+
+    def chosen(self, replica_id: str) -> None:
+        self.dispatches.add(replica_id)
+
+    def adopt(self, old: RecentShare) -> None:
+        self.dispatches = old.dispatches
+
+
+def build_recent(params: Node) -> RecentShare:
+    bound = guard.build(params)
+    return RecentShare(load_factor=bound.load_factor, load_headroom=bound.load_headroom)

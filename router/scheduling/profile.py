@@ -1,0 +1,189 @@
+"""`Profile`: producers, then one sort by (health group, order keys...), into a ranked list.
+
+    candidates (health filter) -> producers -> order keys -> ranked list + why
+
+The ranked list keeps every routable candidate (the proxy fails over down it, without
+asking again).  A profile is what the proxy calls a policy: ``rank`` (pure, no I/O, no
+awaits), ``observe`` (feedback after each answer's first byte, for what producers learn),
+and ``adopt`` / ``forget_replica`` for the live fleet (a reload keeps what was learned; a
+replica that leaves is forgotten).
+
+`Cost` is the order key that sums the weighted cost terms (terms/): each term returns one
+cost in seconds per candidate, in one call, the profile multiplies by the term's weight
+from routes.yaml and adds.  Its ``why``: the total of the winner and of the runner-up
+(``cost_s``, ``runner_up_cost_s``) and, under ``terms``, what each term gave both
+(``{"prefill": [winner_s, runner_up_s], ...}``), so an access-log line says why a replica
+won.
+
+``ties``: order keys after ``keys`` that only break ties, computed only when the last of
+``keys`` has equal values (cache_aware's costs are almost always all distinct; an idle
+fleet's are not).
+
+``fallback``: a profile that ranks the requests this one cannot (session without a key).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from itertools import repeat
+from operator import add, mul
+from typing import TYPE_CHECKING, Any
+
+from router.scheduling.candidates import gather
+from router.scheduling.decision import Decision
+
+if TYPE_CHECKING:
+    from router.fleet import Replica
+    from router.prefix.index import PrefixIndex
+    from router.requests import RouteRequest
+    from router.scheduling.candidates import Candidates
+    from router.scheduling.order import OrderKey
+    from router.scheduling.terms import Term
+
+
+class Cost:
+    """Order key: the weighted sum of the cost terms, seconds of expected time to first token."""
+
+    name = "cost"
+
+    def __init__(self, terms: Sequence[tuple[Term, float]]) -> None:
+        self.terms = [(term, weight) for term, weight in terms if weight > 0]
+        if not self.terms:
+            raise ValueError("a cost needs at least one term with a weight > 0")
+
+    @property
+    def weights(self) -> dict[str, float]:
+        return {term.name: weight for term, weight in self.terms}
+
+    def values(self, request: RouteRequest, cands: Candidates) -> list[float] | None:
+        """The total per row; None when every term said 0 for every row."""
+        each: dict[str, list[float] | None] = {}
+        total: list[float] | None = None
+        for term, weight in self.terms:
+            costs = term.costs(request, cands)
+            each[term.name] = costs
+            if costs is None:  # 0 for every row
+                continue
+            if weight != 1.0:
+                costs = each[term.name] = list(map(mul, repeat(weight), costs))
+            total = costs if total is None else list(map(add, total, costs))
+        cands.data["costs"] = each
+        return total
+
+    def explain(self, cands: Candidates, column: list[float] | None, winner: int, runner_up: int | None,
+                why: dict[str, object]) -> None:
+        rows = (winner,) if runner_up is None else (winner, runner_up)
+        why["cost_s"] = round(column[winner], 6) if column is not None else 0.0
+        if runner_up is not None:
+            why["runner_up_cost_s"] = round(column[runner_up], 6) if column is not None else 0.0
+        why["terms"] = {name: [round(c[i], 6) if c is not None else 0.0 for i in rows]
+                        for name, c in cands.data["costs"].items()}
+        for term, _ in self.terms:
+            explain = getattr(term, "explain", None)
+            if explain is not None:
+                explain(cands, winner, why)
+
+
+class Profile:
+    """A named scheduling profile; see the module docstring."""
+
+    def __init__(self, name: str, *, producers: Sequence[Any] = (), keys: Sequence[OrderKey] = (),
+                 ties: Sequence[OrderKey] = (), fallback: Profile | None = None) -> None:
+        self.name = name
+        self.producers = tuple(producers)
+        self.keys = tuple(keys)  # sorted on after the health group
+        self.ties = tuple(ties)  # then these, computed only when the keys leave a tie
+        self.fallback = fallback  # ranks requests without a session key (session only)
+        self._chosen = tuple(p.chosen for p in self.producers if hasattr(p, "chosen"))
+        self._ticks = tuple(k.tick for k in self.keys + self.ties if hasattr(k, "tick"))
+        self._explainers = tuple((i, k.explain) for i, k in enumerate(self.keys) if hasattr(k, "explain"))
+
+    @property
+    def cost(self) -> Cost | None:
+        """The profile's cost key, if it sums cost terms."""
+        for key in self.keys:
+            if isinstance(key, Cost):
+                return key
+        return self.fallback.cost if self.fallback is not None else None
+
+    def rank(self, request: RouteRequest, replicas: Sequence[Replica], index: PrefixIndex) -> Decision:
+        if self.fallback is not None and not request.session_key:
+            decision = self.fallback.rank(request, replicas, index)
+            decision.why = {**decision.why, "policy": self.name, "fallback": self.fallback.name}
+            return decision
+        cands = gather(replicas, index)
+        n = cands.n
+        if not n:
+            return Decision(ranked=[], why={"policy": self.name})
+        for producer in self.producers:
+            producer.produce(request, cands)
+        for tick in self._ticks:  # a rotation turns on every decision, used or not
+            tick()
+        columns = [key.values(request, cands) for key in self.keys]
+        # Sort on (group, keys..., ties..., row), leaving out what cannot change the order:
+        # a column equal for every row (a key returns None then; the group when every
+        # candidate is healthy), and the tie-breaks when the last column is all distinct.
+        # The common case then sorts row numbers by one float column.
+        by = [c for c in columns if c is not None]
+        if 0 < cands.n_healthy < n:
+            by.insert(0, cands.group)
+        if self.ties and (not by or len(set(by[-1])) < n):
+            by += [c for c in (key.values(request, cands) for key in self.ties) if c is not None]
+        if len(by) == 1:
+            order = sorted(range(n), key=by[0].__getitem__)  # stable: equal rows by row number
+        elif by:
+            order = [row[-1] for row in sorted(zip(*by, range(n)))]
+        else:
+            order = list(range(n))
+        winner = order[0]
+        runner_up = order[1] if n > 1 else None
+        ids = cands.ids
+        for chosen in self._chosen:
+            chosen(ids[winner])
+        why: dict[str, Any] = {"policy": self.name, "load": cands.queued[winner]}
+        prefix = cands.data.get("prefix")
+        if prefix is not None:
+            why["matched_blocks"] = prefix.matched[winner]
+        if runner_up is not None:
+            why["runner_up"] = ids[runner_up]
+            if prefix is not None:
+                why["runner_up_matched_blocks"] = prefix.matched[runner_up]
+        for i, explain in self._explainers:
+            explain(cands, columns[i], winner, runner_up, why)
+        replicas_of = cands.replicas
+        return Decision(ranked=[replicas_of[i] for i in order], why=why,
+                        matched_blocks=prefix.by_id if prefix is not None else {})
+
+    def observe(self, replica: Replica, request: RouteRequest, *, time_to_first_byte_s: float,
+                matched_blocks: int) -> None:
+        """Feedback after the first response byte from `replica`."""
+        for producer in self._all_producers():
+            observe = getattr(producer, "observe", None)
+            if observe is not None:
+                observe(replica, request, time_to_first_byte_s=time_to_first_byte_s, matched_blocks=matched_blocks)
+
+    def adopt(self, old: Profile) -> None:
+        """After a reload: keep what `old`'s producers learned (by producer name)."""
+        learned = {p.name: p for p in old._all_producers()}
+        for producer in self._all_producers():
+            previous = learned.get(producer.name)
+            adopt = getattr(producer, "adopt", None)
+            if adopt is not None and type(previous) is type(producer):
+                adopt(previous)
+
+    def forget_replica(self, replica_id: str) -> None:
+        """The replica left the fleet: what was learned about it goes too."""
+        for producer in self._all_producers():
+            forget = getattr(producer, "forget_replica", None)
+            if forget is not None:
+                forget(replica_id)
+
+    def producer(self, name: str) -> Any:
+        """The producer `name` of this profile (or its fallback); KeyError if none."""
+        for producer in self._all_producers():
+            if producer.name == name:
+                return producer
+        raise KeyError(name)
+
+    def _all_producers(self) -> tuple[Any, ...]:
+        return self.producers + (self.fallback._all_producers() if self.fallback is not None else ())
