@@ -3,8 +3,8 @@
     python -m benchmarks.routing_micro [--quick] [--out benchmarks/results]
 
 Decision = chained block hashes of the routing text (router.prefix.hashing) + longest
-prefix match for every replica (router.prefix.index) + ranking (router.policies, the
-default cache_aware unless --policy says otherwise), the work the router does per request
+prefix match for every replica (router.prefix.index) + ranking (the scheduling profile of
+router/scheduling/, the default cache_aware unless --policies says otherwise), the work the router does per request
 before forwarding it.  Measured against prompt length (up to 32k characters) and replica
 count (up to 64), median (and p90) over repeats, on an index that holds a realistic
 state: a shared system prompt held by every replica, this conversation's earlier turns
@@ -37,7 +37,7 @@ from router.fleet import EngineLoad, Health, Replica
 from router.prefix.hashing import prefix_hashes
 from router.prefix.index import DEFAULT_CAPACITY_BLOCKS, PrefixIndex
 from router.requests import RouteRequest
-from router.scheduling import build_profile as build_policy
+from router.scheduling import build_profile
 from yamlcheck import Node
 
 MODEL = "meta-llama/Llama-3.1-8B-Instruct"
@@ -101,7 +101,7 @@ def time_decisions(policy_name: str, chars: int, n_replicas: int, repeats: int,
         index.record(prefix_hashes(MODEL, text=system), r.id)
     previous_turn = conversation[: int(len(conversation) * 0.97)]
     index.record(prefix_hashes(MODEL, text=previous_turn), replicas[n_replicas // 2].id)
-    policy = build_policy(policy_name, Node({}, "routing.params"))
+    policy = build_profile(policy_name, Node({}, "routing.params"))
     ids = [r.id for r in replicas]
 
     hash_ns: list[int] = []

@@ -130,7 +130,7 @@ class TargetSpec:
     policy: str = ""
     variant: str = ""  # a name from the scenario's `variants:`, e.g. "balanced"
     args: tuple[str, ...] = ()  # peers: extra command-line flags of the variant
-    params: tuple[tuple[str, Any], ...] = ()  # ours: routing.params of the variant
+    params: tuple[tuple[str, Any], ...] = ()  # ours: routing.params of the variant (`terms`: routing.terms)
 
     @property
     def name(self) -> str:
@@ -327,7 +327,7 @@ def parse_target(node: Node, variants: dict[str, Node] | None = None) -> TargetS
     spec = variants[variant]
     if kind == "ours":
         if not isinstance(spec.value, dict):
-            spec.fail("a variant used by our router is a mapping of routing params")
+            spec.fail("a variant used by our router is a mapping of routing params (and `terms`: weights)")
         return TargetSpec(kind, policy, variant, params=tuple(sorted(spec.value.items())))
     if not isinstance(spec.value, list):
         spec.fail(f"a variant used by {kind} is a list of its command-line flags")

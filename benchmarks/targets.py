@@ -71,8 +71,12 @@ def router_argv(target: TargetSpec, *, model: str, backends: list[dict[str, Any]
         config = run_dir / "configs" / f"routes-{target.slug.removeprefix('ours__')}.yaml"
         config.parent.mkdir(parents=True, exist_ok=True)
         routes = routes_yaml(model, backends, target.policy, port)
-        if target.params:
-            routes["routing"]["params"] = dict(target.params)
+        params = dict(target.params)
+        terms = params.pop("terms", None)  # a variant's cost-term weights go to routing.terms
+        if params:
+            routes["routing"]["params"] = params
+        if terms is not None:
+            routes["routing"]["terms"] = dict(terms)
         config.write_text(yaml.safe_dump(routes, sort_keys=False))
         return [sys.executable, "-m", "router", "--config", str(config)]
     common = ["--worker-urls", *urls, "--host", "127.0.0.1", "--port", str(port),

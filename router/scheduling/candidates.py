@@ -24,6 +24,7 @@ Producers add what they compute to ``data`` under their own name.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from operator import attrgetter
 from typing import TYPE_CHECKING, Any
 
 from router.fleet import Health
@@ -34,13 +35,14 @@ if TYPE_CHECKING:
 
 HEALTHY_GROUP = 0
 SUSPECT_GROUP = 1
+_url = attrgetter("url")
 
 
 class Candidates:
     """The routable candidates of one request, as columns; see the module docstring."""
 
-    __slots__ = ("replicas", "ids", "group", "queued", "capacity", "waiting", "n", "n_healthy", "index", "data",
-                 "_capacity_groups")
+    __slots__ = ("replicas", "ids", "group", "n", "n_healthy", "index", "data", "_queued", "_waiting",
+                 "_capacity", "_capacity_groups")
 
     def __init__(self, replicas: list[Replica], group: list[int], index: PrefixIndex) -> None:
         self.replicas = replicas
@@ -48,15 +50,38 @@ class Candidates:
         self.n = len(replicas)
         self.n_healthy = self.n - sum(group)
         self.index = index
-        self.ids = [r.url for r in replicas]
-        loads = [r.load for r in replicas]
-        self.waiting = [load.waiting for load in loads]
-        self.queued = [f if (f := float(r.in_flight)) > (s := load.running + w) else s
-                       for r, load, w in zip(replicas, loads, self.waiting)]
-        self.capacity = [(r.tensor_parallel_size if r.tensor_parallel_size > 1 else 1)
-                         * (r.weight if r.weight > 0 else 1.0) for r in replicas]
+        self.ids: list[str] = list(map(_url, replicas))
         self.data: dict[str, Any] = {}
+        # The load columns are read on first use: a baseline that orders by turn or at
+        # random never pays for them.
+        self._queued: list[float] | None = None
+        self._waiting: list[float] | None = None
+        self._capacity: list[float] | None = None
         self._capacity_groups: tuple[tuple[float, set[float]], ...] | None = None
+
+    @property
+    def waiting(self) -> list[float]:
+        waiting = self._waiting
+        if waiting is None:
+            waiting = self._waiting = [r.load.waiting for r in self.replicas]
+        return waiting
+
+    @property
+    def queued(self) -> list[float]:
+        queued = self._queued
+        if queued is None:
+            queued = self._queued = [f if (f := float(r.in_flight)) > (s := r.load.running + w) else s
+                                     for r, w in zip(self.replicas, self.waiting)]
+        return queued
+
+    @property
+    def capacity(self) -> list[float]:
+        capacity = self._capacity
+        if capacity is None:
+            capacity = self._capacity = [
+                (tp if (tp := r.tensor_parallel_size) > 1 else 1) * (w if (w := r.weight) > 0 else 1.0)
+                for r in self.replicas]
+        return capacity
 
     def capacity_groups(self) -> tuple[tuple[float, set[float]], ...]:
         """Per health group (healthy, suspect): total capacity and the distinct capacities

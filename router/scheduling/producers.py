@@ -18,6 +18,8 @@ term that divides by it.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import repeat
+from operator import truediv
 from typing import TYPE_CHECKING
 
 from router.scheduling import guard
@@ -56,7 +58,7 @@ class PrefixMatch:
         index = cands.index
         by_id = index.match(request.block_hashes, cands.ids)
         ids = cands.ids
-        cands.data["prefix"] = PrefixData(matched=[by_id[rid] for rid in ids], by_id=by_id,
+        cands.data["prefix"] = PrefixData(matched=list(map(by_id.__getitem__, ids)), by_id=by_id,
                                           free=index.free_blocks(ids), blocks=len(request.block_hashes),
                                           tokens_per_block=index.tokens_per_block)
 
@@ -196,7 +198,7 @@ class RecentShare:
     def produce(self, request: RouteRequest, cands: Candidates) -> None:
         counts, unit = self.dispatches.scaled()
         get = counts.get
-        recent = [get(rid, 0.0) / unit for rid in cands.ids]
+        recent = list(map(truediv, map(get, cands.ids, repeat(0.0)), repeat(unit)))
         healthy, suspect = group_allowances(recent, cands, self.load_factor, self.load_headroom)
         if not suspect:
             over = [d if (d := x + 1.0 - healthy[c]) > 0.0 else 0.0 for x, c in zip(recent, cands.capacity)]

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from itertools import repeat
-from operator import add, mul
+from operator import add, itemgetter, mul
 from typing import TYPE_CHECKING, Any
 
 from router.scheduling.candidates import gather
@@ -41,6 +41,9 @@ if TYPE_CHECKING:
     from router.scheduling.terms import Term
 
 
+_last = itemgetter(-1)
+
+
 class Cost:
     """Order key: the weighted sum of the cost terms, seconds of expected time to first token."""
 
@@ -50,6 +53,7 @@ class Cost:
         self.terms = [(term, weight) for term, weight in terms if weight > 0]
         if not self.terms:
             raise ValueError("a cost needs at least one term with a weight > 0")
+        self._explain_terms = [term.explain for term, _ in self.terms if hasattr(term, "explain")]
 
     @property
     def weights(self) -> dict[str, float]:
@@ -72,16 +76,18 @@ class Cost:
 
     def explain(self, cands: Candidates, column: list[float] | None, winner: int, runner_up: int | None,
                 why: dict[str, object]) -> None:
-        rows = (winner,) if runner_up is None else (winner, runner_up)
-        why["cost_s"] = round(column[winner], 6) if column is not None else 0.0
-        if runner_up is not None:
-            why["runner_up_cost_s"] = round(column[runner_up], 6) if column is not None else 0.0
-        why["terms"] = {name: [round(c[i], 6) if c is not None else 0.0 for i in rows]
-                        for name, c in cands.data["costs"].items()}
-        for term, _ in self.terms:
-            explain = getattr(term, "explain", None)
-            if explain is not None:
-                explain(cands, winner, why)
+        other = winner if runner_up is None else runner_up
+        if column is None:
+            why["cost_s"] = why["runner_up_cost_s"] = 0.0
+        else:
+            why["cost_s"] = round(column[winner], 6)
+            why["runner_up_cost_s"] = round(column[other], 6)
+        terms: dict[str, list[float]] = {}
+        for name, c in cands.data["costs"].items():
+            terms[name] = [0.0, 0.0] if c is None else [round(c[winner], 6), round(c[other], 6)]
+        why["terms"] = terms  # [winner, runner-up] (the winner twice when it is alone)
+        for explain in self._explain_terms:
+            explain(cands, winner, why)
 
 
 class Profile:
@@ -119,20 +125,26 @@ class Profile:
             producer.produce(request, cands)
         for tick in self._ticks:  # a rotation turns on every decision, used or not
             tick()
-        columns = [key.values(request, cands) for key in self.keys]
         # Sort on (group, keys..., ties..., row), leaving out what cannot change the order:
         # a column equal for every row (a key returns None then; the group when every
         # candidate is healthy), and the tie-breaks when the last column is all distinct.
         # The common case then sorts row numbers by one float column.
-        by = [c for c in columns if c is not None]
-        if 0 < cands.n_healthy < n:
-            by.insert(0, cands.group)
+        by = [cands.group] if 0 < cands.n_healthy < n else []
+        columns = []
+        for key in self.keys:
+            column = key.values(request, cands)
+            columns.append(column)
+            if column is not None:
+                by.append(column)
         if self.ties and (not by or len(set(by[-1])) < n):
-            by += [c for c in (key.values(request, cands) for key in self.ties) if c is not None]
+            for key in self.ties:
+                column = key.values(request, cands)
+                if column is not None:
+                    by.append(column)
         if len(by) == 1:
             order = sorted(range(n), key=by[0].__getitem__)  # stable: equal rows by row number
         elif by:
-            order = [row[-1] for row in sorted(zip(*by, range(n)))]
+            order = list(map(_last, sorted(zip(*by, range(n)))))
         else:
             order = list(range(n))
         winner = order[0]
@@ -140,7 +152,7 @@ class Profile:
         ids = cands.ids
         for chosen in self._chosen:
             chosen(ids[winner])
-        why: dict[str, Any] = {"policy": self.name, "load": cands.queued[winner]}
+        why: dict[str, Any] = {"policy": self.name, "load": cands.replicas[winner].queued}
         prefix = cands.data.get("prefix")
         if prefix is not None:
             why["matched_blocks"] = prefix.matched[winner]
@@ -150,8 +162,7 @@ class Profile:
                 why["runner_up_matched_blocks"] = prefix.matched[runner_up]
         for i, explain in self._explainers:
             explain(cands, columns[i], winner, runner_up, why)
-        replicas_of = cands.replicas
-        return Decision(ranked=[replicas_of[i] for i in order], why=why,
+        return Decision(ranked=list(map(cands.replicas.__getitem__, order)), why=why,
                         matched_blocks=prefix.by_id if prefix is not None else {})
 
     def observe(self, replica: Replica, request: RouteRequest, *, time_to_first_byte_s: float,
