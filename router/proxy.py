@@ -2,9 +2,10 @@
 
 One request's life here:
 
-1. ``policy.rank`` orders the candidate replicas (best first), after the breakers
-   (router/breaker.py) took out ejected ones.  The ranking is computed once; failover
-   walks down it without asking again.
+1. The scheduling profile (``self.policy``, router/scheduling/) orders the candidate
+   replicas (best first, healthy before suspect), after the breakers (router/breaker.py)
+   took out ejected ones.  The ranking is computed once; failover walks down it without
+   asking again.
 2. Per attempt (at most ``proxy.max_attempts``, none started after ``proxy.deadline``,
    none beyond the retry budget; tenacity drives the loop and its full-jitter backoff):
    * dispatch: ``replica.in_flight += 1`` and ``index.record(block_hashes, replica)``
@@ -19,7 +20,7 @@ One request's life here:
      forgotten, the breaker counts a failure (a ``Retry-After`` ejects the replica for
      that long), connect-level failures mark the replica SUSPECT at once (the monitor
      re-probes it), and the next replica is tried;
-   * otherwise the answer is committed: ``policy.observe`` gets the time to first byte, the
+   * otherwise the answer is committed: the profile's ``observe`` gets the time to first byte, the
      breaker a success, and a 4xx answer un-records the prefix (the replica cached
      nothing).
 3. Relay.  A stream (``"stream": true`` answered with SSE) is written to the client chunk

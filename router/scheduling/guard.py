@@ -55,8 +55,12 @@ def _allowance(total: float, total_capacity: float, capacities: set[float], fact
                headroom: float) -> dict[float, float]:
     scale = (total + 1.0) / (total_capacity or 1.0)
     ceil = math.ceil
-    return {cap: max(ceil(factor * scale * cap - _EPS), ceil(scale * cap - _EPS) + headroom)
-            for cap in capacities}  # fleets have few distinct capacities
+    table: dict[float, float] = {}
+    for cap in capacities:  # fleets have few distinct capacities
+        bounded = ceil(factor * scale * cap - _EPS)
+        near = ceil(scale * cap - _EPS) + headroom
+        table[cap] = bounded if bounded >= near else near
+    return table
 
 
 class BoundedLoad:
@@ -75,6 +79,8 @@ class BoundedLoad:
         queued = cands.queued
         healthy, suspect = group_allowances(queued, cands, self.load_factor, self.load_headroom)
         if not suspect:
+            if max(queued) + 1.0 <= min(healthy.values()):  # the common case: nobody is over
+                return None
             held = [q + 1.0 > healthy[c] for q, c in zip(queued, cands.capacity)]
         else:
             tables = (healthy, {} if self.healthy_only else suspect)

@@ -179,7 +179,8 @@ class RecentDispatches:
 
 
 class RecentShare:
-    """Requests beyond each candidate's bounded share of the recent traffic (>= 0).
+    """Requests beyond each candidate's bounded share of the recent traffic (>= 0; None when
+    no candidate is beyond it, the common case).
 
     At low load the in-flight counts are too small to tell a replica that takes two thirds
     of all new conversations from one that takes its share; this column does: the queue
@@ -201,6 +202,9 @@ class RecentShare:
         recent = list(map(truediv, map(get, cands.ids, repeat(0.0)), repeat(unit)))
         healthy, suspect = group_allowances(recent, cands, self.load_factor, self.load_headroom)
         if not suspect:
+            if max(recent) + 1.0 <= min(healthy.values()):  # the common case: nobody is over
+                cands.data["recent"] = None
+                return
             over = [d if (d := x + 1.0 - healthy[c]) > 0.0 else 0.0 for x, c in zip(recent, cands.capacity)]
         else:
             tables = (healthy, suspect)

@@ -46,13 +46,19 @@ class Queue:
         typical = cands.data["typical_tokens"]
         data = cands.data
         w = self.running_weight
+        recent = data["recent"]  # None: nobody is over its share
         if w:
-            ahead = [wt + w * (q - wt) + over for wt, q, over in zip(cands.waiting, cands.queued, data["recent"])]
+            ahead = [wt + w * (q - wt) for wt, q in zip(cands.waiting, cands.queued)]
+            if recent is not None:
+                ahead = [a + over for a, over in zip(ahead, recent)]
             return [a * typical / rate for a, rate in zip(ahead, data["rates"])]
-        return [(wt + over) * typical / rate for wt, over, rate in zip(cands.waiting, data["recent"], data["rates"])]
+        if recent is None:
+            return [wt * typical / rate for wt, rate in zip(cands.waiting, data["rates"])]
+        return [(wt + over) * typical / rate for wt, over, rate in zip(cands.waiting, recent, data["rates"])]
 
     def explain(self, cands: Candidates, winner: int, why: dict[str, object]) -> None:
-        why["over_share"] = round(cands.data["recent"][winner], 3)
+        recent = cands.data["recent"]
+        why["over_share"] = 0.0 if recent is None else round(recent[winner], 3)
 
 
 def build(params: Node) -> Queue:
