@@ -11,7 +11,7 @@ group 1 (they rank after every healthy one: they get traffic only when nothing b
 left), anything else (UNKNOWN, UNHEALTHY) is dropped even if a caller passes it.  Every
 profile sorts on ``group`` first.
 
-Base columns, read once from the replicas:
+Base columns, read from the replicas on first use (``ids`` at once):
 * ``queued``: ``Replica.queued``, the larger of the router's in-flight count (fresh, rises
   at dispatch so a burst spreads at once) and the replica's scraped running + waiting
   (sees other clients, lags a scrape);

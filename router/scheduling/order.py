@@ -112,6 +112,7 @@ class ModelTurn:
 
     def __init__(self) -> None:
         self._next: dict[str, int] = {}
+        self.last_start = 0  # the last decision's first row, for why
 
     def values(self, request: RouteRequest, cands: Candidates) -> list[int]:
         n = cands.n

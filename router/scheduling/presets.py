@@ -27,15 +27,12 @@ the pipeline (tests/unit/test_preset_equivalence.py replays a recorded decision 
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any
 
 from router.scheduling import guard, order, ring
-from router.scheduling.producers import RATES_PARAMS, PrefixMatch, build_rates, build_recent
+from router.scheduling.producers import RATES_PARAMS, PrefixMatch, Producer, build_rates, build_recent
 from router.scheduling.profile import Cost, Profile
 from router.scheduling.terms import TERM_NAMES, build_term, term_module
-
-if TYPE_CHECKING:
-    from yamlcheck import Node
+from yamlcheck import Node
 
 PRESET_NAMES: tuple[str, ...] = (
     "cache_aware",
@@ -89,17 +86,17 @@ def term_weights(params: Node, terms: Node | None) -> dict[str, float]:
     return weights
 
 
-def _cache_aware(params: Node, terms: Node | None, name: str = "cache_aware") -> Profile:
+def _cache_aware(params: Node, terms: Node | None) -> Profile:
     weights = term_weights(params, terms)
     every = {term: build_term(term, params) for term in TERM_NAMES}  # validates every term's params
     built = [(every[term], weight) for term, weight in weights.items() if weight > 0]
     needs = {p for term, _ in built for p in term_module(term.name).NEEDS}
-    producers: list[Any] = [PrefixMatch()]  # longest_match needs it whatever the terms
+    producers: list[Producer] = [PrefixMatch()]  # longest_match needs it whatever the terms
     if "rates" in needs:
         producers.append(build_rates(params))
     if "recent" in needs:
         producers.append(build_recent(params))
-    return Profile(name, producers=producers,
+    return Profile("cache_aware", producers=producers,
                    keys=[guard.build(params), Cost(built)],
                    ties=[order.LoadPerCapacity(), order.LongestMatch(), order.Rotation()])
 
@@ -134,7 +131,5 @@ def build_profile(name: str, params: Node, terms: Node | None = None) -> Profile
 
 
 def _without(params: Node, keys: tuple[str, ...]) -> Node:
-    from yamlcheck import Node
-
     value = {k: v for k, v in (params.value or {}).items() if k not in keys}
     return Node(value, params.path, params.file)

@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from itertools import repeat
 from operator import truediv
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from router.scheduling import guard
 from router.scheduling.guard import DEFAULT_LOAD_FACTOR, DEFAULT_LOAD_HEADROOM, group_allowances
@@ -38,6 +38,17 @@ DEFAULT_TYPICAL_TOKENS = 512.0  # initial typical uncached prompt tokens per que
 RATE_CLAMP = 16.0  # a learned rate stays within [prior / 16, prior x 16]
 MAX_TRACKED_REPLICAS = 4096  # bound on the learned-rate table (replicas come and go)
 RECENT_WINDOW = 100.0  # decisions over which each replica's share of requests is counted
+
+
+class Producer(Protocol):
+    """Computes ``cands.data[name]`` once per request.  Optional methods, called when
+    present: ``observe`` (answer feedback), ``chosen(replica_id)`` (the winner of each
+    decision), ``adopt(old)`` (a reload keeps what the same-named old producer learned),
+    ``forget_replica(replica_id)`` (a replica left the fleet)."""
+
+    name: str
+
+    def produce(self, request: RouteRequest, cands: Candidates) -> None: ...
 
 
 @dataclass(slots=True)

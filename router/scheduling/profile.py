@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     from router.requests import RouteRequest
     from router.scheduling.candidates import Candidates
     from router.scheduling.order import OrderKey
+    from router.scheduling.producers import Producer
     from router.scheduling.terms import Term
 
 
@@ -93,7 +94,7 @@ class Cost:
 class Profile:
     """A named scheduling profile; see the module docstring."""
 
-    def __init__(self, name: str, *, producers: Sequence[Any] = (), keys: Sequence[OrderKey] = (),
+    def __init__(self, name: str, *, producers: Sequence[Producer] = (), keys: Sequence[OrderKey] = (),
                  ties: Sequence[OrderKey] = (), fallback: Profile | None = None) -> None:
         self.name = name
         self.producers = tuple(producers)
@@ -189,12 +190,12 @@ class Profile:
             if forget is not None:
                 forget(replica_id)
 
-    def producer(self, name: str) -> Any:
+    def producer(self, name: str) -> Any:  # Any: the caller knows which producer it asks for
         """The producer `name` of this profile (or its fallback); KeyError if none."""
         for producer in self._all_producers():
             if producer.name == name:
                 return producer
         raise KeyError(name)
 
-    def _all_producers(self) -> tuple[Any, ...]:
+    def _all_producers(self) -> tuple[Producer, ...]:
         return self.producers + (self.fallback._all_producers() if self.fallback is not None else ())
