@@ -366,3 +366,23 @@ async def test_access_log_line_per_request(fakes, start_router, make_routes, htt
     assert line["model"] == "sim-a" and line["replica"] == fake.url and line["status"] == 200
     assert line["policy"] == "least_load" and isinstance(line["why"], dict)
     assert line["ttfb_ms"] is not None and line["duration_ms"] >= line["ttfb_ms"]
+
+
+async def test_routing_terms_weigh_the_decision_and_the_access_log_names_each(
+        fakes, start_router, make_routes, http, caplog) -> None:
+    a, b = await fakes(2)
+    routes = make_routes([a.url, b.url], policy="cache_aware")
+    routes["routing"]["terms"] = {"prefill": 1.0, "queue": 0.5}
+    server = await start_router(routes)
+    caplog.set_level("INFO", logger="router.access")
+    await post(http, server.url + "/v1/completions", b'{"model":"sim-a","prompt":"' + b"tell me more " * 200 + b'"}',
+               headers={"X-Request-Id": "weighed"})
+    await asyncio.sleep(0)
+    lines = [orjson.loads(r.getMessage()) for r in caplog.records if r.name == "router.access"]
+    (line,) = [entry for entry in lines if entry["request_id"] == "weighed"]
+    why = line["why"]
+    assert line["policy"] == "cache_aware" and line["status"] == 200
+    assert set(why["terms"]) == {"prefill", "queue"}  # eviction is off: not listed
+    winner, runner_up = why["terms"]["prefill"]
+    assert winner > 0 and why["cost_s"] == pytest.approx(winner + why["terms"]["queue"][0], abs=2e-6)
+    assert why["runner_up"] in {a.url, b.url} and why["runner_up"] != line["replica"]
