@@ -469,10 +469,13 @@ class Api:
     async def handle_replicas(self, request: web.Request) -> web.Response:
         self.keyring.check_admin(request.headers, request.remote)
         replicas = []
+        profile = self.proxy.policy
         for r in self.fleet:
+            rate = profile.prefill_rate(r)
             replicas.append({
                 "url": r.url, "model": r.model, "health": r.health.value,
                 "tensor_parallel_size": r.tensor_parallel_size, "weight": r.weight,
+                "prefill_tokens_per_s": round(rate, 1) if rate is not None else None,
                 "labels": dict(r.labels), "served_models": sorted(r.served_models),
                 "max_model_len": r.max_model_len, "in_flight": r.in_flight,
                 "consecutive_failures": r.consecutive_failures,
@@ -486,7 +489,7 @@ class Api:
                          "prefix_cache_hits": r.load.prefix_cache_hits,
                          "block_size": r.load.block_size, "num_gpu_blocks": r.load.num_gpu_blocks},
             })
-        payload: dict[str, Any] = {"policy": self.proxy.policy.name, "replicas": replicas,
+        payload: dict[str, Any] = {**self.proxy.policy.describe(), "replicas": replicas,
                                    "active_requests": len(self.proxy.active),
                                    "admission_queue": self.admission.waiting,
                                    "request_body_bytes_held": self.bodies.used}

@@ -161,7 +161,7 @@ class Reloader:
         router.apply_config(config, rebuild_policy=policy_changed)
         summary = {"file": config.file, "applied": live, "restart_required": restart,
                    "replicas_added": added, "replicas_removed": removed,
-                   "replicas_updated": updated, "policy": router.policy.name}
+                   "replicas_updated": updated, **router.policy.describe()}
         log.info("reloaded %s: %s", config.file, summary)
         if restart:
             log.warning("reload: changes to %s need a restart and were not applied",

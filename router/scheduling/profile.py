@@ -190,6 +190,21 @@ class Profile:
             if forget is not None:
                 forget(replica_id)
 
+    def describe(self) -> dict[str, Any]:
+        """What /admin/replicas and a reload's answer say of the running profile."""
+        cost = self.cost
+        return {"policy": self.name, "cost_terms": cost.weights if cost is not None else None}
+
+    def prefill_rate(self, replica: Replica) -> float | None:
+        """The prefill tokens/s this profile expects of `replica` (learned or prior), if it
+        models prefill rates at all."""
+        for producer in self._all_producers():
+            rate = getattr(producer, "prefill_rate", None)
+            if rate is not None:
+                value: float = rate(replica)
+                return value
+        return None
+
     def producer(self, name: str) -> Any:  # Any: the caller knows which producer it asks for
         """The producer `name` of this profile (or its fallback); KeyError if none."""
         for producer in self._all_producers():

@@ -269,6 +269,13 @@ async def test_a_reload_keeps_what_the_policy_learned_about_replicas_that_stay(
     path.write_text(yaml.safe_dump(doc))
     async with http.post(server.url + "/admin/reload") as r:
         assert r.status == 200
+        summary = await r.json()
+    assert summary["cost_terms"] == {"queue": 1.0, "prefill": 1.0, "eviction": 1.0}
+    async with http.get(server.url + "/admin/replicas") as r:
+        listing = await r.json()
+    assert listing["policy"] == "cache_aware" and listing["cost_terms"] == summary["cost_terms"]
+    (shown,) = [entry for entry in listing["replicas"] if entry["url"] == stays]
+    assert shown["prefill_tokens_per_s"] == round(learned[stays], 1)  # the learned rate, kept
     assert router.policy is not old_policy and router.policy.keys[0].load_factor == 1.5  # the guard
     cost = router.policy.cost
     assert cost is not None and cost.weights["eviction"] == 1.0
