@@ -46,6 +46,7 @@ from yamlcheck import ConfigError
 
 if TYPE_CHECKING:
     from router.config import Config
+    from router.flows import SingleHop
     from router.membership import Reloader
     from router.prefix.index import PrefixIndex
 
@@ -72,12 +73,13 @@ async def expect_continue(request: web.Request) -> web.StreamResponse | None:
 class Api:
     """The handlers, bound to the objects the app created."""
 
-    def __init__(self, *, config: Config, fleet: Fleet, proxy: Proxy, telemetry: Telemetry,
+    def __init__(self, *, config: Config, fleet: Fleet, proxy: Proxy, flow: SingleHop, telemetry: Telemetry,
                  index: PrefixIndex | None = None, keyring: KeyRing | None = None,
                  admission: Admission | None = None, bodies: BodyBudget | None = None) -> None:
         self.config = config
         self.fleet = fleet
         self.proxy = proxy
+        self.flow = flow
         self.telemetry = telemetry
         self.index = index
         self.keyring = keyring or KeyRing(config.auth, config.server.trusted_proxies)
@@ -320,7 +322,7 @@ class Api:
             admissible = [r for r in replicas if r.routable and self.proxy.admissible(r)]
             if not admissible:
                 raise self.proxy.unavailable(canonical)
-        return await self.proxy.forward(request, route, admissible, record)
+        return await self.flow.forward(request, route, admissible, record)
 
     def on_load(self, replica: Replica) -> None:
         """A replica's fresh load report: the admission queue may admit more."""
@@ -469,7 +471,7 @@ class Api:
     async def handle_replicas(self, request: web.Request) -> web.Response:
         self.keyring.check_admin(request.headers, request.remote)
         replicas = []
-        profile = self.proxy.policy
+        profile = self.flow.profile()
         for r in self.fleet:
             rate = profile.prefill_rate(r)
             replicas.append({
@@ -489,7 +491,7 @@ class Api:
                          "prefix_cache_hits": r.load.prefix_cache_hits,
                          "block_size": r.load.block_size, "num_gpu_blocks": r.load.num_gpu_blocks},
             })
-        payload: dict[str, Any] = {**self.proxy.policy.describe(), "replicas": replicas,
+        payload: dict[str, Any] = {**profile.describe(), "replicas": replicas,
                                    "active_requests": len(self.proxy.active),
                                    "admission_queue": self.admission.waiting,
                                    "request_body_bytes_held": self.bodies.used}

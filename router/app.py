@@ -31,6 +31,7 @@ from router.connections import ConnectionLimits, FrontDoorRunner, default_connec
 from router.cors import Cors
 from router.errors import error_middleware
 from router.fleet import EngineLoad, Replica
+from router.flows import SingleHop
 from router.loop_lag import LoopLag
 from router.membership import FleetWiring, Reloader, build_fleet
 from router.monitor import Monitor
@@ -161,11 +162,13 @@ class Router:
         self.monitor = Monitor(self.fleet, self.probe_session, cfg.health, cfg.metrics,
                                self.telemetry, on_load=self._on_load, on_health=self._on_health,
                                loop_lag=self.loop_lag)
-        self.proxy = Proxy(session=self.session, policy=self.policy, index=self.index,
+        self.proxy = Proxy(session=self.session, feedback_to=lambda: self.policy, index=self.index,
                            config=cfg.proxy, telemetry=self.telemetry, monitor=self.monitor,
                            request_id_header=cfg.server.request_id_header,
                            breaker_config=cfg.circuit_breaker, loop_lag=self.loop_lag)
-        self.api = Api(config=cfg, fleet=self.fleet, proxy=self.proxy, telemetry=self.telemetry,
+        flow = SingleHop(proxy=self.proxy, profile=lambda: self.policy, index=self.index,
+                         telemetry=self.telemetry)
+        self.api = Api(config=cfg, fleet=self.fleet, proxy=self.proxy, flow=flow, telemetry=self.telemetry,
                        index=self.index)
         self.api.reloader = self.reloader
         app = web.Application(client_max_size=cfg.server.max_body_bytes,
@@ -199,7 +202,7 @@ class Router:
         if rebuild_policy:
             policy = config.routing.build_profile()
             policy.adopt(self.policy)  # what it learned about the replicas stays (rates, shares)
-            self.policy = self.proxy.policy = policy
+            self.policy = policy  # the flow and the feedback hook read it through getters
             self.telemetry.set_info(policy.name)
         self.monitor.health_cfg, self.monitor.metrics_cfg = config.health, config.metrics
         self.proxy.apply_config(config.proxy, config.circuit_breaker)

@@ -2,10 +2,10 @@
 
 One request's life here:
 
-1. The scheduling profile (``self.policy``, router/scheduling/) orders the candidate
-   replicas (best first, healthy before suspect), after the breakers (router/breaker.py)
-   took out ejected ones.  The ranking is computed once; failover walks down it without
-   asking again.
+1. A flow (router/flows.py) had the scheduling profile (router/scheduling/) order the
+   candidate replicas (best first, healthy before suspect), after the breakers
+   (router/breaker.py) took out ejected ones.  The ranking is computed once; failover
+   walks down it without asking again.
 2. Per attempt (at most ``proxy.max_attempts``, none started after ``proxy.deadline``,
    none beyond the retry budget; tenacity drives the loop and its full-jitter backoff):
    * dispatch: ``replica.in_flight += 1`` and ``index.record(block_hashes, replica)``
@@ -80,7 +80,6 @@ from router.hooks import (
 from router.loop_lag import LoopLag
 from router.retry_budget import RetryBudget
 from router.scheduling import Decision, Profile
-from router.scheduling.candidates import health_order
 from router.telemetry import RequestRecord, Telemetry
 from router.waits import DRAIN, UNHEALTHY, Wait, Waits
 
@@ -254,14 +253,13 @@ def connect_tracing() -> aiohttp.TraceConfig:
 class Proxy:
     """Forwards RouteRequests to replicas; one per app."""
 
-    def __init__(self, *, session: aiohttp.ClientSession, policy: Profile, index: PrefixIndex,
+    def __init__(self, *, session: aiohttp.ClientSession, feedback_to: Callable[[], Profile], index: PrefixIndex,
                  config: ProxyConfig, telemetry: Telemetry, monitor: Monitor | None = None,
                  request_id_header: str = "X-Request-Id",
                  breaker_config: CircuitBreakerConfig | None = None,
                  loop_lag: LoopLag | None = None) -> None:
         self.session = session
         self.loop_lag = loop_lag
-        self.policy = policy
         self.index = index
         self.config = config
         self.telemetry = telemetry
@@ -273,7 +271,7 @@ class Proxy:
         self.retry_budget = RetryBudget(config.retry_budget_ratio, config.retry_budget_min_per_s)
         # What an attempt means beyond transport (router/hooks.py), in this order.
         self.hooks = Hooks([InFlight(telemetry), BreakerFeedback(self.breakers), IndexFeedback(index),
-                            SuspectMarking(monitor), PolicyFeedback(lambda: self.policy, telemetry)])
+                            SuspectMarking(monitor), PolicyFeedback(feedback_to, telemetry)])
         # Per-request bookkeeping (drain, introspection): entries removed in `finally`.
         self.active: dict[int, RequestRecord] = {}
         self._ids = itertools.count()
@@ -331,25 +329,10 @@ class Proxy:
                                 f"failing requests; retry in {seconds}s",
                            headers={"Retry-After": str(seconds)})
 
-    def rank(self, route: RouteRequest, candidates: Sequence[Replica],
-             record: RequestRecord) -> Decision:
-        started = time.perf_counter()
-        try:
-            decision = self.policy.rank(route, candidates, self.index)
-        except Exception:  # noqa: BLE001 - a policy bug must not fail the request
-            log.exception("policy %s failed; falling back to configuration order", self.policy.name)
-            decision = Decision(ranked=health_order(candidates), why={"fallback": "policy error"})
-        self.telemetry.decision_seconds.labels(self.policy.name).observe(time.perf_counter() - started)
-        record.policy = self.policy.name
-        record.why = decision.why
-        return decision
-
     # -- forwarding -------------------------------------------------------------------
-    async def forward(self, request: web.Request, route: RouteRequest,
-                      candidates: Sequence[Replica], record: RequestRecord) -> web.StreamResponse:
-        decision = self.rank(route, candidates, record)
-        if not decision.ranked:
-            raise self.unavailable(route.model)
+    async def forward(self, request: web.Request, route: RouteRequest, decision: Decision,
+                      record: RequestRecord) -> web.StreamResponse:
+        """Attempts down `decision.ranked` (not empty; a flow ranked it, router/flows.py)."""
         cfg = self.config
         self.retry_budget.on_request()
         tried: list[Replica] = []
