@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-import time
 import uuid
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -34,6 +33,7 @@ from aiohttp import web
 
 from router.admission import Admission, QueueRejection, RateLimitExceeded
 from router.auth import Client, KeyRing
+from router.catalog import ModelCatalog
 from router.errors import Handler, RouterError, bad_request
 from router.fleet import Fleet, Health, Replica
 from router.limits import BodyBudget, BodyLease, read_body
@@ -89,32 +89,19 @@ class Api:
         self.bodies = bodies or BodyBudget(config.server.max_inflight_body_bytes,
                                            config.proxy.retry_after)
         self.reloader: Reloader | None = None  # set by the Router: reload and registration
-        self._derive(config)
+        self.catalog = ModelCatalog(config, fleet, on_forbidden=lambda: telemetry.rejections.labels(
+            "forbidden_model").inc())
         self.draining = False
-        self.started = int(time.time())
         self._rid_header = config.server.request_id_header
         self._session_header = config.routing.session_header
         self._priority_header = config.admission.priority_header
-
-    def _derive(self, config: Config) -> None:
-        """What the handlers precompute from the config (again after a reload)."""
-        self.config = config
-        self.aliases = config.aliases()
-        # Per limited key, the names it may use: its list, with aliases resolved both ways.
-        access: dict[str, frozenset[str]] = {}
-        for key in config.auth.keys:
-            if key.models:
-                canon = {self.aliases.get(n, n) for n in key.models}
-                access[key.name] = frozenset(
-                    set(key.models) | canon | {a for a, m in self.aliases.items() if m in canon})
-        self._access = access
-        self.model_names = [m.name for m in config.models] or self.fleet.models()
 
     def apply_config(self, config: Config) -> None:
         """A reload: new models, aliases, keys; the server settings stay (router/membership.py)."""
         if config.auth != self.config.auth:
             self.keyring = KeyRing(config.auth, config.server.trusted_proxies)
-        self._derive(config)
+        self.config = config
+        self.catalog.apply_config(config)
 
     def routes(self) -> list[web.RouteDef]:
         post = [web.post(path, self.handle_inference, expect_handler=expect_continue)
@@ -152,49 +139,6 @@ class Api:
             self.telemetry.rejections.labels("bad_path").inc()
             raise bad_request(f"Invalid request path: {problem}")
         return await handler(request)
-
-    # -- model names ----------------------------------------------------------------
-    def may_use(self, client: Client | None, name: str) -> bool:
-        """May `client` use the model (or alias) `name`?"""
-        if client is None or client.key is None or client.name not in self._access:
-            return True
-        allowed = self._access[client.name]
-        return name in allowed or self.aliases.get(name, name) in allowed
-
-    def known_models(self, client: Client | None = None) -> list[str]:
-        """Every name a client may use: configured models, aliases, discovered names."""
-        names = list(self.model_names) + list(self.aliases)
-        for replica in self.fleet:
-            names.extend(sorted(replica.served_models - set(names)))
-        names = list(dict.fromkeys(names))
-        return [n for n in names if self.may_use(client, n)]
-
-    def resolve(self, name: str, client: Client | None = None) -> tuple[str, list[Replica]]:
-        """(canonical name, its replicas) for a requested model name or alias; 404 if none.
-
-        Replicas that reported their served models and do not list the canonical name
-        are left out (they would answer 404).  A key that may not use `name` gets the
-        same 404 as for a model that does not exist.
-        """
-        canonical = self.aliases.get(name, name)
-        if not self.may_use(client, name):
-            self.telemetry.rejections.labels("forbidden_model").inc()
-            raise self._no_such_model(name, client)
-        replicas = [r for r in self.fleet.for_model(canonical)
-                    if not r.served_models or canonical in r.served_models]
-        if replicas:
-            return canonical, replicas
-        served = [r for r in self.fleet if name in r.served_models]
-        if served:  # e.g. a LoRA adapter or extra served name a replica reported
-            return name, served
-        if self.fleet.for_model(canonical):  # configured, but no replica serves it
-            return canonical, []
-        raise self._no_such_model(name, client)
-
-    def _no_such_model(self, name: str, client: Client | None) -> RouterError:
-        valid = ", ".join(self.known_models(client)) or "(none)"
-        return RouterError(404, f"The model `{name}` does not exist or you do not have access "
-                                f"to it. Valid models: {valid}.", param="model")
 
     # -- POST: inference and pass-through --------------------------------------------
     def _request_id(self, request: web.Request) -> str:
@@ -280,14 +224,14 @@ class Api:
             raise bad_request(exc.message, exc.param) from None
         requested = data.get("model")
         if requested is None:
-            allowed = self.known_models(client)
-            if path in INFERENCE_PATHS or len(self.model_names) != 1:
+            catalog = self.catalog
+            if path in INFERENCE_PATHS or len(catalog.model_names) != 1:
                 raise bad_request("'model' is required", "model")
-            requested = self.model_names[0]  # e.g. /tokenize without a model: the only one
-            if requested not in allowed:
-                raise self._no_such_model(requested, client)
+            requested = catalog.model_names[0]  # e.g. /tokenize without a model: the only one
+            if requested not in catalog.known_models(client):
+                raise catalog.no_such_model(requested, client)
         record.model = requested
-        canonical, replicas = self.resolve(requested, client)
+        canonical, replicas = self.catalog.resolve(requested, client)
         record.model = canonical
         record.stream = data.get("stream") is True
         if canonical != requested and "model" in data:
@@ -335,8 +279,7 @@ class Api:
         record.status = status
         duration = record.elapsed()
         # Only names the fleet knows become label values (a client's typo must not mint series).
-        model = record.model if record.model and (record.model in self.model_names or any(
-            record.model in r.served_models for r in self.fleet)) else NO_REPLICA
+        model = record.model if record.model and self.catalog.knows(record.model) else NO_REPLICA
         t = self.telemetry
         t.requests.labels(model, record.replica or NO_REPLICA, str(status)).inc()
         t.duration.labels(model).observe(duration)
@@ -346,38 +289,6 @@ class Api:
             write_access_log(record, duration, self.config.server.log_format)
 
     # -- GET endpoints --------------------------------------------------------------
-    def _model_entry(self, name: str, replicas: list[Replica], parent: str | None) -> dict[str, Any]:
-        lengths = [r.max_model_len for r in replicas if r.max_model_len]
-        return {
-            "id": name,
-            "object": "model",
-            "created": self.started,
-            "owned_by": "vllm",
-            "root": parent or name,
-            "parent": parent,
-            "max_model_len": min(lengths) if lengths else None,
-            "permission": [],
-        }
-
-    def model_list(self) -> list[dict[str, Any]]:
-        entries: dict[str, dict[str, Any]] = {}
-        healthy_by_model: dict[str, list[Replica]] = {}
-        for replica in self.fleet:
-            if replica.health is Health.HEALTHY:
-                healthy_by_model.setdefault(replica.model, []).append(replica)
-        for model, replicas in healthy_by_model.items():
-            entries.setdefault(model, self._model_entry(model, replicas, None))
-            for replica in replicas:
-                for served in sorted(replica.served_models):
-                    if served not in entries:
-                        holders = [r for r in replicas if served in r.served_models]
-                        parent = None if served == model else model
-                        entries[served] = self._model_entry(served, holders, parent)
-        for alias, model in self.aliases.items():
-            if model in healthy_by_model and alias not in entries:
-                entries[alias] = self._model_entry(alias, healthy_by_model[model], model)
-        return list(entries.values())
-
     def _client(self, request: web.Request) -> Client:
         try:
             return self.keyring.client(request.headers, request.remote)
@@ -386,16 +297,18 @@ class Api:
 
     async def handle_models(self, request: web.Request) -> web.Response:
         client = self._client(request)
+        catalog = self.catalog
         return _json({"object": "list",
-                      "data": [e for e in self.model_list() if self.may_use(client, e["id"])]})
+                      "data": [e for e in catalog.model_list() if catalog.may_use(client, e["id"])]})
 
     async def handle_model(self, request: web.Request) -> web.Response:
         client = self._client(request)
         name = request.match_info["model"]
-        for entry in self.model_list():
-            if entry["id"] == name and self.may_use(client, name):
+        catalog = self.catalog
+        for entry in catalog.model_list():
+            if entry["id"] == name and catalog.may_use(client, name):
                 return _json(entry)
-        self.resolve(name, client)  # 404 with the valid names if it is unknown altogether
+        catalog.resolve(name, client)  # 404 with the valid names if it is unknown altogether
         raise self.proxy.unavailable(name)
 
     async def handle_health(self, request: web.Request) -> web.Response:
@@ -403,7 +316,7 @@ class Api:
 
     async def handle_ready(self, request: web.Request) -> web.Response:
         models = {}
-        for name in self.model_names:
+        for name in self.catalog.model_names:
             replicas = self.fleet.for_model(name)
             models[name] = {
                 "healthy": sum(1 for r in replicas if r.health is Health.HEALTHY),
