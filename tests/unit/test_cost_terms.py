@@ -108,7 +108,7 @@ def test_queue_grows_with_waiting_requests_and_running_ones_count_by_their_weigh
     request, cands = table([spec, busier])
     cost, cost_busier = costs_of("queue", request, cands, running_weight=running_weight)
     assert cost <= cost_busier
-    if running_weight < 1.0:  # at 1 a new waiting request may be one the router counted running
+    if running_weight <= 0.99:  # near 1 a new waiting request may be one the router counted running
         assert cost < cost_busier
     idle = (0, 0, 0) + spec[3:]
     request, cands = table([idle])
