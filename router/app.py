@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import socket
 from typing import Any
@@ -26,14 +25,14 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from router.api import Api
-from router.config import BackendConfig, Config, LaunchConfig, ModelConfig
+from router.config import BackendConfig, Config, LaunchConfig
 from router.connections import ConnectionLimits, FrontDoorRunner, default_connection_cap, raise_fd_limit
 from router.cors import Cors
 from router.errors import error_middleware
 from router.fleet import EngineLoad, Replica
 from router.flows import SingleHop
 from router.loop_lag import LoopLag
-from router.membership import FleetWiring, Reloader, build_fleet
+from router.membership import FleetWiring, Reloader, build_fleet, merge_backends
 from router.monitor import Monitor
 from router.prefix.index import DEFAULT_CAPACITY_BLOCKS, PrefixIndex
 from router.proxy import Proxy, connect_tracing
@@ -82,21 +81,6 @@ async def launch_engines(launch: LaunchConfig) -> tuple[Any, list[tuple[str, Bac
     ]
     log.info("launched %d replica(s): %s", len(plans), ", ".join(p.url for p in plans))
     return running, backends
-
-
-def merge_backends(config: Config, launched: list[tuple[str, BackendConfig]]) -> Config:
-    """The config with launched replicas added to their models (new models appended)."""
-    models = {m.name: m for m in config.models}
-    order = [m.name for m in config.models]
-    for name, backend in launched:
-        model = models.get(name)
-        if model is None:
-            model = ModelConfig(name=name)
-            order.append(name)
-        if any(b.url == backend.url for b in model.backends):
-            continue
-        models[name] = dataclasses.replace(model, backends=model.backends + (backend,))
-    return dataclasses.replace(config, models=tuple(models[n] for n in order))
 
 
 class Router:

@@ -28,7 +28,7 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from router.config import BackendConfig, Config, ModelConfig, load_config, parse_backend
+from router.config import BackendConfig, Config, ModelConfig, load_config, parse_backend, validate_policy_params
 from router.fleet import Fleet, Replica
 from yamlcheck import ConfigError, Node
 
@@ -58,6 +58,21 @@ def build_fleet(config: Config) -> Fleet:
         for backend in model.backends:
             fleet.add(replica_from(model.name, backend))
     return fleet
+
+
+def merge_backends(config: Config, launched: list[tuple[str, BackendConfig]]) -> Config:
+    """The config with launched replicas added to their models (new models appended)."""
+    models = {m.name: m for m in config.models}
+    order = [m.name for m in config.models]
+    for name, backend in launched:
+        model = models.get(name)
+        if model is None:
+            model = ModelConfig(name=name)
+            order.append(name)
+        if any(b.url == backend.url for b in model.backends):
+            continue
+        models[name] = dataclasses.replace(model, backends=model.backends + (backend,))
+    return dataclasses.replace(config, models=tuple(models[n] for n in order))
 
 
 def _update_in_place(replica: Replica, backend: BackendConfig) -> bool:
@@ -134,8 +149,6 @@ class Reloader:
             try:
                 config = await asyncio.to_thread(load_config, path)
                 config = self.overrides(config)
-                from router.config import validate_policy_params
-
                 validate_policy_params(config)
             except ConfigError as exc:
                 log.warning("reload of %s refused, nothing changed: %s", path, exc)
@@ -146,8 +159,6 @@ class Reloader:
         router = self.router
         old = router.config
         if router.launched:  # engines started by `launch:` stay what they were
-            from router.app import merge_backends
-
             config = merge_backends(config, router.launched)
         live, restart = _section_changes(old, config)
         # Sections that need a restart keep their running values.
@@ -156,9 +167,8 @@ class Reloader:
             prefix=old.prefix, launch=old.launch,
             proxy=dataclasses.replace(config.proxy, max_connections=old.proxy.max_connections))
         added, removed, updated = self._apply_backends(config)
-        policy_changed = (old.routing.policy, dict(old.routing.params), old.routing.terms) != (
-            config.routing.policy, dict(config.routing.params), config.routing.terms)
-        router.apply_config(config, rebuild_policy=policy_changed)
+        # A new profile adopts what the old one learned, so any change to `routing` rebuilds.
+        router.apply_config(config, rebuild_policy=old.routing != config.routing)
         summary = {"file": config.file, "applied": live, "restart_required": restart,
                    "replicas_added": added, "replicas_removed": removed,
                    "replicas_updated": updated, **router.policy.describe()}

@@ -138,10 +138,12 @@ class Telemetry:
         """Remove every series labelled with a replica that left the fleet (bounded labels).
 
         prometheus_client has no removal by one label, so the label tuples are read from
-        each metric's children (its `_metrics`, a private attribute)."""
-        for metric in list(self.registry._collector_to_names):
+        each of this object's metrics' children (`_metrics`, a private attribute)."""
+        for metric in list(vars(self).values()):
+            if not isinstance(metric, MetricWrapperBase):
+                continue
             names = getattr(metric, "_labelnames", ())
-            if "replica" not in names or not isinstance(metric, MetricWrapperBase):
+            if "replica" not in names:
                 continue
             at = names.index("replica")
             for labels in list(getattr(metric, "_metrics", {})):

@@ -15,8 +15,9 @@ Base columns, read from the replicas on first use (``ids`` at once):
 * ``queued``: ``Replica.queued``, the larger of the router's in-flight count (fresh, rises
   at dispatch so a burst spreads at once) and the replica's scraped running + waiting
   (sees other clients, lags a scrape);
-* ``capacity``: tensor-parallel size x weight (a TP=4 replica prefills about four times
-  as fast; ``weight`` is the operator's relative-capacity hint, <= 0 counts as 1);
+* ``capacity``: `capacity_of` each replica: tensor-parallel size x weight (a TP=4 replica
+  prefills about four times as fast; ``weight`` is the operator's relative-capacity hint,
+  <= 0 counts as 1);
 * ``waiting``: the replica's own last reported waiting queue (``vllm:num_requests_waiting``).
 Producers add what they compute to ``data`` under their own name.
 """
@@ -77,7 +78,7 @@ class Candidates:
     @property
     def capacity(self) -> list[float]:
         capacity = self._capacity
-        if capacity is None:
+        if capacity is None:  # capacity_of, inlined: a call per row costs more than the rest
             capacity = self._capacity = [
                 (tp if (tp := r.tensor_parallel_size) > 1 else 1) * (w if (w := r.weight) > 0 else 1.0)
                 for r in self.replicas]
@@ -114,6 +115,12 @@ class Candidates:
                 out.append(healthy)
                 healthy += 1
         return out
+
+
+def capacity_of(replica: Replica) -> float:
+    """Relative compute of a replica: tensor-parallel size x weight (> 0)."""
+    weight = replica.weight if replica.weight > 0 else 1.0
+    return max(1, replica.tensor_parallel_size) * weight
 
 
 def health_groups(replicas: Sequence[Replica]) -> list[int]:

@@ -36,13 +36,18 @@ class OrderKey(Protocol):
         ...
 
 
+def load_per_capacity(cands: Candidates) -> list[float]:
+    """Requests ahead per unit of capacity (queued / capacity), per row."""
+    return [q / c for q, c in zip(cands.queued, cands.capacity)]
+
+
 class LoadPerCapacity:
-    """Requests ahead per unit of capacity (queued / capacity)."""
+    """Less load per unit of capacity first."""
 
     name = "load_per_capacity"
 
     def values(self, request: RouteRequest, cands: Candidates) -> list[float]:
-        return [q / c for q, c in zip(cands.queued, cands.capacity)]
+        return load_per_capacity(cands)
 
 
 class LongestMatch:
@@ -159,7 +164,7 @@ class TwoChoices:
         self._rng = random.Random(seed)
 
     def values(self, request: RouteRequest, cands: Candidates) -> list[tuple[int, float, int]]:
-        load = [q / c for q, c in zip(cands.queued, cands.capacity)]
+        load = load_per_capacity(cands)
         healthy = cands.group_rows(0)
         pair: dict[int, int] = {}
         if len(healthy) >= 2:

@@ -23,6 +23,7 @@ from operator import truediv
 from typing import TYPE_CHECKING, Protocol
 
 from router.scheduling import guard
+from router.scheduling.candidates import capacity_of
 from router.scheduling.guard import DEFAULT_LOAD_FACTOR, DEFAULT_LOAD_HEADROOM, group_allowances
 
 if TYPE_CHECKING:
@@ -100,8 +101,7 @@ class LearnedRates:
         self._tokens_per_block = 16  # from the index at rank time, for observe()
 
     def prior_rate(self, replica: Replica) -> float:
-        cap = max(1, replica.tensor_parallel_size) * (replica.weight if replica.weight > 0 else 1.0)
-        return self.prefill_tokens_per_s * cap
+        return self.prefill_tokens_per_s * capacity_of(replica)
 
     def prefill_rate(self, replica: Replica) -> float:
         """Prefill tokens/s of `replica`: learned if observed, else the prior."""
