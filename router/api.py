@@ -24,8 +24,10 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 import uuid
 from collections.abc import Callable
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -40,15 +42,19 @@ from router.limits import BodyBudget, BodyLease, read_body
 from router.membership import NoSuchReplica
 from router.paths import raw_path_problem
 from router.proxy import CLIENT_CLOSED, Proxy, forwardable_request_headers
-from router.requests import BodyError, build_route_request, rewrite_model, validate_body
+from router.requests import BodyError, RouteRequest, build_route_request, rewrite_model, validate_body
 from router.telemetry import NO_REPLICA, RequestRecord, Telemetry, write_access_log
+from tokenization import OFF_LOOP_CHARS, prompt_chars
 from yamlcheck import ConfigError
 
 if TYPE_CHECKING:
     from router.config import Config
     from router.flows import SingleHop
     from router.membership import Reloader
+    from router.prefix.exact import ExactIndex
     from router.prefix.index import PrefixIndex
+    from router.prefix.subscriber import KVEvents
+    from tokenization import ModelTokenizer
 
 INFERENCE_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
 _REQUEST_ID_RE = re.compile(r"^[\x21-\x7e]{1,200}$")  # visible ASCII, bounded
@@ -75,13 +81,18 @@ class Api:
 
     def __init__(self, *, config: Config, fleet: Fleet, proxy: Proxy, flow: SingleHop, telemetry: Telemetry,
                  index: PrefixIndex | None = None, keyring: KeyRing | None = None,
-                 admission: Admission | None = None, bodies: BodyBudget | None = None) -> None:
+                 admission: Admission | None = None, bodies: BodyBudget | None = None,
+                 exact: ExactIndex | None = None, kv_events: KVEvents | None = None,
+                 tokenizers: dict[str, ModelTokenizer] | None = None) -> None:
         self.config = config
         self.fleet = fleet
         self.proxy = proxy
         self.flow = flow
         self.telemetry = telemetry
         self.index = index
+        self.exact = exact
+        self.kv_events = kv_events
+        self.tokenizers = tokenizers if tokenizers is not None else {}  # model -> its tokenizer
         self.keyring = keyring or KeyRing(config.auth, config.server.trusted_proxies)
         self.admission = admission or Admission(
             config.admission, retry_after=config.proxy.retry_after,
@@ -266,7 +277,32 @@ class Api:
             admissible = [r for r in replicas if r.routable and self.proxy.admissible(r)]
             if not admissible:
                 raise self.proxy.unavailable(canonical)
+        route = await self._exact_tokens(route, data, admissible)
         return await self.flow.forward(request, route, admissible, record)
+
+    async def _exact_tokens(self, route: RouteRequest, data: dict[str, Any],
+                            candidates: list[Replica]) -> RouteRequest:
+        """`route` with the prompt's exact token ids, where the exact index can use them: the
+        model has a tokenizer (or the client sent ids) and a candidate is in exact mode.
+        Long prompts are tokenized in a worker thread (tokenization.OFF_LOOP_CHARS).  Any
+        failure leaves the request to the approximate index."""
+        exact = self.exact
+        if exact is None or not exact.replicas or not exact.any_exact(r.id for r in candidates):
+            return route
+        tokens: tuple[int, ...] | None = None
+        if route.routing_tokens is not None and route.path == "/v1/completions":
+            tokens = route.routing_tokens  # the ids as sent are the ids vLLM uses
+        else:
+            tokenizer = self.tokenizers.get(route.model)
+            if tokenizer is None:
+                return route
+            started = time.perf_counter()
+            if prompt_chars(route.path, data) > OFF_LOOP_CHARS:
+                tokens = await asyncio.to_thread(tokenizer.tokens, route.path, data)
+            else:
+                tokens = tokenizer.tokens(route.path, data)
+            self.telemetry.tokenize_seconds.labels(route.model).observe(time.perf_counter() - started)
+        return route if tokens is None else replace(route, prompt_token_ids=tokens)
 
     def on_load(self, replica: Replica) -> None:
         """A replica's fresh load report: the admission queue may admit more."""
@@ -403,6 +439,7 @@ class Api:
                          "prefix_cache_queries": r.load.prefix_cache_queries,
                          "prefix_cache_hits": r.load.prefix_cache_hits,
                          "block_size": r.load.block_size, "num_gpu_blocks": r.load.num_gpu_blocks},
+                "kv_events": self.kv_events.stats(r.id) if self.kv_events is not None else None,
             })
         payload: dict[str, Any] = {**profile.describe(), "replicas": replicas,
                                    "active_requests": len(self.proxy.active),
@@ -411,6 +448,8 @@ class Api:
         if self.index is not None and hasattr(self.index, "stats"):
             stats = self.index.stats()
             payload["prefix_index"] = {k: v for k, v in stats.items() if k != "replicas"}
+        if self.exact is not None and self.exact.replicas:
+            payload["exact_prefix_index"] = self.exact.stats()
         return _json(payload)
 
 

@@ -34,9 +34,13 @@ from router.flows import SingleHop
 from router.loop_lag import LoopLag
 from router.membership import FleetWiring, Reloader, build_fleet, merge_backends
 from router.monitor import Monitor
+from router.prefix.exact import ExactIndex
 from router.prefix.index import DEFAULT_CAPACITY_BLOCKS, PrefixIndex
+from router.prefix.subscriber import KVEvents
 from router.proxy import Proxy, connect_tracing
 from router.telemetry import Telemetry, init_sentry
+from tokenization import ModelTokenizer, TokenizerError
+from yamlcheck import ConfigError
 
 log = logging.getLogger("router.app")
 
@@ -83,6 +87,19 @@ async def launch_engines(launch: LaunchConfig) -> tuple[Any, list[tuple[str, Bac
     return running, backends
 
 
+def load_tokenizers(config: Config) -> dict[str, ModelTokenizer]:
+    """Each model's `tokenizer:` loaded once (a file that does not load is a config error)."""
+    out: dict[str, ModelTokenizer] = {}
+    for i, model in enumerate(config.models):
+        if model.tokenizer is None:
+            continue
+        try:
+            out[model.name] = ModelTokenizer(model.tokenizer)
+        except TokenizerError as exc:
+            raise ConfigError(config.file, f"models[{i}].tokenizer", str(exc)) from None
+    return out
+
+
 class Router:
     """One running router: the objects the request path and the background tasks share."""
 
@@ -93,6 +110,12 @@ class Router:
         prefix = config.prefix
         self.index = PrefixIndex(prefix.capacity_blocks or DEFAULT_CAPACITY_BLOCKS,
                                  tokens_per_block=max(1, prefix.block_chars // 4))
+        exact = prefix.exact
+        self.exact = ExactIndex(exact.capacity_blocks or DEFAULT_CAPACITY_BLOCKS,
+                                max_blocks_per_request=prefix.max_blocks_per_request,
+                                relearn_s=exact.relearn_s, confirm_s=exact.confirm_s)
+        self.kv_events = KVEvents(self.exact, replay_timeout=exact.replay_timeout)
+        self.tokenizers = load_tokenizers(config)
         self.policy = config.routing.build_profile()
         self.telemetry.set_info(self.policy.name)
         self.session: aiohttp.ClientSession | None = None  # requests to replicas
@@ -149,11 +172,12 @@ class Router:
         self.proxy = Proxy(session=self.session, feedback_to=lambda: self.policy, index=self.index,
                            config=cfg.proxy, telemetry=self.telemetry, monitor=self.monitor,
                            request_id_header=cfg.server.request_id_header,
-                           breaker_config=cfg.circuit_breaker, loop_lag=self.loop_lag)
+                           breaker_config=cfg.circuit_breaker, loop_lag=self.loop_lag, exact=self.exact)
         flow = SingleHop(proxy=self.proxy, profile=lambda: self.policy, index=self.index,
-                         telemetry=self.telemetry)
+                         telemetry=self.telemetry, exact=self.exact)
         self.api = Api(config=cfg, fleet=self.fleet, proxy=self.proxy, flow=flow, telemetry=self.telemetry,
-                       index=self.index)
+                       index=self.index, exact=self.exact, kv_events=self.kv_events,
+                       tokenizers=self.tokenizers)
         self.api.reloader = self.reloader
         app = web.Application(client_max_size=cfg.server.max_body_bytes,
                               middlewares=[self.api.request_id_middleware, error_middleware,
@@ -174,9 +198,13 @@ class Router:
             log.info("replica %s restarted (prefix-cache counters reset): forgetting its prefixes",
                      replica.id)
             self.index.remove_replica(replica.id)
+            subscription = self.kv_events.subscriptions.get(replica.id)
+            if subscription is not None:
+                subscription.restart_hint()
         if (not old.scraped_at or new.block_size != old.block_size
                 or new.num_gpu_blocks != old.num_gpu_blocks):
             self.index.set_replica_capacity_tokens(replica.id, replica.kv_capacity_tokens)
+            self.exact.set_capacity(replica.id, new.num_gpu_blocks, new.block_size)
         if self.api is not None:
             self.api.on_load(replica)
 
@@ -203,6 +231,12 @@ class Router:
         assert self.monitor is not None
         self.loop_lag.start()
         await self.monitor.start()
+        self.kv_events.start(self.fleet)
+        for rid in self.kv_events.subscriptions:
+            self.watch_kv_stream(rid)
+
+    def watch_kv_stream(self, replica_id: str) -> None:
+        self.telemetry.watch_kv_stream(replica_id, lambda: self.kv_events.stats(replica_id))
 
     async def _on_cleanup(self, app: web.Application) -> None:
         await self.close()
@@ -212,6 +246,7 @@ class Router:
         if self.monitor is not None:
             await self.monitor.stop()
             await self.loop_lag.stop()
+        await self.kv_events.close()
         for session in (self.session, self.probe_session):
             if session is not None and not session.closed:
                 await session.close()

@@ -154,6 +154,7 @@ class ModelConfig:
     name: str
     aliases: tuple[str, ...] = ()
     backends: tuple[BackendConfig, ...] = ()
+    tokenizer: str | None = None  # the model's tokenizer.json (or its directory): exact prefix index
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,6 +184,17 @@ class PrefixConfig:
     block_tokens: int = 16  # token ids per hashed block when the client sent tokens
     capacity_blocks: int | None = None  # global prefix-index bound (None: the index's default)
     max_blocks_per_request: int = 8192  # blocks hashed per request (one huge prompt cannot flush the index)
+    exact: ExactConfig = field(default_factory=lambda: ExactConfig())
+
+
+@dataclass(frozen=True, slots=True)
+class ExactConfig:
+    """prefix.exact: the index fed by the replicas' KV events (router/prefix/exact.py)."""
+
+    capacity_blocks: int | None = None  # global bound (None: the index's default)
+    relearn_s: float = 10.0  # after lost events: approximate routing for this long
+    confirm_s: float = 2.0  # a finished request's blocks stay pending this long
+    replay_timeout: float = 2.0  # wait for each replayed batch
 
 
 @dataclass(frozen=True, slots=True)
@@ -265,12 +277,13 @@ _CORS_KEYS = ("allow_origins", "allow_methods", "allow_headers", "expose_headers
 _ADMISSION_KEYS = ("enabled", "queue_size", "max_wait", "max_waiting_per_replica",
                    "max_kv_usage", "priority_header", "rate_limit", "max_clients")
 _BREAKER_KEYS = ("failure_threshold", "ejection_time", "max_ejection_time", "max_retry_after")
-_MODEL_KEYS = ("name", "aliases", "backends")
+_MODEL_KEYS = ("name", "aliases", "backends", "tokenizer")
 _BACKEND_KEYS = ("url", "tensor_parallel_size", "weight", "labels", "api_key", "api_key_env",
                  "api_key_file", "kv_events")
 _KV_EVENTS_KEYS = ("endpoint", "replay_endpoint", "topic")
 _ROUTING_KEYS = ("policy", "params", "terms", "session_header")
-_PREFIX_KEYS = ("block_chars", "block_tokens", "capacity_blocks", "max_blocks_per_request")
+_PREFIX_KEYS = ("block_chars", "block_tokens", "capacity_blocks", "max_blocks_per_request", "exact")
+_EXACT_KEYS = ("capacity_blocks", "relearn_s", "confirm_s", "replay_timeout")
 _HEALTH_KEYS = ("interval", "timeout", "failure_threshold", "success_threshold")
 _METRICS_KEYS = ("scrape_interval", "timeout", "models_interval")
 _PROXY_KEYS = ("connect_timeout", "first_byte_timeout", "read_timeout", "unhealthy_grace",
@@ -593,7 +606,9 @@ def _models(node: Node, env: Mapping[str, str],
                 backend_node.fail(f"backend URL {backend.url} is already used at {urls[backend.url]}")
             urls[backend.url] = backend_node.path
             backends.append(backend)
-        models.append(ModelConfig(name=name, aliases=tuple(aliases), backends=tuple(backends)))
+        tokenizer = _tokenizer_path(item.get("tokenizer"), base_dir) if item.has("tokenizer") else None
+        models.append(ModelConfig(name=name, aliases=tuple(aliases), backends=tuple(backends),
+                                  tokenizer=tokenizer))
     return tuple(models)
 
 
@@ -614,14 +629,34 @@ def _routing(node: Node) -> RoutingConfig:
     )
 
 
+def _tokenizer_path(node: Node, base_dir: Path | None) -> str:
+    """A model's `tokenizer:`: a tokenizer.json, or a directory holding one (relative paths
+    from the config file's directory)."""
+    raw = Path(node.string())
+    path = raw if raw.is_absolute() or base_dir is None else base_dir / raw
+    file = path / "tokenizer.json" if path.is_dir() else path
+    if not file.is_file():
+        node.fail(f"expected a tokenizer.json or a directory holding one; {file} does not exist")
+    return str(path)
+
+
 def _prefix(node: Node) -> PrefixConfig:
     node.mapping(_PREFIX_KEYS)
     cap = node.get("capacity_blocks", None)
+    exact = node.get("exact", {}).mapping(_EXACT_KEYS)
+    exact_cap = exact.get("capacity_blocks", None)
+    d = ExactConfig()
     return PrefixConfig(
         block_chars=_int(node, "block_chars", 64, minimum=1, maximum=1 << 20),
         block_tokens=_int(node, "block_tokens", 16, minimum=1, maximum=1 << 16),
         capacity_blocks=None if cap.value is None else cap.integer(minimum=1),
         max_blocks_per_request=_int(node, "max_blocks_per_request", 8192, minimum=1),
+        exact=ExactConfig(
+            capacity_blocks=None if exact_cap.value is None else exact_cap.integer(minimum=1),
+            relearn_s=_num(exact, "relearn_s", d.relearn_s, exclusive=False),
+            confirm_s=_num(exact, "confirm_s", d.confirm_s, exclusive=False),
+            replay_timeout=_num(exact, "replay_timeout", d.replay_timeout),
+        ),
     )
 
 

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from aiohttp import web
 
     from router.fleet import Replica
+    from router.prefix.exact import ExactIndex
     from router.prefix.index import PrefixIndex
     from router.proxy import Proxy
     from router.requests import RouteRequest
@@ -36,17 +37,18 @@ class SingleHop:
     """Rank once, then the transport's attempts down the ranking on one replica at a time."""
 
     def __init__(self, *, proxy: Proxy, profile: Callable[[], Profile], index: PrefixIndex,
-                 telemetry: Telemetry) -> None:
+                 telemetry: Telemetry, exact: ExactIndex | None = None) -> None:
         self.proxy = proxy
         self.profile = profile  # a getter: a reload may swap the profile
         self.index = index
+        self.exact = exact
         self.telemetry = telemetry
 
     def rank(self, route: RouteRequest, candidates: Sequence[Replica], record: RequestRecord) -> Decision:
         profile = self.profile()
         started = time.perf_counter()
         try:
-            decision = profile.rank(route, candidates, self.index)
+            decision = profile.rank(route, candidates, self.index, self.exact)
         except Exception:  # noqa: BLE001 - a profile bug must not fail the request
             log.exception("policy %s failed; falling back to configuration order", profile.name)
             decision = Decision(ranked=health_order(candidates), why={"fallback": "policy error"})

@@ -16,9 +16,11 @@ The listeners, each owning one concern, in the order they are called:
 * `InFlight`       the replica's in-flight count and its gauge;
 * `BreakerFeedback` the circuit breaker's trial slot, successes and failures (breaker.py);
 * `IndexFeedback`  the prefix-index record made at dispatch, forgotten when the replica
-                   refused the request (4xx) or the attempt failed;
+                   refused the request (4xx) or the attempt failed; the same for the exact
+                   index's pending blocks (predict-on-route), which expire after the end;
 * `SuspectMarking` a connection-level failure makes the monitor probe the replica now;
-* `PolicyFeedback` time to first byte and decision metrics, and `policy.observe`.
+* `PolicyFeedback` time to first byte and decision metrics, and `policy.observe`;
+* `PredictionAccuracy` the predicted cached tokens against the answer's ``cached_tokens``.
 
 A hook keeps what it needs between moments in `attempt.state[<its name>]`.  A second
 request flow (prefill on one replica, then decode on another) reuses the same hooks
@@ -36,6 +38,7 @@ if TYPE_CHECKING:
     from router.breaker import CircuitBreakers
     from router.fleet import Replica
     from router.monitor import Monitor
+    from router.prefix.exact import ExactIndex
     from router.prefix.index import PrefixIndex
     from router.proxy import UpstreamFailure
     from router.requests import RouteRequest
@@ -146,18 +149,37 @@ class BreakerFeedback(Hook):
 
 
 class IndexFeedback(Hook):
-    def __init__(self, index: PrefixIndex) -> None:
+    """The approximate index records what was sent where; the exact index counts the
+    request's blocks as pending on the chosen replica (predict-on-route, exact.py) until its
+    events confirm them."""
+
+    def __init__(self, index: PrefixIndex, exact: ExactIndex | None = None) -> None:
         self.index = index
+        self.exact = exact
 
     def on_dispatch(self, attempt: Attempt) -> None:
-        if attempt.route.block_hashes:
-            attempt.state["recording"] = self.index.record(attempt.route.block_hashes,
-                                                           attempt.replica.id)
+        route = attempt.route
+        if route.block_hashes:
+            attempt.state["recording"] = self.index.record(route.block_hashes, attempt.replica.id)
+        exact = self.exact
+        if exact is not None and route.exact_hashes:
+            rid = attempt.replica.id
+            hashes = route.exact_hashes.get(exact.block_size_of(rid))
+            if hashes and exact.mode(rid) == "exact":
+                attempt.state["pending"] = exact.predict(rid, hashes)
 
     def _forget(self, attempt: Attempt) -> None:
         recording = attempt.state.pop("recording", None)
         if recording is not None:
             self.index.forget(recording)
+        pending = attempt.state.pop("pending", None)
+        if pending is not None and self.exact is not None:
+            self.exact.retract(pending)
+
+    def on_complete(self, attempt: Attempt, outcome: str) -> None:
+        pending = attempt.state.pop("pending", None)
+        if pending is not None and self.exact is not None:
+            self.exact.settle(pending)
 
     def on_first_byte(self, attempt: Attempt, status: int) -> None:
         if 400 <= status < 500:
@@ -165,6 +187,39 @@ class IndexFeedback(Hook):
 
     def on_failure(self, attempt: Attempt, failure: UpstreamFailure) -> None:
         self._forget(attempt)
+
+
+class PredictionAccuracy(Hook):
+    """Compares, for every answer that reports ``cached_tokens``, what the router predicted
+    cached on the replica that answered with what the replica says it had."""
+
+    def __init__(self, telemetry: Telemetry, exact: ExactIndex | None = None) -> None:
+        self.telemetry = telemetry
+        self.exact = exact
+
+    def on_dispatch(self, attempt: Attempt) -> None:
+        attempt.record.cached_tokens = None  # a failed-over attempt's answer does not count
+
+    def on_complete(self, attempt: Attempt, outcome: str) -> None:
+        record = attempt.record
+        actual = record.cached_tokens
+        if outcome != SUCCESS or actual is None:
+            return
+        rid = attempt.replica.id
+        decision = attempt.decision
+        predicted = decision.matched_tokens.get(rid)
+        if predicted is None:
+            return
+        record.predicted_tokens = predicted
+        exact = rid in decision.exact_replicas
+        block = (self.exact.block_size_of(rid) if exact and self.exact is not None
+                 else attempt.replica.load.block_size or 16)
+        index = "exact" if exact else "approximate"
+        error = predicted - actual
+        model = attempt.route.model
+        self.telemetry.prediction_error.labels(model, index).observe(error)
+        outcome_label = "within_block" if abs(error) <= block else "over" if error > 0 else "under"
+        self.telemetry.predictions.labels(model, index, outcome_label).inc()
 
 
 # Failure kinds that say the replica itself may be gone: the monitor probes it at once.
@@ -191,11 +246,13 @@ class PolicyFeedback(Hook):
         ttfb = record.ttfb or 0.0
         self.telemetry.ttfb.labels(route.model, replica.id).observe(ttfb)
         matched = attempt.decision.matched_blocks.get(replica.id, 0)
+        matched_tokens = attempt.decision.matched_tokens.get(replica.id)
         self.telemetry.decisions.labels(policy.name, route.model, replica.id).inc()
         self.telemetry.matched_blocks.labels(policy.name).observe(matched)
         if status >= 300:
             return  # an error answer's timing teaches nothing about prefill
         try:
-            policy.observe(replica, route, time_to_first_byte_s=ttfb, matched_blocks=matched)
+            policy.observe(replica, route, time_to_first_byte_s=ttfb, matched_blocks=matched,
+                           matched_tokens=matched_tokens)
         except Exception:  # noqa: BLE001 - feedback is best effort
             log.exception("policy %s observe() failed", policy.name)

@@ -75,16 +75,19 @@ from router.hooks import (
     IndexFeedback,
     InFlight,
     PolicyFeedback,
+    PredictionAccuracy,
     SuspectMarking,
 )
 from router.loop_lag import LoopLag
 from router.retry_budget import RetryBudget
 from router.scheduling import Decision, Profile
 from router.telemetry import RequestRecord, Telemetry
+from router.usage import cached_tokens_of
 from router.waits import DRAIN, UNHEALTHY, Wait, Waits
 
 if TYPE_CHECKING:
     from router.monitor import Monitor
+    from router.prefix.exact import ExactIndex
     from router.prefix.index import PrefixIndex
     from router.requests import RouteRequest
 
@@ -257,7 +260,7 @@ class Proxy:
                  config: ProxyConfig, telemetry: Telemetry, monitor: Monitor | None = None,
                  request_id_header: str = "X-Request-Id",
                  breaker_config: CircuitBreakerConfig | None = None,
-                 loop_lag: LoopLag | None = None) -> None:
+                 loop_lag: LoopLag | None = None, exact: ExactIndex | None = None) -> None:
         self.session = session
         self.loop_lag = loop_lag
         self.index = index
@@ -270,8 +273,9 @@ class Proxy:
                                         on_change=telemetry.set_breaker)
         self.retry_budget = RetryBudget(config.retry_budget_ratio, config.retry_budget_min_per_s)
         # What an attempt means beyond transport (router/hooks.py), in this order.
-        self.hooks = Hooks([InFlight(telemetry), BreakerFeedback(self.breakers), IndexFeedback(index),
-                            SuspectMarking(monitor), PolicyFeedback(feedback_to, telemetry)])
+        self.hooks = Hooks([InFlight(telemetry), BreakerFeedback(self.breakers), IndexFeedback(index, exact),
+                            SuspectMarking(monitor), PolicyFeedback(feedback_to, telemetry),
+                            PredictionAccuracy(telemetry, exact)])
         # Per-request bookkeeping (drain, introspection): entries removed in `finally`.
         self.active: dict[int, RequestRecord] = {}
         self._ids = itertools.count()
@@ -584,6 +588,8 @@ class Proxy:
                            wait: Wait, record: RequestRecord) -> web.StreamResponse:
         headers = client_response_headers(resp.headers)
         if complete:
+            if resp.status == 200:
+                record.cached_tokens = cached_tokens_of(head)
             return web.Response(status=resp.status, body=head, headers=headers)
         # Too large to buffer: relay it as it comes (the status is committed now).
         out = web.StreamResponse(status=resp.status, headers=headers)
@@ -632,29 +638,31 @@ class Proxy:
                     record: RequestRecord) -> tuple[tuple[str, str] | None, bytes]:
         """Copy the answer to the client.
 
-        Returns (None when the replica finished it, else why not; the last two bytes
-        written, so that a cut stream's error event starts on an event boundary).  A
+        Returns (None when the replica finished it, else why not; the last two chunks
+        written, so that a cut stream's error event starts on an event boundary).  A whole
+        answer's ``cached_tokens`` (its usage, the last event) goes to the record.  A
         client that went away sets ``record.client_gone``.
         """
         content = resp.content
         read_timeout = self.config.read_timeout
         chunk = first
-        tail = b""
+        previous = last = b""  # the last two chunks written: the tail of the answer
         try:
             await out.prepare(request)
             while chunk:
                 async with asyncio.timeout(wait.limit(read_timeout)) as timeout:
                     wait.timeout = timeout
                     await out.write(chunk)
-                    tail = chunk[-2:] if len(chunk) >= 2 else tail[-1:] + chunk
+                    previous, last = last, chunk
                     chunk = await content.readany()
                 wait.timeout = None
         except ConnectionResetError:  # incl. aiohttp.ClientConnectionResetError
             record.client_gone = True
-            return None, tail
+            return None, previous + last
         except (TimeoutError, *_UPSTREAM_ERRORS) as exc:
             wait.timeout = None
-            return self._cut_reason(wait, exc), tail
+            return self._cut_reason(wait, exc), previous + last
         if not content.is_eof():
-            return self._cut_reason(wait, None), tail
-        return None, tail
+            return self._cut_reason(wait, None), previous + last
+        record.cached_tokens = cached_tokens_of(previous + last)  # the usage chunk comes last
+        return None, previous + last

@@ -29,10 +29,19 @@ class RouteRequest:
     session_key: str | None = None  # header (configurable) or body `user`
     cache_salt: str | None = None
     headers: tuple[tuple[str, str], ...] = field(default=())  # forwardable client headers
+    # The exact prompt token ids the replica will compute (the model's tokenizer, or the ids
+    # the client sent), set only where the exact prefix index can use them (router/prefix/).
+    prompt_token_ids: tuple[int, ...] | None = None
+    # Our chained hashes of those ids per block size, filled when the exact index matches
+    # them and read back at dispatch to predict the chosen replica's new blocks.
+    exact_hashes: dict[int, tuple[int, ...]] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def estimated_prompt_tokens(self) -> int:
-        """A cheap token estimate (about 4 characters a token, like the simulator)."""
+        """The prompt's tokens: exact when known, else a cheap estimate (about 4 characters
+        a token, like the simulator)."""
+        if self.prompt_token_ids is not None:
+            return len(self.prompt_token_ids)
         if self.routing_tokens is not None:
             return len(self.routing_tokens)
         return max(1, self.prompt_chars // 4)

@@ -15,6 +15,7 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,6 +36,9 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
                    10.0, 30.0, 60.0, 120.0, 300.0)
 DECISION_BUCKETS = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 1e-2, 0.1)
 BLOCK_BUCKETS = (0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)
+# Predicted minus actual cached tokens: symmetric, so over- and under-prediction both show.
+PREDICTION_BUCKETS = (-4096, -1024, -256, -64, -16, -1, 0, 16, 64, 256, 1024, 4096)
+STREAM_MODES = ("exact", "approximate")
 NO_REPLICA = "none"  # replica label of requests answered by the router itself
 
 
@@ -120,6 +124,25 @@ class Telemetry:
         self.slow_heads = Counter(
             "router_client_slow_heads", "Client connections closed with 408 because the "
             "request head did not arrive within server.header_timeout.", registry=r)
+        # -- the exact prefix index (KV events) -------------------------------------
+        self.prediction_error = Histogram(
+            "router_prefix_prediction_error_tokens", "Per answered request: the prompt tokens the "
+            "router predicted cached on the replica that answered, minus the replica's "
+            "usage.prompt_tokens_details.cached_tokens (by the index that predicted: exact or "
+            "approximate).", ["model", "index"], buckets=PREDICTION_BUCKETS, registry=r)
+        self.predictions = Counter(
+            "router_prefix_predictions", "Answered requests whose cached_tokens the router could "
+            "compare with its prediction, by outcome: within_block (|error| <= one KV block), "
+            "over, under.", ["model", "index", "outcome"], registry=r)
+        self.kv_stream = Gauge(
+            "router_kv_events_stream", "Each replica's KV-event stream, read at scrape time: "
+            "connected (0/1), exact (1: routed by the exact index, 0: approximate), last_sequence, "
+            "blocks (held in the exact index), and totals since the router started: events, "
+            "gaps, gaps_replayed, gaps_lost, restarts, replays, bad_messages.",
+            ["replica", "kind"], registry=r)
+        self.tokenize_seconds = Histogram(
+            "router_tokenize_seconds", "Time to tokenize a request for the exact prefix index "
+            "(on or off the event loop).", ["model"], buckets=DECISION_BUCKETS, registry=r)
         self.body_bytes = Gauge(
             "router_request_body_bytes_held", "Bytes of request bodies held now (budget: "
             "server.max_inflight_body_bytes).", registry=r)
@@ -162,6 +185,22 @@ class Telemetry:
             self.health.labels(replica.model, replica.id, state.value).set(
                 1 if replica.health is state else 0)
 
+    def watch_kv_stream(self, replica_id: str, read: Callable[[], dict[str, Any] | None]) -> None:
+        """Export a replica's KV-event stream figures, read from `read()` at each scrape."""
+        def reader(kind: str) -> Callable[[], float]:
+            def value() -> float:
+                stats = read()
+                if stats is None:
+                    return 0.0
+                if kind == "exact":
+                    return 1.0 if stats.get("mode") == "exact" else 0.0
+                raw = stats.get(kind)
+                return float(raw) if isinstance(raw, (int, float)) else -1.0
+            return value
+        for kind in ("connected", "exact", "last_sequence", "blocks", "events", "gaps", "gaps_replayed",
+                     "gaps_lost", "restarts", "replays", "bad_messages"):
+            self.kv_stream.labels(replica_id, kind).set_function(reader(kind))
+
     def set_in_flight(self, replica: Replica) -> None:
         self.in_flight.labels(replica.model, replica.id).set(replica.in_flight)
 
@@ -196,6 +235,8 @@ class RequestRecord:
     client_gone: bool = False  # the client went away before the response was complete
     client_name: str | None = None  # the API key's name (never the key), or "anonymous"
     queued_s: float | None = None  # seconds waited in the admission queue
+    cached_tokens: int | None = None  # usage.prompt_tokens_details.cached_tokens of the answer
+    predicted_tokens: int | None = None  # what the router predicted cached on that replica
     admitted: bool = False  # passed admission (holds a slot the queue hands on at its end)
 
     def elapsed(self) -> float:
@@ -220,6 +261,8 @@ class RequestRecord:
             "client": self.client,
             "key": self.client_name,
             "queued_ms": None if self.queued_s is None else round(self.queued_s * 1000, 3),
+            "cached_tokens": self.cached_tokens,
+            "predicted_cached_tokens": self.predicted_tokens,
         }
 
 

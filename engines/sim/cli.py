@@ -25,7 +25,7 @@ from engines.sim.kv_events import KVEventPublisher, KVEventsConfig
 from engines.sim.metrics import SimMetrics
 from engines.sim.protocol import VLLM_VERSION
 from engines.sim.server import ServerOptions, SimServer
-from engines.sim.tokenizer import Tokenizer
+from engines.sim.tokenizer import RealTokenizer, Tokenizer
 
 log = logging.getLogger("engines.sim")
 
@@ -69,6 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-events-replay-endpoint", help="shorthand: the replay ROUTER endpoint")
     p.add_argument("--kv-events-topic", help="shorthand: the PUB topic (vLLM's default: empty)")
     p.add_argument("--vocab-size", type=int, default=128256)
+    p.add_argument("--tokenizer", metavar="PATH",
+                   help="a model directory (tokenizer.json + tokenizer_config.json with a chat "
+                        "template) to tokenize with, like a real replica; default: a 4-character "
+                        "chunk tokenizer")
     cm = p.add_argument_group("cost model (defaults: Llama-3.1-8B on H100 SXM; see cost_model.py)")
     defaults = CostModel()
     for name in ("params_b", "peak_tflops", "hbm_tbps", "gpu_mem_gib", "gpu_memory_utilization", "mfu",
@@ -126,13 +130,12 @@ async def serve(args: argparse.Namespace) -> None:
     kv_cfg = _kv_events_config(args)
     if args.start_delay > 0:
         await asyncio.sleep(args.start_delay)
-    publisher = KVEventPublisher(kv_cfg) if kv_cfg is not None and kv_cfg.enabled else None
     metrics = SimMetrics(model, block_size=args.block_size, num_gpu_blocks=num_blocks,
                          enable_prefix_caching=args.enable_prefix_caching,
                          gpu_memory_utilization=cost.gpu_memory_utilization, max_model_len=max_model_len,
                          num_gpu_blocks_override=args.num_gpu_blocks, user_specified_block_size=user_block_size,
                          legacy_names=args.legacy_metric_names)
-    tokenizer = Tokenizer(vocab_size=args.vocab_size)
+    tokenizer = RealTokenizer(args.tokenizer) if args.tokenizer else Tokenizer(vocab_size=args.vocab_size)
     faults = Faults(fail_rate=args.fail_rate, fail_status=args.fail_status,
                     fail_retry_after=args.fail_retry_after, hang_rate=args.hang_rate,
                     slow_factor=args.slow_factor,
@@ -140,6 +143,7 @@ async def serve(args: argparse.Namespace) -> None:
                     seed=args.fault_seed)
     if args.unhealthy_for:
         faults.update({"unhealthy_for": args.unhealthy_for})
+    publisher = KVEventPublisher(kv_cfg, faults=faults) if kv_cfg is not None and kv_cfg.enabled else None
     engine = Engine(EngineConfig(model=model, max_model_len=max_model_len, block_size=args.block_size,
                                  num_gpu_blocks=num_blocks, max_num_seqs=args.max_num_seqs,
                                  max_num_batched_tokens=args.max_num_batched_tokens,

@@ -12,6 +12,10 @@
 | exit_after       | the process exits (status 1, like a crash) once this many requests have  |
 |                  | been answered in full, cutting whatever is in flight                     |
 | unhealthy_for    | /health answers 503 for this many seconds from now                       |
+| drop_events      | this fraction of KV-event batches is not sent to subscribers (a lost      |
+|                  | message: the sequence has a gap); they stay in the replay buffer         |
+| drop_events_replay | with drop_events: the dropped batches leave the replay buffer too      |
+|                  | (the gap cannot be replayed)                                             |
 
 ``POST /admin/faults`` takes a JSON object with any of these fields (null clears one) and
 answers the whole state; ``{"clear": true}`` resets everything.  The draws come from a seeded
@@ -37,6 +41,8 @@ class Faults:
     cut_rate: float = 1.0
     exit_after: int | None = None
     unhealthy_until: float = 0.0  # time.monotonic() deadline
+    drop_events: float = 0.0
+    drop_events_replay: bool = False
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -50,6 +56,9 @@ class Faults:
 
     def failure_headers(self) -> dict[str, str]:
         return {} if self.fail_retry_after is None else {"Retry-After": str(self.fail_retry_after)}
+
+    def draw_event_drop(self) -> bool:
+        return self.drop_events > 0 and self._rng.random() < self.drop_events
 
     def draw_hang(self) -> bool:
         return self.hang_rate > 0 and self._rng.random() < self.hang_rate
@@ -80,13 +89,16 @@ class Faults:
                 value = int(value)
                 if value < 0:
                     raise ValueError(f"{key} must be >= 0")
+            elif key == "drop_events_replay":
+                value = bool(value)
             elif key == "fail_status":
                 value = int(value)
                 if not 400 <= value <= 599:
                     raise ValueError("fail_status must be a 4xx or 5xx status")
             else:
                 value = float(value)
-                if value < 0 or (key.endswith("_rate") and value > 1) or (key == "slow_factor" and value == 0):
+                fraction = key.endswith("_rate") or key == "drop_events"
+                if value < 0 or (fraction and value > 1) or (key == "slow_factor" and value == 0):
                     raise ValueError(f"{key} out of range: {value}")
             setattr(self, key, value)
             if key == "seed":

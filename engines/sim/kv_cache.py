@@ -28,10 +28,11 @@ from dataclasses import dataclass, field
 NONE_HASH: bytes = hashlib.sha256(pickle.dumps("vllm-none-hash", protocol=5)).digest()
 
 
-def block_hash(parent: bytes | None, tokens: Sequence[int]) -> bytes:
-    """vLLM's ``sha256`` block hash: sha256(pickle((parent, tuple(tokens), None)))."""
+def block_hash(parent: bytes | None, tokens: Sequence[int], extra: tuple[str, ...] | None = None) -> bytes:
+    """vLLM's ``sha256`` block hash: sha256(pickle((parent, tuple(tokens), extra_keys))); the
+    extra keys are None, or ``(cache_salt,)`` for a salted request's first block."""
     return hashlib.sha256(
-        pickle.dumps((NONE_HASH if parent is None else parent, tuple(tokens), None), protocol=5)
+        pickle.dumps((NONE_HASH if parent is None else parent, tuple(tokens), extra), protocol=5)
     ).digest()
 
 
@@ -40,12 +41,19 @@ def event_hash(h: bytes) -> int:
     return int.from_bytes(h[-8:], "big")
 
 
-def extend_block_hashes(hashes: list[bytes], token_ids: Sequence[int], block_size: int) -> None:
+def first_block_extra(cache_salt: str | None) -> tuple[str, ...] | None:
+    """vLLM's extra hash keys of a request's first block: its cache_salt (text-only, no LoRA)."""
+    return (cache_salt,) if cache_salt else None
+
+
+def extend_block_hashes(hashes: list[bytes], token_ids: Sequence[int], block_size: int,
+                        cache_salt: str | None = None) -> None:
     """Append the hashes of every full block of ``token_ids`` not yet in ``hashes``."""
     n_full = len(token_ids) // block_size
     parent = hashes[-1] if hashes else None
     for i in range(len(hashes), n_full):
-        parent = block_hash(parent, token_ids[i * block_size:(i + 1) * block_size])
+        parent = block_hash(parent, token_ids[i * block_size:(i + 1) * block_size],
+                            first_block_extra(cache_salt) if i == 0 else None)
         hashes.append(parent)
 
 
@@ -173,7 +181,7 @@ class KVCache:
 
     # -- committing computed blocks ---------------------------------------------------------
     def cache_full_blocks(self, alloc: Allocation, hashes: Sequence[bytes],
-                          token_ids: Sequence[int], num_computed: int) -> None:
+                          token_ids: Sequence[int], num_computed: int, cache_salt: str | None = None) -> None:
         """Register every block of ``alloc`` that ``num_computed`` tokens have filled."""
         if not self.enable_prefix_caching:
             return
@@ -199,7 +207,8 @@ class KVCache:
                 "lora_id": None,
                 "medium": "GPU",
                 "lora_name": None,
-                "extra_keys": [None] * (n_full - start),
+                "extra_keys": [list(extra) if i == 0 and (extra := first_block_extra(cache_salt)) else None
+                               for i in range(start, n_full)],
                 "group_idx": 0,
                 "kv_cache_spec_kind": "full_attention",
             })

@@ -73,8 +73,9 @@ def public_endpoint(endpoint: str | None, host: str) -> str | None:
 
 
 class KVEventPublisher:
-    def __init__(self, cfg: KVEventsConfig, dp_rank: int = 0) -> None:
+    def __init__(self, cfg: KVEventsConfig, dp_rank: int = 0, faults: Any = None) -> None:
         self.cfg = cfg
+        self.faults = faults  # engines.sim.faults.Faults: drop_events / drop_events_replay
         self.dp_rank = dp_rank
         try:
             import msgpack  # noqa: F401 - checked here, used by publish()
@@ -112,6 +113,11 @@ class KVEventPublisher:
         payload = msgpack.packb([time.time(), events, self.dp_rank], use_bin_type=True)
         item = (self._seq, payload)
         self._seq += 1
+        faults = self.faults
+        if faults is not None and faults.draw_event_drop():
+            if not faults.drop_events_replay:
+                self._buffer.append(item)
+            return  # lost on the way, as when a PUB high-water mark overflows
         self._buffer.append(item)
         self._queue.append(item)
         self._ready.set()

@@ -40,6 +40,7 @@ class SimRequest:
     finish_reason_at_max: str = "length"  # "stop" when the client set no max_tokens (a simulated EOS)
     seed: int = 0
     arrival: float = 0.0
+    cache_salt: str | None = None  # enters the first block's hash, as in vLLM
     output_ids: list[int] = field(default_factory=list)
     token_ids: list[int] = field(default_factory=list)  # prompt + output
     block_hashes: list[bytes] = field(default_factory=list)
@@ -95,7 +96,7 @@ class Scheduler:
 
     # -- admission and removal --------------------------------------------------------------
     def add(self, req: SimRequest) -> None:
-        extend_block_hashes(req.block_hashes, req.token_ids, self.kv.block_size)
+        extend_block_hashes(req.block_hashes, req.token_ids, self.kv.block_size, req.cache_salt)
         req.status = Status.WAITING
         self.waiting.append(req)
 
@@ -185,15 +186,17 @@ class Scheduler:
                 continue  # aborted or preempted while the step ran
             req.num_computed += n
             if req.num_computed < req.num_tokens:
-                self.kv.cache_full_blocks(req.alloc, req.block_hashes, req.token_ids, req.num_computed)
+                self.kv.cache_full_blocks(req.alloc, req.block_hashes, req.token_ids, req.num_computed,
+                                          req.cache_salt)
                 outputs.append(StepOutput(req, None, False))
                 continue
             tok = next_token(req)
             req.output_ids.append(tok)
             req.token_ids.append(tok)
             if len(req.token_ids) % bs == 0:
-                extend_block_hashes(req.block_hashes, req.token_ids, bs)
-            self.kv.cache_full_blocks(req.alloc, req.block_hashes, req.token_ids, req.num_computed)
+                extend_block_hashes(req.block_hashes, req.token_ids, bs, req.cache_salt)
+            self.kv.cache_full_blocks(req.alloc, req.block_hashes, req.token_ids, req.num_computed,
+                                          req.cache_salt)
             done = len(req.output_ids) >= req.max_tokens or req.num_tokens >= self.max_model_len
             if done:
                 reason = req.finish_reason_at_max if len(req.output_ids) >= req.max_tokens else "length"

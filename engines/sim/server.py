@@ -45,7 +45,7 @@ from engines.sim.protocol import (
     usage,
 )
 from engines.sim.scheduler import SimRequest
-from engines.sim.tokenizer import Tokenizer, content_text, render_chat
+from engines.sim.tokenizer import RealTokenizer, Tokenizer, content_text
 
 log = logging.getLogger("engines.sim")
 
@@ -75,7 +75,7 @@ def _error(exc: ApiError, headers: dict[str, str] | None = None) -> web.Response
 
 
 class SimServer:
-    def __init__(self, engine: Engine, tokenizer: Tokenizer, faults: Faults, opts: ServerOptions,
+    def __init__(self, engine: Engine, tokenizer: Tokenizer | RealTokenizer, faults: Faults, opts: ServerOptions,
                  kv_events: KVEventsConfig | None = None, publisher: KVEventPublisher | None = None) -> None:
         self.engine = engine
         self.tok = tokenizer
@@ -169,7 +169,8 @@ class SimServer:
         return web.Response(status=200)
 
     # -- tokenizer endpoints ----------------------------------------------------------------
-    def _chat_text(self, body: dict[str, Any]) -> str:
+    def _chat_ids(self, body: dict[str, Any]) -> list[int]:
+        """A chat body's prompt token ids (the model's chat template, then the tokenizer)."""
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
             raise ApiError(400, "messages: Field required (a non-empty list)", "messages")
@@ -180,8 +181,10 @@ class SimServer:
                 content_text(m.get("content"))
             except TypeError as exc:
                 raise ApiError(400, f"messages: {exc}", "messages") from None
-        return render_chat(messages, bool(body.get("add_generation_prompt", True)),
-                           bool(body.get("continue_final_message", False)))
+        try:
+            return self.tok.encode_chat(body)
+        except Exception as exc:  # noqa: BLE001 - a real template may raise on odd input
+            raise ApiError(400, f"messages: the chat template failed: {exc}", "messages") from None
 
     def _prompt_ids(self, body: dict[str, Any]) -> list[int]:
         prompt = body.get("prompt")
@@ -205,7 +208,7 @@ class SimServer:
             body = parse_json(await request.read())
             check_model(body, self.model)
             if "messages" in body:
-                ids = self.tok.encode(self._chat_text(body))
+                ids = self._chat_ids(body)
             else:
                 prompt = body.get("prompt")
                 if not isinstance(prompt, str):
@@ -255,7 +258,7 @@ class SimServer:
         try:
             body = parse_json(await request.read())
             check_model(body, self.model)
-            out = self._generate_request("chat", body, self.tok.encode(self._chat_text(body)))
+            out = self._generate_request("chat", body, self._chat_ids(body))
             out["assistant_tokens_mask"] = None
         except ApiError as exc:
             return _error(exc)
@@ -266,7 +269,7 @@ class SimServer:
         model = check_model(body, self.model)
         max_tokens, stream, include_usage, continuous, seed = common_params(body)
         if kind == "chat":
-            ids = self.tok.encode(self._chat_text(body))
+            ids = self._chat_ids(body)
         else:
             ids = self._prompt_ids(body)
             if max_tokens is None:
@@ -305,6 +308,8 @@ class SimServer:
                 req = SimRequest(random_id("req-"), params.prompt_ids, max(1, max_tokens), "stop", params.seed)
             else:
                 req = SimRequest(random_id("req-"), params.prompt_ids, params.max_tokens, "length", params.seed)
+            salt = params.body.get("cache_salt")
+            req.cache_salt = salt if isinstance(salt, str) and salt else None
             chan = self.engine.submit(req)
             try:
                 if params.stream:

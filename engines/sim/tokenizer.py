@@ -97,6 +97,13 @@ class Tokenizer:
         """The id of the ``index``-th generated token of a request seeded with ``seed``."""
         return self.chunk_id(_OUTPUT_PIECES[(index + seed) % len(_OUTPUT_PIECES)])
 
+    def encode_chat(self, body: Mapping[str, object]) -> list[int]:
+        """A chat body's prompt ids: the ChatML-like rendering, chunked."""
+        messages = body.get("messages")
+        assert isinstance(messages, list)
+        return self.encode(render_chat(messages, bool(body.get("add_generation_prompt", True)),
+                                       bool(body.get("continue_final_message", False))))
+
 
 def render_chat(messages: Sequence[Mapping[str, object]], add_generation_prompt: bool = True,
                 continue_final_message: bool = False) -> str:
@@ -128,3 +135,39 @@ def content_text(content: object) -> str:
         return "".join(str(p.get("text", "")) for p in content
                        if isinstance(p, dict) and p.get("type", "text") == "text")
     raise TypeError("message content must be a string or a list of content parts")
+
+
+class RealTokenizer:
+    """A model's real tokenizer.json and chat template (``--tokenizer PATH``), so the
+    simulator's token ids, and the KV events that carry them, are a real replica's.
+
+    The same interface as the chunk `Tokenizer`; generated text cycles through the ids of
+    a fixed sentence, so a reply pasted into the next turn re-tokenizes close to the same ids
+    (a real model's reply does not either, exactly: BPE merges across the boundary)."""
+
+    def __init__(self, path: str) -> None:
+        from tokenization import ModelTokenizer
+
+        self.model = ModelTokenizer(path)
+        if self.model.template is None:
+            raise SystemExit(f"--tokenizer {path}: no chat template in tokenizer_config.json")
+        self.vocab_size = self.model.tokenizer.get_vocab_size()
+        self._output = self.model.encode("".join(_OUTPUT_PIECES), False) or [0]
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self.model.encode(text, add_special_tokens)
+
+    def encode_chat(self, body: Mapping[str, object]) -> list[int]:
+        text = self.model.render_chat(body)
+        assert text is not None
+        special = body.get("add_special_tokens") is True
+        return self.model.encode(text, special)
+
+    def token_str(self, tid: int) -> str:
+        return str(self.model.tokenizer.decode([tid], skip_special_tokens=False))
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return str(self.model.tokenizer.decode(list(ids), skip_special_tokens=False))
+
+    def output_token(self, index: int, seed: int = 0) -> int:
+        return self._output[(index + seed) % len(self._output)]

@@ -109,6 +109,12 @@ def _chain(data: bytes, block_bytes: int, seed: int) -> tuple[int, ...]:
     return tuple(out)
 
 
+def chain_tokens(packed: array[int], block_tokens: int, seed: int) -> tuple[int, ...]:
+    """Chained hashes of the full blocks of already packed ("I") token ids from `seed`:
+    a chain's continuation (the exact index extends a parent's hash this way)."""
+    return _chain(packed.tobytes(), block_tokens * packed.itemsize, seed)
+
+
 def hash_text(
     text: str,
     model: str,

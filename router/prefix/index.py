@@ -294,6 +294,33 @@ class PrefixIndex:
         if held is not None and len(held) > cap:
             self._shrink_replica(replica_id, cap)
 
+    def set_replica_capacity_blocks(self, replica_id: str, blocks: int | None) -> None:
+        """Bound what the index believes `replica_id` holds to `blocks` blocks (None: no
+        bound); the exact index uses the replica's own ``num_gpu_blocks``."""
+        if blocks is None:
+            self._caps.pop(replica_id, None)
+            return
+        cap = self._caps[replica_id] = max(1, int(blocks))
+        held = self._held.get(replica_id)
+        if held is not None and len(held) > cap:
+            self._shrink_replica(replica_id, cap)
+
+    def discard(self, replica_id: str, hashes: Iterable[int]) -> int:
+        """Drop `replica_id`'s records of `hashes` (the replica evicted those blocks);
+        returns how many it held.  Unlike the LRU bounds this may remove an inner block of a
+        chain: the replica said so, and a match stops at the first block it lacks."""
+        held = self._held.get(replica_id)
+        if not held:
+            return 0
+        bit = 1 << self._slot[replica_id]
+        dropped = 0
+        for h in hashes:
+            if held.pop(h, None) is not None:
+                dropped += 1
+                self._unset(h, bit)
+        self._records -= dropped
+        return dropped
+
     def remove_replica(self, replica_id: str) -> None:
         """Forget everything about `replica_id` (it left the fleet)."""
         self._caps.pop(replica_id, None)

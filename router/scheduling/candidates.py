@@ -32,6 +32,7 @@ from router.fleet import Health
 
 if TYPE_CHECKING:
     from router.fleet import Replica
+    from router.prefix.exact import ExactIndex
     from router.prefix.index import PrefixIndex
 
 HEALTHY_GROUP = 0
@@ -42,15 +43,17 @@ _url = attrgetter("url")
 class Candidates:
     """The routable candidates of one request, as columns; see the module docstring."""
 
-    __slots__ = ("replicas", "ids", "group", "n", "n_healthy", "index", "data", "_queued", "_waiting",
-                 "_capacity", "_capacity_groups")
+    __slots__ = ("replicas", "ids", "group", "n", "n_healthy", "index", "exact", "data", "_queued",
+                 "_waiting", "_capacity", "_capacity_groups")
 
-    def __init__(self, replicas: list[Replica], group: list[int], index: PrefixIndex) -> None:
+    def __init__(self, replicas: list[Replica], group: list[int], index: PrefixIndex,
+                 exact: ExactIndex | None = None) -> None:
         self.replicas = replicas
         self.group = group
         self.n = len(replicas)
         self.n_healthy = self.n - sum(group)
         self.index = index
+        self.exact = exact  # the KV-event index, where the router subscribes to any replica
         self.ids: list[str] = list(map(_url, replicas))
         self.data: dict[str, Any] = {}
         # The load columns are read on first use: a baseline that orders by turn or at
@@ -130,13 +133,13 @@ def health_groups(replicas: Sequence[Replica]) -> list[int]:
             for r in replicas]
 
 
-def gather(replicas: Sequence[Replica], index: PrefixIndex) -> Candidates:
+def gather(replicas: Sequence[Replica], index: PrefixIndex, exact: ExactIndex | None = None) -> Candidates:
     """Routable replicas in the given order, with their group and load columns."""
     group = health_groups(replicas)
     if -1 not in group:
-        return Candidates(replicas if isinstance(replicas, list) else list(replicas), group, index)
+        return Candidates(replicas if isinstance(replicas, list) else list(replicas), group, index, exact)
     rows = [r for r, g in zip(replicas, group) if g >= 0]
-    return Candidates(rows, [g for g in group if g >= 0], index)
+    return Candidates(rows, [g for g in group if g >= 0], index, exact)
 
 
 def health_order(replicas: Sequence[Replica]) -> list[Replica]:

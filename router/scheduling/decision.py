@@ -14,3 +14,5 @@ class Decision:
     ranked: list[Replica]  # best first; only routable replicas; the proxy fails over down it
     why: dict[str, Any] = field(default_factory=dict)  # JSON-able explanation for the access log
     matched_blocks: dict[str, int] = field(default_factory=dict)  # replica id -> blocks matched
+    matched_tokens: dict[str, int] = field(default_factory=dict)  # replica id -> tokens matched
+    exact_replicas: frozenset[str] = frozenset()  # the ones matched by the exact index

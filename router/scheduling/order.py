@@ -56,7 +56,7 @@ class LongestMatch:
     name = "longest_match"
 
     def values(self, request: RouteRequest, cands: Candidates) -> list[int]:
-        return [-m for m in cands.data["prefix"].matched]
+        return [-m for m in cands.data["prefix"].matched_tokens]
 
 
 class Rotation:

@@ -5,10 +5,11 @@ order keys read it from there.  A profile holds one instance of each producer it
 need, so a learned quantity (a replica's prefill rate) is learned once and read by every
 term that divides by it.
 
-* `PrefixMatch` ("prefix"): the approximate index's longest-prefix match of the request's
-  block hashes for every candidate (``PrefixIndex.match``, one walk for all) and the
-  blocks each replica still has room for (``PrefixIndex.free_blocks``, from its KV size).
-  The exact index from vLLM's KV events will be a second producer of the same shape.
+* `PrefixMatch` ("prefix"): the longest-prefix match of the request for every candidate,
+  in tokens, and the room each replica still has: from the exact index (vLLM's KV events,
+  router/prefix/exact.py) for replicas in exact mode when the request has token ids, else
+  from the approximate index (``PrefixIndex.match``, one walk for all, and
+  ``PrefixIndex.free_blocks`` from the replica's KV size).
 * `LearnedRates` ("rates"): each candidate's prefill rate in tokens/s, and the typical
   uncached size of a request, both learned from the answers (``observe``).
 * `RecentShare` ("recent"): how many requests beyond its bounded share of the recent
@@ -54,25 +55,56 @@ class Producer(Protocol):
 
 @dataclass(slots=True)
 class PrefixData:
-    matched: list[int]  # per row: blocks of the request's prefix the replica holds
+    """Per row (candidate), what its KV cache holds of the request's prefix, in tokens
+    (the unit every term uses) and in blocks of its own index (for the ``why``)."""
+
+    matched: list[int]  # blocks of the request's prefix the replica holds (its index's blocks)
     by_id: dict[str, int]  # the same, by replica id (Decision.matched_blocks)
-    free: list[float]  # per row: blocks the replica can still store (inf: unknown size)
-    blocks: int  # the request's full blocks
-    tokens_per_block: int
+    matched_tokens: list[int]  # the same in tokens
+    tokens_by_id: dict[str, int]  # ... by replica id (Decision.matched_tokens)
+    need_tokens: list[int]  # the request's hashed tokens, as that replica's index counts them
+    free_tokens: list[float]  # tokens the replica can still store (inf: unknown size)
+    blocks: int  # the request's full blocks in the approximate index
+    tokens_per_block: int  # the approximate index's
+    exact: list[bool] | None = None  # per row: matched by the exact index (None: no row is)
 
 
 class PrefixMatch:
-    """Longest-prefix match and free room in the approximate index, for every candidate."""
+    """Longest-prefix match and free room for every candidate, from the exact index (KV
+    events, exact.py) for the replicas it has in exact mode when the request has token ids,
+    from the approximate index (what the router sent where) for the rest."""
 
     name = "prefix"
 
     def produce(self, request: RouteRequest, cands: Candidates) -> None:
         index = cands.index
-        by_id = index.match(request.block_hashes, cands.ids)
         ids = cands.ids
-        cands.data["prefix"] = PrefixData(matched=list(map(by_id.__getitem__, ids)), by_id=by_id,
-                                          free=index.free_blocks(ids), blocks=len(request.block_hashes),
-                                          tokens_per_block=index.tokens_per_block)
+        by_id = index.match(request.block_hashes, ids)
+        tpb = index.tokens_per_block
+        matched = list(map(by_id.__getitem__, ids))
+        n = len(request.block_hashes)
+        exact = cands.exact
+        tokens = request.prompt_token_ids
+        if exact is None or tokens is None or not exact.replicas:
+            free = index.free_blocks(ids)
+            cands.data["prefix"] = PrefixData(
+                matched=matched, by_id=by_id, matched_tokens=[m * tpb for m in matched],
+                tokens_by_id={rid: m * tpb for rid, m in by_id.items()}, need_tokens=[n * tpb] * cands.n,
+                free_tokens=[f * tpb for f in free], blocks=n, tokens_per_block=tpb)
+            return
+        held = exact.match(request.model, tokens, request.cache_salt, ids, hashes_by_size=request.exact_hashes)
+        free = index.free_blocks(ids)
+        rows = [held[rid] is not None for rid in ids]
+        matched_tokens = [t if (t := held[rid]) is not None else m * tpb for rid, m in zip(ids, matched)]
+        blocks_of = exact.block_size_of
+        exact_blocks = [t // blocks_of(rid) if e else m for rid, t, m, e in zip(ids, matched_tokens, matched, rows)]
+        whole = len(tokens)
+        cands.data["prefix"] = PrefixData(
+            matched=exact_blocks, by_id=dict(zip(ids, exact_blocks)), matched_tokens=matched_tokens,
+            tokens_by_id=dict(zip(ids, matched_tokens)),
+            need_tokens=[whole - whole % blocks_of(rid) if e else n * tpb for rid, e in zip(ids, rows)],
+            free_tokens=[exact.free_tokens(rid) if e else f * tpb for rid, e, f in zip(ids, rows, free)],
+            blocks=n, tokens_per_block=tpb, exact=rows)
 
 
 class LearnedRates:
@@ -116,9 +148,10 @@ class LearnedRates:
         cands.data["typical_tokens"] = self.typical_tokens
 
     def observe(self, replica: Replica, request: RouteRequest, *, time_to_first_byte_s: float,
-                matched_blocks: int) -> None:
+                matched_blocks: int, matched_tokens: int | None = None) -> None:
         prompt = request.estimated_prompt_tokens
-        uncached = prompt - min(prompt, matched_blocks * self._tokens_per_block)
+        cached = matched_blocks * self._tokens_per_block if matched_tokens is None else matched_tokens
+        uncached = prompt - min(prompt, cached)
         alpha = self.ewma_alpha
         self.typical_tokens += alpha * (max(uncached, 1) - self.typical_tokens)
         if not request.stream or uncached < self.min_learn_tokens or time_to_first_byte_s <= 0:

@@ -34,6 +34,7 @@ from router.scheduling.decision import Decision
 
 if TYPE_CHECKING:
     from router.fleet import Replica
+    from router.prefix.exact import ExactIndex
     from router.prefix.index import PrefixIndex
     from router.requests import RouteRequest
     from router.scheduling.candidates import Candidates
@@ -43,6 +44,10 @@ if TYPE_CHECKING:
 
 
 _last = itemgetter(-1)
+
+
+def _exact_ids(ids: list[str], rows: list[bool] | None) -> frozenset[str]:
+    return frozenset(rid for rid, e in zip(ids, rows) if e) if rows else frozenset()
 
 
 class Cost:
@@ -113,12 +118,13 @@ class Profile:
                 return key
         return self.fallback.cost if self.fallback is not None else None
 
-    def rank(self, request: RouteRequest, replicas: Sequence[Replica], index: PrefixIndex) -> Decision:
+    def rank(self, request: RouteRequest, replicas: Sequence[Replica], index: PrefixIndex,
+             exact: ExactIndex | None = None) -> Decision:
         if self.fallback is not None and not request.session_key:
-            decision = self.fallback.rank(request, replicas, index)
+            decision = self.fallback.rank(request, replicas, index, exact)
             decision.why = {**decision.why, "policy": self.name, "fallback": self.fallback.name}
             return decision
-        cands = gather(replicas, index)
+        cands = gather(replicas, index, exact)
         n = cands.n
         if not n:
             return Decision(ranked=[], why={"policy": self.name})
@@ -157,6 +163,9 @@ class Profile:
         prefix = cands.data.get("prefix")
         if prefix is not None:
             why["matched_blocks"] = prefix.matched[winner]
+            why["matched_tokens"] = prefix.matched_tokens[winner]
+            if prefix.exact is not None:
+                why["prefix_index"] = "exact" if prefix.exact[winner] else "approximate"
         if runner_up is not None:
             why["runner_up"] = ids[runner_up]
             if prefix is not None:
@@ -164,15 +173,18 @@ class Profile:
         for i, explain in self._explainers:
             explain(cands, columns[i], winner, runner_up, why)
         return Decision(ranked=list(map(cands.replicas.__getitem__, order)), why=why,
-                        matched_blocks=prefix.by_id if prefix is not None else {})
+                        matched_blocks=prefix.by_id if prefix is not None else {},
+                        matched_tokens=prefix.tokens_by_id if prefix is not None else {},
+                        exact_replicas=_exact_ids(ids, prefix.exact) if prefix is not None else frozenset())
 
     def observe(self, replica: Replica, request: RouteRequest, *, time_to_first_byte_s: float,
-                matched_blocks: int) -> None:
+                matched_blocks: int, matched_tokens: int | None = None) -> None:
         """Feedback after the first response byte from `replica`."""
         for producer in self._all_producers():
             observe = getattr(producer, "observe", None)
             if observe is not None:
-                observe(replica, request, time_to_first_byte_s=time_to_first_byte_s, matched_blocks=matched_blocks)
+                observe(replica, request, time_to_first_byte_s=time_to_first_byte_s, matched_blocks=matched_blocks,
+                        matched_tokens=matched_tokens)
 
     def adopt(self, old: Profile) -> None:
         """After a reload: keep what `old`'s producers learned (by producer name)."""

@@ -4,7 +4,7 @@ The index knows how many blocks each replica can hold (``free_r`` from its KV ca
 producers.PrefixMatch).  Storing the request's n - m_r new blocks on a full replica evicts
 as many blocks of other prefixes, which will likely be asked for again and recomputed:
 
-    eviction_s_r = max(0, n - m_r - free_r) x tokens_per_block / rate_r     (one recompute)
+    eviction_s_r = max(0, n - m_r - free_r) / rate_r     (one recompute; all in tokens)
 
 The weight says how many future prefills an evicted block costs (cache_aware's default 2,
 also settable as ``routing.params.eviction_weight``).  So new conversations go where the
@@ -35,16 +35,17 @@ class Eviction:
 
     def costs(self, request: RouteRequest, cands: Candidates) -> list[float] | None:
         prefix = cands.data["prefix"]
-        n, tpb = prefix.blocks, prefix.tokens_per_block
-        if min(prefix.free) >= n:  # every replica has room for the whole prompt: 0 everywhere
+        need = prefix.need_tokens
+        free = prefix.free_tokens
+        if min(free) >= max(need):  # every replica has room for the whole prompt: 0 everywhere
             return None
-        return [(n - m - free) * tpb / rate if n - m > free else 0.0
-                for m, free, rate in zip(prefix.matched, prefix.free, cands.data["rates"])]
+        return [(n - m - f) / rate if n - m > f else 0.0
+                for n, m, f, rate in zip(need, prefix.matched_tokens, free, cands.data["rates"])]
 
     def explain(self, cands: Candidates, winner: int, why: dict[str, object]) -> None:
         prefix = cands.data["prefix"]
-        evicted = prefix.blocks - prefix.matched[winner] - prefix.free[winner]
-        why["evicts_blocks"] = int(evicted) if evicted > 0 else 0
+        evicted = prefix.need_tokens[winner] - prefix.matched_tokens[winner] - prefix.free_tokens[winner]
+        why["evicts_tokens"] = int(evicted) if evicted > 0 else 0
 
 
 def build(params: Node) -> Eviction:

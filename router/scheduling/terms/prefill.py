@@ -32,9 +32,8 @@ class Prefill:
     def costs(self, request: RouteRequest, cands: Candidates) -> list[float]:
         prefix = cands.data["prefix"]
         prompt = request.estimated_prompt_tokens
-        tpb = prefix.tokens_per_block
-        return [(prompt - m * tpb) / rate if prompt > m * tpb else 0.0
-                for m, rate in zip(prefix.matched, cands.data["rates"])]
+        return [(prompt - m) / rate if prompt > m else 0.0
+                for m, rate in zip(prefix.matched_tokens, cands.data["rates"])]
 
 
 def build(params: Node) -> Prefill:
