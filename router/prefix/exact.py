@@ -252,6 +252,8 @@ class ExactIndex:
                 groups.setdefault(state.block_size, []).append(rid)
         for size, ids in groups.items():
             hashes = self.request_hashes(model, tokens, size, cache_salt, lora)
+            # vLLM recomputes at least the prompt's last token: a hit covers at most this many.
+            most = (len(tokens) - 1) // size if tokens else 0
             if hashes_by_size is not None:
                 hashes_by_size[size] = hashes
             held = self.blocks.match(hashes, tuple(ids))
@@ -260,7 +262,7 @@ class ExactIndex:
                 blocks = held[rid]
                 if soon is not None and soon[rid] > blocks:
                     blocks = soon[rid]
-                out[rid] = blocks * size
+                out[rid] = min(blocks, most) * size
         return out
 
     def block_size_of(self, replica_id: str) -> int:
