@@ -152,12 +152,45 @@ async def load_with_resources(target: RunningTarget, spec: loadgen.LoadSpec, wor
     return result, (target.sampler.stop() if target.sampler is not None else None)
 
 
+async def prediction_counts(http, target: RunningTarget) -> dict[tuple[str, str], float] | None:
+    """Our router's router_prefix_predictions_total by (index, outcome); None for the peers."""
+    if target.spec.kind != "ours":
+        return None
+    from prometheus_client.parser import text_string_to_metric_families
+
+    async with http.get(target.url + "/metrics") as resp:
+        page = await resp.text()
+    out: dict[tuple[str, str], float] = {}
+    for family in text_string_to_metric_families(page):
+        if family.name == "router_prefix_predictions":
+            for s in family.samples:
+                if s.name.endswith("_total"):
+                    out[(s.labels["index"], s.labels["outcome"])] = s.value
+    return out
+
+
+def prediction_summary(before: dict | None, after: dict | None) -> dict[str, Any] | None:
+    """How well the router predicted each answer's cached_tokens over one run."""
+    if before is None or after is None:
+        return None
+    delta = {k: v - before.get(k, 0.0) for k, v in after.items()}
+    total = sum(delta.values())
+    if not total:
+        return {"requests": 0}
+    exact = sum(v for (index, _), v in delta.items() if index == "exact")
+    within = sum(v for (_, outcome), v in delta.items() if outcome == "within_block")
+    exact_within = delta.get(("exact", "within_block"), 0.0)
+    return {"requests": total, "exact_share": exact / total, "within_block_share": within / total,
+            "exact_within_block_share": exact_within / exact if exact else None}
+
+
 async def measure(scenario: Scenario, fleet: Fleet, target: RunningTarget, workload: Workload, qps: float | None,
                   http, progress: Progress, tokenize) -> dict[str, Any]:
     """One run: reset, counters, load, counters, oracle, summary."""
     await fleet.idle(http)  # nothing running (vLLM refuses to reset a cache in use)
     reset_how = await fleet.reset(http)
     before = await fleet.read_counters(http)
+    predicted_before = await prediction_counts(http, target)
     arrival = scenario.arrival
     spec = loadgen.LoadSpec(
         url=target.url, model=scenario.model, api=scenario.api,
@@ -168,6 +201,7 @@ async def measure(scenario: Scenario, fleet: Fleet, target: RunningTarget, workl
     result, resources = await load_with_resources(target, spec, workload, on_done=progress.update, http=http)
     await fleet.idle(http)
     after = await fleet.read_counters(http)
+    predicted = prediction_summary(predicted_before, await prediction_counts(http, target))
     tokens = await tokenize(result.prompts)
     return {
         "scenario": scenario.name,
@@ -179,6 +213,7 @@ async def measure(scenario: Scenario, fleet: Fleet, target: RunningTarget, workl
         "replicas": fleet_counters(before, after),
         "oracle": oracle(tokens, fleet.block_size, fleet.capacity_blocks),
         "router_resources": resources,
+        "prediction": predicted,
         "cache_reset": reset_how,
         "records": result.records,
     }

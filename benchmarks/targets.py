@@ -73,6 +73,9 @@ def router_argv(target: TargetSpec, *, model: str, backends: list[dict[str, Any]
         routes = routes_yaml(model, backends, target.policy, port)
         params = dict(target.params)
         terms = params.pop("terms", None)  # a variant's cost-term weights go to routing.terms
+        tokenizer = params.pop("tokenizer", None)  # ... its tokenizer (a path, or "replica") to the model
+        if tokenizer is not None:
+            routes["models"][0]["tokenizer"] = tokenizer if tokenizer == "replica" else str(Path(tokenizer).resolve())
         if params:
             routes["routing"]["params"] = params
         if terms is not None:

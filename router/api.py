@@ -36,6 +36,7 @@ from aiohttp import web
 from router.admission import Admission, QueueRejection, RateLimitExceeded
 from router.auth import Client, KeyRing
 from router.catalog import ModelCatalog
+from router.config import REPLICA_TOKENIZER
 from router.errors import Handler, RouterError, bad_request
 from router.fleet import Fleet, Health, Replica
 from router.limits import BodyBudget, BodyLease, read_body
@@ -53,6 +54,7 @@ if TYPE_CHECKING:
     from router.membership import Reloader
     from router.prefix.exact import ExactIndex
     from router.prefix.index import PrefixIndex
+    from router.prefix.replica_tokens import ReplicaTokenizer
     from router.prefix.subscriber import KVEvents
     from tokenization import ModelTokenizer
 
@@ -83,7 +85,8 @@ class Api:
                  index: PrefixIndex | None = None, keyring: KeyRing | None = None,
                  admission: Admission | None = None, bodies: BodyBudget | None = None,
                  exact: ExactIndex | None = None, kv_events: KVEvents | None = None,
-                 tokenizers: dict[str, ModelTokenizer] | None = None) -> None:
+                 tokenizers: dict[str, ModelTokenizer] | None = None,
+                 replica_tokenizer: ReplicaTokenizer | None = None) -> None:
         self.config = config
         self.fleet = fleet
         self.proxy = proxy
@@ -93,6 +96,7 @@ class Api:
         self.exact = exact
         self.kv_events = kv_events
         self.tokenizers = tokenizers if tokenizers is not None else {}  # model -> its tokenizer
+        self.replica_tokenizer = replica_tokenizer  # for models with `tokenizer: replica`
         self.keyring = keyring or KeyRing(config.auth, config.server.trusted_proxies)
         self.admission = admission or Admission(
             config.admission, retry_after=config.proxy.retry_after,
@@ -292,6 +296,10 @@ class Api:
         tokens: tuple[int, ...] | None = None
         if route.routing_tokens is not None and route.path == "/v1/completions":
             tokens = route.routing_tokens  # the ids as sent are the ids vLLM uses
+        elif self.replica_tokenizer is not None and self.catalog.tokenizer_of(route.model) == REPLICA_TOKENIZER:
+            started = time.perf_counter()
+            tokens = await self.replica_tokenizer.tokens(route.model, route.path, data, candidates)
+            self.telemetry.tokenize_seconds.labels(route.model).observe(time.perf_counter() - started)
         else:
             tokenizer = self.tokenizers.get(route.model)
             if tokenizer is None:

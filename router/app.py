@@ -25,7 +25,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from router.api import Api
-from router.config import BackendConfig, Config, LaunchConfig
+from router.config import REPLICA_TOKENIZER, BackendConfig, Config, LaunchConfig
 from router.connections import ConnectionLimits, FrontDoorRunner, default_connection_cap, raise_fd_limit
 from router.cors import Cors
 from router.errors import error_middleware
@@ -36,6 +36,7 @@ from router.membership import FleetWiring, Reloader, build_fleet, merge_backends
 from router.monitor import Monitor
 from router.prefix.exact import ExactIndex
 from router.prefix.index import DEFAULT_CAPACITY_BLOCKS, PrefixIndex
+from router.prefix.replica_tokens import ReplicaTokenizer
 from router.prefix.subscriber import KVEvents
 from router.proxy import Proxy, connect_tracing
 from router.telemetry import Telemetry, init_sentry
@@ -91,7 +92,7 @@ def load_tokenizers(config: Config) -> dict[str, ModelTokenizer]:
     """Each model's `tokenizer:` loaded once (a file that does not load is a config error)."""
     out: dict[str, ModelTokenizer] = {}
     for i, model in enumerate(config.models):
-        if model.tokenizer is None:
+        if model.tokenizer is None or model.tokenizer == REPLICA_TOKENIZER:
             continue
         try:
             out[model.name] = ModelTokenizer(model.tokenizer)
@@ -177,7 +178,7 @@ class Router:
                          telemetry=self.telemetry, exact=self.exact)
         self.api = Api(config=cfg, fleet=self.fleet, proxy=self.proxy, flow=flow, telemetry=self.telemetry,
                        index=self.index, exact=self.exact, kv_events=self.kv_events,
-                       tokenizers=self.tokenizers)
+                       tokenizers=self.tokenizers, replica_tokenizer=ReplicaTokenizer(self.session))
         self.api.reloader = self.reloader
         app = web.Application(client_max_size=cfg.server.max_body_bytes,
                               middlewares=[self.api.request_id_middleware, error_middleware,
@@ -216,6 +217,11 @@ class Router:
             policy.adopt(self.policy)  # what it learned about the replicas stays (rates, shares)
             self.policy = policy  # the flow and the feedback hook read it through getters
             self.telemetry.set_info(policy.name)
+        if [(m.name, m.tokenizer) for m in config.models] != [(m.name, m.tokenizer) for m in self.config.models]:
+            try:  # (a tokenizer.json loads in milliseconds to a few hundred for a large vocabulary)
+                self.tokenizers = self.api.tokenizers = load_tokenizers(config)
+            except ConfigError as exc:
+                log.error("reload: %s; the tokenizers stay as they were", exc)
         self.monitor.health_cfg, self.monitor.metrics_cfg = config.health, config.metrics
         self.proxy.apply_config(config.proxy, config.circuit_breaker)
         self.api.apply_config(config)

@@ -149,6 +149,9 @@ class BackendConfig:
     kv_events_topic: str | None = None
 
 
+REPLICA_TOKENIZER = "replica"  # `tokenizer: replica`: the replica's own POST /tokenize
+
+
 @dataclass(frozen=True, slots=True)
 class ModelConfig:
     name: str
@@ -631,12 +634,15 @@ def _routing(node: Node) -> RoutingConfig:
 
 def _tokenizer_path(node: Node, base_dir: Path | None) -> str:
     """A model's `tokenizer:`: a tokenizer.json, or a directory holding one (relative paths
-    from the config file's directory)."""
+    from the config file's directory), or ``replica`` (ask the replica's /tokenize)."""
+    if node.string() == REPLICA_TOKENIZER:
+        return REPLICA_TOKENIZER
     raw = Path(node.string())
     path = raw if raw.is_absolute() or base_dir is None else base_dir / raw
     file = path / "tokenizer.json" if path.is_dir() else path
     if not file.is_file():
-        node.fail(f"expected a tokenizer.json or a directory holding one; {file} does not exist")
+        node.fail(f"expected a tokenizer.json, a directory holding one, or '{REPLICA_TOKENIZER}'; "
+                  f"{file} does not exist")
     return str(path)
 
 

@@ -231,3 +231,26 @@ async def test_no_tokenizer_or_a_failing_template_routes_approximately(make_sim,
     async with http.post(server.url + "/v1/chat/completions", json=body) as r:
         assert r.status in (200, 400)  # the replica's own verdict, not a router failure
         assert r.headers.get("Content-Type", "").startswith("application/json")
+
+
+async def test_replica_tokenization_needs_no_tokenizer_file(make_sim, start_router, http):
+    """`tokenizer: replica`: the router asks the replica's /tokenize (here the simulator's own
+    chunk tokenizer, which no tokenizer.json describes) and still predicts exactly."""
+    sims = list(await asyncio.gather(*(make_sim(MODEL, kv_events=True, args=[
+        "--block-size", str(BLOCK), "--num-gpu-blocks", "2000", "--enable-prompt-tokens-details"])
+        for _ in range(2))))
+    doc = routes([backend(s) for s in sims], policy="cache_aware", prefix={"exact": {"confirm_s": 0.5}})
+    doc["models"][0]["tokenizer"] = "replica"
+    server = await start_router(doc)
+    await wait_exact(server.router, 2)
+    rng = random.Random(21)
+    system = text(rng, 200)
+    for i in range(6):
+        body = {"model": MODEL, "max_tokens": 4, "messages": [
+            {"role": "system", "content": system}, {"role": "user", "content": text(rng, 10 + i)}]}
+        async with http.post(server.url + "/v1/chat/completions", json=body) as resp:
+            assert resp.status == 200
+    got = await predictions(http, server.url)
+    assert got == {("exact", "within_block"): 6.0}, got
+    stats = server.router.api.replica_tokenizer.stats()
+    assert stats["misses"] == 6 and stats["failures"] == 0
