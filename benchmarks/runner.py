@@ -152,14 +152,10 @@ async def load_with_resources(target: RunningTarget, spec: loadgen.LoadSpec, wor
     return result, (target.sampler.stop() if target.sampler is not None else None)
 
 
-async def prediction_counts(http, target: RunningTarget) -> dict[tuple[str, str], float] | None:
-    """Our router's router_prefix_predictions_total by (index, outcome); None for the peers."""
-    if target.spec.kind != "ours":
-        return None
+def parse_prediction_counts(page: str) -> dict[tuple[str, str], float]:
+    """router_prefix_predictions_total of a /metrics page, by (index, outcome)."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    async with http.get(target.url + "/metrics") as resp:
-        page = await resp.text()
     out: dict[tuple[str, str], float] = {}
     for family in text_string_to_metric_families(page):
         if family.name == "router_prefix_predictions":
@@ -167,6 +163,14 @@ async def prediction_counts(http, target: RunningTarget) -> dict[tuple[str, str]
                 if s.name.endswith("_total"):
                     out[(s.labels["index"], s.labels["outcome"])] = s.value
     return out
+
+
+async def prediction_counts(http, target: RunningTarget) -> dict[tuple[str, str], float] | None:
+    """Our router's prediction outcomes so far; None for the peers."""
+    if target.spec.kind != "ours":
+        return None
+    async with http.get(target.url + "/metrics") as resp:
+        return parse_prediction_counts(await resp.text())
 
 
 def prediction_summary(before: dict | None, after: dict | None) -> dict[str, Any] | None:

@@ -1,8 +1,9 @@
 """The bounded, approximate prefix index: which replica was sent which prompt prefix.
 
-The router cannot see the replicas' KV caches (vLLM's KV events would show them; not read yet), so
-it remembers what it sent where: at dispatch, the request's chained block hashes
-(hashing.py) are recorded for the chosen replica.  A later request whose hashes start
+Without KV events (or for a request it cannot tokenize) the router cannot see the replicas'
+KV caches (exact.py is the index that can), so it remembers what it sent where: at
+dispatch, the request's chained block hashes (hashing.py) are recorded for the chosen
+replica.  A later request whose hashes start
 with the same k hashes was sent a prompt sharing its first k blocks with one that replica
 already prefilled, so (unless the replica evicted them since) its prefix cache holds them.
 
@@ -307,8 +308,10 @@ class PrefixIndex:
 
     def discard(self, replica_id: str, hashes: Iterable[int]) -> int:
         """Drop `replica_id`'s records of `hashes` (the replica evicted those blocks);
-        returns how many it held.  Unlike the LRU bounds this may remove an inner block of a
-        chain: the replica said so, and a match stops at the first block it lacks."""
+        returns how many it held.  Unlike the LRU bounds this could remove an inner block of
+        a chain, which ``match``'s galloping (it assumes prefix closure) might step over;
+        vLLM frees a request's blocks tail first and evicts in that order, so its events
+        remove leaves first and the closure holds in practice."""
         held = self._held.get(replica_id)
         if not held:
             return 0

@@ -8,9 +8,10 @@ vllm-router's cache_aware do).  ``/tokenize`` takes a completion's ``prompt`` or
 ``chat_template_kwargs``, ``add_special_tokens``) and answers ``{"tokens": [...]}``
 (../shared/reference/tokenize*.json).
 
-* The replica asked is one of the request's candidates (the first healthy one), with its
-  ``api_key``; the wait is bounded by ``timeout`` and any failure (refused, slow, an error
-  answer, a shape we do not know) returns None: the request is routed approximately.
+* The replica asked is the request's candidate with the fewest requests in flight (a busy
+  engine's API server answers late), with its ``api_key``; the wait is bounded by
+  ``timeout`` and any failure (refused, slow, an error answer, a shape we do not know)
+  returns None: the request is routed approximately.
 * A bounded cache (``max_entries`` bodies, ``max_tokens`` ids in all, least recently used
   out) answers a body seen before (retries, identical prompts) without a round trip.  A new
   turn of a conversation is a new body and costs one round trip: vLLM's /tokenize has no
@@ -39,7 +40,7 @@ _CHAT = "/v1/chat/completions"
 _COMPLETIONS = "/v1/completions"
 _CHAT_FIELDS = ("messages", "tools", "add_generation_prompt", "continue_final_message",
                 "chat_template_kwargs", "add_special_tokens", "documents", "chat_template")
-DEFAULT_TIMEOUT = 0.5
+DEFAULT_TIMEOUT = 0.25  # seconds: past this the request is routed approximately
 DEFAULT_MAX_ENTRIES = 4096
 DEFAULT_MAX_TOKENS = 4_000_000
 
@@ -88,7 +89,7 @@ class ReplicaTokenizer:
             self.hits += 1
             return cached
         self.misses += 1
-        replica = candidates[0]
+        replica = min(candidates, key=_in_flight)  # the least busy: a busy one answers late
         headers = {"Content-Type": "application/json"}
         if replica.api_key:
             headers["Authorization"] = f"Bearer {replica.api_key}"
@@ -122,3 +123,7 @@ class ReplicaTokenizer:
     def stats(self) -> dict[str, int]:
         return {"entries": len(self._cache), "tokens": self._cached_tokens, "hits": self.hits,
                 "misses": self.misses, "failures": self.failures}
+
+
+def _in_flight(replica: Replica) -> int:
+    return replica.in_flight

@@ -19,6 +19,7 @@ import pytest
 from _conformance import BLOCK_SIZE, MODEL, unique_text
 from prometheus_client.parser import text_string_to_metric_families
 
+from benchmarks.runner import parse_prediction_counts
 from router.app import Router, serve
 from router.config import parse_config
 
@@ -88,16 +89,12 @@ async def test_exact_index_predicts_real_vllm_cached_tokens(engine_pool):
                              {"role": "user", "content": unique_text(20)}]
             async with http.get(server.url + "/metrics") as resp:
                 page = await resp.text()
-        outcomes: dict[tuple[str, str], float] = {}
+        outcomes = parse_prediction_counts(page)
         buckets: dict[str, float] = {}
         for family in text_string_to_metric_families(page):
             if family.name == "router_prefix_prediction_error_tokens":
                 buckets.update({s.labels["le"]: s.value for s in family.samples
                                 if s.name.endswith("_bucket") and s.labels["index"] == "exact"})
-            if family.name == "router_prefix_predictions":
-                for s in family.samples:
-                    if s.name.endswith("_total"):
-                        outcomes[(s.labels["index"], s.labels["outcome"])] = s.value
         total = sum(outcomes.values())
         assert total == 8, outcomes
         assert outcomes.get(("exact", "within_block")) == total, outcomes

@@ -16,8 +16,8 @@ import random
 
 import aiohttp
 from conftest import routes, wait_for
-from prometheus_client.parser import text_string_to_metric_families
 
+from benchmarks.runner import parse_prediction_counts
 from engines.sim.process import SimProcess
 
 MODEL = "sim-a"
@@ -66,14 +66,7 @@ async def wait_exact(router, n: int, timeout: float = 10.0) -> None:
 
 async def predictions(http: aiohttp.ClientSession, url: str) -> dict[tuple[str, str], float]:
     async with http.get(url + "/metrics") as resp:
-        page = await resp.text()
-    out: dict[tuple[str, str], float] = {}
-    for family in text_string_to_metric_families(page):
-        if family.name == "router_prefix_predictions":
-            for s in family.samples:
-                if s.name.endswith("_total"):
-                    out[(s.labels["index"], s.labels["outcome"])] = s.value
-    return out
+        return parse_prediction_counts(await resp.text())
 
 
 async def test_predicted_cached_tokens_match_the_replicas_answers(make_sim, start_router, http, tiny_tokenizer):

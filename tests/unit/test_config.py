@@ -325,3 +325,29 @@ def test_the_readme_configuration_reference_is_a_valid_config(tmp_path) -> None:
     assert cfg.admission.queue_size == 1024 and cfg.circuit_breaker.failure_threshold == 5
     assert cfg.proxy.first_byte_timeout == 60 and cfg.server.header_timeout == 10
     assert "/v1/embeddings" in cfg.server.forward_paths
+    assert cfg.models[0].tokenizer == "replica" and cfg.prefix.exact.relearn_s == 10
+
+
+def test_tokenizer_paths_and_exact_settings(tmp_path) -> None:
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    (model_dir / "tokenizer.json").write_text("{}")
+    doc = {"models": [{"name": "m", "tokenizer": "model", "backends": ["http://127.0.0.1:9"]}],
+           "prefix": {"exact": {"relearn_s": 0, "confirm_s": 0.5}}}
+    path = tmp_path / "routes.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    cfg = load_config(path)
+    assert cfg.models[0].tokenizer == str(model_dir)  # relative to the config file
+    assert cfg.prefix.exact.relearn_s == 0 and cfg.prefix.exact.confirm_s == 0.5
+    doc["models"][0]["tokenizer"] = "missing"
+    path.write_text(yaml.safe_dump(doc))
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert "models[0].tokenizer" in str(err.value) and "tokenizer.json" in str(err.value)
+    assert str(path) in str(err.value)
+    doc["models"][0]["tokenizer"] = "replica"
+    doc["prefix"]["exact"] = {"relearn": 1}
+    path.write_text(yaml.safe_dump(doc))
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert "prefix.exact.relearn" in str(err.value) and "relearn_s" in str(err.value)
