@@ -185,7 +185,9 @@ def prediction_summary(before: dict | None, after: dict | None) -> dict[str, Any
     within = sum(v for (_, outcome), v in delta.items() if outcome == "within_block")
     exact_within = delta.get(("exact", "within_block"), 0.0)
     return {"requests": total, "exact_share": exact / total, "within_block_share": within / total,
-            "exact_within_block_share": exact_within / exact if exact else None}
+            "exact_within_block_share": exact_within / exact if exact else None,
+            "over": sum(v for (_, outcome), v in delta.items() if outcome == "over"),
+            "under": sum(v for (_, outcome), v in delta.items() if outcome == "under")}
 
 
 async def measure(scenario: Scenario, fleet: Fleet, target: RunningTarget, workload: Workload, qps: float | None,

@@ -26,7 +26,7 @@ import asyncio
 import re
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
@@ -293,7 +293,7 @@ class Api:
         exact = self.exact
         if exact is None or not exact.replicas or not exact.any_exact(r.id for r in candidates):
             return route
-        tokens: tuple[int, ...] | None = None
+        tokens: Sequence[int] | None = None
         if route.routing_tokens is not None and route.path == "/v1/completions":
             tokens = route.routing_tokens  # the ids as sent are the ids vLLM uses
         elif self.replica_tokenizer is not None and self.catalog.tokenizer_of(route.model) == REPLICA_TOKENIZER:

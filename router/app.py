@@ -237,9 +237,8 @@ class Router:
         assert self.monitor is not None
         self.loop_lag.start()
         await self.monitor.start()
-        self.kv_events.start(self.fleet)
-        for rid in self.kv_events.subscriptions:
-            self.watch_kv_stream(rid)
+        self.kv_events.on_subscribed = self.watch_kv_stream
+        self.kv_events.start(self.fleet, session=self.probe_session)
 
     def watch_kv_stream(self, replica_id: str) -> None:
         self.telemetry.watch_kv_stream(replica_id, lambda: self.kv_events.stats(replica_id))

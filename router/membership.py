@@ -101,18 +101,13 @@ class FleetWiring:
     def replica_added(self, replica: Replica) -> None:
         if self.router.monitor is not None and self.router.monitor.started:
             self.router.monitor.watch(replica)
-        kv_events = self.router.kv_events
-        kv_events.add(replica)  # (nothing before startup, or without kv_events)
-        if replica.id in kv_events.subscriptions:
-            self.router.watch_kv_stream(replica.id)
+        self.router.kv_events.add(replica)  # (nothing before startup; may ask the replica where)
 
     def replica_removed(self, replica: Replica) -> None:
         router = self.router
         router.index.remove_replica(replica.id)
         router.policy.forget_replica(replica.id)
-        stopping = asyncio.get_running_loop().create_task(router.kv_events.remove(replica.id))
-        self._stopping.add(stopping)
-        stopping.add_done_callback(self._stopping.discard)
+        router.kv_events.remove(replica.id)
         task = asyncio.get_running_loop().create_task(self._retire(replica))
         self._stopping.add(task)  # kept until done (asyncio holds tasks weakly)
         task.add_done_callback(self._stopping.discard)
@@ -209,7 +204,7 @@ class Reloader:
     def register(self, body: Any) -> Replica:
         """Add a replica from a JSON body {model, url, tensor_parallel_size?, weight?, ...}."""
         node = Node(body, "body", "POST /admin/replicas")
-        node.mapping(("model", "url", "tensor_parallel_size", "weight", "labels", "api_key"))
+        node.mapping(("model", "url", "tensor_parallel_size", "weight", "labels", "api_key", "kv_events"))
         model = node.get("model").string()
         if not model:
             node.get("model").fail("expected a model name")

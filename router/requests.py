@@ -8,6 +8,7 @@ client's bytes, unless alias resolution had to rewrite `model`.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,7 +32,7 @@ class RouteRequest:
     headers: tuple[tuple[str, str], ...] = field(default=())  # forwardable client headers
     # The exact prompt token ids the replica will compute (the model's tokenizer, or the ids
     # the client sent), set only where the exact prefix index can use them (router/prefix/).
-    prompt_token_ids: tuple[int, ...] | None = None
+    prompt_token_ids: Sequence[int] | None = None  # (an array("I") from the tokenizers)
     # Our chained hashes of those ids per block size, filled when the exact index matches
     # them and read back at dispatch to predict the chosen replica's new blocks.
     exact_hashes: dict[int, tuple[int, ...]] = field(default_factory=dict, compare=False, repr=False)

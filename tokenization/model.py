@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import logging
+from array import array
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
@@ -126,24 +127,26 @@ class ModelTokenizer:
         ids: list[int] = self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
         return ids
 
-    def tokens(self, path: str, body: Mapping[str, Any]) -> tuple[int, ...] | None:
-        """The prompt token ids vLLM will compute for this body (None: cannot say)."""
+    def tokens(self, path: str, body: Mapping[str, Any]) -> array[int] | None:
+        """The prompt token ids vLLM will compute for this body (None: cannot say), packed
+        as unsigned 32-bit ints: the exact index hashes them as such, and packing here
+        (in the worker thread for long prompts) keeps that copy off the event loop."""
         try:
             special = body.get("add_special_tokens")
             if path == _CHAT:
                 text = self.render_chat(body)
                 if text is None:
                     return None
-                return tuple(self.encode(text, special is True))
+                return array("I", self.encode(text, special is True))
             if path == _COMPLETIONS:
                 prompt = body.get("prompt")
                 if isinstance(prompt, list) and len(prompt) == 1:
                     prompt = prompt[0]
                 if isinstance(prompt, str):
-                    return tuple(self.encode(prompt, special is not False))
+                    return array("I", self.encode(prompt, special is not False))
                 if isinstance(prompt, list) and prompt and all(
                         isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-                    return tuple(prompt)
+                    return array("I", prompt)
             return None
         except Exception as exc:  # noqa: BLE001 - never refuse a request for this
             log.debug("tokenizing for the exact index failed: %s", exc)

@@ -224,10 +224,13 @@ class ExactIndex:
                        cache_salt: str | None, lora: str | None = None) -> tuple[int, ...]:
         """Our chained hashes of a request's full blocks, as the events' blocks get them."""
         usable = min(len(tokens) - len(tokens) % block_size, self.max_blocks_per_request * block_size)
-        try:
-            packed = array("I", tokens[:usable])
-        except (OverflowError, TypeError):
-            return ()
+        if isinstance(tokens, array) and tokens.typecode == "I":
+            packed = tokens[:usable]  # a copy in C: the tokenizer packed them already
+        else:
+            try:
+                packed = array("I", tokens[:usable])
+            except (OverflowError, TypeError):
+                return ()
         seed = chain_seed(model, kind=_TOKEN_KIND, block_size=block_size, lora=lora, cache_salt=cache_salt)
         return chain_tokens(packed, block_size, seed)
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from array import array
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -54,7 +55,7 @@ class ReplicaTokenizer:
         self.timeout = timeout
         self.max_entries = max_entries
         self.max_tokens = max_tokens
-        self._cache: OrderedDict[bytes, tuple[int, ...]] = OrderedDict()
+        self._cache: OrderedDict[bytes, array[int]] = OrderedDict()
         self._cached_tokens = 0
         self.hits = 0
         self.misses = 0
@@ -77,7 +78,7 @@ class ReplicaTokenizer:
         return None
 
     async def tokens(self, model: str, path: str, body: Mapping[str, Any],
-                     candidates: Sequence[Replica]) -> tuple[int, ...] | None:
+                     candidates: Sequence[Replica]) -> array[int] | None:
         request = self.tokenize_body(model, path, body)
         if request is None or not candidates:
             return None
@@ -102,15 +103,15 @@ class ReplicaTokenizer:
             ids = data.get("tokens") if isinstance(data, dict) else None
             if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
                 raise ValueError("no token list in the answer")
-        except (TimeoutError, aiohttp.ClientError, ValueError) as exc:
+            tokens = array("I", ids)
+        except (TimeoutError, aiohttp.ClientError, ValueError, OverflowError) as exc:
             self.failures += 1
             log.debug("tokenizing on %s failed: %s", replica.id, exc)
             return None
-        tokens = tuple(ids)
         self._remember(key, tokens)
         return tokens
 
-    def _remember(self, key: bytes, tokens: tuple[int, ...]) -> None:
+    def _remember(self, key: bytes, tokens: array[int]) -> None:
         if len(tokens) > self.max_tokens:
             return
         cache = self._cache

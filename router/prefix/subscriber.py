@@ -37,10 +37,13 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import aiohttp
+import xxhash
 import zmq
 import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
+from router.prefix.event_sources import discover
 from router.prefix.events import BadPayload, decode_batch, decode_sequence
 
 if TYPE_CHECKING:
@@ -111,6 +114,7 @@ class Subscription:
         self.on_change = on_change
         self.stats = StreamStats()
         self._replayed_through = -1  # batches up to here came by replay: a later copy is a duplicate
+        self._last_digest = 0  # of the last batch applied: a reconnect checks it is the same engine
         self._resync = False  # restart_hint: replay from 0 as a fresh engine
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -206,31 +210,42 @@ class Subscription:
         self._changed()
 
     async def _catch_up(self) -> None:
-        """After a (re)connect: replay what was published while we were not listening."""
+        """After a (re)connect: replay what was published while we were not listening.
+
+        The first time, everything the replica still buffers (from 0).  After a reconnect,
+        from the last batch applied, which must come back byte for byte: if it does not,
+        the engine behind the endpoint is a new one (a restart, which may already have
+        published more batches than we had seen, so the sequence alone cannot tell)."""
         last = self.stats.last_sequence
-        start = 0 if last is None else last + 1
-        batches = await self._replay(start)
-        if batches is None:
-            if last is None:  # nothing to replay from: whatever was cached before is unknown
+        if last is None:
+            batches = await self._replay(0)
+            if batches is None:  # nothing to replay from: whatever was cached before is unknown
                 self.exact.reset(self.replica_id, empty=False)
+            elif not batches or batches[0][0] == 0:
+                self.exact.reset(self.replica_id, empty=True)  # its whole history, or none yet
+                self._apply_all(batches, contiguous_from=0)
+            else:
+                self.exact.reset(self.replica_id, empty=False)  # its early history is gone
+                self._apply_all(batches, contiguous_from=batches[0][0])
             return
-        if not batches:
-            if last is None:
-                self.exact.reset(self.replica_id, empty=True)  # nothing was ever published
+        batches = await self._replay(last)
+        if batches is None:
+            return  # no replay endpoint: a gap shows on the next message
+        if batches and batches[0][0] == last and xxhash.xxh3_64_intdigest(batches[0][1]) == self._last_digest:
+            if len(batches) > 1:
+                self.stats.gaps += 1
+                self.stats.gaps_replayed += 1
+                self._apply_all(batches[1:], contiguous_from=last + 1)
             return
-        first = batches[0][0]
-        if last is None and first == 0:
-            self.exact.reset(self.replica_id, empty=True)
-        elif first != start:
-            if last is not None and first < start:  # the replica restarted while we were away
-                await self._restart()
-                return
+        if batches and batches[0][0] > last:  # the same engine, but what we missed is gone
             self.stats.gaps += 1
             self.stats.gaps_lost += 1
             self.exact.reset(self.replica_id, empty=False)
-        elif last is not None:
-            self.stats.gaps_replayed += 1
-        self._apply_all(batches, contiguous_from=first)
+            self._apply_all(batches, contiguous_from=batches[0][0])
+            return
+        log.warning("KV events of %s: batch %d is not the one we applied: the engine restarted",
+                    self.replica_id, last)
+        await self._restart()
 
     async def _recover(self, start: int, seq: int, payload: bytes) -> None:
         """Batches start..seq-1 are missing: replay them, or drop what we knew."""
@@ -285,6 +300,7 @@ class Subscription:
 
     def _apply(self, seq: int, payload: bytes) -> None:
         self.stats.last_sequence = seq
+        self._last_digest = xxhash.xxh3_64_intdigest(payload)
         try:
             batch = decode_batch(payload)
         except BadPayload as exc:
@@ -306,7 +322,8 @@ class Subscription:
         dealer.connect(self.replay_endpoint)
         out: list[tuple[int, bytes]] = []
         try:
-            await dealer.send_multipart((b"", start.to_bytes(8, "big")))
+            # A DEALER's send waits for a peer: bounded too (the replica may be down).
+            await asyncio.wait_for(dealer.send_multipart((b"", start.to_bytes(8, "big"))), self.replay_timeout)
             while len(out) < self.max_replay_batches:
                 frames = await asyncio.wait_for(dealer.recv_multipart(), self.replay_timeout)
                 if len(frames) < 4:
@@ -331,7 +348,14 @@ class Subscription:
 
 
 class KVEvents:
-    """Every replica's subscription; follows the fleet (``add`` / ``remove``)."""
+    """Every replica's subscription; follows the fleet (``add`` / ``remove``).
+
+    A replica without ``kv_events:`` is asked where it publishes (``GET /kv_event_sources``,
+    event_sources.py) when `start` was given an HTTP session: up to ``DISCOVERY_ATTEMPTS``
+    times, ``DISCOVERY_INTERVAL_S`` apart (it may still be starting), then never again."""
+
+    DISCOVERY_ATTEMPTS = 10
+    DISCOVERY_INTERVAL_S = 3.0
 
     def __init__(self, exact: ExactIndex, *, replay_timeout: float = DEFAULT_REPLAY_TIMEOUT,
                  on_change: Callable[[Subscription], None] | None = None) -> None:
@@ -340,16 +364,49 @@ class KVEvents:
         self.on_change = on_change
         self.context: zmq.asyncio.Context | None = None
         self.subscriptions: dict[str, Subscription] = {}
+        self.on_subscribed: Callable[[str], None] | None = None  # (metrics for a new stream)
+        self._session: aiohttp.ClientSession | None = None
+        self._discovering: dict[str, asyncio.Task[None]] = {}
+        self._stopping: set[asyncio.Task[None]] = set()
         self._started = False
 
-    def start(self, replicas: Iterable[Replica]) -> None:
+    def start(self, replicas: Iterable[Replica], session: aiohttp.ClientSession | None = None) -> None:
         self._started = True
+        self._session = session
         for replica in replicas:
             self.add(replica)
 
     def add(self, replica: Replica) -> None:
-        if not self._started or not replica.kv_events_endpoint or replica.id in self.subscriptions:
+        if not self._started or replica.id in self.subscriptions or replica.id in self._discovering:
             return
+        if not replica.kv_events_endpoint:
+            if self._session is not None:
+                task = asyncio.get_running_loop().create_task(self._discover(replica))
+                self._discovering[replica.id] = task
+                task.add_done_callback(self._discovered)
+            return
+        self._subscribe(replica)
+
+    def _discovered(self, task: asyncio.Task[None]) -> None:
+        for rid, running in list(self._discovering.items()):
+            if running is task:
+                del self._discovering[rid]
+
+    async def _discover(self, replica: Replica) -> None:
+        assert self._session is not None
+        for _ in range(self.DISCOVERY_ATTEMPTS):
+            source = await discover(self._session, replica.url, replica.api_key)
+            if source is not None:
+                log.info("KV events of %s: advertised at %s", replica.id, source.endpoint)
+                replica.kv_events_endpoint = source.endpoint
+                replica.kv_replay_endpoint = source.replay_endpoint
+                replica.kv_events_topic = source.topic
+                self._subscribe(replica)
+                return
+            await asyncio.sleep(self.DISCOVERY_INTERVAL_S)
+
+    def _subscribe(self, replica: Replica) -> None:
+        assert replica.kv_events_endpoint is not None
         if self.context is None:
             self.context = zmq.asyncio.Context()
         self.exact.attach(replica.id, replica.model)
@@ -359,12 +416,21 @@ class KVEvents:
                            replay_timeout=self.replay_timeout, on_change=self.on_change)
         self.subscriptions[replica.id] = sub
         sub.start()
+        if self.on_subscribed is not None:
+            self.on_subscribed(replica.id)
 
-    async def remove(self, replica_id: str) -> None:
+    def remove(self, replica_id: str) -> None:
+        """Stop following `replica_id` now (its socket closes in the background), so that
+        the same replica added again at once gets a fresh subscription."""
+        discovering = self._discovering.pop(replica_id, None)
+        if discovering is not None:
+            discovering.cancel()
         sub = self.subscriptions.pop(replica_id, None)
-        if sub is not None:
-            await sub.stop()
         self.exact.detach(replica_id)
+        if sub is not None:
+            task = asyncio.get_running_loop().create_task(sub.stop())
+            self._stopping.add(task)
+            task.add_done_callback(self._stopping.discard)
 
     def stats(self, replica_id: str) -> dict[str, Any] | None:
         sub = self.subscriptions.get(replica_id)
@@ -376,8 +442,12 @@ class KVEvents:
         return out
 
     async def close(self) -> None:
+        for task in list(self._discovering.values()):
+            task.cancel()
         for rid in list(self.subscriptions):
-            await self.remove(rid)
+            self.remove(rid)
+        if self._stopping:
+            await asyncio.gather(*self._stopping, return_exceptions=True)
         if self.context is not None:
             self.context.term()
             self.context = None

@@ -247,3 +247,40 @@ async def test_replica_tokenization_needs_no_tokenizer_file(make_sim, start_rout
     assert got == {("exact", "within_block"): 6.0}, got
     stats = server.router.api.replica_tokenizer.stats()
     assert stats["misses"] == 6 and stats["failures"] == 0
+
+
+async def test_a_replica_that_advertises_its_events_is_subscribed(make_sim, start_router, http, tiny_tokenizer):
+    """No `kv_events:` in routes.yaml: the router reads the replica's GET /kv_event_sources."""
+    (sim,) = await make_exact_sims(make_sim, tiny_tokenizer, 1)
+    doc = routes([sim.url], policy="cache_aware")
+    doc["models"][0]["tokenizer"] = tiny_tokenizer
+    server = await start_router(doc)
+    await wait_exact(server.router, 1)
+    replica = next(iter(server.router.fleet))
+    assert replica.kv_events_endpoint == sim.kv_events_endpoint
+    assert replica.kv_replay_endpoint == sim.kv_replay_endpoint
+    assert await complete(http, server.url, text(random.Random(4), 100)) == 200
+    await wait_for(lambda: server.router.exact.blocks.replica_blocks(sim.url) > 0, 5, message="events applied")
+
+
+async def test_a_replica_removed_and_added_again_is_subscribed_again(make_sim, start_router, http, tiny_tokenizer):
+    static, sim = await make_exact_sims(make_sim, tiny_tokenizer, 2)
+    admin = "admin-key-0123456789"
+    doc = exact_routes([static], tiny_tokenizer)
+    doc["auth"] = {"admin_key": admin}
+    server = await start_router(doc)
+    router = server.router
+    url = server.url + "/admin/replicas"
+    auth = {"Authorization": f"Bearer {admin}"}
+    entry = {"model": MODEL, **backend(sim)}
+    async with http.post(url, json=entry, headers=auth) as r:
+        assert r.status == 201, await r.text()
+    await wait_exact(router, 2)
+    async with http.delete(url, json={"model": MODEL, "url": sim.url}, headers=auth) as r:
+        assert r.status == 200, await r.text()
+    async with http.post(url, json=entry, headers=auth) as r:  # at once, before the old socket closed
+        assert r.status == 201, await r.text()
+    await wait_for(lambda: sim.url in router.kv_events.subscriptions, 5, message="subscribed again")
+    await wait_exact(router, 2)
+    await complete(http, sim.url, text(random.Random(9), 100))  # straight to it: its events reach the router
+    await wait_for(lambda: router.exact.blocks.replica_blocks(sim.url) > 0, 5, message="events applied")

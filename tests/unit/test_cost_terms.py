@@ -126,7 +126,7 @@ def test_eviction_counts_the_blocks_that_do_not_fit(spec: tuple, room: int) -> N
     request, cands = table([spec[:5] + (room,) + spec[6:]])
     prefix = cands.data["prefix"]
     new_blocks = prefix.blocks - prefix.matched[0]
-    evicted = max(0, new_blocks - prefix.free[0])
+    evicted = max(0, new_blocks - prefix.free_tokens[0] / 16)
     assert costs_of("eviction", request, cands)[0] == pytest.approx(evicted * 16 / cands.data["rates"][0])
     request, cands = table([spec[:5] + (None,) + spec[6:]])  # unknown KV size: nothing known to evict
     assert build_term("eviction", Node({}, "")).costs(request, cands) is None

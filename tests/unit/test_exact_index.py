@@ -179,3 +179,18 @@ def test_a_flood_of_events_stays_within_the_bounds(num_gpu_blocks, global_cap):
             assert index.blocks.replica_blocks(r) <= num_gpu_blocks
             assert len(index.replicas[r].vllm_to_ours) <= 2 * num_gpu_blocks
         assert index.blocks.records <= global_cap
+
+
+# -- advertised event sources (GET /kv_event_sources) ---------------------------------------
+def test_advertised_sources_are_reached_at_the_replica_host():
+    from router.prefix.event_sources import EventSource, parse_sources, reachable
+
+    assert reachable("tcp://*:5557", "http://10.0.0.7:8000") == "tcp://10.0.0.7:5557"
+    assert reachable("tcp://0.0.0.0:5557", "http://[fd00::7]:8000") == "tcp://[fd00::7]:5557"
+    assert reachable("tcp://10.0.0.9:5557", "http://10.0.0.7:8000") == "tcp://10.0.0.9:5557"
+    answer = [{"data_parallel_rank": 1, "endpoint": "tcp://*:5567", "replay_endpoint": None, "topic": "kv"},
+              {"data_parallel_rank": 0, "endpoint": "tcp://*:5557", "replay_endpoint": "tcp://*:5558",
+               "topic": "kv"}]
+    assert parse_sources(answer, "http://h:8000") == EventSource("tcp://h:5557", "tcp://h:5558", "kv")
+    for nothing in ([], {"endpoint": 5}, "x", [{"endpoint": "ipc:///tmp/kv"}], None):
+        assert parse_sources(nothing, "http://h:8000") is None

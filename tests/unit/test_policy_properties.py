@@ -211,7 +211,7 @@ def test_cache_aware_sends_new_conversations_where_the_kv_cache_has_room() -> No
     greedy = build_policy("cache_aware", Node({"eviction_weight": 0}, ""))
     assert greedy.rank(make_request("new conversation " * 200), [fast, roomy], index).ranked[0] is fast
     decision = policy.rank(make_request("another one " * 200), [fast], index)
-    assert decision.why["evicts_blocks"] == len(hash_text("another one " * 200, "m"))
+    assert decision.why["evicts_tokens"] == 16 * len(hash_text("another one " * 200, "m"))
 
 
 def test_cache_aware_spreads_sustained_traffic_even_when_nothing_is_in_flight() -> None:
