@@ -57,9 +57,9 @@ def run_case(tokenizer: ModelTokenizer, chars: int, n_replicas: int, repeats: in
         exact.reset(r.id, empty=True)
         exact.set_capacity(r.id, 100_000, BLOCK)
     approximate = PrefixIndex()
-    system = text_of(rng, 2_000)
+    system = text_of(rng, min(2_000, chars // 2))
     body = {"messages": [{"role": "system", "content": system},
-                         {"role": "user", "content": text_of(rng, max(1, chars - len(system)))}]}
+                         {"role": "user", "content": text_of(rng, chars - len(system))}]}
     tokens = tokenizer.tokens("/v1/chat/completions", body)
     assert tokens is not None
     system_tokens = tokenizer.tokens("/v1/chat/completions", {"messages": body["messages"][:1],
