@@ -268,6 +268,28 @@ class ExactIndex:
                 out[rid] = min(blocks, most) * size
         return out
 
+    def rows(self, model: str, tokens: Sequence[int], cache_salt: str | None, replica_ids: Sequence[str],
+             hashes_by_size: dict[int, tuple[int, ...]] | None = None,
+             ) -> tuple[list[int | None], list[int], list[float]]:
+        """`match` as columns for the scheduler, in one pass: per row the matched tokens
+        (None: not in exact mode), the block size (1 if unknown) and the free tokens."""
+        matched = self.match(model, tokens, cache_salt, replica_ids, hashes_by_size=hashes_by_size)
+        replicas = self.replicas
+        held = self.blocks.replica_blocks
+        inf = float("inf")
+        sizes: list[int] = []
+        free: list[float] = []
+        for rid in replica_ids:
+            state = replicas.get(rid)
+            if state is None or not state.block_size:
+                sizes.append(1)
+                free.append(inf)
+                continue
+            sizes.append(state.block_size)
+            cap = state.capacity_blocks  # from its num_gpu_blocks (None: unknown, so unbounded)
+            free.append(float((cap - held(rid)) * state.block_size) if cap else inf)
+        return [matched[rid] for rid in replica_ids], sizes, free
+
     def block_size_of(self, replica_id: str) -> int:
         """The block size of a replica in exact mode (1 if unknown, never 0)."""
         state = self.replicas.get(replica_id)
@@ -279,14 +301,6 @@ class ExactIndex:
         replicas = self.replicas
         return any((s := replicas.get(rid)) is not None and s.block_size is not None and s.mode(now) == EXACT
                    for rid in replica_ids)
-
-    def free_tokens(self, replica_id: str) -> float:
-        """Tokens the replica can still cache before evicting (inf: size unknown)."""
-        state = self.replicas.get(replica_id)
-        if state is None or not state.capacity_blocks or not state.block_size:
-            return float("inf")
-        held = self.blocks.replica_blocks(replica_id)
-        return float((state.capacity_blocks - held) * state.block_size)
 
     # -- predict-on-route -------------------------------------------------------------------
     def predict(self, replica_id: str, hashes: Sequence[int]) -> Recording | None:

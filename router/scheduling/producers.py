@@ -92,18 +92,18 @@ class PrefixMatch:
                 tokens_by_id={rid: m * tpb for rid, m in by_id.items()}, need_tokens=[n * tpb] * cands.n,
                 free_tokens=[f * tpb for f in free], blocks=n, tokens_per_block=tpb)
             return
-        held = exact.match(request.model, tokens, request.cache_salt, ids, hashes_by_size=request.exact_hashes)
+        held, sizes, exact_free = exact.rows(request.model, tokens, request.cache_salt, ids,
+                                             hashes_by_size=request.exact_hashes)
         free = index.free_blocks(ids)
-        rows = [held[rid] is not None for rid in ids]
-        matched_tokens = [t if (t := held[rid]) is not None else m * tpb for rid, m in zip(ids, matched)]
-        blocks_of = exact.block_size_of
-        exact_blocks = [t // blocks_of(rid) if e else m for rid, t, m, e in zip(ids, matched_tokens, matched, rows)]
+        rows = [t is not None for t in held]
+        matched_tokens = [m * tpb if t is None else t for t, m in zip(held, matched)]
+        exact_blocks = [m if t is None else t // s for t, s, m in zip(held, sizes, matched)]
         whole = len(tokens)
         cands.data["prefix"] = PrefixData(
             matched=exact_blocks, by_id=dict(zip(ids, exact_blocks)), matched_tokens=matched_tokens,
             tokens_by_id=dict(zip(ids, matched_tokens)),
-            need_tokens=[whole - whole % blocks_of(rid) if e else n * tpb for rid, e in zip(ids, rows)],
-            free_tokens=[exact.free_tokens(rid) if e else f * tpb for rid, e, f in zip(ids, rows, free)],
+            need_tokens=[whole - whole % s if e else n * tpb for s, e in zip(sizes, rows)],
+            free_tokens=[x if e else f * tpb for x, e, f in zip(exact_free, rows, free)],
             blocks=n, tokens_per_block=tpb, exact=rows)
 
 
