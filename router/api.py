@@ -24,9 +24,8 @@ from __future__ import annotations
 
 import asyncio
 import re
-import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
@@ -36,7 +35,6 @@ from aiohttp import web
 from router.admission import Admission, QueueRejection, RateLimitExceeded
 from router.auth import Client, KeyRing
 from router.catalog import ModelCatalog
-from router.config import REPLICA_TOKENIZER
 from router.errors import Handler, RouterError, bad_request
 from router.fleet import Fleet, Health, Replica
 from router.limits import BodyBudget, BodyLease, read_body
@@ -45,7 +43,6 @@ from router.paths import raw_path_problem
 from router.proxy import CLIENT_CLOSED, Proxy, forwardable_request_headers
 from router.requests import BodyError, RouteRequest, build_route_request, rewrite_model, validate_body
 from router.telemetry import NO_REPLICA, RequestRecord, Telemetry, write_access_log
-from tokenization import OFF_LOOP_CHARS, prompt_chars
 from yamlcheck import ConfigError
 
 if TYPE_CHECKING:
@@ -54,9 +51,8 @@ if TYPE_CHECKING:
     from router.membership import Reloader
     from router.prefix.exact import ExactIndex
     from router.prefix.index import PrefixIndex
-    from router.prefix.replica_tokens import ReplicaTokenizer
+    from router.prefix.prompt_tokens import PromptTokens
     from router.prefix.subscriber import KVEvents
-    from tokenization import ModelTokenizer
 
 INFERENCE_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
 _REQUEST_ID_RE = re.compile(r"^[\x21-\x7e]{1,200}$")  # visible ASCII, bounded
@@ -85,8 +81,7 @@ class Api:
                  index: PrefixIndex | None = None, keyring: KeyRing | None = None,
                  admission: Admission | None = None, bodies: BodyBudget | None = None,
                  exact: ExactIndex | None = None, kv_events: KVEvents | None = None,
-                 tokenizers: dict[str, ModelTokenizer] | None = None,
-                 replica_tokenizer: ReplicaTokenizer | None = None) -> None:
+                 prompt_tokens: PromptTokens | None = None) -> None:
         self.config = config
         self.fleet = fleet
         self.proxy = proxy
@@ -95,8 +90,7 @@ class Api:
         self.index = index
         self.exact = exact
         self.kv_events = kv_events
-        self.tokenizers = tokenizers if tokenizers is not None else {}  # model -> its tokenizer
-        self.replica_tokenizer = replica_tokenizer  # for models with `tokenizer: replica`
+        self.prompt_tokens = prompt_tokens
         self.keyring = keyring or KeyRing(config.auth, config.server.trusted_proxies)
         self.admission = admission or Admission(
             config.admission, retry_after=config.proxy.retry_after,
@@ -286,30 +280,13 @@ class Api:
 
     async def _exact_tokens(self, route: RouteRequest, data: dict[str, Any],
                             candidates: list[Replica]) -> RouteRequest:
-        """`route` with the prompt's exact token ids, where the exact index can use them: the
-        model has a tokenizer (or the client sent ids) and a candidate is in exact mode.
-        Long prompts are tokenized in a worker thread (tokenization.OFF_LOOP_CHARS).  Any
-        failure leaves the request to the approximate index."""
-        exact = self.exact
-        if exact is None or not exact.replicas or not exact.any_exact(r.id for r in candidates):
+        """`route` with the prompt's exact token ids (prefix/prompt_tokens.py), only when a
+        candidate is in exact mode: otherwise nobody would read them.  Any failure leaves
+        the request to the approximate index."""
+        exact, prompt_tokens = self.exact, self.prompt_tokens
+        if exact is None or prompt_tokens is None or not exact.any_exact(r.id for r in candidates):
             return route
-        tokens: Sequence[int] | None = None
-        if route.routing_tokens is not None and route.path == "/v1/completions":
-            tokens = route.routing_tokens  # the ids as sent are the ids vLLM uses
-        elif self.replica_tokenizer is not None and self.catalog.tokenizer_of(route.model) == REPLICA_TOKENIZER:
-            started = time.perf_counter()
-            tokens = await self.replica_tokenizer.tokens(route.model, route.path, data, candidates)
-            self.telemetry.tokenize_seconds.labels(route.model).observe(time.perf_counter() - started)
-        else:
-            tokenizer = self.tokenizers.get(route.model)
-            if tokenizer is None:
-                return route
-            started = time.perf_counter()
-            if prompt_chars(route.path, data) > OFF_LOOP_CHARS:
-                tokens = await asyncio.to_thread(tokenizer.tokens, route.path, data)
-            else:
-                tokens = tokenizer.tokens(route.path, data)
-            self.telemetry.tokenize_seconds.labels(route.model).observe(time.perf_counter() - started)
+        tokens = await prompt_tokens.tokens(route, data, candidates)
         return route if tokens is None else replace(route, prompt_token_ids=tokens)
 
     def on_load(self, replica: Replica) -> None:

@@ -25,7 +25,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from router.api import Api
-from router.config import REPLICA_TOKENIZER, BackendConfig, Config, LaunchConfig
+from router.config import BackendConfig, Config, LaunchConfig
 from router.connections import ConnectionLimits, FrontDoorRunner, default_connection_cap, raise_fd_limit
 from router.cors import Cors
 from router.errors import error_middleware
@@ -36,12 +36,11 @@ from router.membership import FleetWiring, Reloader, build_fleet, merge_backends
 from router.monitor import Monitor
 from router.prefix.exact import ExactIndex
 from router.prefix.index import DEFAULT_CAPACITY_BLOCKS, PrefixIndex
-from router.prefix.replica_tokens import ReplicaTokenizer
+from router.prefix.prompt_tokens import PromptTokens
 from router.prefix.subscriber import KVEvents
 from router.proxy import Proxy, connect_tracing
 from router.telemetry import Telemetry, init_sentry
-from tokenization import ModelTokenizer, TokenizerError
-from yamlcheck import ConfigError
+from tokenization import ModelTokenizer
 
 log = logging.getLogger("router.app")
 
@@ -88,19 +87,6 @@ async def launch_engines(launch: LaunchConfig) -> tuple[Any, list[tuple[str, Bac
     return running, backends
 
 
-def load_tokenizers(config: Config) -> dict[str, ModelTokenizer]:
-    """Each model's `tokenizer:` loaded once (a file that does not load is a config error)."""
-    out: dict[str, ModelTokenizer] = {}
-    for i, model in enumerate(config.models):
-        if model.tokenizer is None or model.tokenizer == REPLICA_TOKENIZER:
-            continue
-        try:
-            out[model.name] = ModelTokenizer(model.tokenizer)
-        except TokenizerError as exc:
-            raise ConfigError(config.file, f"models[{i}].tokenizer", str(exc)) from None
-    return out
-
-
 class Router:
     """One running router: the objects the request path and the background tasks share."""
 
@@ -115,8 +101,9 @@ class Router:
         self.exact = ExactIndex(exact.capacity_blocks or DEFAULT_CAPACITY_BLOCKS,
                                 max_blocks_per_request=prefix.max_blocks_per_request,
                                 relearn_s=exact.relearn_s, confirm_s=exact.confirm_s)
-        self.kv_events = KVEvents(self.exact, replay_timeout=exact.replay_timeout)
-        self.tokenizers = load_tokenizers(config)
+        self.kv_events = KVEvents(self.exact, replay_timeout=exact.replay_timeout,
+                                  on_subscribed=self.watch_kv_stream)
+        self.prompt_tokens: PromptTokens | None = None  # set by _build (it needs the session)
         self.policy = config.routing.build_profile()
         self.telemetry.set_info(self.policy.name)
         self.session: aiohttp.ClientSession | None = None  # requests to replicas
@@ -176,9 +163,10 @@ class Router:
                            breaker_config=cfg.circuit_breaker, loop_lag=self.loop_lag, exact=self.exact)
         flow = SingleHop(proxy=self.proxy, profile=lambda: self.policy, index=self.index,
                          telemetry=self.telemetry, exact=self.exact)
+        self.prompt_tokens = PromptTokens(cfg, self.session, self.telemetry)  # loads tokenizer files
         self.api = Api(config=cfg, fleet=self.fleet, proxy=self.proxy, flow=flow, telemetry=self.telemetry,
                        index=self.index, exact=self.exact, kv_events=self.kv_events,
-                       tokenizers=self.tokenizers, replica_tokenizer=ReplicaTokenizer(self.session))
+                       prompt_tokens=self.prompt_tokens)
         self.api.reloader = self.reloader
         app = web.Application(client_max_size=cfg.server.max_body_bytes,
                               middlewares=[self.api.request_id_middleware, error_middleware,
@@ -209,19 +197,18 @@ class Router:
         if self.api is not None:
             self.api.on_load(replica)
 
-    def apply_config(self, config: Config, *, rebuild_policy: bool) -> None:
-        """Make `config` the running one (router/membership.py decides what may change)."""
+    def apply_config(self, config: Config, *, rebuild_policy: bool,
+                     tokenizers: dict[str, ModelTokenizer] | None = None) -> None:
+        """Make `config` the running one (router/membership.py decides what may change);
+        `tokenizers`: its tokenizer files, loaded beforehand (prompt_tokens.load)."""
         assert self.monitor is not None and self.proxy is not None and self.api is not None
+        assert self.prompt_tokens is not None
         if rebuild_policy:
             policy = config.routing.build_profile()
             policy.adopt(self.policy)  # what it learned about the replicas stays (rates, shares)
             self.policy = policy  # the flow and the feedback hook read it through getters
             self.telemetry.set_info(policy.name)
-        if [(m.name, m.tokenizer) for m in config.models] != [(m.name, m.tokenizer) for m in self.config.models]:
-            try:  # (a tokenizer.json loads in milliseconds to a few hundred for a large vocabulary)
-                self.tokenizers = self.api.tokenizers = load_tokenizers(config)
-            except ConfigError as exc:
-                log.error("reload: %s; the tokenizers stay as they were", exc)
+        self.prompt_tokens.apply(config, self.prompt_tokens.files if tokenizers is None else tokenizers)
         self.monitor.health_cfg, self.monitor.metrics_cfg = config.health, config.metrics
         self.proxy.apply_config(config.proxy, config.circuit_breaker)
         self.api.apply_config(config)
@@ -237,7 +224,6 @@ class Router:
         assert self.monitor is not None
         self.loop_lag.start()
         await self.monitor.start()
-        self.kv_events.on_subscribed = self.watch_kv_stream
         self.kv_events.start(self.fleet, session=self.probe_session)
 
     def watch_kv_stream(self, replica_id: str) -> None:

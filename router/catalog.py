@@ -43,11 +43,6 @@ class ModelCatalog:
                     set(key.models) | canon | {a for a, m in self.aliases.items() if m in canon})
         self._access = access
         self.model_names = [m.name for m in config.models] or self.fleet.models()
-        self._tokenizers = {m.name: m.tokenizer for m in config.models if m.tokenizer is not None}
-
-    def tokenizer_of(self, model: str) -> str | None:
-        """The model's `tokenizer:` setting (a path, or "replica"), if any."""
-        return self._tokenizers.get(model)
 
     def knows(self, name: str) -> bool:
         """Is `name` a configured model or one a replica reported?  (Only such names become

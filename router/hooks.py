@@ -34,6 +34,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
+from router.prefix.exact import EXACT
+
 if TYPE_CHECKING:
     from router.breaker import CircuitBreakers
     from router.fleet import Replica
@@ -165,7 +167,7 @@ class IndexFeedback(Hook):
         if exact is not None and route.exact_hashes:
             rid = attempt.replica.id
             hashes = route.exact_hashes.get(exact.block_size_of(rid))
-            if hashes and exact.mode(rid) == "exact":
+            if hashes and exact.mode(rid) == EXACT:
                 attempt.state["pending"] = exact.predict(rid, hashes)
 
     def _forget(self, attempt: Attempt) -> None:

@@ -30,10 +30,12 @@ from typing import TYPE_CHECKING, Any
 
 from router.config import BackendConfig, Config, ModelConfig, load_config, parse_backend, validate_policy_params
 from router.fleet import Fleet, Replica
+from router.prefix import prompt_tokens
 from yamlcheck import ConfigError, Node
 
 if TYPE_CHECKING:
     from router.app import Router
+    from tokenization import ModelTokenizer
 
 log = logging.getLogger("router.membership")
 
@@ -152,12 +154,14 @@ class Reloader:
                 config = await asyncio.to_thread(load_config, path)
                 config = self.overrides(config)
                 validate_policy_params(config)
+                loaded = router.prompt_tokens.files if router.prompt_tokens is not None else {}
+                tokenizers = await asyncio.to_thread(prompt_tokens.load, config, loaded)
             except ConfigError as exc:
                 log.warning("reload of %s refused, nothing changed: %s", path, exc)
                 raise
-            return self._apply(config)
+            return self._apply(config, tokenizers)
 
-    def _apply(self, config: Config) -> dict[str, Any]:
+    def _apply(self, config: Config, tokenizers: dict[str, ModelTokenizer]) -> dict[str, Any]:
         router = self.router
         old = router.config
         if router.launched:  # engines started by `launch:` stay what they were
@@ -170,7 +174,7 @@ class Reloader:
             proxy=dataclasses.replace(config.proxy, max_connections=old.proxy.max_connections))
         added, removed, updated = self._apply_backends(config)
         # A new profile adopts what the old one learned, so any change to `routing` rebuilds.
-        router.apply_config(config, rebuild_policy=old.routing != config.routing)
+        router.apply_config(config, rebuild_policy=old.routing != config.routing, tokenizers=tokenizers)
         summary = {"file": config.file, "applied": live, "restart_required": restart,
                    "replicas_added": added, "replicas_removed": removed,
                    "replicas_updated": updated, **router.policy.describe()}

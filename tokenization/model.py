@@ -127,18 +127,24 @@ class ModelTokenizer:
         ids: list[int] = self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
         return ids
 
+    def chat_tokens(self, body: Mapping[str, Any]) -> list[int] | None:
+        """A chat body's prompt ids: the template, then the tokenizer (None: no template).
+        Raises whatever the template raises (the simulator answers it as a 400)."""
+        text = self.render_chat(body)
+        if text is None:
+            return None
+        return self.encode(text, body.get("add_special_tokens") is True)
+
     def tokens(self, path: str, body: Mapping[str, Any]) -> array[int] | None:
         """The prompt token ids vLLM will compute for this body (None: cannot say), packed
         as unsigned 32-bit ints: the exact index hashes them as such, and packing here
         (in the worker thread for long prompts) keeps that copy off the event loop."""
         try:
-            special = body.get("add_special_tokens")
             if path == _CHAT:
-                text = self.render_chat(body)
-                if text is None:
-                    return None
-                return array("I", self.encode(text, special is True))
+                ids = self.chat_tokens(body)
+                return None if ids is None else array("I", ids)
             if path == _COMPLETIONS:
+                special = body.get("add_special_tokens")
                 prompt = body.get("prompt")
                 if isinstance(prompt, list) and len(prompt) == 1:
                     prompt = prompt[0]

@@ -158,10 +158,9 @@ class RealTokenizer:
         return self.model.encode(text, add_special_tokens)
 
     def encode_chat(self, body: Mapping[str, object]) -> list[int]:
-        text = self.model.render_chat(body)
-        assert text is not None
-        special = body.get("add_special_tokens") is True
-        return self.model.encode(text, special)
+        ids = self.model.chat_tokens(body)
+        assert ids is not None  # __init__ checked the template
+        return ids
 
     def token_str(self, tid: int) -> str:
         return str(self.model.tokenizer.decode([tid], skip_special_tokens=False))

@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import time
 from array import array
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -65,7 +65,7 @@ class ReplicaKV:
     model: str
     block_size: int | None = None  # from its events
     capacity_blocks: int | None = None  # its num_gpu_blocks
-    vllm_to_ours: dict[Any, int] = field(default_factory=dict)  # insertion order = age
+    vllm_to_ours: OrderedDict[Any, int] = field(default_factory=OrderedDict)  # oldest first
     known: bool = False  # an event has been applied since the last reset
     relearn_until: float = 0.0  # monotonic time until which the mode stays approximate
     resets: int = 0
@@ -197,8 +197,8 @@ class ExactIndex:
         ours = chain_tokens(packed, size, prev)
         mapping = state.vllm_to_ours
         for vllm_hash, own in zip(hashes, ours):
-            mapping.pop(vllm_hash, None)  # re-stored: make it the newest entry
             mapping[vllm_hash] = own
+            mapping.move_to_end(vllm_hash)  # re-stored: the newest entry
         self.blocks.record(ours, replica_id)
         state.stored_blocks += usable
         state.skipped_blocks += n - usable
@@ -213,7 +213,7 @@ class ExactIndex:
         cap = 2 * state.capacity_blocks if state.capacity_blocks else DEFAULT_MAP_CAP
         mapping = state.vllm_to_ours
         while len(mapping) > cap:
-            del mapping[next(iter(mapping))]
+            mapping.popitem(last=False)
 
     # -- queries --------------------------------------------------------------------------
     def mode(self, replica_id: str) -> str:
@@ -246,13 +246,12 @@ class ExactIndex:
         self._expire(now)
         out: dict[str, int | None] = {}
         groups: dict[int, list[str]] = {}
-        replicas = self.replicas
         for rid in replica_ids:
-            state = replicas.get(rid)
-            if state is None or state.block_size is None or state.mode(now) != EXACT:
+            state = self._exact_state(rid, now)
+            if state is None:
                 out[rid] = None
             else:
-                groups.setdefault(state.block_size, []).append(rid)
+                groups.setdefault(state.block_size or 1, []).append(rid)
         for size, ids in groups.items():
             hashes = self.request_hashes(model, tokens, size, cache_salt, lora)
             # vLLM recomputes at least the prompt's last token: a hit covers at most this many.
@@ -298,9 +297,15 @@ class ExactIndex:
     def any_exact(self, replica_ids: Iterable[str]) -> bool:
         """Is any of these replicas in exact mode (worth tokenizing a request for)?"""
         now = self.clock()
-        replicas = self.replicas
-        return any((s := replicas.get(rid)) is not None and s.block_size is not None and s.mode(now) == EXACT
-                   for rid in replica_ids)
+        return any(self._exact_state(rid, now) is not None for rid in replica_ids)
+
+    def _exact_state(self, replica_id: str, now: float) -> ReplicaKV | None:
+        """The replica's state if a request can be matched against it now (exact mode,
+        block size known), else None."""
+        state = self.replicas.get(replica_id)
+        if state is None or state.block_size is None or state.mode(now) != EXACT:
+            return None
+        return state
 
     # -- predict-on-route -------------------------------------------------------------------
     def predict(self, replica_id: str, hashes: Sequence[int]) -> Recording | None:

@@ -101,8 +101,7 @@ class Subscription:
     def __init__(self, replica_id: str, endpoint: str, *, replay_endpoint: str | None, topic: str,
                  exact: ExactIndex, context: zmq.asyncio.Context,
                  replay_timeout: float = DEFAULT_REPLAY_TIMEOUT,
-                 max_replay_batches: int = DEFAULT_MAX_REPLAY_BATCHES,
-                 on_change: Callable[[Subscription], None] | None = None) -> None:
+                 max_replay_batches: int = DEFAULT_MAX_REPLAY_BATCHES) -> None:
         self.replica_id = replica_id
         self.endpoint = endpoint
         self.replay_endpoint = replay_endpoint
@@ -111,12 +110,10 @@ class Subscription:
         self.context = context
         self.replay_timeout = replay_timeout
         self.max_replay_batches = max_replay_batches
-        self.on_change = on_change
         self.stats = StreamStats()
         self._replayed_through = -1  # batches up to here came by replay: a later copy is a duplicate
         self._last_digest = 0  # of the last batch applied: a reconnect checks it is the same engine
         self._resync = False  # restart_hint: replay from 0 as a fresh engine
-        self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
     # -- lifecycle -----------------------------------------------------------------------
@@ -132,8 +129,7 @@ class Subscription:
 
     def restart_hint(self) -> None:
         """The replica restarted (its counters went backwards): resynchronise from 0."""
-        self._resync = True
-        self._wake.set()
+        self._resync = True  # (the loop looks at it after each poll, within 200 ms)
 
     # -- the loop --------------------------------------------------------------------------
     async def _run(self) -> None:
@@ -178,7 +174,6 @@ class Subscription:
         elif event == zmq.EVENT_DISCONNECTED:
             self.stats.connected = False
             log.info("KV events of %s: disconnected", self.replica_id)
-        self._changed()
 
     async def _on_message(self, frames: list[bytes]) -> None:
         if len(frames) != 3 or (seq := decode_sequence(frames[1])) is None or seq < 0:
@@ -194,7 +189,7 @@ class Subscription:
                 self.exact.reset(self.replica_id, empty=True)  # a fresh engine, seen from its start
                 self._apply(seq, payload)
             else:
-                await self._recover(0, seq, payload)
+                await self._from_start(fresh=False, seq=seq, payload=payload)
         elif seq == last + 1:
             self._apply(seq, payload)
         elif seq <= last:
@@ -207,7 +202,6 @@ class Subscription:
             self.stats.gaps += 1
             log.warning("KV events of %s: gap after %d (next is %d): replaying", self.replica_id, last, seq)
             await self._recover(last + 1, seq, payload)
-        self._changed()
 
     async def _catch_up(self) -> None:
         """After a (re)connect: replay what was published while we were not listening.
@@ -218,15 +212,7 @@ class Subscription:
         published more batches than we had seen, so the sequence alone cannot tell)."""
         last = self.stats.last_sequence
         if last is None:
-            batches = await self._replay(0)
-            if batches is None:  # nothing to replay from: whatever was cached before is unknown
-                self.exact.reset(self.replica_id, empty=False)
-            elif not batches or batches[0][0] == 0:
-                self.exact.reset(self.replica_id, empty=True)  # its whole history, or none yet
-                self._apply_all(batches, contiguous_from=0)
-            else:
-                self.exact.reset(self.replica_id, empty=False)  # its early history is gone
-                self._apply_all(batches, contiguous_from=batches[0][0])
+            await self._from_start(fresh=False)
             return
         batches = await self._replay(last)
         if batches is None:
@@ -248,44 +234,51 @@ class Subscription:
         await self._restart()
 
     async def _recover(self, start: int, seq: int, payload: bytes) -> None:
-        """Batches start..seq-1 are missing: replay them, or drop what we knew."""
+        """Batches start..seq-1 (start > 0) are missing: replay them, or drop what we knew."""
         batches = await self._replay(start)
         if batches and batches[0][0] == start:
-            if start:
-                self.stats.gaps_replayed += 1
-            else:
-                self.exact.reset(self.replica_id, empty=True)
+            self.stats.gaps_replayed += 1
             self._apply_all(batches, contiguous_from=start)
         else:
-            if start:
-                self.stats.gaps_lost += 1
+            self.stats.gaps_lost += 1
             log.warning("KV events of %s: batches %d..%d are gone; routing it approximately "
                         "while it re-learns", self.replica_id, start, seq - 1)
             self.exact.reset(self.replica_id, empty=False)
             if batches:
                 self._apply_all(batches, contiguous_from=batches[0][0])
-        last = self.stats.last_sequence
-        if last is None or seq > last:
-            self._apply(seq, payload)
+        self._apply_if_newer(seq, payload)
 
     async def _restart(self, seq: int | None = None, payload: bytes | None = None) -> None:
         """The engine restarted: its cache is empty; learn what it did since from a replay."""
         self.stats.restarts += 1
         self.stats.last_sequence = None
         self._replayed_through = -1
-        self.exact.reset(self.replica_id, empty=True)
+        await self._from_start(fresh=True, seq=seq, payload=payload)
+
+    async def _from_start(self, *, fresh: bool, seq: int | None = None, payload: bytes | None = None) -> None:
+        """Learn the replica's history from a replay from 0, then apply the batch `seq` that
+        made us look (if any).  A whole history (or none published yet) means its cache is
+        exactly what the batches say; a buffer that starts later, or a `seq` beyond what it
+        holds, means part of it is unknown (approximate while it re-learns).  Without a
+        replay endpoint, `fresh` says whether its cache is known to be empty."""
         batches = await self._replay(0)
-        if batches and batches[0][0] == 0:
-            self._apply_all(batches, contiguous_from=0)
-        elif batches or (seq is not None and seq > 0):
-            self.exact.reset(self.replica_id, empty=False)  # part of its new history is gone
-            if batches:
-                self._apply_all(batches, contiguous_from=batches[0][0])
+        if batches is None:
+            whole = fresh and seq in (None, 0)
+        else:
+            whole = not batches or batches[0][0] == 0
+        self.exact.reset(self.replica_id, empty=whole)
+        if batches:
+            self._apply_all(batches, contiguous_from=batches[0][0])
         if seq is not None and payload is not None:
             last = self.stats.last_sequence
-            if last is None or seq > last:
-                self._apply(seq, payload)
-        self._changed()
+            if whole and seq > (-1 if last is None else last) + 1:
+                self.exact.reset(self.replica_id, empty=False)  # batches before `seq` are gone
+            self._apply_if_newer(seq, payload)
+
+    def _apply_if_newer(self, seq: int, payload: bytes) -> None:
+        last = self.stats.last_sequence
+        if last is None or seq > last:
+            self._apply(seq, payload)
 
     # -- applying ------------------------------------------------------------------------------
     def _apply_all(self, batches: Iterable[tuple[int, bytes]], *, contiguous_from: int) -> None:
@@ -342,10 +335,6 @@ class Subscription:
         finally:
             dealer.close(0)
 
-    def _changed(self) -> None:
-        if self.on_change is not None:
-            self.on_change(self)
-
 
 class KVEvents:
     """Every replica's subscription; follows the fleet (``add`` / ``remove``).
@@ -358,13 +347,12 @@ class KVEvents:
     DISCOVERY_INTERVAL_S = 3.0
 
     def __init__(self, exact: ExactIndex, *, replay_timeout: float = DEFAULT_REPLAY_TIMEOUT,
-                 on_change: Callable[[Subscription], None] | None = None) -> None:
+                 on_subscribed: Callable[[str], None] | None = None) -> None:
         self.exact = exact
         self.replay_timeout = replay_timeout
-        self.on_change = on_change
+        self.on_subscribed = on_subscribed  # told each new subscription's replica (its metrics)
         self.context: zmq.asyncio.Context | None = None
         self.subscriptions: dict[str, Subscription] = {}
-        self.on_subscribed: Callable[[str], None] | None = None  # (metrics for a new stream)
         self._session: aiohttp.ClientSession | None = None
         self._discovering: dict[str, asyncio.Task[None]] = {}
         self._stopping: set[asyncio.Task[None]] = set()
@@ -413,7 +401,7 @@ class KVEvents:
         self.exact.set_capacity(replica.id, replica.load.num_gpu_blocks, replica.load.block_size)
         sub = Subscription(replica.id, replica.kv_events_endpoint, replay_endpoint=replica.kv_replay_endpoint,
                            topic=replica.kv_events_topic or "", exact=self.exact, context=self.context,
-                           replay_timeout=self.replay_timeout, on_change=self.on_change)
+                           replay_timeout=self.replay_timeout)
         self.subscriptions[replica.id] = sub
         sub.start()
         if self.on_subscribed is not None:

@@ -74,7 +74,7 @@ async def test_exact_index_predicts_real_vllm_cached_tokens(engine_pool):
                     body["stream_options"] = {"include_usage": True}
                 cached.append((await ask(http, server.url, "/v1/completions", body))["prompt_tokens_details"]
                               ["cached_tokens"])
-            ids = list(router.tokenizers[MODEL].tokens("/v1/completions", {"prompt": base}))
+            ids = list(router.prompt_tokens.local(MODEL).tokens("/v1/completions", {"prompt": base}))
             await ask(http, server.url, "/v1/completions", {**fixed, "prompt": ids})
             # chat: a conversation that grows, each turn's history cached where it was served
             messages = [{"role": "system", "content": unique_text(150)},

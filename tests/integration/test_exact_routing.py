@@ -102,7 +102,7 @@ async def test_predicted_cached_tokens_match_the_replicas_answers(make_sim, star
             messages += [{"role": "assistant", "content": reply}, {"role": "user", "content": text(rng, 30)}]
     # completions: a string prompt, then the same ids sent as token ids
     prompt = system + " " + text(rng, 20)
-    ids = list(server.router.tokenizers[MODEL].tokens("/v1/completions", {"prompt": prompt}))
+    ids = list(server.router.prompt_tokens.local(MODEL).tokens("/v1/completions", {"prompt": prompt}))
     for p in (prompt, ids):
         assert await complete(http, server.url, p, max_tokens=4) == 200
         answered += 1
@@ -130,7 +130,7 @@ async def test_lost_events_are_replayed_or_routed_approximately(make_sim, start_
     stats = router.kv_events.stats(rid)
     assert stats["gaps_replayed"] == stats["gaps"] and stats["gaps_lost"] == 0, stats
     assert router.exact.mode(rid) == "exact"
-    tok = router.tokenizers[MODEL]
+    tok = router.prompt_tokens.local(MODEL)
     for p in prompts:  # every prompt's blocks are known although half the batches were dropped
         ids = tok.tokens("/v1/completions", {"prompt": p})
         held = router.exact.blocks.match(router.exact.request_hashes(MODEL, ids, BLOCK, None), (rid,))[rid]
@@ -170,7 +170,7 @@ async def test_a_restarted_replica_is_forgotten(make_sim, start_router, http, ti
                              json={"model": MODEL, "prompt": text(random.Random(6), 50), "max_tokens": 2}):
             pass
         await wait_for(lambda: router.kv_events.stats(rid)["restarts"] >= 1, 10, message="the restart seen")
-        ids = router.tokenizers[MODEL].tokens("/v1/completions", {"prompt": prompt})
+        ids = router.prompt_tokens.local(MODEL).tokens("/v1/completions", {"prompt": prompt})
         await wait_for(lambda: router.exact.match(MODEL, ids, None, [rid])[rid] == 0, 5,
                        message="the old prompt forgotten")
         assert router.exact.mode(rid) == "exact"
@@ -185,7 +185,7 @@ async def test_a_router_started_late_replays_what_it_can(make_sim, start_router,
     server = await start_router(exact_routes([sim], tiny_tokenizer))
     router = server.router
     await wait_exact(router, 1)
-    ids = router.tokenizers[MODEL].tokens("/v1/completions", {"prompt": prompt})
+    ids = router.prompt_tokens.local(MODEL).tokens("/v1/completions", {"prompt": prompt})
     await wait_for(lambda: router.exact.match(MODEL, ids, None, [sim.url])[sim.url] > 0, 5,
                    message="the earlier prompt learned from the replay")
     assert router.kv_events.stats(sim.url)["replays"] >= 1
@@ -202,7 +202,7 @@ async def test_two_routers_see_the_same_matches(make_sim, start_router, http, ti
     for i, p in enumerate(prompts):  # half through each router
         url = (one if i % 2 else two).url
         assert await complete(http, url, p) == 200
-    ids = [one.router.tokenizers[MODEL].tokens("/v1/completions", {"prompt": p + " more"}) for p in prompts]
+    ids = [one.router.prompt_tokens.local(MODEL).tokens("/v1/completions", {"prompt": p + " more"}) for p in prompts]
     urls = [s.url for s in sims]
 
     def same() -> bool:
@@ -217,13 +217,19 @@ async def test_no_tokenizer_or_a_failing_template_routes_approximately(make_sim,
     (sim,) = await make_exact_sims(make_sim, tiny_tokenizer, 1)
     server = await start_router(exact_routes([sim], tiny_tokenizer))
     await wait_exact(server.router, 1)
-    # content the template cannot concatenate (a number): the router's render fails, the
-    # request is still routed (approximately) and the replica answers it
-    body = {"model": MODEL, "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]},
-                                         {"role": "user", "content": None}], "max_tokens": 2}
+    # A null content breaks the template's string concatenation: the router's render fails,
+    # and the request is still forwarded, so the answer is the replica's own 400.
+    body = {"model": MODEL, "max_tokens": 2, "messages": [{"role": "user", "content": None}]}
     async with http.post(server.url + "/v1/chat/completions", json=body) as r:
-        assert r.status in (200, 400)  # the replica's own verdict, not a router failure
-        assert r.headers.get("Content-Type", "").startswith("application/json")
+        assert r.status == 400
+        assert "chat template failed" in (await r.json())["error"]["message"]  # the simulator's words
+    # The same replica behind a router whose model has no tokenizer: routed, and predicted,
+    # by the approximate index only.
+    plain = routes([backend(sim)], policy="cache_aware")
+    other = await start_router(plain)
+    await wait_exact(other.router, 1)  # its stream is trusted, but requests have no token ids
+    assert await complete(http, other.url, text(random.Random(2), 80)) == 200
+    assert set(await predictions(http, other.url)) == {("approximate", "within_block")}
 
 
 async def test_replica_tokenization_needs_no_tokenizer_file(make_sim, start_router, http):
@@ -245,7 +251,7 @@ async def test_replica_tokenization_needs_no_tokenizer_file(make_sim, start_rout
             assert resp.status == 200
     got = await predictions(http, server.url)
     assert got == {("exact", "within_block"): 6.0}, got
-    stats = server.router.api.replica_tokenizer.stats()
+    stats = server.router.prompt_tokens.remote.stats()
     assert stats["misses"] == 6 and stats["failures"] == 0
 
 
@@ -284,3 +290,30 @@ async def test_a_replica_removed_and_added_again_is_subscribed_again(make_sim, s
     await wait_exact(router, 2)
     await complete(http, sim.url, text(random.Random(9), 100))  # straight to it: its events reach the router
     await wait_for(lambda: router.exact.blocks.replica_blocks(sim.url) > 0, 5, message="events applied")
+
+
+async def test_a_reload_whose_tokenizer_does_not_load_changes_nothing(make_sim, start_router, http, tiny_tokenizer,
+                                                                      tmp_path):
+    import yaml
+
+    from router.config import load_config
+
+    (sim,) = await make_exact_sims(make_sim, tiny_tokenizer, 1)
+    path = tmp_path / "routes.yaml"
+    doc = exact_routes([sim], tiny_tokenizer)
+    doc["auth"] = {"admin_key": "admin-key-0123456789"}
+    path.write_text(yaml.safe_dump(doc))
+    server = await start_router(load_config(path))
+    before = server.router.prompt_tokens.local(MODEL)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "tokenizer.json").write_text("{not a tokenizer")
+    doc["models"][0]["tokenizer"] = str(broken)
+    doc["routing"] = {"policy": "least_load"}
+    path.write_text(yaml.safe_dump(doc))
+    async with http.post(server.url + "/admin/reload",
+                         headers={"Authorization": "Bearer admin-key-0123456789"}) as r:
+        assert r.status == 400
+        assert "models[0].tokenizer" in (await r.json())["error"]["message"]
+    assert server.router.prompt_tokens.local(MODEL) is before
+    assert server.router.policy.name == "cache_aware"  # nothing changed

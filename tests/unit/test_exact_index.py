@@ -194,3 +194,28 @@ def test_advertised_sources_are_reached_at_the_replica_host():
     assert parse_sources(answer, "http://h:8000") == EventSource("tcp://h:5557", "tcp://h:5558", "kv")
     for nothing in ([], {"endpoint": 5}, "x", [{"endpoint": "ipc:///tmp/kv"}], None):
         assert parse_sources(nothing, "http://h:8000") is None
+
+
+def test_settled_pending_records_are_bounded():
+    clock = Clock()
+    index = fresh(clock, confirm_s=60.0, max_pending=5)
+    for i in range(50):
+        tokens = [i] * (2 * BS)
+        recording = index.predict("a", index.request_hashes(MODEL, tokens, BS, None))
+        index.settle(recording)
+        assert len(index._expiring) <= 5
+    assert index.pending.records <= 5 * 2  # the oldest were forgotten early, not kept
+
+
+def test_the_replica_tokenizer_cache_is_bounded():
+    from array import array
+
+    from router.prefix.replica_tokens import ReplicaTokenizer
+
+    cache = ReplicaTokenizer(None, max_entries=4, max_tokens=100)  # type: ignore[arg-type]
+    for i in range(40):
+        cache._remember(i.to_bytes(16, "big"), array("I", range(i % 60)))
+        stats = cache.stats()
+        assert stats["entries"] <= 4 and stats["tokens"] <= 100
+    cache._remember(b"huge".ljust(16), array("I", range(101)))  # over the whole budget: not kept
+    assert cache.stats()["tokens"] <= 100
