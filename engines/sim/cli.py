@@ -22,6 +22,7 @@ from engines.sim.cost_model import CostModel
 from engines.sim.engine import Engine, EngineConfig
 from engines.sim.faults import Faults
 from engines.sim.kv_events import KVEventPublisher, KVEventsConfig
+from engines.sim.lora import Adapters, parse_lora_modules, runtime_updating_allowed
 from engines.sim.metrics import SimMetrics
 from engines.sim.protocol import VLLM_VERSION
 from engines.sim.server import ServerOptions, SimServer
@@ -73,6 +74,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a model directory (tokenizer.json + tokenizer_config.json with a chat "
                         "template) to tokenize with, like a real replica; default: a 4-character "
                         "chunk tokenizer")
+    lo = p.add_argument_group("LoRA adapters (vLLM's flags; engines/sim/lora.py)")
+    lo.add_argument("--enable-lora", action="store_true")
+    lo.add_argument("--lora-modules", nargs="+", default=[], metavar="NAME=PATH",
+                    help="adapters served from the start (implies --enable-lora)")
+    lo.add_argument("--max-loras", type=int, default=1, help="adapters in one batch / GPU slots (vLLM: 1)")
+    lo.add_argument("--max-lora-rank", type=int, default=16, help="accepted for vLLM's command lines")
+    lo.add_argument("--max-cpu-loras", type=int, default=None, help="accepted for vLLM's command lines")
+    lo.add_argument("--lora-load-s", type=float, default=0.05,
+                    help="simulated seconds a step spends loading an adapter into a GPU slot")
+    lo.add_argument("--allow-runtime-lora-updating", action="store_true",
+                    help="serve /v1/load_lora_adapter and /v1/unload_lora_adapter (also: "
+                         "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True, as for vLLM)")
     cm = p.add_argument_group("cost model (defaults: Llama-3.1-8B on H100 SXM; see cost_model.py)")
     defaults = CostModel()
     for name in ("params_b", "peak_tflops", "hbm_tbps", "gpu_mem_gib", "gpu_memory_utilization", "mfu",
@@ -143,16 +156,23 @@ async def serve(args: argparse.Namespace) -> None:
                     seed=args.fault_seed)
     if args.unhealthy_for:
         faults.update({"unhealthy_for": args.unhealthy_for})
+    adapters = None
+    if args.enable_lora or args.lora_modules:
+        adapters = Adapters(parse_lora_modules(args.lora_modules), max_loras=args.max_loras,
+                            load_s=args.lora_load_s, check_paths=True)
+        metrics.enable_lora()
     publisher = KVEventPublisher(kv_cfg, faults=faults) if kv_cfg is not None and kv_cfg.enabled else None
     engine = Engine(EngineConfig(model=model, max_model_len=max_model_len, block_size=args.block_size,
                                  num_gpu_blocks=num_blocks, max_num_seqs=args.max_num_seqs,
                                  max_num_batched_tokens=args.max_num_batched_tokens,
                                  enable_prefix_caching=args.enable_prefix_caching, time_scale=args.time_scale),
-                    cost, tokenizer, metrics, publisher, faults)
+                    cost, tokenizer, metrics, publisher, faults, adapters)
     server = SimServer(engine, tokenizer, faults,
                        ServerOptions(host=args.host, prompt_tokens_details=args.enable_prompt_tokens_details,
                                      default_output_len=args.default_output_len,
-                                     max_num_queued_reqs=args.max_num_queued_reqs or None),
+                                     max_num_queued_reqs=args.max_num_queued_reqs or None,
+                                     runtime_lora_updating=args.allow_runtime_lora_updating
+                                     or runtime_updating_allowed()),
                        kv_cfg, publisher)
     runner = web.AppRunner(server.build_app(), access_log=None, handler_cancellation=True)
     await runner.setup()

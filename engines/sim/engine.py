@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from engines.sim.cost_model import CostModel
 from engines.sim.faults import Faults
 from engines.sim.kv_cache import KVCache
+from engines.sim.lora import Adapters
 from engines.sim.metrics import SimMetrics
 from engines.sim.scheduler import Scheduler, SimRequest, Status
 from engines.sim.tokenizer import Tokenizer
@@ -118,7 +119,8 @@ class EngineConfig:
 
 class Engine:
     def __init__(self, cfg: EngineConfig, cost: CostModel, tokenizer: Tokenizer,
-                 metrics: SimMetrics, publisher=None, faults: Faults | None = None) -> None:
+                 metrics: SimMetrics, publisher=None, faults: Faults | None = None,
+                 adapters: Adapters | None = None) -> None:
         self.cfg = cfg
         self.cost = cost
         self.tokenizer = tokenizer
@@ -130,7 +132,9 @@ class Engine:
                           emit_events=publisher is not None)
         self.sched = Scheduler(self.kv, max_num_seqs=cfg.max_num_seqs,
                                max_num_batched_tokens=cfg.max_num_batched_tokens,
-                               max_model_len=cfg.max_model_len)
+                               max_model_len=cfg.max_model_len,
+                               max_loras=adapters.max_loras if adapters is not None else None)
+        self.adapters = adapters  # None: LoRA off (no --enable-lora)
         self.faults = faults or Faults()  # slow_factor multiplies every step's time
         self._wake = asyncio.Event()
 
@@ -166,12 +170,15 @@ class Engine:
         while True:
             if not self.sched.has_work():
                 self._refresh_load()
+                if self.adapters is not None:
+                    self.metrics.set_lora_info(self.adapters.max_loras, set(), set())
                 self.clock.release()
                 self._wake.clear()
                 await self._wake.wait()
                 continue
             start = self.clock.now()
             plan = self.sched.schedule()
+            load_s = self._load_adapters(plan.newly_admitted)
             for req in plan.newly_admitted:
                 if req.num_preemptions == 0:
                     self.metrics.on_scheduled(req.num_tokens, req.num_computed)
@@ -190,7 +197,8 @@ class Engine:
                     decode.append(req.num_tokens)
                 else:
                     prefill.append((n, req.num_computed + n))
-            await self.clock.advance_to(start + self.cost.step_time(prefill, decode) * self.faults.slow_factor)
+            step_s = self.cost.step_time(prefill, decode) + load_s
+            await self.clock.advance_to(start + step_s * self.faults.slow_factor)
             outputs = self.sched.complete(plan, self._next_token)
             self._publish_events()
             now = self.clock.now()
@@ -199,6 +207,21 @@ class Engine:
                     self._on_token(out.request, now, out.finished)
                 if out.request.sink is not None:
                     out.request.sink.push(out.new_token, out.finished)
+
+    def _load_adapters(self, admitted: list[SimRequest]) -> float:
+        """Seconds this step spends moving newly needed adapters into GPU slots; and the
+        step's lora_requests_info."""
+        adapters = self.adapters
+        if adapters is None:
+            return 0.0
+        seconds = 0.0
+        in_use = self.sched.running_adapters()
+        for req in admitted:
+            name = req.keys.lora_name
+            if name is not None and adapters.activate(name, in_use):
+                seconds += adapters.load_s
+        self.metrics.set_lora_info(adapters.max_loras, in_use, self.sched.waiting_adapters())
+        return seconds
 
     def _next_token(self, req: SimRequest) -> int:
         return self.tokenizer.output_token(len(req.output_ids), req.seed)

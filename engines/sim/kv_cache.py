@@ -24,13 +24,14 @@ import pickle
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 NONE_HASH: bytes = hashlib.sha256(pickle.dumps("vllm-none-hash", protocol=5)).digest()
 
 
-def block_hash(parent: bytes | None, tokens: Sequence[int], extra: tuple[str, ...] | None = None) -> bytes:
+def block_hash(parent: bytes | None, tokens: Sequence[int], extra: tuple[Any, ...] | None = None) -> bytes:
     """vLLM's ``sha256`` block hash: sha256(pickle((parent, tuple(tokens), extra_keys))); the
-    extra keys are None, or ``(cache_salt,)`` for a salted request's first block."""
+    extra keys are None or vLLM's tagged keys (`BlockKeys.hash_extra`)."""
     return hashlib.sha256(
         pickle.dumps((NONE_HASH if parent is None else parent, tuple(tokens), extra), protocol=5)
     ).digest()
@@ -41,19 +42,42 @@ def event_hash(h: bytes) -> int:
     return int.from_bytes(h[-8:], "big")
 
 
-def first_block_extra(cache_salt: str | None) -> tuple[str, ...] | None:
-    """vLLM's extra hash keys of a request's first block: its cache_salt (text-only, no LoRA)."""
-    return (cache_salt,) if cache_salt else None
+@dataclass(frozen=True, slots=True)
+class BlockKeys:
+    """What besides its tokens enters a request's block hashes, as in vLLM 0.32's
+    ``generate_block_hash_extra_keys``: its LoRA adapter (every block) and its cache_salt
+    (the first block)."""
+
+    cache_salt: str | None = None
+    lora_name: str | None = None
+    lora_id: int | None = None
+    lora_path: str | None = None
+
+    def hash_extra(self, index: int) -> tuple[Any, ...] | None:
+        """The tagged keys hashed with block `index`: ("lora", name, path), ("cache_salt", s)."""
+        keys: list[Any] = []
+        if self.lora_name is not None:
+            keys.append(("lora", self.lora_name, self.lora_path))
+        if index == 0 and self.cache_salt:
+            keys.append(("cache_salt", self.cache_salt))
+        return tuple(keys) or None
+
+    def event_extra(self, index: int) -> list[Any] | None:
+        """The same keys as KV events publish them: untagged (`to_event_extra_keys`)."""
+        keys = self.hash_extra(index)
+        return None if keys is None else [key[1] for key in keys]
+
+
+NO_KEYS = BlockKeys()
 
 
 def extend_block_hashes(hashes: list[bytes], token_ids: Sequence[int], block_size: int,
-                        cache_salt: str | None = None) -> None:
+                        keys: BlockKeys = NO_KEYS) -> None:
     """Append the hashes of every full block of ``token_ids`` not yet in ``hashes``."""
     n_full = len(token_ids) // block_size
     parent = hashes[-1] if hashes else None
     for i in range(len(hashes), n_full):
-        parent = block_hash(parent, token_ids[i * block_size:(i + 1) * block_size],
-                            first_block_extra(cache_salt) if i == 0 else None)
+        parent = block_hash(parent, token_ids[i * block_size:(i + 1) * block_size], keys.hash_extra(i))
         hashes.append(parent)
 
 
@@ -181,7 +205,7 @@ class KVCache:
 
     # -- committing computed blocks ---------------------------------------------------------
     def cache_full_blocks(self, alloc: Allocation, hashes: Sequence[bytes],
-                          token_ids: Sequence[int], num_computed: int, cache_salt: str | None = None) -> None:
+                          token_ids: Sequence[int], num_computed: int, keys: BlockKeys = NO_KEYS) -> None:
         """Register every block of ``alloc`` that ``num_computed`` tokens have filled."""
         if not self.enable_prefix_caching:
             return
@@ -204,11 +228,10 @@ class KVCache:
                 "parent_block_hash": event_hash(hashes[start - 1]) if start else None,
                 "token_ids": list(token_ids[start * bs:n_full * bs]),
                 "block_size": bs,
-                "lora_id": None,
+                "lora_id": keys.lora_id,
                 "medium": "GPU",
-                "lora_name": None,
-                "extra_keys": [list(extra) if i == 0 and (extra := first_block_extra(cache_salt)) else None
-                               for i in range(start, n_full)],
+                "lora_name": keys.lora_name,
+                "extra_keys": [keys.event_extra(i) for i in range(start, n_full)],
                 "group_idx": 0,
                 "kv_cache_spec_kind": "full_attention",
             })

@@ -9,6 +9,8 @@ so the router's fallback parsing can be tested.
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 from prometheus_client import (
     GC_COLLECTOR,
     CollectorRegistry,
@@ -31,6 +33,7 @@ ITERATION_BUCKETS = (1.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 20
                      8192.0, 16384.0)
 FINISH_REASONS = ("stop", "length", "abort", "error", "repetition")
 LABELS = ("model_name", "engine")
+LORA_SERIES = 64  # vLLM keeps every lora_requests_info label set; the simulator the newest 64
 
 
 class SimMetrics:
@@ -118,6 +121,26 @@ class SimMetrics:
         info = Gauge("vllm:cache_config_info", "Information of the LLMEngine CacheConfig",
                      tuple(sorted(config)) + ("engine",), registry=reg)
         info.labels(**config, engine="0").set(1)
+        # vLLM: one series per (max_lora, waiting, running) combination ever seen, each set to
+        # the time it was last true; readers take the newest.  Kept to the last LORA_SERIES here.
+        self.lora_info: Gauge | None = None
+        self._lora_series: OrderedDict[tuple[str, str, str], None] = OrderedDict()
+
+    def enable_lora(self) -> None:
+        self.lora_info = Gauge("vllm:lora_requests_info", "Running stats on lora requests.",
+                               ("max_lora", "waiting_lora_adapters", "running_lora_adapters"),
+                               registry=self.registry)
+
+    def set_lora_info(self, max_lora: int, running: set[str], waiting: set[str]) -> None:
+        if self.lora_info is None:
+            return
+        key = (str(max_lora), ",".join(sorted(waiting)), ",".join(sorted(running)))
+        self.lora_info.labels(*key).set_to_current_time()
+        self._lora_series[key] = None
+        self._lora_series.move_to_end(key)
+        while len(self._lora_series) > LORA_SERIES:
+            old, _ = self._lora_series.popitem(last=False)
+            self.lora_info.remove(*old)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

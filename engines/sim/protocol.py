@@ -25,14 +25,16 @@ class ApiError(Exception):
         return cls(503, "The engine is currently busy and cannot accept new requests. "
                         "Please try again later or on a different instance.")
 
-    def __init__(self, status: int, message: str, param: str | None = None) -> None:
+    def __init__(self, status: int, message: str, param: str | None = None,
+                 error_type: str | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.param = param
+        self.error_type = error_type or self.TYPES.get(status, "Error")
 
     def body(self) -> bytes:
-        return orjson.dumps({"error": {"message": self.message, "type": self.TYPES.get(self.status, "Error"),
+        return orjson.dumps({"error": {"message": self.message, "type": self.error_type,
                                        "param": self.param, "code": self.status}})
 
 
@@ -76,13 +78,14 @@ def _opt(body: dict[str, Any], name: str, types: tuple[type, ...], default: Any 
     return value
 
 
-def check_model(body: dict[str, Any], served: str) -> str:
+def check_model(body: dict[str, Any], served: str, adapters: Any = ()) -> str:
+    """The request's model: the served name or one of `adapters` (a container of names)."""
     model = body.get("model")
     if model is None:
         return served
     if not isinstance(model, str):
         raise ApiError(400, "model: Input should be a valid string", "model")
-    if model != served:
+    if model != served and model not in adapters:
         raise ApiError(404, f"The model `{model}` does not exist. Valid aliases: {served}.", "model")
     return model
 
@@ -211,11 +214,20 @@ class Responder:
 DONE = b"data: [DONE]\n\n"
 
 
-def models_body(model: str, root: str, max_model_len: int, created: int) -> bytes:
-    return orjson.dumps({"object": "list", "data": [{
-        "id": model, "object": "model", "created": created, "owned_by": "vllm", "root": root,
-        "parent": None, "max_model_len": max_model_len,
-        "permission": [{"id": random_id("modelperm-"), "object": "model_permission", "created": created,
-                        "allow_create_engine": False, "allow_sampling": True, "allow_logprobs": True,
-                        "allow_search_indices": False, "allow_view": True, "allow_fine_tuning": False,
-                        "organization": "*", "group": None, "is_blocking": False}]}]})
+def _model_card(name: str, root: str, parent: str | None, max_model_len: int | None,
+                created: int) -> dict[str, Any]:
+    return {"id": name, "object": "model", "created": created, "owned_by": "vllm", "root": root,
+            "parent": parent, "max_model_len": max_model_len,
+            "permission": [{"id": random_id("modelperm-"), "object": "model_permission", "created": created,
+                            "allow_create_engine": False, "allow_sampling": True, "allow_logprobs": True,
+                            "allow_search_indices": False, "allow_view": True, "allow_fine_tuning": False,
+                            "organization": "*", "group": None, "is_blocking": False}]}
+
+
+def models_body(model: str, root: str, max_model_len: int, created: int,
+                adapters: list[tuple[str, str]] = ()) -> bytes:  # type: ignore[assignment]
+    """/v1/models: the base model, then its LoRA adapters (name, path) as vLLM lists them:
+    root = the adapter's path, parent = the base model, max_model_len null."""
+    cards = [_model_card(model, root, None, max_model_len, created)]
+    cards += [_model_card(name, path, model, None, created) for name, path in adapters]
+    return orjson.dumps({"object": "list", "data": cards})

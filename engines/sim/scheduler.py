@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from engines.sim.kv_cache import Allocation, KVCache, extend_block_hashes
+from engines.sim.kv_cache import NO_KEYS, Allocation, BlockKeys, KVCache, extend_block_hashes
 
 
 class Status(enum.Enum):
@@ -40,7 +40,7 @@ class SimRequest:
     finish_reason_at_max: str = "length"  # "stop" when the client set no max_tokens (a simulated EOS)
     seed: int = 0
     arrival: float = 0.0
-    cache_salt: str | None = None  # enters the first block's hash, as in vLLM
+    keys: BlockKeys = NO_KEYS  # cache_salt and LoRA adapter: enter the block hashes, as in vLLM
     output_ids: list[int] = field(default_factory=list)
     token_ids: list[int] = field(default_factory=list)  # prompt + output
     block_hashes: list[bytes] = field(default_factory=list)
@@ -86,8 +86,9 @@ class StepOutput:
 
 class Scheduler:
     def __init__(self, kv: KVCache, *, max_num_seqs: int, max_num_batched_tokens: int,
-                 max_model_len: int) -> None:
+                 max_model_len: int, max_loras: int | None = None) -> None:
         self.kv = kv
+        self.max_loras = max_loras  # distinct adapters in one batch (None: LoRA off)
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_model_len = max_model_len
@@ -96,7 +97,7 @@ class Scheduler:
 
     # -- admission and removal --------------------------------------------------------------
     def add(self, req: SimRequest) -> None:
-        extend_block_hashes(req.block_hashes, req.token_ids, self.kv.block_size, req.cache_salt)
+        extend_block_hashes(req.block_hashes, req.token_ids, self.kv.block_size, req.keys)
         req.status = Status.WAITING
         self.waiting.append(req)
 
@@ -148,8 +149,14 @@ class Scheduler:
 
         if plan.preempted:
             return plan
+        loras = self.running_adapters() if self.max_loras else set()
+        skipped: list[SimRequest] = []  # waiting for an adapter slot in the batch, as in vLLM
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             req = self.waiting[0]
+            lora = req.keys.lora_name
+            if lora is not None and self.max_loras and lora not in loras and len(loras) >= self.max_loras:
+                skipped.append(self.waiting.popleft())
+                continue
             hit: list[int] = []
             if req.num_computed == 0:
                 max_blocks = (req.num_tokens - 1) // self.kv.block_size
@@ -167,7 +174,16 @@ class Scheduler:
             plan.scheduled.append((req, n))
             plan.newly_admitted.append(req)
             budget -= n
+            if lora is not None:
+                loras.add(lora)
+        self.waiting.extendleft(reversed(skipped))
         return plan
+
+    def running_adapters(self) -> set[str]:
+        return {r.keys.lora_name for r in self.running if r.keys.lora_name is not None}
+
+    def waiting_adapters(self) -> set[str]:
+        return {r.keys.lora_name for r in self.waiting if r.keys.lora_name is not None}
 
     def _preempt(self, req: SimRequest) -> None:
         """Recompute preemption; the caller has already taken ``req`` out of ``running``."""
@@ -187,16 +203,16 @@ class Scheduler:
             req.num_computed += n
             if req.num_computed < req.num_tokens:
                 self.kv.cache_full_blocks(req.alloc, req.block_hashes, req.token_ids, req.num_computed,
-                                          req.cache_salt)
+                                          req.keys)
                 outputs.append(StepOutput(req, None, False))
                 continue
             tok = next_token(req)
             req.output_ids.append(tok)
             req.token_ids.append(tok)
             if len(req.token_ids) % bs == 0:
-                extend_block_hashes(req.block_hashes, req.token_ids, bs, req.cache_salt)
+                extend_block_hashes(req.block_hashes, req.token_ids, bs, req.keys)
             self.kv.cache_full_blocks(req.alloc, req.block_hashes, req.token_ids, req.num_computed,
-                                          req.cache_salt)
+                                          req.keys)
             done = len(req.output_ids) >= req.max_tokens or req.num_tokens >= self.max_model_len
             if done:
                 reason = req.finish_reason_at_max if len(req.output_ids) >= req.max_tokens else "length"

@@ -29,7 +29,9 @@ from aiohttp import web
 
 from engines.sim.engine import Engine, OutputChannel
 from engines.sim.faults import Faults
+from engines.sim.kv_cache import BlockKeys
 from engines.sim.kv_events import KVEventPublisher, KVEventsConfig, public_endpoint
+from engines.sim.lora import Adapters
 from engines.sim.protocol import (
     DONE,
     VLLM_VERSION,
@@ -62,6 +64,7 @@ class ServerOptions:
     default_output_len: int = 128  # tokens a request without max_tokens generates before "stop"
     embedding_dim: int = 256
     max_num_queued_reqs: int | None = 10_000  # vLLM: unlimited by default; here a hard bound
+    runtime_lora_updating: bool = False  # /v1/load_lora_adapter and /v1/unload_lora_adapter
 
 
 def _json(body: Any, status: int = 200) -> web.Response:
@@ -113,14 +116,48 @@ class SimServer:
         r.add_post("/admin/reset", self.reset)
         r.add_post("/reset_prefix_cache", self.reset)
         r.add_get("/admin/stats", self.stats)
+        if self.engine.adapters is not None and self.opts.runtime_lora_updating:
+            r.add_post("/v1/load_lora_adapter", self.load_lora_adapter)
+            r.add_post("/v1/unload_lora_adapter", self.unload_lora_adapter)
         return app
+
+    # -- LoRA adapters (engines/sim/lora.py) -------------------------------------------------
+    def _adapter_names(self) -> Adapters | tuple[()]:
+        """The adapter names a request's `model` may name besides the base model."""
+        adapters = self.engine.adapters
+        return () if adapters is None else adapters
+
+    async def load_lora_adapter(self, request: web.Request) -> web.Response:
+        return await self._lora_change(request, load=True)
+
+    async def unload_lora_adapter(self, request: web.Request) -> web.Response:
+        return await self._lora_change(request, load=False)
+
+    async def _lora_change(self, request: web.Request, *, load: bool) -> web.Response:
+        adapters = self.engine.adapters
+        assert adapters is not None
+        try:
+            body = parse_json(await request.read())
+            name, path = body.get("lora_name"), body.get("lora_path")
+            if not isinstance(name, str) or not name:
+                raise ApiError(400, "lora_name: Field required", "lora_name")
+            if load and (not isinstance(path, str) or not path):
+                raise ApiError(400, "lora_path: Field required", "lora_path")
+            if name == self.model:
+                raise ApiError(400, f"The lora adapter '{name}' has the base model's name.")
+            message = adapters.load(name, path) if load else adapters.unload(name)
+        except ApiError as exc:
+            return _error(exc)
+        return web.Response(text=message)
 
     # -- simple GETs ------------------------------------------------------------------------
     async def health(self, request: web.Request) -> web.Response:
         return web.Response(status=200 if self.faults.healthy() else 503)
 
     async def models(self, request: web.Request) -> web.Response:
-        return _json(models_body(self.model, self.opts.root or self.model, self.max_model_len, self.created))
+        adapters = [(a.name, a.path) for a in self.engine.adapters or ()]
+        return _json(models_body(self.model, self.opts.root or self.model, self.max_model_len, self.created,
+                                 adapters))
 
     async def version(self, request: web.Request) -> web.Response:
         return _json({"version": VLLM_VERSION})
@@ -206,7 +243,7 @@ class SimServer:
     async def tokenize(self, request: web.Request) -> web.Response:
         try:
             body = parse_json(await request.read())
-            check_model(body, self.model)
+            check_model(body, self.model, self._adapter_names())
             if "messages" in body:
                 ids = self._chat_ids(body)
             else:
@@ -222,7 +259,7 @@ class SimServer:
     async def detokenize(self, request: web.Request) -> web.Response:
         try:
             body = parse_json(await request.read())
-            check_model(body, self.model)
+            check_model(body, self.model, self._adapter_names())
             tokens = body.get("tokens")
             if not isinstance(tokens, list) or not all(isinstance(t, int) for t in tokens):
                 raise ApiError(400, "tokens: Input should be a valid list of integers", "tokens")
@@ -243,7 +280,7 @@ class SimServer:
     async def render_completion(self, request: web.Request) -> web.Response:
         try:
             body = parse_json(await request.read())
-            check_model(body, self.model)
+            check_model(body, self.model, self._adapter_names())
             prompts = body.get("prompt")
             if isinstance(prompts, list) and prompts and all(isinstance(p, str) for p in prompts):
                 out = [self._generate_request("completion", body, self._prompt_ids({"prompt": p}))
@@ -257,7 +294,7 @@ class SimServer:
     async def render_chat(self, request: web.Request) -> web.Response:
         try:
             body = parse_json(await request.read())
-            check_model(body, self.model)
+            check_model(body, self.model, self._adapter_names())
             out = self._generate_request("chat", body, self._chat_ids(body))
             out["assistant_tokens_mask"] = None
         except ApiError as exc:
@@ -266,7 +303,7 @@ class SimServer:
 
     # -- generation -------------------------------------------------------------------------
     def _parse(self, kind: str, body: dict[str, Any]) -> GenerationParams:
-        model = check_model(body, self.model)
+        model = check_model(body, self.model, self._adapter_names())
         max_tokens, stream, include_usage, continuous, seed = common_params(body)
         if kind == "chat":
             ids = self._chat_ids(body)
@@ -309,7 +346,11 @@ class SimServer:
             else:
                 req = SimRequest(random_id("req-"), params.prompt_ids, params.max_tokens, "length", params.seed)
             salt = params.body.get("cache_salt")
-            req.cache_salt = salt if isinstance(salt, str) and salt else None
+            adapter = self.engine.adapters.get(params.model) if self.engine.adapters is not None else None
+            req.keys = BlockKeys(cache_salt=salt if isinstance(salt, str) and salt else None,
+                                 lora_name=adapter.name if adapter else None,
+                                 lora_id=adapter.id if adapter else None,
+                                 lora_path=adapter.path if adapter else None)
             chan = self.engine.submit(req)
             try:
                 if params.stream:
@@ -384,7 +425,7 @@ class SimServer:
     async def embeddings(self, request: web.Request) -> web.Response:
         try:
             body = parse_json(await request.read())
-            model = check_model(body, self.model)
+            model = check_model(body, self.model, self._adapter_names())
             inputs = body.get("input")
             if isinstance(inputs, str) or (isinstance(inputs, list) and inputs and isinstance(inputs[0], int)):
                 inputs = [inputs]
