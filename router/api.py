@@ -104,6 +104,7 @@ class Api:
         self._rid_header = config.server.request_id_header
         self._session_header = config.routing.session_header
         self._priority_header = config.admission.priority_header
+        self._models = {m.name: m for m in config.models}  # per-model settings (lora, disaggregation)
 
     def apply_config(self, config: Config) -> None:
         """A reload: new models, aliases, keys; the server settings stay (router/membership.py)."""
@@ -111,6 +112,7 @@ class Api:
             self.keyring = KeyRing(config.auth, config.server.trusted_proxies)
         self.config = config
         self.catalog.apply_config(config)
+        self._models = {m.name: m for m in config.models}
 
     def routes(self) -> list[web.RouteDef]:
         post = [web.post(path, self.handle_inference, expect_handler=expect_continue)
@@ -258,6 +260,9 @@ class Api:
             headers=forwardable_request_headers(request.headers, self._rid_header),
             session_key=session_key, block_chars=prefix.block_chars,
             block_tokens=prefix.block_tokens, max_blocks=prefix.max_blocks_per_request)
+        adapter = self.catalog.adapter_of(canonical, replicas)
+        if adapter is not None:
+            route = replace(route, lora=canonical, base_model=adapter[0], adapter_path=adapter[1])
         try:
             self.admission.limiter.check(client, _token_cost(route.estimated_prompt_tokens, data))
         except RateLimitExceeded as exc:
@@ -276,7 +281,9 @@ class Api:
             if not admissible:
                 raise self.proxy.unavailable(canonical)
         route = await self._exact_tokens(route, data, admissible)
-        return await self.flow.forward(request, route, admissible, record)
+        model = self._models.get(route.index_model)
+        return await self.flow.forward(request, route, admissible, record,
+                                       lora=model.lora if model is not None else None)
 
     async def _exact_tokens(self, route: RouteRequest, data: dict[str, Any],
                             candidates: list[Replica]) -> RouteRequest:

@@ -107,6 +107,7 @@ class Router:
         self.policy = config.routing.build_profile()
         self.telemetry.set_info(self.policy.name)
         self.session: aiohttp.ClientSession | None = None  # requests to replicas
+        self.flow: SingleHop | None = None
         self.probe_session: aiohttp.ClientSession | None = None  # the monitor's own pool
         self.cors = Cors(config.cors)
         self.monitor: Monitor | None = None
@@ -161,8 +162,8 @@ class Router:
                            config=cfg.proxy, telemetry=self.telemetry, monitor=self.monitor,
                            request_id_header=cfg.server.request_id_header,
                            breaker_config=cfg.circuit_breaker, loop_lag=self.loop_lag, exact=self.exact)
-        flow = SingleHop(proxy=self.proxy, profile=lambda: self.policy, index=self.index,
-                         telemetry=self.telemetry, exact=self.exact)
+        flow = self.flow = SingleHop(proxy=self.proxy, profile=lambda: self.policy, index=self.index,
+                                     telemetry=self.telemetry, exact=self.exact)
         self.prompt_tokens = PromptTokens(cfg, self.session, self.telemetry)  # loads tokenizer files
         self.api = Api(config=cfg, fleet=self.fleet, proxy=self.proxy, flow=flow, telemetry=self.telemetry,
                        index=self.index, exact=self.exact, kv_events=self.kv_events,
@@ -238,6 +239,8 @@ class Router:
             await self.monitor.stop()
             await self.loop_lag.stop()
         await self.kv_events.close()
+        if self.flow is not None:
+            await self.flow.loader.close()
         for session in (self.session, self.probe_session):
             if session is not None and not session.closed:
                 await session.close()

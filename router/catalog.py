@@ -43,11 +43,16 @@ class ModelCatalog:
                     set(key.models) | canon | {a for a, m in self.aliases.items() if m in canon})
         self._access = access
         self.model_names = [m.name for m in config.models] or self.fleet.models()
+        # Adapters routes.yaml names that the router may load itself: name -> (base model, path).
+        self.loadable: dict[str, tuple[str, str]] = {
+            name: (m.name, path) for m in config.models if m.lora.dynamic_loading
+            for name, path in m.lora.adapters.items()}
 
     def knows(self, name: str) -> bool:
         """Is `name` a configured model or one a replica reported?  (Only such names become
         metric label values: a client's typo must not mint series.)"""
-        return name in self.model_names or any(name in r.served_models for r in self.fleet)
+        return name in self.model_names or name in self.loadable or \
+            any(name in r.served_models for r in self.fleet)
 
     def may_use(self, client: Client | None, name: str) -> bool:
         """May `client` use the model (or alias) `name`?"""
@@ -58,7 +63,7 @@ class ModelCatalog:
 
     def known_models(self, client: Client | None = None) -> list[str]:
         """Every name a client may use: configured models, aliases, discovered names."""
-        names = list(self.model_names) + list(self.aliases)
+        names = list(self.model_names) + list(self.aliases) + list(self.loadable)
         for replica in self.fleet:
             names.extend(sorted(replica.served_models - set(names)))
         names = list(dict.fromkeys(names))
@@ -83,9 +88,23 @@ class ModelCatalog:
         served = [r for r in self.fleet if name in r.served_models]
         if served:  # e.g. a LoRA adapter or extra served name a replica reported
             return name, served
+        if name in self.loadable:  # no replica serves it yet: its base model's may load it
+            return name, self.fleet.for_model(self.loadable[name][0])
         if self.fleet.for_model(canonical):  # configured, but no replica serves it
             return canonical, []
         raise self.no_such_model(name, client)
+
+    def adapter_of(self, name: str, replicas: list[Replica]) -> tuple[str, str | None] | None:
+        """(base model, path to load it from or None) when `name` is a LoRA adapter the
+        `replicas` serve or the router may load on them; None when it is no adapter."""
+        if name in self.loadable:
+            base, path = self.loadable[name]
+            served = any(name in r.served_models for r in replicas)
+            return base, None if served else path
+        for replica in replicas:
+            if name in replica.adapters:
+                return replica.model, None
+        return None
 
     def no_such_model(self, name: str, client: Client | None) -> RouterError:
         valid = ", ".join(self.known_models(client)) or "(none)"
@@ -122,6 +141,9 @@ class ModelCatalog:
                         holders = [r for r in replicas if served in r.served_models]
                         parent = None if served == model else model
                         entries[served] = self.model_entry(served, holders, parent)
+        for name, (model, _) in self.loadable.items():
+            if model in healthy_by_model and name not in entries:
+                entries[name] = self.model_entry(name, healthy_by_model[model], model)
         for alias, model in self.aliases.items():
             if model in healthy_by_model and alias not in entries:
                 entries[alias] = self.model_entry(alias, healthy_by_model[model], model)

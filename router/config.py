@@ -147,6 +147,29 @@ class BackendConfig:
     kv_events_endpoint: str | None = None  # tcp://host:port of the replica's KV-event publisher
     kv_replay_endpoint: str | None = None
     kv_events_topic: str | None = None
+    role: str = "both"  # prefill / decode / both: its pools in disaggregated serving (flows.py)
+
+
+ROLES = ("prefill", "decode", "both")
+
+
+@dataclass(frozen=True, slots=True)
+class LoraConfig:
+    """A model's LoRA adapters the router may load itself (router/lora.py)."""
+
+    adapters: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))  # name -> path
+    dynamic_loading: bool = False  # POST /v1/load_lora_adapter when no replica serves one
+    load_timeout: float = 30.0  # seconds one load may take
+    max_loads_in_flight: int = 4  # distinct (adapter, replica) loads at a time; more wait for none: 503
+
+
+@dataclass(frozen=True, slots=True)
+class DisaggregationConfig:
+    """When a model with prefill and decode pools skips the prefill hop (router/flows.py)."""
+
+    min_prompt_tokens: int = 256  # shorter prompts go to a decode replica whole
+    skip_cached_fraction: float = 0.8  # ... as do prompts the decode replica mostly holds
+    transfer_timeout: float = 60.0  # the prefill hop's whole answer (it carries the transfer params)
 
 
 REPLICA_TOKENIZER = "replica"  # `tokenizer: replica`: the replica's own POST /tokenize
@@ -158,6 +181,14 @@ class ModelConfig:
     aliases: tuple[str, ...] = ()
     backends: tuple[BackendConfig, ...] = ()
     tokenizer: str | None = None  # the model's tokenizer.json (or its directory): exact prefix index
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    disaggregation: DisaggregationConfig = field(default_factory=DisaggregationConfig)
+
+    @property
+    def disaggregated(self) -> bool:
+        """Served prefill-then-decode: it has a prefill pool and a decode pool."""
+        roles = {b.role for b in self.backends}
+        return "prefill" in roles and "decode" in roles
 
 
 @dataclass(frozen=True, slots=True)
@@ -280,9 +311,11 @@ _CORS_KEYS = ("allow_origins", "allow_methods", "allow_headers", "expose_headers
 _ADMISSION_KEYS = ("enabled", "queue_size", "max_wait", "max_waiting_per_replica",
                    "max_kv_usage", "priority_header", "rate_limit", "max_clients")
 _BREAKER_KEYS = ("failure_threshold", "ejection_time", "max_ejection_time", "max_retry_after")
-_MODEL_KEYS = ("name", "aliases", "backends", "tokenizer")
+_MODEL_KEYS = ("name", "aliases", "backends", "tokenizer", "lora", "disaggregation")
+_LORA_KEYS = ("adapters", "dynamic_loading", "load_timeout", "max_loads_in_flight")
+_DISAGG_KEYS = ("min_prompt_tokens", "skip_cached_fraction", "transfer_timeout")
 _BACKEND_KEYS = ("url", "tensor_parallel_size", "weight", "labels", "api_key", "api_key_env",
-                 "api_key_file", "kv_events")
+                 "api_key_file", "kv_events", "role")
 _KV_EVENTS_KEYS = ("endpoint", "replay_endpoint", "topic")
 _ROUTING_KEYS = ("policy", "params", "terms", "session_header")
 _PREFIX_KEYS = ("block_chars", "block_tokens", "capacity_blocks", "max_blocks_per_request", "exact")
@@ -580,7 +613,38 @@ def _backend(node: Node, env: Mapping[str, str], base_dir: Path | None = None) -
         weight=_num(node, "weight", 1.0),
         labels=MappingProxyType(node.get("labels", {}).string_map()),
         api_key=api_key,
+        role=node.get("role", "both").choice(ROLES),
     )
+
+
+def _lora(node: Node, names: dict[str, str]) -> LoraConfig:
+    if node.value is None:
+        return LoraConfig()
+    node.mapping(_LORA_KEYS)
+    adapters_node = node.get("adapters", {})
+    adapters = adapters_node.string_map()
+    for name in adapters:
+        where = f"{adapters_node.path}.{name}"
+        if name in names:
+            adapters_node.get(name).fail(f"adapter name '{name}' is already used at {names[name]}")
+        names[name] = where
+    dynamic = node.get("dynamic_loading", False).boolean()
+    if dynamic and not adapters:
+        node.get("dynamic_loading").fail("dynamic loading needs the adapters' paths: set "
+                                         f"{adapters_node.path} (name: path on the replicas)")
+    return LoraConfig(adapters=MappingProxyType(adapters), dynamic_loading=dynamic,
+                      load_timeout=_num(node, "load_timeout", 30.0),
+                      max_loads_in_flight=_int(node, "max_loads_in_flight", 4, minimum=1, maximum=1024))
+
+
+def _disaggregation(node: Node) -> DisaggregationConfig:
+    if node.value is None:
+        return DisaggregationConfig()
+    node.mapping(_DISAGG_KEYS)
+    return DisaggregationConfig(
+        min_prompt_tokens=_int(node, "min_prompt_tokens", 256, minimum=0),
+        skip_cached_fraction=node.get("skip_cached_fraction", 0.8).number(minimum=0.0, maximum=1.0),
+        transfer_timeout=_num(node, "transfer_timeout", 60.0))
 
 
 def _models(node: Node, env: Mapping[str, str],
@@ -610,8 +674,16 @@ def _models(node: Node, env: Mapping[str, str],
             urls[backend.url] = backend_node.path
             backends.append(backend)
         tokenizer = _tokenizer_path(item.get("tokenizer"), base_dir) if item.has("tokenizer") else None
+        lora = _lora(item.get("lora", None), names)
+        disaggregation = _disaggregation(item.get("disaggregation", None))
+        roles = {b.role for b in backends}
+        if ("prefill" in roles) != ("decode" in roles):
+            have, lack = ("prefill", "decode") if "prefill" in roles else ("decode", "prefill")
+            item.get("backends").fail(f"model '{name}' has {have} backends but no {lack} backend: "
+                                      "disaggregated serving needs both pools (role: prefill and "
+                                      "role: decode; 'both' serves whole requests)")
         models.append(ModelConfig(name=name, aliases=tuple(aliases), backends=tuple(backends),
-                                  tokenizer=tokenizer))
+                                  tokenizer=tokenizer, lora=lora, disaggregation=disaggregation))
     return tuple(models)
 
 

@@ -16,6 +16,7 @@ from typing import Protocol
 from urllib.parse import urlsplit
 
 from router.breaker import Breaker
+from router.lora import AdapterSlots
 
 
 class Health(enum.Enum):
@@ -52,6 +53,11 @@ class EngineLoad:
     block_size: int | None = None  # tokens per KV block, from cache_config_info
     num_gpu_blocks: int | None = None  # KV blocks, from cache_config_info
     scraped_at: float = 0.0  # time.monotonic() of the scrape; 0 = never
+    # LoRA (vllm:lora_requests_info, newest series): adapters of running / waiting requests,
+    # and the adapters one batch may hold (--max-loras); None when LoRA is off or unreported.
+    running_adapters: frozenset[str] = frozenset()
+    waiting_adapters: frozenset[str] = frozenset()
+    max_loras: int | None = None
 
 
 @dataclass(eq=False, slots=True)
@@ -76,6 +82,10 @@ class Replica:
     kv_events_endpoint: str | None = None
     kv_replay_endpoint: str | None = None
     kv_events_topic: str | None = None
+    role: str = "both"  # prefill / decode / both (config.ROLES): its pools when disaggregated
+    adapters: frozenset[str] = frozenset()  # of served_models, the LoRA adapters (with a parent)
+    # The adapters likely in its GPU slots (router/lora.py): dispatches and scrapes.
+    lora_slots: AdapterSlots = field(default_factory=lambda: AdapterSlots())
 
     def __post_init__(self) -> None:
         # The URL is the replica's id in logs, metrics and /admin: it must hold no secret.

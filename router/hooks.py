@@ -18,6 +18,8 @@ The listeners, each owning one concern, in the order they are called:
 * `IndexFeedback`  the prefix-index record made at dispatch, forgotten when the replica
                    refused the request (4xx) or the attempt failed; the same for the exact
                    index's pending blocks (predict-on-route), which expire after the end;
+* `AdapterFeedback` an attempt for a LoRA adapter puts it in the replica's likely GPU
+                   slots (router/lora.py), as vLLM will when it schedules the request;
 * `SuspectMarking` a connection-level failure makes the monitor probe the replica now;
 * `PolicyFeedback` time to first byte and decision metrics, and `policy.observe`;
 * `PredictionAccuracy` the predicted cached tokens against the answer's ``cached_tokens``.
@@ -127,6 +129,13 @@ class InFlight(Hook):
     def on_complete(self, attempt: Attempt, outcome: str) -> None:
         attempt.replica.in_flight -= 1
         self.telemetry.set_in_flight(attempt.replica)
+
+
+class AdapterFeedback(Hook):
+    def on_dispatch(self, attempt: Attempt) -> None:
+        lora = attempt.route.lora
+        if lora is not None:
+            attempt.replica.lora_slots.touch(lora)
 
 
 class BreakerFeedback(Hook):

@@ -9,7 +9,7 @@ the policy learned about a removed replica, and remove its metric series.  On to
   - backends: new ones join (as `unknown`: they get traffic after their first passing
     probe), removed ones stop getting new requests while their in-flight requests finish,
     and ones that stay keep their health, breaker, learned rate and prefix-index records;
-    changed `tensor_parallel_size`, `weight`, `labels`, `api_key` apply in place;
+    changed `tensor_parallel_size`, `weight`, `labels`, `api_key`, `role` apply in place;
   - `models` (names, aliases), `routing` (policy, params: a new policy of the same kind
     keeps what the old one learned about the replicas that stay), `auth`, `health`,
     `metrics`, `proxy` (all but `max_connections`) and `circuit_breaker` take effect;
@@ -51,7 +51,7 @@ def replica_from(model: str, backend: BackendConfig) -> Replica:
                    labels=dict(backend.labels), api_key=backend.api_key,
                    kv_events_endpoint=backend.kv_events_endpoint,
                    kv_replay_endpoint=backend.kv_replay_endpoint,
-                   kv_events_topic=backend.kv_events_topic)
+                   kv_events_topic=backend.kv_events_topic, role=backend.role)
 
 
 def build_fleet(config: Config) -> Fleet:
@@ -80,7 +80,7 @@ def merge_backends(config: Config, launched: list[tuple[str, BackendConfig]]) ->
 def _update_in_place(replica: Replica, backend: BackendConfig) -> bool:
     """Apply a backend's changed settings to the replica that stays; True if any changed."""
     new = {"tensor_parallel_size": backend.tensor_parallel_size, "weight": backend.weight,
-           "labels": dict(backend.labels), "api_key": backend.api_key}
+           "labels": dict(backend.labels), "api_key": backend.api_key, "role": backend.role}
     changed = False
     for name, value in new.items():
         if getattr(replica, name) != value:

@@ -33,8 +33,9 @@ from router.config import HealthConfig, MetricsConfig
 from router.fleet import EngineLoad, Fleet, Health, Replica
 from router.loop_lag import LoopLag
 from router.telemetry import Telemetry
-from router.vllm_metrics import parse_engine_load, parse_models
+from router.vllm_metrics import parse_engine_load, parse_model_cards
 
+MAX_MODELS_BYTES = 4 * 1024 * 1024  # of one /v1/models answer (thousands of adapters fit)
 log = logging.getLogger("router.monitor")
 
 _MIN_WAKE_GAP_S = 0.1
@@ -187,6 +188,7 @@ class Monitor:
         try:
             names = replica.served_models | {replica.model}
             old, replica.load = replica.load, parse_engine_load(text, names)
+            replica.lora_slots.observe(replica.load)
         except Exception as exc:  # noqa: BLE001 - a malformed page must not kill the task
             log.debug("replica %s: unreadable /metrics: %s", replica.id, exc)
             return False
@@ -206,12 +208,17 @@ class Monitor:
                                         timeout=timeout) as resp:
                 if resp.status != 200:
                     return False
-                payload = await resp.read()
-            names, max_len = parse_models(payload)
+                payload = bytearray()
+                async for chunk in resp.content.iter_chunked(64 * 1024):
+                    payload += chunk
+                    if len(payload) > MAX_MODELS_BYTES:
+                        return False  # a /v1/models page over the budget is not trusted
+            names, parents, max_len = parse_model_cards(bytes(payload))
         except (TimeoutError, aiohttp.ClientError, OSError, ValueError, AttributeError):
             return False
         if names:
             replica.served_models = names
+            replica.adapters = frozenset(parents)
         if max_len is not None:
             replica.max_model_len = max_len
         return True

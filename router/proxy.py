@@ -69,6 +69,7 @@ from router.hooks import (
     ABANDONED,
     FAILURE,
     SUCCESS,
+    AdapterFeedback,
     Attempt,
     BreakerFeedback,
     Hooks,
@@ -274,7 +275,7 @@ class Proxy:
         self.retry_budget = RetryBudget(config.retry_budget_ratio, config.retry_budget_min_per_s)
         # What an attempt means beyond transport (router/hooks.py), in this order.
         self.hooks = Hooks([InFlight(telemetry), BreakerFeedback(self.breakers), IndexFeedback(index, exact),
-                            SuspectMarking(monitor), PolicyFeedback(feedback_to, telemetry),
+                            AdapterFeedback(), SuspectMarking(monitor), PolicyFeedback(feedback_to, telemetry),
                             PredictionAccuracy(telemetry, exact)])
         # Per-request bookkeeping (drain, introspection): entries removed in `finally`.
         self.active: dict[int, RequestRecord] = {}

@@ -36,6 +36,17 @@ class RouteRequest:
     # Our chained hashes of those ids per block size, filled when the exact index matches
     # them and read back at dispatch to predict the chosen replica's new blocks.
     exact_hashes: dict[int, tuple[int, ...]] = field(default_factory=dict, compare=False, repr=False)
+    # LoRA (router/lora.py): `model` names an adapter of `base_model`, whose replicas serve
+    # it; vLLM's prefix cache is per adapter (the exact index keys by it).  `adapter_path`:
+    # no replica serves it yet and the router is to load it from there.
+    lora: str | None = None
+    base_model: str | None = None
+    adapter_path: str | None = None
+
+    @property
+    def index_model(self) -> str:
+        """The model the replicas were configured with (an adapter's base model)."""
+        return self.base_model or self.model
 
     @property
     def estimated_prompt_tokens(self) -> int:

@@ -27,7 +27,17 @@ PREFIX_QUERIES = ("vllm:prefix_cache_queries_total", "vllm:gpu_prefix_cache_quer
 PREFIX_HITS = ("vllm:prefix_cache_hits_total", "vllm:gpu_prefix_cache_hits_total",
                "vllm:prefix_cache_hits", "vllm:gpu_prefix_cache_hits")
 CACHE_CONFIG = "vllm:cache_config_info"
-_WANTED = frozenset((*RUNNING, *WAITING, *KV_USAGE, *PREFIX_QUERIES, *PREFIX_HITS, CACHE_CONFIG))
+# One series per label set ever true, valued at the time it was last set: the newest is now.
+LORA_INFO = "vllm:lora_requests_info"
+_WANTED = frozenset((*RUNNING, *WAITING, *KV_USAGE, *PREFIX_QUERIES, *PREFIX_HITS, CACHE_CONFIG,
+                     LORA_INFO))
+MAX_ADAPTER_NAMES = 256  # of one lora_requests_info label (a replica's page is not trusted to be small)
+
+
+def _adapter_names(value: str | None) -> frozenset[str]:
+    if not value:
+        return frozenset()
+    return frozenset(n for n in value.split(",")[:MAX_ADAPTER_NAMES] if n)
 
 
 def _int_label(value: str | None) -> int | None:
@@ -69,6 +79,7 @@ def parse_engine_load(text: str, model_names: Iterable[str] = (), *,
     values: dict[str, list[tuple[str | None, float]]] = {}
     block_size: int | None = None
     num_blocks: int | None = None
+    lora: tuple[float, dict[str, str]] | None = None  # (set at, labels) of the newest series
     for family in text_string_to_metric_families(_wanted_lines(text)):
         for sample in family.samples:
             if sample.name not in _WANTED:
@@ -80,6 +91,10 @@ def parse_engine_load(text: str, model_names: Iterable[str] = (), *,
                 num = _int_label(labels.get("num_gpu_blocks"))
                 if num:  # data-parallel engines: each has its own blocks
                     num_blocks = (num_blocks or 0) + num
+                continue
+            if sample.name == LORA_INFO:
+                if lora is None or sample.value > lora[0]:
+                    lora = (sample.value, labels)
                 continue
             values.setdefault(sample.name, []).append((labels.get("model_name"), sample.value))
 
@@ -96,6 +111,7 @@ def parse_engine_load(text: str, model_names: Iterable[str] = (), *,
             return sum(v for _, v in series)
         return None
 
+    lora_labels = lora[1] if lora is not None else {}
     kv = total(KV_USAGE)
     kv_series = next((values[n] for n in KV_USAGE if n in values), [])
     kv_count = len([1 for m, _ in kv_series if not keep or m in keep]) or 1
@@ -108,19 +124,32 @@ def parse_engine_load(text: str, model_names: Iterable[str] = (), *,
         prefix_cache_hits=total(PREFIX_HITS) or 0.0,
         block_size=block_size,
         num_gpu_blocks=num_blocks,
+        running_adapters=_adapter_names(lora_labels.get("running_lora_adapters")),
+        waiting_adapters=_adapter_names(lora_labels.get("waiting_lora_adapters")),
+        max_loras=_int_label(lora_labels.get("max_lora")),
         scraped_at=time.monotonic() if scraped_at is None else scraped_at,
     )
 
 
 def parse_models(payload: bytes) -> tuple[frozenset[str], int | None]:
     """Served model ids and the largest max_model_len from a /v1/models body."""
+    names, _, max_len = parse_model_cards(payload)
+    return names, max_len
+
+
+def parse_model_cards(payload: bytes) -> tuple[frozenset[str], dict[str, str], int | None]:
+    """(served ids, {adapter id: its parent} for LoRA adapters, largest max_model_len)."""
     data = orjson.loads(payload)
     names: set[str] = set()
+    parents: dict[str, str] = {}
     max_len: int | None = None
-    for entry in data.get("data") or ():
+    for entry in (data.get("data") or ()) if isinstance(data, dict) else ():
         if isinstance(entry, dict) and isinstance(entry.get("id"), str):
             names.add(entry["id"])
+            parent = entry.get("parent")
+            if isinstance(parent, str) and parent and parent != entry["id"]:
+                parents[entry["id"]] = parent
             length = entry.get("max_model_len")
             if isinstance(length, int) and (max_len is None or length > max_len):
                 max_len = length
-    return frozenset(names), max_len
+    return frozenset(names), parents, max_len

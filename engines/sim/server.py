@@ -185,7 +185,9 @@ class SimServer:
                       "cached_blocks": kv.num_cached_blocks, "kv_cache_usage": kv.usage(),
                       "in_flight": self.in_flight, "answered": self.answered,
                       "clock_lag_s": self.engine.clock.lag,
-                      "kv_events_buffered": self.publisher.buffered if self.publisher else 0})
+                      "kv_events_buffered": self.publisher.buffered if self.publisher else 0,
+                      "lora_loads": self.engine.adapters.loads if self.engine.adapters else 0,
+                      "lora_slots": list(self.engine.adapters.slots) if self.engine.adapters else []})
 
     # -- admin ------------------------------------------------------------------------------
     async def get_faults(self, request: web.Request) -> web.Response:

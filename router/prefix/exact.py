@@ -268,11 +268,11 @@ class ExactIndex:
         return out
 
     def rows(self, model: str, tokens: Sequence[int], cache_salt: str | None, replica_ids: Sequence[str],
-             hashes_by_size: dict[int, tuple[int, ...]] | None = None,
+             hashes_by_size: dict[int, tuple[int, ...]] | None = None, lora: str | None = None,
              ) -> tuple[list[int | None], list[int], list[float]]:
         """`match` as columns for the scheduler, in one pass: per row the matched tokens
         (None: not in exact mode), the block size (1 if unknown) and the free tokens."""
-        matched = self.match(model, tokens, cache_salt, replica_ids, hashes_by_size=hashes_by_size)
+        matched = self.match(model, tokens, cache_salt, replica_ids, lora=lora, hashes_by_size=hashes_by_size)
         replicas = self.replicas
         held = self.blocks.replica_blocks
         inf = float("inf")

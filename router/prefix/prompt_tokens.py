@@ -76,7 +76,7 @@ class PromptTokens:
         """The ids the replica will compute for this request (None: cannot say)."""
         if route.routing_tokens is not None and route.path == _COMPLETIONS:
             return route.routing_tokens
-        setting = self.settings.get(route.model)
+        setting = self.settings.get(route.index_model)  # an adapter tokenizes like its base model
         if setting is None:
             return None
         started = time.perf_counter()

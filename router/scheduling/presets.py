@@ -12,8 +12,8 @@ more than 0.  Each preset reproduces the decisions of the policy of the same nam
 the pipeline (tests/unit/test_preset_equivalence.py replays a recorded decision trace):
 
     preset           producers              order after the health group
-    cache_aware      prefix, rates, recent  bounded-load guard, cost (queue + prefill +
-                                            2 x eviction); ties: load per capacity,
+    cache_aware      prefix, rates, recent, bounded-load guard, cost (queue + prefill +
+                     adapters               2 x eviction + lora); ties: load per capacity,
                                             longest match, rotation
     prefix_affinity  prefix                 longest match, load per capacity, rotation
     session          prefix                 guard (healthy only), ring order from the
@@ -29,7 +29,14 @@ from __future__ import annotations
 import math
 
 from router.scheduling import guard, order, ring
-from router.scheduling.producers import RATES_PARAMS, PrefixMatch, Producer, build_rates, build_recent
+from router.scheduling.producers import (
+    RATES_PARAMS,
+    AdapterResidency,
+    PrefixMatch,
+    Producer,
+    build_rates,
+    build_recent,
+)
 from router.scheduling.profile import Cost, Profile
 from router.scheduling.terms import TERM_NAMES, build_term, term_module
 from yamlcheck import Node
@@ -45,7 +52,9 @@ PRESET_NAMES: tuple[str, ...] = (
 )
 DEFAULT_PRESET = "cache_aware"
 DEFAULT_EVICTION_WEIGHT = 2.0  # future recompute of an evicted block, in prefills of that block
-DEFAULT_TERMS: dict[str, float] = {"queue": 1.0, "prefill": 1.0, "eviction": DEFAULT_EVICTION_WEIGHT}
+# lora costs nothing for requests without an adapter (the term returns None).
+DEFAULT_TERMS: dict[str, float] = {"queue": 1.0, "prefill": 1.0, "eviction": DEFAULT_EVICTION_WEIGHT,
+                                   "lora": 1.0}
 COST_PRESETS = ("cache_aware", "session")  # the presets that sum cost terms
 
 _TERM_PARAMS: tuple[str, ...] = tuple(p for name in TERM_NAMES for p in term_module(name).PARAMS)
@@ -96,6 +105,8 @@ def _cache_aware(params: Node, terms: Node | None) -> Profile:
         producers.append(build_rates(params))
     if "recent" in needs:
         producers.append(build_recent(params))
+    if "adapters" in needs:
+        producers.append(AdapterResidency())
     return Profile("cache_aware", producers=producers,
                    keys=[guard.build(params), Cost(built)],
                    ties=[order.LoadPerCapacity(), order.LongestMatch(), order.Rotation()])

@@ -12,6 +12,9 @@ term that divides by it.
   ``PrefixIndex.free_blocks`` from the replica's KV size).
 * `LearnedRates` ("rates"): each candidate's prefill rate in tokens/s, and the typical
   uncached size of a request, both learned from the answers (``observe``).
+* `AdapterResidency` ("adapters"): for a request naming a LoRA adapter, per candidate
+  whether the adapter is likely in its GPU slots, must be loaded, or must wait for a batch
+  slot too (router/lora.py's AdapterSlots; read by terms/lora.py).
 * `RecentShare` ("recent"): how many requests beyond its bounded share of the recent
   traffic each candidate took (guard.py's allowance applied to decayed dispatch counts).
 """
@@ -92,8 +95,8 @@ class PrefixMatch:
                 tokens_by_id={rid: m * tpb for rid, m in by_id.items()}, need_tokens=[n * tpb] * cands.n,
                 free_tokens=[f * tpb for f in free], blocks=n, tokens_per_block=tpb)
             return
-        held, sizes, exact_free = exact.rows(request.model, tokens, request.cache_salt, ids,
-                                             hashes_by_size=request.exact_hashes)
+        held, sizes, exact_free = exact.rows(request.index_model, tokens, request.cache_salt, ids,
+                                             hashes_by_size=request.exact_hashes, lora=request.lora)
         free = index.free_blocks(ids)
         rows = [t is not None for t in held]
         matched_tokens = [m * tpb if t is None else t for t, m in zip(held, matched)]
@@ -187,6 +190,24 @@ def build_rates(params: Node) -> LearnedRates:
 
 
 RATES_PARAMS = ("prefill_tokens_per_s", "ewma_alpha", "min_learn_tokens", "typical_tokens")
+
+
+class AdapterResidency:
+    """Per row: 0 the request's adapter is likely loaded there, 1 it must be loaded, 2 it
+    must wait for a batch slot as well (terms/lora.py); None for requests without one."""
+
+    name = "adapters"
+
+    def produce(self, request: RouteRequest, cands: Candidates) -> None:
+        lora = request.lora
+        if lora is None:
+            cands.data["adapters"] = None
+            return
+        states = []
+        for replica in cands.replicas:
+            slots = replica.lora_slots
+            states.append(2 if slots.batch_full_without(lora) else 0 if slots.holds(lora) else 1)
+        cands.data["adapters"] = states
 
 
 class RecentDispatches:

@@ -157,7 +157,7 @@ def test_routing_terms_set_the_profile_weights() -> None:
     cost = cfg.routing.build_profile().cost
     assert cost is not None and cost.weights == {"prefill": 1.0, "queue": 0.5, "kv_pressure": 2.0}
     default = parse_config(GOOD).routing.build_profile().cost
-    assert default is not None and default.weights == {"queue": 1.0, "prefill": 1.0, "eviction": 2.0}
+    assert default is not None and default.weights == {"queue": 1.0, "prefill": 1.0, "eviction": 2.0, "lora": 1.0}
     legacy = parse_config({**GOOD, "routing": {"params": {"eviction_weight": 0.5}}}).routing.build_profile().cost
     assert legacy is not None and legacy.weights["eviction"] == 0.5
     session = parse_config({**GOOD, "routing": {"policy": "session", "terms": {"prefill": 1}}})

@@ -177,11 +177,11 @@ def test_the_cost_is_the_weighted_sum_of_the_terms_and_why_names_each(specs: lis
 
 
 def test_the_registry_lists_every_term_file_with_its_contract() -> None:
-    assert set(TERM_NAMES) >= {"queue", "prefill", "eviction", "kv_pressure"}
+    assert set(TERM_NAMES) >= {"queue", "prefill", "eviction", "kv_pressure", "lora"}
     for name in TERM_NAMES:
         module = term_module(name)
         assert module.NAME == name
         assert isinstance(module.PARAMS, tuple) and isinstance(module.NEEDS, tuple)
-        assert set(module.NEEDS) <= {"prefix", "rates", "recent"}
+        assert set(module.NEEDS) <= {"prefix", "rates", "recent", "adapters"}
     with pytest.raises(ValueError, match="unknown cost term"):
         term_module("prefil")
