@@ -22,6 +22,7 @@ from engines.sim.cost_model import CostModel
 from engines.sim.engine import Engine, EngineConfig
 from engines.sim.faults import Faults
 from engines.sim.kv_events import KVEventPublisher, KVEventsConfig
+from engines.sim.kv_transfer import DEFAULT_BANDWIDTH_GBPS, DEFAULT_LEASE_S, KVTransfer, TransferConfig
 from engines.sim.lora import Adapters, parse_lora_modules, runtime_updating_allowed
 from engines.sim.metrics import SimMetrics
 from engines.sim.protocol import VLLM_VERSION
@@ -74,6 +75,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a model directory (tokenizer.json + tokenizer_config.json with a chat "
                         "template) to tokenize with, like a real replica; default: a 4-character "
                         "chunk tokenizer")
+    pd = p.add_argument_group("disaggregated prefill/decode (vLLM's NixlConnector protocol, kv_transfer.py)")
+    pd.add_argument("--kv-transfer-config", type=orjson.loads, default=None,
+                    help="vLLM's JSON, e.g. '{\"kv_connector\": \"NixlConnector\", \"kv_role\": \"kv_both\"}'")
+    pd.add_argument("--kv-transfer-bandwidth-gbps", type=float, default=DEFAULT_BANDWIDTH_GBPS,
+                    help="GB/s of the simulated KV transfer link")
+    pd.add_argument("--kv-lease-s", type=float, default=DEFAULT_LEASE_S,
+                    help="simulated seconds a prefill holds its blocks for the decode replica to read")
     lo = p.add_argument_group("LoRA adapters (vLLM's flags; engines/sim/lora.py)")
     lo.add_argument("--enable-lora", action="store_true")
     lo.add_argument("--lora-modules", nargs="+", default=[], metavar="NAME=PATH",
@@ -167,13 +175,20 @@ async def serve(args: argparse.Namespace) -> None:
                                  max_num_batched_tokens=args.max_num_batched_tokens,
                                  enable_prefix_caching=args.enable_prefix_caching, time_scale=args.time_scale),
                     cost, tokenizer, metrics, publisher, faults, adapters)
+    transfer = None
+    if args.kv_transfer_config:
+        transfer = KVTransfer(TransferConfig.from_json(args.kv_transfer_config,
+                                                       bandwidth_gbps=args.kv_transfer_bandwidth_gbps,
+                                                       lease_s=args.kv_lease_s),
+                              engine.kv, host=args.host, port=args.port,
+                              kv_bytes_per_token=cost.kv_bytes_per_token, tp=args.tp)
     server = SimServer(engine, tokenizer, faults,
                        ServerOptions(host=args.host, prompt_tokens_details=args.enable_prompt_tokens_details,
                                      default_output_len=args.default_output_len,
                                      max_num_queued_reqs=args.max_num_queued_reqs or None,
                                      runtime_lora_updating=args.allow_runtime_lora_updating
                                      or runtime_updating_allowed()),
-                       kv_cfg, publisher)
+                       kv_cfg, publisher, transfer)
     runner = web.AppRunner(server.build_app(), access_log=None, handler_cancellation=True)
     await runner.setup()
     # vLLM serves through uvicorn, whose listen backlog is 2048 (aiohttp's default is 128:
@@ -200,6 +215,7 @@ async def serve(args: argparse.Namespace) -> None:
     with contextlib.suppress(asyncio.CancelledError):
         await engine_task
     await runner.cleanup()
+    await server.close()
     if publisher is not None:
         await publisher.close()
     if died:

@@ -159,7 +159,8 @@ class Responder:
         self.id = random_id("chatcmpl-" if kind == "chat" else "cmpl-")
         self.created = int(time.time())
 
-    def full(self, text: str, finish_reason: str, usage_: dict[str, Any]) -> bytes:
+    def full(self, text: str, finish_reason: str, usage_: dict[str, Any],
+             kv_transfer_params: dict[str, Any] | None = None) -> bytes:
         if self.kind == "chat":
             choice = {"index": 0, "message": {"role": "assistant", "content": text, "refusal": None,
                                               "annotations": None, "audio": None, "function_call": None,
@@ -170,14 +171,16 @@ class Responder:
                                  "model": self.model, "choices": [choice], "service_tier": None,
                                  "system_fingerprint": self.fingerprint, "usage": usage_,
                                  "prompt_logprobs": None, "prompt_token_ids": None, "prompt_text": None,
-                                 "kv_transfer_params": None, "ec_transfer_params": None, "metrics": None})
+                                 "kv_transfer_params": kv_transfer_params, "ec_transfer_params": None,
+                                 "metrics": None})
         choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason,
                   "stop_reason": None, "token_ids": None, "prompt_logprobs": None,
                   "prompt_token_ids": None, "routed_experts": None}
         return orjson.dumps({"id": self.id, "object": "text_completion", "created": self.created,
                              "model": self.model, "choices": [choice], "service_tier": None,
                              "system_fingerprint": self.fingerprint, "usage": usage_,
-                             "kv_transfer_params": None, "ec_transfer_params": None, "metrics": None})
+                             "kv_transfer_params": kv_transfer_params, "ec_transfer_params": None,
+                             "metrics": None})
 
     def _chunk(self, choices: list[dict[str, Any]], **extra: Any) -> bytes:
         obj = "chat.completion.chunk" if self.kind == "chat" else "text_completion"

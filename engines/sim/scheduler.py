@@ -41,6 +41,11 @@ class SimRequest:
     seed: int = 0
     arrival: float = 0.0
     keys: BlockKeys = NO_KEYS  # cache_salt and LoRA adapter: enter the block hashes, as in vLLM
+    # Disaggregated serving (kv_transfer.py): prompt tokens a remote prefill computed (taken
+    # as computed at admission), and whether to hold the blocks for a remote decode at the end.
+    external_tokens: int = 0
+    hold_blocks: bool = False
+    transfer_answer: dict[str, Any] | None = None  # kv_transfer_params of a held prefill's answer
     output_ids: list[int] = field(default_factory=list)
     token_ids: list[int] = field(default_factory=list)  # prompt + output
     block_hashes: list[bytes] = field(default_factory=list)
@@ -86,8 +91,10 @@ class StepOutput:
 
 class Scheduler:
     def __init__(self, kv: KVCache, *, max_num_seqs: int, max_num_batched_tokens: int,
-                 max_model_len: int, max_loras: int | None = None) -> None:
+                 max_model_len: int, max_loras: int | None = None,
+                 on_hold: Callable[[SimRequest], None] | None = None) -> None:
         self.kv = kv
+        self.on_hold = on_hold  # takes over the blocks of a finished hold_blocks request
         self.max_loras = max_loras  # distinct adapters in one batch (None: LoRA off)
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -116,7 +123,10 @@ class Scheduler:
         return bool(self.running or self.waiting)
 
     def _finish(self, req: SimRequest, reason: str) -> None:
-        self.kv.free(req.alloc)
+        if req.hold_blocks and reason != "abort" and self.on_hold is not None:
+            self.on_hold(req)  # a prefill for a remote decode: its blocks wait to be read
+        else:
+            self.kv.free(req.alloc)
         req.status = Status.FINISHED
         req.finish_reason = reason
 
@@ -161,7 +171,7 @@ class Scheduler:
             if req.num_computed == 0:
                 max_blocks = (req.num_tokens - 1) // self.kv.block_size
                 hit = self.kv.find_cached_prefix(req.block_hashes, max_blocks)
-            cached = len(hit) * self.kv.block_size
+            cached = max(len(hit) * self.kv.block_size, min(req.external_tokens, req.num_tokens - 1))
             n = min(req.num_tokens - cached, budget)
             if not self.kv.allocate(req.alloc, cached + n, hit):
                 break
@@ -189,6 +199,7 @@ class Scheduler:
         """Recompute preemption; the caller has already taken ``req`` out of ``running``."""
         self.kv.free(req.alloc)
         req.num_computed = 0
+        req.external_tokens = 0  # what was read is cached now, or gone
         req.num_preemptions += 1
         req.status = Status.WAITING
         self.waiting.appendleft(req)

@@ -29,8 +29,9 @@ from aiohttp import web
 
 from engines.sim.engine import Engine, OutputChannel
 from engines.sim.faults import Faults
-from engines.sim.kv_cache import BlockKeys
+from engines.sim.kv_cache import Allocation, BlockKeys
 from engines.sim.kv_events import KVEventPublisher, KVEventsConfig, public_endpoint
+from engines.sim.kv_transfer import KVTransfer, TransferError, expire_later, remote_prefill, wants_remote_decode
 from engines.sim.lora import Adapters
 from engines.sim.protocol import (
     DONE,
@@ -79,8 +80,13 @@ def _error(exc: ApiError, headers: dict[str, str] | None = None) -> web.Response
 
 class SimServer:
     def __init__(self, engine: Engine, tokenizer: Tokenizer | RealTokenizer, faults: Faults, opts: ServerOptions,
-                 kv_events: KVEventsConfig | None = None, publisher: KVEventPublisher | None = None) -> None:
+                 kv_events: KVEventsConfig | None = None, publisher: KVEventPublisher | None = None,
+                 transfer: KVTransfer | None = None) -> None:
         self.engine = engine
+        self.transfer = transfer  # --kv-transfer-config: disaggregated prefill/decode (kv_transfer.py)
+        self._leases: set[asyncio.Task[None]] = set()
+        if transfer is not None:
+            engine.sched.on_hold = self._hold
         self.tok = tokenizer
         self.faults = faults
         self.opts = opts
@@ -116,10 +122,56 @@ class SimServer:
         r.add_post("/admin/reset", self.reset)
         r.add_post("/reset_prefix_cache", self.reset)
         r.add_get("/admin/stats", self.stats)
+        if self.transfer is not None:
+            r.add_post("/sim/kv_transfer/{request_id}", self.kv_read)
         if self.engine.adapters is not None and self.opts.runtime_lora_updating:
             r.add_post("/v1/load_lora_adapter", self.load_lora_adapter)
             r.add_post("/v1/unload_lora_adapter", self.unload_lora_adapter)
         return app
+
+    # -- disaggregated prefill/decode (engines/sim/kv_transfer.py) --------------------------
+    def _hold(self, req: SimRequest) -> None:
+        """A prefill for a remote decode finished: its blocks wait to be read, for a lease."""
+        transfer = self.transfer
+        assert transfer is not None
+        blocks = transfer.held.hold(req.request_id, req.alloc, len(req.prompt_ids))
+        req.alloc = Allocation()
+        req.transfer_answer = transfer.answer_params(req.request_id, blocks, len(req.prompt_ids))
+        lease = asyncio.get_running_loop().create_task(
+            expire_later(transfer, req.request_id, transfer.config.lease_s / self.engine.clock.scale))
+        self._leases.add(lease)
+        lease.add_done_callback(self._leases.discard)
+
+    async def kv_read(self, request: web.Request) -> web.Response:
+        transfer = self.transfer
+        assert transfer is not None
+        try:
+            body = parse_json(await request.read())
+        except ApiError as exc:
+            return _error(exc)
+        tokens = transfer.read(request.match_info["request_id"], body.get("engine_id"))
+        if tokens is None:
+            return _error(ApiError(404, "no KV blocks held for this request (unknown, read or expired)"))
+        self.engine._refresh_load()
+        return _json({"num_tokens": tokens, "block_size": self.engine.cfg.block_size})
+
+    async def close(self) -> None:
+        for lease in list(self._leases):
+            lease.cancel()
+        if self.transfer is not None:
+            await self.transfer.close()
+
+    async def _generation_error(self, request: web.Request, params: GenerationParams) -> web.StreamResponse:
+        """vLLM's answer to a request whose KV load failed (kv_load_failure_policy: fail):
+        a GenerationError, 500 "Internal server error"; streamed, an error event in a 200."""
+        error = ApiError(500, "Internal server error")
+        if not params.stream:
+            return _error(error)
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8"})
+        await resp.prepare(request)
+        await resp.write(b"data: " + error.body() + b"\n\n" + DONE)
+        await resp.write_eof()
+        return resp
 
     # -- LoRA adapters (engines/sim/lora.py) -------------------------------------------------
     def _adapter_names(self) -> Adapters | tuple[()]:
@@ -187,7 +239,10 @@ class SimServer:
                       "clock_lag_s": self.engine.clock.lag,
                       "kv_events_buffered": self.publisher.buffered if self.publisher else 0,
                       "lora_loads": self.engine.adapters.loads if self.engine.adapters else 0,
-                      "lora_slots": list(self.engine.adapters.slots) if self.engine.adapters else []})
+                      "lora_slots": list(self.engine.adapters.slots) if self.engine.adapters else [],
+                      "kv_transfer": {"held": len(self.transfer.held), "reads": self.transfer.pulls,
+                                      "read_failures": self.transfer.pull_failures}
+                      if self.transfer else None})
 
     # -- admin ------------------------------------------------------------------------------
     async def get_faults(self, request: web.Request) -> web.Response:
@@ -342,6 +397,28 @@ class SimServer:
                 self.engine.metrics.rejected_queue_full.inc()
                 return _error(ApiError.queue_full())
             cut = self.faults.draw_cut()
+            transfer_params = params.body.get("kv_transfer_params")
+            if transfer_params is not None and not isinstance(transfer_params, dict):
+                return _error(ApiError(400, "kv_transfer_params: Input should be a valid dictionary",
+                                       "kv_transfer_params"))
+            if self.transfer is None:
+                transfer_params = None  # no connector: vLLM ignores them
+            external = 0
+            remote = remote_prefill(transfer_params)
+            if remote is not None:
+                assert self.transfer is not None
+                try:
+                    external = await self.transfer.pull(remote)
+                except TransferError as exc:
+                    log.warning("KV load failed: %s", exc)
+                    return await self._generation_error(request, params)
+                if external != len(params.prompt_ids):
+                    log.warning("KV load failed: %d tokens read for a %d-token prompt", external,
+                                len(params.prompt_ids))
+                    return await self._generation_error(request, params)
+                await self.engine.clock.sleep(self.transfer.transfer_seconds(external))
+            if wants_remote_decode(transfer_params):
+                params.max_tokens = 1  # vLLM's _truncate_request_for_prefill
             if params.max_tokens is None:
                 max_tokens = min(self.opts.default_output_len, self.max_model_len - len(params.prompt_ids))
                 req = SimRequest(random_id("req-"), params.prompt_ids, max(1, max_tokens), "stop", params.seed)
@@ -349,6 +426,8 @@ class SimServer:
                 req = SimRequest(random_id("req-"), params.prompt_ids, params.max_tokens, "length", params.seed)
             salt = params.body.get("cache_salt")
             adapter = self.engine.adapters.get(params.model) if self.engine.adapters is not None else None
+            req.external_tokens = external
+            req.hold_blocks = wants_remote_decode(transfer_params)
             req.keys = BlockKeys(cache_salt=salt if isinstance(salt, str) and salt else None,
                                  lora_name=adapter.name if adapter else None,
                                  lora_id=adapter.id if adapter else None,
@@ -386,7 +465,7 @@ class SimServer:
             _cut(request)
         responder = Responder(params.kind, params.model, self.fingerprint)
         body = responder.full(self.tok.decode(req.output_ids), req.finish_reason or "length",
-                              self._usage(req, params.kind, stream=False))
+                              self._usage(req, params.kind, stream=False), req.transfer_answer)
         self._answered()
         return _json(body)
 
