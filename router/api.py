@@ -47,7 +47,7 @@ from yamlcheck import ConfigError
 
 if TYPE_CHECKING:
     from router.config import Config
-    from router.flows import SingleHop
+    from router.flows import Disaggregated, SingleHop
     from router.membership import Reloader
     from router.prefix.exact import ExactIndex
     from router.prefix.index import PrefixIndex
@@ -55,6 +55,7 @@ if TYPE_CHECKING:
     from router.prefix.subscriber import KVEvents
 
 INFERENCE_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
+GENERATION_PATHS = ("/v1/chat/completions", "/v1/completions")  # what a P/D flow splits
 _REQUEST_ID_RE = re.compile(r"^[\x21-\x7e]{1,200}$")  # visible ASCII, bounded
 REQUEST_ID_KEY = web.RequestKey("request_id", str)
 _PRIORITY_RE = re.compile(r"^[+-]?\d{1,6}$")
@@ -78,6 +79,7 @@ class Api:
     """The handlers, bound to the objects the app created."""
 
     def __init__(self, *, config: Config, fleet: Fleet, proxy: Proxy, flow: SingleHop, telemetry: Telemetry,
+                 pd_flow: Disaggregated | None = None,
                  index: PrefixIndex | None = None, keyring: KeyRing | None = None,
                  admission: Admission | None = None, bodies: BodyBudget | None = None,
                  exact: ExactIndex | None = None, kv_events: KVEvents | None = None,
@@ -86,6 +88,7 @@ class Api:
         self.fleet = fleet
         self.proxy = proxy
         self.flow = flow
+        self.pd_flow = pd_flow  # models with prefill and decode pools (flows.Disaggregated)
         self.telemetry = telemetry
         self.index = index
         self.exact = exact
@@ -282,6 +285,9 @@ class Api:
                 raise self.proxy.unavailable(canonical)
         route = await self._exact_tokens(route, data, admissible)
         model = self._models.get(route.index_model)
+        if model is not None and model.disaggregated and self.pd_flow is not None \
+                and route.adapter_path is None and path in GENERATION_PATHS:
+            return await self.pd_flow.forward(request, route, admissible, record, model.disaggregation)
         return await self.flow.forward(request, route, admissible, record,
                                        lora=model.lora if model is not None else None)
 

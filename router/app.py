@@ -30,7 +30,7 @@ from router.connections import ConnectionLimits, FrontDoorRunner, default_connec
 from router.cors import Cors
 from router.errors import error_middleware
 from router.fleet import EngineLoad, Replica
-from router.flows import SingleHop
+from router.flows import DECODE_TERMS, Disaggregated, SingleHop
 from router.loop_lag import LoopLag
 from router.membership import FleetWiring, Reloader, build_fleet, merge_backends
 from router.monitor import Monitor
@@ -39,8 +39,10 @@ from router.prefix.index import DEFAULT_CAPACITY_BLOCKS, PrefixIndex
 from router.prefix.prompt_tokens import PromptTokens
 from router.prefix.subscriber import KVEvents
 from router.proxy import Proxy, connect_tracing
+from router.scheduling.presets import build_profile
 from router.telemetry import Telemetry, init_sentry
 from tokenization import ModelTokenizer
+from yamlcheck import Node
 
 log = logging.getLogger("router.app")
 
@@ -164,8 +166,13 @@ class Router:
                            breaker_config=cfg.circuit_breaker, loop_lag=self.loop_lag, exact=self.exact)
         flow = self.flow = SingleHop(proxy=self.proxy, profile=lambda: self.policy, index=self.index,
                                      telemetry=self.telemetry, exact=self.exact)
+        # The decode hop of disaggregated models: load and KV room (and the adapter), no prefix.
+        self.decode_profile = build_profile("cache_aware", Node({}, "decode profile"),
+                                            Node(dict(DECODE_TERMS), "decode profile terms"))
+        pd_flow = Disaggregated(flow, lambda: self.decode_profile)
         self.prompt_tokens = PromptTokens(cfg, self.session, self.telemetry)  # loads tokenizer files
-        self.api = Api(config=cfg, fleet=self.fleet, proxy=self.proxy, flow=flow, telemetry=self.telemetry,
+        self.api = Api(config=cfg, fleet=self.fleet, proxy=self.proxy, flow=flow, pd_flow=pd_flow,
+                       telemetry=self.telemetry,
                        index=self.index, exact=self.exact, kv_events=self.kv_events,
                        prompt_tokens=self.prompt_tokens)
         self.api.reloader = self.reloader

@@ -122,6 +122,7 @@ KIND_TEXT = {
     "disconnect": "lost the connection before answering",
     "status_5xx": "answered with a server error",
     "status_429": "answered 429 (overloaded)",
+    "oversized": "sent an answer too large for a prefill hop",
 }
 
 
@@ -336,8 +337,11 @@ class Proxy:
 
     # -- forwarding -------------------------------------------------------------------
     async def forward(self, request: web.Request, route: RouteRequest, decision: Decision,
-                      record: RequestRecord) -> web.StreamResponse:
-        """Attempts down `decision.ranked` (not empty; a flow ranked it, router/flows.py)."""
+                      record: RequestRecord, *, relay: bool = True) -> web.StreamResponse:
+        """Attempts down `decision.ranked` (not empty; a flow ranked it, router/flows.py).
+
+        ``relay=False`` (a flow's inner hop, e.g. a prefill): the answer must be whole and
+        is returned as a ``web.Response`` for the flow to read; nothing reaches the client."""
         cfg = self.config
         self.retry_budget.on_request()
         tried: list[Replica] = []
@@ -373,7 +377,7 @@ class Proxy:
                     record.replica = replica.id
                     try:
                         return await self._attempt(request, route, replica, number, decision,
-                                                   record)
+                                                   record, relay)
                     except UpstreamFailure as failure:
                         last = failure
                         raise
@@ -481,7 +485,8 @@ class Proxy:
             watch.cancel()
 
     async def _attempt(self, request: web.Request, route: RouteRequest, replica: Replica,
-                       number: int, decision: Decision, record: RequestRecord) -> web.StreamResponse:
+                       number: int, decision: Decision, record: RequestRecord,
+                       relay: bool = True) -> web.StreamResponse:
         cfg = self.config
         attempt = Attempt(route, replica, decision, record, number)
         self.hooks.dispatch(attempt)
@@ -526,6 +531,9 @@ class Proxy:
             finally:
                 wait.timeout = None
 
+            if not relay and (streaming or not complete):
+                raise self._fail(route, replica, "oversized", "an inner hop's answer must be whole "
+                                 f"and at most proxy.buffer_bytes ({cfg.buffer_bytes})")
             outcome = SUCCESS
             record.ttfb = record.elapsed()
             self.hooks.first_byte(attempt, resp.status)

@@ -113,6 +113,11 @@ def validate_body(path: str, data: object) -> dict[str, Any]:
     if options is not None and not isinstance(options, dict):
         raise BodyError(f"'stream_options' must be an object, found {_type_name(options)}",
                         "stream_options")
+    if "kv_transfer_params" in data:
+        # They name a host and port a decode replica would read KV blocks from: only the
+        # router's own prefill/decode flow (router/flows.py) may set them.
+        raise BodyError("'kv_transfer_params' is set by the router for disaggregated serving; "
+                        "clients may not send it", "kv_transfer_params")
     for key in ("user", "cache_salt"):
         if data.get(key) is not None and not isinstance(data[key], str):
             raise BodyError(f"'{key}' must be a string, found {_type_name(data[key])}", key)

@@ -42,6 +42,9 @@ STREAM_MODES = ("exact", "approximate")
 NO_REPLICA = "none"  # replica label of requests answered by the router itself
 
 
+_PD_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
 class Telemetry:
     """All router_ metrics, registered in a registry owned by this object."""
 
@@ -70,6 +73,17 @@ class Telemetry:
             "router_replica_engine_load", "Load the replica last reported on /metrics: "
             "running and waiting requests, KV cache usage (0..1).",
             ["model", "replica", "kind"], registry=r)
+        self.pd_requests = Counter(
+            "router_pd_requests", "Requests of disaggregated models by path: disaggregated "
+            "(prefill hop, then decode hop) or why the prefill hop was skipped.", ["model", "path"],
+            registry=r)
+        self.pd_prefill_seconds = Histogram(
+            "router_pd_prefill_seconds", "The prefill hop of disaggregated requests, start to its "
+            "whole answer.", ["model"], buckets=_PD_BUCKETS, registry=r)
+        self.pd_no_transfer_params = Counter(
+            "router_pd_no_transfer_params", "Prefill answers without kv_transfer_params (a "
+            "shared-storage connector, or a prefill replica without --kv-transfer-config): the "
+            "decode hop went without them.", ["model"], registry=r)
         self.retries = Counter(
             "router_retries", "Upstream attempts after the first one.", ["model"], registry=r)
         self.failovers = Counter(
@@ -238,6 +252,11 @@ class RequestRecord:
     cached_tokens: int | None = None  # usage.prompt_tokens_details.cached_tokens of the answer
     predicted_tokens: int | None = None  # what the router predicted cached on that replica
     admitted: bool = False  # passed admission (holds a slot the queue hands on at its end)
+    # Disaggregated serving (flows.Disaggregated): the prefill hop, before the decode hop's
+    # fields above (replica, attempts, ttfb) are filled in.
+    prefill_replica: str | None = None
+    prefill_attempts: int = 0
+    prefill_s: float | None = None  # the prefill hop, start to its whole answer
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.started
@@ -263,6 +282,9 @@ class RequestRecord:
             "queued_ms": None if self.queued_s is None else round(self.queued_s * 1000, 3),
             "cached_tokens": self.cached_tokens,
             "predicted_cached_tokens": self.predicted_tokens,
+            "prefill_replica": self.prefill_replica,
+            "prefill_attempts": self.prefill_attempts or None,
+            "prefill_ms": None if self.prefill_s is None else round(self.prefill_s * 1000, 3),
         }
 
 

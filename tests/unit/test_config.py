@@ -351,3 +351,29 @@ def test_tokenizer_paths_and_exact_settings(tmp_path) -> None:
     with pytest.raises(ConfigError) as err:
         load_config(path)
     assert "prefix.exact.relearn" in str(err.value) and "relearn_s" in str(err.value)
+
+
+def test_roles_lora_and_disaggregation_sections() -> None:
+    doc = {"models": [{"name": "m", "backends": [
+        {"url": "http://127.0.0.1:8101", "role": "prefill"},
+        {"url": "http://127.0.0.1:8102", "role": "decode"},
+        {"url": "http://127.0.0.1:8103"}],
+        "lora": {"adapters": {"sql": "/adapters/sql"}, "dynamic_loading": True},
+        "disaggregation": {"min_prompt_tokens": 128}}]}
+    model = parse_config(doc, "routes.yaml").models[0]
+    assert model.disaggregated and [b.role for b in model.backends] == ["prefill", "decode", "both"]
+    assert model.lora.adapters == {"sql": "/adapters/sql"} and model.lora.dynamic_loading
+    assert model.disaggregation.min_prompt_tokens == 128 and model.disaggregation.skip_cached_fraction == 0.8
+    assert not parse_config(GOOD, "routes.yaml").models[0].disaggregated
+
+    bad_role = {"models": [{"name": "m", "backends": [{"url": "http://127.0.0.1:8101", "role": "prefil"}]}]}
+    message = str(error(bad_role))
+    assert "routes.yaml" in message and "models[0].backends[0].role" in message and "prefill" in message
+    lonely = {"models": [{"name": "m", "backends": [{"url": "http://127.0.0.1:8101", "role": "prefill"}]}]}
+    assert "no decode backend" in str(error(lonely))
+    no_paths = {"models": [{"name": "m", "backends": ["http://127.0.0.1:8101"],
+                            "lora": {"dynamic_loading": True}}]}
+    assert "models[0].lora.dynamic_loading" in str(error(no_paths))
+    clash = {"models": [{"name": "m", "backends": ["http://127.0.0.1:8101"],
+                         "lora": {"adapters": {"m": "/x"}}}]}
+    assert "already used" in str(error(clash))
