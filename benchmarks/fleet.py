@@ -35,6 +35,8 @@ COUNTERS: dict[str, tuple[str, ...]] = {
     "cached_prompt_tokens": ("vllm:prompt_tokens_cached_total",),
     "generation_tokens": ("vllm:generation_tokens_total",),
     "preemptions": ("vllm:num_preemptions_total",),
+    # The simulator's own count of adapters moved into GPU slots (vLLM exports none).
+    "lora_loads": ("sim:lora_loads_total",),
 }
 
 def counters(text: str) -> dict[str, float]:
@@ -77,6 +79,10 @@ def fleet_counters(before: list[dict[str, float]], after: list[dict[str, float]]
         "busiest_prefill_share": max(prefill) / total_prefill if total_prefill else None,
         "fair_share": 1.0 / len(per) if per else None,
         "preemptions": sum(d.get("preemptions", 0.0) for d in per),
+        "lora_loads": (loads := sum(d.get("lora_loads", 0.0) for d in per)) if any(
+            "lora_loads" in d for d in per) else None,
+        "lora_loads_per_1k": 1000.0 * loads / total_req if total_req and any(
+            "lora_loads" in d for d in per) else None,
     }
 
 
@@ -287,10 +293,12 @@ class Fleet:
     def backends(self) -> list[dict[str, Any]]:
         """The fleet as the targets need it: URL, TP size, KV-event endpoints, block size."""
         return [{"url": r.url, "tp": r.spec.tp, "kv_events": r.kv_events_endpoint, "kv_replay": r.kv_replay_endpoint,
-                 "kv_topic": r.kv_topic, "block_size": self.block_size} for r in self.replicas]
+                 "kv_topic": r.kv_topic, "block_size": self.block_size, "role": r.spec.role}
+                for r in self.replicas]
 
     def describe(self) -> list[dict[str, Any]]:
-        return [{"url": r.url, "tp": r.spec.tp, "kv_blocks": r.info.get("num_gpu_blocks", r.spec.kv_blocks),
+        return [{"url": r.url, "tp": r.spec.tp, "role": r.spec.role,
+                 "kv_blocks": r.info.get("num_gpu_blocks", r.spec.kv_blocks),
                  "block_size": r.info.get("block_size", self.spec.block_size),
                  "kv_events": r.kv_events_endpoint} for r in self.replicas]
 

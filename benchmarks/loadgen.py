@@ -111,7 +111,7 @@ class _Ready:
 
 def request_body(spec: LoadSpec, session: Session, answers: list[str], turn: int) -> dict[str, Any]:
     messages = messages_for(session, answers, turn)
-    body: dict[str, Any] = {"model": spec.model, "max_tokens": session.turns[turn].max_tokens,
+    body: dict[str, Any] = {"model": session.model or spec.model, "max_tokens": session.turns[turn].max_tokens,
                             "temperature": 0, "stream": spec.stream, "user": session.id}
     if spec.api == "chat":
         body["messages"] = messages

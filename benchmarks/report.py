@@ -75,6 +75,7 @@ COLUMNS: list[tuple[str, Callable[[Row], Any], Callable[[Any], str], bool]] = [
     ("busiest req share", _g("replicas", "busiest_request_share"), _pct, False),
     ("busiest prefill share", _g("replicas", "busiest_prefill_share"), _pct, False),
     ("pred. within block", _g("prediction", "within_block_share"), _pct, True),
+    ("adapter loads /1k req", _g("replicas", "lora_loads_per_1k"), _num, False),
     ("router CPU s", _g("router_resources", "cpu_s"), _num, False),
     ("router peak RSS MB", _g("router_resources", "peak_rss_mb"), _num, False),
 ]

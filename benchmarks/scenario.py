@@ -14,7 +14,7 @@ from typing import Any
 
 from yamlcheck import ConfigError, Node, describe, load_yaml
 
-WORKLOAD_KINDS = ("multi_turn", "shared_prefix", "agentic", "no_reuse")
+WORKLOAD_KINDS = ("multi_turn", "shared_prefix", "agentic", "no_reuse", "lora")
 ARRIVAL_KINDS = ("poisson", "sweep", "closed")
 FLEET_KINDS = ("sim", "real")
 MODES = ("routing", "overhead")
@@ -56,6 +56,14 @@ WORKLOAD_PARAMS: dict[str, dict[str, tuple[Any, str]]] = {
         "answer_tokens": (48, "int"),
         "think_time_s": (0.0, "num"),
     },
+    "lora": {  # one adapter per task: its own instructions, Zipf-popular; names adapter-0..N-1
+        "adapters": (8, "int"),
+        "requests": (200, "int"),
+        "prompt_tokens": (600, "int"),  # the adapter's task instructions, shared by its requests
+        "question_tokens": (60, "int"),
+        "answer_tokens": (48, "int"),
+        "zipf": (1.0, "num"),
+    },
     "no_reuse": {
         "requests": (128, "int"),
         "prompt_tokens": (1000, "int"),
@@ -96,6 +104,7 @@ class ReplicaSpec:
     tp: int = 1
     count: int = 1
     kv_blocks: int | None = None  # None: the fleet default
+    role: str = "both"  # prefill / decode / both: the router's pools (routes.yaml backends' role)
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,7 +129,8 @@ class FleetSpec:
         out = []
         for spec in self.replicas:
             for _ in range(spec.count):
-                out.append(ReplicaSpec(tp=spec.tp, count=1, kv_blocks=spec.kv_blocks or self.kv_blocks))
+                out.append(ReplicaSpec(tp=spec.tp, count=1, kv_blocks=spec.kv_blocks or self.kv_blocks,
+                                       role=spec.role))
         return out
 
 
@@ -250,8 +260,10 @@ def _workload(node: Node) -> WorkloadSpec:
             params[key] = child.integer(minimum=0)
         else:
             params[key] = child.number(minimum=0)
-    for key in ("users", "rounds", "groups", "prompts_per_group", "agents", "steps", "requests",
+    for key in ("users", "rounds", "groups", "prompts_per_group", "agents", "steps", "requests", "adapters",
                 "answer_tokens", "prompt_tokens"):
+        if key == "prompt_tokens" and kind == "lora":
+            continue  # 0: the adapters' requests share no instructions
         if key in params and params[key] < 1:
             node.get(key).fail(f"expected a value >= 1, found {params[key]}")
     return WorkloadSpec(kind=kind, params=params)
@@ -280,11 +292,12 @@ def _fleet(node: Node) -> FleetSpec:
     replicas = []
     reps_node = node.get("replicas", [{"tp": 1, "count": 2}])
     for item in reps_node.items():
-        item.mapping(("tp", "count", "kv_blocks"))
+        item.mapping(("tp", "count", "kv_blocks", "role"))
         replicas.append(ReplicaSpec(
             tp=item.get("tp", 1).integer(minimum=1, maximum=8),
             count=item.get("count", 1).integer(minimum=1, maximum=64),
             kv_blocks=item.get("kv_blocks").integer(minimum=1) if item.has("kv_blocks") else None,
+            role=item.get("role", "both").choice(("prefill", "decode", "both")),
         ))
     if not replicas:
         reps_node.fail("expected at least one replica")

@@ -46,6 +46,8 @@ def routes_yaml(model: str, backends: list[dict[str, Any]], policy: str, port: i
     endpoints when the fleet publishes them, as vllm-router:kv_aware gets them), no launch."""
     def backend(b: dict[str, Any]) -> dict[str, Any]:
         out: dict[str, Any] = {"url": b["url"], "tensor_parallel_size": b["tp"]}
+        if b.get("role", "both") != "both":
+            out["role"] = b["role"]
         if b.get("kv_events"):
             out["kv_events"] = {"endpoint": b["kv_events"], "topic": b.get("kv_topic", "")}
             if b.get("kv_replay"):
@@ -74,6 +76,12 @@ def router_argv(target: TargetSpec, *, model: str, backends: list[dict[str, Any]
         params = dict(target.params)
         terms = params.pop("terms", None)  # a variant's cost-term weights go to routing.terms
         tokenizer = params.pop("tokenizer", None)  # ... its tokenizer (a path, or "replica") to the model
+        if params.pop("aggregated", False):  # the same replicas, every one serving whole requests
+            for b in routes["models"][0]["backends"]:
+                b.pop("role", None)
+        disaggregation = params.pop("disaggregation", None)
+        if disaggregation is not None:
+            routes["models"][0]["disaggregation"] = dict(disaggregation)
         if tokenizer is not None:
             routes["models"][0]["tokenizer"] = tokenizer if tokenizer == "replica" else str(Path(tokenizer).resolve())
         if params:
@@ -82,7 +90,12 @@ def router_argv(target: TargetSpec, *, model: str, backends: list[dict[str, Any]
             routes["routing"]["terms"] = dict(terms)
         config.write_text(yaml.safe_dump(routes, sort_keys=False))
         return [sys.executable, "-m", "router", "--config", str(config)]
-    common = ["--worker-urls", *urls, "--host", "127.0.0.1", "--port", str(port),
+    workers = ["--worker-urls", *urls]
+    if "--vllm-pd-disaggregation" in target.args or "--pd-disaggregation" in target.args:
+        # The peers' P/D modes take the pools instead of --worker-urls ("both" joins each).
+        workers = [x for b in backends if b.get("role", "both") != "decode" for x in ("--prefill", b["url"])]
+        workers += [x for b in backends if b.get("role", "both") != "prefill" for x in ("--decode", b["url"])]
+    common = [*workers, "--host", "127.0.0.1", "--port", str(port),
               "--policy", target.policy, "--prometheus-host", "127.0.0.1",
               "--prometheus-port", str(free_port())]
     if target.kind == "vllm-router":

@@ -49,6 +49,7 @@ class Session:
     history: tuple[tuple[str, str], ...]  # (role, content) before turn 1
     turns: tuple[Turn, ...]
     group: str = ""  # shared_prefix: the group; others: the session id
+    model: str | None = None  # lora: the adapter it names; None: the scenario's model
 
     @property
     def requests(self) -> int:
@@ -84,6 +85,7 @@ def build(spec: WorkloadSpec, seed: int) -> Workload:
         "shared_prefix": _shared_prefix,
         "agentic": _agentic,
         "no_reuse": _no_reuse,
+        "lora": _lora,
     }[spec.kind]
     rng = random.Random(f"{spec.kind}:{seed}")
     return Workload(spec.kind, tuple(builder(spec, rng)))
@@ -148,6 +150,27 @@ def _agentic(spec: WorkloadSpec, rng: random.Random) -> list[Session]:
             turns.append(Turn(text=f"[tool result {step}] " + words(rng, spec.tool_result_tokens),
                               max_tokens=spec.answer_tokens, think_s=spec.think_time_s))
         sessions.append(Session(sid, system, (), tuple(turns), group=sid))
+    return sessions
+
+
+def adapter_name(k: int) -> str:
+    """The name of the lora workload's k-th adapter (the fleet's --lora-modules must serve it)."""
+    return f"adapter-{k}"
+
+
+def _lora(spec: WorkloadSpec, rng: random.Random) -> list[Session]:
+    """Requests for Zipf-popular adapters: each adapter's own task instructions (shared by its
+    requests, cached per adapter by vLLM) and a unique question."""
+    tasks: list[str | None] = [f"[task of {adapter_name(k)}] " + words(rng, spec.prompt_tokens)
+                               if spec.prompt_tokens else None for k in range(spec.adapters)]
+    counts = zipf_counts(spec.adapters, spec.requests, spec.zipf, rng)
+    sessions = []
+    for k, count in enumerate(counts):
+        for i in range(count):
+            sid = f"{adapter_name(k)}-q{i:04d}"
+            turn = Turn(text=f"[{sid}] " + words(rng, spec.question_tokens), max_tokens=spec.answer_tokens)
+            sessions.append(Session(sid, tasks[k], (), (turn,), group=adapter_name(k), model=adapter_name(k)))
+    rng.shuffle(sessions)
     return sessions
 
 

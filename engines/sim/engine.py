@@ -220,6 +220,7 @@ class Engine:
             name = req.keys.lora_name
             if name is not None and adapters.activate(name, in_use):
                 seconds += adapters.load_s
+                self.metrics.lora_loads.inc()
         self.metrics.set_lora_info(adapters.max_loras, in_use, self.sched.waiting_adapters())
         return seconds
 

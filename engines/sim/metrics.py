@@ -127,6 +127,9 @@ class SimMetrics:
         self._lora_series: OrderedDict[tuple[str, str, str], None] = OrderedDict()
 
     def enable_lora(self) -> None:
+        # The simulator's own counter (vLLM has none): adapters moved into GPU slots.
+        self.lora_loads = Counter("sim:lora_loads", "Adapters the simulated replica loaded into a GPU "
+                                  "slot (simulator only).", registry=self.registry)
         self.lora_info = Gauge("vllm:lora_requests_info", "Running stats on lora requests.",
                                ("max_lora", "waiting_lora_adapters", "running_lora_adapters"),
                                registry=self.registry)

@@ -15,8 +15,8 @@ Only a cost, never a filter: a burst for one adapter spreads once the loaded rep
 queue costs more than a load elsewhere (the queue term), so one adapter cannot pin every
 request to one replica.  None (no cost at all) for requests without an adapter.
 
-Parameters: lora_load_s (default 0.3 s: a rank-16 adapter of an 8B model from host memory
-is tens of milliseconds, from disk hundreds), lora_evict_s (default 0.15 s), lora_busy_s
+Parameters: lora_load_s (default 0.1 s: a rank-16 adapter of an 8B model from host memory
+is tens of milliseconds, from disk hundreds), lora_evict_s (default 0.05 s), lora_busy_s
 (default 1.0 s).  Not learned from the answers yet: set them for the fleet's adapters.
 """
 
@@ -32,8 +32,8 @@ if TYPE_CHECKING:
 NAME = "lora"
 NEEDS = ("adapters",)
 PARAMS = ("lora_load_s", "lora_evict_s", "lora_busy_s")
-DEFAULT_LOAD_S = 0.3
-DEFAULT_EVICT_S = 0.15
+DEFAULT_LOAD_S = 0.1
+DEFAULT_EVICT_S = 0.05
 DEFAULT_BUSY_S = 1.0
 LOADED, LOAD_FREE_SLOT, LOAD_EVICTING, BATCH_FULL = 0, 1, 2, 3  # the "adapters" producer's states
 
