@@ -19,7 +19,8 @@ The listeners, each owning one concern, in the order they are called:
                    refused the request (4xx) or the attempt failed; the same for the exact
                    index's pending blocks (predict-on-route), which expire after the end;
 * `AdapterFeedback` an attempt for a LoRA adapter puts it in the replica's likely GPU
-                   slots (router/lora.py), as vLLM will when it schedules the request;
+                   slots (router/lora.py), as vLLM will when it schedules the request,
+                   and counts it in flight there until it completes (batch slots);
 * `SuspectMarking` a connection-level failure makes the monitor probe the replica now;
 * `PolicyFeedback` time to first byte and decision metrics, and `policy.observe`;
 * `PredictionAccuracy` the predicted cached tokens against the answer's ``cached_tokens``.
@@ -135,7 +136,12 @@ class AdapterFeedback(Hook):
     def on_dispatch(self, attempt: Attempt) -> None:
         lora = attempt.route.lora
         if lora is not None:
-            attempt.replica.lora_slots.touch(lora)
+            attempt.replica.lora_slots.dispatched(lora)
+
+    def on_complete(self, attempt: Attempt, outcome: str) -> None:
+        lora = attempt.route.lora
+        if lora is not None:
+            attempt.replica.lora_slots.finished(lora)
 
 
 class BreakerFeedback(Hook):

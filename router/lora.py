@@ -45,12 +45,15 @@ class AdapterSlots:
     """The adapters a replica likely holds in its GPU slots, most recent last (bounded by
     its ``max_loras``, at most MAX_SLOTS)."""
 
-    __slots__ = ("_recent", "max_loras", "running")
+    __slots__ = ("_recent", "max_loras", "running", "in_flight")
 
     def __init__(self) -> None:
         self._recent: OrderedDict[str, None] = OrderedDict()
         self.max_loras: int | None = None  # reported; None: not yet
         self.running: frozenset[str] = frozenset()  # adapters of its running requests (scraped)
+        # This router's requests on it now, per adapter (dispatch +1, completion -1): fresher
+        # than the scrape.  Bounded: an entry leaves at 0, and requests in flight are bounded.
+        self.in_flight: dict[str, int] = {}
 
     @property
     def capacity(self) -> int:
@@ -71,6 +74,17 @@ class AdapterSlots:
         for name in sorted(load.waiting_adapters | load.running_adapters):
             self.touch(name)
 
+    def dispatched(self, name: str) -> None:
+        self.touch(name)
+        self.in_flight[name] = self.in_flight.get(name, 0) + 1
+
+    def finished(self, name: str) -> None:
+        left = self.in_flight.get(name, 0) - 1
+        if left > 0:
+            self.in_flight[name] = left
+        else:
+            self.in_flight.pop(name, None)
+
     def holds(self, name: str) -> bool:
         return name in self._recent
 
@@ -79,9 +93,11 @@ class AdapterSlots:
         return len(self._recent) >= self.capacity
 
     def batch_full_without(self, name: str) -> bool:
-        """Would a request for `name` wait for a batch slot (every slot busy with others)?"""
-        running = self.running
-        return len(running) >= self.capacity and name not in running
+        """Would a request for `name` wait for a batch slot (every slot busy with others)?
+        Busy: adapters the last scrape saw running, and those this router has requests of
+        in flight there now (running or queued: either way they hold the batch's slots)."""
+        busy = self.running.union(self.in_flight) if self.in_flight else self.running
+        return len(busy) >= self.capacity and name not in busy
 
     def names(self) -> list[str]:
         return list(self._recent)

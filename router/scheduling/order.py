@@ -111,7 +111,9 @@ class RequestsPerWeight:
 
 
 class ModelTurn:
-    """round_robin: each model's candidates in turn, the rotation kept per model."""
+    """round_robin: each model's candidates in turn, the rotation kept per model (an
+    adapter's requests take their base model's turn: one rotation over the same replicas,
+    not one per adapter, which would send every adapter to every replica in lockstep)."""
 
     name = "model_turn"
 
@@ -122,10 +124,11 @@ class ModelTurn:
     def values(self, request: RouteRequest, cands: Candidates) -> list[int]:
         n = cands.n
         turns = self._next
-        turn = turns.get(request.model, 0)
-        if len(turns) >= MAX_MODEL_COUNTERS and request.model not in turns:
+        model = request.index_model
+        turn = turns.get(model, 0)
+        if len(turns) >= MAX_MODEL_COUNTERS and model not in turns:
             turns.clear()
-        turns[request.model] = (turn + 1) % n
+        turns[model] = (turn + 1) % n
         start = turn % n
         self.last_start = start
         return [(i - start) % n for i in range(n)]

@@ -62,6 +62,13 @@ async def test_requests_for_an_adapter_go_where_it_is_loaded(make_sims, start_ro
     assert sum(s["lora_loads"] for s in seen) == len(ADAPTERS), seen
     slots = sorted(name for s in seen for name in s["lora_slots"])
     assert slots == sorted(ADAPTERS), seen  # each adapter in one replica's slot
+    # The router's own picture of the slots (/admin/replicas) is the replicas' real one.
+    async with http.get(server.url + "/admin/replicas") as resp:
+        view = {r["url"]: r for r in (await resp.json())["replicas"]}
+    for sim, seen_one in zip(sims, seen):
+        mine = view[sim.url]
+        assert mine["role"] == "both" and mine["adapters"] == sorted(ADAPTERS), mine
+        assert mine["adapter_slots"]["likely_loaded"] == seen_one["lora_slots"], (mine, seen_one)
 
 
 async def test_base_model_requests_are_not_charged_for_adapters(make_sims, start_router, http):
@@ -158,3 +165,14 @@ def test_adapter_slots_are_bounded() -> None:
     small = AdapterSlots()
     small.observe(EngineLoad(max_loras=2, running_adapters=frozenset({"p", "q"})))
     assert small.batch_full_without("r") and not small.batch_full_without("p")
+    # The router's own requests in flight fill batch slots before a scrape says so, and
+    # leave no entry behind once they end.
+    fresh = AdapterSlots()
+    fresh.observe(EngineLoad(max_loras=2))
+    fresh.dispatched("p")
+    fresh.dispatched("q")
+    fresh.dispatched("q")
+    assert fresh.batch_full_without("r") and not fresh.batch_full_without("q")
+    for name in ("p", "q", "q"):
+        fresh.finished(name)
+    assert fresh.in_flight == {} and not fresh.batch_full_without("r")
