@@ -7,9 +7,10 @@ COPY pyproject.toml README.md ./
 COPY router ./router
 COPY engines ./engines
 COPY yamlcheck ./yamlcheck
+COPY tokenization ./tokenization
 COPY benchmarks ./benchmarks
 COPY config ./config
-RUN pip install ".[sim]"
+RUN pip install ".[sim,kubernetes]"
 RUN useradd --system --uid 10001 router
 USER router
 EXPOSE 8000

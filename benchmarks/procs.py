@@ -191,3 +191,23 @@ class ResourceSampler:
         self.sample()
         return {"cpu_s": round(self._last_cpu - self._cpu0, 3), "peak_rss_mb": round(self._peak / 2**20, 1)}
 
+
+class ResourceSamplers:
+    """Several processes measured as one (the routers of a split target): CPU seconds and
+    peak RSS summed over them."""
+
+    def __init__(self, samplers: list[ResourceSampler]) -> None:
+        self.samplers = samplers
+
+    def start(self) -> None:
+        for sampler in self.samplers:
+            sampler.start()
+
+    def sample(self) -> None:
+        for sampler in self.samplers:
+            sampler.sample()
+
+    def stop(self) -> dict[str, float]:
+        parts = [sampler.stop() for sampler in self.samplers]
+        return {"cpu_s": round(sum(p["cpu_s"] for p in parts), 3),
+                "peak_rss_mb": round(sum(p["peak_rss_mb"] for p in parts), 1)}

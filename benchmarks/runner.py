@@ -169,8 +169,12 @@ async def prediction_counts(http, target: RunningTarget) -> dict[tuple[str, str]
     """Our router's prediction outcomes so far; None for the peers."""
     if target.spec.kind != "ours":
         return None
-    async with http.get(target.url + "/metrics") as resp:
-        return parse_prediction_counts(await resp.text())
+    total: dict[tuple[str, str], float] = {}
+    for url in target.urls:  # a split target: every router's predictions
+        async with http.get(url + "/metrics") as resp:
+            for key, value in parse_prediction_counts(await resp.text()).items():
+                total[key] = total.get(key, 0.0) + value
+    return total
 
 
 def prediction_summary(before: dict | None, after: dict | None) -> dict[str, Any] | None:
@@ -199,7 +203,7 @@ async def measure(scenario: Scenario, fleet: Fleet, target: RunningTarget, workl
     predicted_before = await prediction_counts(http, target)
     arrival = scenario.arrival
     spec = loadgen.LoadSpec(
-        url=target.url, model=scenario.model, api=scenario.api,
+        url=target.url, alt_urls=tuple(target.urls[1:]), model=scenario.model, api=scenario.api,
         arrival="poisson" if qps is not None else "closed", qps=qps or 0.0,
         concurrency=arrival.concurrency or 1, max_requests=scenario.limits.max_requests,
         max_duration_s=scenario.limits.max_duration_s, request_timeout_s=scenario.limits.request_timeout_s,

@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import shutil
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -25,7 +25,7 @@ from typing import Any
 import aiohttp
 import yaml
 
-from benchmarks.procs import Proc, Processes, ResourceSampler
+from benchmarks.procs import Proc, Processes, ResourceSampler, ResourceSamplers
 from benchmarks.scenario import TargetSpec
 from engines.sim.process import free_port
 
@@ -74,6 +74,7 @@ def router_argv(target: TargetSpec, *, model: str, backends: list[dict[str, Any]
         config.parent.mkdir(parents=True, exist_ok=True)
         routes = routes_yaml(model, backends, target.policy, port)
         params = dict(target.params)
+        params.pop("routers", None)  # how many of us (start_target), not a routing parameter
         terms = params.pop("terms", None)  # a variant's cost-term weights go to routing.terms
         tokenizer = params.pop("tokenizer", None)  # ... its tokenizer (a path, or "replica") to the model
         if params.pop("aggregated", False):  # the same replicas, every one serving whole requests
@@ -128,7 +129,13 @@ class RunningTarget:
     spec: TargetSpec
     url: str
     proc: Proc | None = None
-    sampler: ResourceSampler | None = None
+    sampler: ResourceSampler | ResourceSamplers | None = None
+    others: list[RunningTarget] = field(default_factory=list)  # more routers of a split target
+
+    @property
+    def urls(self) -> list[str]:
+        """Every router of the target; the client alternates between them."""
+        return [self.url, *(o.url for o in self.others)]
 
 
 async def start_target(target: TargetSpec, *, procs: Processes, model: str, backends: list[dict[str, Any]],
@@ -137,18 +144,28 @@ async def start_target(target: TargetSpec, *, procs: Processes, model: str, back
     """Start `target` and wait until it routes a request; `direct` starts nothing."""
     if target.kind == "direct":
         return RunningTarget(target, backends[0]["url"])
-    port = free_port()
-    argv = router_argv(target, model=model, backends=backends, port=port, run_dir=run_dir)
-    if cores is not None and shutil.which("taskset"):
-        argv = ["taskset", "-c", cores, *argv]
-    proc = procs.start(target.slug, argv, log_path=run_dir / "logs" / f"{target.slug}.log")
-    running = RunningTarget(target, f"http://127.0.0.1:{port}", proc, ResourceSampler(proc.pid))
+    routers = int(dict(target.params).get("routers", 1)) if target.kind == "ours" else 1
+    started: list[RunningTarget] = []
     try:
-        await wait_routes(running, model, http, startup_timeout_s)
+        for i in range(routers):  # `routers: N` (ours): N independent routers, one fleet
+            port = free_port()
+            argv = router_argv(target, model=model, backends=backends, port=port, run_dir=run_dir)
+            if cores is not None and shutil.which("taskset"):
+                argv = ["taskset", "-c", cores, *argv]
+            name = target.slug + (f"__router{i}" if routers > 1 else "")
+            proc = procs.start(name, argv, log_path=run_dir / "logs" / f"{name}.log")
+            started.append(RunningTarget(target, f"http://127.0.0.1:{port}", proc, ResourceSampler(proc.pid)))
+            await wait_routes(started[-1], model, http, startup_timeout_s)
     except BaseException:
-        procs.stop(proc)
+        for running in started:
+            if running.proc is not None:
+                procs.stop(running.proc)
         raise
-    return running
+    first = started[0]
+    if routers > 1:
+        first.others = started[1:]
+        first.sampler = ResourceSamplers([r.sampler for r in started if isinstance(r.sampler, ResourceSampler)])
+    return first
 
 
 async def wait_routes(target: RunningTarget, model: str, http: aiohttp.ClientSession, timeout_s: float) -> None:
@@ -176,5 +193,6 @@ async def wait_routes(target: RunningTarget, model: str, http: aiohttp.ClientSes
 
 
 def stop_target(target: RunningTarget, procs: Processes) -> None:
-    if target.proc is not None:
-        procs.stop(target.proc)
+    for running in (target, *target.others):
+        if running.proc is not None:
+            procs.stop(running.proc)

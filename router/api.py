@@ -23,6 +23,7 @@ the request id (the client's ``X-Request-Id`` or a generated one).
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import uuid
 from collections.abc import Callable
@@ -47,6 +48,7 @@ from yamlcheck import ConfigError
 
 if TYPE_CHECKING:
     from router.config import Config
+    from router.discovery import Discovery
     from router.flows import Disaggregated, SingleHop
     from router.membership import Reloader
     from router.prefix.exact import ExactIndex
@@ -89,6 +91,9 @@ class Api:
         self.proxy = proxy
         self.flow = flow
         self.pd_flow = pd_flow  # models with prefill and decode pools (flows.Disaggregated)
+        # Which process answers (/admin/replicas): with `router --workers N`, the worker's index.
+        self.worker: dict[str, int | None] = {"index": None, "pid": os.getpid()}
+        self.discovery: Discovery | None = None  # set by the Router
         self.telemetry = telemetry
         self.index = index
         self.exact = exact
@@ -415,6 +420,14 @@ class Api:
         return _json({"removed": {"model": replica.model, "url": replica.url,
                                   "in_flight": replica.in_flight}})
 
+    def _source(self, replica: Replica) -> str:
+        """Where a replica came from: the config, the admin API or discovery."""
+        if self.discovery is not None and self.discovery.owns(replica.model, replica.url):
+            return "discovery"
+        if self.reloader is not None and (replica.model, replica.url) in self.reloader.registered:
+            return "admin"
+        return "config"
+
     async def handle_replicas(self, request: web.Request) -> web.Response:
         self.keyring.check_admin(request.headers, request.remote)
         replicas = []
@@ -430,6 +443,7 @@ class Api:
                 "adapter_slots": {"likely_loaded": r.lora_slots.names(),
                                   "max_loras": r.lora_slots.max_loras,
                                   "running": sorted(r.lora_slots.running)},
+                "source": self._source(r),
                 "max_model_len": r.max_model_len, "in_flight": r.in_flight,
                 "consecutive_failures": r.consecutive_failures,
                 "circuit_breaker": {"state": r.breaker.state.value,
@@ -443,10 +457,12 @@ class Api:
                          "block_size": r.load.block_size, "num_gpu_blocks": r.load.num_gpu_blocks},
                 "kv_events": self.kv_events.stats(r.id) if self.kv_events is not None else None,
             })
-        payload: dict[str, Any] = {**profile.describe(), "replicas": replicas,
+        payload: dict[str, Any] = {**profile.describe(), "worker": self.worker, "replicas": replicas,
                                    "active_requests": len(self.proxy.active),
                                    "admission_queue": self.admission.waiting,
                                    "request_body_bytes_held": self.bodies.used}
+        if self.discovery is not None and self.discovery.states:
+            payload["discovery"] = self.discovery.stats()
         if self.index is not None and hasattr(self.index, "stats"):
             stats = self.index.stats()
             payload["prefix_index"] = {k: v for k, v in stats.items() if k != "replicas"}

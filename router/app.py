@@ -28,6 +28,7 @@ from router.api import Api
 from router.config import BackendConfig, Config, LaunchConfig
 from router.connections import ConnectionLimits, FrontDoorRunner, default_connection_cap, raise_fd_limit
 from router.cors import Cors
+from router.discovery import Discovery
 from router.errors import error_middleware
 from router.fleet import EngineLoad, Replica
 from router.flows import DECODE_TERMS, Disaggregated, SingleHop
@@ -40,10 +41,11 @@ from router.prefix.prompt_tokens import PromptTokens
 from router.prefix.subscriber import KVEvents
 from router.proxy import Proxy, connect_tracing
 from router.scheduling.presets import build_profile
-from router.telemetry import Telemetry, init_sentry
+from router.telemetry import Telemetry, init_sentry, multiprocess_dir
 from tokenization import ModelTokenizer
 from yamlcheck import Node
 
+METRICS_REFRESH_S = 1.0  # multiprocess mode: how stale another worker's scrape-time gauges may be
 log = logging.getLogger("router.app")
 
 ROUTER_KEY: web.AppKey[Router] = web.AppKey("router", object)  # type: ignore[arg-type]
@@ -92,9 +94,12 @@ async def launch_engines(launch: LaunchConfig) -> tuple[Any, list[tuple[str, Bac
 class Router:
     """One running router: the objects the request path and the background tasks share."""
 
-    def __init__(self, config: Config, *, registry: CollectorRegistry | None = None) -> None:
+    def __init__(self, config: Config, *, registry: CollectorRegistry | None = None,
+                 worker_index: int | None = None) -> None:
         self.config = config
-        self.telemetry = Telemetry(registry)
+        self.worker_index = worker_index  # which of `router --workers N` this is (router/workers.py)
+        self.telemetry = Telemetry(registry, multiprocess=multiprocess_dir() if worker_index is not None else None)
+        self._metrics_refresher: asyncio.Task[None] | None = None
         self.fleet = build_fleet(config)
         prefix = config.prefix
         self.index = PrefixIndex(prefix.capacity_blocks or DEFAULT_CAPACITY_BLOCKS,
@@ -121,18 +126,22 @@ class Router:
         self.launched: list[tuple[str, BackendConfig]] = []  # backends `launch:` started
         self.reloader = Reloader(self)
         self.fleet.listeners.append(FleetWiring(self))
+        self.discovery = Discovery(self.fleet)  # models' discovery: sections (DNS, Kubernetes)
 
     @classmethod
     async def create(cls, config: Config, *, registry: CollectorRegistry | None = None,
-                     launch: bool = True) -> Router:
-        """Launch engines if asked, then build everything (inside a running event loop)."""
+                     launch: bool = True, launched: list[tuple[str, BackendConfig]] | None = None,
+                     worker_index: int | None = None) -> Router:
+        """Launch engines if asked, then build everything (inside a running event loop).
+        `launched`: backends someone else launched (the supervisor of `--workers`)."""
         engines = None
-        launched: list[tuple[str, BackendConfig]] = []
+        launched = list(launched or [])
         if launch and config.launch is not None:
             engines, launched = await launch_engines(config.launch)
+        if launched:
             config = merge_backends(config, launched)
         try:
-            router = cls(config, registry=registry)
+            router = cls(config, registry=registry, worker_index=worker_index)
             router.engines = engines
             router.launched = launched
             router._build()
@@ -156,7 +165,7 @@ class Router:
                                            ttl_dns_cache=300),
             auto_decompress=False, timeout=aiohttp.ClientTimeout(total=None))
         self.loop_lag = LoopLag()
-        self.telemetry.loop_lag.set_function(self.loop_lag.recent_max)
+        self.telemetry.set_function(self.telemetry.loop_lag, (), self.loop_lag.recent_max)
         self.monitor = Monitor(self.fleet, self.probe_session, cfg.health, cfg.metrics,
                                self.telemetry, on_load=self._on_load, on_health=self._on_health,
                                loop_lag=self.loop_lag)
@@ -176,6 +185,8 @@ class Router:
                        index=self.index, exact=self.exact, kv_events=self.kv_events,
                        prompt_tokens=self.prompt_tokens)
         self.api.reloader = self.reloader
+        self.api.discovery = self.discovery
+        self.api.worker["index"] = self.worker_index
         app = web.Application(client_max_size=cfg.server.max_body_bytes,
                               middlewares=[self.api.request_id_middleware, error_middleware,
                                            self.api.path_guard, self.cors.middleware],
@@ -233,6 +244,15 @@ class Router:
         self.loop_lag.start()
         await self.monitor.start()
         self.kv_events.start(self.fleet, session=self.probe_session)
+        self.discovery.apply_config(self.config)
+        if self.telemetry.multiprocess is not None:
+            self._metrics_refresher = asyncio.create_task(self._refresh_metrics(), name="metrics refresh")
+
+    async def _refresh_metrics(self) -> None:
+        """Multiprocess mode: scrape-time gauges written every second, for the other workers."""
+        while True:
+            self.telemetry.refresh()
+            await asyncio.sleep(METRICS_REFRESH_S)
 
     def watch_kv_stream(self, replica_id: str) -> None:
         self.telemetry.watch_kv_stream(replica_id, lambda: self.kv_events.stats(replica_id))
@@ -242,6 +262,11 @@ class Router:
 
     async def close(self) -> None:
         """Stop background tasks, close the upstream session, stop launched engines."""
+        if self._metrics_refresher is not None:
+            self._metrics_refresher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._metrics_refresher
+        await self.discovery.close()
         if self.monitor is not None:
             await self.monitor.stop()
             await self.loop_lag.stop()
@@ -260,7 +285,7 @@ class Router:
 class Server:
     """A Router listening on a socket."""
 
-    def __init__(self, router: Router, runner: web.AppRunner, site: web.TCPSite, port: int) -> None:
+    def __init__(self, router: Router, runner: web.AppRunner, site: web.BaseSite, port: int) -> None:
         self.router = router
         self.runner = runner
         self.site = site
@@ -297,9 +322,11 @@ class Server:
         await self.runner.cleanup()
 
 
-async def serve(router: Router, host: str | None = None, port: int | None = None) -> Server:
-    """Listen on host:port (port 0: a free one).  Handlers are cancelled when their client
-    disconnects, which is what closes the upstream connection at once."""
+async def serve(router: Router, host: str | None = None, port: int | None = None, *,
+                sock: socket.socket | None = None) -> Server:
+    """Listen on host:port (port 0: a free one), or accept on `sock` (a worker of
+    `router --workers N`: the supervisor's socket).  Handlers are cancelled when their
+    client disconnects, which is what closes the upstream connection at once."""
     assert router.app is not None
     cfg = router.config.server
     host = cfg.host if host is None else host
@@ -311,14 +338,18 @@ async def serve(router: Router, host: str | None = None, port: int | None = None
                               on_refused=telemetry.connections_refused.inc,
                               on_head_timeout=telemetry.slow_heads.inc)
     router.connection_limits = limits
-    router.telemetry.connections.set_function(lambda: limits.open)
+    router.telemetry.set_function(router.telemetry.connections, (), lambda: limits.open)
     log.info("accepting up to %d client connections (file-descriptor limit %d), backlog %d",
              cap, fd_limit, cfg.backlog)
     runner = FrontDoorRunner(router.app, limits=limits, handler_cancellation=True,
                              access_log=None, shutdown_timeout=1.0,
                              keepalive_timeout=cfg.keepalive_timeout, auto_decompress=False)
     await runner.setup()
-    site = web.TCPSite(runner, host, port, backlog=cfg.backlog, reuse_address=True)
+    site: web.BaseSite
+    if sock is not None:
+        site = web.SockSite(runner, sock, backlog=cfg.backlog)
+    else:
+        site = web.TCPSite(runner, host, port, backlog=cfg.backlog, reuse_address=True)
     try:
         await site.start()
     except BaseException:

@@ -90,8 +90,8 @@ class ModelCatalog:
             return name, served
         if name in self.loadable:  # no replica serves it yet: its base model's may load it
             return name, self.fleet.for_model(self.loadable[name][0])
-        if self.fleet.for_model(canonical):  # configured, but no replica serves it
-            return canonical, []
+        if canonical in self.model_names or self.fleet.for_model(canonical):
+            return canonical, []  # configured (or replicas that do not list it): 503, not 404
         raise self.no_such_model(name, client)
 
     def adapter_of(self, name: str, replicas: list[Replica]) -> tuple[str, str | None] | None:

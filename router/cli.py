@@ -1,6 +1,7 @@
 """The `router` command.
 
     router --config config/routes.yaml [--host H] [--port P] [--log-level L] [--no-launch]
+           [--workers N]                N router processes on one port (router/workers.py)
     router check-config FILE          validate routes.yaml (and its launch: engines) and exit
 
 Exit status: 0 on success (and after a SIGTERM drain), 2 for a configuration error (the
@@ -13,7 +14,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
+import socket
 import sys
 from collections.abc import Coroutine, Sequence
 from typing import Any
@@ -24,6 +27,7 @@ from yamlcheck import ConfigError
 
 log = logging.getLogger("router.cli")
 EXIT_CONFIG = 2
+PARENT_POLL_S = 1.0  # how often a worker checks that its supervisor is alive
 
 
 def _check(path: str) -> Config:
@@ -49,16 +53,32 @@ def check_config(path: str) -> int:
     return 0
 
 
-async def _serve(config: Config, host: str | None, port: int | None, launch: bool) -> int:
+async def _watch_parent(parent: int, stop: asyncio.Event) -> None:
+    """A worker whose supervisor died (it is re-parented) drains and exits."""
+    while os.getppid() == parent:
+        await asyncio.sleep(PARENT_POLL_S)
+    log.warning("the supervisor (pid %d) is gone: draining", parent)
+    stop.set()
+
+
+async def _serve(config: Config, host: str | None, port: int | None, launch: bool,
+                 worker_fd: int | None = None, worker_index: int | None = None) -> int:
     from router.app import Router, serve
+    from router.workers import LAUNCHED_ENV, decode_launched
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    router = await Router.create(config, launch=launch)
+    sock = None
+    watcher = None
+    if worker_fd is not None:
+        sock = socket.socket(fileno=worker_fd)
+        watcher = loop.create_task(_watch_parent(os.getppid(), stop))
+    router = await Router.create(config, launch=launch, worker_index=worker_index,
+                                 launched=decode_launched(os.environ.get(LAUNCHED_ENV)) if sock is not None else None)
     try:
-        server = await serve(router, host, port)
+        server = await serve(router, host, port, sock=sock)
     except BaseException:
         await router.close()
         raise
@@ -77,10 +97,14 @@ async def _serve(config: Config, host: str | None, port: int | None, launch: boo
 
     loop.add_signal_handler(signal.SIGHUP, on_sighup)
     policy = router.policy.name
-    log.info("router %s serving on %s (policy %s, %d replica(s) of %s)", __version__, server.url,
+    who = f"worker {worker_index} (pid {os.getpid()}) " if worker_index is not None else ""
+    log.info("router %s %sserving on %s (policy %s, %d replica(s) of %s)", __version__, who, server.url,
              policy, len(router.fleet), ", ".join(router.fleet.models()) or "no model")
-    print(f"router listening on {server.url} (policy {policy})", file=sys.stderr, flush=True)
+    if worker_index is None:
+        print(f"router listening on {server.url} (policy {policy})", file=sys.stderr, flush=True)
     await stop.wait()
+    if watcher is not None:
+        watcher.cancel()
     log.info("signal received: draining")
     drained = await server.drain_and_close()
     log.info("router stopped (%s)", "drained" if drained else "drain timeout")
@@ -108,6 +132,11 @@ def build_parser() -> argparse.ArgumentParser:
                         choices=["debug", "info", "warning", "error", "critical"])
     parser.add_argument("--no-launch", action="store_true",
                         help="ignore the config's launch: block (engines already running)")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="router processes sharing the port, each a full router, under one "
+                             "supervisor that restarts them (default 1: no supervisor)")
+    parser.add_argument("--worker-fd", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--version", action="version", version=f"router {__version__}")
     return parser
 
@@ -132,8 +161,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     server = config.server
     setup_logging(args.log_level or server.log_level, server.log_format, server.access_log)
+    from router.workers import MAX_WORKERS, Supervisor
+
+    if not 1 <= args.workers <= MAX_WORKERS:
+        print(f"error: --workers: expected 1 to {MAX_WORKERS}, got {args.workers}", file=sys.stderr)
+        return EXIT_CONFIG
     try:
-        return _run(_serve(config, args.host, args.port, launch=not args.no_launch))
+        if args.workers > 1 and args.worker_fd is None:
+            return _run(Supervisor(config, argv, args.workers, host=args.host, port=args.port).run())
+        return _run(_serve(config, args.host, args.port, launch=not args.no_launch,
+                           worker_fd=args.worker_fd, worker_index=args.worker_index))
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_CONFIG

@@ -33,6 +33,7 @@ Docker secret).  They are fields with ``repr=False``, and no error message ever 
 
 from __future__ import annotations
 
+import importlib.util
 import ipaddress
 import os
 from collections.abc import Mapping
@@ -172,6 +173,49 @@ class DisaggregationConfig:
     transfer_timeout: float = 60.0  # the prefill hop's whole answer (it carries the transfer params)
 
 
+DNS_RECORDS = ("A", "AAAA", "SRV")
+
+
+@dataclass(frozen=True, slots=True)
+class DnsDiscoveryConfig:
+    """Replicas are the addresses a DNS name resolves to (router/discovery/dns.py)."""
+
+    name: str
+    record: str = "A"  # A | AAAA | SRV (SRV records carry each replica's port)
+    port: int | None = None  # A / AAAA: the replicas' port
+    nameservers: tuple[tuple[str, int], ...] = ()  # (host, port); empty: the system's resolver
+    interval: float = 10.0  # longest wait between resolutions (a shorter record TTL wins)
+    min_interval: float = 1.0  # shortest (a TTL of 0 must not make it spin)
+    timeout: float = 2.0
+
+
+@dataclass(frozen=True, slots=True)
+class KubernetesDiscoveryConfig:
+    """Replicas are the ready endpoints of EndpointSlices (router/discovery/kubernetes.py)."""
+
+    namespace: str
+    service: str | None = None  # the Service's slices (label kubernetes.io/service-name)
+    selector: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))  # or these labels
+    port: int | None = None  # the replicas' port; None: the slice's port named `port_name` (or its only one)
+    port_name: str | None = None
+    kubeconfig: str | None = None  # None: the in-cluster service account
+    context: str | None = None  # a kubeconfig context (None: its current one)
+    resync: float = 300.0  # seconds between full re-lists (a watch also restarts on any error)
+
+
+@dataclass(frozen=True, slots=True)
+class DiscoveryConfig:
+    """Where a model's replicas come from besides `backends:` (router/discovery/)."""
+
+    dns: DnsDiscoveryConfig | None = None
+    kubernetes: KubernetesDiscoveryConfig | None = None
+    scheme: str = "http"
+    max_replicas: int = 1024  # bound on the replicas one source may add
+    template: BackendConfig = field(default_factory=lambda: BackendConfig(url=""))  # url unused
+    kv_events_port: int | None = None  # per replica: tcp://ITS_ADDRESS:port
+    kv_replay_port: int | None = None
+
+
 REPLICA_TOKENIZER = "replica"  # `tokenizer: replica`: the replica's own POST /tokenize
 
 
@@ -183,11 +227,14 @@ class ModelConfig:
     tokenizer: str | None = None  # the model's tokenizer.json (or its directory): exact prefix index
     lora: LoraConfig = field(default_factory=LoraConfig)
     disaggregation: DisaggregationConfig = field(default_factory=DisaggregationConfig)
+    discovery: DiscoveryConfig | None = None
 
     @property
     def disaggregated(self) -> bool:
         """Served prefill-then-decode: it has a prefill pool and a decode pool."""
         roles = {b.role for b in self.backends}
+        if self.discovery is not None:
+            roles.add(self.discovery.template.role)
         return "prefill" in roles and "decode" in roles
 
 
@@ -311,7 +358,13 @@ _CORS_KEYS = ("allow_origins", "allow_methods", "allow_headers", "expose_headers
 _ADMISSION_KEYS = ("enabled", "queue_size", "max_wait", "max_waiting_per_replica",
                    "max_kv_usage", "priority_header", "rate_limit", "max_clients")
 _BREAKER_KEYS = ("failure_threshold", "ejection_time", "max_ejection_time", "max_retry_after")
-_MODEL_KEYS = ("name", "aliases", "backends", "tokenizer", "lora", "disaggregation")
+_MODEL_KEYS = ("name", "aliases", "backends", "tokenizer", "lora", "disaggregation", "discovery")
+_DISCOVERY_KEYS = ("dns", "kubernetes", "scheme", "max_replicas", "backend")
+_DNS_KEYS = ("name", "record", "port", "nameservers", "interval", "min_interval", "timeout")
+_K8S_KEYS = ("namespace", "service", "selector", "port", "port_name", "kubeconfig", "context", "resync")
+_TEMPLATE_KEYS = ("tensor_parallel_size", "weight", "labels", "api_key", "api_key_env", "api_key_file",
+                  "kv_events", "role")
+_TEMPLATE_KV_KEYS = ("port", "replay_port", "topic")
 _LORA_KEYS = ("adapters", "dynamic_loading", "load_timeout", "max_loads_in_flight")
 _DISAGG_KEYS = ("min_prompt_tokens", "skip_cached_fraction", "transfer_timeout")
 _BACKEND_KEYS = ("url", "tensor_parallel_size", "weight", "labels", "api_key", "api_key_env",
@@ -617,6 +670,92 @@ def _backend(node: Node, env: Mapping[str, str], base_dir: Path | None = None) -
     )
 
 
+def _nameserver(node: Node) -> tuple[str, int]:
+    value = node.string()
+    host, port = value, 53
+    if value.startswith("["):  # [v6]:port
+        host, _, rest = value[1:].partition("]")
+        port = int(rest[1:]) if rest.startswith(":") and rest[1:].isdigit() else 53
+    elif value.count(":") == 1:
+        host, _, tail = value.partition(":")
+        if not tail.isdigit():
+            node.fail(f"expected HOST or HOST:PORT, found {describe(value)}")
+        port = int(tail)
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        node.fail(f"expected a name server's IP address (optionally :PORT), found {describe(value)}")
+    if not 0 < port < 65536:
+        node.fail(f"expected a port from 1 to 65535, found {port}")
+    return host, port
+
+
+def _dns_discovery(node: Node) -> DnsDiscoveryConfig:
+    node.mapping(_DNS_KEYS)
+    record = node.get("record", "A").choice(DNS_RECORDS)
+    port = None
+    if record != "SRV":
+        port = _int(node, "port", None, minimum=1, maximum=65535)
+    elif node.has("port"):
+        node.get("port").fail("SRV records carry each replica's port: remove port")
+    interval = _num(node, "interval", 10.0)
+    min_interval = _num(node, "min_interval", min(1.0, interval), maximum=interval)
+    return DnsDiscoveryConfig(
+        name=node.get("name").string().rstrip("."), record=record, port=port,
+        nameservers=tuple(_nameserver(n) for n in node.get("nameservers", []).items()),
+        interval=interval, min_interval=min_interval, timeout=_num(node, "timeout", 2.0))
+
+
+def _kubernetes_discovery(node: Node, base_dir: Path | None) -> KubernetesDiscoveryConfig:
+    node.mapping(_K8S_KEYS)
+    if importlib.util.find_spec("kubernetes_asyncio") is None:
+        node.fail("Kubernetes discovery needs the kubernetes_asyncio package: "
+                  "pip install 'vllm-smart-router[kubernetes]'")
+    service = node.get("service", None).optional_string()
+    selector = node.get("selector", {}).string_map()
+    if (service is None) == (not selector):
+        node.fail("give exactly one of service (a Service's EndpointSlices) and selector "
+                  "(EndpointSlices with these labels)")
+    port = _int(node, "port", None, minimum=1, maximum=65535) if node.has("port") else None
+    port_name = node.get("port_name", None).optional_string()
+    if port is not None and port_name is not None:
+        node.get("port_name").fail("give only one of port and port_name")
+    kubeconfig = node.get("kubeconfig", None).optional_string()
+    return KubernetesDiscoveryConfig(
+        namespace=node.get("namespace").string(), service=service,
+        selector=MappingProxyType(selector), port=port, port_name=port_name,
+        kubeconfig=str(_resolve_path(kubeconfig, base_dir)) if kubeconfig else None,
+        context=node.get("context", None).optional_string(), resync=_num(node, "resync", 300.0))
+
+
+def _discovery(node: Node, env: Mapping[str, str], base_dir: Path | None) -> DiscoveryConfig | None:
+    if node.value is None:
+        return None
+    node.mapping(_DISCOVERY_KEYS)
+    if not node.has("dns") and not node.has("kubernetes"):
+        node.fail("expected dns: or kubernetes: (where the replicas are listed)")
+    dns = _dns_discovery(node.get("dns")) if node.has("dns") else None
+    kubernetes = _kubernetes_discovery(node.get("kubernetes"), base_dir) if node.has("kubernetes") else None
+    template = node.get("backend", {})
+    template.mapping(_TEMPLATE_KEYS)
+    kv_port = kv_replay = None
+    kv_topic = None
+    if template.has("kv_events"):
+        kv = template.get("kv_events").mapping(_TEMPLATE_KV_KEYS)
+        kv_port = _int(kv, "port", None, minimum=1, maximum=65535)
+        kv_replay = _int(kv, "replay_port", None, minimum=1, maximum=65535) if kv.has("replay_port") else None
+        kv_topic = kv.get("topic", "").string(non_empty=False)
+    backend = BackendConfig(
+        url="", tensor_parallel_size=_int(template, "tensor_parallel_size", 1, minimum=1, maximum=1024),
+        weight=_num(template, "weight", 1.0), labels=MappingProxyType(template.get("labels", {}).string_map()),
+        api_key=_secret(template, "api_key", env, base_dir), role=template.get("role", "both").choice(ROLES),
+        kv_events_topic=kv_topic)
+    return DiscoveryConfig(dns=dns, kubernetes=kubernetes,
+                           scheme=node.get("scheme", "http").choice(("http", "https")),
+                           max_replicas=_int(node, "max_replicas", 1024, minimum=1, maximum=65536),
+                           template=backend, kv_events_port=kv_port, kv_replay_port=kv_replay)
+
+
 def _lora(node: Node, names: dict[str, str]) -> LoraConfig:
     if node.value is None:
         return LoraConfig()
@@ -676,14 +815,16 @@ def _models(node: Node, env: Mapping[str, str],
         tokenizer = _tokenizer_path(item.get("tokenizer"), base_dir) if item.has("tokenizer") else None
         lora = _lora(item.get("lora", None), names)
         disaggregation = _disaggregation(item.get("disaggregation", None))
-        roles = {b.role for b in backends}
+        discovery = _discovery(item.get("discovery", None), env, base_dir)
+        roles = {b.role for b in backends} | ({discovery.template.role} if discovery else set())
         if ("prefill" in roles) != ("decode" in roles):
             have, lack = ("prefill", "decode") if "prefill" in roles else ("decode", "prefill")
             item.get("backends").fail(f"model '{name}' has {have} backends but no {lack} backend: "
                                       "disaggregated serving needs both pools (role: prefill and "
                                       "role: decode; 'both' serves whole requests)")
         models.append(ModelConfig(name=name, aliases=tuple(aliases), backends=tuple(backends),
-                                  tokenizer=tokenizer, lora=lora, disaggregation=disaggregation))
+                                  tokenizer=tokenizer, lora=lora, disaggregation=disaggregation,
+                                  discovery=discovery))
     return tuple(models)
 
 
@@ -829,9 +970,10 @@ def parse_config(data: Any, file: str | Path | None = None, *,
         root.get("models", None).fail(
             "expected at least one model with backends (or a `launch:` block that starts them)")
     for i, model in enumerate(models):
-        if not model.backends and launch is None:
+        if not model.backends and launch is None and model.discovery is None:
             Node(None, f"models[{i}].backends", file).fail(
-                f"model '{model.name}' needs at least one backend (or a `launch:` block)")
+                f"model '{model.name}' needs at least one backend (or a `discovery:` section, "
+                "or a `launch:` block)")
     auth = _auth(root.get("auth", {}), env, base_dir)
     return Config(
         server=_server(root.get("server", {})),

@@ -175,6 +175,7 @@ class Reloader:
         added, removed, updated = self._apply_backends(config)
         # A new profile adopts what the old one learned, so any change to `routing` rebuilds.
         router.apply_config(config, rebuild_policy=old.routing != config.routing, tokenizers=tokenizers)
+        router.discovery.apply_config(config)  # changed discovery: sections restart
         summary = {"file": config.file, "applied": live, "restart_required": restart,
                    "replicas_added": added, "replicas_removed": removed,
                    "replicas_updated": updated, **router.policy.describe()}
@@ -190,7 +191,7 @@ class Reloader:
         added, removed, updated = [], [], []
         for replica in list(fleet):
             key = (replica.model, replica.url)
-            if key in self.registered:
+            if key in self.registered or self.router.discovery.owns(*key):
                 continue
             backend = wanted.get(key)
             if backend is None:

@@ -4,6 +4,13 @@ Metrics live in a `CollectorRegistry` that the app creates (no module globals, s
 routers in one process - as in the tests - never share counters).  Every name starts with
 ``router_``; the ``vllm:`` names belong to the engines and are never reused here.
 
+With ``router --workers N`` (router/workers.py) every worker is a process of its own:
+prometheus-client's multiprocess mode (``PROMETHEUS_MULTIPROC_DIR``) keeps each worker's
+values in files, and whichever worker answers /metrics reads them all, so counters and
+histograms are sums over workers and each gauge says how it combines (``multiprocess_mode``:
+a sum for in-flight counts, the most recent value for what a worker read off a replica).
+Gauges computed at scrape time are set every second in that mode instead.
+
 The access log writes one line per request on the ``router.access`` logger: JSON (one
 object per line) or a compact ``key=value`` text line.
 """
@@ -23,6 +30,7 @@ import orjson
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.metrics import MetricWrapperBase
+from prometheus_client.multiprocess import MultiProcessCollector
 
 from router import __version__
 from router.breaker import Breaker, BreakerState
@@ -45,11 +53,35 @@ NO_REPLICA = "none"  # replica label of requests answered by the router itself
 _PD_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+GaugeFunction = tuple[Gauge, Callable[[], float]]
+
+
+def multiprocess_dir() -> str | None:
+    """The directory of prometheus-client's multiprocess mode, when this process is a worker
+    of ``router --workers N`` (the supervisor sets it)."""
+    return os.environ.get(MULTIPROC_ENV) or None
+
+
+class _Collected:
+    """Hands one metric of this process to another registry (the multiprocess page)."""
+
+    def __init__(self, metric: Info) -> None:
+        self.metric = metric
+
+    def collect(self) -> Any:
+        return self.metric.collect()
+
+
 class Telemetry:
     """All router_ metrics, registered in a registry owned by this object."""
 
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    def __init__(self, registry: CollectorRegistry | None = None, *,
+                 multiprocess: str | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
+        self.multiprocess = multiprocess  # the directory, for a worker of `router --workers N`
+        # Scrape-time gauges in multiprocess mode, set by refresh(): (name, labels) -> child, function
+        self._functions: dict[tuple[str, tuple[str, ...]], GaugeFunction] = {}
         r = self.registry
         self.build_info = Info("router_build", "Router version and active routing policy.",
                                registry=r)
@@ -65,14 +97,17 @@ class Telemetry:
             buckets=LATENCY_BUCKETS, registry=r)
         self.in_flight = Gauge(
             "router_in_flight_requests", "Requests dispatched to a replica and not finished.",
-            ["model", "replica"], registry=r)
+            ["model", "replica"], registry=r,
+            multiprocess_mode="livesum")
         self.health = Gauge(
             "router_replica_health", "Replica health state (1 for the current state).",
-            ["model", "replica", "state"], registry=r)
+            ["model", "replica", "state"], registry=r,
+            multiprocess_mode="livemostrecent")
         self.engine_load = Gauge(
             "router_replica_engine_load", "Load the replica last reported on /metrics: "
             "running and waiting requests, KV cache usage (0..1).",
-            ["model", "replica", "kind"], registry=r)
+            ["model", "replica", "kind"], registry=r,
+            multiprocess_mode="livemostrecent")
         self.pd_requests = Counter(
             "router_pd_requests", "Requests of disaggregated models by path: disaggregated "
             "(prefill hop, then decode hop) or why the prefill hop was skipped.", ["model", "path"],
@@ -114,13 +149,15 @@ class Telemetry:
             "queue_full, queue_timeout, body_budget, ejected.", ["reason"], registry=r)
         self.queue_length = Gauge(
             "router_admission_queue_length", "Requests waiting for a saturated fleet.",
-            ["model"], registry=r)
+            ["model"], registry=r,
+            multiprocess_mode="livesum")
         self.queue_wait = Histogram(
             "router_admission_wait_seconds", "Time requests waited in the admission queue "
             "(admitted ones).", ["model"], buckets=LATENCY_BUCKETS, registry=r)
         self.breaker_state = Gauge(
             "router_replica_circuit_breaker", "Circuit breaker state of each replica (1 for "
-            "the current state).", ["replica", "state"], registry=r)
+            "the current state).", ["replica", "state"], registry=r,
+            multiprocess_mode="livemostrecent")
         self.ejections = Counter(
             "router_replica_ejections", "Times a replica's circuit breaker opened.",
             ["replica"], registry=r)
@@ -128,10 +165,12 @@ class Telemetry:
             "router_retry_budget_exhausted", "Retries not made because the retry budget was "
             "spent.", ["model"], registry=r)
         self.connections = Gauge(
-            "router_client_connections", "Client connections open now.", registry=r)
+            "router_client_connections", "Client connections open now.", registry=r,
+            multiprocess_mode="livesum")
         self.loop_lag = Gauge(
             "router_event_loop_lag_seconds", "The longest stall of the router's event loop in "
-            "the last 10 s (timeouts during one do not count against replicas).", registry=r)
+            "the last 10 s (timeouts during one do not count against replicas).", registry=r,
+            multiprocess_mode="livemax")
         self.connections_refused = Counter(
             "router_client_connections_refused", "Client connections closed at once for being "
             "over server.max_connections.", registry=r)
@@ -153,13 +192,14 @@ class Telemetry:
             "connected (0/1), exact (1: routed by the exact index, 0: approximate), last_sequence, "
             "blocks (held in the exact index), and totals since the router started: events, "
             "gaps, gaps_replayed, gaps_lost, restarts, replays, bad_messages.",
-            ["replica", "kind"], registry=r)
+            ["replica", "kind"], registry=r, multiprocess_mode="livemostrecent")
         self.tokenize_seconds = Histogram(
             "router_tokenize_seconds", "Time to tokenize a request for the exact prefix index "
             "(on or off the event loop).", ["model"], buckets=DECISION_BUCKETS, registry=r)
         self.body_bytes = Gauge(
             "router_request_body_bytes_held", "Bytes of request bodies held now (budget: "
-            "server.max_inflight_body_bytes).", registry=r)
+            "server.max_inflight_body_bytes).", registry=r,
+            multiprocess_mode="livesum")
 
     # -- helpers used by the proxy and the monitor -----------------------------------
     def set_info(self, policy: str) -> None:
@@ -186,6 +226,8 @@ class Telemetry:
             for labels in list(getattr(metric, "_metrics", {})):
                 if labels[at] == replica_id:
                     metric.remove(*labels)
+        for key in [k for k in self._functions if replica_id in k[1]]:
+            del self._functions[key]
 
     def set_breaker(self, replica_id: str, breaker: Breaker, reason: str) -> None:
         for state in BreakerState:
@@ -213,7 +255,25 @@ class Telemetry:
             return value
         for kind in ("connected", "exact", "last_sequence", "blocks", "events", "gaps", "gaps_replayed",
                      "gaps_lost", "restarts", "replays", "bad_messages"):
-            self.kv_stream.labels(replica_id, kind).set_function(reader(kind))
+            self.set_function(self.kv_stream, (replica_id, kind), reader(kind))
+
+    def set_function(self, gauge: Gauge, labels: tuple[str, ...], read: Callable[[], float]) -> None:
+        """A gauge child read at scrape time; in multiprocess mode set by refresh() instead
+        (a worker cannot call another's function)."""
+        child = gauge.labels(*labels) if labels else gauge
+        if self.multiprocess is None:
+            child.set_function(read)
+        else:
+            self._functions[(gauge._name, labels)] = (child, read)
+
+    def refresh(self) -> None:
+        """Multiprocess mode: write every scrape-time gauge's value now (every second, and
+        before this worker renders /metrics)."""
+        for child, read in list(self._functions.values()):
+            try:
+                child.set(read())
+            except Exception:  # noqa: BLE001 - a broken reader must not break /metrics
+                log.exception("metric function failed")
 
     def set_in_flight(self, replica: Replica) -> None:
         self.in_flight.labels(replica.model, replica.id).set(replica.in_flight)
@@ -225,7 +285,13 @@ class Telemetry:
         self.engine_load.labels(replica.model, replica.id, "kv_cache_usage").set(load.kv_cache_usage)
 
     def render(self) -> tuple[bytes, str]:
-        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+        if self.multiprocess is None:
+            return generate_latest(self.registry), CONTENT_TYPE_LATEST
+        self.refresh()
+        every_worker = CollectorRegistry()
+        MultiProcessCollector(every_worker, path=self.multiprocess)  # type: ignore[no-untyped-call]
+        every_worker.register(_Collected(self.build_info))  # Info has no multiprocess mode
+        return generate_latest(every_worker), CONTENT_TYPE_LATEST
 
 
 @dataclass(slots=True)

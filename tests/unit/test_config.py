@@ -377,3 +377,33 @@ def test_roles_lora_and_disaggregation_sections() -> None:
     clash = {"models": [{"name": "m", "backends": ["http://127.0.0.1:8101"],
                          "lora": {"adapters": {"m": "/x"}}}]}
     assert "already used" in str(error(clash))
+
+
+def test_discovery_sections() -> None:
+    doc = {"models": [{"name": "m", "discovery": {
+        "dns": {"name": "vllm.llm.svc.cluster.local.", "port": 8000,
+                "nameservers": ["10.96.0.10", "127.0.0.1:5353"], "interval": 20},
+        "kubernetes": {"namespace": "llm", "service": "vllm", "port_name": "http"},
+        "backend": {"tensor_parallel_size": 2, "labels": {"pool": "a"},
+                    "kv_events": {"port": 5557, "replay_port": 5558, "topic": "kv"}}}}]}
+    discovery = parse_config(doc, "routes.yaml").models[0].discovery
+    assert discovery is not None and discovery.dns is not None and discovery.kubernetes is not None
+    assert discovery.dns.name == "vllm.llm.svc.cluster.local" and discovery.dns.record == "A"
+    assert discovery.dns.nameservers == (("10.96.0.10", 53), ("127.0.0.1", 5353))
+    assert discovery.dns.interval == 20 and discovery.dns.min_interval == 1.0
+    assert discovery.kubernetes.service == "vllm" and discovery.kubernetes.kubeconfig is None
+    assert discovery.template.tensor_parallel_size == 2 and discovery.kv_events_port == 5557
+    assert discovery.max_replicas == 1024
+
+    def discovery_error(section: dict) -> str:
+        return str(error({"models": [{"name": "m", "discovery": section}]}))
+
+    assert "models[0].discovery: expected dns: or kubernetes:" in discovery_error({"scheme": "http"})
+    message = discovery_error({"dns": {"name": "x", "record": "SRV", "port": 80}})
+    assert "models[0].discovery.dns.port" in message and "SRV records carry" in message
+    assert "models[0].discovery.dns.nameservers[0]" in discovery_error(
+        {"dns": {"name": "x", "port": 80, "nameservers": ["dns.example"]}})
+    assert "exactly one of service" in discovery_error(
+        {"kubernetes": {"namespace": "n", "service": "s", "selector": {"app": "v"}}})
+    assert "models[0].discovery.kubernetes.namespace" in discovery_error({"kubernetes": {"service": "s"}})
+    assert "did you mean 'interval'" in discovery_error({"dns": {"name": "x", "port": 80, "intervall": 3}})

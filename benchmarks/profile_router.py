@@ -1,0 +1,133 @@
+"""Where the router's CPU goes per request: the overhead scenario's closed loop, profiled.
+
+    python -m benchmarks.profile_router                      # CPU per request, no profiler
+    python -m benchmarks.profile_router --profile out.prof   # ... under cProfile, top functions printed
+    python -m benchmarks.profile_router --workers 2
+
+One simulated replica answering in microseconds (time scale 10,000), the router on core 0,
+the simulator and a closed loop of `--clients` streaming chat clients on core 1 (the
+overhead scenario's setup: 64-token prompts, 8 output tokens, `stream_options.include_usage`).
+CPU per request = the router's CPU seconds (psutil, its process tree) over the requests
+answered in the measured window, after a warm-up.  cProfile roughly doubles the CPU time;
+its figures rank functions, the no-profiler run gives the number.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import pstats
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import aiohttp
+import psutil
+import yaml
+
+from engines.sim.process import SimProcess, free_port
+
+MODEL = "sim-model"
+PROMPT = "Reply with a few words about routing. " * 7  # ~64 tokens
+
+
+def tree_cpu(proc: psutil.Process) -> float:
+    total = 0.0
+    for p in [proc, *proc.children(recursive=True)]:
+        try:
+            times = p.cpu_times()
+            total += times.user + times.system
+        except psutil.Error:
+            pass
+    return total
+
+
+async def closed_loop(url: str, clients: int, seconds: float) -> int:
+    done = 0
+    stop = time.monotonic() + seconds
+    body = {"model": MODEL, "messages": [{"role": "user", "content": PROMPT}], "max_tokens": 8,
+            "stream": True, "stream_options": {"include_usage": True}}
+
+    async def client(http: aiohttp.ClientSession, i: int) -> None:
+        nonlocal done
+        n = 0
+        while time.monotonic() < stop:
+            body["messages"][0]["content"] = f"{i} {n} {PROMPT}"
+            async with http.post(url + "/v1/chat/completions", json=body) as resp:
+                await resp.read()
+                if resp.status == 200:
+                    done += 1
+            n += 1
+
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector) as http:
+        await asyncio.gather(*(client(http, i) for i in range(clients)))
+    return done
+
+
+async def main_async(args: argparse.Namespace) -> int:
+    if hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, {args.client_core})
+    async with SimProcess(MODEL, time_scale=10000, args=["--num-gpu-blocks", "16384"]) as sim:
+        port = free_port()
+        with tempfile.TemporaryDirectory() as tmp:
+            routes = Path(tmp) / "routes.yaml"
+            routes.write_text(yaml.safe_dump({
+                "server": {"host": "127.0.0.1", "port": port, "access_log": False},
+                "models": [{"name": MODEL, "backends": [sim.url]}],
+                "routing": {"policy": args.policy}}))
+            cmd = [sys.executable]
+            if args.profile:
+                cmd += ["-m", "cProfile", "-o", args.profile]
+            cmd += ["-m", "router", "--config", str(routes), "--workers", str(args.workers)]
+            if args.workers == 1:
+                cmd = cmd[:-2]
+            router = subprocess.Popen(["taskset", "-c", args.router_cores, *cmd],
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            url = f"http://127.0.0.1:{port}"
+            async with aiohttp.ClientSession() as http:
+                for _ in range(200):
+                    try:
+                        async with http.get(url + "/ready") as resp:
+                            if resp.status == 200:
+                                break
+                    except aiohttp.ClientError:
+                        pass
+                    await asyncio.sleep(0.05)
+            proc = psutil.Process(router.pid)
+            await closed_loop(url, args.clients, args.warmup)
+            before = tree_cpu(proc)
+            started = time.monotonic()
+            done = await closed_loop(url, args.clients, args.seconds)
+            elapsed = time.monotonic() - started
+            cpu = tree_cpu(proc) - before
+            router.send_signal(signal.SIGTERM)
+            router.wait(60)
+    print(f"requests {done} in {elapsed:.1f}s = {done / elapsed:.0f} req/s; router CPU {cpu:.2f}s "
+          f"= {1000 * cpu / max(done, 1):.3f} ms/request (policy {args.policy}, workers {args.workers})")
+    if args.profile:
+        stats = pstats.Stats(args.profile)
+        stats.sort_stats("tottime").print_stats(args.top)
+    return 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--policy", default="cache_aware")
+    parser.add_argument("--clients", type=int, default=64)
+    parser.add_argument("--seconds", type=float, default=8.0)
+    parser.add_argument("--warmup", type=float, default=2.0)
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--router-cores", default="0")
+    parser.add_argument("--client-core", type=int, default=1)
+    parser.add_argument("--profile", default=None, help="write cProfile stats here and print the top")
+    parser.add_argument("--top", type=int, default=45)
+    return asyncio.run(main_async(parser.parse_args()))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,148 @@
+"""DNS discovery (router/discovery/dns.py) against a real DNS server on loopback: Debian's
+dnsmasq, answering for `*.test` from a hosts directory that the test rewrites (dnsmasq
+re-reads it through inotify), records with a TTL of 1 s.
+
+The replicas are simulators on 127.0.0.2, .3 and .4 (all loopback), on one port, as the
+pods of a headless Service are.  Checked through the router's HTTP surface: replicas join
+when their record appears (and get traffic only after their first passing probe), a
+record's short TTL is followed although the configured interval is 30 s, a replica whose
+record goes drains its in-flight stream and leaves, NXDOMAIN empties the model, and a DNS
+outage changes nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from _loopback import HOSTS, gone, port_free_on_all, replicas
+from conftest import MODEL, routes, wait_async
+
+from engines.sim.process import SimProcess
+
+DNSMASQ = shutil.which("dnsmasq") or ("/usr/sbin/dnsmasq" if Path("/usr/sbin/dnsmasq").exists() else None)
+pytestmark = pytest.mark.skipif(DNSMASQ is None, reason="dnsmasq not installed (make test installs "
+                                                        "Debian's dnsmasq-base)")
+NAME = "replicas.vllm.test"
+
+
+def udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class Dnsmasq:
+    def __init__(self, root: Path) -> None:
+        self.hosts_dir = root / "hosts"
+        self.hosts_dir.mkdir()
+        self.port = udp_port()
+        self.log = root / "dnsmasq.log"
+        self.proc: subprocess.Popen | None = None
+
+    def serve(self, *addresses: str) -> None:
+        """Rewrite the records of NAME (atomically: dnsmasq never reads half a file)."""
+        tmp = self.hosts_dir.parent / "fleet.tmp"
+        tmp.write_text("".join(f"{a} {NAME}\n" for a in addresses))
+        tmp.replace(self.hosts_dir / "fleet")
+
+    def start(self) -> None:
+        assert DNSMASQ is not None
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(
+                [DNSMASQ, "--keep-in-foreground", f"--port={self.port}", "--listen-address=127.0.0.1",
+                 "--bind-interfaces", "--no-resolv", "--no-hosts", f"--hostsdir={self.hosts_dir}",
+                 "--local=/test/", "--local-ttl=1", "--user=root", "--group=root", "--pid-file=",
+                 "--log-facility=-", "--conf-file=/dev/null"],
+                stdout=log, stderr=subprocess.STDOUT)
+        time.sleep(0.3)
+        assert self.proc.poll() is None, self.log.read_text()
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(5)
+
+
+@pytest.fixture
+def dnsmasq(tmp_path):
+    server = Dnsmasq(tmp_path)
+    server.serve()
+    server.start()
+    yield server
+    server.stop()
+
+
+async def test_dns_discovery_join_leave_ttl_and_outage(dnsmasq, start_router, http):
+    port = port_free_on_all(HOSTS)
+    sims = [SimProcess(MODEL, host=h, port=port, time_scale=5) for h in HOSTS[:2]]
+    await asyncio.gather(*(s.start() for s in sims))
+    try:
+        a, b = (f"http://{h}:{port}" for h in HOSTS[:2])
+        never_up = f"http://{HOSTS[2]}:{port}"
+        dnsmasq.serve(HOSTS[0])
+        doc = routes([], policy="round_robin")
+        doc["models"][0]["discovery"] = {
+            "dns": {"name": NAME, "port": port, "nameservers": [f"127.0.0.1:{dnsmasq.port}"],
+                    "interval": 30, "min_interval": 0.2, "timeout": 1},
+            "backend": {"labels": {"pool": "dns"}}}
+        server = await start_router(doc, wait_healthy=False)
+
+        async def healthy(*urls: str) -> bool:
+            seen = await replicas(http, server.url)
+            return all(seen.get(u, {}).get("health") == "healthy" for u in urls)
+
+        await wait_async(lambda: healthy(a), timeout=10)
+        seen = await replicas(http, server.url)
+        assert set(seen) == {a} and seen[a]["source"] == "discovery" and seen[a]["labels"] == {"pool": "dns"}
+
+        # A record appears: with interval 30 s only the 1 s TTL can make it join this fast.
+        started = time.monotonic()
+        dnsmasq.serve(HOSTS[0], HOSTS[1], HOSTS[2])
+        await wait_async(lambda: healthy(a, b), timeout=8)
+        assert time.monotonic() - started < 8
+        seen = await replicas(http, server.url)
+        assert seen[never_up]["health"] in ("unknown", "unhealthy")  # listed, never probed OK
+        for i in range(12):  # the one that never came up gets none of them
+            async with http.post(server.url + "/v1/completions",
+                                 json={"model": MODEL, "prompt": f"q{i}", "max_tokens": 2}) as resp:
+                assert resp.status == 200
+        per_sim = [(await s.metrics()).get("vllm:request_success_total", 0) for s in sims]
+        assert sum(per_sim) == 12 and all(n > 0 for n in per_sim), per_sim
+
+        # a's record goes while a stream runs on it: the stream finishes, then a leaves.
+        async def long_stream() -> bytes:
+            async with http.post(server.url + "/v1/completions",
+                                 json={"model": MODEL, "prompt": "long", "max_tokens": 200, "stream": True}) as resp:
+                return await resp.read()
+        streams = [asyncio.create_task(long_stream()) for _ in range(2)]  # round robin: one on each
+        await asyncio.sleep(0.3)
+        dnsmasq.serve(HOSTS[1])
+        await wait_async(lambda: gone(http, server.url, a), timeout=8)
+        bodies = await asyncio.gather(*streams)
+        assert all(body.rstrip().endswith(b"data: [DONE]") for body in bodies)
+        assert set(await replicas(http, server.url)) == {b}
+
+        # A DNS outage changes nothing.
+        dnsmasq.stop()
+        await asyncio.sleep(2.5)
+        assert set(await replicas(http, server.url)) == {b}
+        async with http.post(server.url + "/v1/completions",
+                             json={"model": MODEL, "prompt": "during the outage", "max_tokens": 2}) as resp:
+            assert resp.status == 200
+        dnsmasq.serve()  # NXDOMAIN once it is back: the model has no replica left
+        dnsmasq.start()
+        await wait_async(lambda: gone(http, server.url, b), timeout=10)
+        async with http.post(server.url + "/v1/completions",
+                             json={"model": MODEL, "prompt": "nobody", "max_tokens": 2}) as resp:
+            assert resp.status == 503
+        async with http.get(server.url + "/admin/replicas") as resp:
+            state = (await resp.json())["discovery"][0]
+        assert state["kind"] == "dns" and state["errors"] >= 1 and state["endpoints"] == 0
+    finally:
+        await asyncio.gather(*(s.stop() for s in sims), return_exceptions=True)
+
