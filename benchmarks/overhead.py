@@ -153,8 +153,10 @@ async def run_overhead(scenario: Scenario, procs: Processes, *, targets: list[Ta
                 # the machine's background load spreads over all targets instead of hitting one.
                 for rep in range(reps):
                     for target in targets:
+                        # `workers: N` (ours): N processes get every core, shared with the client side
+                        workers = int(dict(target.params).get("workers", 1))
                         running = await start_target(target, procs=procs, model=scenario.model, backends=backends,
-                                                     run_dir=out, http=http, cores=cores,
+                                                     run_dir=out, http=http, cores=cores if workers == 1 else None,
                                                      startup_timeout_s=scenario.fleet.startup_timeout_s)
                         try:
                             await _target_phases(scenario, fleet, running, http, bar, phase_fleet, rep, out, sat_reqs)

@@ -46,8 +46,9 @@ def tree_cpu(proc: psutil.Process) -> float:
     return total
 
 
-async def closed_loop(url: str, clients: int, seconds: float) -> int:
+async def closed_loop(url: str, clients: int, seconds: float, statuses: dict[int, int] | None = None) -> int:
     done = 0
+    statuses = {} if statuses is None else statuses
     stop = time.monotonic() + seconds
     body = {"model": MODEL, "messages": [{"role": "user", "content": PROMPT}], "max_tokens": 8,
             "stream": True, "stream_options": {"include_usage": True}}
@@ -59,6 +60,7 @@ async def closed_loop(url: str, clients: int, seconds: float) -> int:
             body["messages"][0]["content"] = f"{i} {n} {PROMPT}"
             async with http.post(url + "/v1/chat/completions", json=body) as resp:
                 await resp.read()
+                statuses[resp.status] = statuses.get(resp.status, 0) + 1
                 if resp.status == 200:
                     done += 1
             n += 1
@@ -77,17 +79,22 @@ async def main_async(args: argparse.Namespace) -> int:
         with tempfile.TemporaryDirectory() as tmp:
             routes = Path(tmp) / "routes.yaml"
             routes.write_text(yaml.safe_dump({
-                "server": {"host": "127.0.0.1", "port": port, "access_log": False},
+                # as the benchmark harness runs it (benchmarks/targets.py): no access log, warnings only
+                "server": {"host": "127.0.0.1", "port": port, "access_log": False, "log_level": "warning"},
                 "models": [{"name": MODEL, "backends": [sim.url]}],
                 "routing": {"policy": args.policy}}))
             cmd = [sys.executable]
-            if args.profile:
+            if args.py_spy:  # sampling: little overhead, the real distribution (collapsed stacks)
+                cmd = [str(Path(sys.executable).with_name("py-spy")), "record", "--rate", "250", "--format", "raw",
+                       "--output", args.py_spy, "--", sys.executable]
+            elif args.profile:
                 cmd += ["-m", "cProfile", "-o", args.profile]
             cmd += ["-m", "router", "--config", str(routes), "--workers", str(args.workers)]
             if args.workers == 1:
                 cmd = cmd[:-2]
+            log = open(Path(tmp) / "router.log", "wb")  # noqa: SIM115 - closed with the directory
             router = subprocess.Popen(["taskset", "-c", args.router_cores, *cmd],
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                                      stdout=log, stderr=subprocess.STDOUT)
             url = f"http://127.0.0.1:{port}"
             async with aiohttp.ClientSession() as http:
                 for _ in range(200):
@@ -102,13 +109,19 @@ async def main_async(args: argparse.Namespace) -> int:
             await closed_loop(url, args.clients, args.warmup)
             before = tree_cpu(proc)
             started = time.monotonic()
-            done = await closed_loop(url, args.clients, args.seconds)
+            statuses: dict[int, int] = {}
+            done = await closed_loop(url, args.clients, args.seconds, statuses)
             elapsed = time.monotonic() - started
             cpu = tree_cpu(proc) - before
-            router.send_signal(signal.SIGTERM)
+            router.send_signal(signal.SIGINT if args.py_spy else signal.SIGTERM)  # py-spy writes on SIGINT
             router.wait(60)
+            log.close()
+            tail = (Path(tmp) / "router.log").read_text(errors="replace")[-2000:]
+    if tail.strip():
+        print("router log (tail):", tail, sep="\n")
     print(f"requests {done} in {elapsed:.1f}s = {done / elapsed:.0f} req/s; router CPU {cpu:.2f}s "
-          f"= {1000 * cpu / max(done, 1):.3f} ms/request (policy {args.policy}, workers {args.workers})")
+          f"= {1000 * cpu / max(done, 1):.3f} ms/request (policy {args.policy}, workers {args.workers}); "
+          f"statuses {statuses}")
     if args.profile:
         stats = pstats.Stats(args.profile)
         stats.sort_stats("tottime").print_stats(args.top)
@@ -126,6 +139,7 @@ def main() -> int:
     parser.add_argument("--client-core", type=int, default=1)
     parser.add_argument("--profile", default=None, help="write cProfile stats here and print the top")
     parser.add_argument("--top", type=int, default=45)
+    parser.add_argument("--py-spy", default=None, help="record collapsed stacks here with py-spy (pip install py-spy)")
     return asyncio.run(main_async(parser.parse_args()))
 
 

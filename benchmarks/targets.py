@@ -75,6 +75,7 @@ def router_argv(target: TargetSpec, *, model: str, backends: list[dict[str, Any]
         routes = routes_yaml(model, backends, target.policy, port)
         params = dict(target.params)
         params.pop("routers", None)  # how many of us (start_target), not a routing parameter
+        workers = int(params.pop("workers", 1))  # router --workers N
         terms = params.pop("terms", None)  # a variant's cost-term weights go to routing.terms
         tokenizer = params.pop("tokenizer", None)  # ... its tokenizer (a path, or "replica") to the model
         if params.pop("aggregated", False):  # the same replicas, every one serving whole requests
@@ -90,7 +91,8 @@ def router_argv(target: TargetSpec, *, model: str, backends: list[dict[str, Any]
         if terms is not None:
             routes["routing"]["terms"] = dict(terms)
         config.write_text(yaml.safe_dump(routes, sort_keys=False))
-        return [sys.executable, "-m", "router", "--config", str(config)]
+        return [sys.executable, "-m", "router", "--config", str(config),
+                *(["--workers", str(workers)] if workers > 1 else [])]
     workers = ["--worker-urls", *urls]
     if "--vllm-pd-disaggregation" in target.args or "--pd-disaggregation" in target.args:
         # The peers' P/D modes take the pools instead of --worker-urls ("both" joins each).

@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import os
 import re
-import uuid
 from collections.abc import Callable
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
@@ -164,7 +163,7 @@ class Api:
         given = request.headers.get(self._rid_header)
         if given and _REQUEST_ID_RE.match(given):
             return given
-        return uuid.uuid4().hex
+        return os.urandom(16).hex()  # as random as uuid4().hex, a third of its cost
 
     async def handle_inference(self, request: web.Request) -> web.StreamResponse:
         record = RequestRecord(request_id=self._request_id(request), method=request.method,
@@ -320,8 +319,8 @@ class Api:
         # Only names the fleet knows become label values (a client's typo must not mint series).
         model = record.model if record.model and self.catalog.knows(record.model) else NO_REPLICA
         t = self.telemetry
-        t.requests.labels(model, record.replica or NO_REPLICA, str(status)).inc()
-        t.duration.labels(model).observe(duration)
+        t.child(t.requests, model, record.replica or NO_REPLICA, str(status)).inc()
+        t.child(t.duration, model).observe(duration)
         if record.client_gone:
             t.client_disconnects.labels(model).inc()
         if self.config.server.access_log:

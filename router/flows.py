@@ -62,7 +62,7 @@ class SingleHop:
         except Exception:  # noqa: BLE001 - a profile bug must not fail the request
             log.exception("policy %s failed; falling back to configuration order", profile.name)
             decision = Decision(ranked=health_order(candidates), why={"fallback": "policy error"})
-        self.telemetry.decision_seconds.labels(profile.name).observe(time.perf_counter() - started)
+        self.telemetry.child(self.telemetry.decision_seconds, profile.name).observe(time.perf_counter() - started)
         record.policy = profile.name
         record.why = decision.why
         return decision

@@ -234,9 +234,9 @@ class PredictionAccuracy(Hook):
         index = "exact" if exact else "approximate"
         error = predicted - actual
         model = attempt.route.model
-        self.telemetry.prediction_error.labels(model, index).observe(error)
+        self.telemetry.child(self.telemetry.prediction_error, model, index).observe(error)
         outcome_label = "within_block" if abs(error) <= block else "over" if error > 0 else "under"
-        self.telemetry.predictions.labels(model, index, outcome_label).inc()
+        self.telemetry.child(self.telemetry.predictions, model, index, outcome_label).inc()
 
 
 # Failure kinds that say the replica itself may be gone: the monitor probes it at once.
@@ -261,11 +261,11 @@ class PolicyFeedback(Hook):
         route, replica, record = attempt.route, attempt.replica, attempt.record
         policy = self.policy()
         ttfb = record.ttfb or 0.0
-        self.telemetry.ttfb.labels(route.model, replica.id).observe(ttfb)
+        self.telemetry.child(self.telemetry.ttfb, route.model, replica.id).observe(ttfb)
         matched = attempt.decision.matched_blocks.get(replica.id, 0)
         matched_tokens = attempt.decision.matched_tokens.get(replica.id)
-        self.telemetry.decisions.labels(policy.name, route.model, replica.id).inc()
-        self.telemetry.matched_blocks.labels(policy.name).observe(matched)
+        self.telemetry.child(self.telemetry.decisions, policy.name, route.model, replica.id).inc()
+        self.telemetry.child(self.telemetry.matched_blocks, policy.name).observe(matched)
         if status >= 300:
             return  # an error answer's timing teaches nothing about prefill
         try:

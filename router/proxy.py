@@ -108,6 +108,7 @@ _DROP_REQUEST = frozenset({"host", "content-length", "authorization", "x-api-key
 # Response headers aiohttp (re)computes for the client.
 _DROP_RESPONSE = frozenset({"content-length", "date", "server", "x-request-id"})
 _ERROR_BODY_CAP = 64 * 1024  # bytes kept of a failed upstream response
+_RESCHEDULE_SLACK_S = 1.0  # a relay's read deadline is moved only when it gains more than this
 CLIENT_CLOSED = 499  # nginx's status for "client closed the request"
 
 _UPSTREAM_ERRORS = (aiohttp.ClientError, OSError)
@@ -347,7 +348,6 @@ class Proxy:
         tried: list[Replica] = []
         last: UpstreamFailure | None = None
         stopped: list[str] = []
-        remaining = max(0.0, cfg.deadline - record.elapsed())
 
         def budget_stop(state: RetryCallState) -> bool:
             if self.retry_budget.try_spend():
@@ -356,6 +356,22 @@ class Proxy:
             self.telemetry.retry_budget_exhausted.labels(route.model).inc()
             return True
 
+        # The first attempt runs without tenacity (most requests need no other, and building
+        # the retry machinery costs more CPU than the rest of the attempt's bookkeeping); when
+        # it fails, tenacity's first iteration re-raises that failure, so its attempt numbers,
+        # waits and stops are what they would have been.
+        try:
+            replica = self._pick(decision.ranked, tried)
+            tried.append(replica)
+            record.attempts = 1
+            record.replica = replica.id
+            return await self._attempt(request, route, replica, 1, decision, record, relay)
+        except UpstreamFailure as failure:
+            last = failure
+        except NoReplicaLeft:
+            return self._give_up(route, record, last, tried, ["none_left"])
+        first_failure: UpstreamFailure | None = last
+        remaining = max(0.0, cfg.deadline - record.elapsed())  # tenacity's clock starts now
         retrying = AsyncRetrying(
             stop=stop_any(stop_after_attempt(cfg.max_attempts), stop_after_delay(remaining),
                           _StopWhen(budget_stop)),
@@ -367,6 +383,9 @@ class Proxy:
             async for attempt in retrying:
                 with attempt:
                     number = attempt.retry_state.attempt_number
+                    if number == 1 and first_failure is not None:
+                        replayed, first_failure = first_failure, None
+                        raise replayed  # the fast path's attempt, replayed for tenacity
                     replica = self._pick(decision.ranked, tried)
                     if number > 1:
                         self.telemetry.retries.labels(route.model).inc()
@@ -656,15 +675,24 @@ class Proxy:
         read_timeout = self.config.read_timeout
         chunk = first
         previous = last = b""  # the last two chunks written: the tail of the answer
+        loop = asyncio.get_running_loop()
         try:
             await out.prepare(request)
-            while chunk:
-                async with asyncio.timeout(wait.limit(read_timeout)) as timeout:
-                    wait.timeout = timeout
+            # One timeout for the whole relay, its deadline moved before each chunk (a new
+            # timeout per chunk cost more than the chunk); moved only when that gains more than
+            # `slack`, so a stream may be cut that much before its full silence allowance.
+            async with asyncio.timeout(wait.limit(read_timeout)) as timeout:
+                wait.timeout = timeout
+                while chunk:
+                    limit = wait.limit(read_timeout)
+                    deadline = loop.time() + limit
+                    when = timeout.when()
+                    if when is None or deadline - when > min(_RESCHEDULE_SLACK_S, limit * 0.05):
+                        timeout.reschedule(deadline)
                     await out.write(chunk)
                     previous, last = last, chunk
                     chunk = await content.readany()
-                wait.timeout = None
+            wait.timeout = None
         except ConnectionResetError:  # incl. aiohttp.ClientConnectionResetError
             record.client_gone = True
             return None, previous + last

@@ -47,6 +47,7 @@ BLOCK_BUCKETS = (0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)
 # Predicted minus actual cached tokens: symmetric, so over- and under-prediction both show.
 PREDICTION_BUCKETS = (-4096, -1024, -256, -64, -16, -1, 0, 16, 64, 256, 1024, 4096)
 STREAM_MODES = ("exact", "approximate")
+MAX_CACHED_CHILDREN = 65536
 NO_REPLICA = "none"  # replica label of requests answered by the router itself
 
 
@@ -82,6 +83,10 @@ class Telemetry:
         self.multiprocess = multiprocess  # the directory, for a worker of `router --workers N`
         # Scrape-time gauges in multiprocess mode, set by refresh(): (name, labels) -> child, function
         self._functions: dict[tuple[str, tuple[str, ...]], GaugeFunction] = {}
+        # Labelled children already looked up (labels() validates and locks on every call,
+        # about a tenth of a request's own CPU): (metric id, labels) -> child.  Cleared when a
+        # replica leaves (its children are removed) and when it passes MAX_CACHED_CHILDREN.
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         r = self.registry
         self.build_info = Info("router_build", "Router version and active routing policy.",
                                registry=r)
@@ -228,6 +233,7 @@ class Telemetry:
                     metric.remove(*labels)
         for key in [k for k in self._functions if replica_id in k[1]]:
             del self._functions[key]
+        self._children.clear()
 
     def set_breaker(self, replica_id: str, breaker: Breaker, reason: str) -> None:
         for state in BreakerState:
@@ -275,8 +281,18 @@ class Telemetry:
             except Exception:  # noqa: BLE001 - a broken reader must not break /metrics
                 log.exception("metric function failed")
 
+    def child(self, metric: MetricWrapperBase, *labels: str) -> Any:
+        """`metric.labels(*labels)`, remembered."""
+        key = (id(metric), labels)
+        found = self._children.get(key)
+        if found is None:
+            if len(self._children) >= MAX_CACHED_CHILDREN:
+                self._children.clear()
+            found = self._children[key] = metric.labels(*labels)
+        return found
+
     def set_in_flight(self, replica: Replica) -> None:
-        self.in_flight.labels(replica.model, replica.id).set(replica.in_flight)
+        self.child(self.in_flight, replica.model, replica.id).set(replica.in_flight)
 
     def set_engine_load(self, replica: Replica) -> None:
         load = replica.load
