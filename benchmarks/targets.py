@@ -81,6 +81,9 @@ def router_argv(target: TargetSpec, *, model: str, backends: list[dict[str, Any]
         if params.pop("aggregated", False):  # the same replicas, every one serving whole requests
             for b in routes["models"][0]["backends"]:
                 b.pop("role", None)
+        admission = params.pop("admission", None)  # ... the admission section, e.g. {enabled: false}
+        if admission is not None:
+            routes["admission"] = dict(admission)
         disaggregation = params.pop("disaggregation", None)
         if disaggregation is not None:
             routes["models"][0]["disaggregation"] = dict(disaggregation)

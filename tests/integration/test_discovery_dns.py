@@ -37,7 +37,8 @@ def udp_port() -> int:
 
 
 class Dnsmasq:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, extra: tuple[str, ...] = ()) -> None:
+        self.extra = extra  # more dnsmasq options (e.g. --srv-host=...)
         self.hosts_dir = root / "hosts"
         self.hosts_dir.mkdir()
         self.port = udp_port()
@@ -57,7 +58,7 @@ class Dnsmasq:
                 [DNSMASQ, "--keep-in-foreground", f"--port={self.port}", "--listen-address=127.0.0.1",
                  "--bind-interfaces", "--no-resolv", "--no-hosts", f"--hostsdir={self.hosts_dir}",
                  "--local=/test/", "--local-ttl=1", "--user=root", "--group=root", "--pid-file=",
-                 "--log-facility=-", "--conf-file=/dev/null"],
+                 "--log-facility=-", "--conf-file=/dev/null", *self.extra],
                 stdout=log, stderr=subprocess.STDOUT)
         time.sleep(0.3)
         assert self.proc.poll() is None, self.log.read_text()
@@ -146,3 +147,27 @@ async def test_dns_discovery_join_leave_ttl_and_outage(dnsmasq, start_router, ht
     finally:
         await asyncio.gather(*(s.stop() for s in sims), return_exceptions=True)
 
+
+async def test_srv_records_give_each_replica_its_port(tmp_path):
+    """SRV (a Consul-style name): targets resolved to addresses, ports from the records."""
+    from router.config import DnsDiscoveryConfig
+    from router.discovery.dns import DnsSource
+
+    server = Dnsmasq(tmp_path, extra=("--srv-host=_http._tcp.vllm.test,replicas.vllm.test,8001,0,10",
+                                      "--srv-host=_http._tcp.vllm.test,replicas.vllm.test,8002,0,10"))
+    server.serve(HOSTS[0], HOSTS[1])
+    server.start()
+    try:
+        source = DnsSource(DnsDiscoveryConfig(name="_http._tcp.vllm.test", record="SRV",
+                                              nameservers=(("127.0.0.1", server.port),), timeout=1),
+                           publish=lambda endpoints: None, failed=lambda reason: None)
+        endpoints, ttl = await source.resolve()
+        assert sorted((e.host, e.port) for e in endpoints) == sorted(
+            (h, p) for h in HOSTS[:2] for p in (8001, 8002))
+        assert ttl >= 0
+        gone = DnsSource(DnsDiscoveryConfig(name="_none._tcp.vllm.test", record="SRV",
+                                            nameservers=(("127.0.0.1", server.port),), timeout=1),
+                         publish=lambda endpoints: None, failed=lambda reason: None)
+        assert (await gone.resolve())[0] == []  # NXDOMAIN: no replicas
+    finally:
+        server.stop()
