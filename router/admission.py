@@ -274,7 +274,8 @@ class Admission:
         return released
 
     def on_request_end(self, model: str) -> None:
-        """A request of `model` ended: its slot goes to the next waiting one."""
+        """A request of `model` ended (or got its first byte: the engine took it off its own
+        queue, hooks.AdmissionRelease): its slot goes to the next waiting one."""
         if self.waiting:
             self._release(model, 1)
 

@@ -185,7 +185,7 @@ class Api:
             lease.release()
             self.telemetry.body_bytes.set(self.bodies.used)
             self.proxy.end(key)
-            if record.admitted and record.model is not None:
+            if record.admitted and record.model is not None and not record.slot_released:
                 self.admission.on_request_end(record.model)
             if response is not None and not response.prepared:
                 response.headers[self._rid_header] = record.request_id

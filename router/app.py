@@ -32,6 +32,7 @@ from router.discovery import Discovery
 from router.errors import error_middleware
 from router.fleet import EngineLoad, Replica
 from router.flows import DECODE_TERMS, Disaggregated, SingleHop
+from router.hooks import AdmissionRelease
 from router.loop_lag import LoopLag
 from router.membership import FleetWiring, Reloader, build_fleet, merge_backends
 from router.monitor import Monitor
@@ -185,6 +186,7 @@ class Router:
                        index=self.index, exact=self.exact, kv_events=self.kv_events,
                        prompt_tokens=self.prompt_tokens)
         self.api.reloader = self.reloader
+        self.proxy.hooks.hooks.append(AdmissionRelease(self.api.admission.on_request_end))
         self.api.discovery = self.discovery
         self.api.worker["index"] = self.worker_index
         app = web.Application(client_max_size=cfg.server.max_body_bytes,

@@ -23,7 +23,9 @@ The listeners, each owning one concern, in the order they are called:
                    and counts it in flight there until it completes (batch slots);
 * `SuspectMarking` a connection-level failure makes the monitor probe the replica now;
 * `PolicyFeedback` time to first byte and decision metrics, and `policy.observe`;
-* `PredictionAccuracy` the predicted cached tokens against the answer's ``cached_tokens``.
+* `PredictionAccuracy` the predicted cached tokens against the answer's ``cached_tokens``;
+* `AdmissionRelease` an admitted request's first byte hands its admission slot on (added
+                   by the Router: the admission queue belongs to the API).
 
 A hook keeps what it needs between moments in `attempt.state[<its name>]`.  A second
 request flow (prefill on one replica, then decode on another) reuses the same hooks
@@ -250,6 +252,23 @@ class SuspectMarking(Hook):
     def on_failure(self, attempt: Attempt, failure: UpstreamFailure) -> None:
         if failure.kind in CONNECTION_KINDS and self.monitor is not None:
             self.monitor.mark_suspect(attempt.replica)
+
+
+class AdmissionRelease(Hook):
+    """An admitted request's first byte hands its admission slot on: the engine has taken
+    it off its own waiting queue, so one more may join that queue.  Releasing only at the
+    end instead ties the router's queue to how long answers take, and under a burst of long
+    streams it released far fewer requests than the engine could take (13-18 s TTFT p99 with
+    1,000 streams, benchmarks/results/overhead)."""
+
+    def __init__(self, release: Callable[[str], None]) -> None:
+        self.release = release
+
+    def on_first_byte(self, attempt: Attempt, status: int) -> None:
+        record = attempt.record
+        if record.admitted and not record.slot_released and record.model is not None:
+            record.slot_released = True
+            self.release(record.model)
 
 
 class PolicyFeedback(Hook):

@@ -333,7 +333,8 @@ class RequestRecord:
     queued_s: float | None = None  # seconds waited in the admission queue
     cached_tokens: int | None = None  # usage.prompt_tokens_details.cached_tokens of the answer
     predicted_tokens: int | None = None  # what the router predicted cached on that replica
-    admitted: bool = False  # passed admission (holds a slot the queue hands on at its end)
+    admitted: bool = False  # passed admission (holds a slot the queue hands on)
+    slot_released: bool = False  # ... handed on already (at its first byte: the engine took it)
     # Disaggregated serving (flows.Disaggregated): the prefill hop, before the decode hop's
     # fields above (replica, attempts, ttfb) are filled in.
     prefill_replica: str | None = None

@@ -122,3 +122,34 @@ async def test_priority_header_cannot_raise_above_the_key(fakes, start_router, m
     async with http.post(server.url + "/v1/completions", json={"model": "sim-a", "prompt": "x"},
                          headers=bearer("a") | {"X-Priority": "99"}) as r:
         assert r.status == 200  # accepted, but counted as the key's own priority
+
+
+async def test_a_first_byte_hands_the_admission_slot_on(fakes, start_router, make_routes, http,
+                                                        until) -> None:
+    """The engine took a request off its queue when its first byte comes: the next waiting
+    request goes then, not only when that answer (maybe a long stream) ends.  No scrape
+    frees room here (one at start, then none for 60 s)."""
+    (fake,) = await fakes(1)
+    fake.waiting = 50
+    server = await start_router(make_routes([fake.url], admission={
+        "max_waiting_per_replica": 1, "queue_size": 10, "max_wait": 20},
+        metrics={"scrape_interval": 60}))
+    replica = next(iter(server.router.fleet))
+    await until(lambda: replica.load.waiting == 50, message="saturation scraped")
+    fake.mode = "big"  # half an answer at once, the rest on `release`
+    url = server.url + "/v1/completions"
+
+    async def one(tag: str) -> int:
+        async with http.post(url, json={"model": "sim-a", "prompt": tag}) as r:
+            await r.read()
+            return r.status
+
+    tasks = [asyncio.create_task(one("first"))]
+    await asyncio.sleep(0.05)
+    tasks.append(asyncio.create_task(one("second")))
+    await until(lambda: server.router.api.admission.queued("sim-a") == 2, message="both queued")
+    server.router.api.admission.on_request_end("sim-a")  # some other request ended: one goes
+    # The first one's first byte lets the second one go while the first is still unanswered.
+    await until(lambda: fake.in_flight == 2, timeout=5, message="the second admitted at the first's first byte")
+    fake.release.set()
+    assert await asyncio.wait_for(asyncio.gather(*tasks), 20) == [200, 200]
