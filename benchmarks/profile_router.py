@@ -26,24 +26,13 @@ import time
 from pathlib import Path
 
 import aiohttp
-import psutil
 import yaml
 
+from benchmarks.procs import ResourceSampler
 from engines.sim.process import SimProcess, free_port
 
 MODEL = "sim-model"
 PROMPT = "Reply with a few words about routing. " * 7  # ~64 tokens
-
-
-def tree_cpu(proc: psutil.Process) -> float:
-    total = 0.0
-    for p in [proc, *proc.children(recursive=True)]:
-        try:
-            times = p.cpu_times()
-            total += times.user + times.system
-        except psutil.Error:
-            pass
-    return total
 
 
 async def closed_loop(url: str, clients: int, seconds: float, statuses: dict[int, int] | None = None) -> int:
@@ -105,14 +94,14 @@ async def main_async(args: argparse.Namespace) -> int:
                     except aiohttp.ClientError:
                         pass
                     await asyncio.sleep(0.05)
-            proc = psutil.Process(router.pid)
+            sampler = ResourceSampler(router.pid)  # the process tree: py-spy's child, the workers
             await closed_loop(url, args.clients, args.warmup)
-            before = tree_cpu(proc)
+            sampler.start()
             started = time.monotonic()
             statuses: dict[int, int] = {}
             done = await closed_loop(url, args.clients, args.seconds, statuses)
             elapsed = time.monotonic() - started
-            cpu = tree_cpu(proc) - before
+            cpu = sampler.stop()["cpu_s"]
             router.send_signal(signal.SIGINT if args.py_spy else signal.SIGTERM)  # py-spy writes on SIGINT
             router.wait(60)
             log.close()

@@ -35,3 +35,29 @@ async def replicas(http: aiohttp.ClientSession, url: str) -> dict[str, dict]:
 
 async def gone(http: aiohttp.ClientSession, url: str, replica: str) -> bool:
     return replica not in await replicas(http, url)
+
+
+async def healthy(http: aiohttp.ClientSession, url: str, *replica_urls: str) -> bool:
+    """Is every one of `replica_urls` a healthy replica of the router at `url`?"""
+    seen = await replicas(http, url)
+    return all(seen.get(u, {}).get("health") == "healthy" for u in replica_urls)
+
+
+async def long_stream(http: aiohttp.ClientSession, url: str, model: str) -> bytes:
+    """A 200-token streamed completion through the router, read to its end."""
+    async with http.post(url + "/v1/completions",
+                         json={"model": model, "prompt": "long", "max_tokens": 200, "stream": True}) as resp:
+        return await resp.read()
+
+
+async def complete(http: aiohttp.ClientSession, url: str, model: str, prompt: str) -> int:
+    """A two-token completion through the router; its status."""
+    async with http.post(url + "/v1/completions", json={"model": model, "prompt": prompt, "max_tokens": 2}) as resp:
+        await resp.read()
+        return resp.status
+
+
+async def discovery_state(http: aiohttp.ClientSession, url: str) -> dict:
+    """The first discovery source's state in the router's /admin/replicas."""
+    async with http.get(url + "/admin/replicas") as resp:
+        return (await resp.json())["discovery"][0]

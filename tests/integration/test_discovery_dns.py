@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
-from _loopback import HOSTS, gone, port_free_on_all, replicas
+from _loopback import HOSTS, complete, discovery_state, gone, healthy, long_stream, port_free_on_all, replicas
 from conftest import MODEL, routes, wait_async
 
 from engines.sim.process import SimProcess
@@ -93,18 +93,14 @@ async def test_dns_discovery_join_leave_ttl_and_outage(dnsmasq, start_router, ht
             "backend": {"labels": {"pool": "dns"}}}
         server = await start_router(doc, wait_healthy=False)
 
-        async def healthy(*urls: str) -> bool:
-            seen = await replicas(http, server.url)
-            return all(seen.get(u, {}).get("health") == "healthy" for u in urls)
-
-        await wait_async(lambda: healthy(a), timeout=10)
+        await wait_async(lambda: healthy(http, server.url, a), timeout=10)
         seen = await replicas(http, server.url)
         assert set(seen) == {a} and seen[a]["source"] == "discovery" and seen[a]["labels"] == {"pool": "dns"}
 
         # A record appears: with interval 30 s only the 1 s TTL can make it join this fast.
         started = time.monotonic()
         dnsmasq.serve(HOSTS[0], HOSTS[1], HOSTS[2])
-        await wait_async(lambda: healthy(a, b), timeout=8)
+        await wait_async(lambda: healthy(http, server.url, a, b), timeout=8)
         assert time.monotonic() - started < 8
         seen = await replicas(http, server.url)
         assert seen[never_up]["health"] in ("unknown", "unhealthy")  # listed, never probed OK
@@ -115,12 +111,8 @@ async def test_dns_discovery_join_leave_ttl_and_outage(dnsmasq, start_router, ht
         per_sim = [(await s.metrics()).get("vllm:request_success_total", 0) for s in sims]
         assert sum(per_sim) == 12 and all(n > 0 for n in per_sim), per_sim
 
-        # a's record goes while a stream runs on it: the stream finishes, then a leaves.
-        async def long_stream() -> bytes:
-            async with http.post(server.url + "/v1/completions",
-                                 json={"model": MODEL, "prompt": "long", "max_tokens": 200, "stream": True}) as resp:
-                return await resp.read()
-        streams = [asyncio.create_task(long_stream()) for _ in range(2)]  # round robin: one on each
+        # a's record goes while a stream runs on it (round robin: one on each): it finishes, a leaves.
+        streams = [asyncio.create_task(long_stream(http, server.url, MODEL)) for _ in range(2)]
         await asyncio.sleep(0.3)
         dnsmasq.serve(HOSTS[1])
         await wait_async(lambda: gone(http, server.url, a), timeout=8)
@@ -132,17 +124,12 @@ async def test_dns_discovery_join_leave_ttl_and_outage(dnsmasq, start_router, ht
         dnsmasq.stop()
         await asyncio.sleep(2.5)
         assert set(await replicas(http, server.url)) == {b}
-        async with http.post(server.url + "/v1/completions",
-                             json={"model": MODEL, "prompt": "during the outage", "max_tokens": 2}) as resp:
-            assert resp.status == 200
+        assert await complete(http, server.url, MODEL, "during the outage") == 200
         dnsmasq.serve()  # NXDOMAIN once it is back: the model has no replica left
         dnsmasq.start()
         await wait_async(lambda: gone(http, server.url, b), timeout=10)
-        async with http.post(server.url + "/v1/completions",
-                             json={"model": MODEL, "prompt": "nobody", "max_tokens": 2}) as resp:
-            assert resp.status == 503
-        async with http.get(server.url + "/admin/replicas") as resp:
-            state = (await resp.json())["discovery"][0]
+        assert await complete(http, server.url, MODEL, "nobody") == 503
+        state = await discovery_state(http, server.url)
         assert state["kind"] == "dns" and state["errors"] >= 1 and state["endpoints"] == 0
     finally:
         await asyncio.gather(*(s.stop() for s in sims), return_exceptions=True)

@@ -23,7 +23,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 import yaml
-from _loopback import HOSTS, gone, port_free_on_all, replicas
+from _loopback import HOSTS, complete, discovery_state, gone, healthy, long_stream, port_free_on_all, replicas
 from aiohttp import web
 from conftest import MODEL, routes, wait_async
 
@@ -165,11 +165,7 @@ async def test_kubernetes_discovery_follows_endpoint_slices(tmp_path, start_rout
             "kubeconfig": str(kubeconfig(tmp_path / "kubeconfig", api.url))}}
         server = await start_router(doc, wait_healthy=False)
 
-        async def healthy(*urls: str) -> bool:
-            seen = await replicas(http, server.url)
-            return all(seen.get(u, {}).get("health") == "healthy" for u in urls)
-
-        await wait_async(lambda: healthy(a), timeout=10)
+        await wait_async(lambda: healthy(http, server.url, a), timeout=10)
         seen = await replicas(http, server.url)
         assert set(seen) == {a}, seen  # the pod that is not ready is not a replica
         assert seen[a]["labels"] == {"pod": "vllm-0", "zone": "zone-1", "node": "node-a"}
@@ -180,14 +176,10 @@ async def test_kubernetes_discovery_follows_endpoint_slices(tmp_path, start_rout
         # vllm-1 becomes ready (a watch event) and joins.
         api.bookmark()
         api.change("MODIFIED", "vllm-x1", port, [endpoint(HOSTS[0], "vllm-0"), endpoint(HOSTS[1], "vllm-1")])
-        await wait_async(lambda: healthy(a, b), timeout=8)
+        await wait_async(lambda: healthy(http, server.url, a, b), timeout=8)
 
         # vllm-0 terminates while a stream runs on it: drained, then gone.
-        async def long_stream() -> bytes:
-            async with http.post(server.url + "/v1/completions",
-                                 json={"model": MODEL, "prompt": "long", "max_tokens": 200, "stream": True}) as resp:
-                return await resp.read()
-        streams = [asyncio.create_task(long_stream()) for _ in range(2)]
+        streams = [asyncio.create_task(long_stream(http, server.url, MODEL)) for _ in range(2)]
         await asyncio.sleep(0.3)
         api.change("MODIFIED", "vllm-x1", port, [endpoint(HOSTS[0], "vllm-0", ready=False, terminating=True),
                                                  endpoint(HOSTS[1], "vllm-1")])
@@ -198,7 +190,7 @@ async def test_kubernetes_discovery_follows_endpoint_slices(tmp_path, start_rout
         lists = api.lists
         api.change("MODIFIED", "vllm-x1", port, [endpoint(HOSTS[0], "vllm-0")], silent=True)
         api.expire()
-        await wait_async(lambda: healthy(a), timeout=10)
+        await wait_async(lambda: healthy(http, server.url, a), timeout=10)
         assert set(await replicas(http, server.url)) == {a} and api.lists == lists + 1
 
         # The API server goes away: nothing changes, requests still served.
@@ -206,11 +198,8 @@ async def test_kubernetes_discovery_follows_endpoint_slices(tmp_path, start_rout
         await api.stop()
         await asyncio.sleep(2)
         assert set(await replicas(http, server.url)) == {a}
-        async with http.post(server.url + "/v1/completions",
-                             json={"model": MODEL, "prompt": "q", "max_tokens": 2}) as resp:
-            assert resp.status == 200
-        async with http.get(server.url + "/admin/replicas") as resp:
-            state = (await resp.json())["discovery"][0]
+        assert await complete(http, server.url, MODEL, "q") == 200
+        state = await discovery_state(http, server.url)
         assert state["kind"] == "kubernetes" and state["errors"] >= 1 and state["endpoints"] == 1
     finally:
         await api.stop()
@@ -236,9 +225,7 @@ async def test_a_deleted_slice_takes_its_replicas_away(tmp_path, start_router, h
         api.change("DELETED", "vllm-x1")
         await wait_async(lambda: gone(http, server.url, f"http://{HOSTS[0]}:{port}"), timeout=5)
         assert time.monotonic() - started < 5
-        async with http.post(server.url + "/v1/completions",
-                             json={"model": MODEL, "prompt": "q", "max_tokens": 2}) as resp:
-            assert resp.status == 503
+        assert await complete(http, server.url, MODEL, "q") == 503
     finally:
         await api.stop()
         await sim.stop()
