@@ -103,7 +103,6 @@ class Worker:
     index: int
     process: asyncio.subprocess.Process | None = None
     started: float = 0.0
-    restarts: int = 0
     backoff: float = RESTART_BACKOFF_S[0]
 
 
@@ -203,7 +202,6 @@ class Supervisor:
             lived = time.monotonic() - worker.started
             if lived >= STABLE_AFTER_S:
                 worker.backoff = RESTART_BACKOFF_S[0]
-            worker.restarts += 1
             log.warning("worker %d (pid %d) exited with status %s after %.1fs; restarting in %.1fs",
                         worker.index, worker.process.pid, code, lived, worker.backoff)
             await asyncio.sleep(worker.backoff)

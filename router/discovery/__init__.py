@@ -141,7 +141,7 @@ class Discovery:
         return runners
 
     async def _guarded(self, model: str, kind: str, runner: Coroutine[Any, Any, None]) -> None:
-        """A source's task: a bug in it is logged and retried, never silently gone."""
+        """A source's task: a bug that ends it is logged (its replicas stay), never silent."""
         try:
             await runner
         except asyncio.CancelledError:
@@ -200,7 +200,7 @@ class Discovery:
             log.warning("discovery %s for %s listed %d endpoints; only the first %d are used "
                         "(discovery.max_replicas)", kind, model, len(unique), discovery.max_replicas)
         kept = unique[:discovery.max_replicas]
-        backends = {backend_for(discovery, e).url: backend_for(discovery, e) for e in kept}
+        backends = {b.url: b for b in (backend_for(discovery, e) for e in kept)}
         state.answers += 1
         state.endpoints = len(backends)
         state.last_answer_at = time.time()

@@ -95,8 +95,6 @@ class KubernetesSource:
         self.publish = publish
         self.failed = failed
         self.slices: dict[str, dict[str, Any]] = {}
-        self.lists = 0  # for tests and /admin: how often the informer listed
-        self.events = 0
 
     async def run(self) -> None:
         from kubernetes_asyncio import client
@@ -145,7 +143,6 @@ class KubernetesSource:
             name = (item.get("metadata") or {}).get("name")
             if isinstance(name, str):
                 self.slices[name] = item
-        self.lists += 1
         self.publish(endpoints_of(self.config, self.slices))
         version = (data.get("metadata") or {}).get("resourceVersion")
         return version if isinstance(version, str) else None
@@ -174,5 +171,4 @@ class KubernetesSource:
                         self.slices[name] = item
                 else:
                     continue
-                self.events += 1
                 self.publish(endpoints_of(self.config, self.slices))
