@@ -75,7 +75,12 @@ class ReplicaKV:
     unknown_events: int = 0
 
     def mode(self, now: float) -> str:
-        return EXACT if self.known and now >= self.relearn_until else APPROXIMATE
+        """Exact only once a request can be matched: the stream is trusted and the block
+        size is known (from an event or the replica's /metrics); until then a request
+        routed to it counts as approximately predicted."""
+        if self.known and self.block_size is not None and now >= self.relearn_until:
+            return EXACT
+        return APPROXIMATE
 
 
 class ExactIndex:
@@ -303,7 +308,7 @@ class ExactIndex:
         """The replica's state if a request can be matched against it now (exact mode,
         block size known), else None."""
         state = self.replicas.get(replica_id)
-        if state is None or state.block_size is None or state.mode(now) != EXACT:
+        if state is None or state.mode(now) != EXACT:
             return None
         return state
 
