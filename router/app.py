@@ -40,9 +40,10 @@ from router.prefix.exact import ExactIndex
 from router.prefix.index import DEFAULT_CAPACITY_BLOCKS, PrefixIndex
 from router.prefix.prompt_tokens import PromptTokens
 from router.prefix.subscriber import KVEvents
-from router.proxy import Proxy, connect_tracing
+from router.proxy import Proxy
 from router.scheduling.presets import build_profile
 from router.telemetry import Telemetry, init_sentry, multiprocess_dir
+from router.upstream import UpstreamPool
 from tokenization import ModelTokenizer
 from yamlcheck import Node
 
@@ -114,7 +115,8 @@ class Router:
         self.prompt_tokens: PromptTokens | None = None  # set by _build (it needs the session)
         self.policy = config.routing.build_profile()
         self.telemetry.set_info(self.policy.name)
-        self.session: aiohttp.ClientSession | None = None  # requests to replicas
+        self.upstream: UpstreamPool | None = None  # the clients' requests to replicas
+        self.session: aiohttp.ClientSession | None = None  # the router's own requests to replicas
         self.flow: SingleHop | None = None
         self.probe_session: aiohttp.ClientSession | None = None  # the monitor's own pool
         self.cors = Cors(config.cors)
@@ -154,11 +156,13 @@ class Router:
 
     def _build(self) -> None:
         cfg = self.config
+        # The clients' requests go through the lean pool (router/upstream.py); the session
+        # carries the router's own requests to replicas (adapter loads, /tokenize).
+        self.upstream = UpstreamPool(limit=cfg.proxy.max_connections)
         connector = aiohttp.TCPConnector(limit=cfg.proxy.max_connections, limit_per_host=0,
                                          enable_cleanup_closed=True, ttl_dns_cache=300)
         self.session = aiohttp.ClientSession(connector=connector, auto_decompress=False,
-                                             timeout=aiohttp.ClientTimeout(total=None),
-                                             trace_configs=[connect_tracing()])
+                                             timeout=aiohttp.ClientTimeout(total=None))
         # Probes get their own pool, so long streams filling `proxy.max_connections` can
         # never make a replica look dead.
         self.probe_session = aiohttp.ClientSession(
@@ -170,7 +174,8 @@ class Router:
         self.monitor = Monitor(self.fleet, self.probe_session, cfg.health, cfg.metrics,
                                self.telemetry, on_load=self._on_load, on_health=self._on_health,
                                loop_lag=self.loop_lag)
-        self.proxy = Proxy(session=self.session, feedback_to=lambda: self.policy, index=self.index,
+        self.proxy = Proxy(session=self.session, upstream=self.upstream, feedback_to=lambda: self.policy,
+                           index=self.index,
                            config=cfg.proxy, telemetry=self.telemetry, monitor=self.monitor,
                            request_id_header=cfg.server.request_id_header,
                            breaker_config=cfg.circuit_breaker, loop_lag=self.loop_lag, exact=self.exact)
@@ -275,6 +280,8 @@ class Router:
         await self.kv_events.close()
         if self.flow is not None:
             await self.flow.loader.close()
+        if self.upstream is not None:
+            await self.upstream.close()
         for session in (self.session, self.probe_session):
             if session is not None and not session.closed:
                 await session.close()

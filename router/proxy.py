@@ -83,6 +83,13 @@ from router.loop_lag import LoopLag
 from router.retry_budget import RetryBudget
 from router.scheduling import Decision, Profile
 from router.telemetry import RequestRecord, Telemetry
+from router.upstream import (
+    UpstreamConnectError,
+    UpstreamDisconnected,
+    UpstreamError,
+    UpstreamPool,
+    UpstreamResponse,
+)
 from router.usage import cached_tokens_of
 from router.waits import DRAIN, UNHEALTHY, Wait, Waits
 
@@ -111,7 +118,7 @@ _ERROR_BODY_CAP = 64 * 1024  # bytes kept of a failed upstream response
 _RESCHEDULE_SLACK_S = 1.0  # a relay's read deadline is moved only when it gains more than this
 CLIENT_CLOSED = 499  # nginx's status for "client closed the request"
 
-_UPSTREAM_ERRORS = (aiohttp.ClientError, OSError)
+_UPSTREAM_ERRORS = (UpstreamError, OSError)
 # Failure kinds answered 504 (a wait ran out) rather than 502 when the attempts end.
 _TIMEOUT_KINDS = frozenset({"connect_timeout", "first_byte_timeout", "read_timeout"})
 KIND_TEXT = {
@@ -195,14 +202,16 @@ class _StopWhen(stop_base):
 class ConnectWatch:
     """The connect timeout of one attempt, blind to the router's own event-loop stalls.
 
-    aiohttp's `sock_connect` timeout is a timer that, when the loop is busy, fires before
-    the loop has looked at a connection the kernel completed long ago: the replica is then
-    blamed (breaker, failover) for the router's overload, and with thousands of requests
-    arriving at once every replica was ejected.  This watch starts when aiohttp starts a
-    new connection (not while it waits for a pool slot, nor for a reused one), and when
-    `limit` has passed without the connection made it fires only if the loop did not
-    stall meanwhile (router/loop_lag.py); otherwise it looks again one `limit` later.  The
-    attempt's own deadlines (first byte, drain, unhealthy) still bound it.
+    A plain connect timer, when the loop is busy, fires before the loop has looked at a
+    connection the kernel completed long ago: the replica is then blamed (breaker,
+    failover) for the router's overload, and with thousands of requests arriving at once
+    every replica was ejected.  This watch starts when the pool (router/upstream.py) starts
+    a new connection (not while it waits for a pool slot, nor for a reused one), and when
+    `limit` has passed without the connection made it fires only if the loop did not stall
+    meanwhile (router/loop_lag.py); otherwise it looks again one `limit` later.  Firing
+    ends the attempt's own timeout (``timeout``) at once and sets ``expired``, which is how
+    the attempt tells a connect timeout from its other deadlines (first byte, drain,
+    unhealthy), which still bound it.
     """
 
     def __init__(self, limit: float, loop_lag: LoopLag | None) -> None:
@@ -234,37 +243,17 @@ class ConnectWatch:
             self.timeout.reschedule(asyncio.get_running_loop().time())
 
 
-async def _on_connect_start(session: aiohttp.ClientSession, context: object,
-                            params: aiohttp.TraceConnectionCreateStartParams) -> None:
-    watch = getattr(context, "trace_request_ctx", None)
-    if isinstance(watch, ConnectWatch):
-        watch.connecting()
-
-
-async def _on_connect_end(session: aiohttp.ClientSession, context: object,
-                          params: aiohttp.TraceConnectionCreateEndParams) -> None:
-    watch = getattr(context, "trace_request_ctx", None)
-    if isinstance(watch, ConnectWatch):
-        watch.cancel()
-
-
-def connect_tracing() -> aiohttp.TraceConfig:
-    """The TraceConfig the upstream session needs for ConnectWatch."""
-    trace = aiohttp.TraceConfig()
-    trace.on_connection_create_start.append(_on_connect_start)
-    trace.on_connection_create_end.append(_on_connect_end)
-    return trace
-
-
 class Proxy:
     """Forwards RouteRequests to replicas; one per app."""
 
-    def __init__(self, *, session: aiohttp.ClientSession, feedback_to: Callable[[], Profile], index: PrefixIndex,
+    def __init__(self, *, session: aiohttp.ClientSession, upstream: UpstreamPool,
+                 feedback_to: Callable[[], Profile], index: PrefixIndex,
                  config: ProxyConfig, telemetry: Telemetry, monitor: Monitor | None = None,
                  request_id_header: str = "X-Request-Id",
                  breaker_config: CircuitBreakerConfig | None = None,
                  loop_lag: LoopLag | None = None, exact: ExactIndex | None = None) -> None:
-        self.session = session
+        self.session = session  # for inner requests that are not the client's (adapter loads)
+        self.upstream = upstream  # the client's requests (router/upstream.py)
         self.loop_lag = loop_lag
         self.index = index
         self.config = config
@@ -484,22 +473,14 @@ class Proxy:
         kind = "first_byte_timeout" if route.stream else "read_timeout"
         return self._fail(route, replica, kind, f"no answer within {seconds:g}s")
 
-    async def _connect(self, route: RouteRequest, replica: Replica,
-                       number: int) -> aiohttp.ClientResponse:
-        """POST upstream, with the connect bounded by a `ConnectWatch` (below)."""
-        watch = ConnectWatch(self.config.connect_timeout, self.loop_lag)
+    async def _connect(self, route: RouteRequest, replica: Replica, number: int,
+                       watch: ConnectWatch) -> UpstreamResponse:
+        """POST upstream; a new connection is bounded by `watch` (it ends the attempt's
+        timeout early, and the attempt tells that TimeoutError by ``watch.expired``)."""
         try:
-            async with asyncio.timeout(None) as timeout:
-                watch.timeout = timeout
-                return await self.session.post(
-                    replica.url + route.path, data=route.body,
-                    headers=self._upstream_headers(route, replica, number),
-                    allow_redirects=False, trace_request_ctx=watch)
-        except TimeoutError:
-            if watch.expired:
-                raise aiohttp.ConnectionTimeoutError(
-                    f"no connection within {self.config.connect_timeout:g}s") from None
-            raise
+            return await self.upstream.post(
+                replica.url, route.path, route.body, self._upstream_headers(route, replica, number).items(),
+                on_connecting=watch.connecting, on_connected=watch.cancel)
         finally:
             watch.cancel()
 
@@ -511,16 +492,17 @@ class Proxy:
         self.hooks.dispatch(attempt)
         outcome = ABANDONED
         wait = self.waits.open(replica)
-        resp: aiohttp.ClientResponse | None = None
+        resp: UpstreamResponse | None = None
         finished = False
         first_limit = cfg.first_byte_timeout if route.stream else cfg.read_timeout
+        watch = ConnectWatch(cfg.connect_timeout, self.loop_lag)
         try:
             first = b""
             complete = False
             try:
                 async with asyncio.timeout(wait.limit(first_limit)) as timeout:
-                    wait.timeout = timeout
-                    resp = await self._connect(route, replica, number)
+                    wait.timeout = watch.timeout = timeout
+                    resp = await self._connect(route, replica, number, watch)
                     if resp.status >= 500 or resp.status == 429:
                         try:
                             body = await resp.content.read(_ERROR_BODY_CAP)
@@ -538,12 +520,12 @@ class Proxy:
                         first = await resp.content.readany()
                     else:
                         first, complete = await self._buffer(resp, timeout, wait)
-            except aiohttp.ConnectionTimeoutError:
-                raise self._fail(route, replica, "connect_timeout",
-                                 f"no connection within {cfg.connect_timeout:g}s") from None
-            except aiohttp.ClientConnectorError as exc:
+            except UpstreamConnectError as exc:
                 raise self._fail(route, replica, "connect", str(exc) or type(exc).__name__) from None
             except TimeoutError:
+                if watch.expired:
+                    raise self._fail(route, replica, "connect_timeout",
+                                     f"no connection within {cfg.connect_timeout:g}s") from None
                 raise self._timed_out(route, replica, wait, first_limit) from None
             except _UPSTREAM_ERRORS as exc:
                 raise self._fail(route, replica, "disconnect", str(exc) or type(exc).__name__) from None
@@ -576,7 +558,7 @@ class Proxy:
                 else:
                     resp.close()  # unfinished: drop the connection so vLLM aborts the request
 
-    async def _buffer(self, resp: aiohttp.ClientResponse, timeout: asyncio.Timeout,
+    async def _buffer(self, resp: UpstreamResponse, timeout: asyncio.Timeout,
                       wait: Wait) -> tuple[bytes, bool]:
         """Read a whole answer up to ``buffer_bytes``: (bytes, complete?)."""
         limit = self.config.buffer_bytes
@@ -588,7 +570,7 @@ class Proxy:
             chunk = await content.readany()
             if not chunk:
                 if not content.is_eof():
-                    raise aiohttp.ClientPayloadError("the answer ended early")
+                    raise UpstreamDisconnected("the answer ended early")
                 return b"".join(parts), True
             parts.append(chunk)
             size += len(chunk)
@@ -612,7 +594,7 @@ class Proxy:
         return detail, "The replica serving this request failed mid-stream (its connection broke)"
 
     async def _relay_whole(self, request: web.Request, route: RouteRequest, replica: Replica,
-                           resp: aiohttp.ClientResponse, head: bytes, complete: bool,
+                           resp: UpstreamResponse, head: bytes, complete: bool,
                            wait: Wait, record: RequestRecord) -> web.StreamResponse:
         headers = client_response_headers(resp.headers)
         if complete:
@@ -639,7 +621,7 @@ class Proxy:
         return out
 
     async def _relay_stream(self, request: web.Request, route: RouteRequest, replica: Replica,
-                            resp: aiohttp.ClientResponse, first: bytes, wait: Wait,
+                            resp: UpstreamResponse, first: bytes, wait: Wait,
                             record: RequestRecord) -> web.StreamResponse:
         out = web.StreamResponse(status=resp.status, headers=client_response_headers(resp.headers))
         out.headers[self.request_id_header] = route.request_id
@@ -662,7 +644,7 @@ class Proxy:
         return out
 
     async def _pump(self, request: web.Request, out: web.StreamResponse,
-                    resp: aiohttp.ClientResponse, first: bytes, wait: Wait,
+                    resp: UpstreamResponse, first: bytes, wait: Wait,
                     record: RequestRecord) -> tuple[tuple[str, str] | None, bytes]:
         """Copy the answer to the client.
 

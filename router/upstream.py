@@ -1,0 +1,537 @@
+"""The request path's HTTP/1.1 client to the replicas: a lean keep-alive connection pool.
+
+Why not aiohttp's ClientSession here (probes, scrapes, adapter loads and /tokenize still use
+it): py-spy under the overhead scenario put a quarter of the router's CPU per request inside
+``ClientSession._request`` (a request object, cookie jar, tracing, timers, header multidicts
+copied twice) and a further share in its StreamReader, for what the proxy needs: one POST of
+bytes it already holds, and the answer's body handed over as it arrives.  Here the request head
+is one buffer written with the body, and the answer is parsed by httptools (llhttp, Node.js's
+parser, in C) straight into a small body buffer the relay drains.
+
+What it promises:
+
+* **Bounded.** At most ``limit`` connections in use at once (0: unlimited), later requests
+  wait for a slot (the proxy's own deadlines bound that wait); an idle connection is closed
+  after ``idle_timeout`` (shorter than uvicorn's 5 s keep-alive, so vLLM rarely closes one
+  under us) and each answer's unread body buffers at most ``HIGH_WATER`` bytes before the
+  socket stops being read (back-pressure to the replica).
+* **Failures typed for failover**: ``UpstreamConnectError`` (nothing listening, DNS),
+  ``UpstreamDisconnected`` (the connection broke or the answer is not HTTP); a connect timeout
+  is the caller's (router/proxy.py's ConnectWatch gets ``on_connecting``/``on_connected``).
+  A *reused* connection that the replica closed before answering a single byte (its
+  keep-alive ran out as we wrote) is retried once on a new connection: nothing was processed.
+* **Abort on close.** ``close()`` drops the connection, which is how vLLM learns that the
+  client went away and aborts the request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import socket
+import ssl
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import cast
+from urllib.parse import urlsplit
+
+import httptools
+from multidict import CIMultiDict, CIMultiDictProxy
+
+HIGH_WATER = 64 * 1024  # unread answer bytes at which the socket stops being read
+DEFAULT_IDLE_TIMEOUT_S = 4.0
+_ENDPOINT_CACHE = 4096  # parsed replica URLs remembered (the fleet is bounded; discovery churns)
+
+
+class UpstreamError(Exception):
+    """A request to a replica failed at the transport level."""
+
+
+class UpstreamConnectError(UpstreamError):
+    """No connection could be made (refused, unreachable, name not resolved)."""
+
+
+class UpstreamDisconnected(UpstreamError):
+    """The connection broke before the answer was complete, or the answer was not HTTP."""
+
+
+class _Stale(Exception):
+    """A reused connection closed before its answer's first byte (internal: retried)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """A replica base URL, parsed once: where to connect and what to put in the request line."""
+
+    key: tuple[str, str, int]  # (scheme, host, port): the pool key
+    host: str
+    port: int
+    tls: bool
+    path_prefix: str  # the URL's path (no trailing slash), before each request's path
+    host_header: bytes
+
+    @classmethod
+    def parse(cls, url: str) -> Endpoint:
+        parts = urlsplit(url)
+        tls = parts.scheme == "https"
+        host = parts.hostname or ""
+        port = parts.port or (443 if tls else 80)
+        default = port == (443 if tls else 80)
+        shown = f"[{host}]" if ":" in host else host
+        return cls((parts.scheme, host, port), host, port, tls, parts.path.rstrip("/"),
+                   (shown if default else f"{shown}:{port}").encode("idna"))
+
+
+def _has_line_break(text: str) -> bool:
+    return "\r" in text or "\n" in text or "\0" in text
+
+
+def request_head(endpoint: Endpoint, path: str, headers: Iterable[tuple[str, str]],
+                 body_length: int) -> bytes:
+    """``POST`` head bytes; refuses (ValueError) a header that would split the request."""
+    target = endpoint.path_prefix + path
+    lines = [f"POST {target} HTTP/1.1\r\nHost: ".encode("utf-8", "surrogateescape"), endpoint.host_header,
+             b"\r\n"]
+    if _has_line_break(target) or " " in target:
+        raise ValueError("the request path holds a space or a line break")
+    parts: list[str] = []
+    for name, value in headers:
+        if _has_line_break(name) or _has_line_break(value) or ":" in name:
+            raise ValueError(f"header {name!r} holds a line break")
+        parts.append(f"{name}: {value}\r\n")
+    parts.append(f"Content-Length: {body_length}\r\n\r\n")
+    lines.append("".join(parts).encode("utf-8", "surrogateescape"))
+    return b"".join(lines)
+
+
+class UpstreamBody:
+    """The answer's body as it arrives: ``readany`` hands over everything buffered."""
+
+    __slots__ = ("_connection", "_chunks", "_size", "_done", "_error", "_waiter")
+
+    def __init__(self, connection: _Connection) -> None:
+        self._connection = connection
+        self._chunks: list[bytes] = []
+        self._size = 0
+        self._done = False
+        self._error: BaseException | None = None
+        self._waiter: asyncio.Future[None] | None = None
+
+    # -- fed by the connection --
+    def _feed(self, data: bytes) -> None:
+        self._chunks.append(data)
+        self._size += len(data)
+        if self._size > HIGH_WATER:
+            self._connection.pause_reading()
+        self._wake()
+
+    def _finish(self) -> None:
+        self._done = True
+        self._wake()
+
+    def _fail(self, error: BaseException) -> None:
+        if not self._done:
+            self._error = error
+            self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    # -- read by the relay --
+    def is_eof(self) -> bool:
+        """The whole body arrived and was read."""
+        return self._done and not self._chunks
+
+    async def readany(self) -> bytes:
+        """Every byte buffered now, waiting for some if none; b"" at the end of the body.
+        Raises UpstreamDisconnected if the connection broke first (after what came before)."""
+        while True:
+            chunks = self._chunks
+            if chunks:
+                data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+                chunks.clear()
+                self._size = 0
+                self._connection.resume_reading()
+                return data
+            if self._error is not None:
+                raise self._error
+            if self._done:
+                return b""
+            waiter = self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await waiter
+            finally:
+                self._waiter = None
+
+    async def read(self, limit: int) -> bytes:
+        """Up to `limit` bytes of the body (fewer at its end)."""
+        parts: list[bytes] = []
+        size = 0
+        while size < limit:
+            chunk = await self.readany()
+            if not chunk:
+                break
+            parts.append(chunk)
+            size += len(chunk)
+        data = b"".join(parts)
+        return data[:limit]
+
+
+class UpstreamResponse:
+    """A replica's answer: status and headers at once, the body as it arrives.
+
+    Give it back with ``release()`` once the body is read (the connection is reused when
+    the replica allows) or ``close()`` (the connection is dropped: the replica aborts)."""
+
+    __slots__ = ("status", "headers", "content", "content_type", "content_length", "_connection",
+                 "_keep_alive", "_until_close", "_done")
+
+    def __init__(self, connection: _Connection, status: int, headers: CIMultiDictProxy[str],
+                 keep_alive: bool) -> None:
+        self.status = status
+        self.headers = headers
+        self.content = UpstreamBody(connection)
+        kind = headers.get("Content-Type", "")
+        self.content_type = kind.partition(";")[0].strip().lower()
+        length = headers.get("Content-Length")
+        self.content_length = int(length) if length is not None and length.isdigit() else None
+        self._connection = connection
+        self._keep_alive = keep_alive
+        # Neither a length nor chunked: the body ends when the replica closes the connection.
+        self._until_close = length is None and "chunked" not in headers.get("Transfer-Encoding", "").lower()
+        self._done = False
+
+    def release(self) -> None:
+        """Done with it: reuse the connection if the whole body was read, else drop it."""
+        if self._done:
+            return
+        self._done = True
+        connection = self._connection
+        if self._keep_alive and self.content.is_eof() and not connection.closed:
+            connection.pool._give_back(connection)
+        else:
+            connection.pool._drop(connection)
+
+    def close(self) -> None:
+        """Drop the connection (an unfinished answer: the replica sees the client leave)."""
+        if self._done:
+            return
+        self._done = True
+        self._connection.pool._drop(self._connection)
+
+
+class _Connection(asyncio.Protocol):
+    """One keep-alive connection to a replica; feeds httptools and the current answer."""
+
+    def __init__(self, pool: UpstreamPool, key: tuple[str, str, int]) -> None:
+        self.pool = pool
+        self.key = key
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpResponseParser(self)
+        self.closed = False
+        self.reused = False
+        self.idle_since = 0.0
+        self.got_bytes = False
+        self.paused = False
+        self._head: asyncio.Future[UpstreamResponse] | None = None
+        self._headers: list[tuple[str, str]] = []
+        self.response: UpstreamResponse | None = None
+
+    # -- asyncio.Protocol --
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # (uvloop's is not a subclass)
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except (OSError, AttributeError):  # pragma: no cover - platform specific
+                pass
+
+    def data_received(self, data: bytes) -> None:
+        if self._head is None and self.response is None:
+            self.pool._drop(self)  # bytes nobody asked for (an idle connection): not trusted
+            return
+        self.got_bytes = True
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            self._broken(UpstreamDisconnected(f"the replica's answer is not valid HTTP ({exc})"))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.pool._lost(self)
+        response = self.response
+        if self._head is not None:
+            error: Exception = _Stale() if self.reused and not self.got_bytes else UpstreamDisconnected(
+                "the replica closed the connection before answering")
+            self._fail_head(error)
+        elif response is not None and not response.content._done:
+            if response._until_close:
+                response.content._finish()
+            else:
+                response.content._fail(UpstreamDisconnected("the answer ended early (connection closed)"))
+
+    # -- httptools callbacks --
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers.append((name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape")))
+
+    def on_headers_complete(self) -> None:
+        status = self.parser.get_status_code()
+        headers, self._headers = self._headers, []
+        if status < 200:
+            return  # an interim answer (100 Continue): the real one follows
+        if self._head is None:  # an answer nobody asked for: the connection is not trusted
+            self.response = None
+            self.pool._drop(self)
+            return
+        response = self.response = UpstreamResponse(
+            self, status, CIMultiDictProxy(CIMultiDict(headers)), self.parser.should_keep_alive())
+        head, self._head = self._head, None
+        if head is not None and not head.done():
+            head.set_result(response)
+
+    def on_body(self, body: bytes) -> None:
+        if self.response is not None:
+            self.response.content._feed(body)
+
+    def on_message_complete(self) -> None:
+        if self.response is not None:
+            self.response.content._finish()
+
+    # -- used by the pool and the body --
+    def send(self, head: bytes, body: bytes) -> asyncio.Future[UpstreamResponse]:
+        assert self.transport is not None
+        self.response = None
+        self.got_bytes = False
+        future = self._head = asyncio.get_running_loop().create_future()
+        if body:
+            self.transport.writelines((head, body))
+        else:
+            self.transport.write(head)
+        return future
+
+    def pause_reading(self) -> None:
+        if not self.paused and self.transport is not None and not self.closed:
+            self.paused = True
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.paused and self.transport is not None and not self.closed:
+            self.paused = False
+            self.transport.resume_reading()
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+        self.closed = True
+
+    def _fail_head(self, error: Exception) -> None:
+        head, self._head = self._head, None
+        if head is not None and not head.done():
+            head.set_exception(error)
+
+    def _broken(self, error: UpstreamDisconnected) -> None:
+        if self._head is not None:
+            self._fail_head(error)
+        elif self.response is not None:
+            self.response.content._fail(error)
+        self.pool._drop(self)
+
+
+class UpstreamPool:
+    """Keep-alive connections to the replicas, reused most-recent first."""
+
+    def __init__(self, limit: int = 0, idle_timeout: float = DEFAULT_IDLE_TIMEOUT_S) -> None:
+        self.limit = limit
+        self.idle_timeout = idle_timeout
+        self.in_use = 0  # connections lent out or being made
+        self._idle: dict[tuple[str, str, int], list[_Connection]] = {}
+        self._idle_count = 0
+        self._lent: set[_Connection] = set()
+        self._slot_waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._endpoints: dict[str, Endpoint] = {}
+        self._tls: ssl.SSLContext | None = None
+        self._sweeper: asyncio.TimerHandle | None = None
+        self._closed = False
+
+    @property
+    def idle(self) -> int:
+        return self._idle_count
+
+    def endpoint(self, base_url: str) -> Endpoint:
+        found = self._endpoints.get(base_url)
+        if found is None:
+            if len(self._endpoints) >= _ENDPOINT_CACHE:
+                self._endpoints.clear()
+            found = self._endpoints[base_url] = Endpoint.parse(base_url)
+        return found
+
+    async def post(self, base_url: str, path: str, body: bytes, headers: Iterable[tuple[str, str]], *,
+                   on_connecting: Callable[[], None] | None = None,
+                   on_connected: Callable[[], None] | None = None) -> UpstreamResponse:
+        """POST `body` to ``base_url + path``; returns once the answer's head arrived."""
+        if self._closed:
+            raise UpstreamConnectError("the router is shutting down")
+        endpoint = self.endpoint(base_url)
+        head = request_head(endpoint, path, headers, len(body))
+        await self._take_slot()
+        # The slot is this call's until a connection is lent out (``_lent``); from then on
+        # the connection holds it and gives it back when released, dropped or broken.
+        connection: _Connection | None = None
+        try:
+            connection = self._take_idle(endpoint.key)
+            if connection is not None:
+                try:
+                    return await self._exchange(connection, head, body)
+                except _Stale:
+                    self._lent.discard(connection)  # its slot comes back to this call
+                    connection = None  # closed under us before answering: once more, on a new one
+            connection = await self._connect(endpoint, on_connecting, on_connected)
+            try:
+                return await self._exchange(connection, head, body)
+            except _Stale:
+                raise UpstreamDisconnected("the replica closed the connection before answering") from None
+        except BaseException:
+            if connection is None:
+                self._free_slot()
+            elif connection in self._lent:
+                self._drop(connection)  # (one that broke was dropped, its slot freed, already)
+            raise
+
+    async def _exchange(self, connection: _Connection, head: bytes, body: bytes) -> UpstreamResponse:
+        """Lend `connection` out and send; waits for the answer's head."""
+        self._lent.add(connection)
+        return await connection.send(head, body)
+
+    async def _connect(self, endpoint: Endpoint, on_connecting: Callable[[], None] | None,
+                       on_connected: Callable[[], None] | None) -> _Connection:
+        loop = asyncio.get_running_loop()
+        if on_connecting is not None:
+            on_connecting()
+        try:
+            _, connection = await loop.create_connection(
+                lambda: _Connection(self, endpoint.key), endpoint.host, endpoint.port,
+                ssl=self._tls_context() if endpoint.tls else None)
+        except OSError as exc:
+            raise UpstreamConnectError(
+                f"cannot connect to {endpoint.host}:{endpoint.port} ({exc.strerror or exc})") from None
+        finally:
+            if on_connected is not None:
+                on_connected()
+        return connection
+
+    def _tls_context(self) -> ssl.SSLContext:
+        if self._tls is None:
+            self._tls = ssl.create_default_context()
+        return self._tls
+
+    # -- slots --
+    async def _take_slot(self) -> None:
+        if not self.limit or self.in_use < self.limit:
+            self.in_use += 1
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self._slot_waiters.append(waiter)
+        try:
+            await waiter  # the slot is handed over: in_use already counts it
+        except BaseException:
+            if waiter.done() and not waiter.cancelled():
+                self._free_slot()  # handed over as we were cancelled: pass it on
+            else:
+                waiter.cancel()
+            raise
+
+    def _free_slot(self) -> None:
+        while self._slot_waiters:
+            waiter = self._slot_waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)  # the slot moves to the waiter: in_use unchanged
+                return
+        self.in_use -= 1
+
+    # -- connections --
+    def _take_idle(self, key: tuple[str, str, int]) -> _Connection | None:
+        stack = self._idle.get(key)
+        now = time.monotonic()
+        while stack:
+            connection = stack.pop()
+            self._idle_count -= 1
+            if connection.closed or now - connection.idle_since > self.idle_timeout:
+                connection.close()
+                continue
+            if not stack:
+                del self._idle[key]
+            connection.reused = True
+            return connection
+        self._idle.pop(key, None)
+        return None
+
+    def _give_back(self, connection: _Connection) -> None:
+        """An answer was read to its end: the connection waits for the next request."""
+        self._lent.discard(connection)
+        connection.response = None
+        connection.resume_reading()
+        if self._closed:
+            connection.close()
+        else:
+            connection.idle_since = time.monotonic()
+            self._idle.setdefault(connection.key, []).append(connection)
+            self._idle_count += 1
+            self._schedule_sweep()
+        self._free_slot()
+
+    def _drop(self, connection: _Connection) -> None:
+        """Close a connection; frees its slot if it was lent out."""
+        connection.close()
+        if connection in self._lent:
+            self._lent.discard(connection)
+            self._free_slot()
+
+    def _lost(self, connection: _Connection) -> None:
+        """The transport closed (either side): an idle connection leaves the pool."""
+        stack = self._idle.get(connection.key)
+        if stack and connection in stack:
+            stack.remove(connection)
+            self._idle_count -= 1
+            if not stack:
+                del self._idle[connection.key]
+
+    def _schedule_sweep(self) -> None:
+        if self._sweeper is None:
+            self._sweeper = asyncio.get_running_loop().call_later(self.idle_timeout, self._sweep)
+
+    def _sweep(self) -> None:
+        """Close connections idle longer than ``idle_timeout`` (oldest sit at the bottom)."""
+        self._sweeper = None
+        limit = time.monotonic() - self.idle_timeout
+        for key in list(self._idle):
+            stack = self._idle[key]
+            expired = 0
+            while expired < len(stack) and stack[expired].idle_since <= limit:
+                expired += 1
+            for connection in stack[:expired]:
+                connection.close()
+            del stack[:expired]
+            self._idle_count -= expired
+            if not stack:
+                del self._idle[key]
+        if self._idle_count:
+            self._schedule_sweep()
+
+    async def close(self) -> None:
+        """Close every connection (shutdown: nothing is in flight any more)."""
+        self._closed = True
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+        for stack in self._idle.values():
+            for connection in stack:
+                connection.close()
+        self._idle.clear()
+        self._idle_count = 0
+        for connection in list(self._lent):
+            connection.close()
+        await asyncio.sleep(0)  # let the transports run their close callbacks
