@@ -191,7 +191,7 @@ class Router:
                        index=self.index, exact=self.exact, kv_events=self.kv_events,
                        prompt_tokens=self.prompt_tokens)
         self.api.reloader = self.reloader
-        self.proxy.hooks.hooks.append(AdmissionRelease(self.api.admission.on_request_end))
+        self.proxy.hooks.add(AdmissionRelease(self.api.admission.on_request_end))
         self.api.discovery = self.discovery
         self.api.worker["index"] = self.worker_index
         app = web.Application(client_max_size=cfg.server.max_body_bytes,

@@ -96,29 +96,55 @@ class Hook:
 
 
 class Hooks:
-    """The hooks of one router, called in order."""
+    """The hooks of one router, called in order.
+
+    Each moment calls only the hooks that act on it (a hook inheriting `Hook`'s no-op for
+    a moment is left out of that moment's list): most hooks care about two of the four,
+    and every request goes through all four."""
 
     def __init__(self, hooks: Sequence[AttemptHook]) -> None:
-        self.hooks = list(hooks)
+        self.hooks: list[AttemptHook] = []
+        self._dispatch: list[Callable[[Attempt], None]] = []
+        self._first_byte: list[Callable[[Attempt, int], None]] = []
+        self._failure: list[Callable[[Attempt, UpstreamFailure], None]] = []
+        self._complete: list[tuple[str, Callable[[Attempt, str], None]]] = []
+        for hook in hooks:
+            self.add(hook)
+
+    def add(self, hook: AttemptHook) -> None:
+        """Append `hook` (it runs after those added before it)."""
+        self.hooks.append(hook)
+
+        def acts_on(moment: str) -> bool:
+            return getattr(type(hook), moment, None) is not getattr(Hook, moment)
+
+        if acts_on("on_dispatch"):
+            self._dispatch.append(hook.on_dispatch)
+        if acts_on("on_first_byte"):
+            self._first_byte.append(hook.on_first_byte)
+        if acts_on("on_failure"):
+            self._failure.append(hook.on_failure)
+        if acts_on("on_complete"):
+            self._complete.append((type(hook).__name__, hook.on_complete))
 
     def dispatch(self, attempt: Attempt) -> None:
-        for hook in self.hooks:
-            hook.on_dispatch(attempt)
+        for call in self._dispatch:
+            call(attempt)
 
     def first_byte(self, attempt: Attempt, status: int) -> None:
-        for hook in self.hooks:
-            hook.on_first_byte(attempt, status)
+        for call in self._first_byte:
+            call(attempt, status)
 
     def failure(self, attempt: Attempt, failure: UpstreamFailure) -> None:
-        for hook in self.hooks:
-            hook.on_failure(attempt, failure)
+        for call in self._failure:
+            call(attempt, failure)
 
     def complete(self, attempt: Attempt, outcome: str) -> None:
-        for hook in self.hooks:
+        for name, call in self._complete:
             try:
-                hook.on_complete(attempt, outcome)
+                call(attempt, outcome)
             except Exception:  # noqa: BLE001 - the rest must still run (in-flight counts)
-                log.exception("hook %s failed on completion", type(hook).__name__)
+                log.exception("hook %s failed on completion", name)
 
 
 class InFlight(Hook):

@@ -97,13 +97,25 @@ async def read_body(request: web.Request, limit: int, *, timeout: float,
     decoder = _decoder(encoding)
     reserved = declared or 0
     lease.take(reserved)
+    content = request.content
+    if decoder is None and content.is_eof():
+        # The whole body came with the head (most requests): no wait, so no timeout.
+        try:
+            data = content.read_nowait()
+        except web.HTTPRequestEntityTooLarge:
+            raise too_large(limit) from None
+        if len(data) > limit:
+            raise too_large(limit)
+        if len(data) > reserved:
+            lease.take(len(data) - reserved)
+        return data
     raw_size = 0
     chunks: list[bytes] = []
     decoded_size = 0
     try:
         async with asyncio.timeout(timeout):
             while True:
-                chunk = await request.content.read(_READ_CHUNK)
+                chunk = await content.read(_READ_CHUNK)
                 if not chunk:
                     break
                 raw_size += len(chunk)

@@ -112,6 +112,7 @@ HOP_BY_HOP = frozenset({
 _DROP_REQUEST = frozenset({"host", "content-length", "authorization", "x-api-key", "api-key",
                            "expect", "x-request-id", "content-encoding", "cookie",
                            "x-forwarded-for", "forwarded"})
+_NEVER_FORWARDED = HOP_BY_HOP | _DROP_REQUEST
 # Response headers aiohttp (re)computes for the client.
 _DROP_RESPONSE = frozenset({"content-length", "date", "server", "x-request-id"})
 _ERROR_BODY_CAP = 64 * 1024  # bytes kept of a failed upstream response
@@ -143,7 +144,9 @@ def _connection_tokens(headers: Mapping[str, str] | CIMultiDictProxy[str]) -> se
 def forwardable_request_headers(headers: CIMultiDictProxy[str],
                                 request_id_header: str = "X-Request-Id") -> tuple[tuple[str, str], ...]:
     """Client headers that may go upstream: no hop-by-hop, Host, credentials, lengths."""
-    drop = HOP_BY_HOP | _DROP_REQUEST | _connection_tokens(headers) | {request_id_header.lower()}
+    drop = _NEVER_FORWARDED | {request_id_header.lower()}
+    if "Connection" in headers:
+        drop |= _connection_tokens(headers)
     return tuple((k, v) for k, v in headers.items() if k.lower() not in drop)
 
 

@@ -34,7 +34,7 @@ async def test_the_moments_of_success_failover_and_abandonment(fakes, start_rout
     server = await start_router(make_routes([bad.url, good.url], policy="round_robin",
                                             circuit_breaker={"failure_threshold": 100}))
     recorder = Recorder()
-    server.router.proxy.hooks.hooks.append(recorder)
+    server.router.proxy.hooks.add(recorder)
     body = {"model": "sim-a", "prompt": "x"}
     for _ in range(2):  # round robin: one of the two starts on the failing replica
         async with http.post(server.url + "/v1/completions", json=body) as r:
