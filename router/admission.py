@@ -9,7 +9,14 @@ Runs after a request is parsed and before it is scheduled:
    is not waited for).  An empty bucket is a 429 with ``Retry-After`` = when it refills.
 2. **Saturation.**  A replica is saturated when its own last report says it has
    ``max_waiting_per_replica`` requests waiting or ``max_kv_usage`` of its KV cache in
-   use.  While every candidate replica of a model is saturated, new requests for it wait
+   use, except that a waiting queue the engine is draining is not saturation: when, at
+   the rate it took requests into its batch since the previous scrape (the growth of
+   ``num_requests_running`` plus ``request_success_total``'s), its queue would be empty
+   within ``max_queue_time`` seconds, the queue is only the next steps' batch (a burst of
+   streams into an engine with room: holding them here, one per first byte, added
+   seconds of TTFT the engine would not have).  A replica that took none, or whose first
+   report this is, is judged by the count alone.
+   While every candidate replica of a model is saturated, new requests for it wait
    here instead of piling into the engines' own FIFO queues, where priority and fairness
    would be lost.  A request waits at most ``max_wait`` seconds, and at most
    ``queue_size`` requests wait at once; beyond either, 429 with ``Retry-After``.
@@ -200,16 +207,28 @@ class Admission:
 
     # -- saturation -----------------------------------------------------------------
     def saturated(self, replica: Replica) -> bool:
-        load = self.config
-        return (replica.load.waiting >= load.max_waiting_per_replica
-                or replica.load.kv_cache_usage >= load.max_kv_usage)
+        config, load = self.config, replica.load
+        if load.kv_cache_usage >= config.max_kv_usage:
+            return True
+        return load.waiting >= config.max_waiting_per_replica and not self._draining(replica)
+
+    def _draining(self, replica: Replica) -> bool:
+        """Its queue is long but moving: at its recent intake it empties within max_queue_time."""
+        rate, limit = replica.load.intake_rate, self.config.max_queue_time
+        return limit > 0 and rate is not None and rate > 0 and replica.load.waiting < rate * limit
 
     def room(self, replicas: Sequence[Replica]) -> int:
-        """How many more requests the replicas' last reports leave room for."""
+        """How many more requests the replicas' last reports leave room for (every waiting
+        one when a replica is draining its queue quickly)."""
         total = 0
         for r in replicas:
-            if r.load.kv_cache_usage < self.config.max_kv_usage:
-                total += max(0, math.ceil(self.config.max_waiting_per_replica - r.load.waiting))
+            if r.load.kv_cache_usage >= self.config.max_kv_usage:
+                continue
+            if r.load.waiting >= self.config.max_waiting_per_replica:
+                if self._draining(r):
+                    return self.waiting
+                continue
+            total += max(0, math.ceil(self.config.max_waiting_per_replica - r.load.waiting))
         return total
 
     def queued(self, model: str) -> int:

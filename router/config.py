@@ -8,8 +8,8 @@
                keys_file, admin_key | admin_key_env | admin_key_file, protect_metrics}
     cors:     {allow_origins, allow_methods, allow_headers, expose_headers,
                allow_credentials, max_age}
-    admission: {enabled, queue_size, max_wait, max_waiting_per_replica, max_kv_usage,
-               priority_header, rate_limit, max_clients}
+    admission: {enabled, queue_size, max_wait, max_waiting_per_replica, max_queue_time,
+               max_kv_usage, priority_header, rate_limit, max_clients}
     models:   - {name, aliases: [..], backends: [{url, tensor_parallel_size, weight,
                  labels, api_key | api_key_env | api_key_file}]}
     routing:  {policy, params: {...}, terms: {...}, session_header}
@@ -124,6 +124,9 @@ class AdmissionConfig:
     queue_size: int = 1024  # requests waiting at once for a saturated fleet (0: 429 at once)
     max_wait: float = 30.0  # seconds a request may wait; then 429
     max_waiting_per_replica: float = 16  # a replica with this many waiting requests is saturated
+    # ... unless it is draining them: at the rate it took requests into its batch since the
+    # last scrape, its queue would be empty within this many seconds; 0: the count alone
+    max_queue_time: float = 1.0
     max_kv_usage: float = 0.98  # ... or with this much of its KV cache in use
     priority_header: str = "X-Priority"  # may lower a request's priority, never raise it
     rate_limit: RateLimitConfig | None = None  # per client (its key, else its address)
@@ -355,7 +358,7 @@ _CLIENT_KEY_KEYS = ("name", "key", "key_env", "key_file", "models", "priority", 
 _RATE_LIMIT_KEYS = ("requests_per_s", "burst", "tokens_per_min")
 _CORS_KEYS = ("allow_origins", "allow_methods", "allow_headers", "expose_headers",
               "allow_credentials", "max_age")
-_ADMISSION_KEYS = ("enabled", "queue_size", "max_wait", "max_waiting_per_replica",
+_ADMISSION_KEYS = ("enabled", "queue_size", "max_wait", "max_waiting_per_replica", "max_queue_time",
                    "max_kv_usage", "priority_header", "rate_limit", "max_clients")
 _BREAKER_KEYS = ("failure_threshold", "ejection_time", "max_ejection_time", "max_retry_after")
 _MODEL_KEYS = ("name", "aliases", "backends", "tokenizer", "lora", "disaggregation", "discovery")
@@ -617,6 +620,7 @@ def _admission(node: Node) -> AdmissionConfig:
         queue_size=_int(node, "queue_size", d.queue_size, minimum=0, maximum=1_000_000),
         max_wait=_num(node, "max_wait", d.max_wait),
         max_waiting_per_replica=_num(node, "max_waiting_per_replica", d.max_waiting_per_replica),
+        max_queue_time=_num(node, "max_queue_time", d.max_queue_time, exclusive=False),
         max_kv_usage=_num(node, "max_kv_usage", d.max_kv_usage, maximum=1.0),
         priority_header=_header_name(node.get("priority_header", d.priority_header)),
         rate_limit=_rate_limit(node.get("rate_limit")) if node.has("rate_limit") else None,

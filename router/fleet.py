@@ -53,6 +53,11 @@ class EngineLoad:
     block_size: int | None = None  # tokens per KV block, from cache_config_info
     num_gpu_blocks: int | None = None  # KV blocks, from cache_config_info
     scraped_at: float = 0.0  # time.monotonic() of the scrape; 0 = never
+    # vllm:request_success_total (cumulative, every finished_reason) and, against the previous
+    # scrape, how many requests a second the engine took into its batch since (the growth of
+    # `running` plus those that finished); None without a previous scrape or after a restart.
+    finished: float = 0.0
+    intake_rate: float | None = None
     # LoRA (vllm:lora_requests_info, newest series): adapters of running / waiting requests,
     # and the adapters one batch may hold (--max-loras); None when LoRA is off or unreported.
     running_adapters: frozenset[str] = frozenset()

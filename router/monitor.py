@@ -187,7 +187,7 @@ class Monitor:
             return False
         try:
             names = replica.served_models | {replica.model}
-            old, replica.load = replica.load, parse_engine_load(text, names)
+            old, replica.load = replica.load, parse_engine_load(text, names, previous=replica.load)
             replica.lora_slots.observe(replica.load)
         except Exception as exc:  # noqa: BLE001 - a malformed page must not kill the task
             log.debug("replica %s: unreadable /metrics: %s", replica.id, exc)

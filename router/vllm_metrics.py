@@ -26,11 +26,12 @@ PREFIX_QUERIES = ("vllm:prefix_cache_queries_total", "vllm:gpu_prefix_cache_quer
                   "vllm:prefix_cache_queries", "vllm:gpu_prefix_cache_queries")
 PREFIX_HITS = ("vllm:prefix_cache_hits_total", "vllm:gpu_prefix_cache_hits_total",
                "vllm:prefix_cache_hits", "vllm:gpu_prefix_cache_hits")
+FINISHED = ("vllm:request_success_total",)
 CACHE_CONFIG = "vllm:cache_config_info"
 # One series per label set ever true, valued at the time it was last set: the newest is now.
 LORA_INFO = "vllm:lora_requests_info"
 _WANTED = frozenset((*RUNNING, *WAITING, *KV_USAGE, *PREFIX_QUERIES, *PREFIX_HITS, CACHE_CONFIG,
-                     LORA_INFO))
+                     LORA_INFO, *FINISHED))
 MAX_ADAPTER_NAMES = 256  # of one lora_requests_info label (a replica's page is not trusted to be small)
 
 
@@ -68,12 +69,13 @@ def _wanted_lines(text: str) -> str:
 
 
 def parse_engine_load(text: str, model_names: Iterable[str] = (), *,
-                      scraped_at: float | None = None) -> EngineLoad:
+                      scraped_at: float | None = None, previous: EngineLoad | None = None) -> EngineLoad:
     """Read the load of one vLLM server from its /metrics text.
 
     Samples are summed over every label but ``model_name``; when samples carry a
     model_name that is one of `model_names`, only those count (a server may report
     several models).  For each quantity the first name present in the fallback list wins.
+    `previous` (the replica's last load) gives ``intake_rate``.
     """
     wanted_models = set(model_names)
     values: dict[str, list[tuple[str | None, float]]] = {}
@@ -115,8 +117,16 @@ def parse_engine_load(text: str, model_names: Iterable[str] = (), *,
     kv = total(KV_USAGE)
     kv_series = next((values[n] for n in KV_USAGE if n in values), [])
     kv_count = len([1 for m, _ in kv_series if not keep or m in keep]) or 1
+    running = total(RUNNING) or 0.0
+    finished = total(FINISHED) or 0.0
+    now = time.monotonic() if scraped_at is None else scraped_at
+    intake: float | None = None
+    if previous is not None and previous.scraped_at and now > previous.scraped_at \
+            and finished >= previous.finished:  # (a restart resets the counter)
+        taken = running - previous.running + finished - previous.finished
+        intake = max(0.0, taken) / (now - previous.scraped_at)
     return EngineLoad(
-        running=total(RUNNING) or 0.0,
+        running=running,
         waiting=total(WAITING) or 0.0,
         # a fraction per engine: average, not sum, over data-parallel engines
         kv_cache_usage=(kv / kv_count) if kv is not None else 0.0,
@@ -127,7 +137,9 @@ def parse_engine_load(text: str, model_names: Iterable[str] = (), *,
         running_adapters=_adapter_names(lora_labels.get("running_lora_adapters")),
         waiting_adapters=_adapter_names(lora_labels.get("waiting_lora_adapters")),
         max_loras=_int_label(lora_labels.get("max_lora")),
-        scraped_at=time.monotonic() if scraped_at is None else scraped_at,
+        scraped_at=now,
+        finished=finished,
+        intake_rate=intake,
     )
 
 

@@ -52,6 +52,9 @@ def start_pair(root: Path, name: str, extra_args: list[str], env: dict[str, str]
 
 @pytest.fixture
 def lora_engines(tmp_path):
+    reason = vllm_skip_reason()
+    if reason:
+        pytest.skip(reason)  # (before the adapters, which need the tiny model `make test` builds)
     adapters = {name: str(write_tiny_lora(TINY_MODEL, tmp_path / name, seed=i))
                 for i, name in enumerate(("a1", "a2", "a3"), start=1)}
     urls, stop = start_pair(tmp_path, "conformance-lora",

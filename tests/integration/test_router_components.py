@@ -66,6 +66,22 @@ def test_parse_engine_load_sums_engines_and_filters_models() -> None:
     assert unfiltered.running == 55.0  # no name matched: every series counts
 
 
+def test_the_intake_rate_is_what_the_engine_took_into_its_batch_since_the_last_scrape() -> None:
+    def page(running: float, stop: float, length: float) -> str:
+        return ("# TYPE vllm:num_requests_running gauge\n"
+                f'vllm:num_requests_running{{engine="0",model_name="m"}} {running}\n'
+                "# TYPE vllm:request_success counter\n"
+                f'vllm:request_success_total{{engine="0",finished_reason="stop",model_name="m"}} {stop}\n'
+                f'vllm:request_success_total{{engine="0",finished_reason="length",model_name="m"}} {length}\n')
+    first = parse_engine_load(page(10, 3, 2), ["m"], scraped_at=100.0)
+    assert (first.finished, first.intake_rate) == (5.0, None)
+    # 0.5 s later: 4 more running and 6 more finished: 10 taken in, 20 a second
+    second = parse_engine_load(page(14, 7, 4), ["m"], scraped_at=100.5, previous=first)
+    assert second.intake_rate == pytest.approx(20.0)
+    assert parse_engine_load(page(4, 7, 4), ["m"], scraped_at=101.0, previous=second).intake_rate == 0.0
+    assert parse_engine_load(page(1, 0, 0), ["m"], scraped_at=101.0, previous=second).intake_rate is None  # restarted
+
+
 def test_parse_engine_load_accepts_legacy_names() -> None:
     load = parse_engine_load(METRICS_LEGACY, ["m"])
     assert load.kv_cache_usage == 0.75

@@ -153,3 +153,35 @@ async def test_a_first_byte_hands_the_admission_slot_on(fakes, start_router, mak
     await until(lambda: fake.in_flight == 2, timeout=5, message="the second admitted at the first's first byte")
     fake.release.set()
     assert await asyncio.wait_for(asyncio.gather(*tasks), 20) == [200, 200]
+
+
+async def test_a_burst_into_an_engine_with_room_is_not_held_in_the_router(make_sim, start_router, make_routes,
+                                                                        http, metric) -> None:
+    """A burst of streams into an engine that admits them all at its next step: its waiting
+    queue is long at every scrape, but what it schedules waited a step, not seconds, so the
+    router lets them through (holding them, one per first byte, added seconds of TTFT in the
+    overhead scenario's 1,000-stream phase).  Judged by the count alone, they queue."""
+    sim = await make_sim(time_scale=1.0, args=["--max-num-seqs", "512", "--step-overhead-s", "0.1"])
+
+    async def burst(max_queue_time: float) -> float:
+        server = await start_router(make_routes([sim.url], admission={
+            "max_waiting_per_replica": 4, "max_queue_time": max_queue_time, "queue_size": 1000, "max_wait": 60},
+            metrics={"scrape_interval": 0.2}))
+
+        async def one() -> int:
+            body = {"model": "sim-a", "prompt": "hello", "max_tokens": 10, "stream": True}
+            async with http.post(server.url + "/v1/completions", json=body) as r:
+                await r.read()
+                return r.status
+
+        tasks = []
+        for _ in range(120):  # 100 a second for 1.2 s
+            tasks.append(asyncio.create_task(one()))
+            await asyncio.sleep(0.01)
+        assert await asyncio.wait_for(asyncio.gather(*tasks), 60) == [200] * 120
+        async with http.get(server.url + "/metrics") as r:
+            text = await r.text()
+        return metric(text, "router_admission_wait_seconds_count", model="sim-a") or 0.0
+
+    assert await burst(1.0) == 0  # none waited in the router
+    assert await burst(0) > 0  # the count alone: the same burst queues

@@ -127,11 +127,35 @@ def test_token_buckets_per_client_and_their_bound() -> None:
         limiter.check(keyed, 1)  # its own limit, not the default
 
 
-def replica(waiting: float = 0.0, kv: float = 0.0) -> Replica:
+def replica(waiting: float = 0.0, kv: float = 0.0, intake: float | None = None) -> Replica:
     r = Replica(url="http://127.0.0.1:1", model="m")
     r.load.waiting = waiting
     r.load.kv_cache_usage = kv
+    r.load.intake_rate = intake
     return r
+
+
+async def test_a_long_queue_the_engine_drains_quickly_is_not_saturation() -> None:
+    adm = Admission(AdmissionConfig(max_waiting_per_replica=4, max_queue_time=1.0, queue_size=10, max_wait=5))
+    assert adm.saturated(replica(10))  # its first report: the count alone
+    assert adm.saturated(replica(10, intake=0.0))  # it took nothing since the last scrape
+    assert adm.saturated(replica(10, intake=5.0))  # 10 waiting at 5 a second: 2 s
+    assert not adm.saturated(replica(10, intake=50.0))  # 0.2 s: the next steps' batch
+    assert adm.saturated(replica(10, kv=0.99, intake=50.0))  # a full cache is saturation still
+    assert Admission(AdmissionConfig(max_waiting_per_replica=4, max_queue_time=0)).saturated(
+        replica(10, intake=50.0))  # 0: the count alone
+    assert await adm.admit("m", [replica(10, intake=50.0)], client("a"), 0) == 0.0  # no wait
+    # Requests that queued while it was stuck all go once it is seen draining.
+    stuck = [replica(10)]
+    tasks = [asyncio.create_task(adm.admit("m", stuck, client("a"), 0)) for _ in range(6)]
+    await asyncio.sleep(0.01)
+    assert adm.queued("m") == 6
+    adm.on_load("m", [replica(10, intake=2.0)])  # still slow: none
+    await asyncio.sleep(0.01)
+    assert adm.queued("m") == 6
+    adm.on_load("m", [replica(10, intake=100.0)])
+    await asyncio.gather(*tasks)
+    assert adm.waiting == 0
 
 
 def client(name: str) -> Client:
