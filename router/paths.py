@@ -76,6 +76,7 @@ ROUTER_PATHS: tuple[str, ...] = ("/v1/models", "/health", "/ready", "/metrics")
 _SEGMENT = r"[A-Za-z0-9_\-~][A-Za-z0-9_.\-~]*"
 _PLAIN_PATH = re.compile(rf"^(/{_SEGMENT})+$")
 _DOT_SEGMENT = re.compile(r"/\.+(/|$)")
+_CONTROL = re.compile(r"[\x00-\x20\x7f]")  # controls and space (one C scan, not a loop per character)
 
 
 def is_management_path(path: str) -> bool:
@@ -95,7 +96,7 @@ def raw_path_problem(raw_path: str) -> str | None:
         return "percent-encoded characters are not allowed in the path"
     if "\\" in path:
         return "backslashes are not allowed in the path"
-    if any(ord(c) < 0x21 or ord(c) == 0x7F for c in path):
+    if _CONTROL.search(path):
         return "control characters are not allowed in the path"
     if "//" in path:
         return "empty path segments are not allowed"

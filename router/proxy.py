@@ -444,16 +444,21 @@ class Proxy:
                                   f"{KIND_TEXT.get(last.kind, last.kind)}{why}",
                           headers={"Retry-After": str(self.config.retry_after)})
 
-    def _upstream_headers(self, route: RouteRequest, replica: Replica, number: int) -> CIMultiDict[str]:
-        headers = CIMultiDict(route.headers)
-        headers[self.request_id_header] = f"{route.request_id}-{number}"
+    def _upstream_headers(self, route: RouteRequest, replica: Replica, number: int) -> list[tuple[str, str]]:
+        """The client's forwardable headers plus the attempt's own: its request id, the
+        replica's key, identity encoding and a JSON content type unless the client said."""
+        headers = list(route.headers)  # (never an id, a credential, Host or a length: api.py)
+        named = {name.lower() for name, _ in headers}
+        request_id = f"{route.request_id}-{number}"
+        headers.append((self.request_id_header, request_id))
         if self.request_id_header.lower() != "x-request-id":
-            headers["X-Request-Id"] = f"{route.request_id}-{number}"
+            headers.append(("X-Request-Id", request_id))
         if replica.api_key:
-            headers["Authorization"] = f"Bearer {replica.api_key}"
-        if "Accept-Encoding" not in headers:
-            headers["Accept-Encoding"] = "identity"  # relay bytes as sent; no surprise gzip
-        headers["Content-Type"] = headers.get("Content-Type", "application/json")
+            headers.append(("Authorization", f"Bearer {replica.api_key}"))
+        if "accept-encoding" not in named:
+            headers.append(("Accept-Encoding", "identity"))  # relay bytes as sent; no surprise gzip
+        if "content-type" not in named:
+            headers.append(("Content-Type", "application/json"))
         return headers
 
     def _fail(self, route: RouteRequest, replica: Replica, kind: str, message: str,
@@ -482,7 +487,7 @@ class Proxy:
         timeout early, and the attempt tells that TimeoutError by ``watch.expired``)."""
         try:
             return await self.upstream.post(
-                replica.url, route.path, route.body, self._upstream_headers(route, replica, number).items(),
+                replica.url, route.path, route.body, self._upstream_headers(route, replica, number),
                 on_connecting=watch.connecting, on_connected=watch.cancel)
         finally:
             watch.cancel()
