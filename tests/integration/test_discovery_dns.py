@@ -30,10 +30,18 @@ pytestmark = pytest.mark.skipif(DNSMASQ is None, reason="dnsmasq not installed (
 NAME = "replicas.vllm.test"
 
 
-def udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+def dns_port() -> int:
+    """A port free for UDP and for TCP on 127.0.0.1 (dnsmasq listens on both)."""
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+            udp.bind(("127.0.0.1", 0))
+            port = udp.getsockname()[1]
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
+                try:
+                    tcp.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+        return port
 
 
 class Dnsmasq:
@@ -41,7 +49,7 @@ class Dnsmasq:
         self.extra = extra  # more dnsmasq options (e.g. --srv-host=...)
         self.hosts_dir = root / "hosts"
         self.hosts_dir.mkdir()
-        self.port = udp_port()
+        self.port = dns_port()
         self.log = root / "dnsmasq.log"
         self.proc: subprocess.Popen | None = None
 
@@ -52,15 +60,20 @@ class Dnsmasq:
         tmp.replace(self.hosts_dir / "fleet")
 
     def start(self) -> None:
+        """Start dnsmasq; a port taken between the probe and its bind is retried on another."""
         assert DNSMASQ is not None
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(
-                [DNSMASQ, "--keep-in-foreground", f"--port={self.port}", "--listen-address=127.0.0.1",
-                 "--bind-interfaces", "--no-resolv", "--no-hosts", f"--hostsdir={self.hosts_dir}",
-                 "--local=/test/", "--local-ttl=1", "--user=root", "--group=root", "--pid-file=",
-                 "--log-facility=-", "--conf-file=/dev/null", *self.extra],
-                stdout=log, stderr=subprocess.STDOUT)
-        time.sleep(0.3)
+        for _ in range(5):
+            with open(self.log, "ab") as log:
+                self.proc = subprocess.Popen(
+                    [DNSMASQ, "--keep-in-foreground", f"--port={self.port}", "--listen-address=127.0.0.1",
+                     "--bind-interfaces", "--no-resolv", "--no-hosts", f"--hostsdir={self.hosts_dir}",
+                     "--local=/test/", "--local-ttl=1", "--user=root", "--group=root", "--pid-file=",
+                     "--log-facility=-", "--conf-file=/dev/null", *self.extra],
+                    stdout=log, stderr=subprocess.STDOUT)
+            time.sleep(0.3)
+            if self.proc.poll() is None or "Address already in use" not in self.log.read_text():
+                break
+            self.port = dns_port()
         assert self.proc.poll() is None, self.log.read_text()
 
     def stop(self) -> None:
