@@ -215,7 +215,7 @@ class Admission:
     def _draining(self, replica: Replica) -> bool:
         """Its queue is long but moving: at its recent intake it empties within max_queue_time."""
         rate, limit = replica.load.intake_rate, self.config.max_queue_time
-        return limit > 0 and rate is not None and rate > 0 and replica.load.waiting < rate * limit
+        return limit > 0 and rate is not None and replica.load.waiting < rate * limit
 
     def room(self, replicas: Sequence[Replica]) -> int:
         """How many more requests the replicas' last reports leave room for (every waiting

@@ -34,6 +34,7 @@ from router.fleet import EngineLoad, Replica
 from router.flows import DECODE_TERMS, Disaggregated, SingleHop
 from router.hooks import AdmissionRelease
 from router.loop_lag import LoopLag
+from router.lora import AdapterLoader
 from router.membership import FleetWiring, Reloader, build_fleet, merge_backends
 from router.monitor import Monitor
 from router.prefix.exact import ExactIndex
@@ -174,13 +175,13 @@ class Router:
         self.monitor = Monitor(self.fleet, self.probe_session, cfg.health, cfg.metrics,
                                self.telemetry, on_load=self._on_load, on_health=self._on_health,
                                loop_lag=self.loop_lag)
-        self.proxy = Proxy(session=self.session, upstream=self.upstream, feedback_to=lambda: self.policy,
-                           index=self.index,
+        self.proxy = Proxy(upstream=self.upstream, feedback_to=lambda: self.policy, index=self.index,
                            config=cfg.proxy, telemetry=self.telemetry, monitor=self.monitor,
                            request_id_header=cfg.server.request_id_header,
                            breaker_config=cfg.circuit_breaker, loop_lag=self.loop_lag, exact=self.exact)
         flow = self.flow = SingleHop(proxy=self.proxy, profile=lambda: self.policy, index=self.index,
-                                     telemetry=self.telemetry, exact=self.exact)
+                                     telemetry=self.telemetry, exact=self.exact,
+                                     loader=AdapterLoader(self.session))
         # The decode hop of disaggregated models: load and KV room (and the adapter), no prefix.
         self.decode_profile = build_profile("cache_aware", Node({}, "decode profile"),
                                             Node(dict(DECODE_TERMS), "decode profile terms"))

@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 
 from router.breaker import Breaker
 from router.lora import AdapterSlots
+from router.upstream import Endpoint
 
 
 class Health(enum.Enum):
@@ -91,12 +92,15 @@ class Replica:
     adapters: frozenset[str] = frozenset()  # of served_models, the LoRA adapters (with a parent)
     # The adapters likely in its GPU slots (router/lora.py): dispatches and scrapes.
     lora_slots: AdapterSlots = field(default_factory=lambda: AdapterSlots())
+    # The URL parsed once for the request path's connection pool (router/upstream.py).
+    endpoint: Endpoint = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         # The URL is the replica's id in logs, metrics and /admin: it must hold no secret.
         # (routes.yaml refuses such URLs with a path-precise message; this guards the rest.)
         if "@" in urlsplit(self.url).netloc:
             raise ValueError("a replica URL must not hold credentials; use api_key")
+        self.endpoint = Endpoint.parse(self.url)
 
     @property
     def id(self) -> str:

@@ -44,9 +44,9 @@ class SingleHop:
 
     def __init__(self, *, proxy: Proxy, profile: Callable[[], Profile], index: PrefixIndex,
                  telemetry: Telemetry, exact: ExactIndex | None = None,
-                 loader: AdapterLoader | None = None) -> None:
+                 loader: AdapterLoader) -> None:
         self.proxy = proxy
-        self.loader = loader or AdapterLoader(proxy.session)
+        self.loader = loader  # dynamic adapter loads (the router's own aiohttp session)
         self.profile = profile  # a getter: a reload may swap the profile
         self.index = index
         self.exact = exact

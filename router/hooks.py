@@ -103,7 +103,6 @@ class Hooks:
     and every request goes through all four."""
 
     def __init__(self, hooks: Sequence[AttemptHook]) -> None:
-        self.hooks: list[AttemptHook] = []
         self._dispatch: list[Callable[[Attempt], None]] = []
         self._first_byte: list[Callable[[Attempt, int], None]] = []
         self._failure: list[Callable[[Attempt, UpstreamFailure], None]] = []
@@ -113,7 +112,6 @@ class Hooks:
 
     def add(self, hook: AttemptHook) -> None:
         """Append `hook` (it runs after those added before it)."""
-        self.hooks.append(hook)
 
         def acts_on(moment: str) -> bool:
             return getattr(type(hook), moment, None) is not getattr(Hook, moment)

@@ -47,7 +47,6 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
-import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 from tenacity import (
@@ -249,13 +248,11 @@ class ConnectWatch:
 class Proxy:
     """Forwards RouteRequests to replicas; one per app."""
 
-    def __init__(self, *, session: aiohttp.ClientSession, upstream: UpstreamPool,
-                 feedback_to: Callable[[], Profile], index: PrefixIndex,
+    def __init__(self, *, upstream: UpstreamPool, feedback_to: Callable[[], Profile], index: PrefixIndex,
                  config: ProxyConfig, telemetry: Telemetry, monitor: Monitor | None = None,
                  request_id_header: str = "X-Request-Id",
                  breaker_config: CircuitBreakerConfig | None = None,
                  loop_lag: LoopLag | None = None, exact: ExactIndex | None = None) -> None:
-        self.session = session  # for inner requests that are not the client's (adapter loads)
         self.upstream = upstream  # the client's requests (router/upstream.py)
         self.loop_lag = loop_lag
         self.index = index
@@ -487,7 +484,7 @@ class Proxy:
         timeout early, and the attempt tells that TimeoutError by ``watch.expired``)."""
         try:
             return await self.upstream.post(
-                replica.url, route.path, route.body, self._upstream_headers(route, replica, number),
+                replica.endpoint, route.path, route.body, self._upstream_headers(route, replica, number),
                 on_connecting=watch.connecting, on_connected=watch.cancel)
         finally:
             watch.cancel()

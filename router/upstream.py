@@ -41,7 +41,6 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 HIGH_WATER = 64 * 1024  # unread answer bytes at which the socket stops being read
 DEFAULT_IDLE_TIMEOUT_S = 4.0
-_ENDPOINT_CACHE = 4096  # parsed replica URLs remembered (the fleet is bounded; discovery churns)
 
 
 class UpstreamError(Exception):
@@ -233,6 +232,7 @@ class _Connection(asyncio.Protocol):
         self.parser = httptools.HttpResponseParser(self)
         self.closed = False
         self.reused = False
+        self.pooled = False  # waiting in the pool's idle stacks
         self.idle_since = 0.0
         self.got_bytes = False
         self.paused = False
@@ -348,34 +348,26 @@ class UpstreamPool:
         self.limit = limit
         self.idle_timeout = idle_timeout
         self.in_use = 0  # connections lent out or being made
+        # Idle connections per (scheme, host, port), oldest first; a key leaves with its last.
         self._idle: dict[tuple[str, str, int], list[_Connection]] = {}
-        self._idle_count = 0
         self._lent: set[_Connection] = set()
         self._slot_waiters: collections.deque[asyncio.Future[None]] = collections.deque()
-        self._endpoints: dict[str, Endpoint] = {}
         self._tls: ssl.SSLContext | None = None
         self._sweeper: asyncio.TimerHandle | None = None
         self._closed = False
 
     @property
     def idle(self) -> int:
-        return self._idle_count
+        """Idle connections held now."""
+        return sum(map(len, self._idle.values()))
 
-    def endpoint(self, base_url: str) -> Endpoint:
-        found = self._endpoints.get(base_url)
-        if found is None:
-            if len(self._endpoints) >= _ENDPOINT_CACHE:
-                self._endpoints.clear()
-            found = self._endpoints[base_url] = Endpoint.parse(base_url)
-        return found
-
-    async def post(self, base_url: str, path: str, body: bytes, headers: Iterable[tuple[str, str]], *,
+    async def post(self, endpoint: Endpoint, path: str, body: bytes, headers: Iterable[tuple[str, str]], *,
                    on_connecting: Callable[[], None] | None = None,
                    on_connected: Callable[[], None] | None = None) -> UpstreamResponse:
-        """POST `body` to ``base_url + path``; returns once the answer's head arrived."""
+        """POST `body` to the endpoint's path prefix + `path` (a replica's ``endpoint``);
+        returns once the answer's head arrived."""
         if self._closed:
             raise UpstreamConnectError("the router is shutting down")
-        endpoint = self.endpoint(base_url)
         head = request_head(endpoint, path, headers, len(body))
         await self._take_slot()
         # The slot is this call's until a connection is lent out (``_lent``); from then on
@@ -458,7 +450,7 @@ class UpstreamPool:
         now = time.monotonic()
         while stack:
             connection = stack.pop()
-            self._idle_count -= 1
+            connection.pooled = False
             if connection.closed or now - connection.idle_since > self.idle_timeout:
                 connection.close()
                 continue
@@ -478,8 +470,8 @@ class UpstreamPool:
             connection.close()
         else:
             connection.idle_since = time.monotonic()
+            connection.pooled = True
             self._idle.setdefault(connection.key, []).append(connection)
-            self._idle_count += 1
             self._schedule_sweep()
         self._free_slot()
 
@@ -492,12 +484,13 @@ class UpstreamPool:
 
     def _lost(self, connection: _Connection) -> None:
         """The transport closed (either side): an idle connection leaves the pool."""
-        stack = self._idle.get(connection.key)
-        if stack and connection in stack:
-            stack.remove(connection)
-            self._idle_count -= 1
-            if not stack:
-                del self._idle[connection.key]
+        if not connection.pooled:
+            return  # lent out, or already taken off by the sweep or shutdown
+        connection.pooled = False
+        stack = self._idle[connection.key]
+        stack.remove(connection)
+        if not stack:
+            del self._idle[connection.key]
 
     def _schedule_sweep(self) -> None:
         if self._sweeper is None:
@@ -513,12 +506,12 @@ class UpstreamPool:
             while expired < len(stack) and stack[expired].idle_since <= limit:
                 expired += 1
             for connection in stack[:expired]:
+                connection.pooled = False
                 connection.close()
             del stack[:expired]
-            self._idle_count -= expired
             if not stack:
                 del self._idle[key]
-        if self._idle_count:
+        if self._idle:
             self._schedule_sweep()
 
     async def close(self) -> None:
@@ -529,9 +522,9 @@ class UpstreamPool:
             self._sweeper = None
         for stack in self._idle.values():
             for connection in stack:
+                connection.pooled = False
                 connection.close()
         self._idle.clear()
-        self._idle_count = 0
         for connection in list(self._lent):
             connection.close()
         await asyncio.sleep(0)  # let the transports run their close callbacks

@@ -42,6 +42,10 @@ class RawServer:
         assert self.server is not None
         return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
 
+    @property
+    def endpoint(self) -> Endpoint:
+        return Endpoint.parse(self.url)
+
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
         try:
@@ -75,7 +79,7 @@ OK = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\
 
 
 async def post(pool: UpstreamPool, url: str, body: bytes = b"{}") -> tuple[int, bytes]:
-    resp = await pool.post(url, "/v1/completions", body, [("Content-Type", "application/json")])
+    resp = await pool.post(Endpoint.parse(url), "/v1/completions", body, [("Content-Type", "application/json")])
     data = b""
     while chunk := await resp.content.readany():
         data += chunk
@@ -189,9 +193,9 @@ async def test_broken_and_cut_answers_are_disconnects():
     pool = UpstreamPool()
     async with RawServer(garbage) as server:
         with pytest.raises(UpstreamDisconnected, match="not valid HTTP"):
-            await pool.post(server.url, "/v1/completions", b"{}", [])
+            await pool.post(server.endpoint, "/v1/completions", b"{}", [])
     async with RawServer(cut) as server:
-        resp = await pool.post(server.url, "/v1/completions", b"{}", [])
+        resp = await pool.post(server.endpoint, "/v1/completions", b"{}", [])
         assert resp.status == 200 and resp.content_length == 100
         assert await resp.content.readany() == b"0123456789"  # what came is handed over first
         with pytest.raises(UpstreamDisconnected, match="ended early"):
@@ -199,7 +203,7 @@ async def test_broken_and_cut_answers_are_disconnects():
         resp.close()
     async with RawServer(silent_close) as server:
         with pytest.raises(UpstreamDisconnected, match="before answering"):
-            await pool.post(server.url, "/v1/completions", b"{}", [])
+            await pool.post(server.endpoint, "/v1/completions", b"{}", [])
     assert pool.in_use == 0 and pool.idle == 0
     await pool.close()
 
@@ -207,7 +211,7 @@ async def test_broken_and_cut_answers_are_disconnects():
 async def test_nothing_listening_is_a_connect_error(unused_port):
     pool = UpstreamPool()
     with pytest.raises(UpstreamConnectError):
-        await pool.post(f"http://127.0.0.1:{unused_port}", "/v1/completions", b"{}", [])
+        await pool.post(Endpoint.parse(f"http://127.0.0.1:{unused_port}"), "/v1/completions", b"{}", [])
     assert pool.in_use == 0
     await pool.close()
 
@@ -225,7 +229,7 @@ async def test_closing_an_unfinished_answer_drops_the_connection():
 
     pool = UpstreamPool()
     async with RawServer(handler) as server:
-        resp = await pool.post(server.url, "/v1/chat/completions", b"{}", [])
+        resp = await pool.post(server.endpoint, "/v1/chat/completions", b"{}", [])
         assert resp.content_type == "text/event-stream"
         assert await resp.content.readany() == b"data: "
         resp.close()
@@ -308,7 +312,7 @@ async def test_an_unread_body_stops_the_socket_being_read():
 
     pool = UpstreamPool()
     async with RawServer(handler) as server:
-        resp = await pool.post(server.url, "/v1/completions", b"{}", [])
+        resp = await pool.post(server.endpoint, "/v1/completions", b"{}", [])
         await asyncio.sleep(0.5)  # nobody reads
         buffered = resp.content._size
         assert buffered <= HIGH_WATER + 256 * 1024  # one read past the mark, at most
