@@ -283,6 +283,7 @@ def test_bad_auth(auth: dict, path: str, fragment: str) -> None:
      "cannot be used"),
     ("admission", {"max_kv_usage": 1.5}, "admission.max_kv_usage", "<= 1"),
     ("admission", {"queue_size": -1}, "admission.queue_size", ">= 0"),
+    ("admission", {"max_queue_time": -1}, "admission.max_queue_time", ">= 0"),
     ("circuit_breaker", {"ejection_time": 10, "max_ejection_time": 5},
      "circuit_breaker.max_ejection_time", ">= ejection_time"),
     ("proxy", {"first_byte_timeout": 0}, "proxy.first_byte_timeout", "greater than 0"),
