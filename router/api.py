@@ -104,6 +104,8 @@ class Api:
             on_queue=lambda model, n: telemetry.queue_length.labels(model).set(n))
         self.bodies = bodies or BodyBudget(config.server.max_inflight_body_bytes,
                                            config.proxy.retry_after)
+        bodies_held = self.bodies
+        telemetry.set_function(telemetry.body_bytes, (), lambda: float(bodies_held.used))  # read at scrape
         self.reloader: Reloader | None = None  # set by the Router: reload and registration
         self.catalog = ModelCatalog(config, fleet, on_forbidden=lambda: telemetry.rejections.labels(
             "forbidden_model").inc())
@@ -183,7 +185,6 @@ class Api:
             raise
         finally:
             lease.release()
-            self.telemetry.body_bytes.set(self.bodies.used)
             self.proxy.end(key)
             if record.admitted and record.model is not None and not record.slot_released:
                 self.admission.on_request_end(record.model)
@@ -228,8 +229,6 @@ class Api:
             if exc.status == 503:
                 self.telemetry.rejections.labels("body_budget").inc()
             raise
-        finally:
-            self.telemetry.body_bytes.set(self.bodies.used)
         if not body.strip():
             raise bad_request("The request body is empty; expected a JSON object")
         try:

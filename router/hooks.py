@@ -146,16 +146,13 @@ class Hooks:
 
 
 class InFlight(Hook):
-    def __init__(self, telemetry: Telemetry) -> None:
-        self.telemetry = telemetry
+    """A replica's in-flight count (its gauge reads it at scrape time, router/telemetry.py)."""
 
     def on_dispatch(self, attempt: Attempt) -> None:
         attempt.replica.in_flight += 1
-        self.telemetry.set_in_flight(attempt.replica)
 
     def on_complete(self, attempt: Attempt, outcome: str) -> None:
         attempt.replica.in_flight -= 1
-        self.telemetry.set_in_flight(attempt.replica)
 
 
 class AdapterFeedback(Hook):

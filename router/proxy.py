@@ -44,7 +44,7 @@ import email.utils
 import itertools
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from aiohttp import web
@@ -137,6 +137,11 @@ KIND_TEXT = {
 def _connection_tokens(headers: Mapping[str, str] | CIMultiDictProxy[str]) -> set[str]:
     values = headers.getall("Connection", []) if hasattr(headers, "getall") else (
         [headers["Connection"]] if "Connection" in headers else [])
+    return _tokens(values)
+
+
+def _tokens(values: Iterable[str]) -> set[str]:
+    """The lower-cased tokens of comma-separated header values (a Connection header's)."""
     return {token.strip().lower() for value in values for token in value.split(",") if token.strip()}
 
 
@@ -149,10 +154,17 @@ def forwardable_request_headers(headers: CIMultiDictProxy[str],
     return tuple((k, v) for k, v in headers.items() if k.lower() not in drop)
 
 
-def client_response_headers(headers: CIMultiDictProxy[str]) -> CIMultiDict[str]:
-    """Upstream response headers that may go to the client."""
-    drop = HOP_BY_HOP | _DROP_RESPONSE | _connection_tokens(headers)
-    return CIMultiDict((k, v) for k, v in headers.items() if k.lower() not in drop)
+_DROP_TO_CLIENT = HOP_BY_HOP | _DROP_RESPONSE
+
+
+def client_response_headers(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Upstream response headers (as received) that may go to the client."""
+    kept = [(k, v) for k, v in headers if k.lower() not in _DROP_TO_CLIENT]
+    named = [v for k, v in headers if k.lower() == "connection"]
+    if named:  # the headers its Connection header names are hop-by-hop too
+        extra = _tokens(named)
+        kept = [(k, v) for k, v in kept if k.lower() not in extra]
+    return kept
 
 
 def retry_after_seconds(value: str | None, now: float | None = None) -> float | None:
@@ -265,7 +277,7 @@ class Proxy:
                                         on_change=telemetry.set_breaker)
         self.retry_budget = RetryBudget(config.retry_budget_ratio, config.retry_budget_min_per_s)
         # What an attempt means beyond transport (router/hooks.py), in this order.
-        self.hooks = Hooks([InFlight(telemetry), BreakerFeedback(self.breakers), IndexFeedback(index, exact),
+        self.hooks = Hooks([InFlight(), BreakerFeedback(self.breakers), IndexFeedback(index, exact),
                             AdapterFeedback(), SuspectMarking(monitor), PolicyFeedback(feedback_to, telemetry),
                             PredictionAccuracy(telemetry, exact)])
         # Per-request bookkeeping (drain, introspection): entries removed in `finally`.
@@ -516,7 +528,7 @@ class Proxy:
                         kind = "status_429" if resp.status == 429 else "status_5xx"
                         raise self._fail(route, replica, kind, f"replica answered {resp.status}",
                                          status=resp.status, body=body,
-                                         headers=client_response_headers(resp.headers),
+                                         headers=CIMultiDict(client_response_headers(resp.raw_headers)),
                                          retry_after=retry_after_seconds(
                                              resp.headers.get("Retry-After")))
                     streaming = route.stream and resp.status == 200 and \
@@ -601,7 +613,7 @@ class Proxy:
     async def _relay_whole(self, request: web.Request, route: RouteRequest, replica: Replica,
                            resp: UpstreamResponse, head: bytes, complete: bool,
                            wait: Wait, record: RequestRecord) -> web.StreamResponse:
-        headers = client_response_headers(resp.headers)
+        headers = client_response_headers(resp.raw_headers)
         if complete:
             if resp.status == 200:
                 record.cached_tokens = cached_tokens_of(head)
@@ -628,7 +640,7 @@ class Proxy:
     async def _relay_stream(self, request: web.Request, route: RouteRequest, replica: Replica,
                             resp: UpstreamResponse, first: bytes, wait: Wait,
                             record: RequestRecord) -> web.StreamResponse:
-        out = web.StreamResponse(status=resp.status, headers=client_response_headers(resp.headers))
+        out = web.StreamResponse(status=resp.status, headers=client_response_headers(resp.raw_headers))
         out.headers[self.request_id_header] = route.request_id
         problem, tail = await self._pump(request, out, resp, first, wait, record)
         if record.client_gone:
@@ -676,8 +688,11 @@ class Proxy:
                     when = timeout.when()
                     if when is None or deadline - when > min(_RESCHEDULE_SLACK_S, limit * 0.05):
                         timeout.reschedule(deadline)
-                    await out.write(chunk)
                     previous, last = last, chunk
+                    if content.is_eof():  # the answer's last bytes: one write with the end
+                        await out.write_eof(chunk)
+                        break
+                    await out.write(chunk)
                     chunk = await content.readany()
             wait.timeout = None
         except ConnectionResetError:  # incl. aiohttp.ClientConnectionResetError

@@ -94,13 +94,19 @@ def request_head(endpoint: Endpoint, path: str, headers: Iterable[tuple[str, str
              b"\r\n"]
     if _has_line_break(target) or " " in target:
         raise ValueError("the request path holds a space or a line break")
-    parts: list[str] = []
-    for name, value in headers:
-        if _has_line_break(name) or _has_line_break(value) or ":" in name:
-            raise ValueError(f"header {name!r} holds a line break")
-        parts.append(f"{name}: {value}\r\n")
-    parts.append(f"Content-Length: {body_length}\r\n\r\n")
-    lines.append("".join(parts).encode("utf-8", "surrogateescape"))
+    parts = [f"{name}: {value}\r\n" for name, value in headers]
+    text = "".join(parts)
+    # One scan of the whole text instead of three per header: each line holds exactly one
+    # CR and one LF (its end), no NUL, and a name without a colon.
+    if text.count("\r") != len(parts) or text.count("\n") != len(parts) or "\0" in text:
+        for name, value in headers:
+            if _has_line_break(name) or _has_line_break(value):
+                raise ValueError(f"header {name!r} holds a line break")
+    for name, _ in headers:
+        if ":" in name:
+            raise ValueError(f"header {name!r} holds a colon")
+    lines.append(text.encode("utf-8", "surrogateescape"))
+    lines.append(f"Content-Length: {body_length}\r\n\r\n".encode())
     return b"".join(lines)
 
 
@@ -117,13 +123,14 @@ class UpstreamBody:
         self._error: BaseException | None = None
         self._waiter: asyncio.Future[None] | None = None
 
-    # -- fed by the connection --
-    def _feed(self, data: bytes) -> None:
-        self._chunks.append(data)
-        self._size += len(data)
-        if self._size > HIGH_WATER:
-            self._connection.pause_reading()
-        self._wake()
+    # -- fed by the connection: httptools' body callbacks append to ``_chunks`` and
+    # ``_size`` directly (one per chunk of a chunked answer, a dozen per streamed answer);
+    # ``_arrived`` runs once per read of the socket --
+    def _arrived(self) -> None:
+        if self._chunks:
+            if self._size > HIGH_WATER:
+                self._connection.pause_reading()
+            self._wake()
 
     def _finish(self) -> None:
         self._done = True
@@ -185,23 +192,38 @@ class UpstreamResponse:
     Give it back with ``release()`` once the body is read (the connection is reused when
     the replica allows) or ``close()`` (the connection is dropped: the replica aborts)."""
 
-    __slots__ = ("status", "headers", "content", "content_type", "content_length", "_connection",
-                 "_keep_alive", "_until_close", "_done")
+    __slots__ = ("status", "raw_headers", "content", "content_type", "content_length", "_connection",
+                 "_keep_alive", "_until_close", "_done", "_headers")
 
-    def __init__(self, connection: _Connection, status: int, headers: CIMultiDictProxy[str],
+    def __init__(self, connection: _Connection, status: int, headers: list[tuple[str, str]],
                  keep_alive: bool) -> None:
         self.status = status
-        self.headers = headers
+        self.raw_headers = headers  # as received, in order; ``headers`` is the mapping view
+        self._headers: CIMultiDictProxy[str] | None = None
         self.content = UpstreamBody(connection)
-        kind = headers.get("Content-Type", "")
-        self.content_type = kind.partition(";")[0].strip().lower()
-        length = headers.get("Content-Length")
+        kind = length = encoding = None
+        for name, value in headers:  # the three the body needs (first of each), in one pass
+            lower = name.lower()
+            if lower == "content-type":
+                kind = value if kind is None else kind
+            elif lower == "content-length":
+                length = value if length is None else length
+            elif lower == "transfer-encoding":
+                encoding = value if encoding is None else encoding
+        self.content_type = (kind or "").partition(";")[0].strip().lower()
         self.content_length = int(length) if length is not None and length.isdigit() else None
         self._connection = connection
         self._keep_alive = keep_alive
         # Neither a length nor chunked: the body ends when the replica closes the connection.
-        self._until_close = length is None and "chunked" not in headers.get("Transfer-Encoding", "").lower()
+        self._until_close = length is None and "chunked" not in (encoding or "").lower()
         self._done = False
+
+    @property
+    def headers(self) -> CIMultiDictProxy[str]:
+        """The headers as a case-insensitive mapping (built on first use)."""
+        if self._headers is None:
+            self._headers = CIMultiDictProxy(CIMultiDict(self.raw_headers))
+        return self._headers
 
     def release(self) -> None:
         """Done with it: reuse the connection if the whole body was read, else drop it."""
@@ -259,6 +281,10 @@ class _Connection(asyncio.Protocol):
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
             self._broken(UpstreamDisconnected(f"the replica's answer is not valid HTTP ({exc})"))
+            return
+        response = self.response
+        if response is not None:
+            response.content._arrived()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -287,15 +313,17 @@ class _Connection(asyncio.Protocol):
             self.response = None
             self.pool._drop(self)
             return
-        response = self.response = UpstreamResponse(
-            self, status, CIMultiDictProxy(CIMultiDict(headers)), self.parser.should_keep_alive())
+        response = self.response = UpstreamResponse(self, status, headers, self.parser.should_keep_alive())
         head, self._head = self._head, None
         if head is not None and not head.done():
             head.set_result(response)
 
     def on_body(self, body: bytes) -> None:
-        if self.response is not None:
-            self.response.content._feed(body)
+        response = self.response
+        if response is not None:  # data_received wakes the reader once the read is parsed
+            content = response.content
+            content._chunks.append(body)
+            content._size += len(body)
 
     def on_message_complete(self) -> None:
         if self.response is not None:

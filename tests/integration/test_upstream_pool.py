@@ -329,7 +329,8 @@ def test_a_header_that_would_split_the_request_is_refused():
     endpoint = Endpoint.parse("http://replica:8000/prefix")
     head = request_head(endpoint, "/v1/completions", [("Authorization", "Bearer k")], 2)
     assert head.startswith(b"POST /prefix/v1/completions HTTP/1.1\r\nHost: replica:8000\r\n")
-    for bad in ([("X-A", "v\r\nInjected: 1")], [("X-A\r\nB", "v")]):
+    for bad in ([("X-A", "v\r\nInjected: 1")], [("X-A\r\nB", "v")], [("X-A", "v\rw")], [("X-A", "v\nw")],
+                [("X-A", "v\0")], [("X-A", "ok"), ("X-B", "v\r\n")], [("X-A:B", "v")]):
         with pytest.raises(ValueError):
             request_head(endpoint, "/v1/completions", bad, 2)
     with pytest.raises(ValueError):
