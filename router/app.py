@@ -181,7 +181,7 @@ class Router:
                            breaker_config=cfg.circuit_breaker, loop_lag=self.loop_lag, exact=self.exact)
         flow = self.flow = SingleHop(proxy=self.proxy, profile=lambda: self.policy, index=self.index,
                                      telemetry=self.telemetry, exact=self.exact,
-                                     loader=AdapterLoader(self.session))
+                                     loader=AdapterLoader(self.session), explain=cfg.server.access_log)
         # The decode hop of disaggregated models: load and KV room (and the adapter), no prefix.
         self.decode_profile = build_profile("cache_aware", Node({}, "decode profile"),
                                             Node(dict(DECODE_TERMS), "decode profile terms"))

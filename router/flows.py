@@ -44,8 +44,9 @@ class SingleHop:
 
     def __init__(self, *, proxy: Proxy, profile: Callable[[], Profile], index: PrefixIndex,
                  telemetry: Telemetry, exact: ExactIndex | None = None,
-                 loader: AdapterLoader) -> None:
+                 loader: AdapterLoader, explain: bool = True) -> None:
         self.proxy = proxy
+        self.explain = explain  # the full why of each decision (server.access_log: who reads it)
         self.loader = loader  # dynamic adapter loads (the router's own aiohttp session)
         self.profile = profile  # a getter: a reload may swap the profile
         self.index = index
@@ -58,7 +59,7 @@ class SingleHop:
         profile = profile or self.profile()
         started = time.perf_counter()
         try:
-            decision = profile.rank(route, candidates, self.index, self.exact)
+            decision = profile.rank(route, candidates, self.index, self.exact, explain=self.explain)
         except Exception:  # noqa: BLE001 - a profile bug must not fail the request
             log.exception("policy %s failed; falling back to configuration order", profile.name)
             decision = Decision(ranked=health_order(candidates), why={"fallback": "policy error"})

@@ -176,6 +176,24 @@ def test_the_cost_is_the_weighted_sum_of_the_terms_and_why_names_each(specs: lis
         assert at_runner_up == pytest.approx(weights[name] * each[name][runner_up], abs=2e-6)
 
 
+@settings(max_examples=40, deadline=None)
+@given(specs=st.lists(replica_spec, min_size=1, max_size=8))
+def test_a_ranking_without_its_explanation_is_the_same_ranking(specs: list[tuple]) -> None:
+    """server.access_log: false ranks with explain=False: the order keys' why is left out
+    (nobody reads it), nothing else changes."""
+    request, cands = table(specs)
+    profile = build_profile("cache_aware", Node({}, "routing.params"))  # the preset's terms
+    full = profile.rank(request, cands.replicas, cands.index)
+    request, cands = table(specs)  # fresh producers' inputs, same table
+    profile = build_profile("cache_aware", Node({}, "routing.params"))  # the preset's terms
+    short = profile.rank(request, cands.replicas, cands.index, explain=False)
+    assert [r.id for r in short.ranked] == [r.id for r in full.ranked]
+    assert short.matched_blocks == full.matched_blocks and short.matched_tokens == full.matched_tokens
+    assert "terms" in full.why and "cost_s" in full.why
+    assert "terms" not in short.why and "cost_s" not in short.why
+    assert {k: v for k, v in full.why.items() if k in short.why} == short.why
+
+
 def test_the_registry_lists_every_term_file_with_its_contract() -> None:
     assert set(TERM_NAMES) >= {"queue", "prefill", "eviction", "kv_pressure", "lora"}
     for name in TERM_NAMES:
