@@ -35,6 +35,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from router import __version__
 from router.breaker import Breaker, BreakerState
 from router.fleet import Health, Replica
+from router.metric_handles import handle
 
 access_log = logging.getLogger("router.access")
 log = logging.getLogger("router")
@@ -284,13 +285,14 @@ class Telemetry:
                 log.exception("metric function failed")
 
     def child(self, metric: MetricWrapperBase, *labels: str) -> Any:
-        """`metric.labels(*labels)`, remembered."""
+        """`metric.labels(*labels)`, remembered: a counter's or histogram's as a fast handle
+        (router/metric_handles.py), any other as it is."""
         key = (id(metric), labels)
         found = self._children.get(key)
         if found is None:
             if len(self._children) >= MAX_CACHED_CHILDREN:
                 self._children.clear()
-            found = self._children[key] = metric.labels(*labels)
+            found = self._children[key] = handle(metric.labels(*labels))
         return found
 
     def set_engine_load(self, replica: Replica) -> None:

@@ -21,3 +21,55 @@ def test_remembered_children_are_bounded_and_forgotten_with_a_replica(monkeypatc
     fresh = t.child(t.requests, "m", "http://kept", "200")
     fresh.inc()
     assert fresh is not child and t.requests.labels("m", "http://kept", "200")._value.get() == 1
+
+
+VALUES = [0.0, 0.0004, 0.001, 0.0011, 0.003, 0.05, 1.0, 2.4999, 7.0, 299.0, 300.0, 1e9, -1.0, float("nan")]
+
+
+def _series(registry: CollectorRegistry) -> dict[tuple[str, tuple], float]:
+    """Every sample but the creation times, NaN as a string (NaN != NaN)."""
+    return {(s.name, tuple(sorted(s.labels.items()))): (str(s.value) if s.value != s.value else s.value)
+            for family in registry.collect() for s in family.samples if not s.name.endswith("_created")}
+
+
+def test_a_handle_writes_what_the_public_call_writes() -> None:
+    """The handles (router/metric_handles.py) read prometheus_client's private layout: their
+    exposition must equal the public calls' for the same values, or the layout changed."""
+    public, handled = Telemetry(CollectorRegistry()), Telemetry(CollectorRegistry())
+    for value in VALUES:
+        public.duration.labels("m").observe(value)
+        handled.child(handled.duration, "m").observe(value)
+        public.matched_blocks.labels("p").observe(abs(value) if value == value else value)
+        handled.child(handled.matched_blocks, "p").observe(abs(value) if value == value else value)
+        public.requests.labels("m", "r", "200").inc()
+        handled.child(handled.requests, "m", "r", "200").inc()
+    assert type(handled.child(handled.duration, "m")).__name__ == "HistogramHandle"  # not the fallback
+    assert type(handled.child(handled.requests, "m", "r", "200")).__name__ == "CounterHandle"
+    assert _series(handled.registry) == _series(public.registry)
+
+
+def test_a_handle_writes_the_multiprocess_files_too(tmp_path, monkeypatch) -> None:
+    """`router --workers N`: a handle's writes reach the worker's files, so the page that sums
+    the workers shows them."""
+    from prometheus_client import values
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    values.ValueClass = values.get_value_class()
+    try:
+        public = Telemetry(CollectorRegistry(), multiprocess=str(tmp_path))
+        for value in VALUES[:-1]:
+            public.child(public.ttfb, "m", "r").observe(value)
+            public.child(public.decisions, "p", "m", "r").inc()
+        merged = CollectorRegistry()
+        MultiProcessCollector(merged, path=str(tmp_path))
+        samples = _series(merged)
+    finally:
+        monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR")
+        values.ValueClass = values.get_value_class()
+    finite = VALUES[:-1]
+    assert samples[("router_time_to_first_byte_seconds_count", (("model", "m"), ("replica", "r")))] == len(finite)
+    assert samples[("router_time_to_first_byte_seconds_bucket", (("le", "0.001"), ("model", "m"), ("replica", "r")))] \
+        == sum(1 for v in finite if v <= 0.001)
+    decisions = ("router_policy_decisions_total", (("model", "m"), ("policy", "p"), ("replica", "r")))
+    assert samples[decisions] == len(finite)
