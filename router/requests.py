@@ -12,6 +12,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from router.prefix.hashing import prefix_hashes
+from router.prefix.rendering import routing_input
+
 
 @dataclass(frozen=True, slots=True)
 class RouteRequest:
@@ -170,9 +173,6 @@ def build_route_request(
     the event loop its whole length in hashing nor flood the prefix index (its size
     still counts in full, in `prompt_chars`, for the cost models).
     """
-    from router.prefix.hashing import prefix_hashes
-    from router.prefix.rendering import routing_input
-
     stream = data.get("stream") is True
     cache_salt = data.get("cache_salt") if isinstance(data.get("cache_salt"), str) else None
     if session_key is None and isinstance(data.get("user"), str) and data["user"]:
