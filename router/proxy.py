@@ -116,6 +116,7 @@ _NEVER_FORWARDED = HOP_BY_HOP | _DROP_REQUEST
 _DROP_RESPONSE = frozenset({"content-length", "date", "server", "x-request-id"})
 _ERROR_BODY_CAP = 64 * 1024  # bytes kept of a failed upstream response
 _RESCHEDULE_SLACK_S = 1.0  # a relay's read deadline is moved only when it gains more than this
+_HEAD_ALLOWANCE = 8 * 1024  # bytes a response head may take in the client's write buffer
 CLIENT_CLOSED = 499  # nginx's status for "client closed the request"
 
 _UPSTREAM_ERRORS = (UpstreamError, OSError)
@@ -165,6 +166,19 @@ def client_response_headers(headers: list[tuple[str, str]]) -> list[tuple[str, s
         extra = _tokens(named)
         kept = [(k, v) for k, v in kept if k.lower() not in extra]
     return kept
+
+
+def _fits_write_buffer(request: web.Request, size: int) -> bool:
+    """Would `size` more bytes (and a response head) stay within the client transport's
+    write buffer, so that writing them cannot pause on a client that does not read?"""
+    transport = request.transport
+    if transport is None or transport.is_closing():
+        return False
+    try:
+        high = transport.get_write_buffer_limits()[1]
+    except (AttributeError, NotImplementedError):
+        return False
+    return transport.get_write_buffer_size() + size + _HEAD_ALLOWANCE <= high
 
 
 def retry_after_seconds(value: str | None, now: float | None = None) -> float | None:
@@ -677,6 +691,13 @@ class Proxy:
         loop = asyncio.get_running_loop()
         try:
             await out.prepare(request)
+            if content.is_eof() and _fits_write_buffer(request, len(first)):
+                # The whole answer came in its first read and fits the client's write buffer:
+                # written with the end of the body, it cannot wait on the client, so it
+                # needs no timer (a short answer from a fast replica: the common case).
+                await out.write_eof(first)
+                record.cached_tokens = cached_tokens_of(first)
+                return None, first
             # One timeout for the whole relay, its deadline moved before each chunk (a new
             # timeout per chunk cost more than the chunk); moved only when that gains more than
             # `slack`, so a stream may be cut that much before its full silence allowance.

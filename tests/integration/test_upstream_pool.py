@@ -337,3 +337,25 @@ def test_a_header_that_would_split_the_request_is_refused():
         request_head(endpoint, "/v1/completions HTTP/1.1\r\nX: y", [], 2)
     assert Endpoint.parse("https://replica").host_header == b"replica"
     assert Endpoint.parse("http://[::1]:8000").host_header == b"[::1]:8000"
+
+
+async def test_a_whole_answer_skips_the_relay_timer_only_when_it_cannot_wait_on_the_client():
+    """proxy._fits_write_buffer: the relay writes an answer that came whole without a timer
+    only if it fits the client transport's write buffer (so the write cannot pause on a
+    client that does not read); larger ones, or a closing transport, take the timed path."""
+    from types import SimpleNamespace
+
+    from router.proxy import _fits_write_buffer
+
+    server = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    _, writer = await asyncio.open_connection("127.0.0.1", port)
+    request = SimpleNamespace(transport=writer.transport)
+    high = writer.transport.get_write_buffer_limits()[1]
+    assert _fits_write_buffer(request, 1000)
+    assert not _fits_write_buffer(request, high)
+    writer.close()
+    assert not _fits_write_buffer(request, 10)  # closing
+    assert not _fits_write_buffer(SimpleNamespace(transport=None), 10)  # the client is gone
+    server.close()
+    await server.wait_closed()
