@@ -35,7 +35,7 @@ from aiohttp import web
 from router.admission import Admission, QueueRejection, RateLimitExceeded
 from router.auth import Client, KeyRing
 from router.catalog import ModelCatalog
-from router.errors import Handler, RouterError, bad_request
+from router.errors import Handler, RouterError, bad_request, error_answer
 from router.fleet import Fleet, Health, Replica
 from router.limits import BodyBudget, BodyLease, read_body
 from router.membership import NoSuchReplica
@@ -46,7 +46,10 @@ from router.telemetry import NO_REPLICA, RequestRecord, Telemetry, write_access_
 from yamlcheck import ConfigError
 
 if TYPE_CHECKING:
+    from aiohttp.typedefs import Middleware
+
     from router.config import Config
+    from router.cors import Cors
     from router.discovery import Discovery
     from router.flows import Disaggregated, SingleHop
     from router.membership import Reloader
@@ -139,17 +142,31 @@ class Api:
             web.post("/admin/reload", self.handle_reload),
         ]
 
-    @web.middleware
-    async def request_id_middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        """Every answer carries a request id, including the ones aiohttp makes (404/405)."""
-        response = await handler(request)
-        if not response.prepared and self._rid_header not in response.headers:
-            response.headers[self._rid_header] = request.get(REQUEST_ID_KEY) or self._request_id(request)
-        return response
+    def front_door(self, cors: Cors) -> Middleware:
+        """The one middleware every request passes, outermost first:
 
-    @web.middleware
-    async def path_guard(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        """400 for a path that is not plain (router/paths.py), before any routing."""
+        1. every answer carries a request id, including the ones aiohttp makes (404/405);
+        2. every error is OpenAI-shaped JSON, never a traceback (errors.error_answer);
+        3. a path that is not plain is a 400 before any routing (router/paths.py);
+        4. an ``OPTIONS`` request is CORS's to answer (router/cors.py).
+
+        One layer, not four: each layer was a coroutine per request."""
+
+        @web.middleware
+        async def front_door(request: web.Request, handler: Handler) -> web.StreamResponse:
+            try:
+                self._guard_path(request)
+                response = cors.preflight(request) if request.method == "OPTIONS" else await handler(request)
+            except Exception as exc:  # noqa: BLE001 - error_answer re-raises what it must not answer
+                response = error_answer(request, exc)
+            if not response.prepared and self._rid_header not in response.headers:
+                response.headers[self._rid_header] = request.get(REQUEST_ID_KEY) or self._request_id(request)
+            return response
+
+        return front_door
+
+    def _guard_path(self, request: web.Request) -> None:
+        """RouterError 400 for a path that is not plain (router/paths.py)."""
         raw = request.raw_path
         problem = raw_path_problem(raw)
         # Model ids may hold characters a client percent-encodes; that path is never forwarded.
@@ -158,7 +175,6 @@ class Api:
                                         and problem.startswith("percent")):
             self.telemetry.rejections.labels("bad_path").inc()
             raise bad_request(f"Invalid request path: {problem}")
-        return await handler(request)
 
     # -- POST: inference and pass-through --------------------------------------------
     def _request_id(self, request: web.Request) -> str:

@@ -29,7 +29,6 @@ from router.config import BackendConfig, Config, LaunchConfig
 from router.connections import ConnectionLimits, FrontDoorRunner, default_connection_cap, raise_fd_limit
 from router.cors import Cors
 from router.discovery import Discovery
-from router.errors import error_middleware
 from router.fleet import EngineLoad, Replica
 from router.flows import DECODE_TERMS, Disaggregated, SingleHop
 from router.hooks import AdmissionRelease
@@ -196,12 +195,12 @@ class Router:
         self.api.discovery = self.discovery
         self.api.worker["index"] = self.worker_index
         app = web.Application(client_max_size=cfg.server.max_body_bytes,
-                              middlewares=[self.api.request_id_middleware, error_middleware,
-                                           self.api.path_guard, self.cors.middleware],
+                              middlewares=[self.api.front_door(self.cors)],
                               handler_args={"lingering_time": 1.0})
         app[ROUTER_KEY] = self
         app.add_routes(self.api.routes())
-        app.on_response_prepare.append(self.cors.on_response_prepare)
+        if self.cors.enabled:  # (cors needs a restart: routes.yaml's reload keeps the old one)
+            app.on_response_prepare.append(self.cors.on_response_prepare)
         app.on_startup.append(self._on_startup)
         app.on_cleanup.append(self._on_cleanup)
         self.app = app

@@ -23,13 +23,13 @@ from __future__ import annotations
 from aiohttp import web
 
 from router.config import CorsConfig
-from router.errors import Handler, RouterError
+from router.errors import RouterError
 
 _ALLOW = "GET, POST, OPTIONS"
 
 
 class Cors:
-    """The configured CORS policy: a preflight middleware and a response-prepare hook."""
+    """The configured CORS policy: preflight answers and a response-prepare hook."""
 
     def __init__(self, config: CorsConfig) -> None:
         self.config = config
@@ -58,10 +58,9 @@ class Cors:
     def _allow_origin_value(self, origin: str) -> str:
         return "*" if self._any_origin and not self.config.allow_credentials else origin
 
-    @web.middleware
-    async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.method != "OPTIONS":
-            return await handler(request)
+    def preflight(self, request: web.Request) -> web.Response:
+        """The answer to an ``OPTIONS`` request, whatever its path (the front door asks);
+        RouterError 403 for a refused preflight."""
         origin = request.headers.get("Origin")
         wanted = request.headers.get("Access-Control-Request-Method")
         if origin is None or wanted is None:

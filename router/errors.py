@@ -4,9 +4,10 @@ Every error the router itself produces has the body vLLM uses::
 
     {"error": {"message": "...", "type": "NotFoundError", "param": "model", "code": 404}}
 
-so a client cannot tell a router-made 404 from a replica-made one.  `error_middleware`
-turns aiohttp's own HTTP errors (unknown path 404, wrong method 405, body too large 413)
-and anything unexpected (500, logged, never a traceback on the wire) into that shape.
+so a client cannot tell a router-made 404 from a replica-made one.  `error_answer` (called
+by the router's front-door middleware, router/api.py) turns aiohttp's own HTTP errors
+(unknown path 404, wrong method 405, body too large 413) and anything unexpected (500,
+logged, never a traceback on the wire) into that shape.
 """
 
 from __future__ import annotations
@@ -99,16 +100,14 @@ def error_response(status: int, message: str, *, param: str | None = None,
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-@web.middleware
-async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Render every error as JSON in the OpenAI shape; never leak a traceback."""
-    try:
-        return await handler(request)
-    except RouterError as exc:
+def error_answer(request: web.Request, exc: Exception) -> web.StreamResponse:
+    """The OpenAI-shaped answer to an exception out of a handler (a redirect, an HTTP
+    exception below 400, is raised again: it is not an error)."""
+    if isinstance(exc, RouterError):
         return exc.response()
-    except web.HTTPException as exc:
+    if isinstance(exc, web.HTTPException):
         if exc.status < 400:  # redirects and friends pass through untouched
-            raise
+            raise exc
         status = exc.status
         if status == 404:
             message = f"Not found: {request.method} {request.path}"
@@ -126,6 +125,6 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         headers = {k: v for k, v in exc.headers.items()
                    if k.lower() in ("allow", "retry-after", "www-authenticate")}
         return error_response(status, message, headers=headers)
-    except Exception:  # noqa: BLE001 - the last line of defence
-        log.exception("unhandled error on %s %s", request.method, request.path)
-        return error_response(500, "Internal router error")
+    # The last line of defence: logged with its traceback, never one on the wire.
+    log.error("unhandled error on %s %s", request.method, request.path, exc_info=exc)
+    return error_response(500, "Internal router error")

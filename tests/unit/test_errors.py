@@ -5,7 +5,7 @@ from __future__ import annotations
 import orjson
 from aiohttp import web
 
-from router.errors import RouterError, error_body, error_middleware, error_payload, sse_error_event
+from router.errors import RouterError, error_answer, error_body, error_payload, sse_error_event
 
 # What real vLLM 0.32 answers for an unknown model (shared/reference/error_404.json).
 VLLM_404 = {"error": {"message": "The model `nope` does not exist. Valid aliases: tiny-llama.",
@@ -42,8 +42,17 @@ async def _echo(request: web.Request) -> web.Response:
     return web.Response(body=await request.read())
 
 
-async def test_middleware_shapes_every_error(aiohttp_client) -> None:
-    app = web.Application(middlewares=[error_middleware], client_max_size=1024)
+@web.middleware
+async def _shaped(request: web.Request, handler) -> web.StreamResponse:
+    """What the router's front door does with a handler's exception (router/api.py)."""
+    try:
+        return await handler(request)
+    except Exception as exc:
+        return error_answer(request, exc)
+
+
+async def test_every_error_is_shaped(aiohttp_client) -> None:
+    app = web.Application(middlewares=[_shaped], client_max_size=1024)
     app.router.add_get("/boom", _boom)
     app.router.add_get("/busy", _router_error)
     app.router.add_post("/echo", _echo)
