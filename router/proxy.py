@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import functools
 import itertools
 import logging
 import time
@@ -146,10 +147,16 @@ def _tokens(values: Iterable[str]) -> set[str]:
     return {token.strip().lower() for value in values for token in value.split(",") if token.strip()}
 
 
+@functools.lru_cache(maxsize=8)
+def _never_forwarded(request_id_header: str) -> frozenset[str]:
+    """The request headers never forwarded, the configured request-id header among them."""
+    return _NEVER_FORWARDED | {request_id_header.lower()}
+
+
 def forwardable_request_headers(headers: CIMultiDictProxy[str],
                                 request_id_header: str = "X-Request-Id") -> tuple[tuple[str, str], ...]:
     """Client headers that may go upstream: no hop-by-hop, Host, credentials, lengths."""
-    drop = _NEVER_FORWARDED | {request_id_header.lower()}
+    drop = _never_forwarded(request_id_header)
     if "Connection" in headers:
         drop |= _connection_tokens(headers)
     return tuple((k, v) for k, v in headers.items() if k.lower() not in drop)
