@@ -3,6 +3,7 @@
     python -m benchmarks.profile_router                      # CPU per request, no profiler
     python -m benchmarks.profile_router --profile out.prof   # ... under cProfile, top functions printed
     python -m benchmarks.profile_router --workers 2
+    python -m benchmarks.profile_router --callgrind           # instructions per request (A/B)
 
 One simulated replica answering in microseconds (time scale 10,000), the router on core 0,
 the simulator and a closed loop of `--clients` streaming chat clients on core 1 (the
@@ -10,6 +11,14 @@ overhead scenario's setup: 64-token prompts, 8 output tokens, `stream_options.in
 CPU per request = the router's CPU seconds (psutil, its process tree) over the requests
 answered in the measured window, after a warm-up.  cProfile roughly doubles the CPU time;
 its figures rank functions, the no-profiler run gives the number.
+
+CPU time per request moves by 5-10% from one run to the next on a shared 2-core machine,
+more than most single changes save.  ``--callgrind`` counts instead the user-space
+instructions the router executes per request (valgrind's callgrind; `apt install
+valgrind`): a fixed number of requests from `--clients` (16) closed-loop clients after as
+many to warm up, the counters zeroed in between.  It repeats within about 1%, so an A/B of
+two commits can be read from one run each; it does not see the kernel's share (about a
+fifth of the router's CPU here: the socket calls), nor cache misses.
 """
 
 from __future__ import annotations
@@ -18,6 +27,7 @@ import argparse
 import asyncio
 import os
 import pstats
+import re
 import signal
 import subprocess
 import sys
@@ -60,6 +70,50 @@ async def closed_loop(url: str, clients: int, seconds: float, statuses: dict[int
     return done
 
 
+async def counted_loop(url: str, clients: int, requests: int) -> None:
+    """`requests` streamed chat requests from `clients` closed-loop clients, each prompt new."""
+    left = list(range(requests))
+
+    async def client(http: aiohttp.ClientSession, i: int) -> None:
+        while left:
+            n = left.pop()
+            body = {"model": MODEL, "messages": [{"role": "user", "content": f"{i} {n} {PROMPT}"}],
+                    "max_tokens": 8, "stream": True, "stream_options": {"include_usage": True}}
+            async with http.post(url + "/v1/chat/completions", json=body) as resp:
+                await resp.read()
+                if resp.status != 200:
+                    raise RuntimeError(f"the router answered {resp.status}")
+
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as http:
+        await asyncio.gather(*(client(http, i) for i in range(clients)))
+
+
+def callgrind_instructions(out: Path, part: str) -> int:
+    """The instruction total of the callgrind dump named `part`."""
+    for path in sorted(out.parent.glob(out.name + "*")):
+        text = path.read_text(errors="replace")
+        head = text.partition("\nevents:")[0]
+        if f"dump {part}" not in head:
+            continue
+        found = re.search(r"^(?:summary|totals): (\d+)", text, re.M)
+        if found:
+            return int(found.group(1))
+    raise RuntimeError(f"no callgrind dump {part!r} in {out.parent}")
+
+
+async def wait_ready(url: str, tries: int) -> None:
+    async with aiohttp.ClientSession() as http:
+        for _ in range(tries):
+            try:
+                async with http.get(url + "/ready") as resp:
+                    if resp.status == 200:
+                        return
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.1)
+    raise RuntimeError("the router did not become ready")
+
+
 async def main_async(args: argparse.Namespace) -> int:
     if hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, {args.client_core})
@@ -73,6 +127,8 @@ async def main_async(args: argparse.Namespace) -> int:
                 "models": [{"name": MODEL, "backends": [sim.url]}],
                 "routing": {"policy": args.policy}}))
             cmd = [sys.executable]
+            if args.callgrind:
+                return await run_callgrind(args, routes, port, Path(tmp))
             if args.py_spy:  # sampling: little overhead, the real distribution (collapsed stacks)
                 cmd = [str(Path(sys.executable).with_name("py-spy")), "record", "--rate", "250", "--format", "raw",
                        "--output", args.py_spy, "--", sys.executable]
@@ -117,6 +173,32 @@ async def main_async(args: argparse.Namespace) -> int:
     return 0
 
 
+async def run_callgrind(args: argparse.Namespace, routes: Path, port: int, tmp: Path) -> int:
+    out = tmp / "callgrind.out"
+    cmd = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", sys.executable, "-m", "router",
+           "--config", str(routes)]
+    log = open(tmp / "router.log", "wb")  # noqa: SIM115 - closed below
+    router = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        await wait_ready(url, tries=3000)  # valgrind starts Python some 50 times slower
+        await counted_loop(url, args.clients_callgrind, args.requests)  # warm-up
+        subprocess.run(["callgrind_control", "--zero", str(router.pid)], check=True, capture_output=True)
+        started = time.monotonic()
+        await counted_loop(url, args.clients_callgrind, args.requests)
+        elapsed = time.monotonic() - started
+        subprocess.run(["callgrind_control", "--dump=measured", str(router.pid)], check=True, capture_output=True)
+    finally:
+        router.send_signal(signal.SIGTERM)
+        router.wait(120)
+        log.close()
+    instructions = callgrind_instructions(out, "measured")
+    print(f"requests {args.requests} in {elapsed:.1f}s under callgrind; router {instructions / 1e6:.1f} M "
+          f"instructions = {instructions / args.requests / 1e6:.3f} M instructions/request (policy {args.policy}, "
+          f"{args.clients_callgrind} clients)")
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--policy", default="cache_aware")
@@ -129,6 +211,10 @@ def main() -> int:
     parser.add_argument("--profile", default=None, help="write cProfile stats here and print the top")
     parser.add_argument("--top", type=int, default=45)
     parser.add_argument("--py-spy", default=None, help="record collapsed stacks here with py-spy (pip install py-spy)")
+    parser.add_argument("--callgrind", action="store_true",
+                        help="count the router's instructions per request under valgrind's callgrind")
+    parser.add_argument("--requests", type=int, default=1000, help="--callgrind: requests measured (and warmed up)")
+    parser.add_argument("--clients-callgrind", type=int, default=16, help="--callgrind: closed-loop clients")
     return asyncio.run(main_async(parser.parse_args()))
 
 
