@@ -141,15 +141,7 @@ async def main_async(args: argparse.Namespace) -> int:
             router = subprocess.Popen(["taskset", "-c", args.router_cores, *cmd],
                                       stdout=log, stderr=subprocess.STDOUT)
             url = f"http://127.0.0.1:{port}"
-            async with aiohttp.ClientSession() as http:
-                for _ in range(200):
-                    try:
-                        async with http.get(url + "/ready") as resp:
-                            if resp.status == 200:
-                                break
-                    except aiohttp.ClientError:
-                        pass
-                    await asyncio.sleep(0.05)
+            await wait_ready(url, tries=100)
             sampler = ResourceSampler(router.pid)  # the process tree: py-spy's child, the workers
             await closed_loop(url, args.clients, args.warmup)
             sampler.start()
