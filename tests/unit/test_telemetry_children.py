@@ -73,3 +73,21 @@ def test_a_handle_writes_the_multiprocess_files_too(tmp_path, monkeypatch) -> No
         == sum(1 for v in finite if v <= 0.001)
     decisions = ("router_policy_decisions_total", (("model", "m"), ("policy", "p"), ("replica", "r")))
     assert samples[decisions] == len(finite)
+
+
+def test_a_child_of_another_layout_is_used_as_it_is() -> None:
+    """Should prometheus_client change the private layout the handles read, the child itself
+    is handed back (slower, never wrong); gauges are always handed back as they are."""
+    from prometheus_client import Counter, Gauge, Histogram
+
+    from router.metric_handles import handle
+
+    registry = CollectorRegistry()
+    gauge = Gauge("g", "g", ["a"], registry=registry).labels("x")
+    assert handle(gauge) is gauge
+    histogram = Histogram("h", "h", ["a"], registry=registry).labels("x")
+    del histogram._buckets  # another layout
+    assert handle(histogram) is histogram
+    counter = Counter("c", "c", ["a"], registry=registry).labels("x")
+    counter._value = None
+    assert handle(counter) is counter
