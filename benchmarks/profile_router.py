@@ -15,10 +15,11 @@ its figures rank functions, the no-profiler run gives the number.
 CPU time per request moves by 5-10% from one run to the next on a shared 2-core machine,
 more than most single changes save.  ``--callgrind`` counts instead the user-space
 instructions the router executes per request (valgrind's callgrind; `apt install
-valgrind`): a fixed number of requests from `--clients` (16) closed-loop clients after as
-many to warm up, the counters zeroed in between.  It repeats within about 1%, so an A/B of
-two commits can be read from one run each; it does not see the kernel's share (about a
-fifth of the router's CPU here: the socket calls), nor cache misses.
+valgrind`): `--requests` (1,000) requests from `--clients-callgrind` (16) closed-loop
+clients after as many to warm up, the counters zeroed in between.  Three runs of one commit
+spread by about 2%, so a change of a few percent shows in three runs of each side; it does
+not see the kernel's share (about a fifth of the router's CPU here: the socket calls), nor
+cache misses.
 """
 
 from __future__ import annotations
@@ -45,18 +46,23 @@ MODEL = "sim-model"
 PROMPT = "Reply with a few words about routing. " * 7  # ~64 tokens
 
 
-async def closed_loop(url: str, clients: int, seconds: float, statuses: dict[int, int] | None = None) -> int:
+async def closed_loop(url: str, clients: int, *, seconds: float | None = None, requests: int | None = None,
+                      statuses: dict[int, int] | None = None) -> int:
+    """Streamed chat requests from `clients` closed-loop clients, each prompt new, for
+    `seconds` or until `requests` were sent; returns the number answered 200 (`statuses`
+    counts every status)."""
     done = 0
     statuses = {} if statuses is None else statuses
-    stop = time.monotonic() + seconds
-    body = {"model": MODEL, "messages": [{"role": "user", "content": PROMPT}], "max_tokens": 8,
-            "stream": True, "stream_options": {"include_usage": True}}
+    stop = time.monotonic() + seconds if seconds is not None else float("inf")
+    left = float(requests) if requests is not None else float("inf")  # requests not sent yet
 
     async def client(http: aiohttp.ClientSession, i: int) -> None:
-        nonlocal done
+        nonlocal done, left
         n = 0
-        while time.monotonic() < stop:
-            body["messages"][0]["content"] = f"{i} {n} {PROMPT}"
+        while time.monotonic() < stop and left > 0:
+            left -= 1
+            body = {"model": MODEL, "messages": [{"role": "user", "content": f"{i} {n} {PROMPT}"}],
+                    "max_tokens": 8, "stream": True, "stream_options": {"include_usage": True}}
             async with http.post(url + "/v1/chat/completions", json=body) as resp:
                 await resp.read()
                 statuses[resp.status] = statuses.get(resp.status, 0) + 1
@@ -64,28 +70,9 @@ async def closed_loop(url: str, clients: int, seconds: float, statuses: dict[int
                     done += 1
             n += 1
 
-    connector = aiohttp.TCPConnector(limit=0)
-    async with aiohttp.ClientSession(connector=connector) as http:
-        await asyncio.gather(*(client(http, i) for i in range(clients)))
-    return done
-
-
-async def counted_loop(url: str, clients: int, requests: int) -> None:
-    """`requests` streamed chat requests from `clients` closed-loop clients, each prompt new."""
-    left = list(range(requests))
-
-    async def client(http: aiohttp.ClientSession, i: int) -> None:
-        while left:
-            n = left.pop()
-            body = {"model": MODEL, "messages": [{"role": "user", "content": f"{i} {n} {PROMPT}"}],
-                    "max_tokens": 8, "stream": True, "stream_options": {"include_usage": True}}
-            async with http.post(url + "/v1/chat/completions", json=body) as resp:
-                await resp.read()
-                if resp.status != 200:
-                    raise RuntimeError(f"the router answered {resp.status}")
-
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as http:
         await asyncio.gather(*(client(http, i) for i in range(clients)))
+    return done
 
 
 def callgrind_instructions(out: Path, part: str) -> int:
@@ -143,11 +130,11 @@ async def main_async(args: argparse.Namespace) -> int:
             url = f"http://127.0.0.1:{port}"
             await wait_ready(url, tries=100)
             sampler = ResourceSampler(router.pid)  # the process tree: py-spy's child, the workers
-            await closed_loop(url, args.clients, args.warmup)
+            await closed_loop(url, args.clients, seconds=args.warmup)
             sampler.start()
             started = time.monotonic()
             statuses: dict[int, int] = {}
-            done = await closed_loop(url, args.clients, args.seconds, statuses)
+            done = await closed_loop(url, args.clients, seconds=args.seconds, statuses=statuses)
             elapsed = time.monotonic() - started
             cpu = sampler.stop()["cpu_s"]
             router.send_signal(signal.SIGINT if args.py_spy else signal.SIGTERM)  # py-spy writes on SIGINT
@@ -174,16 +161,18 @@ async def run_callgrind(args: argparse.Namespace, routes: Path, port: int, tmp: 
     url = f"http://127.0.0.1:{port}"
     try:
         await wait_ready(url, tries=3000)  # valgrind starts Python some 50 times slower
-        await counted_loop(url, args.clients_callgrind, args.requests)  # warm-up
+        await closed_loop(url, args.clients_callgrind, requests=args.requests)  # warm-up
         subprocess.run(["callgrind_control", "--zero", str(router.pid)], check=True, capture_output=True)
         started = time.monotonic()
-        await counted_loop(url, args.clients_callgrind, args.requests)
+        done = await closed_loop(url, args.clients_callgrind, requests=args.requests)
         elapsed = time.monotonic() - started
         subprocess.run(["callgrind_control", "--dump=measured", str(router.pid)], check=True, capture_output=True)
     finally:
         router.send_signal(signal.SIGTERM)
         router.wait(120)
         log.close()
+    if done != args.requests:
+        raise RuntimeError(f"only {done} of {args.requests} measured requests were answered 200")
     instructions = callgrind_instructions(out, "measured")
     print(f"requests {args.requests} in {elapsed:.1f}s under callgrind; router {instructions / 1e6:.1f} M "
           f"instructions = {instructions / args.requests / 1e6:.3f} M instructions/request (policy {args.policy}, "

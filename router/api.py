@@ -117,7 +117,6 @@ class Api:
         self._session_header = config.routing.session_header
         self._priority_header = config.admission.priority_header
         self._models = {m.name: m for m in config.models}  # per-model settings (lora, disaggregation)
-        self._disaggregated = frozenset(m.name for m in config.models if m.disaggregated)
 
     def apply_config(self, config: Config) -> None:
         """A reload: new models, aliases, keys; the server settings stay (router/membership.py)."""
@@ -126,7 +125,6 @@ class Api:
         self.config = config
         self.catalog.apply_config(config)
         self._models = {m.name: m for m in config.models}
-        self._disaggregated = frozenset(m.name for m in config.models if m.disaggregated)
 
     def routes(self) -> list[web.RouteDef]:
         post = [web.post(path, self.handle_inference, expect_handler=expect_continue)
@@ -306,7 +304,7 @@ class Api:
                 raise self.proxy.unavailable(canonical)
         route = await self._exact_tokens(route, data, admissible)
         model = self._models.get(route.index_model)
-        if model is not None and model.name in self._disaggregated and self.pd_flow is not None \
+        if model is not None and model.disaggregated and self.pd_flow is not None \
                 and route.adapter_path is None and path in GENERATION_PATHS:
             return await self.pd_flow.forward(request, route, admissible, record, model.disaggregation)
         return await self.flow.forward(request, route, admissible, record,

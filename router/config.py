@@ -231,14 +231,15 @@ class ModelConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
     disaggregation: DisaggregationConfig = field(default_factory=DisaggregationConfig)
     discovery: DiscoveryConfig | None = None
+    # Served prefill-then-decode: it has a prefill pool and a decode pool.  Derived once
+    # here (every request of the model asks).
+    disaggregated: bool = field(init=False, default=False)
 
-    @property
-    def disaggregated(self) -> bool:
-        """Served prefill-then-decode: it has a prefill pool and a decode pool."""
+    def __post_init__(self) -> None:
         roles = {b.role for b in self.backends}
         if self.discovery is not None:
             roles.add(self.discovery.template.role)
-        return "prefill" in roles and "decode" in roles
+        object.__setattr__(self, "disaggregated", "prefill" in roles and "decode" in roles)
 
 
 @dataclass(frozen=True, slots=True)

@@ -96,8 +96,8 @@ def request_head(endpoint: Endpoint, path: str, headers: Iterable[tuple[str, str
         raise ValueError("the request path holds a space or a line break")
     parts = [f"{name}: {value}\r\n" for name, value in headers]
     text = "".join(parts)
-    # One scan of the whole text instead of three per header: each line holds exactly one
-    # CR and one LF (its end), no NUL, and a name without a colon.
+    # Line breaks: one scan of the whole text instead of three per header (each line holds
+    # exactly one CR and one LF, its end, and no NUL); the culprit is looked for only then.
     if text.count("\r") != len(parts) or text.count("\n") != len(parts) or "\0" in text:
         for name, value in headers:
             if _has_line_break(name) or _has_line_break(value):

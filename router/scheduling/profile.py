@@ -121,8 +121,8 @@ class Profile:
     def rank(self, request: RouteRequest, replicas: Sequence[Replica], index: PrefixIndex,
              exact: ExactIndex | None = None, *, explain: bool = True) -> Decision:
         """The ranking; ``explain=False`` leaves the order keys' part of the why out (what
-        each term gave the winner and the runner-up: a fiftieth of a request's CPU, read only
-        by the access log)."""
+        each term gave the winner and the runner-up: about 2% of a request's instructions,
+        read only by the access log)."""
         if self.fallback is not None and not request.session_key:
             decision = self.fallback.rank(request, replicas, index, exact, explain=explain)
             decision.why = {**decision.why, "policy": self.name, "fallback": self.fallback.name}

@@ -339,7 +339,7 @@ def test_a_header_that_would_split_the_request_is_refused():
     assert Endpoint.parse("http://[::1]:8000").host_header == b"[::1]:8000"
 
 
-async def test_a_whole_answer_skips_the_relay_timer_only_when_it_cannot_wait_on_the_client():
+async def test_the_untimed_relay_guard_admits_only_what_fits_the_client_write_buffer():
     """proxy._fits_write_buffer: the relay writes an answer that came whole without a timer
     only if it fits the client transport's write buffer (so the write cannot pause on a
     client that does not read); larger ones, or a closing transport, take the timed path."""

@@ -57,10 +57,10 @@ def test_a_handle_writes_the_multiprocess_files_too(tmp_path, monkeypatch) -> No
     monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
     values.ValueClass = values.get_value_class()
     try:
-        public = Telemetry(CollectorRegistry(), multiprocess=str(tmp_path))
+        handled = Telemetry(CollectorRegistry(), multiprocess=str(tmp_path))
         for value in VALUES[:-1]:
-            public.child(public.ttfb, "m", "r").observe(value)
-            public.child(public.decisions, "p", "m", "r").inc()
+            handled.child(handled.ttfb, "m", "r").observe(value)
+            handled.child(handled.decisions, "p", "m", "r").inc()
         merged = CollectorRegistry()
         MultiProcessCollector(merged, path=str(tmp_path))
         samples = _series(merged)
