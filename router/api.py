@@ -107,8 +107,7 @@ class Api:
             on_queue=lambda model, n: telemetry.queue_length.labels(model).set(n))
         self.bodies = bodies or BodyBudget(config.server.max_inflight_body_bytes,
                                            config.proxy.retry_after)
-        bodies_held = self.bodies
-        telemetry.set_function(telemetry.body_bytes, (), lambda: float(bodies_held.used))  # read at scrape
+        telemetry.set_function(telemetry.body_bytes, (), lambda: float(self.bodies.used))  # read at scrape
         self.reloader: Reloader | None = None  # set by the Router: reload and registration
         self.catalog = ModelCatalog(config, fleet, on_forbidden=lambda: telemetry.rejections.labels(
             "forbidden_model").inc())
