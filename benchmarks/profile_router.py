@@ -29,6 +29,7 @@ import asyncio
 import os
 import pstats
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -174,6 +175,10 @@ async def run_callgrind(args: argparse.Namespace, routes: Path, port: int, tmp: 
     if done != args.requests:
         raise RuntimeError(f"only {done} of {args.requests} measured requests were answered 200")
     instructions = callgrind_instructions(out, "measured")
+    if args.callgrind_out:  # keep the measured dump, for callgrind_annotate
+        for path in out.parent.glob(out.name + "*"):
+            if "dump measured" in path.read_text(errors="replace").partition("\nevents:")[0]:
+                shutil.copyfile(path, args.callgrind_out)
     print(f"requests {args.requests} in {elapsed:.1f}s under callgrind; router {instructions / 1e6:.1f} M "
           f"instructions = {instructions / args.requests / 1e6:.3f} M instructions/request (policy {args.policy}, "
           f"{args.clients_callgrind} clients)")
@@ -194,6 +199,8 @@ def main() -> int:
     parser.add_argument("--py-spy", default=None, help="record collapsed stacks here with py-spy (pip install py-spy)")
     parser.add_argument("--callgrind", action="store_true",
                         help="count the router's instructions per request under valgrind's callgrind")
+    parser.add_argument("--callgrind-out", default=None,
+                        help="--callgrind: keep the measured dump here (read it with callgrind_annotate)")
     parser.add_argument("--requests", type=int, default=1000, help="--callgrind: requests measured (and warmed up)")
     parser.add_argument("--clients-callgrind", type=int, default=16, help="--callgrind: closed-loop clients")
     return asyncio.run(main_async(parser.parse_args()))

@@ -175,6 +175,18 @@ def client_response_headers(headers: list[tuple[str, str]]) -> list[tuple[str, s
     return kept
 
 
+class RelayedResponse(web.StreamResponse):
+    """A relayed answer whose head goes out in the same write as its first body bytes.
+
+    The relay prepares the response only once it holds the answer's first bytes and
+    writes them at once, so holding the head back until then delays nothing; it saves
+    one socket write, one TCP segment and one client wake-up per answer (aiohttp's own
+    ``web.Response`` holds its head back the same way, through this class attribute).
+    """
+
+    _send_headers_immediately = False
+
+
 def _fits_write_buffer(request: web.Request, size: int) -> bool:
     """Would `size` more bytes (and a response head) stay within the client transport's
     write buffer, so that writing them cannot pause on a client that does not read?"""
@@ -640,7 +652,7 @@ class Proxy:
                 record.cached_tokens = cached_tokens_of(head)
             return web.Response(status=resp.status, body=head, headers=headers)
         # Too large to buffer: relay it as it comes (the status is committed now).
-        out = web.StreamResponse(status=resp.status, headers=headers)
+        out = RelayedResponse(status=resp.status, headers=headers)
         if resp.content_length is not None:
             out.content_length = resp.content_length
         out.headers[self.request_id_header] = route.request_id
@@ -661,7 +673,7 @@ class Proxy:
     async def _relay_stream(self, request: web.Request, route: RouteRequest, replica: Replica,
                             resp: UpstreamResponse, first: bytes, wait: Wait,
                             record: RequestRecord) -> web.StreamResponse:
-        out = web.StreamResponse(status=resp.status, headers=client_response_headers(resp.raw_headers))
+        out = RelayedResponse(status=resp.status, headers=client_response_headers(resp.raw_headers))
         out.headers[self.request_id_header] = route.request_id
         problem, tail = await self._pump(request, out, resp, first, wait, record)
         if record.client_gone:

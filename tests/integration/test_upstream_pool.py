@@ -359,3 +359,42 @@ async def test_the_untimed_relay_guard_admits_only_what_fits_the_client_write_bu
     assert not _fits_write_buffer(SimpleNamespace(transport=None), 10)  # the client is gone
     server.close()
     await server.wait_closed()
+
+
+async def test_a_relayed_answer_sends_its_head_with_its_first_body_bytes():
+    """proxy.RelayedResponse holds its head back until the first body write, so head and first
+    chunk leave in one write (aiohttp's own web.Response does the same).  Should an aiohttp
+    release drop the class attribute this leans on, the head would go out at prepare()."""
+    from aiohttp import web
+
+    from router.proxy import RelayedResponse
+
+    written = asyncio.Event()
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        out = RelayedResponse(status=200, headers={"Content-Type": "text/event-stream"})
+        await out.prepare(request)
+        await asyncio.sleep(0.3)  # prepared, nothing written yet: no byte may have left
+        written.set()
+        await out.write(b"data: 1\n\n")
+        await out.write_eof(b"data: [DONE]\n\n")
+        return out
+
+    app = web.Application()
+    app.router.add_get("/", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        first = await asyncio.wait_for(reader.read(65536), 5)
+        assert written.is_set()  # nothing came before the first body write
+        assert first.startswith(b"HTTP/1.1 200 OK\r\n") and b"data: 1\n\n" in first  # one write
+        rest = await asyncio.wait_for(reader.read(), 5)
+        assert (first + rest).endswith(b"data: [DONE]\n\n\r\n0\r\n\r\n")
+        writer.close()
+    finally:
+        await runner.cleanup()

@@ -43,8 +43,9 @@ def test_a_handle_writes_what_the_public_call_writes() -> None:
         handled.child(handled.matched_blocks, "p").observe(abs(value) if value == value else value)
         public.requests.labels("m", "r", "200").inc()
         handled.child(handled.requests, "m", "r", "200").inc()
-    assert type(handled.child(handled.duration, "m")).__name__ == "HistogramHandle"  # not the fallback
-    assert type(handled.child(handled.requests, "m", "r", "200")).__name__ == "CounterHandle"
+    # not the fallback: the single-process handles that add to the floats themselves
+    assert type(handled.child(handled.duration, "m")).__name__ == "LocalHistogramHandle"
+    assert type(handled.child(handled.requests, "m", "r", "200")).__name__ == "LocalCounterHandle"
     assert _series(handled.registry) == _series(public.registry)
 
 
@@ -58,6 +59,9 @@ def test_a_handle_writes_the_multiprocess_files_too(tmp_path, monkeypatch) -> No
     values.ValueClass = values.get_value_class()
     try:
         handled = Telemetry(CollectorRegistry(), multiprocess=str(tmp_path))
+        # file-backed values: the handles that call their inc, not the local ones
+        assert type(handled.child(handled.ttfb, "m", "r")).__name__ == "HistogramHandle"
+        assert type(handled.child(handled.decisions, "p", "m", "r")).__name__ == "CounterHandle"
         for value in VALUES[:-1]:
             handled.child(handled.ttfb, "m", "r").observe(value)
             handled.child(handled.decisions, "p", "m", "r").inc()
@@ -91,3 +95,14 @@ def test_a_child_of_another_layout_is_used_as_it_is() -> None:
     counter = Counter("c", "c", ["a"], registry=registry).labels("x")
     counter._value = None
     assert handle(counter) is counter
+    # a value of another class (not a MutexValue with a float): its own inc is called
+    from prometheus_client.values import MutexValue
+
+    class OtherValue(MutexValue):
+        pass
+
+    other = Counter("o", "o", ["a"], registry=registry).labels("x")
+    other._value = OtherValue("counter", "o", "o", (), (), "")
+    assert type(handle(other)).__name__ == "CounterHandle"
+    handle(other).inc(2)
+    assert other._value.get() == 2
