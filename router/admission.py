@@ -236,14 +236,21 @@ class Admission:
         return queue.size if queue is not None else 0
 
     # -- the queue --------------------------------------------------------------------
+    def passes(self, model: str, candidates: Sequence[Replica]) -> bool:
+        """May a request go on at once, without `admit`'s queue?  (Nobody of its model is
+        queued and a candidate has room: most requests.  Asked first, so that they do not
+        pay for a coroutine.)"""
+        if not self.config.enabled:
+            return True
+        queue = self._queues.get(model)
+        return (queue is None or not queue.size) and not all(self.saturated(r) for r in candidates)
+
     async def admit(self, model: str, candidates: Sequence[Replica], client: Client,
                     priority: int) -> float:
         """Return when the request may go on (seconds waited); 429 when it may not."""
-        if not self.config.enabled:
+        if self.passes(model, candidates):
             return 0.0
         queue = self._queues.get(model)
-        if (queue is None or not queue.size) and not all(self.saturated(r) for r in candidates):
-            return 0.0
         if self.waiting >= self.config.queue_size:
             raise QueueRejection("queue_full", RouterError(
                 429, "Every replica is saturated and the router's queue is full; retry shortly",

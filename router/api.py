@@ -292,7 +292,8 @@ class Api:
             raise self._reject(f"rate_limit_{exc.kind}", exc.error) from None
         priority = self._priority(request, client)
         try:
-            waited = await self.admission.admit(canonical, admissible, client, priority)
+            waited = 0.0 if self.admission.passes(canonical, admissible) else \
+                await self.admission.admit(canonical, admissible, client, priority)
         except QueueRejection as exc:
             raise self._reject(exc.reason, exc.error) from None
         record.admitted = True
@@ -303,7 +304,8 @@ class Api:
             admissible = [r for r in replicas if r.routable and self.proxy.admissible(r)]
             if not admissible:
                 raise self.proxy.unavailable(canonical)
-        route = await self._exact_tokens(route, data, admissible)
+        if self._wants_exact_tokens(admissible):
+            route = await self._exact_tokens(route, data, admissible)
         model = self._models.get(route.index_model)
         if model is not None and model.disaggregated and self.pd_flow is not None \
                 and route.adapter_path is None and path in GENERATION_PATHS:
@@ -311,15 +313,18 @@ class Api:
         return await self.flow.forward(request, route, admissible, record,
                                        lora=model.lora if model is not None else None)
 
+    def _wants_exact_tokens(self, candidates: list[Replica]) -> bool:
+        """Would the prompt's exact token ids be read?  Only when a candidate is in exact
+        mode (asked before `_exact_tokens`, so that the others pay for no coroutine)."""
+        exact = self.exact
+        return exact is not None and self.prompt_tokens is not None and exact.any_exact(r.id for r in candidates)
+
     async def _exact_tokens(self, route: RouteRequest, data: dict[str, Any],
                             candidates: list[Replica]) -> RouteRequest:
-        """`route` with the prompt's exact token ids (prefix/prompt_tokens.py), only when a
-        candidate is in exact mode: otherwise nobody would read them.  Any failure leaves
-        the request to the approximate index."""
-        exact, prompt_tokens = self.exact, self.prompt_tokens
-        if exact is None or prompt_tokens is None or not exact.any_exact(r.id for r in candidates):
-            return route
-        tokens = await prompt_tokens.tokens(route, data, candidates)
+        """`route` with the prompt's exact token ids (prefix/prompt_tokens.py); any failure
+        leaves the request to the approximate index."""
+        assert self.prompt_tokens is not None  # _wants_exact_tokens said so
+        tokens = await self.prompt_tokens.tokens(route, data, candidates)
         return route if tokens is None else replace(route, prompt_token_ids=tokens)
 
     def on_load(self, replica: Replica) -> None:

@@ -147,9 +147,12 @@ async def test_a_long_queue_the_engine_drains_quickly_is_not_saturation() -> Non
     assert await adm.admit("m", [replica(10, intake=50.0)], client("a"), 0) == 0.0  # no wait
     # Requests that queued while it was stuck all go once it is seen draining.
     stuck = [replica(10)]
+    assert not adm.passes("m", stuck)
     tasks = [asyncio.create_task(adm.admit("m", stuck, client("a"), 0)) for _ in range(6)]
     await asyncio.sleep(0.01)
     assert adm.queued("m") == 6
+    # a queue of its model holds the next request back, even where a replica has room
+    assert not adm.passes("m", [replica(0)]) and adm.passes("other", [replica(0)])
     adm.on_load("m", [replica(10, intake=2.0)])  # still slow: none
     await asyncio.sleep(0.01)
     assert adm.queued("m") == 6
