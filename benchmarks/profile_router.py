@@ -4,6 +4,7 @@
     python -m benchmarks.profile_router --profile out.prof   # ... under cProfile, top functions printed
     python -m benchmarks.profile_router --workers 2
     python -m benchmarks.profile_router --callgrind           # instructions per request (A/B)
+    python -m benchmarks.profile_router --callgrind --callgrind-out cg.out   # ... keep the dump
 
 One simulated replica answering in microseconds (time scale 10,000), the router on core 0,
 the simulator and a closed loop of `--clients` streaming chat clients on core 1 (the
@@ -76,8 +77,9 @@ async def closed_loop(url: str, clients: int, *, seconds: float | None = None, r
     return done
 
 
-def callgrind_instructions(out: Path, part: str) -> int:
-    """The instruction total of the callgrind dump named `part`."""
+def callgrind_dump(out: Path, part: str) -> tuple[Path, int]:
+    """The callgrind dump named `part` (callgrind writes one file per dump beside `out`)
+    and its instruction total."""
     for path in sorted(out.parent.glob(out.name + "*")):
         text = path.read_text(errors="replace")
         head = text.partition("\nevents:")[0]
@@ -85,7 +87,7 @@ def callgrind_instructions(out: Path, part: str) -> int:
             continue
         found = re.search(r"^(?:summary|totals): (\d+)", text, re.M)
         if found:
-            return int(found.group(1))
+            return path, int(found.group(1))
     raise RuntimeError(f"no callgrind dump {part!r} in {out.parent}")
 
 
@@ -174,11 +176,9 @@ async def run_callgrind(args: argparse.Namespace, routes: Path, port: int, tmp: 
         log.close()
     if done != args.requests:
         raise RuntimeError(f"only {done} of {args.requests} measured requests were answered 200")
-    instructions = callgrind_instructions(out, "measured")
+    dump, instructions = callgrind_dump(out, "measured")
     if args.callgrind_out:  # keep the measured dump, for callgrind_annotate
-        for path in out.parent.glob(out.name + "*"):
-            if "dump measured" in path.read_text(errors="replace").partition("\nevents:")[0]:
-                shutil.copyfile(path, args.callgrind_out)
+        shutil.copyfile(dump, args.callgrind_out)
     print(f"requests {args.requests} in {elapsed:.1f}s under callgrind; router {instructions / 1e6:.1f} M "
           f"instructions = {instructions / args.requests / 1e6:.3f} M instructions/request (policy {args.policy}, "
           f"{args.clients_callgrind} clients)")

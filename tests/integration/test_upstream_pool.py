@@ -384,9 +384,8 @@ async def test_a_relayed_answer_sends_its_head_with_its_first_body_bytes():
     app.router.add_get("/", handler)
     runner = web.AppRunner(app)
     await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    port = runner.addresses[0][1]
     try:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.write(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
@@ -398,3 +397,19 @@ async def test_a_relayed_answer_sends_its_head_with_its_first_body_bytes():
         writer.close()
     finally:
         await runner.cleanup()
+
+
+def test_response_headers_lose_hop_by_hop_ones_and_those_their_connection_header_names():
+    """proxy.client_response_headers, on the headers as received: hop-by-hop headers, the
+    ones the router recomputes, and any header a Connection header names are dropped
+    (whatever their case); the rest keep their order and repeats."""
+    from router.proxy import client_response_headers
+
+    received = [("Content-Type", "text/event-stream"), ("transfer-encoding", "chunked"),
+                ("Connection", "keep-alive, X-Hop"), ("x-hop", "dropped"), ("Date", "now"),
+                ("Server", "uvicorn"), ("Content-Length", "5"), ("X-Request-Id", "r"),
+                ("Set-Cookie", "a=1"), ("connection", "x-other"), ("X-Other", "dropped"),
+                ("Set-Cookie", "b=2"), ("X-Kept", "yes")]
+    assert client_response_headers(received) == [
+        ("Content-Type", "text/event-stream"), ("Set-Cookie", "a=1"), ("Set-Cookie", "b=2"), ("X-Kept", "yes")]
+    assert client_response_headers([("X-Kept", "yes")]) == [("X-Kept", "yes")]
