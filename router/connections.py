@@ -32,7 +32,7 @@ import asyncio
 import logging
 import resource
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
@@ -105,8 +105,9 @@ class FrontDoorProtocol(RequestHandler):
             limits.refused += 1
             if limits.on_refused is not None:
                 limits.on_refused()
-            assert isinstance(transport, asyncio.Transport)
-            transport.write(_raw_error(
+            # (uvloop's transport is no asyncio.Transport subclass, but it writes the same;
+            # force_close below closes it once the answer is flushed, freeing the fd at once.)
+            cast(asyncio.WriteTransport, transport).write(_raw_error(
                 503, "Service Unavailable",
                 f"The router is at its connection limit ({limits.max_connections}); retry shortly",
                 "Retry-After: 1\r\n"))

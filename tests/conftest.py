@@ -29,6 +29,15 @@ from router.config import Config, parse_config
 from router.fleet import Health
 
 MODEL = "sim-a"
+
+
+def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, Callable[[], Any]]:
+    """Every async test runs on uvloop, the event loop `router` runs on in production
+    (router/cli.py): a transport or timer that behaves differently there must fail here.
+    A test that needs asyncio's own loop says why and builds one itself."""
+    import uvloop
+
+    return {"uvloop": uvloop.new_event_loop}
 # The simulator runs its schedule this many times faster than real time in tests.
 SIM_TIME_SCALE = 50.0
 
@@ -274,6 +283,8 @@ async def raw_exchange(url: str, data: bytes | list[bytes], *, timeout: float = 
     try:
         try:
             for piece in ([data] if isinstance(data, bytes) else data):
+                if writer.transport.is_closing():
+                    break  # the server hung up mid-send (uvloop refuses a write then)
                 writer.write(piece)
                 await writer.drain()
                 if gap:
