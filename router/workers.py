@@ -23,7 +23,11 @@ a supervisor that owns no router at all:
   temporary directory unless set), so whichever worker answers ``/metrics`` shows the sums
   over all workers (telemetry.py); a dead worker's live gauges are dropped.
 
-Exit status: 0 after a drain, 1 when the socket cannot be bound or the engines do not start.
+Exit status: 0 after a drain, 1 when the socket cannot be bound or the engines do not start,
+or when the workers cannot run: every worker died within ``STABLE_AFTER_S`` of its start
+``GIVE_UP_AFTER`` times in a row, or a watcher failed (the supervisor then logs why, stops
+its workers and engines and releases the port rather than hold it with no worker); 2 when a
+worker refused the configuration at its start.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 from router.config import BackendConfig, Config
@@ -52,6 +57,8 @@ LAUNCHED_ENV = "ROUTER_LAUNCHED_BACKENDS"  # JSON [[model, {backend fields}], ..
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 WORKER_INDEX_ENV = "ROUTER_WORKER_INDEX"
 MAX_WORKERS = 256
+EXIT_CONFIG = 2  # a worker's exit status for a configuration error (router/cli.py)
+GIVE_UP_AFTER = 5  # quick deaths in a row of every worker before the supervisor gives up
 RESTART_BACKOFF_S = (0.5, 10.0)  # first and longest wait before restarting a worker that keeps dying
 STABLE_AFTER_S = 10.0  # a worker that lived this long restarts at once (backoff reset)
 DRAIN_MARGIN_S = 10.0  # beyond server.drain_timeout before a worker that does not exit is killed
@@ -66,9 +73,15 @@ def listening_socket(host: str, port: int, backlog: int) -> socket.socket:
 
 
 def encode_launched(launched: Sequence[tuple[str, BackendConfig]]) -> str:
+    """The launched backends as JSON for the workers' environment.
+
+    Field by field, not ``dataclasses.asdict``: that deep-copies each value, and a
+    backend's ``labels`` is a read-only ``MappingProxyType``, which cannot be copied (the
+    error that once left ``--workers N`` with a ``launch:`` block holding the port with no
+    worker)."""
     out = []
     for model, backend in launched:
-        fields = dataclasses.asdict(backend)
+        fields = {f.name: getattr(backend, f.name) for f in dataclasses.fields(backend)}
         fields["labels"] = dict(backend.labels)
         out.append([model, fields])
     return json.dumps(out)
@@ -78,7 +91,11 @@ def decode_launched(text: str | None) -> list[tuple[str, BackendConfig]]:
     """What the supervisor launched, for a worker (empty without it)."""
     if not text:
         return []
-    return [(model, BackendConfig(**fields)) for model, fields in json.loads(text)]
+    decoded = []
+    for model, fields in json.loads(text):
+        fields["labels"] = MappingProxyType(dict(fields.get("labels") or {}))
+        decoded.append((model, BackendConfig(**fields)))
+    return decoded
 
 
 def worker_argv(argv: Sequence[str]) -> list[str]:
@@ -104,6 +121,7 @@ class Worker:
     process: asyncio.subprocess.Process | None = None
     started: float = 0.0
     backoff: float = RESTART_BACKOFF_S[0]
+    quick_deaths: int = 0  # exits within STABLE_AFTER_S of the start, in a row
 
 
 class Supervisor:
@@ -123,6 +141,25 @@ class Supervisor:
         self.launched: list[tuple[str, BackendConfig]] = []
         self._own_metrics_dir: str | None = None
         self.metrics_dir = os.environ.get(MULTIPROC_ENV) or ""
+        self._env_base: dict[str, str] = {}
+        # Why the supervisor gives up (a worker that cannot start, a watcher that broke):
+        # it then exits non-zero instead of holding the port with no worker behind it.
+        self.failure: str | None = None
+        self.failure_status = 1
+        self._failed = asyncio.Event()
+
+    def _fail(self, why: str, status: int = 1) -> None:
+        if self.failure is None:
+            self.failure, self.failure_status = why, status
+        self._failed.set()
+
+    def _watcher_done(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled() or self.stopping:
+            return
+        exc = task.exception()
+        if exc is not None:
+            log.error("a worker's watcher failed", exc_info=exc)
+            self._fail(f"cannot run the workers: {type(exc).__name__}: {exc}")
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
@@ -141,12 +178,24 @@ class Supervisor:
 
                 self.engines, self.launched = await launch_engines(self.config.launch)
             self._prepare_metrics_dir()
+            self._env_base = self._base_env()  # fails here, loudly, not inside a watcher
             watchers = [loop.create_task(self._keep(w)) for w in self.workers]
+            for task in watchers:
+                task.add_done_callback(self._watcher_done)
             bound = self.sock.getsockname()[1]
             print(f"router listening on http://{self._display_host()}:{bound} "
                   f"({self.count} workers)", file=sys.stderr, flush=True)
             log.info("supervising %d router workers on port %d", self.count, bound)
-            await stop.wait()
+            stopped = loop.create_task(stop.wait())
+            failed = loop.create_task(self._failed.wait())
+            await asyncio.wait((stopped, failed), return_when=asyncio.FIRST_COMPLETED)
+            stopped.cancel()
+            failed.cancel()
+            if self.failure is not None:
+                log.error("%s: the supervisor stops", self.failure)
+                print(f"error: {self.failure}", file=sys.stderr, flush=True)
+                await self._stop(watchers)
+                return self.failure_status
             log.info("signal received: draining %d workers", self.count)
             await self._stop(watchers)
             return 0
@@ -172,13 +221,15 @@ class Supervisor:
         else:
             self._own_metrics_dir = self.metrics_dir = tempfile.mkdtemp(prefix="router-metrics-")
 
-    def _env(self, worker: Worker) -> dict[str, str]:
+    def _base_env(self) -> dict[str, str]:
         env = dict(os.environ)
         env[MULTIPROC_ENV] = self.metrics_dir
-        env[WORKER_INDEX_ENV] = str(worker.index)
         if self.launched:
             env[LAUNCHED_ENV] = encode_launched(self.launched)
         return env
+
+    def _env(self, worker: Worker) -> dict[str, str]:
+        return {**self._env_base, WORKER_INDEX_ENV: str(worker.index)}
 
     async def _start(self, worker: Worker) -> None:
         assert self.sock is not None
@@ -202,6 +253,18 @@ class Supervisor:
             lived = time.monotonic() - worker.started
             if lived >= STABLE_AFTER_S:
                 worker.backoff = RESTART_BACKOFF_S[0]
+                worker.quick_deaths = 0
+            else:
+                worker.quick_deaths += 1
+            if code == EXIT_CONFIG and lived < STABLE_AFTER_S:
+                self._fail(f"worker {worker.index} refused the configuration (exit status "
+                           f"{code}); see its error above", EXIT_CONFIG)
+                return
+            if all(w.quick_deaths >= GIVE_UP_AFTER for w in self.workers):
+                self._fail(f"every worker died within {STABLE_AFTER_S:g}s of its start "
+                           f"{GIVE_UP_AFTER} times in a row (the last with exit status {code}); "
+                           "see their errors above")
+                return
             log.warning("worker %d (pid %d) exited with status %s after %.1fs; restarting in %.1fs",
                         worker.index, worker.process.pid, code, lived, worker.backoff)
             await asyncio.sleep(worker.backoff)

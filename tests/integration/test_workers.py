@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -27,7 +28,8 @@ ROOT = Path(__file__).resolve().parents[2]
 class Supervised:
     """`python -m router --workers N` in its own session (cleanup kills the whole group)."""
 
-    def __init__(self, config: dict, tmp_path: Path, workers: int) -> None:
+    def __init__(self, config: dict, tmp_path: Path, workers: int,
+                 env: dict[str, str] | None = None) -> None:
         path = tmp_path / "routes.yaml"
         path.write_text(yaml.safe_dump(config))
         self.log_path = tmp_path / "router.log"
@@ -36,7 +38,7 @@ class Supervised:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "router", "--config", str(path), "--workers", str(workers)],
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=ROOT,
-                env={**os.environ, "PYTHONPATH": str(ROOT)}, start_new_session=True)
+                env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}, start_new_session=True)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -88,8 +90,8 @@ class Supervised:
 def supervised(tmp_path):
     started: list[Supervised] = []
 
-    def factory(config: dict, workers: int = 2) -> Supervised:
-        proc = Supervised(config, tmp_path, workers)
+    def factory(config: dict, workers: int = 2, env: dict[str, str] | None = None) -> Supervised:
+        proc = Supervised(config, tmp_path, workers, env)
         started.append(proc)
         return proc
 
@@ -192,3 +194,51 @@ async def test_sigterm_drains_every_worker_then_exits_0(make_sim, unused_port, s
     async with fresh_session() as http:
         with pytest.raises(aiohttp.ClientConnectionError):
             await complete(http, proc.url, "after the drain")
+
+
+async def test_workers_with_a_launch_block_serve_the_launched_fleet(tmp_path, unused_port, supervised):
+    """The README's `router --config config/routes.yaml --workers 2` shape: the supervisor
+    launches the engines once and every worker routes to them (it used to hang with no
+    worker: the launched backends could not be encoded for the workers)."""
+    config = {
+        "server": {"host": "127.0.0.1", "port": unused_port, "drain_timeout": 2},
+        "launch": {"models": [{"name": "sim-l", "kind": "sim", "replicas": 2,
+                               "sim": {"time_scale": 50}}], "ready_timeout": 60},
+        "models": [{"name": "sim-l", "aliases": ["launched"]}],
+        "routing": {"policy": "round_robin"},
+        "health": {"interval": 0.1},
+    }
+    proc = supervised(config, workers=2)
+    async with fresh_session() as http:
+        await proc.workers_seen(http, 2, timeout=90)
+        await proc.all_ready(http, timeout=60)
+        urls: set[str] = set()
+        for _ in range(8):
+            async with http.get(proc.url + "/admin/replicas") as r:
+                urls |= {rep["url"] for rep in (await r.json())["replicas"]}
+            async with http.post(proc.url + "/v1/completions",
+                                 json={"model": "launched", "prompt": "hi", "max_tokens": 2}) as r:
+                assert r.status == 200, await r.text()
+        assert len(urls) == 2  # both workers see the same two launched replicas
+    proc.proc.send_signal(signal.SIGTERM)
+    assert await proc.wait_exit(30) == 0, proc.log()
+
+
+async def test_a_supervisor_whose_workers_cannot_start_exits_non_zero(tmp_path, make_sim, unused_port,
+                                                                      supervised):
+    """Workers that die at start (here: a sitecustomize that exits in worker processes
+    only) make the supervisor say why and exit 1, releasing the port, instead of holding
+    it with no worker while clients wait."""
+    sim = await make_sim()
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(
+        "import os, sys\nif os.environ.get('ROUTER_WORKER_INDEX'):\n"
+        "    sys.stderr.write('worker cannot start (test)\\n'); sys.stderr.flush(); os._exit(3)\n")
+    config = routes([sim.url], server={"host": "127.0.0.1", "port": unused_port})
+    proc = supervised(config, workers=2, env={"PYTHONPATH": f"{site}{os.pathsep}{ROOT}"})
+    assert await proc.wait_exit(60) == 1, proc.log()
+    log = proc.log()
+    assert "every worker died" in log and "exit status 3" in log, log
+    with socket.socket() as s:  # the port is free again
+        s.bind(("127.0.0.1", unused_port))
