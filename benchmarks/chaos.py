@@ -1,6 +1,8 @@
 """`python -m benchmarks chaos`: the router under faults and hostile load, with figures.
 
-Four experiments, each on a fresh fleet of simulated replicas behind our router (a real
+Four experiments here (and five more in benchmarks/chaos_fleet.py: reloads, a slow
+replica and hedging, a connection flood, the upstream pool, memory per body), each on a
+fresh fleet of simulated replicas behind our router (a real
 `python -m router` process with the production defaults for health, breakers, timeouts
 and admission; only the access log is off):
 
@@ -71,7 +73,11 @@ class Settings:
     slowloris_s: float = 30.0
     prompts: int = 100_000
     prompt_concurrency: int = 32
-    experiments: tuple[str, ...] = ("faults", "streams", "slowloris", "prompts")
+    reload_rate: float = 100.0  # requests/s while reloads swap the backends (chaos_fleet.py)
+    reload_s: float = 20.0
+    slow_s: float = 20.0  # seconds of load per case of the slow-replica experiment
+    experiments: tuple[str, ...] = ("faults", "streams", "slowloris", "prompts",
+                                    "reload", "slow", "flood", "pool", "bodies")
     faults: tuple[str, ...] = FAULTS
     command: str = ""
 
@@ -610,6 +616,9 @@ def markdown(results: dict[str, Any], figures: list[str]) -> str:
                   f"{s['rss_start_mb']} MiB at start, {s['rss_at_half_mb']} at half way, "
                   f"{s['rss_end_mb']} at the end (peak {s['rss_peak_mb']}); growth over the second "
                   f"half {s['growth_second_half_mb']} MiB; the prefix index at the end: {s['prefix_index']}.", ""]
+    from benchmarks import chaos_fleet
+
+    lines += chaos_fleet.markdown(results)
     lines += [f"![{f}]({f})" for f in figures]
     return "\n".join(lines) + "\n"
 
@@ -636,6 +645,12 @@ async def run_chaos(settings: Settings, procs: Processes) -> Path:
     if "prompts" in settings.experiments:
         print(f"chaos: {settings.prompts} unique prompts", file=sys.stderr)
         results["prompts"] = await prompts_run(settings, procs)
+    from benchmarks import chaos_fleet
+
+    for name, run in chaos_fleet.EXPERIMENTS.items():
+        if name in settings.experiments:
+            print(f"chaos: {name}", file=sys.stderr)
+            results[name] = await run(settings, procs)
     (out / "results.json").write_text(json.dumps(results, indent=1))
     figures = plot(results, out)
     (out / "results.md").write_text(markdown(results, figures))

@@ -20,12 +20,14 @@ from router.prefix.rendering import routing_input
 class RouteRequest:
     model: str  # canonical (alias-resolved) model name
     path: str  # e.g. "/v1/chat/completions"
-    body: bytes  # bytes forwarded upstream
+    body: bytes | bytearray  # bytes forwarded upstream (a bytearray as read_body filled it)
     stream: bool = False
     request_id: str = ""
     # Prefix routing inputs (see router/prefix/): the canonical routing text of the
-    # prompt or messages, or the token ids when the client sent tokens; and the chained
-    # block hashes computed from them once per request.
+    # prompt or messages (only its hashed head: the whole length is `prompt_chars`, and a
+    # 32 MiB prompt must not be held twice while the request is in flight), or the token
+    # ids when the client sent tokens; and the chained block hashes computed from them
+    # once per request.
     routing_text: str | None = None
     routing_tokens: tuple[int, ...] | None = None
     block_hashes: tuple[int, ...] = ()
@@ -156,7 +158,7 @@ def build_route_request(
     model: str,
     path: str,
     data: dict[str, Any],
-    body: bytes,
+    body: bytes | bytearray,
     request_id: str = "",
     headers: tuple[tuple[str, str], ...] = (),
     session_key: str | None = None,
@@ -178,6 +180,7 @@ def build_route_request(
     if session_key is None and isinstance(data.get("user"), str) and data["user"]:
         session_key = data["user"]
     text: str | None = None
+    hashed_text: str | None = None
     tokens: tuple[int, ...] | None = None
     hashes: tuple[int, ...] = ()
     chars = 0
@@ -197,7 +200,7 @@ def build_route_request(
         body=body,
         stream=stream,
         request_id=request_id,
-        routing_text=text,
+        routing_text=hashed_text if text else text,
         routing_tokens=tokens,
         block_hashes=hashes,
         prompt_chars=chars,
@@ -207,7 +210,7 @@ def build_route_request(
     )
 
 
-def rewrite_model(body: bytes, data: dict[str, Any], new_model: str) -> bytes:
+def rewrite_model(body: bytes | bytearray, data: dict[str, Any], new_model: str) -> bytes:
     """`body` with its top-level "model" value replaced by `new_model`, all else verbatim.
 
     Used only for aliases.  The top-level string value of every "model" key is swapped in
@@ -237,7 +240,7 @@ def rewrite_model(body: bytes, data: dict[str, Any], new_model: str) -> bytes:
 _SCAN_LIMIT = 64 * 1024
 
 
-def _skip_string(buf: bytes, i: int) -> int:
+def _skip_string(buf: bytes | bytearray, i: int) -> int:
     """Index just past the JSON string starting at buf[i] == '"'."""
     n = len(buf)
     i += 1
@@ -252,7 +255,7 @@ def _skip_string(buf: bytes, i: int) -> int:
     raise ValueError("unterminated string")
 
 
-def _top_level_string_spans(buf: bytes, key: bytes) -> list[tuple[int, int]]:
+def _top_level_string_spans(buf: bytes | bytearray, key: bytes) -> list[tuple[int, int]]:
     """Byte spans of the string values of `key` in the top-level object of valid JSON."""
     spans: list[tuple[int, int]] = []
     quoted_key = b'"' + key + b'"'

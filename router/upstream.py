@@ -330,7 +330,7 @@ class _Connection(asyncio.Protocol):
             self.response.content._finish()
 
     # -- used by the pool and the body --
-    def send(self, head: bytes, body: bytes) -> asyncio.Future[UpstreamResponse]:
+    def send(self, head: bytes, body: bytes | bytearray) -> asyncio.Future[UpstreamResponse]:
         assert self.transport is not None
         self.response = None
         self.got_bytes = False
@@ -389,7 +389,7 @@ class UpstreamPool:
         """Idle connections held now."""
         return sum(map(len, self._idle.values()))
 
-    async def post(self, endpoint: Endpoint, path: str, body: bytes, headers: Iterable[tuple[str, str]], *,
+    async def post(self, endpoint: Endpoint, path: str, body: bytes | bytearray, headers: Iterable[tuple[str, str]], *,
                    on_connecting: Callable[[], None] | None = None,
                    on_connected: Callable[[], None] | None = None) -> UpstreamResponse:
         """POST `body` to the endpoint's path prefix + `path` (a replica's ``endpoint``);
@@ -421,7 +421,7 @@ class UpstreamPool:
                 self._drop(connection)  # (one that broke was dropped, its slot freed, already)
             raise
 
-    async def _exchange(self, connection: _Connection, head: bytes, body: bytes) -> UpstreamResponse:
+    async def _exchange(self, connection: _Connection, head: bytes, body: bytes | bytearray) -> UpstreamResponse:
         """Lend `connection` out and send; waits for the answer's head."""
         self._lent.add(connection)
         return await connection.send(head, body)

@@ -156,6 +156,7 @@ class FakeReplica:
       json     a small JSON answer naming the path and the replica (the default)
       partial  promise 1,000 bytes, send 10, hang up
       hang     accept and never answer (until the client goes away)
+      hold     read the body, answer (json) once `release` is set
       big      a JSON answer of `big_size` bytes: the first half at once, the rest when
                `release` is set (so a test can watch the first half arrive)
     """
@@ -173,6 +174,7 @@ class FakeReplica:
         self.big_size = 4 * 1024 * 1024
         self.release = asyncio.Event()
         self.in_flight = 0
+        self.keep_bodies = True  # False: `seen` records b"" (a test measuring memory)
         self.runner: web.AppRunner | None = None
         self.url = ""
 
@@ -212,7 +214,12 @@ class FakeReplica:
             f'vllm:kv_cache_usage_perc{{engine="0",model_name="{name}"}} {self.kv_usage}\n'))
 
     async def infer(self, request: web.Request) -> web.StreamResponse:
-        body = await request.read()
+        if self.keep_bodies:
+            body = await request.read()
+        else:  # read and drop (request.read() would keep a copy on the request)
+            while await request.content.readany():
+                pass
+            body = b""
         self.seen.append((request.path_qs, request.headers.copy(), body))
         self.in_flight += 1
         try:
@@ -235,6 +242,8 @@ class FakeReplica:
             return resp
         if self.mode == "hang":
             await asyncio.Future()
+        if self.mode == "hold":  # answer once `release` is set
+            await self.release.wait()
         if self.mode == "big":
             resp = web.StreamResponse(headers={"Content-Type": "application/json"})
             resp.content_length = self.big_size

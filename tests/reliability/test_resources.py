@@ -267,3 +267,32 @@ async def test_a_connection_flood_over_the_cap_is_refused_and_frees_its_descript
     assert metric(text, "router_client_connections") == 1  # this scrape's own connection
     async with http.post(server.url + "/v1/completions", json={"model": "sim-a", "prompt": "x"}) as r:
         assert r.status == 200
+
+
+async def test_an_in_flight_body_is_held_once_not_twice(fakes, start_router, make_routes, http,
+                                                       until) -> None:
+    """While a request waits on its replica, the router holds its body's bytes and not also
+    its parsed prompt (the 32 MiB bodies found from outside cost 3.7x their size in RSS).
+    Measured with tracemalloc, which counts the Python allocations of this process: the
+    router's, and the fake replica's (which keeps no body here)."""
+    import tracemalloc
+
+    (fake,) = await fakes(1)
+    fake.mode, fake.keep_bodies = "hold", False
+    mib = 1024 * 1024
+    server = await start_router(make_routes([fake.url], server={"max_body_bytes": 16 * mib}))
+    payload = b'{"model": "sim-a", "max_tokens": 1, "prompt": "' + b"x" * (8 * mib) + b'"}'
+    tracemalloc.start()
+    try:
+        baseline = tracemalloc.get_traced_memory()[0]
+        request = asyncio.create_task(http.post(server.url + "/v1/completions", data=payload,
+                                                headers={"Content-Type": "application/json"}))
+        await until(lambda: fake.in_flight == 1, 10, message="the request held upstream")
+        held = tracemalloc.get_traced_memory()[0] - baseline
+        fake.release.set()
+        async with await request as r:
+            assert r.status == 200
+    finally:
+        tracemalloc.stop()
+    # The payload above is the test's own (not counted: allocated before the baseline).
+    assert held < 1.5 * len(payload), f"{held / len(payload):.2f}x the body held while in flight"
