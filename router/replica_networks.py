@@ -135,11 +135,13 @@ class ReplicaNetworks:
         literal = ip(host)
         if literal is not None:
             return [literal]
-        try:
-            async with asyncio.timeout(self.timeout):
-                found = [a for a in map(ip, await self.resolve(host)) if a is not None]
-        except (OSError, TimeoutError, UnicodeError):
-            found = []
+        found: list[IpAddress] = []
+        if host:  # (an endpoint without a host names no address to allow)
+            try:
+                async with asyncio.timeout(self.timeout):
+                    found = [a for a in map(ip, await self.resolve(host)) if a is not None]
+            except (OSError, TimeoutError, UnicodeError):
+                found = []
         if not found:
             raise RouterError(403, f"'{param}': the host {host!r} did not resolve within "
                                    f"{self.timeout:g}s, so it cannot be checked against "

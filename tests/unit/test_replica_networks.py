@@ -68,6 +68,8 @@ async def test_listed_networks_are_exactly_what_is_allowed() -> None:
     await refused(listed, "localhost")
     await refused(listed, "192.168.1.1", "kv_events.endpoint")
     await refused(listed, "nowhere")  # does not resolve: cannot be checked
+    await refused(listed, "", "kv_events.endpoint")  # e.g. tcp://:5557
+    assert "" not in resolve.asked
     await refused(ReplicaNetworks((), lambda: [], resolve=resolve), "10.0.0.1")  # []: nothing
 
 
