@@ -4,7 +4,8 @@
                                          API, router/paths.py; nothing else is forwarded)
     GET  /v1/models, /v1/models/{id}    models of healthy replicas plus aliases
     GET  /health                        the router process is alive
-    GET  /ready                         every configured model has a healthy replica
+    GET  /ready                         every configured model has a healthy replica (the
+                                        per-model counts only for an admin, see handle_ready)
     GET  /metrics                       the router's own Prometheus metrics (router_*)
     GET  /admin/replicas                the fleet as the router sees it (JSON; admin only)
     POST /admin/replicas, DELETE ...    register / remove a replica at run time (admin only)
@@ -25,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
@@ -377,6 +378,9 @@ class Api:
         return _json({"status": "draining" if self.draining else "ok"})
 
     async def handle_ready(self, request: web.Request) -> web.Response:
+        """200 ready / 503 not.  Anyone gets the bare status (load balancers and Kubernetes
+        call it without keys); the per-model counts name every model, so only a client the
+        admin endpoints would answer gets them (a key's 404 must not be undone here)."""
         models = {}
         for name in self.catalog.model_names:
             replicas = self.fleet.for_model(name)
@@ -385,7 +389,9 @@ class Api:
                 "total": len(replicas),
             }
         ready = not self.draining and bool(models) and all(m["healthy"] > 0 for m in models.values())
-        payload = {"ready": ready, "draining": self.draining, "models": models}
+        payload: dict[str, Any] = {"ready": ready, "draining": self.draining}
+        if self.keyring.is_admin(request.headers, request.remote):
+            payload["models"] = models
         return _json(payload, status=200 if ready else 503)
 
     async def handle_metrics(self, request: web.Request) -> web.Response:
@@ -419,11 +425,13 @@ class Api:
         except orjson.JSONDecodeError as exc:
             raise bad_request(f"Malformed JSON in the request body: {exc}") from None
 
-    async def _membership(self, request: web.Request, change: Callable[[Any], Replica]) -> Replica:
-        """Apply one admin membership change: 400 for a bad body, 404 for an unknown replica."""
+    async def _membership(self, request: web.Request,
+                          change: Callable[[Any], Awaitable[Replica]]) -> Replica:
+        """Apply one admin membership change: 400 for a bad body, 404 for an unknown replica
+        (403 for a registration outside auth.admin_replica_networks, raised as it is)."""
         body = await self._admin_body(request)
         try:
-            return change(body)
+            return await change(body)
         except ConfigError as exc:
             raise bad_request(str(exc)) from None
         except NoSuchReplica as exc:

@@ -13,9 +13,15 @@
   about how much of a key was guessed, nor depends on how many keys exist (the admin key,
   a single secret, is compared with ``hmac.compare_digest``).  Keys are kept only as
   digests here.
-* **The admin credential** (``auth.admin_key``) guards ``/admin/*`` and, with
-  ``auth.protect_metrics``, ``/metrics``.  Without one, those answer only clients on
-  loopback (the peer address itself, never X-Forwarded-For).
+* **The admin credential** (``auth.admin_key``) guards ``/admin/*``, ``/metrics`` with
+  ``auth.protect_metrics``, and the per-model details of ``/ready``.  Without one, those
+  answer only a client on this host: its *resolved* address (below) must be loopback, so a
+  request a trusted same-host proxy forwards for 6.6.6.6 is 6.6.6.6's, not the proxy's.
+  And every address a forwarding header names (``X-Forwarded-For``, ``X-Real-IP``,
+  ``Forwarded: for=``) must be loopback too, even from a peer that is not a trusted proxy:
+  such a header on a loopback connection says a proxy on this host forwarded it, one the
+  operator did not declare in ``server.trusted_proxies``, and the client is elsewhere.  A
+  forged header can only lock its sender out, never let anyone in.
 * **Client address** (for the access log, per-client rate limits and fairness): the TCP
   peer, unless the peer is one of ``server.trusted_proxies``; then ``X-Forwarded-For`` is
   read from the right, skipping trusted proxies, and the first other address is the client.
@@ -107,14 +113,32 @@ class KeyRing:
 
     def check_admin(self, headers: Mapping[str, str], peer: str | None) -> None:
         """401/403 unless the request may use an admin endpoint."""
+        problem = self._admin_problem(headers, peer)
+        if problem is not None:
+            raise problem
+
+    def is_admin(self, headers: Mapping[str, str], peer: str | None) -> bool:
+        """Would `check_admin` let this request in?  (For answers with an admin-only part.)"""
+        return self._admin_problem(headers, peer) is None
+
+    def _admin_problem(self, headers: Mapping[str, str], peer: str | None) -> RouterError | None:
         if self._admin is None:
-            if not _is_loopback(peer):
-                raise RouterError(403, "Admin endpoints answer only loopback clients unless "
-                                       "auth.admin_key is configured")
-            return
+            if not self._on_this_host(headers, peer):
+                return RouterError(403, "Admin endpoints answer only clients on this host (a "
+                                        "loopback address, also behind a proxy) unless "
+                                        "auth.admin_key is configured")
+            return None
         secret = presented_key(headers)
         if secret is None or not hmac.compare_digest(_digest(secret), self._admin):
-            raise unauthorized("Invalid or missing admin key")
+            return unauthorized("Invalid or missing admin key")
+        return None
+
+    def _on_this_host(self, headers: Mapping[str, str], peer: str | None) -> bool:
+        """The client's resolved address is loopback, and so is every address a
+        forwarding header names (see the module docstring)."""
+        if not _is_loopback(self.client_address(headers, peer)):
+            return False
+        return all(_is_loopback(address) for address in forwarded_addresses(headers))
 
     # -- addresses ------------------------------------------------------------------
     def _trusted(self, address: str | None) -> bool:
@@ -135,6 +159,39 @@ class KeyRing:
             if not self._trusted(hop):
                 return hop
         return hops[0] if hops else peer
+
+
+def _values(headers: Mapping[str, str], name: str) -> list[str]:
+    getall = getattr(headers, "getall", None)
+    if getall is not None:
+        return list(getall(name, []))
+    value = headers.get(name)
+    return [value] if value is not None else []
+
+
+def forwarded_addresses(headers: Mapping[str, str]) -> list[str]:
+    """Every client address the forwarding headers name: ``X-Forwarded-For`` hops,
+    ``X-Real-IP``, ``Forwarded``'s ``for=`` (quotes, brackets and ports taken off; an
+    obfuscated or ``unknown`` node stays as it is, and is not an IP address)."""
+    found = [hop.strip() for value in _values(headers, "X-Forwarded-For")
+             for hop in value.split(",") if hop.strip()]
+    found += [value.strip() for value in _values(headers, "X-Real-IP") if value.strip()]
+    for value in _values(headers, "Forwarded"):
+        for element in value.split(","):
+            for pair in element.split(";"):
+                name, _, node = pair.strip().partition("=")
+                if name.strip().lower() == "for":
+                    found.append(_forwarded_node(node.strip().strip('"')))
+    return found
+
+
+def _forwarded_node(node: str) -> str:
+    """RFC 7239 node -> address: ``[v6]:port`` -> v6, ``v4:port`` -> v4."""
+    if node.startswith("["):
+        return node[1:].partition("]")[0]
+    if node.count(":") == 1:
+        return node.partition(":")[0]
+    return node
 
 
 def _ip(address: str | None) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:

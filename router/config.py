@@ -5,7 +5,8 @@
                body_timeout, keepalive_timeout, max_inflight_body_bytes, trusted_proxies,
                forward_paths}
     auth:     {keys: [{name, key | key_env | key_file, models, priority, rate_limit}],
-               keys_file, admin_key | admin_key_env | admin_key_file, protect_metrics}
+               keys_file, admin_key | admin_key_env | admin_key_file, protect_metrics,
+               admin_replica_networks}
     cors:     {allow_origins, allow_methods, allow_headers, expose_headers,
                allow_credentials, max_age}
     admission: {enabled, queue_size, max_wait, max_waiting_per_replica, max_queue_time,
@@ -18,7 +19,8 @@
     metrics:  {scrape_interval, timeout, models_interval}
     proxy:    {connect_timeout, first_byte_timeout, read_timeout, unhealthy_grace,
                max_attempts, backoff_initial, backoff_max, deadline, retry_after,
-               max_connections, retry_budget_ratio, retry_budget_min_per_s, buffer_bytes}
+               max_connections, pool_timeout, retry_budget_ratio, retry_budget_min_per_s,
+               buffer_bytes}
     circuit_breaker: {failure_threshold, ejection_time, max_ejection_time, max_retry_after}
     launch:   {config: engines.yaml, only: [..], ...}   (optional: local engines to start)
 
@@ -100,6 +102,9 @@ class AuthConfig:
     keys: tuple[ClientKeyConfig, ...] = ()  # empty: no client authentication
     admin_key: str | None = field(default=None, repr=False)  # None: /admin only from loopback
     protect_metrics: bool = False  # /metrics needs the admin key too
+    # Where POST /admin/replicas may point the router (router/replica_networks.py); None:
+    # loopback and the hosts the router already serves from.
+    admin_replica_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] | None = None
 
     @property
     def enabled(self) -> bool:
@@ -309,6 +314,7 @@ class ProxyConfig:
     deadline: float = 30.0  # no new attempt starts this long after the request arrived
     retry_after: int = 1  # Retry-After seconds on 503
     max_connections: int = 0  # upstream connection pool size (0: unlimited)
+    pool_timeout: float = 5.0  # most seconds a request waits for a pool slot (capped by `deadline`; 0: none)
     retry_budget_ratio: float = 0.2  # retries may add at most this share of the requests ...
     retry_budget_min_per_s: float = 5.0  # ... plus this many per second
     buffer_bytes: int = 1024 * 1024  # non-stream answers up to this size are buffered whole
@@ -354,7 +360,7 @@ _SERVER_KEYS = ("host", "port", "max_body_bytes", "drain_timeout", "request_id_h
                 "max_connections", "header_timeout", "body_timeout", "keepalive_timeout",
                 "max_inflight_body_bytes", "trusted_proxies", "forward_paths")
 _AUTH_KEYS = ("keys", "keys_file", "admin_key", "admin_key_env", "admin_key_file",
-              "protect_metrics")
+              "protect_metrics", "admin_replica_networks")
 _CLIENT_KEY_KEYS = ("name", "key", "key_env", "key_file", "models", "priority", "rate_limit")
 _RATE_LIMIT_KEYS = ("requests_per_s", "burst", "tokens_per_min")
 _CORS_KEYS = ("allow_origins", "allow_methods", "allow_headers", "expose_headers",
@@ -381,7 +387,8 @@ _HEALTH_KEYS = ("interval", "timeout", "failure_threshold", "success_threshold")
 _METRICS_KEYS = ("scrape_interval", "timeout", "models_interval")
 _PROXY_KEYS = ("connect_timeout", "first_byte_timeout", "read_timeout", "unhealthy_grace",
                "max_attempts", "backoff_initial", "backoff_max", "deadline", "retry_after",
-               "max_connections", "retry_budget_ratio", "retry_budget_min_per_s", "buffer_bytes")
+               "max_connections", "pool_timeout", "retry_budget_ratio", "retry_budget_min_per_s",
+               "buffer_bytes")
 _LAUNCH_KEYS = ("config", "models", "only", "ready_timeout")
 
 
@@ -579,7 +586,15 @@ def _auth(node: Node, env: Mapping[str, str], base_dir: Path | None) -> AuthConf
         keys=tuple(keys),
         admin_key=_secret(node, "admin_key", env, base_dir, min_length=8),
         protect_metrics=node.get("protect_metrics", False).boolean(),
+        admin_replica_networks=_networks_or_default(node.get("admin_replica_networks", None)),
     )
+
+
+def _networks_or_default(node: Node) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] | None:
+    """A list of CIDRs; null (or absent) keeps the default (None), [] allows nothing."""
+    if node.value is None:
+        return None
+    return tuple(_network(item) for item in node.items())
 
 
 def _cors(node: Node) -> CorsConfig:
@@ -924,6 +939,7 @@ def _proxy(node: Node) -> ProxyConfig:
         deadline=_num(node, "deadline", d.deadline),
         retry_after=_int(node, "retry_after", d.retry_after, minimum=0),
         max_connections=_int(node, "max_connections", d.max_connections, minimum=0),
+        pool_timeout=_num(node, "pool_timeout", d.pool_timeout, exclusive=False),
         retry_budget_ratio=_num(node, "retry_budget_ratio", d.retry_budget_ratio, exclusive=False),
         retry_budget_min_per_s=_num(node, "retry_budget_min_per_s", d.retry_budget_min_per_s,
                                     exclusive=False),

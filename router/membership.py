@@ -16,8 +16,11 @@ the policy learned about a removed replica, and remove its metric series.  On to
   - `server`, `cors`, `admission`, `prefix`, `launch` and `proxy.max_connections` need a
     restart: a change there is reported (`restart_required`) and not applied.
 * `register()` / `deregister()` (`POST` / `DELETE /admin/replicas`) change membership at
-  run time, validated like a `backends:` entry.  Registered replicas survive reloads
-  (a reload manages the file's backends only) until they are deregistered.
+  run time, validated like a `backends:` entry.  A registration's URL and KV-event
+  endpoints must lie in the allowed networks (router/replica_networks.py,
+  ``auth.admin_replica_networks``) before anything is added or probed.  Registered
+  replicas survive reloads (a reload manages the file's backends only) until they are
+  deregistered.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 from router.config import BackendConfig, Config, ModelConfig, load_config, parse_backend, validate_policy_params
 from router.fleet import Fleet, Replica
 from router.prefix import prompt_tokens
+from router.replica_networks import ReplicaNetworks, Resolver, registration_hosts, system_resolver
 from yamlcheck import ConfigError, Node
 
 if TYPE_CHECKING:
@@ -141,6 +145,7 @@ class Reloader:
         self.router = router
         self.overrides = overrides or (lambda config: config)  # e.g. the CLI's --port
         self.registered: dict[tuple[str, str], Replica] = {}  # (model, url) from the admin API
+        self.resolve: Resolver = system_resolver  # how registration hosts are resolved
         self._lock = asyncio.Lock()
 
     async def reload(self, path: str | None = None) -> dict[str, Any]:
@@ -206,8 +211,10 @@ class Reloader:
         return added, removed, updated
 
     # -- the admin API ---------------------------------------------------------------
-    def register(self, body: Any) -> Replica:
-        """Add a replica from a JSON body {model, url, tensor_parallel_size?, weight?, ...}."""
+    async def register(self, body: Any) -> Replica:
+        """Add a replica from a JSON body {model, url, tensor_parallel_size?, weight?, ...}:
+        ConfigError (400) for a bad body, RouterError 403 for a host outside the allowed
+        networks; in both cases nothing was added or contacted."""
         node = Node(body, "body", "POST /admin/replicas")
         node.mapping(("model", "url", "tensor_parallel_size", "weight", "labels", "api_key", "kv_events"))
         model = node.get("model").string()
@@ -215,17 +222,33 @@ class Reloader:
             node.get("model").fail("expected a model name")
         backend_doc = {k: v for k, v in body.items() if k != "model"}
         backend = parse_backend(Node(backend_doc, "body", "POST /admin/replicas"))
-        fleet = self.router.fleet
-        if fleet.find(model, backend.url) is not None:
-            node.get("url").fail(f"{backend.url} is already a replica of {model}")
+        self._check_new(node, model, backend)
+        await self.networks().check(registration_hosts(backend))
+        self._check_new(node, model, backend)  # (another registration may have won meanwhile)
         replica = replica_from(model, backend)
+        fleet = self.router.fleet
         fleet.add(replica)
         self.registered[(model, backend.url)] = replica
         self._ensure_model(model)
         log.info("replica %s of %s registered through the admin API", replica.id, model)
         return replica
 
-    def deregister(self, body: Any) -> Replica:
+    def _check_new(self, node: Node, model: str, backend: BackendConfig) -> None:
+        if self.router.fleet.find(model, backend.url) is not None:
+            node.get("url").fail(f"{backend.url} is already a replica of {model}")
+
+    def networks(self) -> ReplicaNetworks:
+        """The networks a registration may point into now (`auth` is live on reload); the
+        default's known hosts are those of the replicas not registered here."""
+        fleet, registered = self.router.fleet, self.registered
+
+        def known_hosts() -> list[str]:
+            return [r.endpoint.host for r in fleet if (r.model, r.url) not in registered]
+
+        return ReplicaNetworks(self.router.config.auth.admin_replica_networks, known_hosts,
+                               resolve=self.resolve)
+
+    async def deregister(self, body: Any) -> Replica:
         node = Node(body, "body", "DELETE /admin/replicas")
         node.mapping(("model", "url"))
         url = node.get("url").string().rstrip("/")

@@ -8,6 +8,11 @@ One request's life here:
    walks down it without asking again.
 2. Per attempt (at most ``proxy.max_attempts``, none started after ``proxy.deadline``,
    none beyond the retry budget; tenacity drives the loop and its full-jitter backoff):
+   * a slot of the upstream pool (``proxy.max_connections``): taken at once when one is
+     free, else waited for up to ``proxy.pool_timeout``, never past what is left of
+     ``proxy.deadline``.  A wait that runs out is a 503 with ``Retry-After``: the pool is
+     the router's, shared by every replica, so no replica is blamed (no breaker failure,
+     no suspect marking, no failover), and nothing was dispatched;
    * dispatch: ``replica.in_flight += 1`` and ``index.record(block_hashes, replica)``
      (so a burst of same-prefix requests sees each other at once);
    * POST the client's bytes with a per-attempt ``X-Request-Id: <id>-<attempt>``, the
@@ -88,6 +93,7 @@ from router.upstream import (
     UpstreamDisconnected,
     UpstreamError,
     UpstreamPool,
+    UpstreamPoolTimeout,
     UpstreamResponse,
 )
 from router.usage import cached_tokens_of
@@ -530,14 +536,40 @@ class Proxy:
         kind = "first_byte_timeout" if route.stream else "read_timeout"
         return self._fail(route, replica, kind, f"no answer within {seconds:g}s")
 
+    async def _slot(self, route: RouteRequest, record: RequestRecord) -> None:
+        """A slot of the upstream pool for the next attempt, waited for within
+        ``pool_timeout`` and what is left of ``deadline``; else RouterError 503."""
+        cfg = self.config
+        bound = max(0.0, min(cfg.pool_timeout, cfg.deadline - record.elapsed()))
+        t = self.telemetry
+        try:
+            waited = await self.upstream.wait_for_slot(bound)
+        except UpstreamPoolTimeout as exc:
+            t.child(t.pool_wait, route.model).observe(exc.waited)
+            t.child(t.pool_timeouts, route.model).inc()
+            record.error = (f"pool_timeout: {exc} (proxy.max_connections), wanted for "
+                            f"replica {record.replica}")
+            record.replica = None  # the router answers: no replica was asked
+            log.info("request %s: no upstream connection free within %gs", route.request_id, bound)
+            raise RouterError(503, f"The router has no free upstream connection: all are in use "
+                                   f"and none came free within {bound:g}s; retry later",
+                              headers={"Retry-After": str(cfg.retry_after)}) from None
+        t.child(t.pool_wait, route.model).observe(waited)
+
     async def _connect(self, route: RouteRequest, replica: Replica, number: int,
                        watch: ConnectWatch) -> UpstreamResponse:
-        """POST upstream; a new connection is bounded by `watch` (it ends the attempt's
-        timeout early, and the attempt tells that TimeoutError by ``watch.expired``)."""
+        """POST upstream with the slot the attempt holds; a new connection is bounded by
+        `watch` (it ends the attempt's timeout early, and the attempt tells that
+        TimeoutError by ``watch.expired``)."""
+        try:
+            headers = self._upstream_headers(route, replica, number)
+        except BaseException:
+            self.upstream.release_slot()
+            raise
         try:
             return await self.upstream.post(
-                replica.endpoint, route.path, route.body, self._upstream_headers(route, replica, number),
-                on_connecting=watch.connecting, on_connected=watch.cancel)
+                replica.endpoint, route.path, route.body, headers,
+                on_connecting=watch.connecting, on_connected=watch.cancel, slot_held=True)
         finally:
             watch.cancel()
 
@@ -545,20 +577,30 @@ class Proxy:
                        number: int, decision: Decision, record: RequestRecord,
                        relay: bool = True) -> web.StreamResponse:
         cfg = self.config
+        if not self.upstream.take_slot_now():  # (every connection in use: wait, bounded)
+            await self._slot(route, record)
+        # The slot is this attempt's; `_connect` hands it to the pool (nothing between
+        # here and there waits, so a cancellation cannot come in between).
         attempt = Attempt(route, replica, decision, record, number)
-        self.hooks.dispatch(attempt)
+        try:
+            self.hooks.dispatch(attempt)
+        except BaseException:
+            self.upstream.release_slot()
+            raise
         outcome = ABANDONED
         wait = self.waits.open(replica)
         resp: UpstreamResponse | None = None
         finished = False
         first_limit = cfg.first_byte_timeout if route.stream else cfg.read_timeout
         watch = ConnectWatch(cfg.connect_timeout, self.loop_lag)
+        slot_held = True  # until `_connect` hands it over
         try:
             first = b""
             complete = False
             try:
                 async with asyncio.timeout(wait.limit(first_limit)) as timeout:
                     wait.timeout = watch.timeout = timeout
+                    slot_held = False
                     resp = await self._connect(route, replica, number, watch)
                     if resp.status >= 500 or resp.status == 429:
                         try:
@@ -607,6 +649,8 @@ class Proxy:
             self.hooks.failure(attempt, failure)
             raise
         finally:
+            if slot_held:
+                self.upstream.release_slot()
             self.waits.close(wait)
             self.hooks.complete(attempt, outcome)
             if resp is not None:

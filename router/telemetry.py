@@ -133,6 +133,15 @@ class Telemetry:
         self.upstream_errors = Counter(
             "router_upstream_errors", "Upstream failures by kind: connect, timeout, status_5xx, "
             "status_429, disconnect, stream_cut.", ["model", "replica", "kind"], registry=r)
+        self.pool_timeouts = Counter(
+            "router_upstream_pool_timeouts", "Requests answered 503 because no upstream "
+            "connection came free within proxy.pool_timeout (or the deadline): every one of "
+            "proxy.max_connections was in use.  No replica is blamed for these.", ["model"],
+            registry=r)
+        self.pool_wait = Histogram(
+            "router_upstream_pool_wait_seconds", "Time attempts waited for an upstream "
+            "connection slot, those that waited only (all proxy.max_connections in use), "
+            "including waits that ran out.", ["model"], buckets=LATENCY_BUCKETS, registry=r)
         self.client_disconnects = Counter(
             "router_client_disconnects", "Requests whose client went away before the end.",
             ["model"], registry=r)

@@ -11,7 +11,10 @@ parser, in C) straight into a small body buffer the relay drains.
 What it promises:
 
 * **Bounded.** At most ``limit`` connections in use at once (0: unlimited), later requests
-  wait for a slot (the proxy's own deadlines bound that wait); an idle connection is closed
+  wait for a slot, first come first served.  The proxy takes the slot itself before an
+  attempt starts (``take_slot_now``, else ``wait_for_slot`` with the request's bound, then
+  ``post(slot_held=True)``), so the wait ends in ``UpstreamPoolTimeout``, never in a timeout
+  blamed on a replica: the pool is the router's, shared by every replica.  An idle connection is closed
   after ``idle_timeout`` (shorter than uvicorn's 5 s keep-alive, so vLLM rarely closes one
   under us) and each answer's unread body buffers at most ``HIGH_WATER`` bytes before the
   socket stops being read (back-pressure to the replica).
@@ -53,6 +56,16 @@ class UpstreamConnectError(UpstreamError):
 
 class UpstreamDisconnected(UpstreamError):
     """The connection broke before the answer was complete, or the answer was not HTTP."""
+
+
+class UpstreamPoolTimeout(Exception):
+    """No connection slot came free in time: the router's own limit, not a replica failure
+    (no failover: the pool is shared)."""
+
+    def __init__(self, limit: int, waited: float) -> None:
+        super().__init__(f"all {limit} upstream connections stayed in use for {waited:g}s")
+        self.limit = limit
+        self.waited = waited
 
 
 class _Stale(Exception):
@@ -369,6 +382,11 @@ class _Connection(asyncio.Protocol):
         self.pool._drop(self)
 
 
+def _expire(waiter: asyncio.Future[None], limit: int, timeout: float) -> None:
+    if not waiter.done():
+        waiter.set_exception(UpstreamPoolTimeout(limit, timeout))
+
+
 class UpstreamPool:
     """Keep-alive connections to the replicas, reused most-recent first."""
 
@@ -391,13 +409,22 @@ class UpstreamPool:
 
     async def post(self, endpoint: Endpoint, path: str, body: bytes | bytearray, headers: Iterable[tuple[str, str]], *,
                    on_connecting: Callable[[], None] | None = None,
-                   on_connected: Callable[[], None] | None = None) -> UpstreamResponse:
+                   on_connected: Callable[[], None] | None = None,
+                   slot_held: bool = False) -> UpstreamResponse:
         """POST `body` to the endpoint's path prefix + `path` (a replica's ``endpoint``);
-        returns once the answer's head arrived."""
-        if self._closed:
-            raise UpstreamConnectError("the router is shutting down")
-        head = request_head(endpoint, path, headers, len(body))
-        await self._take_slot()
+        returns once the answer's head arrived.  ``slot_held``: the caller took a slot
+        (``take_slot_now`` / ``wait_for_slot``) and hands it over, whatever happens next;
+        else this call waits for one, unbounded."""
+        try:
+            if self._closed:
+                raise UpstreamConnectError("the router is shutting down")
+            head = request_head(endpoint, path, headers, len(body))
+        except BaseException:
+            if slot_held:
+                self._free_slot()
+            raise
+        if not slot_held and not self.take_slot_now():
+            await self.wait_for_slot(None)
         # The slot is this call's until a connection is lent out (``_lent``); from then on
         # the connection holds it and gives it back when released, dropped or broken.
         connection: _Connection | None = None
@@ -449,20 +476,45 @@ class UpstreamPool:
         return self._tls
 
     # -- slots --
-    async def _take_slot(self) -> None:
+    def take_slot_now(self) -> bool:
+        """Take a free slot (True), or False when ``limit`` connections are in use."""
         if not self.limit or self.in_use < self.limit:
             self.in_use += 1
-            return
-        waiter = asyncio.get_running_loop().create_future()
+            return True
+        return False
+
+    async def wait_for_slot(self, timeout: float | None) -> float:
+        """Wait for a slot handed over by a connection that is done (first come, first
+        served); returns the seconds waited.  UpstreamPoolTimeout after `timeout` seconds
+        (None: no bound).  The slot is the caller's: give it to ``post(slot_held=True)`` or
+        back with ``release_slot``."""
+        if self.take_slot_now():
+            return 0.0
+        if timeout is not None and timeout <= 0:
+            raise UpstreamPoolTimeout(self.limit, 0.0)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        waiter: asyncio.Future[None] = loop.create_future()
         self._slot_waiters.append(waiter)
+        timer = None if timeout is None else loop.call_later(timeout, _expire, waiter, self.limit, timeout)
         try:
             await waiter  # the slot is handed over: in_use already counts it
+        except UpstreamPoolTimeout:
+            raise  # (an expired waiter is skipped by _free_slot: no slot was handed to it)
         except BaseException:
-            if waiter.done() and not waiter.cancelled():
+            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
                 self._free_slot()  # handed over as we were cancelled: pass it on
             else:
                 waiter.cancel()
             raise
+        finally:
+            if timer is not None:
+                timer.cancel()
+        return loop.time() - started
+
+    def release_slot(self) -> None:
+        """Give back a slot taken for a ``post`` that was never made."""
+        self._free_slot()
 
     def _free_slot(self) -> None:
         while self._slot_waiters:

@@ -13,7 +13,15 @@ from collections.abc import Awaitable, Callable
 import pytest
 from conftest import wait_for
 
-from router.upstream import HIGH_WATER, Endpoint, UpstreamConnectError, UpstreamDisconnected, UpstreamPool, request_head
+from router.upstream import (
+    HIGH_WATER,
+    Endpoint,
+    UpstreamConnectError,
+    UpstreamDisconnected,
+    UpstreamPool,
+    UpstreamPoolTimeout,
+    request_head,
+)
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
@@ -284,6 +292,48 @@ async def test_a_waiter_cancelled_for_a_slot_takes_none():
         release.set()
         assert await first == (200, b"{}")
         assert pool.in_use == 0
+    await pool.close()
+
+
+async def test_a_wait_for_a_slot_ends_within_its_bound():
+    """Issue 23 #4: the wait for a slot is bounded; one that ran out takes no slot later, and
+    a slot given back goes to the next live waiter, first come first served."""
+    pool = UpstreamPool(limit=1)
+    assert pool.take_slot_now() and not pool.take_slot_now()
+    started = asyncio.get_running_loop().time()
+    with pytest.raises(UpstreamPoolTimeout) as info:
+        await pool.wait_for_slot(0.2)
+    assert 0.19 <= asyncio.get_running_loop().time() - started < 1.0 and info.value.waited == 0.2
+    with pytest.raises(UpstreamPoolTimeout):
+        await pool.wait_for_slot(0)  # no wait at all
+    assert pool.in_use == 1
+    expiring = asyncio.create_task(pool.wait_for_slot(0.05))
+    cancelled = asyncio.create_task(pool.wait_for_slot(5))
+    waiting = asyncio.create_task(pool.wait_for_slot(5))
+    await asyncio.sleep(0.1)
+    cancelled.cancel()
+    with pytest.raises(UpstreamPoolTimeout):
+        await expiring
+    pool.release_slot()  # the expired and the cancelled waiters are passed over
+    assert await waiting > 0.05 and pool.in_use == 1
+    pool.release_slot()
+    assert pool.in_use == 0 and await pool.wait_for_slot(0) == 0.0
+    pool.release_slot()
+    await pool.close()
+
+
+async def test_a_held_slot_given_to_post_is_freed_whatever_happens(unused_port):
+    pool = UpstreamPool(limit=1)
+    assert pool.take_slot_now()
+    with pytest.raises(UpstreamConnectError):
+        await pool.post(Endpoint.parse(f"http://127.0.0.1:{unused_port}"), "/v1/completions", b"{}", [],
+                        slot_held=True)
+    assert pool.in_use == 0
+    assert pool.take_slot_now()
+    with pytest.raises(ValueError):
+        await pool.post(Endpoint.parse(f"http://127.0.0.1:{unused_port}"), "/v1/completions", b"{}",
+                        [("X-Bad", "a\r\nb")], slot_held=True)
+    assert pool.in_use == 0
     await pool.close()
 
 

@@ -4,6 +4,8 @@ client addresses, and secrets that must never show.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 
 import orjson
@@ -133,14 +135,123 @@ async def test_admin_endpoints_and_metrics_need_the_admin_key(fakes, start_route
                 assert (await r.json())["error"]["code"] == 401
         async with http.get(server.url + path, headers={"Authorization": f"Bearer {ADMIN}"}) as r:
             assert r.status == 200
-    # Without an admin key, /admin answers loopback peers only (never X-Forwarded-For).
+    # Without an admin key, /admin answers loopback clients only.  X-Forwarded-For from a
+    # peer that is not a trusted proxy never makes a client loopback; on a loopback
+    # connection it says a proxy on this host (one nobody declared) forwarded the request
+    # for someone elsewhere, so it is refused (issue 23 #3).
     open_server = await start_router(make_routes([fake.url]))
+    async with http.get(open_server.url + "/admin/replicas") as r:
+        assert r.status == 200
     async with http.get(open_server.url + "/admin/replicas",
                         headers={"X-Forwarded-For": "203.0.113.9"}) as r:
-        assert r.status == 200
+        assert r.status == 403
     with pytest.raises(Exception) as info:
         KeyRing(AuthConfig()).check_admin({}, "198.51.100.4")
     assert getattr(info.value, "status", None) == 403
+
+
+@contextlib.asynccontextmanager
+async def listener():
+    """A TCP port on loopback that counts the connections made to it (a would-be replica)."""
+    seen: list[int] = []
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        seen.append(1)
+        writer.close()
+
+    server = await asyncio.start_server(handler, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}", seen
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+def assert_error(status: int, payload: dict, expected: int) -> dict:
+    assert status == expected and set(payload) == {"error"}, payload
+    error = payload["error"]
+    assert error["code"] == expected and {"message", "type", "param"} <= set(error)
+    return error
+
+
+async def test_admin_behind_a_same_host_proxy_answers_only_loopback_clients(
+        fakes, start_router, make_routes, http) -> None:
+    """Issue 23 #3: `trusted_proxies: [127.0.0.1/32]`, no admin key: a request the proxy
+    forwards for 6.6.6.6 must not register (or probe) anything, nor read admin data."""
+    (fake,) = await fakes(1)
+    server = await start_router(make_routes([fake.url], server={"trusted_proxies": ["127.0.0.1/32"]},
+                                            auth={"protect_metrics": True}))
+    router = server.router
+    outside = {"X-Forwarded-For": "6.6.6.6"}
+    async with listener() as (target, connections):
+        async with http.post(server.url + "/admin/replicas", headers=outside,
+                             json={"model": "m", "url": target}) as r:
+            assert_error(r.status, await r.json(), 403)
+        for method, path in (("GET", "/admin/replicas"), ("POST", "/admin/reload"),
+                             ("DELETE", "/admin/replicas"), ("GET", "/metrics")):
+            async with http.request(method, server.url + path, headers=outside,
+                                    json={"url": fake.url}) as r:
+                assert_error(r.status, await r.json(), 403)
+        await asyncio.sleep(0.3)  # three probe intervals: a registered replica would be probed
+        assert connections == []
+    assert [r.url for r in router.fleet] == [fake.url]
+    assert [m.name for m in router.config.models] == ["sim-a"]
+    # The ready probe tells the outside client only whether the router is ready.
+    async with http.get(server.url + "/ready", headers=outside) as r:
+        assert r.status == 200 and await r.json() == {"ready": True, "draining": False}
+    # A client on this host, through the same proxy, is a loopback client.
+    for inside in ({"X-Forwarded-For": "127.0.0.1"}, {}):
+        async with http.get(server.url + "/admin/replicas", headers=inside) as r:
+            assert r.status == 200, inside
+        async with http.get(server.url + "/ready", headers=inside) as r:
+            assert (await r.json())["models"] == {"sim-a": {"healthy": 1, "total": 1}}
+
+
+async def test_ready_names_models_only_to_the_admin(fakes, start_router, make_routes, http) -> None:
+    """Issue 23 #9: a key's 404 does not say whether a model exists; /ready must not either."""
+    (fake,) = await fakes(1)
+    server = await start_router(_auth_routes(make_routes, fake.url))
+    for headers in ({}, {"Authorization": f"Bearer {KEY_A}"}, {"Authorization": "Bearer wrong-0123456789"}):
+        async with http.get(server.url + "/ready", headers=headers) as r:
+            assert r.status == 200 and await r.json() == {"ready": True, "draining": False}, headers
+    async with http.get(server.url + "/ready", headers={"Authorization": f"Bearer {ADMIN}"}) as r:
+        assert (await r.json())["models"] == {"sim-a": {"healthy": 1, "total": 1}}
+    server.router.api.draining = True  # not ready: the same bare answer, with its 503
+    async with http.get(server.url + "/ready") as r:
+        assert r.status == 503 and await r.json() == {"ready": False, "draining": True}
+
+
+async def test_registration_stays_inside_the_allowed_networks(fakes, start_router, make_routes,
+                                                            http) -> None:
+    """Issue 23 #3: with the admin key, registration may point the router only into
+    auth.admin_replica_networks (default: loopback and the hosts already served)."""
+    (fake, extra) = await fakes(2)
+    admin = {"Authorization": f"Bearer {ADMIN}"}
+    server = await start_router(_auth_routes(make_routes, fake.url))
+    url = server.url + "/admin/replicas"
+    port = extra.url.rsplit(":", 1)[1]
+    for body, param in (({"url": "http://169.254.169.254"}, "url"),  # cloud metadata
+                        ({"url": "http://0.0.0.0:" + port}, "url"),
+                        ({"url": "http://10.255.255.1:8000"}, "url"),  # no backend there
+                        ({"url": extra.url, "kv_events": {"endpoint": "tcp://10.255.255.1:5557"}},
+                         "kv_events.endpoint")):
+        async with http.post(url, headers=admin, json={"model": "m", **body}) as r:
+            error = assert_error(r.status, await r.json(), 403)
+        assert error["param"] == param and "auth.admin_replica_networks" in error["message"], body
+    assert [r.url for r in server.router.fleet] == [fake.url]
+    # Loopback is in the default, by address or by a name resolving only to loopback.
+    async with http.post(url, headers=admin, json={"model": "sim-a", "url": f"http://localhost:{port}"}) as r:
+        assert r.status == 201, await r.text()
+    # A list replaces the default: here loopback is not in it.
+    listed = await start_router(_auth_routes(make_routes, fake.url, admin_replica_networks=["10.0.0.0/8"]))
+    async with listener() as (target, connections):
+        async with http.post(listed.url + "/admin/replicas", headers=admin,
+                             json={"model": "m", "url": target}) as r:
+            assert_error(r.status, await r.json(), 403)
+        await asyncio.sleep(0.3)
+        assert connections == []  # refused before anything was probed
+    assert [r.url for r in listed.router.fleet] == [fake.url]
 
 
 async def test_cors(fakes, start_router, make_routes, http) -> None:

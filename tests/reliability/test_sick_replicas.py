@@ -91,6 +91,51 @@ async def test_probes_have_their_own_pool(fakes, start_router, make_routes, http
     await asyncio.gather(*hung, return_exceptions=True)
 
 
+@pytest.mark.parametrize("proxy, bound", [
+    ({"pool_timeout": 0.4}, 0.4),
+    ({"deadline": 0.6}, 0.6),  # the default pool_timeout (5 s), cut to what is left of the deadline
+])
+async def test_a_full_upstream_pool_answers_503_in_time_and_blames_no_replica(
+        fakes, start_router, make_routes, http, until, metric, proxy, bound) -> None:
+    """Issue 23 #4: with every `proxy.max_connections` slot held by long requests, a new one
+    waited past every deadline.  Now it gets a 503 with Retry-After within its bound, and no
+    replica pays for the router's own limit: no breaker failure, no suspect, no failover."""
+    fleet = await fakes(2)
+    for fake in fleet:
+        fake.mode = "hang"
+    server = await start_router(make_routes([f.url for f in fleet], proxy={
+        "max_connections": 2, "read_timeout": 30, "first_byte_timeout": 30, **proxy}))
+    hung = [asyncio.create_task(http.post(server.url + "/v1/completions",
+                                          json={"model": "sim-a", "prompt": "x"}))
+            for _ in range(2)]
+    try:
+        await until(lambda: sum(f.in_flight for f in fleet) == 2, message="request pool full")
+        started = time.monotonic()
+        async with http.post(server.url + "/v1/completions", json={"model": "sim-a", "prompt": "hi",
+                                                                   "max_tokens": 2},
+                             timeout=aiohttp.ClientTimeout(total=5)) as r:
+            payload = await r.json()
+            elapsed = time.monotonic() - started
+            assert r.status == 503 and r.headers["Retry-After"] == "1"
+        assert set(payload) == {"error"} and payload["error"]["code"] == 503
+        assert payload["error"]["type"] == "ServiceUnavailableError"
+        assert bound - 0.05 <= elapsed < bound + 1.0
+        assert sum(len(f.seen) for f in fleet) == 2  # not sent anywhere: no failover
+        for replica in server.router.fleet:
+            assert replica.health is Health.HEALTHY and replica.breaker.failures == 0
+            assert replica.in_flight == 1
+        async with http.get(server.url + "/metrics") as r:
+            text = await r.text()
+        assert metric(text, "router_upstream_pool_timeouts_total", model="sim-a") == 1
+        assert metric(text, "router_upstream_pool_wait_seconds_count", model="sim-a") == 1
+        assert metric(text, "router_requests_total", model="sim-a", replica="none", status="503") == 1
+        assert "router_upstream_errors_total{" not in text and "router_retries_total{" not in text
+    finally:
+        for task in hung:
+            task.cancel()
+        await asyncio.gather(*hung, return_exceptions=True)
+
+
 async def test_replicas_that_do_not_serve_the_model_get_none_of_it(fakes, start_router,
                                                                    make_routes, http, until) -> None:
     right = (await fakes(1))[0]

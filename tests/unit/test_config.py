@@ -287,6 +287,10 @@ def test_bad_auth(auth: dict, path: str, fragment: str) -> None:
     ("circuit_breaker", {"ejection_time": 10, "max_ejection_time": 5},
      "circuit_breaker.max_ejection_time", ">= ejection_time"),
     ("proxy", {"first_byte_timeout": 0}, "proxy.first_byte_timeout", "greater than 0"),
+    ("proxy", {"pool_timeout": -1}, "proxy.pool_timeout", ">= 0"),
+    ("auth", {"admin_replica_networks": ["10.0.0.0/8", "10.0.0.300/32"]},
+     "auth.admin_replica_networks[1]", "CIDR"),
+    ("auth", {"admin_replica_networks": "10.0.0.0/8"}, "auth.admin_replica_networks", "list"),
     ("admission", {"enabeld": True}, "admission.enabeld", "did you mean 'enabled'"),
 ])
 def test_bad_front_door_values(section: str, value: dict, path: str, fragment: str) -> None:
@@ -300,6 +304,12 @@ def test_front_door_defaults() -> None:
     assert cfg.server.header_timeout == 10 and cfg.proxy.first_byte_timeout == 60
     assert cfg.admission.enabled and cfg.circuit_breaker.failure_threshold == 5
     assert not cfg.cors.allow_origins
+    assert cfg.proxy.pool_timeout == 5 and cfg.auth.admin_replica_networks is None
+    listed = parse_config({**GOOD, "auth": {"admin_replica_networks": ["10.0.0.0/8", "fd00::/8"]},
+                           "proxy": {"pool_timeout": 0}})
+    assert [str(n) for n in listed.auth.admin_replica_networks] == ["10.0.0.0/8", "fd00::/8"]
+    assert listed.proxy.pool_timeout == 0
+    assert parse_config({**GOOD, "auth": {"admin_replica_networks": []}}).auth.admin_replica_networks == ()
 
 
 def test_the_readme_configuration_reference_is_a_valid_config(tmp_path) -> None:
@@ -327,6 +337,7 @@ def test_the_readme_configuration_reference_is_a_valid_config(tmp_path) -> None:
     assert cfg.proxy.first_byte_timeout == 60 and cfg.server.header_timeout == 10
     assert "/v1/embeddings" in cfg.server.forward_paths
     assert cfg.models[0].tokenizer == "replica" and cfg.prefix.exact.relearn_s == 10
+    assert cfg.proxy.pool_timeout == 5 and cfg.auth.admin_replica_networks is None
 
 
 def test_tokenizer_paths_and_exact_settings(tmp_path) -> None:

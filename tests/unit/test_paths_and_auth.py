@@ -115,6 +115,36 @@ def test_admin_key_and_loopback_rule() -> None:
     assert info.value.status == 403
 
 
+def test_without_an_admin_key_the_resolved_client_address_must_be_loopback() -> None:
+    """Issue 23 #3: behind a trusted same-host proxy the peer is 127.0.0.1, the client is
+    whoever X-Forwarded-For says the proxy served; only a loopback client gets in."""
+    behind_proxy = KeyRing(AuthConfig(), [ipaddress.ip_network("127.0.0.1/32")])
+    for forwarded in ("6.6.6.6", "127.0.0.1, 6.6.6.6", "2001:db8::1", "not-an-ip"):
+        headers = CIMultiDict({"X-Forwarded-For": forwarded})
+        with pytest.raises(RouterError) as info:
+            behind_proxy.check_admin(headers, "127.0.0.1")
+        assert info.value.status == 403, forwarded
+        assert not behind_proxy.is_admin(headers, "127.0.0.1")
+    for headers in (CIMultiDict(), CIMultiDict({"X-Forwarded-For": "127.0.0.1"}),
+                    CIMultiDict({"X-Forwarded-For": "::1, 127.0.0.1"})):
+        behind_proxy.check_admin(headers, "127.0.0.1")  # a client on this host, via the proxy
+        assert behind_proxy.is_admin(headers, "127.0.0.1")
+    # A proxy on this host that nobody declared: its forwarding headers still say the
+    # client is elsewhere (a forged one only locks its sender out).
+    undeclared = KeyRing(AuthConfig())
+    for headers in ({"X-Forwarded-For": "203.0.113.9"}, {"X-Real-IP": "203.0.113.9"},
+                    {"Forwarded": 'for="[2001:db8::7]:4711";proto=https'},
+                    {"Forwarded": "for=127.0.0.1, for=198.51.100.2"}, {"Forwarded": "for=unknown"}):
+        assert not undeclared.is_admin(CIMultiDict(headers), "127.0.0.1"), headers
+    for headers in ({"Forwarded": 'for="[::1]:80"'}, {"X-Real-IP": "127.0.0.1"}):
+        assert undeclared.is_admin(CIMultiDict(headers), "127.0.0.1"), headers
+    # With an admin key, the key decides, from any address.
+    keyed = ring(trusted_proxies=[ipaddress.ip_network("127.0.0.1/32")])
+    admin = CIMultiDict({"Authorization": "Bearer admin-0123456789", "X-Forwarded-For": "6.6.6.6"})
+    assert keyed.is_admin(admin, "127.0.0.1")
+    assert not keyed.is_admin(CIMultiDict(), "127.0.0.1")
+
+
 def test_forwarded_for_only_through_trusted_proxies() -> None:
     proxies = [ipaddress.ip_network("10.0.0.0/8")]
     keys = KeyRing(AuthConfig(), proxies)
