@@ -313,13 +313,13 @@ async def pool_run(settings: Settings, procs: Processes) -> dict[str, Any]:
         async with make_client() as http:
             async def long(i: int) -> dict[str, Any]:
                 record, _, _ = await send(http, url + "/v1/completions", {
-                    "model": MODEL, "prompt": f"long stream {i}", "max_tokens": 400, "stream": True},
+                    "model": MODEL, "prompt": f"long stream {i}", "max_tokens": 1500, "stream": True},
                     {}, 300.0)
                 return record
 
             streams = [asyncio.create_task(long(i)) for i in range(2 * POOL_SIZE)]
             await asyncio.sleep(1.0)
-            for i in range(10):
+            async def brief(i: int) -> None:
                 started = time.monotonic()
                 try:
                     async with http.post(url + "/v1/completions", json={
@@ -329,6 +329,8 @@ async def pool_run(settings: Settings, procs: Processes) -> dict[str, Any]:
                         short.append((time.monotonic() - started, r.status, r.headers.get("Retry-After")))
                 except (aiohttp.ClientError, TimeoutError) as exc:
                     short.append((time.monotonic() - started, None, type(exc).__name__))
+
+            await asyncio.gather(*(brief(i) for i in range(10)))
             long_records = await asyncio.gather(*streams)
             async with http.get(url + "/metrics") as r:
                 text = await r.text()
@@ -339,7 +341,8 @@ async def pool_run(settings: Settings, procs: Processes) -> dict[str, Any]:
     for _, status, _ in short:
         statuses[str(status)] = statuses.get(str(status), 0) + 1
     return {"pool": POOL_SIZE, "pool_timeout_s": POOL_TIMEOUT_S, "long_streams": 2 * POOL_SIZE,
-            "long_failed": sum(_failures(long_records).values()),
+            "long_statuses": {str(k): sum(1 for r in long_records if r["status"] == k)
+                              for k in sorted({r["status"] for r in long_records}, key=str)},
             "short_requests": len(short), "short_statuses": statuses,
             "short_retry_after": sorted({str(s[2]) for s in short}),
             "short_wait_max_s": round(max(waits), 2) if waits else None,
@@ -469,8 +472,9 @@ def markdown(results: dict[str, Any]) -> list[str]:
     if "pool" in results:
         p = results["pool"]
         lines += ["## Waiting for an upstream connection", "",
-                  f"`proxy.max_connections: {p['pool']}` held by {p['long_streams']} long streams "
-                  f"({p['long_failed']} failed); {p['short_requests']} short requests then: statuses "
+                  f"`proxy.max_connections: {p['pool']}` and {p['long_streams']} long streams at once "
+                  f"(statuses {p['long_statuses']}: those beyond the pool waited `pool_timeout` for a "
+                  f"slot); {p['short_requests']} short requests then: statuses "
                   f"{p['short_statuses']}, Retry-After {p['short_retry_after']}, longest wait "
                   f"{p['short_wait_max_s']} s (`proxy.pool_timeout: {p['pool_timeout_s']}`), counted "
                   f"{p['pool_timeouts_counted']:g} in `router_upstream_pool_timeouts_total`.", ""]
