@@ -76,6 +76,12 @@ class Settings:
     reload_rate: float = 100.0  # requests/s while reloads swap the backends (chaos_fleet.py)
     reload_s: float = 20.0
     slow_s: float = 20.0  # seconds of load per case of the slow-replica experiment
+    slow_policies: tuple[str, ...] = ("round_robin", "cache_aware")
+    flood_connections: int = 1000
+    flood_cap: int = 100  # server.max_connections during the flood
+    pool_size: int = 20  # proxy.max_connections during the pool experiment
+    body_mib: int = 32
+    body_count: int = 8
     experiments: tuple[str, ...] = ("faults", "streams", "slowloris", "prompts",
                                     "reload", "slow", "flood", "pool", "bodies")
     faults: tuple[str, ...] = FAULTS

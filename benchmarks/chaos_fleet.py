@@ -5,17 +5,17 @@ under load, a replica that is alive but slow, and the router's own limits.
   every second swaps the config file's backends between two sets of replicas: requests
   that did not end in a complete 200 (the goal: none; a reload is make-before-break).
 * **slow**: one replica of four made 20x slower (the simulator's ``slow_factor``), under
-  steady load, for each policy in ``SLOW_POLICIES``: TTFT p50/p99 of a healthy fleet, of the
+  steady load, for each policy in ``slow_policies``: TTFT p50/p99 of a healthy fleet, of the
   slow fleet with hedging off (latency ejection alone) and with hedging on, and the extra
   attempts hedging sent (``router_hedges_total`` over requests).
-* **flood**: ``FLOOD_CONNECTIONS`` plain TCP connections opened at once against
-  ``server.max_connections: FLOOD_CAP``: how many read a 503, how fast, the router's open
+* **flood**: ``flood_connections`` plain TCP connections opened at once against
+  ``server.max_connections: flood_cap``: how many read a 503, how fast, the router's open
   file descriptors at peak and one second after the clients let go, and whether ``/health``
   answered meanwhile.
-* **pool**: ``proxy.max_connections: POOL_SIZE`` filled by twice as many long streams, then
+* **pool**: ``proxy.max_connections: pool_size`` filled by twice as many long streams, then
   short requests: each must end within ``proxy.pool_timeout`` with a 503 and Retry-After
   (never wait past its deadline), and the router counts them.
-* **bodies**: ``BODY_COUNT`` concurrent ``BODY_MIB`` MiB request bodies held by a replica
+* **bodies**: ``body_count`` concurrent ``body_mib`` MiB request bodies held by a replica
   that answers only after it read them all: the router's RSS above idle, per MiB of body
   in flight (what ``server.max_inflight_body_bytes`` really costs).
 
@@ -47,13 +47,7 @@ if TYPE_CHECKING:
 
 MODEL = "chaos-model"
 SLOW_FACTOR = 20.0
-SLOW_POLICIES = ("round_robin", "cache_aware")
-FLOOD_CONNECTIONS = 1000
-FLOOD_CAP = 100
-POOL_SIZE = 20
 POOL_TIMEOUT_S = 2.0
-BODY_MIB = 32
-BODY_COUNT = 8
 
 
 def _ms(value: float | None) -> float | None:
@@ -202,7 +196,7 @@ SLOW_CASES = (
 
 async def slow_run(settings: Settings, procs: Processes) -> list[dict[str, Any]]:
     rows = []
-    for policy in SLOW_POLICIES:
+    for policy in settings.slow_policies:
         for case, slow, extra in SLOW_CASES:
             print(f"chaos: slow replica, {policy}, {case}", file=sys.stderr)
             rows.append(await _slow_case(settings, procs, policy, case, slow, extra))
@@ -244,7 +238,7 @@ async def _slow_case(settings: Settings, procs: Processes, policy: str, case: st
 async def flood_run(settings: Settings, procs: Processes) -> dict[str, Any]:
     sims = await _sims(2, 50.0)
     config: dict[str, Any] = {"models": [{"name": MODEL, "backends": [s.url for s in sims]}],
-                              "server": {"max_connections": FLOOD_CAP, "header_timeout": 30}}
+                              "server": {"max_connections": settings.flood_cap, "header_timeout": 30}}
     router, url = await _router(settings, procs, "flood", config)
     idle_rss, idle_fds = _usage(router.pid)
     host, port = "127.0.0.1", int(url.rsplit(":", 1)[1])
@@ -254,7 +248,7 @@ async def flood_run(settings: Settings, procs: Processes) -> dict[str, Any]:
     health: list[int | None] = []
     try:
         t0 = time.monotonic()
-        for _ in range(FLOOD_CONNECTIONS):
+        for _ in range(settings.flood_connections):
             sock = socket.socket()
             sock.setblocking(False)
             with contextlib.suppress(BlockingIOError):
@@ -295,7 +289,7 @@ async def flood_run(settings: Settings, procs: Processes) -> dict[str, Any]:
         for sock in socks:
             sock.close()
         await _stop(procs, router, sims)
-    return {"connections": FLOOD_CONNECTIONS, "cap": FLOOD_CAP, "answers": answers,
+    return {"connections": settings.flood_connections, "cap": settings.flood_cap, "answers": answers,
             "all_read_within_s": round(answered_s, 2), "router_fds_idle": idle_fds,
             "router_fds_peak": peak_fds, "router_fds_1s_after_close": after_fds,
             "health_during": health, "router_rss_mb": round(after_rss, 1)}
@@ -306,7 +300,7 @@ async def flood_run(settings: Settings, procs: Processes) -> dict[str, Any]:
 async def pool_run(settings: Settings, procs: Processes) -> dict[str, Any]:
     sims = await _sims(2, 1.0, ["--max-num-seqs", "256"])
     config: dict[str, Any] = {"models": [{"name": MODEL, "backends": [s.url for s in sims]}],
-                              "proxy": {"max_connections": POOL_SIZE, "pool_timeout": POOL_TIMEOUT_S}}
+                              "proxy": {"max_connections": settings.pool_size, "pool_timeout": POOL_TIMEOUT_S}}
     router, url = await _router(settings, procs, "pool", config)
     short: list[tuple[float, int | None, str | None]] = []
     try:
@@ -317,7 +311,7 @@ async def pool_run(settings: Settings, procs: Processes) -> dict[str, Any]:
                     {}, 300.0)
                 return record
 
-            streams = [asyncio.create_task(long(i)) for i in range(2 * POOL_SIZE)]
+            streams = [asyncio.create_task(long(i)) for i in range(2 * settings.pool_size)]
             await asyncio.sleep(1.0)
             async def brief(i: int) -> None:
                 started = time.monotonic()
@@ -340,7 +334,7 @@ async def pool_run(settings: Settings, procs: Processes) -> dict[str, Any]:
     statuses: dict[str, int] = {}
     for _, status, _ in short:
         statuses[str(status)] = statuses.get(str(status), 0) + 1
-    return {"pool": POOL_SIZE, "pool_timeout_s": POOL_TIMEOUT_S, "long_streams": 2 * POOL_SIZE,
+    return {"pool": settings.pool_size, "pool_timeout_s": POOL_TIMEOUT_S, "long_streams": 2 * settings.pool_size,
             "long_statuses": {str(k): sum(1 for r in long_records if r["status"] == k)
                               for k in sorted({r["status"] for r in long_records}, key=str)},
             "short_requests": len(short), "short_statuses": statuses,
@@ -355,14 +349,15 @@ async def pool_run(settings: Settings, procs: Processes) -> dict[str, Any]:
 class Sink:
     """A replica that reads each request body whole, then holds its answer until `release`."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_body: int) -> None:
+        self.max_body = max_body
         self.release = asyncio.Event()
         self.received = 0
         self.runner: web.AppRunner | None = None
         self.url = ""
 
     async def start(self) -> Sink:
-        app = web.Application(client_max_size=(BODY_MIB + 8) * 2 ** 20)
+        app = web.Application(client_max_size=self.max_body)
         app.router.add_get("/health", lambda r: web.Response(text="ok"))
         app.router.add_get("/v1/models", lambda r: web.json_response(
             {"object": "list", "data": [{"id": MODEL, "object": "model", "max_model_len": 1 << 30}]}))
@@ -389,11 +384,11 @@ class Sink:
 
 
 async def bodies_run(settings: Settings, procs: Processes) -> dict[str, Any]:
-    sink = await Sink().start()
-    size = BODY_MIB * 2 ** 20
+    size = settings.body_mib * 2 ** 20
+    sink = await Sink(size + 2 ** 20).start()
     config: dict[str, Any] = {"models": [{"name": MODEL, "backends": [sink.url]}],
                               "server": {"max_body_bytes": size + 2 ** 20,
-                                         "max_inflight_body_bytes": BODY_COUNT * (size + 2 ** 20)}}
+                                         "max_inflight_body_bytes": settings.body_count * (size + 2 ** 20)}}
     router, url = await _router(settings, procs, "bodies", config)
     prompt = "x" * (size - 100)
     payload = b'{"model": "' + MODEL.encode() + b'", "max_tokens": 1, "prompt": "' + prompt.encode() + b'"}'
@@ -418,9 +413,9 @@ async def bodies_run(settings: Settings, procs: Processes) -> dict[str, Any]:
                     await r.read()
                     statuses.append(r.status)
 
-            sending = [asyncio.create_task(one()) for _ in range(BODY_COUNT)]
+            sending = [asyncio.create_task(one()) for _ in range(settings.body_count)]
             deadline = time.monotonic() + 120
-            while sink.received < BODY_COUNT and time.monotonic() < deadline:
+            while sink.received < settings.body_count and time.monotonic() < deadline:
                 await asyncio.sleep(0.05)
             await asyncio.sleep(0.5)  # every body held by the router and the sink at once
             held_rss = _usage(router.pid)[0]
@@ -431,8 +426,8 @@ async def bodies_run(settings: Settings, procs: Processes) -> dict[str, Any]:
     finally:
         procs.stop(router)
         await sink.stop()
-    in_flight_mib = BODY_COUNT * size / 2 ** 20
-    return {"bodies": BODY_COUNT, "body_mib": BODY_MIB, "statuses": statuses,
+    in_flight_mib = settings.body_count * size / 2 ** 20
+    return {"bodies": settings.body_count, "body_mib": settings.body_mib, "statuses": statuses,
             "router_idle_rss_mb": round(idle_rss, 1), "router_peak_rss_mb": round(peak, 1),
             "router_rss_while_held_mb": round(held_rss, 1),
             "peak_per_body_mib": round((peak - idle_rss) / in_flight_mib, 2),

@@ -29,3 +29,28 @@ async def test_chaos_harness_small(tmp_path) -> None:
     for figure in ("faults.png", "streams.png", "prompts.png"):
         assert (out / figure).stat().st_size > 1000
     assert "| kill |" in (out / "results.md").read_text()
+
+
+async def test_chaos_fleet_experiments_small(tmp_path) -> None:
+    """The reload, flood, pool and bodies experiments at a small size (the slow-replica one
+    is the faults loop with other configs and runs in benchmarks/ only: 6 cases x 20 s)."""
+    settings = Settings(output=tmp_path, rate=15.0, reload_rate=30.0, reload_s=4.0,
+                        flood_connections=60, flood_cap=20, pool_size=4, body_mib=2, body_count=3,
+                        experiments=("reload", "flood", "pool", "bodies"), command="test")
+    with Processes() as procs:
+        out = await run_chaos(settings, procs)
+        assert not procs.running, "every process the harness started is stopped"
+    results = json.loads((out / "results.json").read_text())
+    reload = results["reload"]
+    assert reload["requests"] > 60 and reload["reloads"] >= 3
+    assert reload["failed"] == 0, reload["errors"]  # make-before-break
+    flood = results["flood"]
+    assert flood["answers"].get("HTTP/1.1 503", 0) == 40
+    assert flood["router_fds_1s_after_close"] <= flood["router_fds_idle"] + 2
+    pool = results["pool"]
+    assert pool["short_statuses"] == {"503": 10} and pool["short_wait_max_s"] < 10
+    assert pool["pool_timeouts_counted"] >= 10
+    bodies = results["bodies"]
+    assert bodies["statuses"] == [200] * 3 and bodies["peak_per_body_mib"] > 0
+    text = (out / "results.md").read_text()
+    assert "Reloads that swap the backends" in text and "Memory per in-flight request body" in text
