@@ -26,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
@@ -41,9 +41,12 @@ from router.fleet import Fleet, Health, Replica
 from router.limits import BodyBudget, BodyLease, read_body
 from router.membership import NoSuchReplica
 from router.paths import raw_path_problem
+from router.prefix.agentic import RESPONSES_PATH
 from router.proxy import CLIENT_CLOSED, Proxy, forwardable_request_headers
 from router.request_ids import RequestIds
 from router.requests import BodyError, RouteRequest, build_route_request, rewrite_model, validate_body
+from router.response_ids import ID_LIMIT, ResponseIds, with_request_id
+from router.scheduling import Decision
 from router.telemetry import NO_REPLICA, RequestRecord, Telemetry, write_access_log
 from yamlcheck import ConfigError
 
@@ -119,11 +122,14 @@ class Api:
         self._session_header = config.routing.session_header
         self._priority_header = config.admission.priority_header
         self._models = {m.name: m for m in config.models}  # per-model settings (lora, disaggregation)
+        self.response_ids = ResponseIds(config.routing.response_id_secret)
 
     def apply_config(self, config: Config) -> None:
         """A reload: new models, aliases, keys; the server settings stay (router/membership.py)."""
         if config.auth != self.config.auth:
             self.keyring = KeyRing(config.auth, config.server.trusted_proxies)
+        if config.routing.response_id_secret != self.config.routing.response_id_secret:
+            self.response_ids = ResponseIds(config.routing.response_id_secret)
         self.config = config
         self.catalog.apply_config(config)
         self._models = {m.name: m for m in config.models}
@@ -131,6 +137,9 @@ class Api:
     def routes(self) -> list[web.RouteDef]:
         post = [web.post(path, self.handle_inference, expect_handler=expect_continue)
                 for path in self.config.server.forward_paths]
+        if RESPONSES_PATH in self.config.server.forward_paths:  # stored responses, on their replica
+            post += [web.get(RESPONSES_PATH + "/{response_id}", self.handle_stored_response),
+                     web.post(RESPONSES_PATH + "/{response_id}/cancel", self.handle_stored_response)]
         return [
             *post,
             web.get("/v1/models", self.handle_models),
@@ -186,6 +195,17 @@ class Api:
         return self._new_ids.new()
 
     async def handle_inference(self, request: web.Request) -> web.StreamResponse:
+        return await self._serve(request, self._route)
+
+    async def handle_stored_response(self, request: web.Request) -> web.StreamResponse:
+        """GET /v1/responses/{id} (``stream``, ``starting_after``) and POST .../cancel: to the
+        replica that holds the response (router/response_ids.py), never another."""
+        return await self._serve(request, self._stored_response)
+
+    async def _serve(self, request: web.Request, route: Callable[
+            [web.Request, RequestRecord, BodyLease], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+        """One forwarded request's bookkeeping around `route`: its record, the drain's count,
+        its body lease and admission slot given back, its request id, metrics and log line."""
         record = RequestRecord(request_id=self._request_id(request), method=request.method,
                                path=request.path, client=request.remote)
         request[REQUEST_ID_KEY] = record.request_id
@@ -194,7 +214,7 @@ class Api:
         response: web.StreamResponse | None = None
         try:
             try:
-                response = await self._route(request, record, lease)
+                response = await route(request, record, lease)
             except RouterError as exc:
                 response = exc.response()
             return response
@@ -271,6 +291,8 @@ class Api:
         record.stream = data.get("stream") is True
         if canonical != requested and "model" in data:
             body = rewrite_model(body, data, canonical)
+        if path == RESPONSES_PATH and isinstance(data.get("previous_response_id"), str):
+            replicas = self._holder(data["previous_response_id"], replicas, "previous_response_id")
         candidates = [r for r in replicas if r.routable]
         if not candidates:
             raise self.proxy.unavailable(canonical)
@@ -284,6 +306,8 @@ class Api:
             headers=forwardable_request_headers(request.headers, self._rid_header),
             session_key=session_key, block_chars=prefix.block_chars,
             block_tokens=prefix.block_tokens, max_blocks=prefix.max_blocks_per_request)
+        if path == RESPONSES_PATH and "request_id" not in data:
+            route = replace(route, replica_body=self._response_body(route.body))
         adapter = self.catalog.adapter_of(canonical, replicas)
         if adapter is not None:
             route = replace(route, lora=canonical, base_model=adapter[0], adapter_path=adapter[1])
@@ -330,6 +354,58 @@ class Api:
         assert self.prompt_tokens is not None  # _wants_exact_tokens said so
         tokens = await self.prompt_tokens.tokens(route, data, candidates)
         return route if tokens is None else replace(route, prompt_token_ids=tokens)
+
+    # -- stored responses (router/response_ids.py) -------------------------------------
+    def _response_body(self, body: bytes | bytearray) -> Callable[[Replica], bytes]:
+        """The Responses body for an attempt on a replica: with a `request_id` naming it."""
+        ids = self.response_ids
+        return lambda replica: with_request_id(body, ids.new_id(replica))
+
+    def _holder(self, response_id: str, replicas: Sequence[Replica], param: str) -> list[Replica]:
+        """The one replica among `replicas` that holds `response_id`, when the id is one the
+        router issued; 404 when none of them does; `replicas` unchanged for other ids."""
+        if ResponseIds.token_of(response_id) is None:
+            return list(replicas)
+        holder = self.response_ids.replica_of(response_id, replicas)
+        if holder is None:
+            self.telemetry.rejections.labels("response_not_found").inc()
+            raise _not_found(response_id, param)
+        return [holder]
+
+    async def _stored_response(self, request: web.Request, record: RequestRecord,
+                               lease: BodyLease) -> web.StreamResponse:
+        if self.draining:
+            raise RouterError(503, "The router is shutting down", headers={
+                "Retry-After": str(self.config.proxy.retry_after), "Connection": "close"})
+        client = self._client(request)
+        record.client, record.client_name = client.address, client.name
+        response_id = request.match_info["response_id"]
+        if ResponseIds.token_of(response_id) is None:
+            raise _not_found(response_id, "response_id")  # not an id the router issued
+        replica = self._holder(response_id, list(self.fleet), "response_id")[0]
+        if not self.catalog.may_use(client, replica.model):
+            raise _not_found(response_id, "response_id")  # a model the key may not use: as if absent
+        record.model = replica.model
+        try:
+            self.admission.limiter.check(client, 0)
+        except RateLimitExceeded as exc:
+            raise self._reject(f"rate_limit_{exc.kind}", exc.error) from None
+        if not self.proxy.admissible(replica):
+            raise RouterError(503, f"The replica that holds response '{response_id}' is unavailable "
+                                   "right now; retry shortly",
+                              headers={"Retry-After": str(self.config.proxy.retry_after)})
+        path = request.path
+        stream = False
+        if request.method == "GET":
+            query = _stored_response_query(request)
+            stream = query.get("stream") == "true"
+            if query:
+                path += "?" + "&".join(f"{k}={v}" for k, v in query.items())
+        route = RouteRequest(model=replica.model, path=path, body=b"", stream=stream,
+                             request_id=record.request_id, method=request.method,
+                             headers=forwardable_request_headers(request.headers, self._rid_header))
+        decision = Decision(ranked=[replica], why={"stored_response": True})
+        return await self.proxy.forward(request, route, decision, record)
 
     def on_load(self, replica: Replica) -> None:
         """A replica's fresh load report: the admission queue may admit more."""
@@ -500,6 +576,31 @@ class Api:
         if self.exact is not None and self.exact.replicas:
             payload["exact_prefix_index"] = self.exact.stats()
         return _json(payload)
+
+
+def _not_found(response_id: str, param: str) -> RouterError:
+    """vLLM's own answer for a stored response it does not hold (404, its wording)."""
+    shown = response_id if len(response_id) <= ID_LIMIT else response_id[:ID_LIMIT] + "..."
+    return RouterError(404, f"Response with id '{shown}' not found.", param=param,
+                       type="invalid_request_error")
+
+
+_STORED_QUERY = {"stream": re.compile(r"^(true|false)$"), "starting_after": re.compile(r"^-?\d{1,9}$")}
+
+
+def _stored_response_query(request: web.Request) -> dict[str, str]:
+    """The query parameters vLLM reads on GET /v1/responses/{id}, checked (400 otherwise);
+    nothing else of the client's query string is forwarded."""
+    out: dict[str, str] = {}
+    for name, value in request.query.items():
+        pattern = _STORED_QUERY.get(name)
+        if pattern is None:
+            continue
+        lowered = value.lower()
+        if not pattern.match(lowered):
+            raise bad_request(f"Invalid value for query parameter '{name}'", name)
+        out[name] = lowered
+    return out
 
 
 def _json(payload: Any, status: int = 200) -> web.Response:

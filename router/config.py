@@ -253,6 +253,9 @@ class RoutingConfig:
     params: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
     terms: Mapping[str, Any] | None = None  # cost term -> weight; None: the preset's own
     session_header: str = "X-Session-Id"  # session key header (else the body's `user`)
+    # Keys the replica token in the Responses ids the router issues (router/response_ids.py);
+    # None: an unkeyed hash.  The same on every router process in front of one fleet.
+    response_id_secret: str | None = field(default=None, repr=False)
     file: str | None = None  # for params_node() error messages
 
     def params_node(self) -> Node:
@@ -380,7 +383,8 @@ _DISAGG_KEYS = ("min_prompt_tokens", "skip_cached_fraction", "transfer_timeout")
 _BACKEND_KEYS = ("url", "tensor_parallel_size", "weight", "labels", "api_key", "api_key_env",
                  "api_key_file", "kv_events", "role")
 _KV_EVENTS_KEYS = ("endpoint", "replay_endpoint", "topic")
-_ROUTING_KEYS = ("policy", "params", "terms", "session_header")
+_ROUTING_KEYS = ("policy", "params", "terms", "session_header", "response_id_secret",
+                 "response_id_secret_env", "response_id_secret_file")
 _PREFIX_KEYS = ("block_chars", "block_tokens", "capacity_blocks", "max_blocks_per_request", "exact")
 _EXACT_KEYS = ("capacity_blocks", "relearn_s", "confirm_s", "replay_timeout")
 _HEALTH_KEYS = ("interval", "timeout", "failure_threshold", "success_threshold")
@@ -848,7 +852,7 @@ def _models(node: Node, env: Mapping[str, str],
     return tuple(models)
 
 
-def _routing(node: Node) -> RoutingConfig:
+def _routing(node: Node, env: Mapping[str, str], base_dir: Path | None) -> RoutingConfig:
     node.mapping(_ROUTING_KEYS)
     params = node.get("params", {})
     if not isinstance(params.value, Mapping):
@@ -861,6 +865,7 @@ def _routing(node: Node) -> RoutingConfig:
         params=MappingProxyType(dict(params.value)),
         terms=None if terms.value is None else MappingProxyType(dict(terms.value)),
         session_header=_header_name(node.get("session_header", "X-Session-Id")),
+        response_id_secret=_secret(node, "response_id_secret", env, base_dir, min_length=16),
         file=str(node.file) if node.file is not None else None,
     )
 
@@ -1002,7 +1007,7 @@ def parse_config(data: Any, file: str | Path | None = None, *,
         cors=_cors(root.get("cors", {})),
         admission=_admission(root.get("admission", {})),
         models=models,
-        routing=_routing(root.get("routing", {})),
+        routing=_routing(root.get("routing", {}), env, base_dir),
         prefix=_prefix(root.get("prefix", {})),
         health=_health(root.get("health", {})),
         metrics=_metrics(root.get("metrics", {})),

@@ -299,6 +299,8 @@ class PolicyFeedback(Hook):
 
     def on_first_byte(self, attempt: Attempt, status: int) -> None:
         route, replica, record = attempt.route, attempt.replica, attempt.record
+        if route.method != "POST":
+            return  # a stored response fetched: no decision was made, no prefill timed
         policy = self.policy()
         ttfb = record.ttfb or 0.0
         self.telemetry.child(self.telemetry.ttfb, route.model, replica.id).observe(ttfb)

@@ -563,13 +563,15 @@ class Proxy:
         TimeoutError by ``watch.expired``)."""
         try:
             headers = self._upstream_headers(route, replica, number)
+            body = route.body_for(replica)
         except BaseException:
             self.upstream.release_slot()
             raise
         try:
             return await self.upstream.post(
-                replica.endpoint, route.path, route.body, headers,
-                on_connecting=watch.connecting, on_connected=watch.cancel, slot_held=True)
+                replica.endpoint, route.path, body, headers,
+                on_connecting=watch.connecting, on_connected=watch.cancel, slot_held=True,
+                method=route.method)
         finally:
             watch.cancel()
 

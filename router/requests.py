@@ -8,12 +8,16 @@ client's bytes, unless alias resolution had to rewrite `model`.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from router.prefix.agentic import MESSAGES_PATH, RESPONSES_PATH, anthropic_to_chat, responses_to_chat
 from router.prefix.hashing import prefix_hashes
-from router.prefix.rendering import routing_input
+
+if TYPE_CHECKING:
+    from router.fleet import Replica
+from router.prefix.rendering import RoutingInput, render_messages, routing_input
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +51,16 @@ class RouteRequest:
     lora: str | None = None
     base_model: str | None = None
     adapter_path: str | None = None
+    # The HTTP method: POST for inference; GET for a stored response's retrieval, which
+    # teaches the scheduler nothing about prefill (hooks skip what is not a POST).
+    method: str = "POST"
+    # The bytes for an attempt on a given replica, when they depend on it (the Responses
+    # id that names its replica, router/response_ids.py); None: `body` for every attempt.
+    replica_body: Callable[[Replica], bytes] | None = field(default=None, compare=False, repr=False)
+
+    def body_for(self, replica: Replica) -> bytes | bytearray:
+        """The bytes an attempt on `replica` sends."""
+        return self.body if self.replica_body is None else self.replica_body(replica)
 
     @property
     def index_model(self) -> str:
@@ -71,6 +85,8 @@ class RouteRequest:
 _CHAT = "/v1/chat/completions"
 _COMPLETIONS = "/v1/completions"
 _EMBEDDINGS = "/v1/embeddings"
+_RESPONSES = RESPONSES_PATH
+_MESSAGES = MESSAGES_PATH
 
 
 class BodyError(ValueError):
@@ -145,12 +161,59 @@ def validate_body(path: str, data: object) -> dict[str, Any]:
         if "prompt" not in data:
             raise BodyError("'prompt' is required", "prompt")
         _check_prompt(data["prompt"], "prompt")
+    elif path == _RESPONSES:
+        _check_responses(data)
+    elif path == _MESSAGES:
+        _check_messages(data)
     elif path == _EMBEDDINGS:
         if "input" not in data and "messages" not in data:
             raise BodyError("'input' is required", "input")
         if "input" in data:
             _check_prompt(data["input"], "input")
     return data
+
+
+def _check_responses(data: dict[str, Any]) -> None:
+    """The Responses fields the router reads (routing text, the stored response's replica)."""
+    if "input" not in data:
+        raise BodyError("'input' is required", "input")
+    if not isinstance(data["input"], (str, list)):
+        raise BodyError(f"'input' must be a string or an array, found {_type_name(data['input'])}", "input")
+    for key in ("instructions", "previous_response_id"):
+        if data.get(key) is not None and not isinstance(data[key], str):
+            raise BodyError(f"'{key}' must be a string, found {_type_name(data[key])}", key)
+    if data.get("tools") is not None and not isinstance(data["tools"], list):
+        raise BodyError(f"'tools' must be an array, found {_type_name(data['tools'])}", "tools")
+    for key in ("background", "store"):
+        if data.get(key) is not None and not isinstance(data[key], bool):
+            raise BodyError(f"'{key}' must be a boolean, found {_type_name(data[key])}", key)
+
+
+def _check_messages(data: dict[str, Any]) -> None:
+    """The Anthropic Messages fields the router reads."""
+    messages = data.get("messages")
+    if messages is None:
+        raise BodyError("'messages' is required", "messages")
+    if not isinstance(messages, list):
+        raise BodyError(f"'messages' must be an array, found {_type_name(messages)}", "messages")
+    system = data.get("system")
+    if system is not None and not isinstance(system, (str, list)):
+        raise BodyError(f"'system' must be a string or an array, found {_type_name(system)}", "system")
+    if data.get("tools") is not None and not isinstance(data["tools"], list):
+        raise BodyError(f"'tools' must be an array, found {_type_name(data['tools'])}", "tools")
+
+
+def routing_input_of(path: str, data: dict[str, Any]) -> RoutingInput | None:
+    """The routing input of a request on `path` (None: the path is not prefix-routed)."""
+    if path in (_CHAT, _COMPLETIONS, _EMBEDDINGS):
+        return routing_input(data)
+    if path == _RESPONSES:
+        messages, tools = responses_to_chat(data)
+    elif path == _MESSAGES:
+        messages, tools = anthropic_to_chat(data)
+    else:
+        return None
+    return RoutingInput(text=render_messages(messages, tools) or None)
 
 
 def build_route_request(
@@ -184,8 +247,8 @@ def build_route_request(
     tokens: tuple[int, ...] | None = None
     hashes: tuple[int, ...] = ()
     chars = 0
-    if path in (_CHAT, _COMPLETIONS, _EMBEDDINGS):
-        rin = routing_input(data)
+    rin = routing_input_of(path, data)
+    if rin is not None:
         text, tokens, chars = rin.text, rin.tokens, rin.chars
         # UTF-8 has at least one byte a character, so this many characters still fill
         # max_blocks blocks of block_chars bytes.

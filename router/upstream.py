@@ -100,10 +100,11 @@ def _has_line_break(text: str) -> bool:
 
 
 def request_head(endpoint: Endpoint, path: str, headers: Iterable[tuple[str, str]],
-                 body_length: int) -> bytes:
-    """``POST`` head bytes; refuses (ValueError) a header that would split the request."""
+                 body_length: int, method: str = "POST") -> bytes:
+    """The request head's bytes (``method`` is the caller's constant: POST, or GET for a
+    stored response); refuses (ValueError) a header that would split the request."""
     target = endpoint.path_prefix + path
-    lines = [f"POST {target} HTTP/1.1\r\nHost: ".encode("utf-8", "surrogateescape"), endpoint.host_header,
+    lines = [f"{method} {target} HTTP/1.1\r\nHost: ".encode("utf-8", "surrogateescape"), endpoint.host_header,
              b"\r\n"]
     if _has_line_break(target) or " " in target:
         raise ValueError("the request path holds a space or a line break")
@@ -410,7 +411,7 @@ class UpstreamPool:
     async def post(self, endpoint: Endpoint, path: str, body: bytes | bytearray, headers: Iterable[tuple[str, str]], *,
                    on_connecting: Callable[[], None] | None = None,
                    on_connected: Callable[[], None] | None = None,
-                   slot_held: bool = False) -> UpstreamResponse:
+                   slot_held: bool = False, method: str = "POST") -> UpstreamResponse:
         """POST `body` to the endpoint's path prefix + `path` (a replica's ``endpoint``);
         returns once the answer's head arrived.  ``slot_held``: the caller took a slot
         (``take_slot_now`` / ``wait_for_slot``) and hands it over, whatever happens next;
@@ -418,7 +419,7 @@ class UpstreamPool:
         try:
             if self._closed:
                 raise UpstreamConnectError("the router is shutting down")
-            head = request_head(endpoint, path, headers, len(body))
+            head = request_head(endpoint, path, headers, len(body), method)
         except BaseException:
             if slot_held:
                 self._free_slot()

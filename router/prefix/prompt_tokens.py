@@ -18,6 +18,7 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from router.config import REPLICA_TOKENIZER
+from router.prefix.agentic import chat_body
 from router.prefix.replica_tokens import ReplicaTokenizer
 from tokenization import OFF_LOOP_CHARS, ModelTokenizer, TokenizerError, prompt_chars
 from yamlcheck import ConfigError
@@ -31,6 +32,7 @@ if TYPE_CHECKING:
     from router.telemetry import Telemetry
 
 _COMPLETIONS = "/v1/completions"
+_CHAT = "/v1/chat/completions"
 
 
 def load(config: Config, loaded: Mapping[str, ModelTokenizer] | None = None) -> dict[str, ModelTokenizer]:
@@ -80,13 +82,17 @@ class PromptTokens:
         if setting is None:
             return None
         started = time.perf_counter()
+        path = route.path
+        chat = chat_body(path, body)  # Responses / Messages: their conversation as chat, which
+        if chat is not None:           # is what vLLM gives the chat template too (prefix/agentic.py)
+            path, body = _CHAT, chat
         if setting == REPLICA_TOKENIZER:
-            tokens = await self.remote.tokens(route.model, route.path, body, candidates)
+            tokens = await self.remote.tokens(route.model, path, body, candidates)
         else:
             tokenizer = self.files[setting]
-            if prompt_chars(route.path, body) > OFF_LOOP_CHARS:
-                tokens = await asyncio.to_thread(tokenizer.tokens, route.path, body)
+            if prompt_chars(path, body) > OFF_LOOP_CHARS:
+                tokens = await asyncio.to_thread(tokenizer.tokens, path, body)
             else:
-                tokens = tokenizer.tokens(route.path, body)
+                tokens = tokenizer.tokens(path, body)
         self.telemetry.tokenize_seconds.labels(route.model).observe(time.perf_counter() - started)
         return tokens
