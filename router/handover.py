@@ -110,7 +110,8 @@ class Handover:
                                 "the %d healthy successor(s) it waited for are healthy",
                                 replica.id, model, healthy, target)
                     self._go(replica, TIMEOUT)
-        for model in [m for m in self._needed if m not in {r.model for r in self._deadlines}]:
+        waiting = {r.model for r in self._deadlines}
+        for model in [m for m in self._needed if m not in waiting]:
             del self._needed[model]
         if self._deadlines:
             when = min(self._deadlines.values())

@@ -380,3 +380,62 @@ async def test_reloads_that_swap_the_backend_list_lose_no_request_at_100_per_s(
         page = await r.text()
     assert metric(page, "router_replicas_leaving") == 0
     assert (metric(page, "router_reload_handovers_total", outcome="successors_healthy") or 0) >= 6
+
+
+async def test_consecutive_reloads_mid_handover_the_newest_file_wins(
+        fakes, start_router, make_routes, http, tmp_path, until, metric) -> None:
+    """A file that lists a leaving replica again keeps it (the same replica, nothing lost);
+    DELETE /admin/replicas takes a leaving one out at once; a successor that never comes up
+    lets the leaving one go after health.handover_timeout."""
+    a, b, c = await fakes(3)
+    c.healthy = False  # a successor that never passes a probe
+    path = write_routes(tmp_path / "routes.yaml", make_routes, [a.url])
+    server = await start_router(load_config(path))
+    router = server.router
+    a_replica = router.fleet.find("sim-a", a.url)
+
+    async def reload(urls: list[str], **sections) -> dict:
+        write_routes(path, make_routes, urls, **sections)
+        async with http.post(server.url + "/admin/reload") as r:
+            assert r.status == 200, await r.text()
+            return await r.json()
+
+    async def complete() -> int:
+        async with http.post(server.url + "/v1/completions", json={"model": "sim-a", "prompt": "x"}) as r:
+            await r.read()
+            return r.status
+
+    async def listing() -> dict[str, dict]:
+        async with http.get(server.url + "/admin/replicas") as r:
+            return {rep["url"]: rep for rep in (await r.json())["replicas"]}
+
+    summary = await reload([c.url])
+    assert summary["replicas_removed"] == [a.url] and summary["replicas_leaving"] == [a.url]
+    served = len(a.seen)
+    assert [await complete() for _ in range(3)] == [200] * 3 and len(a.seen) == served + 3
+    shown = await listing()
+    assert shown[a.url]["leaving"] is True and shown[c.url]["leaving"] is False
+    # The newest file lists a again: it stays, the same replica; c (never healthy) goes now.
+    summary = await reload([a.url])
+    assert summary["replicas_added"] == [] and summary["replicas_removed"] == [c.url]
+    assert summary["replicas_leaving"] == []
+    assert [r.url for r in router.fleet] == [a.url] and router.fleet.find("sim-a", a.url) is a_replica
+    assert a_replica.health is Health.HEALTHY and (await listing())[a.url]["leaving"] is False
+    await asyncio.sleep(0.3)
+    assert router.fleet.find("sim-a", a.url) is a_replica  # no timer of the old handover took it
+    # DELETE /admin/replicas of a leaving replica: out at once (its usual meaning).
+    assert (await reload([c.url]))["replicas_leaving"] == [a.url]
+    async with http.request("DELETE", server.url + "/admin/replicas", json={"url": a.url}) as r:
+        assert r.status == 200
+    assert [r.url for r in router.fleet] == [c.url] and len(router.reloader.handover) == 0
+    # The timeout: a rejoins, then leaves for c with a short handover_timeout.
+    await reload([a.url])
+    await until(lambda: router.fleet.find("sim-a", a.url).health is Health.HEALTHY, message="a back")
+    summary = await reload([c.url], health={"handover_timeout": 0.3})
+    assert summary["replicas_leaving"] == [a.url]
+    await until(lambda: router.fleet.find("sim-a", a.url) is None, timeout=3, message="a left")
+    async with http.get(server.url + "/metrics") as r:
+        page = await r.text()
+    assert metric(page, "router_reload_handovers_total", outcome="timeout") == 1
+    assert metric(page, "router_reload_handovers_total", outcome="unroutable") == 2  # c, dropped twice
+    assert metric(page, "router_replicas_leaving") == 0
