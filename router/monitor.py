@@ -13,7 +13,7 @@ Never on the request path.  Each replica gets one task that loops:
 
   `mark_suspect()` is the request path's shortcut: a connect failure makes the replica
   SUSPECT at once and wakes its task for an immediate probe.
-* **metrics** every ``metrics.scrape_interval`` while the replica is routable: vLLM's
+* **metrics** every ``metrics.scrape_interval`` while the replica answers probes: vLLM's
   /metrics, parsed by router/vllm_metrics.py.
 * **models** when the replica answers a probe after not answering (before it is marked
   healthy, so its first request already knows what it serves) and every
@@ -250,7 +250,7 @@ class Monitor:
         if replica.model in names or replica.model in parents.values():
             if replica.model_mismatch:
                 log.info("replica %s lists its model %s again: it gets traffic again",
-                            replica.id, replica.model)
+                         replica.id, replica.model)
                 replica.model_mismatch = frozenset()
             replica.served_models = names
             replica.adapters = frozenset(parents)
