@@ -385,7 +385,8 @@ class Api:
         for name in self.catalog.model_names:
             replicas = self.fleet.for_model(name)
             models[name] = {
-                "healthy": sum(1 for r in replicas if r.health is Health.HEALTHY),
+                # (a replica serving another model than its configured one gets no traffic)
+                "healthy": sum(1 for r in replicas if r.health is Health.HEALTHY and not r.model_mismatch),
                 "total": len(replicas),
             }
         ready = not self.draining and bool(models) and all(m["healthy"] > 0 for m in models.values())

@@ -168,6 +168,8 @@ async def test_replicas_that_do_not_serve_the_model_get_none_of_it(fakes, start_
         page = await r.text()
     assert metric(page, "router_replica_model_mismatch", replica=wrong.url) == 1
     assert metric(page, "router_replica_model_mismatch", replica=right.url) == 0
+    async with http.get(server.url + "/ready") as r:  # (loopback: the counts are shown)
+        assert (await r.json())["models"]["sim-a"] == {"healthy": 1, "total": 2}
     await asyncio.sleep(0.3)  # a few more polls: still one warning
     warnings = [rec for rec in caplog.records if "lists only" in rec.getMessage()]
     assert len(warnings) == 1 and "other-model" in warnings[0].getMessage()
