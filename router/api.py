@@ -461,7 +461,8 @@ class Api:
         for name in self.catalog.model_names:
             replicas = self.fleet.for_model(name)
             models[name] = {
-                "healthy": sum(1 for r in replicas if r.health is Health.HEALTHY),
+                # (a replica serving another model than its configured one gets no traffic)
+                "healthy": sum(1 for r in replicas if r.health is Health.HEALTHY and not r.model_mismatch),
                 "total": len(replicas),
             }
         ready = not self.draining and bool(models) and all(m["healthy"] > 0 for m in models.values())
@@ -551,6 +552,10 @@ class Api:
                                   "max_loras": r.lora_slots.max_loras,
                                   "running": sorted(r.lora_slots.running)},
                 "source": self._source(r),
+                # a reload dropped it; it serves until its successors are healthy (handover.py)
+                "leaving": self.reloader is not None and self.reloader.handover.is_leaving(r),
+                # what it serves instead of its configured model (then it gets no traffic)
+                "model_mismatch": sorted(r.model_mismatch) or None,
                 "max_model_len": r.max_model_len, "in_flight": r.in_flight,
                 "consecutive_failures": r.consecutive_failures,
                 "circuit_breaker": {"state": r.breaker.state.value,

@@ -29,7 +29,7 @@ from router.config import BackendConfig, Config, LaunchConfig
 from router.connections import ConnectionLimits, FrontDoorRunner, default_connection_cap, raise_fd_limit
 from router.cors import Cors
 from router.discovery import Discovery
-from router.fleet import EngineLoad, Replica
+from router.fleet import EngineLoad, Health, Replica
 from router.flows import DECODE_TERMS, Disaggregated, SingleHop
 from router.hooks import AdmissionRelease
 from router.loop_lag import LoopLag
@@ -240,9 +240,10 @@ class Router:
         self.api.apply_config(config)
         self.config = config
 
-    def _on_health(self, replica: Replica, old: object, new: object) -> None:
+    def _on_health(self, replica: Replica, old: Health, new: Health) -> None:
         if self.proxy is not None:
-            self.proxy.on_health(replica, old, new)  # type: ignore[arg-type]
+            self.proxy.on_health(replica, old, new)
+        self.reloader.handover.on_health(replica, old, new)  # a successor is up, or a leaver down
 
     # -- lifecycle -------------------------------------------------------------------------
     async def _on_startup(self, app: web.Application) -> None:
@@ -273,6 +274,7 @@ class Router:
             self._metrics_refresher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._metrics_refresher
+        self.reloader.handover.close()
         await self.discovery.close()
         if self.monitor is not None:
             await self.monitor.stop()

@@ -2,7 +2,9 @@
 
 Names come from three places: the configured models, their aliases (routes.yaml), and the
 names each replica itself reports serving (its /v1/models: extra served names, LoRA
-adapters, with their parent).  A client key limited to some models sees only those (and
+adapters, with their parent).  A replica whose list does not hold the model it is configured
+under contributes no name and is not routable (`Replica.model_mismatch`, router/monitor.py):
+a wrong URL must not make another model listed and routable.  A client key limited to some models sees only those (and
 their aliases): for every other name it gets the same 404 as for a name that does not
 exist, so a key cannot probe which models exist.  Rebuilt from the config on a reload.
 """
@@ -131,7 +133,7 @@ class ModelCatalog:
         entries: dict[str, dict[str, Any]] = {}
         healthy_by_model: dict[str, list[Replica]] = {}
         for replica in self.fleet:
-            if replica.health is Health.HEALTHY:
+            if replica.health is Health.HEALTHY and not replica.model_mismatch:
                 healthy_by_model.setdefault(replica.model, []).append(replica)
         for model, replicas in healthy_by_model.items():
             entries.setdefault(model, self.model_entry(model, replicas, None))

@@ -15,7 +15,7 @@
                  labels, api_key | api_key_env | api_key_file}]}
     routing:  {policy, params: {...}, terms: {...}, session_header}
     prefix:   {block_chars, block_tokens, capacity_blocks, max_blocks_per_request}
-    health:   {interval, timeout, failure_threshold, success_threshold}
+    health:   {interval, timeout, failure_threshold, success_threshold, handover_timeout}
     metrics:  {scrape_interval, timeout, models_interval}
     proxy:    {connect_timeout, first_byte_timeout, read_timeout, unhealthy_grace,
                max_attempts, backoff_initial, backoff_max, deadline, retry_after,
@@ -296,6 +296,9 @@ class HealthConfig:
     timeout: float = 2.0
     failure_threshold: int = 3  # consecutive failed probes: SUSPECT -> UNHEALTHY
     success_threshold: int = 2  # consecutive passed probes: UNHEALTHY -> HEALTHY
+    # A reload's dropped replicas keep serving until their successors pass a probe, at most
+    # this long (router/handover.py); 0: they leave at once.
+    handover_timeout: float = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -387,7 +390,7 @@ _ROUTING_KEYS = ("policy", "params", "terms", "session_header", "response_id_sec
                  "response_id_secret_env", "response_id_secret_file")
 _PREFIX_KEYS = ("block_chars", "block_tokens", "capacity_blocks", "max_blocks_per_request", "exact")
 _EXACT_KEYS = ("capacity_blocks", "relearn_s", "confirm_s", "replay_timeout")
-_HEALTH_KEYS = ("interval", "timeout", "failure_threshold", "success_threshold")
+_HEALTH_KEYS = ("interval", "timeout", "failure_threshold", "success_threshold", "handover_timeout")
 _METRICS_KEYS = ("scrape_interval", "timeout", "models_interval")
 _PROXY_KEYS = ("connect_timeout", "first_byte_timeout", "read_timeout", "unhealthy_grace",
                "max_attempts", "backoff_initial", "backoff_max", "deadline", "retry_after",
@@ -912,6 +915,7 @@ def _health(node: Node) -> HealthConfig:
         timeout=_num(node, "timeout", d.timeout),
         failure_threshold=_int(node, "failure_threshold", d.failure_threshold, minimum=1),
         success_threshold=_int(node, "success_threshold", d.success_threshold, minimum=1),
+        handover_timeout=_num(node, "handover_timeout", d.handover_timeout, exclusive=False),
     )
 
 

@@ -77,6 +77,10 @@ class Replica:
     labels: Mapping[str, str] = field(default_factory=dict)
     api_key: str | None = field(default=None, repr=False)  # sent upstream as Authorization: Bearer
     served_models: frozenset[str] = frozenset()  # discovered from /v1/models
+    # What its /v1/models listed when that did not include `model` (nor an adapter of it):
+    # it serves another model than the one it is configured under, so it gets no traffic and
+    # none of those names is listed (router/monitor.py); empty while it serves `model`.
+    model_mismatch: frozenset[str] = frozenset()
     max_model_len: int | None = None  # discovered from /v1/models
     health: Health = Health.UNKNOWN
     consecutive_failures: int = 0
@@ -107,9 +111,15 @@ class Replica:
         return self.url
 
     @property
-    def routable(self) -> bool:
-        """May this replica get traffic at all?  (SUSPECT ones are ranked last.)"""
+    def reachable(self) -> bool:
+        """Do its probes say it answers?  (What the monitor polls /metrics and /v1/models of.)"""
         return self.health in (Health.HEALTHY, Health.SUSPECT)
+
+    @property
+    def routable(self) -> bool:
+        """May this replica get traffic at all?  Reachable and serving its configured model.
+        (SUSPECT ones are ranked last.)"""
+        return self.health in (Health.HEALTHY, Health.SUSPECT) and not self.model_mismatch
 
     @property
     def kv_capacity_tokens(self) -> int | None:

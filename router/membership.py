@@ -6,10 +6,14 @@ the policy learned about a removed replica, and remove its metric series.  On to
 
 * `Reloader.reload()` (SIGHUP, `POST /admin/reload`) reads the config file again.  An
   invalid file changes nothing and says why.  A valid one is applied as a difference:
-  - backends: new ones join (as `unknown`: they get traffic after their first passing
-    probe), removed ones stop getting new requests while their in-flight requests finish,
-    and ones that stay keep their health, breaker, learned rate and prefix-index records;
-    changed `tensor_parallel_size`, `weight`, `labels`, `api_key`, `role` apply in place;
+  - backends: new ones join (as `unknown`: probed at once, they get traffic after their
+    first passing probe); removed ones *leave* (router/handover.py, make-before-break):
+    they keep serving until their model's successors are healthy (or
+    `health.handover_timeout` passed, or they turn unhealthy), then stop getting new
+    requests while their in-flight requests finish; ones that stay keep their health,
+    breaker, learned rate and prefix-index records; changed `tensor_parallel_size`,
+    `weight`, `labels`, `api_key`, `role` apply in place.  A leaving replica that a later
+    file lists again stays;
   - `models` (names, aliases), `routing` (policy, params: a new policy of the same kind
     keeps what the old one learned about the replicas that stay), `auth`, `health`,
     `metrics`, `proxy` (all but `max_connections`) and `circuit_breaker` take effect;
@@ -20,7 +24,9 @@ the policy learned about a removed replica, and remove its metric series.  On to
   endpoints must lie in the allowed networks (router/replica_networks.py,
   ``auth.admin_replica_networks``) before anything is added or probed.  Registered
   replicas survive reloads (a reload manages the file's backends only) until they are
-  deregistered.
+  deregistered.  Deregistering takes a replica out at once (no handover: the caller asked
+  for exactly that one; its in-flight requests finish); registering a leaving replica
+  keeps it.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 
 from router.config import BackendConfig, Config, ModelConfig, load_config, parse_backend, validate_policy_params
 from router.fleet import Fleet, Replica
+from router.handover import Handover
 from router.prefix import prompt_tokens
 from router.replica_networks import ReplicaNetworks, Resolver, registration_hosts, system_resolver
 from yamlcheck import ConfigError, Node
@@ -147,6 +154,11 @@ class Reloader:
         self.registered: dict[tuple[str, str], Replica] = {}  # (model, url) from the admin API
         self.resolve: Resolver = system_resolver  # how registration hosts are resolved
         self._lock = asyncio.Lock()
+        # Dropped replicas that serve until their successors are healthy (make-before-break).
+        self.handover = Handover(router.fleet, on_leave=lambda outcome: router.telemetry.handovers.labels(
+            outcome).inc())
+        router.fleet.listeners.append(self.handover)
+        router.telemetry.set_function(router.telemetry.replicas_leaving, (), lambda: float(len(self.handover)))
 
     async def reload(self, path: str | None = None) -> dict[str, Any]:
         """Re-read the config file; raises ConfigError (nothing changed) if it is invalid."""
@@ -177,12 +189,16 @@ class Reloader:
             config, server=old.server, cors=old.cors, admission=old.admission,
             prefix=old.prefix, launch=old.launch,
             proxy=dataclasses.replace(config.proxy, max_connections=old.proxy.max_connections))
-        added, removed, updated = self._apply_backends(config)
+        before = self.handover.capacity()
+        added, dropped, updated = self._apply_backends(config)
         # A new profile adopts what the old one learned, so any change to `routing` rebuilds.
         router.apply_config(config, rebuild_policy=old.routing != config.routing, tokenizers=tokenizers)
         router.discovery.apply_config(config)  # changed discovery: sections restart
+        # With the new health settings: those with nothing to wait for go now.
+        self.handover.leave(dropped, before, config.health.handover_timeout)
         summary = {"file": config.file, "applied": live, "restart_required": restart,
-                   "replicas_added": added, "replicas_removed": removed,
+                   "replicas_added": added, "replicas_removed": [r.id for r in dropped],
+                   "replicas_leaving": [r.id for r in self.handover.leaving()],
                    "replicas_updated": updated, **router.policy.describe()}
         log.info("reloaded %s: %s", config.file, summary)
         if restart:
@@ -190,25 +206,33 @@ class Reloader:
                         ", ".join(restart))
         return summary
 
-    def _apply_backends(self, config: Config) -> tuple[list[str], list[str], list[str]]:
+    def _apply_backends(self, config: Config) -> tuple[list[str], list[Replica], list[str]]:
+        """Add the file's new backends (probed at once) and update the ones that stay;
+        returns (added URLs, the replicas this file drops, updated ids).  The dropped ones
+        are still members: `Handover.leave` decides when they go."""
         fleet = self.router.fleet
+        handover = self.handover
         wanted = {(m.name, b.url): b for m in config.models for b in m.backends}
-        added, removed, updated = [], [], []
+        added: list[str] = []
+        dropped: list[Replica] = []
+        updated: list[str] = []
         for replica in list(fleet):
             key = (replica.model, replica.url)
             if key in self.registered or self.router.discovery.owns(*key):
                 continue
             backend = wanted.get(key)
             if backend is None:
-                fleet.remove(replica)
-                removed.append(replica.id)
-            elif _update_in_place(replica, backend):
+                if not handover.is_leaving(replica):  # (one an earlier reload dropped waits on)
+                    dropped.append(replica)
+                continue
+            handover.keep(replica)  # listed again while it was leaving: it stays
+            if _update_in_place(replica, backend):
                 updated.append(replica.id)
         for (model, url), backend in wanted.items():
             if fleet.find(model, url) is None:
                 fleet.add(replica_from(model, backend))
                 added.append(url)
-        return added, removed, updated
+        return added, dropped, updated
 
     # -- the admin API ---------------------------------------------------------------
     async def register(self, body: Any) -> Replica:
@@ -222,11 +246,22 @@ class Reloader:
             node.get("model").fail("expected a model name")
         backend_doc = {k: v for k, v in body.items() if k != "model"}
         backend = parse_backend(Node(backend_doc, "body", "POST /admin/replicas"))
-        self._check_new(node, model, backend)
+        fleet = self.router.fleet
+        existing = fleet.find(model, backend.url)
+        if existing is None or not self.handover.is_leaving(existing):
+            self._check_new(node, model, backend)
         await self.networks().check(registration_hosts(backend))
+        existing = fleet.find(model, backend.url)
+        if existing is not None and self.handover.is_leaving(existing):
+            # A reload dropped it and it still serves: registering keeps it, as registered.
+            self.handover.keep(existing)
+            _update_in_place(existing, backend)
+            self.registered[(model, backend.url)] = existing
+            log.info("replica %s of %s (leaving) registered through the admin API: it stays",
+                     existing.id, model)
+            return existing
         self._check_new(node, model, backend)  # (another registration may have won meanwhile)
         replica = replica_from(model, backend)
-        fleet = self.router.fleet
         fleet.add(replica)
         self.registered[(model, backend.url)] = replica
         self._ensure_model(model)

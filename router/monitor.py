@@ -13,10 +13,19 @@ Never on the request path.  Each replica gets one task that loops:
 
   `mark_suspect()` is the request path's shortcut: a connect failure makes the replica
   SUSPECT at once and wakes its task for an immediate probe.
-* **metrics** every ``metrics.scrape_interval`` while the replica is routable: vLLM's
+* **metrics** every ``metrics.scrape_interval`` while the replica answers probes: vLLM's
   /metrics, parsed by router/vllm_metrics.py.
-* **models** when the replica becomes healthy and every ``metrics.models_interval``:
-  /v1/models gives the served model names and max_model_len.
+* **models** when the replica answers a probe after not answering (before it is marked
+  healthy, so its first request already knows what it serves) and every
+  ``metrics.models_interval``: /v1/models gives the served model names and max_model_len.
+  A replica whose list holds neither its configured model nor an adapter of it serves
+  something else (a wrong URL in routes.yaml, a redeployed engine): it is kept out
+  (`Replica.model_mismatch`, no traffic, none of its names listed), with one warning when
+  that starts and one line when it ends.
+
+Replicas join and leave while the monitor runs (`watch` / `unwatch`, from the fleet's
+listener): each task belongs to one Replica object, so a replica re-added under the same URL
+gets a task of its own even if the old one's has not been stopped yet.
 """
 
 from __future__ import annotations
@@ -36,6 +45,7 @@ from router.telemetry import Telemetry
 from router.vllm_metrics import parse_engine_load, parse_model_cards
 
 MAX_MODELS_BYTES = 4 * 1024 * 1024  # of one /v1/models answer (thousands of adapters fit)
+MAX_MISMATCH_NAMES = 16  # names kept (and shown) of a replica serving another model
 log = logging.getLogger("router.monitor")
 
 _MIN_WAKE_GAP_S = 0.1
@@ -58,6 +68,7 @@ class Monitor:
         self.on_load = on_load
         self.on_health = on_health
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._owners: dict[str, Replica] = {}  # whose task `_tasks[id]` is
         self._wake: dict[str, asyncio.Event] = {}
         self._closing = False
         self.started = False  # replicas added later are watched at once (router/membership.py)
@@ -69,9 +80,14 @@ class Monitor:
             self.watch(replica)
 
     def watch(self, replica: Replica) -> None:
-        """Start polling `replica` (idempotent)."""
-        if replica.id in self._tasks or self._closing:
+        """Start polling `replica` (idempotent); a task still polling another Replica object
+        with the same URL (one that left) is cancelled."""
+        if self._closing or self._owners.get(replica.id) is replica:
             return
+        stale = self._tasks.pop(replica.id, None)
+        if stale is not None:
+            stale.cancel()
+        self._owners[replica.id] = replica
         self._wake[replica.id] = asyncio.Event()
         if self.telemetry:
             self.telemetry.init_replica(replica)
@@ -79,6 +95,10 @@ class Monitor:
                                                       name=f"monitor:{replica.id}")
 
     async def unwatch(self, replica: Replica) -> None:
+        """Stop polling `replica` (not another object that took its URL since)."""
+        if self._owners.get(replica.id) is not replica:
+            return
+        del self._owners[replica.id]
         task = self._tasks.pop(replica.id, None)
         self._wake.pop(replica.id, None)
         if task is not None:
@@ -90,6 +110,7 @@ class Monitor:
         self._closing = True
         tasks = list(self._tasks.values())
         self._tasks.clear()
+        self._owners.clear()
         self._wake.clear()
         for task in tasks:
             task.cancel()
@@ -217,11 +238,34 @@ class Monitor:
         except (TimeoutError, aiohttp.ClientError, OSError, ValueError, AttributeError):
             return False
         if names:
-            replica.served_models = names
-            replica.adapters = frozenset(parents)
+            self._check_model(replica, names, parents)
         if max_len is not None:
             replica.max_model_len = max_len
         return True
+
+    def _check_model(self, replica: Replica, names: frozenset[str], parents: dict[str, str]) -> None:
+        """Take the names a replica listed, unless its configured model is not among them
+        (nor the parent of an adapter it lists): then it serves something else and is kept
+        out of routing and out of /v1/models (`Replica.model_mismatch`)."""
+        if replica.model in names or replica.model in parents.values():
+            if replica.model_mismatch:
+                log.info("replica %s lists its model %s again: it gets traffic again",
+                         replica.id, replica.model)
+                replica.model_mismatch = frozenset()
+            replica.served_models = names
+            replica.adapters = frozenset(parents)
+            return
+        shown = frozenset(sorted(names)[:MAX_MISMATCH_NAMES])
+        if not replica.model_mismatch:  # once per episode, not per poll
+            log.warning("replica %s is configured under model %s but its /v1/models lists only "
+                        "%s: it gets no traffic and none of its names is listed until it serves "
+                        "%s (check its URL in the config)", replica.id, replica.model,
+                        ", ".join(name[:100] for name in sorted(shown))
+                        + (f" (+{len(names) - len(shown)} more)" if len(names) > len(shown) else ""),
+                        replica.model)
+        replica.model_mismatch = shown
+        replica.served_models = frozenset()
+        replica.adapters = frozenset()
 
     async def _run(self, replica: Replica) -> None:
         loop = asyncio.get_running_loop()
@@ -236,15 +280,20 @@ class Monitor:
             try:
                 if now >= next_health or (wake.is_set() and now - last_probe >= min_gap):
                     wake.clear()
-                    was_routable = replica.routable
+                    was_reachable = replica.reachable
                     last_probe = now
                     passed = await self.probe_health(replica)
+                    if passed and not was_reachable:
+                        # Joining: what it serves is read before it may be marked healthy,
+                        # so no request reaches a replica serving another model.
+                        await self.discover_models(replica)
+                        next_models = loop.time() + self.metrics_cfg.models_interval
                     if passed is not None:
                         self.record_probe(replica, passed)
                     next_health = loop.time() + self.health_cfg.interval
-                    if replica.routable and not was_routable:
-                        next_models = next_metrics = loop.time()  # just joined: learn it now
-                if replica.routable:
+                    if replica.reachable and not was_reachable:
+                        next_metrics = loop.time()  # just joined: learn its load now
+                if replica.reachable:
                     if loop.time() >= next_models:
                         await self.discover_models(replica)
                         next_models = loop.time() + self.metrics_cfg.models_interval
@@ -260,8 +309,8 @@ class Monitor:
                 next_health = max(next_health, now + self.health_cfg.interval)
                 next_metrics = max(next_metrics, now + self.metrics_cfg.scrape_interval)
                 next_models = max(next_models, now + self.metrics_cfg.models_interval)
-            deadline = min(next_health, next_metrics if replica.routable else next_health,
-                           next_models if replica.routable else next_health)
+            deadline = min(next_health, next_metrics if replica.reachable else next_health,
+                           next_models if replica.reachable else next_health)
             if wake.is_set():  # woken too soon after a probe: probe when the gap is over
                 deadline = min(deadline, last_probe + min_gap)
                 wake.clear()

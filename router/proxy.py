@@ -16,19 +16,25 @@ One request's life here:
    * dispatch: ``replica.in_flight += 1`` and ``index.record(block_hashes, replica)``
      (so a burst of same-prefix requests sees each other at once);
    * POST the client's bytes with a per-attempt ``X-Request-Id: <id>-<attempt>``, the
-     replica's API key (never the client's credentials) and no hop-by-hop headers;
+     replica's API key (never the client's credentials), no hop-by-hop headers and none
+     that say how the request travelled (``FORWARDING_HEADERS``: X-Forwarded-*, X-Real-IP...;
+     the router adds none of its own);
    * wait for the answer (router/waits.py): a stream up to ``first_byte_timeout`` for its
      first byte, a whole answer up to ``read_timeout``; cut to ``unhealthy_grace`` when the
      replica turns UNHEALTHY meanwhile;
    * before the answer is committed to the client, a connect error or timeout, a
-     first-byte timeout, a disconnect, a 5xx or a 429 is a failover: the index record is
+     first-byte timeout, a disconnect, a 5xx, a 429 or a 200 ``text/event-stream`` whose
+     first line is not SSE (``sse_verdict``: a JSON or HTML body mislabelled) is a
+     failover: the index record is
      forgotten, the breaker counts a failure (a ``Retry-After`` ejects the replica for
      that long), connect-level failures mark the replica SUSPECT at once (the monitor
      re-probes it), and the next replica is tried;
    * otherwise the answer is committed: the profile's ``observe`` gets the time to first byte, the
      breaker a success, and a 4xx answer un-records the prefix (the replica cached
      nothing).
-3. Relay.  A stream (``"stream": true`` answered with SSE) is written to the client chunk
+3. Relay.  The replica's headers go to the client but for hop-by-hop ones and a denylist
+   (``_DROP_RESPONSE``: what names the replica's software or host, Set-Cookie,
+   WWW-Authenticate).  A stream (``"stream": true`` answered with SSE) is written to the client chunk
    by chunk as it arrives, never re-encoded; if the replica fails, stalls past
    ``read_timeout`` (or the grace once it is unhealthy) or the drain runs out, the stream
    ends with ``data: {"error": ...}`` and ``data: [DONE]``.  A non-stream answer is
@@ -116,11 +122,27 @@ HOP_BY_HOP = frozenset({
 # (OpenAI, Anthropic and Azure styles), lengths, and the body encoding (bodies are
 # forwarded decoded, router/limits.py).
 _DROP_REQUEST = frozenset({"host", "content-length", "authorization", "x-api-key", "api-key",
-                           "expect", "x-request-id", "content-encoding", "cookie",
-                           "x-forwarded-for", "forwarded"})
-_NEVER_FORWARDED = HOP_BY_HOP | _DROP_REQUEST
-# Response headers aiohttp (re)computes for the client.
-_DROP_RESPONSE = frozenset({"content-length", "date", "server", "x-request-id"})
+                           "expect", "x-request-id", "content-encoding", "cookie"})
+# What a client says about the path its request took: never passed on, and the router adds
+# none of its own.  A replica has no use for the client's address (the router's access log
+# holds it, read through `server.trusted_proxies`, router/auth.py), and a value a client
+# wrote must not reach a replica (or the logs behind it) looking like a proxy's.
+FORWARDING_HEADERS = frozenset({
+    "forwarded", "x-forwarded-for", "x-forwarded-host", "x-forwarded-proto", "x-forwarded-port",
+    "x-forwarded-prefix", "x-forwarded-server", "x-real-ip", "x-client-ip", "true-client-ip",
+    "x-cluster-client-ip", "cf-connecting-ip", "x-original-forwarded-for", "via",
+})
+_NEVER_FORWARDED = HOP_BY_HOP | _DROP_REQUEST | FORWARDING_HEADERS
+# Response headers aiohttp (re)computes for the client, and the replica's own that are not
+# the client's business (a denylist: what an engine or an API adds stays, e.g. Retry-After,
+# OpenAI-style rate-limit headers): what names the replica's software or host (Server,
+# X-Powered-By, Via, X-Served-By, X-Backend-Server, Alt-Svc), state of one replica
+# (Set-Cookie: replicas are interchangeable, and a cookie - a load balancer's sticky one -
+# would be set on the router's host), and a replica's WWW-Authenticate (a challenge about
+# the router's own key to it: the client's key was accepted; the client gets the status).
+_DROP_RESPONSE = frozenset({"content-length", "date", "x-request-id", "server", "x-powered-by",
+                            "via", "x-served-by", "x-backend-server", "alt-svc", "set-cookie",
+                            "set-cookie2", "www-authenticate"})
 _ERROR_BODY_CAP = 64 * 1024  # bytes kept of a failed upstream response
 _RESCHEDULE_SLACK_S = 1.0  # a relay's read deadline is moved only when it gains more than this
 _HEAD_ALLOWANCE = 8 * 1024  # bytes a response head may take in the client's write buffer
@@ -139,7 +161,37 @@ KIND_TEXT = {
     "status_5xx": "answered with a server error",
     "status_429": "answered 429 (overloaded)",
     "oversized": "sent an answer too large for a prefill hop",
+    "bad_stream": "answered 200 with an event stream that is not server-sent events",
 }
+# The fields an SSE line may start with (WHATWG HTML 9.2.6) that an OpenAI-style stream
+# uses; a line starting with ":" is a comment.  A stream's first line must be one of them.
+_SSE_FIELDS = (b"data", b"event", b"id", b"retry")
+_SSE_HEAD_MAX = 1024  # bytes read at most to tell whether a stream is SSE (blank lines first)
+_BOM = b"\xef\xbb\xbf"
+
+
+def sse_verdict(head: bytes) -> bool | None:
+    """Do a stream's first bytes look like server-sent events?  True, False, or None when
+    they are too few to say (e.g. b"da", or only blank lines so far).
+
+    The first line must be a comment (``:``) or one of the fields a completion stream uses,
+    followed by ``:`` or the end of the line (an optional BOM and blank lines may come
+    first).  A JSON error body or an HTML page labelled text/event-stream is not."""
+    text = head.removeprefix(_BOM).lstrip(b"\r\n")
+    if not text:
+        return None
+    if text.startswith(b":"):
+        return True
+    for name in _SSE_FIELDS:
+        if text.startswith(name):
+            after = text[len(name):len(name) + 1]
+            if not after:
+                return None
+            if after in (b":", b"\r", b"\n"):
+                return True
+        elif name.startswith(text):
+            return None
+    return False
 
 
 def _connection_tokens(headers: Mapping[str, str] | CIMultiDictProxy[str]) -> set[str]:
@@ -618,7 +670,13 @@ class Proxy:
                     streaming = route.stream and resp.status == 200 and \
                         resp.content_type == "text/event-stream"
                     if streaming:
-                        first = await resp.content.readany()
+                        first = await self._stream_head(resp)
+                        if sse_verdict(first) is not True:
+                            # Not yet committed: a broken replica's 200 must not become the
+                            # client's 200 (its SDK would fail on the first line).
+                            raise self._fail(route, replica, "bad_stream",
+                                             "a 200 text/event-stream answer that is not SSE: "
+                                             f"{first[:64]!r}")
                     else:
                         first, complete = await self._buffer(resp, timeout, wait)
             except UpstreamConnectError as exc:
@@ -660,6 +718,18 @@ class Proxy:
                     resp.release()
                 else:
                     resp.close()  # unfinished: drop the connection so vLLM aborts the request
+
+    async def _stream_head(self, resp: UpstreamResponse) -> bytes:
+        """A stream's first bytes: its first read, and more only while `sse_verdict` cannot
+        tell yet (at most ``_SSE_HEAD_MAX`` bytes; b"" when it ended with none)."""
+        content = resp.content
+        head = await content.readany()
+        while head and sse_verdict(head) is None and len(head) < _SSE_HEAD_MAX:
+            more = await content.readany()
+            if not more:
+                break
+            head += more
+        return head
 
     async def _buffer(self, resp: UpstreamResponse, timeout: asyncio.Timeout,
                       wait: Wait) -> tuple[bytes, bool]:

@@ -109,6 +109,19 @@ class Telemetry:
             "router_replica_health", "Replica health state (1 for the current state).",
             ["model", "replica", "state"], registry=r,
             multiprocess_mode="livemostrecent")
+        self.model_mismatch = Gauge(
+            "router_replica_model_mismatch", "1 while the replica's /v1/models does not list the "
+            "model it is configured under (it gets no traffic), else 0.", ["model", "replica"],
+            registry=r, multiprocess_mode="livemostrecent")
+        self.replicas_leaving = Gauge(
+            "router_replicas_leaving", "Replicas a reload dropped that still serve until their "
+            "successors pass a probe (make-before-break).", registry=r,
+            multiprocess_mode="livemax")
+        self.handovers = Counter(
+            "router_reload_handovers", "Replicas a reload dropped that have left, by outcome: "
+            "successors_healthy (the model had its healthy successors), timeout "
+            "(health.handover_timeout passed first), unroutable (it was or turned "
+            "unhealthy: it served nothing).", ["outcome"], registry=r)
         self.engine_load = Gauge(
             "router_replica_engine_load", "Load the replica last reported on /metrics: "
             "running and waiting requests, KV cache usage (0..1).",
@@ -227,6 +240,8 @@ class Telemetry:
         self.set_function(self.in_flight, (replica.model, replica.id), lambda: float(replica.in_flight))
         self.set_health(replica)
         self.set_breaker(replica.id, replica.breaker, "")
+        self.set_function(self.model_mismatch, (replica.model, replica.id),
+                          lambda: 1.0 if replica.model_mismatch else 0.0)
 
     def forget_replica(self, replica_id: str) -> None:
         """Remove every series labelled with a replica that left the fleet (bounded labels).

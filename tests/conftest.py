@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import socket
 import sys
 import time
@@ -159,6 +160,9 @@ class FakeReplica:
       hold     read the body, answer (json) once `release` is set
       big      a JSON answer of `big_size` bytes: the first half at once, the rest when
                `release` is set (so a test can watch the first half arrive)
+      sse      a 200 text/event-stream of two `data:` events and `data: [DONE]`
+      bad_sse  a 200 labelled text/event-stream whose body is `sse_body` (default a JSON
+               error object: not server-sent events)
     """
 
     def __init__(self, models: tuple[str, ...] = ("sim-a",)) -> None:
@@ -172,6 +176,7 @@ class FakeReplica:
         self.waiting = 0.0  # reported as vllm:num_requests_waiting
         self.kv_usage = 0.0  # reported as vllm:kv_cache_usage_perc
         self.big_size = 4 * 1024 * 1024
+        self.sse_body = b'{"error": {"message": "engine dead", "code": 500}}'
         self.release = asyncio.Event()
         self.in_flight = 0
         self.keep_bodies = True  # False: `seen` records b"" (a test measuring memory)
@@ -252,6 +257,19 @@ class FakeReplica:
             await resp.write(b'{"pad": "' + b"x" * (half - 9))
             await self.release.wait()
             await resp.write(b"x" * (self.big_size - half - 2) + b'"}')
+            await resp.write_eof()
+            return resp
+        if self.mode in ("sse", "bad_sse"):
+            resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", **self.extra_headers})
+            await resp.prepare(request)
+            if self.mode == "bad_sse":
+                await resp.write(self.sse_body)
+            else:
+                for text in ("Hel", "lo"):
+                    event = {"object": "text_completion", "choices": [{"index": 0, "text": text}],
+                             "url": self.url}
+                    await resp.write(b"data: " + json.dumps(event).encode() + b"\n\n")
+                await resp.write(b"data: [DONE]\n\n")
             await resp.write_eof()
             return resp
         headers = {"Proxy-Authenticate": "Basic", "X-Replica-Kept": "yes", **self.extra_headers}

@@ -386,3 +386,78 @@ async def test_routing_terms_weigh_the_decision_and_the_access_log_names_each(
     winner, runner_up = why["terms"]["prefill"]
     assert winner > 0 and why["cost_s"] == pytest.approx(winner + why["terms"]["queue"][0], abs=2e-6)
     assert why["runner_up"] in {a.url, b.url} and why["runner_up"] != line["replica"]
+
+
+async def test_forwarding_headers_stay_here_and_replica_headers_are_filtered(
+        fakes, start_router, make_routes, http) -> None:
+    """Issue 23 #7a/b: what a client says about the path its request took (X-Forwarded-*,
+    X-Real-IP, ...) never reaches a replica, and the router adds none of its own; what a
+    replica says about itself (its software, host, cookies, its challenge to the router's
+    key) never reaches the client, while the rest of its headers (rate limits) do."""
+    (fake,) = await fakes(1)
+    fake.extra_headers = {
+        "Server": "uvicorn-replica", "X-Powered-By": "vllm-0.32", "Via": "1.1 gpu-node-7",
+        "X-Served-By": "gpu-node-7", "X-Backend-Server": "10.0.0.5", "Alt-Svc": 'h3=":443"',
+        "Set-Cookie": "AWSALB=sticky-to-node-7; Path=/", "WWW-Authenticate": 'Bearer realm="vllm"',
+        "X-Ratelimit-Remaining-Requests": "99",
+    }
+    server = await start_router(make_routes([fake.url]))
+    sent = {"X-Forwarded-Host": "evil.example", "X-Real-IP": "203.0.113.9",
+            "X-Forwarded-Proto": "https", "X-Forwarded-Port": "443", "X-Forwarded-Prefix": "/x",
+            "X-Forwarded-For": "203.0.113.9", "Forwarded": "for=203.0.113.9", "Via": "1.1 cdn",
+            "True-Client-IP": "203.0.113.9", "X-Client-IP": "203.0.113.9", "X-Other": "kept"}
+    async with http.post(server.url + "/v1/completions", json={"model": "sim-a", "prompt": "x"},
+                         headers=sent) as r:
+        assert r.status == 200
+        got = {k.lower(): v for k, v in r.headers.items()}
+        await r.read()
+    for name in ("x-powered-by", "via", "x-served-by", "x-backend-server", "alt-svc", "set-cookie",
+                 "www-authenticate"):
+        assert name not in got, name
+    assert got.get("server") != "uvicorn-replica"  # (aiohttp's own, not the replica's)
+    assert got["x-ratelimit-remaining-requests"] == "99" and got["x-replica-kept"] == "yes"
+    seen = {k.lower() for k in fake.seen[-1][1]}
+    assert "x-other" in seen
+    for name in sent:
+        if name != "X-Other":
+            assert name.lower() not in seen, name
+
+
+async def test_a_200_event_stream_that_is_not_sse_fails_over(fakes, start_router, make_routes,
+                                                             http, metric) -> None:
+    """Issue 23 #7d: a replica answering a stream with 200 text/event-stream whose first
+    bytes are no SSE (a JSON error, an HTML page) was relayed as the client's 200 stream;
+    it is a failure before anything is committed: the next replica answers, and with none
+    left the client gets a 502 error, not a broken 200."""
+    bad, good = await fakes(2)
+    bad.mode, good.mode = "bad_sse", "sse"
+    server = await start_router(make_routes([bad.url, good.url], policy="round_robin"))
+    body = {"model": "sim-a", "prompt": "x", "stream": True}
+    for _ in range(4):
+        async with http.post(server.url + "/v1/completions", json=body) as r:
+            assert r.status == 200 and r.headers["Content-Type"].startswith("text/event-stream")
+            raw = await r.read()
+        assert raw.startswith(b"data: {") and raw.endswith(b"data: [DONE]\n\n") and b"engine dead" not in raw
+    assert len(bad.seen) >= 1 and len(good.seen) == 4  # the bad one was tried, the good one answered
+    async with http.get(server.url + "/metrics") as r:
+        page = await r.text()
+    assert (metric(page, "router_upstream_errors_total", replica=bad.url, kind="bad_stream") or 0) >= 1
+    # An HTML page, alone: 502, an OpenAI-shaped error naming what went wrong.
+    bad.sse_body = b"<html><body>502 Bad Gateway</body></html>"
+    alone = await start_router(make_routes([bad.url], proxy={"max_attempts": 1}))
+    async with http.post(alone.url + "/v1/completions", json=body) as r:
+        assert r.status == 502
+        message = (await r.json())["error"]["message"]
+    assert "not server-sent events" in message and "<html>" not in message
+
+
+def test_sse_verdict_reads_the_first_line() -> None:
+    from router.proxy import sse_verdict
+
+    for good in (b"data: {}\n\n", b"data:{}", b": keep-alive\n\n", b"event: x\ndata: 1\n\n",
+                 b"id: 1\n", b"retry: 100\n", b"\xef\xbb\xbfdata: 1\n\n", b"\n\ndata: 1", b"data\n"):
+        assert sse_verdict(good) is True, good
+    for bad in (b'{"error": 1}', b"<html>", b"HTTP/1.1 200", b"dat a", b"identity: 1", b"dataset"):
+        assert sse_verdict(bad) is False, bad
+    for undecided in (b"", b"d", b"da", b"data", b"\r\n\r\n", b"\xef\xbb\xbf", b"ret"):
+        assert sse_verdict(undecided) is None, undecided

@@ -88,16 +88,20 @@ async def test_reload_under_load_adds_removes_and_changes_policy_losing_nothing(
         assert r.status == 200, await r.text()
         summary = await r.json()
     assert summary["replicas_added"] == [c.url] and summary["replicas_removed"] == [a.url]
+    # a serves until c, its successor, passed a probe (make-before-break)
+    assert summary["replicas_leaving"] == [a.url]
     assert summary["policy"] == "cache_aware" and summary["restart_required"] == []
     assert set(summary["applied"]) >= {"models", "routing", "proxy", "health"}
     # The replica that stays keeps its health, breaker and prefix-index records.
     assert router.fleet.find("sim-a", b.url) is b_replica and b_replica.health is Health.HEALTHY
     assert router.index.replica_blocks(b.url) >= blocks_before
     assert router.proxy.config.max_attempts == 4 and router.policy.name == "cache_aware"
-    # The removed one is gone from the index and the metrics; the new one joins when healthy.
-    assert router.index.replica_blocks(a.url) == 0
+    # The new one joins when healthy; then the removed one is gone from the fleet, the
+    # index and (below) the metrics.
     await until(lambda: router.fleet.find("sim-a", c.url).health is Health.HEALTHY,
                 message="the new replica probed healthy")
+    await until(lambda: router.fleet.find("sim-a", a.url) is None, message="a left")
+    assert router.index.replica_blocks(a.url) == 0
     await asyncio.sleep(1.0)
     outcomes = await load.stop()
     for task in long_streams:
@@ -282,3 +286,156 @@ async def test_a_reload_keeps_what_the_policy_learned_about_replicas_that_stay(
     kept = router.policy.producer("rates")._rates
     assert kept[stays] == learned[stays]
     assert goes not in kept
+
+
+class Paced:
+    """Requests started at a fixed rate (open loop: a slow answer does not slow the sender),
+    each outcome kept: (status, complete, error text)."""
+
+    def __init__(self, url: str, per_s: float, *, stream: bool = False) -> None:
+        self.url = url
+        self.period = 1.0 / per_s
+        self.stream = stream
+        self.outcomes: list[tuple[int, bool, str]] = []
+        self._stop = asyncio.Event()
+        self._runner: asyncio.Task[None] | None = None
+
+    async def _one(self, http: aiohttp.ClientSession, i: int) -> None:
+        body = {"model": "sim-a", "prompt": f"{PROMPT} {i}", "max_tokens": 4, "stream": self.stream}
+        try:
+            async with http.post(self.url + "/v1/completions", json=body) as r:
+                raw = await r.read()
+                if self.stream:
+                    complete = raw.rstrip().endswith(b"data: [DONE]") and b'"error"' not in raw
+                else:
+                    complete = r.status == 200 and b'"choices"' in raw
+                self.outcomes.append((r.status, complete, "" if complete else raw[-300:].decode()))
+        except aiohttp.ClientError as exc:
+            self.outcomes.append((0, False, repr(exc)))
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        sent: set[asyncio.Task[None]] = set()
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http:
+            start = loop.time()
+            i = 0
+            while not self._stop.is_set():
+                task = asyncio.create_task(self._one(http, i))
+                sent.add(task)
+                task.add_done_callback(sent.discard)
+                i += 1
+                await asyncio.sleep(max(0.0, start + i * self.period - loop.time()))
+            await asyncio.gather(*sent)
+
+    def start(self) -> Paced:
+        self._runner = asyncio.create_task(self._run())
+        return self
+
+    async def stop(self) -> list[tuple[int, bool, str]]:
+        self._stop.set()
+        assert self._runner is not None
+        await self._runner
+        return self.outcomes
+
+
+async def test_reloads_that_swap_the_backend_list_lose_no_request_at_100_per_s(
+        make_sims, start_router, make_routes, http, tmp_path, until, metric) -> None:
+    """Issue 23 #2: a reload that swaps the backend list must keep the leaving replicas
+    routable until their successors are healthy (make-before-break).  Before, the old ones
+    left at once while the new ones waited for their first passing probe, and the requests
+    in between got 503 'No healthy replica'.  Every other swap the incoming pair warms up
+    (its /health fails for 0.3 s, as a replica that just restarted), which widens that window
+    from a probe's round trip to what a real deployment sees."""
+    sims = await make_sims(4)
+    sets = [[s.url for s in sims[:2]], [s.url for s in sims[2:]]]
+    path = write_routes(tmp_path / "routes.yaml", make_routes, sets[0])
+    server = await start_router(load_config(path))
+    router = server.router
+    paced = Paced(server.url, per_s=100).start()
+    summaries = []
+    for swap in range(6):
+        await asyncio.sleep(0.7)
+        incoming = sims[2:] if swap % 2 == 0 else sims[:2]
+        if swap % 4 == 0:  # a warming-up successor pair
+            await asyncio.gather(*(s.set_faults(http, unhealthy_for=0.3) for s in incoming))
+        write_routes(path, make_routes, [s.url for s in incoming])
+        async with http.post(server.url + "/admin/reload") as r:
+            assert r.status == 200, await r.text()
+            summaries.append(await r.json())
+    await asyncio.sleep(0.7)
+    outcomes = await paced.stop()
+    bad = [o for o in outcomes if o[0] != 200 or not o[1]]
+    assert not bad and len(outcomes) > 400, (len(bad), len(outcomes), bad[:3])
+    # Each reload said what it took out, and which of those keep serving until their
+    # successors pass a probe; the fleet ends as the last file says.
+    for swap, summary in enumerate(summaries):
+        gone = sets[swap % 2]
+        assert summary["replicas_added"] == sets[(swap + 1) % 2]
+        assert summary["replicas_removed"] == gone
+        assert set(summary["replicas_leaving"]) <= set(gone)
+    assert summaries[0]["replicas_leaving"] == sets[0]  # its successors were warming up
+    await until(lambda: sorted(r.url for r in router.fleet) == sorted(sets[0]),
+                message="the leaving replicas of the last reload went")
+    async with http.get(server.url + "/metrics") as r:
+        page = await r.text()
+    assert metric(page, "router_replicas_leaving") == 0
+    assert (metric(page, "router_reload_handovers_total", outcome="successors_healthy") or 0) >= 6
+
+
+async def test_consecutive_reloads_mid_handover_the_newest_file_wins(
+        fakes, start_router, make_routes, http, tmp_path, until, metric) -> None:
+    """A file that lists a leaving replica again keeps it (the same replica, nothing lost);
+    DELETE /admin/replicas takes a leaving one out at once; a successor that never comes up
+    lets the leaving one go after health.handover_timeout."""
+    a, b, c = await fakes(3)
+    c.healthy = False  # a successor that never passes a probe
+    path = write_routes(tmp_path / "routes.yaml", make_routes, [a.url])
+    server = await start_router(load_config(path))
+    router = server.router
+    a_replica = router.fleet.find("sim-a", a.url)
+
+    async def reload(urls: list[str], **sections) -> dict:
+        write_routes(path, make_routes, urls, **sections)
+        async with http.post(server.url + "/admin/reload") as r:
+            assert r.status == 200, await r.text()
+            return await r.json()
+
+    async def complete() -> int:
+        async with http.post(server.url + "/v1/completions", json={"model": "sim-a", "prompt": "x"}) as r:
+            await r.read()
+            return r.status
+
+    async def listing() -> dict[str, dict]:
+        async with http.get(server.url + "/admin/replicas") as r:
+            return {rep["url"]: rep for rep in (await r.json())["replicas"]}
+
+    summary = await reload([c.url])
+    assert summary["replicas_removed"] == [a.url] and summary["replicas_leaving"] == [a.url]
+    served = len(a.seen)
+    assert [await complete() for _ in range(3)] == [200] * 3 and len(a.seen) == served + 3
+    shown = await listing()
+    assert shown[a.url]["leaving"] is True and shown[c.url]["leaving"] is False
+    # The newest file lists a again: it stays, the same replica; c (never healthy) goes now.
+    summary = await reload([a.url])
+    assert summary["replicas_added"] == [] and summary["replicas_removed"] == [c.url]
+    assert summary["replicas_leaving"] == []
+    assert [r.url for r in router.fleet] == [a.url] and router.fleet.find("sim-a", a.url) is a_replica
+    assert a_replica.health is Health.HEALTHY and (await listing())[a.url]["leaving"] is False
+    await asyncio.sleep(0.3)
+    assert router.fleet.find("sim-a", a.url) is a_replica  # no timer of the old handover took it
+    # DELETE /admin/replicas of a leaving replica: out at once (its usual meaning).
+    assert (await reload([c.url]))["replicas_leaving"] == [a.url]
+    async with http.request("DELETE", server.url + "/admin/replicas", json={"url": a.url}) as r:
+        assert r.status == 200
+    assert [r.url for r in router.fleet] == [c.url] and len(router.reloader.handover) == 0
+    # The timeout: a rejoins, then leaves for c with a short handover_timeout.
+    await reload([a.url])
+    await until(lambda: router.fleet.find("sim-a", a.url).health is Health.HEALTHY, message="a back")
+    summary = await reload([c.url], health={"handover_timeout": 0.3})
+    assert summary["replicas_leaving"] == [a.url]
+    await until(lambda: router.fleet.find("sim-a", a.url) is None, timeout=3, message="a left")
+    async with http.get(server.url + "/metrics") as r:
+        page = await r.text()
+    assert metric(page, "router_reload_handovers_total", outcome="timeout") == 1
+    assert metric(page, "router_reload_handovers_total", outcome="unroutable") == 2  # c, dropped twice
+    assert metric(page, "router_replicas_leaving") == 0

@@ -136,18 +136,51 @@ async def test_a_full_upstream_pool_answers_503_in_time_and_blames_no_replica(
         await asyncio.gather(*hung, return_exceptions=True)
 
 
-async def test_replicas_that_do_not_serve_the_model_get_none_of_it(fakes, start_router,
-                                                                   make_routes, http, until) -> None:
+async def test_replicas_that_do_not_serve_the_model_get_none_of_it(fakes, start_router, make_routes,
+                                                                   http, until, metric, caplog) -> None:
+    """Issue 23 #7c: a replica configured under sim-a whose /v1/models lists only
+    other-model gets no sim-a request, and does not make other-model listed or routable
+    (it did: other-model was in /v1/models and answered 200).  It is kept out with one
+    warning, shown in /admin/replicas and a metric, and comes back once it serves sim-a."""
     right = (await fakes(1))[0]
     wrong = (await fakes(1, models=("other-model",)))[0]
-    server = await start_router(make_routes([right.url, wrong.url], policy="round_robin"))
-    wrong_replica = next(r for r in server.router.fleet if r.url == wrong.url)
-    await until(lambda: bool(wrong_replica.served_models), message="models discovered")
+    server = await start_router(make_routes([right.url, wrong.url], policy="round_robin",
+                                            metrics={"models_interval": 0.1}))
+    router = server.router
+    wrong_replica = next(r for r in router.fleet if r.url == wrong.url)
+    await until(lambda: bool(wrong_replica.model_mismatch), message="the mismatch seen")
     for _ in range(20):
         async with http.post(server.url + "/v1/completions",
                              json={"model": "sim-a", "prompt": "x"}) as r:
             assert r.status == 200
     assert not wrong.seen and len(right.seen) == 20
+    async with http.get(server.url + "/v1/models") as r:
+        listed = [m["id"] for m in (await r.json())["data"]]
+    assert "other-model" not in listed and "sim-a" in listed
+    async with http.post(server.url + "/v1/completions",
+                         json={"model": "other-model", "prompt": "x"}) as r:
+        assert r.status == 404
+    assert not wrong.seen
+    async with http.get(server.url + "/admin/replicas") as r:
+        shown = {rep["url"]: rep for rep in (await r.json())["replicas"]}
+    assert shown[wrong.url]["model_mismatch"] == ["other-model"] and shown[right.url]["model_mismatch"] is None
+    async with http.get(server.url + "/metrics") as r:
+        page = await r.text()
+    assert metric(page, "router_replica_model_mismatch", replica=wrong.url) == 1
+    assert metric(page, "router_replica_model_mismatch", replica=right.url) == 0
+    async with http.get(server.url + "/ready") as r:  # (loopback: the counts are shown)
+        assert (await r.json())["models"]["sim-a"] == {"healthy": 1, "total": 2}
+    await asyncio.sleep(0.3)  # a few more polls: still one warning
+    warnings = [rec for rec in caplog.records if "lists only" in rec.getMessage()]
+    assert len(warnings) == 1 and "other-model" in warnings[0].getMessage()
+    # Fixed (the engine now serves sim-a): it gets traffic again.
+    wrong.models = ("sim-a",)
+    await until(lambda: wrong_replica.routable, message="the replica serves its model again")
+    for _ in range(4):
+        async with http.post(server.url + "/v1/completions",
+                             json={"model": "sim-a", "prompt": "x"}) as r:
+            assert r.status == 200
+    assert len(wrong.seen) == 2
 
 
 async def test_a_replica_failing_every_request_is_ejected_and_readmitted(
