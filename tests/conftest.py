@@ -188,6 +188,7 @@ class FakeReplica:
         app.router.add_get("/health", self.health)
         app.router.add_get("/v1/models", self.list_models)
         app.router.add_get("/metrics", self.metrics)
+        app.router.add_get("/v1/responses/{response_id}", self.infer)  # a stored response
         app.router.add_post("/{tail:.*}", self.infer)
         self.runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
         await self.runner.setup()
@@ -273,8 +274,8 @@ class FakeReplica:
             await resp.write_eof()
             return resp
         headers = {"Proxy-Authenticate": "Basic", "X-Replica-Kept": "yes", **self.extra_headers}
-        return web.json_response({"ok": True, "path": request.path, "url": self.url},
-                                 headers=headers)
+        return web.json_response({"ok": True, "path": request.path, "url": self.url,
+                                  "method": request.method}, headers=headers)
 
     @property
     def request_ids(self) -> list[str]:
