@@ -29,6 +29,7 @@ from typing import Any
 import aiohttp
 import orjson
 
+from benchmarks.agent_apis import DONE_EVENTS, PATHS, encode, event_text, event_usage, whole_answer
 from benchmarks.workloads import Session, Workload, messages_for, render
 
 
@@ -36,7 +37,7 @@ from benchmarks.workloads import Session, Workload, messages_for, render
 class LoadSpec:
     url: str  # the target's base URL, e.g. http://127.0.0.1:9000
     model: str
-    api: str = "chat"  # chat | completions
+    api: str = "chat"  # chat | completions | responses | messages (benchmarks/agent_apis.py)
     arrival: str = "closed"  # poisson | closed
     qps: float = 0.0
     concurrency: int = 8
@@ -114,20 +115,21 @@ def request_body(spec: LoadSpec, session: Session, answers: list[str], turn: int
     messages = messages_for(session, answers, turn)
     body: dict[str, Any] = {"model": session.model or spec.model, "max_tokens": session.turns[turn].max_tokens,
                             "temperature": 0, "stream": spec.stream, "user": session.id}
-    if spec.api == "chat":
-        body["messages"] = messages
-    else:
-        body["prompt"] = render(messages)
     if spec.stream:
         body["stream_options"] = {"include_usage": True}
     if spec.ignore_eos:
         body["ignore_eos"] = True
+    if spec.api == "completions":
+        body["prompt"] = render(messages)
+    else:
+        encode(spec.api, body, messages, tools=session.tool_loop)
     return body
 
 
 async def send(http: aiohttp.ClientSession, url: str, body: dict[str, Any], headers: dict[str, str],
-               timeout_s: float) -> tuple[dict[str, Any], list[float], str]:
-    """Send one request; return its record, its inter-chunk gaps and the answer text."""
+               timeout_s: float, api: str = "chat") -> tuple[dict[str, Any], list[float], str]:
+    """Send one request (`api`: its shape, for a whole answer's parsing); return its record,
+    its inter-chunk gaps and the answer text."""
     record: dict[str, Any] = {"ttft_s": None, "e2e_s": None, "output_tokens": 0, "prompt_tokens": None,
                               "cached_tokens": None, "status": None, "error": None}
     gaps: list[float] = []
@@ -146,9 +148,9 @@ async def send(http: aiohttp.ClientSession, url: str, body: dict[str, Any], head
                 data = orjson.loads(await resp.read())
                 now = time.perf_counter()
                 record["ttft_s"] = record["e2e_s"] = now - start
-                choice = (data.get("choices") or [{}])[0]
-                pieces.append((choice.get("message") or {}).get("content") or choice.get("text") or "")
-                _usage(record, data.get("usage"))
+                text, usage = whole_answer(api, data)
+                pieces.append(text)
+                _usage(record, usage)
                 return record, gaps, "".join(pieces)
             chunks = 0
             done = False
@@ -160,14 +162,20 @@ async def send(http: aiohttp.ClientSession, url: str, body: dict[str, Any], head
                     done = True
                     break
                 data = orjson.loads(payload)
-                if "error" in data:
-                    record["error"] = f"stream error: {str(data['error'])[:200]}"
+                if "error" in data or data.get("type") in ("error", "response.failed"):
+                    record["error"] = f"stream error: {str(data.get('error') or data)[:200]}"
                     break
-                if data.get("usage"):
-                    _usage(record, data["usage"])
-                for choice in data.get("choices") or ():
-                    delta = choice.get("delta")
-                    text = delta.get("content") if delta is not None else choice.get("text")
+                if "type" in data:  # a Responses or Messages event (agent_apis.py)
+                    _usage(record, event_usage(data))
+                    texts = [event_text(data)]
+                    if data["type"] in DONE_EVENTS:
+                        done = True
+                else:
+                    if data.get("usage"):
+                        _usage(record, data["usage"])
+                    texts = [(c["delta"].get("content") if c.get("delta") is not None else c.get("text"))
+                             for c in data.get("choices") or ()]
+                for text in texts:
                     if text:
                         now = time.perf_counter()
                         if last is None:
@@ -215,7 +223,7 @@ async def run(spec: LoadSpec, workload: Workload,
               on_done: Callable[[dict[str, Any]], None] | None = None,
               http: aiohttp.ClientSession | None = None) -> LoadResult:
     """Run `workload` against `spec.url` with the spec's arrival process and bounds."""
-    path = "/v1/chat/completions" if spec.api == "chat" else "/v1/completions"
+    path = PATHS[spec.api]
     urls = [u.rstrip("/") + path for u in (spec.url, *spec.alt_urls)]
     loop = asyncio.get_running_loop()
     result = LoadResult()
@@ -232,11 +240,14 @@ async def run(spec: LoadSpec, workload: Workload,
     async def one(si: int, ti: int) -> None:
         session = workload.sessions[si]
         body = request_body(spec, session, answers[si], ti)
-        result.prompts.append({k: body[k] for k in ("messages", "prompt") if k in body})
+        # What the oracle replays: the conversation in chat's shape, whatever the API.
+        result.prompts.append({"prompt": body["prompt"]} if "prompt" in body else
+                              {"messages": messages_for(session, answers[si], ti)})
         sent_at = time.perf_counter() - perf0
         url = urls[(len(result.prompts) - 1) % len(urls)]  # alternate: one router, then the next
         record, gaps, text = await send(http, url, body, {"Content-Type": "application/json",
-                                                           "X-Session-Id": session.id}, spec.request_timeout_s)
+                                                           "X-Session-Id": session.id}, spec.request_timeout_s,
+                                        spec.api)
         last_end[0] = time.perf_counter()
         record.update(session=session.id, turn=ti, sent_at_s=round(sent_at, 6))
         answers[si].append(text)

@@ -28,7 +28,7 @@ PEER_POLICIES = {
 }
 TARGET_KINDS = ("ours", "vllm-router", "sglang-router", "direct")
 
-# Per workload kind: parameter -> (default, kind) where kind is "int" or "num".
+# Per workload kind: parameter -> (default, kind) where kind is "int", "num" or "bool".
 WORKLOAD_PARAMS: dict[str, dict[str, tuple[Any, str]]] = {
     "multi_turn": {
         "users": (16, "int"),
@@ -55,6 +55,7 @@ WORKLOAD_PARAMS: dict[str, dict[str, tuple[Any, str]]] = {
         "tool_result_tokens": (200, "int"),
         "answer_tokens": (48, "int"),
         "think_time_s": (0.0, "num"),
+        "tool_calls": (False, "bool"),  # a real tool loop: each answer calls the tool (agent_apis.py)
     },
     "lora": {  # one adapter per task: its own instructions, Zipf-popular; names adapter-0..N-1
         "adapters": (8, "int"),
@@ -232,7 +233,7 @@ def parse_scenario(root: Node) -> Scenario:
         mode=mode,
         seed=root.get("seed", 0).integer(minimum=0),
         model=root.get("model", "sim-model").string(),
-        api=root.get("api", "chat").choice(("chat", "completions")),
+        api=root.get("api", "chat").choice(("chat", "completions", "responses", "messages")),
         ignore_eos=root.get("ignore_eos", True).boolean(),
         limits=limits,
         slo_ttft_s=slo.get("ttft_s", 1.0).number(minimum=0, exclusive_minimum=True),
@@ -258,6 +259,8 @@ def _workload(node: Node) -> WorkloadSpec:
         child = node.get(key, default)
         if typ == "int":
             params[key] = child.integer(minimum=0)
+        elif typ == "bool":
+            params[key] = child.boolean()
         else:
             params[key] = child.number(minimum=0)
     for key in ("users", "rounds", "groups", "prompts_per_group", "agents", "steps", "requests", "adapters",

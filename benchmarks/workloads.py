@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from typing import Any
 
 from benchmarks.scenario import WorkloadSpec
 from engines.sim.tokenizer import render_chat
@@ -50,6 +51,7 @@ class Session:
     turns: tuple[Turn, ...]
     group: str = ""  # shared_prefix: the group; others: the session id
     model: str | None = None  # lora: the adapter it names; None: the scenario's model
+    tool_loop: bool = False  # agentic with tool_calls: turns after the first are tool results
 
     @property
     def requests(self) -> int:
@@ -149,7 +151,8 @@ def _agentic(spec: WorkloadSpec, rng: random.Random) -> list[Session]:
         for step in range(1, spec.steps):
             turns.append(Turn(text=f"[tool result {step}] " + words(rng, spec.tool_result_tokens),
                               max_tokens=spec.answer_tokens, think_s=spec.think_time_s))
-        sessions.append(Session(sid, system, (), tuple(turns), group=sid))
+        sessions.append(Session(sid, system, (), tuple(turns), group=sid,
+                                tool_loop=bool(spec.params.get("tool_calls"))))
     return sessions
 
 
@@ -185,8 +188,13 @@ def _no_reuse(spec: WorkloadSpec, rng: random.Random) -> list[Session]:
 
 # --- rendering ------------------------------------------------------------------------------
 
-def messages_for(session: Session, answers: list[str], turn_index: int) -> list[dict[str, str]]:
+def messages_for(session: Session, answers: list[str], turn_index: int) -> list[dict[str, Any]]:
     """The chat messages of `session`'s turn `turn_index`, given the answers to earlier turns."""
+    if session.tool_loop:
+        from benchmarks.agent_apis import tool_loop_messages
+
+        return tool_loop_messages(session.system, [t.text for t in session.turns[:turn_index + 1]],
+                                  answers[:turn_index])
     msgs: list[dict[str, str]] = []
     if session.system is not None:
         msgs.append({"role": "system", "content": session.system})

@@ -12,14 +12,16 @@ from __future__ import annotations
 
 import re
 
-_KEY = b'"cached_tokens"'
+_KEYS = (b'"cached_tokens"',  # chat, completions; Responses' usage.input_tokens_details
+         b'"cache_read_input_tokens"')  # Anthropic Messages' usage (vLLM's name for the same)
 _VALUE = re.compile(rb"\s*:\s*(\d{1,12})")
 
 
 def cached_tokens_of(tail: bytes) -> int | None:
-    """The last ``"cached_tokens": N`` in `tail` (None if absent or null)."""
-    at = tail.rfind(_KEY)
+    """The last ``"cached_tokens": N`` (or Anthropic's ``"cache_read_input_tokens": N``)
+    in `tail` (None if absent or null)."""
+    at, key = max((tail.rfind(k), k) for k in _KEYS)
     if at < 0:
         return None
-    m = _VALUE.match(tail, at + len(_KEY))
+    m = _VALUE.match(tail, at + len(key))
     return int(m.group(1)) if m else None
