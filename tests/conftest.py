@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import socket
 import sys
 import time
@@ -158,6 +159,10 @@ class FakeReplica:
       hang     accept and never answer (until the client goes away)
       big      a JSON answer of `big_size` bytes: the first half at once, the rest when
                `release` is set (so a test can watch the first half arrive)
+      slow     the `json` answer after `delay` seconds (plus, with `jitter`, an exponentially
+               distributed extra of that mean: a long tail, as engines' times to first byte have)
+      sse      an SSE stream (`SSE_EVENTS`, then [DONE]) whose first event comes after `delay`
+    `cancelled` counts requests whose client (the router) went away before the answer.
     """
 
     def __init__(self, models: tuple[str, ...] = ("sim-a",)) -> None:
@@ -173,6 +178,9 @@ class FakeReplica:
         self.big_size = 4 * 1024 * 1024
         self.release = asyncio.Event()
         self.in_flight = 0
+        self.delay = 0.0  # seconds before the answer in the `slow` and `sse` modes
+        self.jitter = 0.0  # mean of an exponential extra delay in the `slow` mode
+        self.cancelled = 0
         self.runner: web.AppRunner | None = None
         self.url = ""
 
@@ -217,6 +225,9 @@ class FakeReplica:
         self.in_flight += 1
         try:
             return await self._answer(request)
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
         finally:
             self.in_flight -= 1
 
@@ -235,6 +246,16 @@ class FakeReplica:
             return resp
         if self.mode == "hang":
             await asyncio.Future()
+        if self.mode in ("slow", "sse") and (self.delay or self.jitter):
+            extra = random.expovariate(1.0 / self.jitter) if self.jitter and self.mode == "slow" else 0.0
+            await asyncio.sleep(self.delay + extra)
+        if self.mode == "sse":
+            resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+            await resp.prepare(request)
+            for event in self.sse_events():
+                await resp.write(event)
+            await resp.write_eof()
+            return resp
         if self.mode == "big":
             resp = web.StreamResponse(headers={"Content-Type": "application/json"})
             resp.content_length = self.big_size
@@ -248,6 +269,11 @@ class FakeReplica:
         headers = {"Proxy-Authenticate": "Basic", "X-Replica-Kept": "yes", **self.extra_headers}
         return web.json_response({"ok": True, "path": request.path, "url": self.url},
                                  headers=headers)
+
+    def sse_events(self) -> list[bytes]:
+        """The `sse` mode's events, as written (the last is ``data: [DONE]``)."""
+        return [b'data: {"n": %d, "url": "%s"}\n\n' % (i, self.url.encode()) for i in range(3)] + \
+            [b"data: [DONE]\n\n"]
 
     @property
     def request_ids(self) -> list[str]:

@@ -288,6 +288,17 @@ def test_bad_auth(auth: dict, path: str, fragment: str) -> None:
      "circuit_breaker.max_ejection_time", ">= ejection_time"),
     ("proxy", {"first_byte_timeout": 0}, "proxy.first_byte_timeout", "greater than 0"),
     ("admission", {"enabeld": True}, "admission.enabeld", "did you mean 'enabled'"),
+    ("circuit_breaker", {"latency_factor": 0.5}, "circuit_breaker.latency_factor",
+     "0 (off) or a factor above 1"),
+    ("circuit_breaker", {"latency_min_requests": 0}, "circuit_breaker.latency_min_requests", ">= 1"),
+    ("circuit_breaker", {"max_ejection_percent": 120}, "circuit_breaker.max_ejection_percent",
+     "<= 100"),
+    ("proxy", {"hedge": {"min_delay": 2, "max_delay": 1}}, "proxy.hedge.max_delay", ">= min_delay"),
+    ("proxy", {"hedge": {"multiplier": 0.5}}, "proxy.hedge.multiplier", ">= 1"),
+    ("proxy", {"hedge": {"enabled": "yes"}}, "proxy.hedge.enabled", "true or false"),
+    ("proxy", {"hedge": {"paths": ["/v1/completions", "v1/x"]}}, "proxy.hedge.paths[1]",
+     "starting with '/'"),
+    ("proxy", {"hedge": {"delay": 1}}, "proxy.hedge.delay", "unknown"),
 ])
 def test_bad_front_door_values(section: str, value: dict, path: str, fragment: str) -> None:
     exc = error({**GOOD, section: value})
@@ -300,6 +311,12 @@ def test_front_door_defaults() -> None:
     assert cfg.server.header_timeout == 10 and cfg.proxy.first_byte_timeout == 60
     assert cfg.admission.enabled and cfg.circuit_breaker.failure_threshold == 5
     assert not cfg.cors.allow_origins
+    # Latency ejection on, hedging off; when on, hedges only requests without side effects.
+    assert cfg.circuit_breaker.latency_factor == 2.5 and cfg.circuit_breaker.latency_min_requests == 10
+    assert cfg.circuit_breaker.max_ejection_percent == 50
+    hedge = cfg.proxy.hedge
+    assert not hedge.enabled and hedge.min_delay == 0.05 and hedge.max_delay == 30
+    assert hedge.paths == ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
 
 
 def test_the_readme_configuration_reference_is_a_valid_config(tmp_path) -> None:
