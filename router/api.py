@@ -275,8 +275,10 @@ class Api:
         if not candidates:
             raise self.proxy.unavailable(canonical)
         admissible = [r for r in candidates if self.proxy.admissible(r)]
-        if not admissible:
-            raise self._reject("ejected", self.proxy.ejected_error(canonical, candidates))
+        if not admissible:  # a half-open trial's verdict may be due: wait for it, not 503
+            admissible = await self.proxy.admissible_or_wait(candidates, record)
+            if not admissible:
+                raise self._reject("ejected", self.proxy.ejected_error(canonical, candidates))
         session_key = request.headers.get(self._session_header) or None
         prefix = self.config.prefix
         route = build_route_request(
@@ -303,6 +305,9 @@ class Api:
             self.telemetry.queue_wait.labels(canonical).observe(waited)
             # The fleet may have changed while the request waited.
             admissible = [r for r in replicas if r.routable and self.proxy.admissible(r)]
+            if not admissible:
+                admissible = await self.proxy.admissible_or_wait(
+                    [r for r in replicas if r.routable], record)
             if not admissible:
                 raise self.proxy.unavailable(canonical)
         if self._wants_exact_tokens(admissible):

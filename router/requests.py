@@ -47,6 +47,9 @@ class RouteRequest:
     lora: str | None = None
     base_model: str | None = None
     adapter_path: str | None = None
+    # The client's max_tokens (or max_completion_tokens), when an integer: how long a
+    # non-stream answer may take to its first byte (router/outliers.py compares like with like).
+    max_tokens: int | None = None
 
     @property
     def index_model(self) -> str:
@@ -194,11 +197,15 @@ def build_route_request(
         hashes = prefix_hashes(model, text=hashed_text, tokens=hashed_tokens,
                                cache_salt=cache_salt, block_chars=block_chars,
                                block_tokens=block_tokens)[:max_blocks]
+    max_tokens = data.get("max_tokens")
+    if max_tokens is None:
+        max_tokens = data.get("max_completion_tokens")
     return RouteRequest(
         model=model,
         path=path,
         body=body,
         stream=stream,
+        max_tokens=max_tokens if _is_int(max_tokens) else None,
         request_id=request_id,
         routing_text=hashed_text if text else text,
         routing_tokens=tokens,
