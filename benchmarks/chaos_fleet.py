@@ -6,8 +6,9 @@ under load, a replica that is alive but slow, and the router's own limits.
   that did not end in a complete 200 (the goal: none; a reload is make-before-break).
 * **slow**: one replica of four made 20x slower (the simulator's ``slow_factor``), under
   steady load, for each policy in ``slow_policies``: TTFT p50/p99 of a healthy fleet, of the
-  slow fleet with hedging off (latency ejection alone) and with hedging on, and the extra
-  attempts hedging sent (``router_hedges_total`` over requests).
+  slow fleet with neither latency ejection nor hedging (the defect as found), with latency
+  ejection alone (the default) and with hedging on too, and the extra attempts hedging
+  sent (``router_hedges_total`` over requests).
 * **flood**: ``flood_connections`` plain TCP connections opened at once against
   ``server.max_connections: flood_cap``: how many read a 503, how fast, the router's open
   file descriptors at peak and one second after the clients let go, and whether ``/health``
@@ -189,8 +190,9 @@ async def reload_run(settings: Settings, procs: Processes) -> dict[str, Any]:
 
 SLOW_CASES = (
     ("healthy", False, {}),
-    ("slow, hedging off", True, {}),
-    ("slow, hedging on", True, {"proxy": {"hedge": {"enabled": True}}}),
+    ("slow, no latency ejection, no hedging", True, {"circuit_breaker": {"latency_factor": 0}}),
+    ("slow, latency ejection (default)", True, {}),
+    ("slow, latency ejection + hedging", True, {"proxy": {"hedge": {"enabled": True}}}),
 )
 
 
@@ -208,7 +210,7 @@ async def _slow_case(settings: Settings, procs: Processes, policy: str, case: st
     sims = await _sims(4, settings.time_scale)
     config: dict[str, Any] = {"models": [{"name": MODEL, "backends": [s.url for s in sims]}],
                               "routing": {"policy": policy}, **extra}
-    name = f"slow-{policy}-{case.split(',')[-1].strip().replace(' ', '-')}"
+    name = f"slow-{policy}-{SLOW_CASES.index(next(c for c in SLOW_CASES if c[0] == case))}"
     router, url = await _router(settings, procs, name, config)
     rng = random.Random(5)
     prompts = [f"Agent {g}: " + "You follow the house rules. " * 10 for g in range(16)]

@@ -297,8 +297,10 @@ class Api:
         if not candidates:
             raise self.proxy.unavailable(canonical)
         admissible = [r for r in candidates if self.proxy.admissible(r)]
-        if not admissible:
-            raise self._reject("ejected", self.proxy.ejected_error(canonical, candidates))
+        if not admissible:  # a half-open trial's verdict may be due: wait for it, not 503
+            admissible = await self.proxy.admissible_or_wait(candidates, record)
+            if not admissible:
+                raise self._reject("ejected", self.proxy.ejected_error(canonical, candidates))
         session_key = request.headers.get(self._session_header) or None
         prefix = self.config.prefix
         route = build_route_request(
@@ -327,6 +329,9 @@ class Api:
             self.telemetry.queue_wait.labels(canonical).observe(waited)
             # The fleet may have changed while the request waited.
             admissible = [r for r in replicas if r.routable and self.proxy.admissible(r)]
+            if not admissible:
+                admissible = await self.proxy.admissible_or_wait(
+                    [r for r in replicas if r.routable], record)
             if not admissible:
                 raise self.proxy.unavailable(canonical)
         if self._wants_exact_tokens(admissible):
@@ -614,5 +619,5 @@ def _json(payload: Any, status: int = 200) -> web.Response:
 
 def _token_cost(prompt_tokens: int, data: dict[str, Any]) -> int:
     """What a request costs a tokens-per-minute bucket: its prompt plus its max output."""
-    out = data.get("max_completion_tokens", data.get("max_tokens"))
+    out = data.get("max_completion_tokens", data.get("max_tokens", data.get("max_output_tokens")))
     return prompt_tokens + (out if isinstance(out, int) and not isinstance(out, bool) and out > 0 else 0)

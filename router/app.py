@@ -177,7 +177,8 @@ class Router:
         self.proxy = Proxy(upstream=self.upstream, feedback_to=lambda: self.policy, index=self.index,
                            config=cfg.proxy, telemetry=self.telemetry, monitor=self.monitor,
                            request_id_header=cfg.server.request_id_header,
-                           breaker_config=cfg.circuit_breaker, loop_lag=self.loop_lag, exact=self.exact)
+                           breaker_config=cfg.circuit_breaker, loop_lag=self.loop_lag, exact=self.exact,
+                           fleet=self.fleet)
         flow = self.flow = SingleHop(proxy=self.proxy, profile=lambda: self.policy, index=self.index,
                                      telemetry=self.telemetry, exact=self.exact,
                                      loader=AdapterLoader(self.session), explain=cfg.server.access_log)

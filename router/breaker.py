@@ -20,6 +20,15 @@ out of every ranking.  A half-open one is back in the rankings where the policy 
 but takes one request at a time until one succeeds.  (The anchors: Envoy's outlier
 detection, and the circuit breakers of vllm-router and SGLang's gateway.)
 
+A replica that answers, but far slower than its peers, is ejected the same way by the
+latency outlier detector (router/outliers.py, `CircuitBreakers.eject`): OPEN for a time it
+chooses, then the same half-open trial.
+
+While a trial is in flight the replica takes no other request; a request that finds every
+candidate in that state (or ejected) waits for a trial's verdict (``on_trial_end``,
+`Proxy.admissible_or_wait`) instead of being answered 503: after a fault that hit every
+replica, the first requests are the trials, and the ones behind them are not refused.
+
 The state lives on each Replica (``replica.breaker``, bounded by the fleet); the rules are
 here, in `CircuitBreakers`.
 """
@@ -65,6 +74,7 @@ class CircuitBreakers:
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.config = config
         self.on_change = on_change  # (replica id, breaker, reason)
+        self.on_trial_end: Callable[[], None] | None = None  # a half-open trial has its verdict
         self._clock = clock
 
     def allows(self, replica_id: str, breaker: Breaker) -> bool:
@@ -76,6 +86,11 @@ class CircuitBreakers:
                 return False
             self._set(replica_id, breaker, BreakerState.HALF_OPEN, "ejection time over")
         return not breaker.trial_in_flight
+
+    @staticmethod
+    def on_trial(breaker: Breaker) -> bool:
+        """Is the replica half-open with its one trial request in flight (its verdict due)?"""
+        return breaker.state is BreakerState.HALF_OPEN and breaker.trial_in_flight
 
     def retry_in(self, breaker: Breaker) -> float:
         """Seconds until an open breaker lets a trial through."""
@@ -95,11 +110,27 @@ class CircuitBreakers:
         if breaker.state is BreakerState.HALF_OPEN and trial:
             breaker.ejections = 0
             self._set(replica_id, breaker, BreakerState.CLOSED, "trial request succeeded")
+        if trial:
+            self._trial_ended()
 
     def on_abandon(self, breaker: Breaker, trial: bool) -> None:
-        """The attempt ended without an outcome (the client left): free the trial slot."""
+        """The attempt ended without an outcome (the client left, a hedge won): free the
+        trial slot."""
         if trial:
             breaker.trial_in_flight = False
+            self._trial_ended()
+
+    def eject(self, replica_id: str, breaker: Breaker, seconds: float, reason: str) -> bool:
+        """Take a working replica out for `seconds` (a latency outlier), then the usual
+        half-open trial; False if it is out already."""
+        if breaker.state is BreakerState.OPEN:
+            return False
+        self._open(replica_id, breaker, seconds, reason)
+        return True
+
+    def _trial_ended(self) -> None:
+        if self.on_trial_end is not None:
+            self.on_trial_end()
 
     def on_failure(self, replica_id: str, breaker: Breaker, trial: bool, reason: str,
                    retry_after: float | None = None) -> None:
@@ -107,6 +138,12 @@ class CircuitBreakers:
         breaker.last_reason = reason
         if trial:
             breaker.trial_in_flight = False
+        self._judge_failure(replica_id, breaker, trial, reason, retry_after)
+        if trial:
+            self._trial_ended()
+
+    def _judge_failure(self, replica_id: str, breaker: Breaker, trial: bool, reason: str,
+                       retry_after: float | None) -> None:
         cfg = self.config
         if retry_after is not None and retry_after > 0:
             self._open(replica_id, breaker, min(retry_after, cfg.max_retry_after),

@@ -20,8 +20,9 @@
     proxy:    {connect_timeout, first_byte_timeout, read_timeout, unhealthy_grace,
                max_attempts, backoff_initial, backoff_max, deadline, retry_after,
                max_connections, pool_timeout, retry_budget_ratio, retry_budget_min_per_s,
-               buffer_bytes}
-    circuit_breaker: {failure_threshold, ejection_time, max_ejection_time, max_retry_after}
+               buffer_bytes, hedge: {enabled, min_delay, multiplier, max_delay, paths}}
+    circuit_breaker: {failure_threshold, ejection_time, max_ejection_time, max_retry_after,
+               latency_factor, latency_min_requests, max_ejection_percent}
     launch:   {config: engines.yaml, only: [..], ...}   (optional: local engines to start)
 
 Every error names the file, the key path (``models[0].backends[1].url``), what was found
@@ -144,6 +145,11 @@ class CircuitBreakerConfig:
     ejection_time: float = 5.0  # seconds out for the first ejection; doubles each time
     max_ejection_time: float = 60.0
     max_retry_after: float = 60.0  # cap on how long an upstream Retry-After keeps it out
+    # Latency outliers (router/outliers.py): a replica whose time to first byte runs this many
+    # times its peers' median (same model, same request size) is ejected; 0: off.
+    latency_factor: float = 2.5
+    latency_min_requests: int = 10  # compared samples a replica needs before it is judged
+    max_ejection_percent: float = 50.0  # of a model's replicas out at once by latency (at least one)
 
 
 @dataclass(frozen=True, slots=True)
@@ -308,6 +314,24 @@ class MetricsConfig:
     models_interval: float = 10.0  # replica /v1/models discovery
 
 
+# Paths a hedge may duplicate by default: generations and embeddings have no side effects
+# (vLLM keeps nothing of them but its prefix cache).  Not /v1/responses (``store`` keeps the
+# answer), nor anything an operator adds to ``server.forward_paths`` without saying so here.
+DEFAULT_HEDGE_PATHS: tuple[str, ...] = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
+
+
+@dataclass(frozen=True, slots=True)
+class HedgeConfig:
+    """Hedged requests (router/proxy.py): a second attempt for a first one without its first
+    byte after a delay derived from the replica's expected time to first byte."""
+
+    enabled: bool = False  # off by default: a hedge is a second copy of the request's work
+    min_delay: float = 0.05  # seconds: never hedge sooner
+    multiplier: float = 2.0  # hedge after this many times the expected time to first byte ...
+    max_delay: float = 30.0  # ... but no later than this (also the delay while nothing is known)
+    paths: tuple[str, ...] = DEFAULT_HEDGE_PATHS  # requests without side effects
+
+
 @dataclass(frozen=True, slots=True)
 class ProxyConfig:
     connect_timeout: float = 2.0
@@ -324,6 +348,7 @@ class ProxyConfig:
     retry_budget_ratio: float = 0.2  # retries may add at most this share of the requests ...
     retry_budget_min_per_s: float = 5.0  # ... plus this many per second
     buffer_bytes: int = 1024 * 1024  # non-stream answers up to this size are buffered whole
+    hedge: HedgeConfig = field(default_factory=HedgeConfig)
 
 
 @dataclass(frozen=True, slots=True)
@@ -373,7 +398,8 @@ _CORS_KEYS = ("allow_origins", "allow_methods", "allow_headers", "expose_headers
               "allow_credentials", "max_age")
 _ADMISSION_KEYS = ("enabled", "queue_size", "max_wait", "max_waiting_per_replica", "max_queue_time",
                    "max_kv_usage", "priority_header", "rate_limit", "max_clients")
-_BREAKER_KEYS = ("failure_threshold", "ejection_time", "max_ejection_time", "max_retry_after")
+_BREAKER_KEYS = ("failure_threshold", "ejection_time", "max_ejection_time", "max_retry_after",
+                 "latency_factor", "latency_min_requests", "max_ejection_percent")
 _MODEL_KEYS = ("name", "aliases", "backends", "tokenizer", "lora", "disaggregation", "discovery")
 _DISCOVERY_KEYS = ("dns", "kubernetes", "scheme", "max_replicas", "backend")
 _DNS_KEYS = ("name", "record", "port", "nameservers", "interval", "min_interval", "timeout")
@@ -395,7 +421,8 @@ _METRICS_KEYS = ("scrape_interval", "timeout", "models_interval")
 _PROXY_KEYS = ("connect_timeout", "first_byte_timeout", "read_timeout", "unhealthy_grace",
                "max_attempts", "backoff_initial", "backoff_max", "deadline", "retry_after",
                "max_connections", "pool_timeout", "retry_budget_ratio", "retry_budget_min_per_s",
-               "buffer_bytes")
+               "buffer_bytes", "hedge")
+_HEDGE_KEYS = ("enabled", "min_delay", "multiplier", "max_delay", "paths")
 _LAUNCH_KEYS = ("config", "models", "only", "ready_timeout")
 
 
@@ -664,6 +691,41 @@ def _circuit_breaker(node: Node) -> CircuitBreakerConfig:
         ejection_time=first,
         max_ejection_time=longest,
         max_retry_after=_num(node, "max_retry_after", d.max_retry_after, exclusive=False),
+        latency_factor=_latency_factor(node.get("latency_factor", d.latency_factor)),
+        latency_min_requests=_int(node, "latency_min_requests", d.latency_min_requests,
+                                  minimum=1, maximum=1_000_000),
+        max_ejection_percent=_num(node, "max_ejection_percent", d.max_ejection_percent,
+                                  exclusive=False, maximum=100.0),
+    )
+
+
+def _latency_factor(node: Node) -> float:
+    factor = node.number(minimum=0.0)
+    if 0.0 < factor <= 1.0:
+        node.fail(f"expected 0 (off) or a factor above 1, found {factor:g}")
+    return factor
+
+
+def _hedge(node: Node) -> HedgeConfig:
+    node.mapping(_HEDGE_KEYS)
+    d = HedgeConfig()
+    shortest = _num(node, "min_delay", d.min_delay, exclusive=False)
+    longest_node = node.get("max_delay", d.max_delay)
+    longest = longest_node.number(minimum=0.0, exclusive_minimum=True)
+    if longest < shortest:
+        longest_node.fail(f"expected a value >= min_delay ({shortest:g}), found {longest:g}")
+    paths: list[str] = []
+    for item in node.get("paths", list(d.paths)).items():
+        path = item.string()
+        if not path.startswith("/"):
+            item.fail(f"expected a path starting with '/', found {path!r}")
+        paths.append(path)
+    return HedgeConfig(
+        enabled=node.get("enabled", d.enabled).boolean(),
+        min_delay=shortest,
+        multiplier=_num(node, "multiplier", d.multiplier, minimum=1.0, exclusive=False),
+        max_delay=longest,
+        paths=tuple(dict.fromkeys(paths)),
     )
 
 
@@ -953,6 +1015,7 @@ def _proxy(node: Node) -> ProxyConfig:
         retry_budget_min_per_s=_num(node, "retry_budget_min_per_s", d.retry_budget_min_per_s,
                                     exclusive=False),
         buffer_bytes=_int(node, "buffer_bytes", d.buffer_bytes, minimum=0),
+        hedge=_hedge(node.get("hedge", {})),
     )
 
 

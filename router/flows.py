@@ -184,7 +184,7 @@ class Disaggregated:
         started = time.perf_counter()
         try:
             async with asyncio.timeout(settings.transfer_timeout):
-                answer = await proxy.forward(request, hop, prefill, record, relay=False)
+                answer = await proxy.forward(request, hop, prefill, record, relay=False, hedge=False)
         except TimeoutError:
             record.error = f"prefill hop: no whole answer within {settings.transfer_timeout:g}s"
             raise RouterError(504, f"The prefill of this request did not finish within "
@@ -202,7 +202,9 @@ class Disaggregated:
         data = orjson.loads(route.body)
         if params is not None:
             data["kv_transfer_params"] = params
-        out = await proxy.forward(request, replace(route, body=orjson.dumps(data)), decode, record)
+        # Never hedged: the prefill replica hands its KV blocks to one reader.
+        out = await proxy.forward(request, replace(route, body=orjson.dumps(data)), decode, record,
+                                  hedge=False)
         if out.status >= 500 and not out.prepared:
             record.error = f"decode hop: upstream {out.status} after the prefill on {record.prefill_replica}"
             return error_response(502, "The decode replica could not complete this request after its "

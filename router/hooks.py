@@ -9,15 +9,18 @@ listener of four moments, in this order for one attempt:
                                             the answer is committed to the client
     on_failure(attempt, failure)            it failed before committing (failover may follow)
     on_complete(attempt, outcome)           always, last: "success", "failure" or "abandoned"
-                                            (the client left, the drain cut it, a bug)
+                                            (the client left, the drain cut it, a bug, or
+                                            another attempt of the request won a hedge race:
+                                            then ``attempt.superseded``)
 
 The listeners, each owning one concern, in the order they are called:
 
 * `InFlight`       the replica's in-flight count and its gauge;
 * `BreakerFeedback` the circuit breaker's trial slot, successes and failures (breaker.py);
 * `IndexFeedback`  the prefix-index record made at dispatch, forgotten when the replica
-                   refused the request (4xx) or the attempt failed; the same for the exact
-                   index's pending blocks (predict-on-route), which expire after the end;
+                   refused the request (4xx), the attempt failed or it lost a hedge race;
+                   the same for the exact index's pending blocks (predict-on-route), which
+                   expire after the end;
 * `AdapterFeedback` an attempt for a LoRA adapter puts it in the replica's likely GPU
                    slots (router/lora.py), as vLLM will when it schedules the request,
                    and counts it in flight there until it completes (batch slots);
@@ -25,7 +28,9 @@ The listeners, each owning one concern, in the order they are called:
 * `PolicyFeedback` time to first byte and decision metrics, and `policy.observe`;
 * `PredictionAccuracy` the predicted cached tokens against the answer's ``cached_tokens``;
 * `AdmissionRelease` an admitted request's first byte hands its admission slot on (added
-                   by the Router: the admission queue belongs to the API).
+                   by the Router: the admission queue belongs to the API);
+* `outliers.LatencyFeedback` each attempt's time to first byte, for the latency outlier
+                   ejection (router/outliers.py).
 
 A hook keeps what it needs between moments in `attempt.state[<its name>]`.  A second
 request flow (prefill on one replica, then decode on another) reuses the same hooks
@@ -67,6 +72,7 @@ class Attempt:
     record: RequestRecord
     number: int  # 1 for the first attempt of the request
     state: dict[str, Any] = field(default_factory=dict)  # per-hook state, by hook name
+    superseded: bool = False  # cancelled because another attempt of the request answered first
 
 
 class AttemptHook(Protocol):
@@ -217,6 +223,9 @@ class IndexFeedback(Hook):
             self.exact.retract(pending)
 
     def on_complete(self, attempt: Attempt, outcome: str) -> None:
+        if attempt.superseded:
+            self._forget(attempt)  # cancelled in its prefill: the other replica holds the prefix
+            return
         pending = attempt.state.pop("pending", None)
         if pending is not None and self.exact is not None:
             self.exact.settle(pending)

@@ -120,6 +120,8 @@ class FleetWiring:
         router = self.router
         router.index.remove_replica(replica.id)
         router.policy.forget_replica(replica.id)
+        if router.proxy is not None:
+            router.proxy.forget_replica(replica.id)  # its latency record
         router.kv_events.remove(replica.id)
         task = asyncio.get_running_loop().create_task(self._retire(replica))
         self._stopping.add(task)  # kept until done (asyncio holds tasks weakly)

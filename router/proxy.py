@@ -45,6 +45,23 @@ One request's life here:
    its connection is closed, which is how vLLM learns to abort the request when the
    client went away (the handler is cancelled on disconnect, see app.py).
 
+Hedging (``proxy.hedge``, off by default).  A replica that is alive but slow fails nothing,
+so failover never leaves it; the latency outlier detection (router/outliers.py) ejects it
+only after some requests suffered.  With hedging on, a request whose first attempt has no
+first byte (a stream's first chunk, a whole answer otherwise) after a delay derived from
+that replica's expected time to first byte (``multiplier`` x the lesser of its own typical
+time and its peers' for the request's shape, within [``min_delay``, ``max_delay``]; before
+those are known, a stream's prefill time at the profile's learned rate, else ``max_delay``)
+gets a second attempt on the best admissible replica not tried yet.  Whichever answers
+first is relayed; the other is cancelled: its connection closed (vLLM aborts it), its hooks
+see ABANDONED with ``attempt.superseded`` (its prefix record is forgotten; a first attempt's
+elapsed time feeds the latency detector).  At most one hedge per
+request, only for its first attempt, never once it has its first byte, never without another
+admissible replica, each one a retry token of the budget and one of ``max_attempts``; and
+only for ``hedge.paths`` (requests without side effects) and never for a hop of a
+disaggregated request (a KV transfer has one reader).  Without hedging the request path runs
+no task or timer of its own for it.
+
 Messages sent to clients never name a replica (its URL is topology); the access log does.
 """
 
@@ -72,7 +89,7 @@ from tenacity import (
 )
 from tenacity.stop import stop_base
 
-from router.breaker import CircuitBreakers
+from router.breaker import BreakerState, CircuitBreakers
 from router.config import CircuitBreakerConfig, ProxyConfig
 from router.errors import RouterError, error_body, sse_error_event
 from router.fleet import Health, Replica
@@ -91,6 +108,7 @@ from router.hooks import (
     SuspectMarking,
 )
 from router.loop_lag import LoopLag
+from router.outliers import LatencyFeedback, LatencyOutliers, uncached_tokens
 from router.retry_budget import RetryBudget
 from router.scheduling import Decision, Profile
 from router.telemetry import RequestRecord, Telemetry
@@ -106,6 +124,7 @@ from router.usage import cached_tokens_of
 from router.waits import DRAIN, UNHEALTHY, Wait, Waits
 
 if TYPE_CHECKING:
+    from router.fleet import Fleet
     from router.monitor import Monitor
     from router.prefix.exact import ExactIndex
     from router.prefix.index import PrefixIndex
@@ -301,6 +320,47 @@ class NoReplicaLeft(Exception):
     """Every replica of the ranking became unroutable during failover."""
 
 
+class _Slot:
+    """An attempt's slot of the upstream pool, until the request takes it to the pool.
+
+    Taken before the attempt is dispatched; `Proxy._head` marks it handed over as it sends.
+    An attempt that ends before that (its dispatch failed, or a hedge leg cancelled before
+    its task ever ran: no code of it runs then) gives it back through `release`, once."""
+
+    __slots__ = ("held",)
+
+    def __init__(self) -> None:
+        self.held = True
+
+    def release(self, pool: UpstreamPool) -> None:
+        if self.held:
+            self.held = False
+            pool.release_slot()
+
+
+class _Leg:
+    """One attempt of a hedged request: its wait for the answer runs as a task, so that two
+    can race (router/proxy.py, `Proxy._race`)."""
+
+    __slots__ = ("attempt", "wait", "slot", "task", "outcome", "answer", "finished", "ended")
+
+    def __init__(self, attempt: Attempt, wait: Wait, slot: _Slot) -> None:
+        self.attempt = attempt
+        self.wait = wait
+        self.slot = slot
+        self.task: asyncio.Task[tuple[UpstreamResponse, bytes, bool, bool]]
+        self.outcome = ABANDONED
+        self.answer: tuple[UpstreamResponse, bytes, bool, bool] | None = None  # the winner's
+        self.finished = False  # its answer was relayed to the end
+        self.ended = False  # its hooks heard on_complete: nothing more is said of it
+
+
+def _retrieved(task: asyncio.Task[tuple[UpstreamResponse, bytes, bool, bool]]) -> None:
+    """A leg's failure is read by the race, or was superseded: never "never retrieved"."""
+    if not task.cancelled():
+        task.exception()
+
+
 class _StopWhen(stop_base):
     """A tenacity stop condition from a plain predicate (the retry budget's)."""
 
@@ -362,8 +422,10 @@ class Proxy:
                  config: ProxyConfig, telemetry: Telemetry, monitor: Monitor | None = None,
                  request_id_header: str = "X-Request-Id",
                  breaker_config: CircuitBreakerConfig | None = None,
-                 loop_lag: LoopLag | None = None, exact: ExactIndex | None = None) -> None:
+                 loop_lag: LoopLag | None = None, exact: ExactIndex | None = None,
+                 fleet: Fleet | None = None) -> None:
         self.upstream = upstream  # the client's requests (router/upstream.py)
+        self.profile = feedback_to  # the routing profile's getter (a reload may swap it)
         self.loop_lag = loop_lag
         self.index = index
         self.config = config
@@ -373,11 +435,18 @@ class Proxy:
         self.waits = Waits(config.unhealthy_grace)
         self.breakers = CircuitBreakers(breaker_config or CircuitBreakerConfig(),
                                         on_change=telemetry.set_breaker)
+        self.breakers.on_trial_end = self._trial_ended
+        self._verdict: asyncio.Event | None = None  # set at the next trial's end, while awaited
+        # Replicas far slower than their peers are ejected through their breakers.
+        self.outliers = LatencyOutliers(
+            self.breakers, fleet.for_model if fleet is not None else None,
+            on_eject=lambda rid, reason: telemetry.outlier_ejections.labels(rid, reason).inc())
         self.retry_budget = RetryBudget(config.retry_budget_ratio, config.retry_budget_min_per_s)
         # What an attempt means beyond transport (router/hooks.py), in this order.
         self.hooks = Hooks([InFlight(), BreakerFeedback(self.breakers), IndexFeedback(index, exact),
                             AdapterFeedback(), SuspectMarking(monitor), PolicyFeedback(feedback_to, telemetry),
-                            PredictionAccuracy(telemetry, exact)])
+                            LatencyFeedback(self.outliers), PredictionAccuracy(telemetry, exact)])
+        self._hedge_paths = self._hedge_paths_of(config)
         # Per-request bookkeeping (drain, introspection): entries removed in `finally`.
         self.active: dict[int, RequestRecord] = {}
         self._ids = itertools.count()
@@ -391,7 +460,19 @@ class Proxy:
             self.retry_budget = RetryBudget(config.retry_budget_ratio, config.retry_budget_min_per_s)
         self.waits.unhealthy_grace = config.unhealthy_grace
         self.config = config
+        self._hedge_paths = self._hedge_paths_of(config)
         self.breakers.config = breakers
+
+    @staticmethod
+    def _hedge_paths_of(config: ProxyConfig) -> frozenset[str]:
+        """The paths whose requests may be hedged (none when hedging is off, or when a request
+        has no second attempt to spend)."""
+        hedge = config.hedge
+        return frozenset(hedge.paths) if hedge.enabled and config.max_attempts >= 2 else frozenset()
+
+    def forget_replica(self, replica_id: str) -> None:
+        """The replica left the fleet: what the latency detector learned of it goes too."""
+        self.outliers.forget_replica(replica_id)
 
     # -- bookkeeping ------------------------------------------------------------------
     def begin(self, record: RequestRecord) -> int:
@@ -427,6 +508,37 @@ class Proxy:
     def admissible(self, replica: Replica) -> bool:
         return replica.routable and self.breakers.allows(replica.id, replica.breaker)
 
+    async def admissible_or_wait(self, candidates: Sequence[Replica],
+                                 record: RequestRecord) -> list[Replica]:
+        """The candidates a request may be sent to now; when there is none only because
+        half-open replicas have their one trial in flight, wait for a trial's verdict (or an
+        ejection's end) rather than refuse the request, up to ``proxy.deadline`` after it
+        arrived.  An empty list: every candidate is ejected (the caller's 503)."""
+        while True:
+            usable = [r for r in candidates if self.admissible(r)]
+            if usable:
+                return usable
+            on_trial = self.breakers.on_trial
+            if not any(r.routable and on_trial(r.breaker) for r in candidates):
+                return usable
+            left = self.config.deadline - record.elapsed()
+            reopen = [self.breakers.retry_in(r.breaker) for r in candidates
+                      if r.routable and r.breaker.state is BreakerState.OPEN]
+            wait = min([left, *reopen])
+            if left <= 0:
+                return usable
+            if self._verdict is None:
+                self._verdict = asyncio.Event()
+            try:
+                await asyncio.wait_for(self._verdict.wait(), timeout=max(wait, 0.001))
+            except TimeoutError:
+                pass
+
+    def _trial_ended(self) -> None:
+        verdict, self._verdict = self._verdict, None
+        if verdict is not None:
+            verdict.set()
+
     def ejected_error(self, model: str, replicas: Sequence[Replica]) -> RouterError:
         """503 for a model whose routable replicas are all ejected by their breakers."""
         wait = min((self.breakers.retry_in(r.breaker) for r in replicas), default=0.0)
@@ -437,11 +549,14 @@ class Proxy:
 
     # -- forwarding -------------------------------------------------------------------
     async def forward(self, request: web.Request, route: RouteRequest, decision: Decision,
-                      record: RequestRecord, *, relay: bool = True) -> web.StreamResponse:
+                      record: RequestRecord, *, relay: bool = True,
+                      hedge: bool = True) -> web.StreamResponse:
         """Attempts down `decision.ranked` (not empty; a flow ranked it, router/flows.py).
 
         ``relay=False`` (a flow's inner hop, e.g. a prefill): the answer must be whole and
-        is returned as a ``web.Response`` for the flow to read; nothing reaches the client."""
+        is returned as a ``web.Response`` for the flow to read; nothing reaches the client.
+        ``hedge=False``: never a hedge (a hop of a disaggregated request); otherwise the
+        first attempt is hedged when ``proxy.hedge`` says so (see the module docstring)."""
         cfg = self.config
         self.retry_budget.on_request()
         tried: list[Replica] = []
@@ -464,16 +579,20 @@ class Proxy:
             tried.append(replica)
             record.attempts = 1
             record.replica = replica.id
-            return await self._attempt(request, route, replica, 1, decision, record, relay)
+            if (route.path not in self._hedge_paths or not relay or not hedge
+                    or self._hedge_target(decision.ranked, tried) is None):
+                return await self._attempt(request, route, replica, 1, decision, record, relay)
+            return await self._race(request, route, decision, record, tried)
         except UpstreamFailure as failure:
             last = failure
         except NoReplicaLeft:
             return self._give_up(route, record, last, tried, ["none_left"])
         first_failure: UpstreamFailure | None = last
+        hedged = len(tried) - 1  # a hedge was one of the attempts (and numbered 2)
         remaining = max(0.0, cfg.deadline - record.elapsed())  # tenacity's clock starts now
         retrying = AsyncRetrying(
-            stop=stop_any(stop_after_attempt(cfg.max_attempts), stop_after_delay(remaining),
-                          _StopWhen(budget_stop)),
+            stop=stop_any(stop_after_attempt(max(1, cfg.max_attempts - hedged)),
+                          stop_after_delay(remaining), _StopWhen(budget_stop)),
             wait=wait_random_exponential(multiplier=cfg.backoff_initial, max=cfg.backoff_max),
             retry=retry_if_exception_type(UpstreamFailure),
             reraise=True,
@@ -485,6 +604,7 @@ class Proxy:
                     if number == 1 and first_failure is not None:
                         replayed, first_failure = first_failure, None
                         raise replayed  # the fast path's attempt, replayed for tenacity
+                    number += hedged
                     replica = self._pick(decision.ranked, tried)
                     if number > 1:
                         self.telemetry.retries.labels(route.model).inc()
@@ -504,6 +624,13 @@ class Proxy:
         except NoReplicaLeft:
             stopped.append("none_left")
         return self._give_up(route, record, last, tried, stopped)
+
+    def _hedge_target(self, ranked: Sequence[Replica], tried: Sequence[Replica]) -> Replica | None:
+        """The best admissible replica not tried yet (a hedge goes nowhere else)."""
+        for replica in ranked:
+            if replica not in tried and self.admissible(replica):
+                return replica
+        return None
 
     def _pick(self, ranked: Sequence[Replica], tried: Sequence[Replica]) -> Replica:
         """The best admissible replica not tried yet; else cycle through the admissible ones."""
@@ -630,31 +757,67 @@ class Proxy:
     async def _attempt(self, request: web.Request, route: RouteRequest, replica: Replica,
                        number: int, decision: Decision, record: RequestRecord,
                        relay: bool = True) -> web.StreamResponse:
-        cfg = self.config
         if not self.upstream.take_slot_now():  # (every connection in use: wait, bounded)
             await self._slot(route, record)
-        # The slot is this attempt's; `_connect` hands it to the pool (nothing between
-        # here and there waits, so a cancellation cannot come in between).
+        # The slot is this attempt's until `_head` hands it to the pool; it is given back
+        # if the attempt ends before that (nothing between here and there waits).
+        slot = _Slot()
         attempt = Attempt(route, replica, decision, record, number)
         try:
             self.hooks.dispatch(attempt)
         except BaseException:
-            self.upstream.release_slot()
+            slot.release(self.upstream)
             raise
         outcome = ABANDONED
         wait = self.waits.open(replica)
         resp: UpstreamResponse | None = None
         finished = False
+        try:
+            try:
+                resp, first, complete, streaming = await self._head(route, replica, number, wait, relay,
+                                                                     slot)
+            except UpstreamFailure as failure:
+                outcome = FAILURE
+                self.hooks.failure(attempt, failure)
+                raise
+            outcome = SUCCESS
+            out = await self._deliver(request, attempt, resp, first, complete, streaming, wait)
+            finished = True
+            return out
+        finally:
+            slot.release(self.upstream)
+            self._finish(attempt, wait, outcome, resp, finished)
+
+    def _finish(self, attempt: Attempt, wait: Wait, outcome: str, resp: UpstreamResponse | None,
+                finished: bool) -> None:
+        """An attempt's end: its waits and hooks, and its upstream response released - or,
+        unfinished, its connection dropped, so that vLLM aborts the request."""
+        self.waits.close(wait)
+        self.hooks.complete(attempt, outcome)
+        if resp is not None:
+            if finished and resp.content.is_eof():
+                resp.release()
+            else:
+                resp.close()
+
+    async def _head(self, route: RouteRequest, replica: Replica, number: int, wait: Wait,
+                    relay: bool, slot: _Slot) -> tuple[UpstreamResponse, bytes, bool, bool]:
+        """Send the request and wait until its answer can be committed: (the response, its
+        first bytes, whether they are the whole answer, whether it is a relayed stream).
+        Everything before that is a failover (UpstreamFailure); the response is closed on
+        any exception (a cancelled hedge's too).  `slot`: the pool slot the attempt holds,
+        handed to the pool with the request (the caller gives it back if never handed)."""
+        cfg = self.config
         first_limit = cfg.first_byte_timeout if route.stream else cfg.read_timeout
         watch = ConnectWatch(cfg.connect_timeout, self.loop_lag)
-        slot_held = True  # until `_connect` hands it over
+        resp: UpstreamResponse | None = None
         try:
             first = b""
             complete = False
             try:
                 async with asyncio.timeout(wait.limit(first_limit)) as timeout:
                     wait.timeout = watch.timeout = timeout
-                    slot_held = False
+                    slot.held = False  # `_connect` hands it to the pool, or gives it back
                     resp = await self._connect(route, replica, number, watch)
                     if resp.status >= 500 or resp.status == 429:
                         try:
@@ -694,30 +857,152 @@ class Proxy:
             if not relay and (streaming or not complete):
                 raise self._fail(route, replica, "oversized", "an inner hop's answer must be whole "
                                  f"and at most proxy.buffer_bytes ({cfg.buffer_bytes})")
-            outcome = SUCCESS
-            record.ttfb = record.elapsed()
-            self.hooks.first_byte(attempt, resp.status)
-            if streaming:
-                out = await self._relay_stream(request, route, replica, resp, first, wait, record)
-            else:
-                out = await self._relay_whole(request, route, replica, resp, first, complete,
-                                              wait, record)
-            finished = True
-            return out
-        except UpstreamFailure as failure:
-            outcome = FAILURE
-            self.hooks.failure(attempt, failure)
-            raise
-        finally:
-            if slot_held:
-                self.upstream.release_slot()
-            self.waits.close(wait)
-            self.hooks.complete(attempt, outcome)
+            return resp, first, complete, streaming
+        except BaseException:
             if resp is not None:
-                if finished and resp.content.is_eof():
-                    resp.release()
+                resp.close()  # unfinished: drop the connection so vLLM aborts the request
+            raise
+
+    async def _deliver(self, request: web.Request, attempt: Attempt, resp: UpstreamResponse,
+                       first: bytes, complete: bool, streaming: bool,
+                       wait: Wait) -> web.StreamResponse:
+        """The answer is committed: its first byte's hooks, then the relay."""
+        record, route, replica = attempt.record, attempt.route, attempt.replica
+        record.ttfb = record.elapsed()
+        self.hooks.first_byte(attempt, resp.status)
+        if streaming:
+            return await self._relay_stream(request, route, replica, resp, first, wait, record)
+        return await self._relay_whole(request, route, replica, resp, first, complete, wait, record)
+
+    # -- hedging ------------------------------------------------------------------------
+    def hedge_delay(self, replica: Replica, route: RouteRequest, decision: Decision) -> float:
+        """How long the first attempt on `replica` waits for its first byte before a hedge:
+        ``multiplier`` x the time to first byte expected of it, within [``min_delay``,
+        ``max_delay``].  Expected: what the latency detector learned of this request shape
+        on it and its peers (router/outliers.py); before that, for a stream, its prefill
+        time at the profile's learned prefill rate (router/scheduling/producers.py);
+        otherwise ``max_delay``."""
+        hedge = self.config.hedge
+        expected = self.outliers.expected(replica, route, decision)
+        if expected is None and route.stream:
+            rate = self.profile().prefill_rate(replica)
+            if rate:
+                expected = max(1, uncached_tokens(replica, route, decision)) / rate
+        if expected is None:
+            return hedge.max_delay
+        return min(hedge.max_delay, max(hedge.min_delay, hedge.multiplier * expected))
+
+    async def _race(self, request: web.Request, route: RouteRequest, decision: Decision,
+                    record: RequestRecord, tried: list[Replica]) -> web.StreamResponse:
+        """The first attempt (on ``tried[0]``), hedged: after `hedge_delay` without its first
+        byte, a second attempt on the best admissible replica not tried yet; the first to
+        answer is relayed, the other cancelled.  Raises the last UpstreamFailure when neither
+        answered (the caller fails over as after any first attempt)."""
+        model = route.model
+        if not self.upstream.take_slot_now():  # (every connection in use: wait, bounded)
+            await self._slot(route, record)
+        legs = [self._launch(route, tried[0], 1, decision, record)]
+        winner: _Leg | None = None
+        try:
+            delay = self.hedge_delay(tried[0], route, decision)
+            done, _ = await asyncio.wait((legs[0].task,), timeout=delay)
+            if not done:
+                target = self._hedge_target(decision.ranked, tried)
+                if target is None:
+                    self.telemetry.hedges.labels(model, "skipped_no_replica").inc()
+                elif not self.upstream.take_slot_now():  # a hedge never waits for a connection
+                    self.telemetry.hedges.labels(model, "skipped_pool").inc()
+                elif not self.retry_budget.try_spend():
+                    self.upstream.release_slot()
+                    self.telemetry.hedges.labels(model, "skipped_budget").inc()
                 else:
-                    resp.close()  # unfinished: drop the connection so vLLM aborts the request
+                    log.info("request %s: no first byte from replica %s after %.3fs: hedged on %s",
+                             route.request_id, tried[0].id, delay, target.id)
+                    tried.append(target)
+                    record.attempts = 2
+                    legs.append(self._launch(route, target, 2, decision, record))
+            try:
+                winner = await self._first_answer(legs)
+            except UpstreamFailure:
+                if len(legs) > 1:
+                    self.telemetry.hedges.labels(model, "failed").inc()
+                raise
+            if len(legs) > 1:
+                self.telemetry.hedges.labels(model, "won" if winner is legs[1] else "lost").inc()
+            record.replica = winner.attempt.replica.id
+            assert winner.answer is not None
+            resp, first, complete, streaming = winner.answer
+            winner.outcome = SUCCESS
+            out = await self._deliver(request, winner.attempt, resp, first, complete, streaming,
+                                      winner.wait)
+            winner.finished = True
+            return out
+        finally:
+            for leg in legs:
+                self._end_leg(leg, winner)
+
+    def _launch(self, route: RouteRequest, replica: Replica, number: int, decision: Decision,
+                record: RequestRecord) -> _Leg:
+        """Dispatch one attempt of a hedged request (its pool slot taken), its wait for the
+        answer a task."""
+        attempt = Attempt(route, replica, decision, record, number)
+        slot = _Slot()
+        try:
+            self.hooks.dispatch(attempt)
+        except BaseException:
+            slot.release(self.upstream)
+            raise
+        leg = _Leg(attempt, self.waits.open(replica), slot)
+        leg.task = asyncio.get_running_loop().create_task(self._leg_head(leg))
+        leg.task.add_done_callback(_retrieved)
+        return leg
+
+    async def _leg_head(self, leg: _Leg) -> tuple[UpstreamResponse, bytes, bool, bool]:
+        attempt = leg.attempt
+        try:
+            return await self._head(attempt.route, attempt.replica, attempt.number, leg.wait, True,
+                                    leg.slot)
+        except UpstreamFailure as failure:
+            if not leg.ended:
+                leg.outcome = FAILURE
+                self.hooks.failure(attempt, failure)
+            raise
+
+    @staticmethod
+    async def _first_answer(legs: list[_Leg]) -> _Leg:
+        """The first leg to have its answer; the last failure if none does."""
+        pending = {leg.task for leg in legs}
+        failure: BaseException | None = None
+        while pending:
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for leg in legs:
+                if leg.task not in done:
+                    continue
+                error = leg.task.exception()
+                if error is None:
+                    leg.answer = leg.task.result()
+                    return leg
+                if not isinstance(error, UpstreamFailure):
+                    raise error  # the drain's 503, or a bug
+                failure = error
+        assert failure is not None
+        raise failure
+
+    def _end_leg(self, leg: _Leg, winner: _Leg | None) -> None:
+        """A leg's end: the winner's like any attempt's; a loser's task cancelled (its
+        connection dropped: vLLM aborts it) and its hooks told it was superseded."""
+        task = leg.task
+        if leg is not winner:
+            if task.done():
+                if not task.cancelled() and task.exception() is None:
+                    task.result()[0].close()  # it answered too, but second
+            else:
+                task.cancel()
+            leg.attempt.superseded = winner is not None
+        leg.ended = True
+        leg.slot.release(self.upstream)  # (a leg cancelled before it sent anything)
+        self._finish(leg.attempt, leg.wait, leg.outcome,
+                     leg.answer[0] if leg.answer is not None else None, leg.finished)
 
     async def _stream_head(self, resp: UpstreamResponse) -> bytes:
         """A stream's first bytes: its first read, and more only while `sse_verdict` cannot

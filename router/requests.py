@@ -51,12 +51,17 @@ class RouteRequest:
     lora: str | None = None
     base_model: str | None = None
     adapter_path: str | None = None
+    # The client's max_tokens (or max_completion_tokens), when an integer: how long a
+    # non-stream answer may take to its first byte (router/outliers.py compares like with like).
+    max_tokens: int | None = None
     # The HTTP method: POST for inference; GET for a stored response's retrieval, which
     # teaches the scheduler nothing about prefill (hooks skip what is not a POST).
     method: str = "POST"
     # The bytes for an attempt on a given replica, when they depend on it (the Responses
     # id that names its replica, router/response_ids.py); None: `body` for every attempt.
     replica_body: Callable[[Replica], bytes] | None = field(default=None, compare=False, repr=False)
+
+    
 
     def body_for(self, replica: Replica) -> bytes | bytearray:
         """The bytes an attempt on `replica` sends."""
@@ -257,11 +262,15 @@ def build_route_request(
         hashes = prefix_hashes(model, text=hashed_text, tokens=hashed_tokens,
                                cache_salt=cache_salt, block_chars=block_chars,
                                block_tokens=block_tokens)[:max_blocks]
+    max_tokens = data.get("max_tokens")
+    if max_tokens is None:
+        max_tokens = data.get("max_completion_tokens", data.get("max_output_tokens"))  # (Responses)
     return RouteRequest(
         model=model,
         path=path,
         body=body,
         stream=stream,
+        max_tokens=max_tokens if _is_int(max_tokens) else None,
         request_id=request_id,
         routing_text=hashed_text if text else text,
         routing_tokens=tokens,

@@ -189,6 +189,16 @@ class Telemetry:
         self.ejections = Counter(
             "router_replica_ejections", "Times a replica's circuit breaker opened.",
             ["replica"], registry=r)
+        self.outlier_ejections = Counter(
+            "router_outlier_ejections", "Times a replica that still answered was ejected for "
+            "being an outlier, by reason: latency (time to first byte far above its peers', "
+            "router/outliers.py).", ["replica", "reason"], registry=r)
+        self.hedges = Counter(
+            "router_hedges", "Hedged requests (a second attempt for a first one without its "
+            "first byte in time), by outcome: won (the hedge answered first), lost (the first "
+            "attempt did), failed (neither answered: failover went on), skipped_budget (no "
+            "retry token), skipped_no_replica (no other admissible replica).",
+            ["model", "outcome"], registry=r)
         self.retry_budget_exhausted = Counter(
             "router_retry_budget_exhausted", "Retries not made because the retry budget was "
             "spent.", ["model"], registry=r)

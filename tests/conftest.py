@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
+import random
 import socket
 import sys
 import time
@@ -160,7 +160,10 @@ class FakeReplica:
       hold     read the body, answer (json) once `release` is set
       big      a JSON answer of `big_size` bytes: the first half at once, the rest when
                `release` is set (so a test can watch the first half arrive)
-      sse      a 200 text/event-stream of two `data:` events and `data: [DONE]`
+      slow     the `json` answer after `delay` seconds (plus, with `jitter`, an exponentially
+               distributed extra of that mean: a long tail, as engines' times to first byte have)
+      sse      an SSE stream (`SSE_EVENTS`, then [DONE]) whose first event comes after `delay`
+    `cancelled` counts requests whose client (the router) went away before the answer.
       bad_sse  a 200 labelled text/event-stream whose body is `sse_body` (default a JSON
                error object: not server-sent events)
     """
@@ -180,6 +183,9 @@ class FakeReplica:
         self.release = asyncio.Event()
         self.in_flight = 0
         self.keep_bodies = True  # False: `seen` records b"" (a test measuring memory)
+        self.delay = 0.0  # seconds before the answer in the `slow` and `sse` modes
+        self.jitter = 0.0  # mean of an exponential extra delay in the `slow` mode
+        self.cancelled = 0
         self.runner: web.AppRunner | None = None
         self.url = ""
 
@@ -230,6 +236,9 @@ class FakeReplica:
         self.in_flight += 1
         try:
             return await self._answer(request)
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
         finally:
             self.in_flight -= 1
 
@@ -250,6 +259,16 @@ class FakeReplica:
             await asyncio.Future()
         if self.mode == "hold":  # answer once `release` is set
             await self.release.wait()
+        if self.mode in ("slow", "sse") and (self.delay or self.jitter):
+            extra = random.expovariate(1.0 / self.jitter) if self.jitter and self.mode == "slow" else 0.0
+            await asyncio.sleep(self.delay + extra)
+        if self.mode == "sse":
+            resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+            await resp.prepare(request)
+            for event in self.sse_events():
+                await resp.write(event)
+            await resp.write_eof()
+            return resp
         if self.mode == "big":
             resp = web.StreamResponse(headers={"Content-Type": "application/json"})
             resp.content_length = self.big_size
@@ -260,22 +279,20 @@ class FakeReplica:
             await resp.write(b"x" * (self.big_size - half - 2) + b'"}')
             await resp.write_eof()
             return resp
-        if self.mode in ("sse", "bad_sse"):
+        if self.mode == "bad_sse":
             resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", **self.extra_headers})
             await resp.prepare(request)
-            if self.mode == "bad_sse":
-                await resp.write(self.sse_body)
-            else:
-                for text in ("Hel", "lo"):
-                    event = {"object": "text_completion", "choices": [{"index": 0, "text": text}],
-                             "url": self.url}
-                    await resp.write(b"data: " + json.dumps(event).encode() + b"\n\n")
-                await resp.write(b"data: [DONE]\n\n")
+            await resp.write(self.sse_body)
             await resp.write_eof()
             return resp
         headers = {"Proxy-Authenticate": "Basic", "X-Replica-Kept": "yes", **self.extra_headers}
         return web.json_response({"ok": True, "path": request.path, "url": self.url,
                                   "method": request.method}, headers=headers)
+
+    def sse_events(self) -> list[bytes]:
+        """The `sse` mode's events, as written (the last is ``data: [DONE]``)."""
+        return [b'data: {"n": %d, "url": "%s"}\n\n' % (i, self.url.encode()) for i in range(3)] + \
+            [b"data: [DONE]\n\n"]
 
     @property
     def request_ids(self) -> list[str]:

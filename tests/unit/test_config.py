@@ -292,6 +292,17 @@ def test_bad_auth(auth: dict, path: str, fragment: str) -> None:
      "auth.admin_replica_networks[1]", "CIDR"),
     ("auth", {"admin_replica_networks": "10.0.0.0/8"}, "auth.admin_replica_networks", "list"),
     ("admission", {"enabeld": True}, "admission.enabeld", "did you mean 'enabled'"),
+    ("circuit_breaker", {"latency_factor": 0.5}, "circuit_breaker.latency_factor",
+     "0 (off) or a factor above 1"),
+    ("circuit_breaker", {"latency_min_requests": 0}, "circuit_breaker.latency_min_requests", ">= 1"),
+    ("circuit_breaker", {"max_ejection_percent": 120}, "circuit_breaker.max_ejection_percent",
+     "<= 100"),
+    ("proxy", {"hedge": {"min_delay": 2, "max_delay": 1}}, "proxy.hedge.max_delay", ">= min_delay"),
+    ("proxy", {"hedge": {"multiplier": 0.5}}, "proxy.hedge.multiplier", ">= 1"),
+    ("proxy", {"hedge": {"enabled": "yes"}}, "proxy.hedge.enabled", "true or false"),
+    ("proxy", {"hedge": {"paths": ["/v1/completions", "v1/x"]}}, "proxy.hedge.paths[1]",
+     "starting with '/'"),
+    ("proxy", {"hedge": {"delay": 1}}, "proxy.hedge.delay", "unknown"),
 ])
 def test_bad_front_door_values(section: str, value: dict, path: str, fragment: str) -> None:
     exc = error({**GOOD, section: value})
@@ -310,6 +321,12 @@ def test_front_door_defaults() -> None:
     assert [str(n) for n in listed.auth.admin_replica_networks] == ["10.0.0.0/8", "fd00::/8"]
     assert listed.proxy.pool_timeout == 0
     assert parse_config({**GOOD, "auth": {"admin_replica_networks": []}}).auth.admin_replica_networks == ()
+    # Latency ejection on, hedging off; when on, hedges only requests without side effects.
+    assert cfg.circuit_breaker.latency_factor == 2.5 and cfg.circuit_breaker.latency_min_requests == 10
+    assert cfg.circuit_breaker.max_ejection_percent == 50
+    hedge = cfg.proxy.hedge
+    assert not hedge.enabled and hedge.min_delay == 0.05 and hedge.max_delay == 30
+    assert hedge.paths == ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
 
 
 def test_the_readme_configuration_reference_is_a_valid_config(tmp_path) -> None:

@@ -1,0 +1,165 @@
+"""Latency outlier ejection (router/outliers.py) on a fake clock, without servers."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from router.breaker import BreakerState, CircuitBreakers
+from router.config import CircuitBreakerConfig
+from router.fleet import Replica
+from router.outliers import MAX_SHAPES, LatencyOutliers, shape_of
+from router.requests import RouteRequest
+from router.scheduling import Decision
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def fleet(n: int, model: str = "m") -> list[Replica]:
+    return [Replica(url=f"http://127.0.0.1:{9000 + i}", model=model) for i in range(n)]
+
+
+def detector(replicas: list[Replica], clock: Clock, **cfg: float) -> LatencyOutliers:
+    settings = {"latency_factor": 3.0, "latency_min_requests": 5, "ejection_time": 5.0,
+                "max_ejection_time": 40.0, **cfg}
+    breakers = CircuitBreakers(CircuitBreakerConfig(**settings), clock=clock)  # type: ignore[arg-type]
+    ejected: list[str] = []
+    outliers = LatencyOutliers(breakers, lambda model: [r for r in replicas if r.model == model],
+                               on_eject=lambda rid, reason: ejected.append(f"{rid} {reason}"))
+    outliers.ejected = ejected  # type: ignore[attr-defined]
+    return outliers
+
+
+ROUTE = RouteRequest(model="m", path="/v1/completions", body=b"{}", prompt_chars=400)
+NO_MATCH = Decision(ranked=[])
+
+
+def feed(outliers: LatencyOutliers, replicas: list[Replica], seconds: list[float],
+         rounds: int, route: RouteRequest = ROUTE) -> None:
+    for _ in range(rounds):
+        for replica, s in zip(replicas, seconds):
+            outliers.observe(replica, route, NO_MATCH, s)
+
+
+def test_a_replica_far_slower_than_its_peers_is_ejected_and_judged_again_on_new_samples() -> None:
+    clock = Clock()
+    replicas = fleet(4)
+    outliers = detector(replicas, clock)
+    feed(outliers, replicas, [2.0, 0.1, 0.12, 0.09], rounds=12)
+    slow = replicas[0]
+    assert slow.breaker.state is BreakerState.OPEN
+    assert outliers.breakers.retry_in(slow.breaker) == pytest.approx(5.0)
+    assert outliers.ejected == [f"{slow.id} latency"]  # type: ignore[attr-defined]
+    assert all(r.breaker.state is BreakerState.CLOSED for r in replicas[1:])
+    assert outliers.slowness(slow.id) is None  # its samples were dropped with the ejection
+    # Back (the half-open trial succeeded) and still slow: out again, twice as long.
+    clock.now += 5
+    breakers = outliers.breakers
+    assert breakers.allows(slow.id, slow.breaker)
+    breakers.on_success(slow.id, slow.breaker, breakers.on_dispatch(slow.breaker))
+    assert slow.breaker.state is BreakerState.CLOSED
+    outliers.observe(slow, ROUTE, NO_MATCH, 2.0)  # on probation: its first answer back is slow
+    assert slow.breaker.state is BreakerState.OPEN
+    assert breakers.retry_in(slow.breaker) == pytest.approx(10.0)
+    # Healed: back after the ejection, judged fine, its strikes are forgotten.
+    clock.now += 10
+    assert breakers.allows(slow.id, slow.breaker)
+    breakers.on_success(slow.id, slow.breaker, breakers.on_dispatch(slow.breaker))
+    feed(outliers, replicas, [0.1, 0.1, 0.12, 0.09], rounds=12)
+    assert slow.breaker.state is BreakerState.CLOSED
+    assert 0.5 < outliers.slowness(slow.id) < 1.5  # type: ignore[operator]
+    feed(outliers, replicas, [2.0, 0.1, 0.12, 0.09], rounds=12)
+    assert slow.breaker.state is BreakerState.OPEN
+    assert breakers.retry_in(slow.breaker) == pytest.approx(5.0)  # a first strike again
+
+
+def test_a_replica_within_the_factor_and_a_fleet_too_small_to_compare_stay() -> None:
+    clock = Clock()
+    replicas = fleet(4)
+    outliers = detector(replicas, clock)
+    feed(outliers, replicas, [0.25, 0.1, 0.12, 0.09], rounds=50)  # 2.5x < 3x
+    assert all(r.breaker.state is BreakerState.CLOSED for r in replicas)
+    assert 2.0 < outliers.slowness(replicas[0].id) < 3.0  # type: ignore[operator]
+    # Two replicas: each has one peer, not enough to say which one is slow.
+    pair = fleet(2, model="p")
+    feed(outliers, pair, [5.0, 0.1], rounds=50, route=RouteRequest(model="p", path="/v1/completions",
+                                                                     body=b"{}", prompt_chars=400))
+    assert all(r.breaker.state is BreakerState.CLOSED for r in pair)
+    # Off: latency_factor 0.
+    off = detector(replicas, clock, latency_factor=0.0)
+    feed(off, replicas, [5.0, 0.1, 0.12, 0.09], rounds=50)
+    assert all(r.breaker.state is BreakerState.CLOSED for r in replicas)
+
+
+def test_one_long_request_does_not_eject_and_shapes_are_compared_apart() -> None:
+    clock = Clock()
+    replicas = fleet(3)
+    outliers = detector(replicas, clock)
+    feed(outliers, replicas, [0.1, 0.1, 0.1], rounds=10)
+    outliers.observe(replicas[0], ROUTE, NO_MATCH, 5.0)  # one outlier sample: 50x
+    feed(outliers, replicas, [0.1, 0.1, 0.1], rounds=1)
+    assert replicas[0].breaker.state is BreakerState.CLOSED
+    # Long prompts take longer everywhere: replica 0 gets only those, and is not slow for them.
+    long_prompt = RouteRequest(model="m", path="/v1/completions", body=b"{}", prompt_chars=40_000)
+    assert shape_of(long_prompt, 10_000) != shape_of(ROUTE, 100)
+    for _ in range(20):
+        outliers.observe(replicas[0], long_prompt, NO_MATCH, 2.0)
+        outliers.observe(replicas[1], long_prompt, NO_MATCH, 2.1)
+        outliers.observe(replicas[2], long_prompt, NO_MATCH, 1.9)
+        feed(outliers, replicas[1:], [0.1, 0.1], rounds=1)
+    assert all(r.breaker.state is BreakerState.CLOSED for r in replicas)
+
+
+def test_request_shapes_are_bounded() -> None:
+    shapes = set()
+    for stream in (True, False):
+        for max_tokens in (None, 1, 63, 64, 255, 256, 10**6):
+            for uncached in (0, 255, 256, 1023, 1024, 4096, 16_384, 10**7):
+                route = RouteRequest(model="m", path="/v1/completions", body=b"{}", stream=stream,
+                                     max_tokens=max_tokens)
+                shapes.add(shape_of(route, uncached))
+    assert all(0 <= s < MAX_SHAPES for s in shapes)
+    assert len({s % 8 for s in shapes if s % 8 == 7}) == 1  # streams: one answer band
+
+
+def test_max_ejection_percent_keeps_enough_replicas_in() -> None:
+    clock = Clock()
+    replicas = fleet(4)
+    outliers = detector(replicas, clock, max_ejection_percent=25.0)  # one of four
+    breakers = outliers.breakers
+    breakers.on_failure(replicas[3].id, replicas[3].breaker, False, "connect", retry_after=30)
+    assert replicas[3].breaker.state is BreakerState.OPEN  # out already (it failed)
+    feed(outliers, [replicas[3]], [0.1], rounds=4)  # out: what it still answers is ignored
+    assert outliers.expected(replicas[3], ROUTE, NO_MATCH) is None
+    feed(outliers, replicas[:3], [2.0, 0.1, 0.1], rounds=16)
+    assert replicas[0].breaker.state is BreakerState.CLOSED  # slow, but kept: the cap
+    assert not outliers.ejected  # type: ignore[attr-defined]
+    clock.now += 30
+    assert breakers.allows(replicas[3].id, replicas[3].breaker)
+    breakers.on_success(replicas[3].id, replicas[3].breaker, breakers.on_dispatch(replicas[3].breaker))
+    feed(outliers, replicas[:3], [2.0, 0.1, 0.1], rounds=1)
+    assert replicas[0].breaker.state is BreakerState.OPEN  # room again: out
+
+
+def test_expected_time_is_the_lesser_of_its_own_and_its_peers_and_capacity_counts() -> None:
+    clock = Clock()
+    replicas = fleet(3)
+    replicas[2].tensor_parallel_size = 2  # twice the capacity: expected twice as fast
+    outliers = detector(replicas, clock, latency_factor=0.0)
+    assert outliers.expected(replicas[0], ROUTE, NO_MATCH) is None
+    feed(outliers, replicas, [0.5, 0.1, 0.05], rounds=10)
+    assert outliers.expected(replicas[0], ROUTE, NO_MATCH) == pytest.approx(0.1)  # its peers'
+    assert outliers.expected(replicas[1], ROUTE, NO_MATCH) == pytest.approx(0.1)  # its own
+    assert outliers.expected(replicas[2], ROUTE, NO_MATCH) == pytest.approx(0.05)
+    stream = RouteRequest(model="m", path="/v1/completions", body=b"{}", prompt_chars=400, stream=True)
+    assert outliers.expected(replicas[0], stream, NO_MATCH) is None  # nothing known of that shape
+    outliers.forget_replica(replicas[0].id)
+    assert len(outliers) == 2 and outliers.slowness(replicas[0].id) is None
+    assert math.isfinite(outliers.expected(replicas[0], ROUTE, NO_MATCH) or 0.0)
