@@ -26,6 +26,7 @@ from engines.sim.kv_transfer import DEFAULT_BANDWIDTH_GBPS, DEFAULT_LEASE_S, KVT
 from engines.sim.lora import Adapters, parse_lora_modules, runtime_updating_allowed
 from engines.sim.metrics import SimMetrics
 from engines.sim.protocol import VLLM_VERSION
+from engines.sim.responses import store_enabled_by_env
 from engines.sim.server import ServerOptions, SimServer
 from engines.sim.tokenizer import RealTokenizer, Tokenizer
 
@@ -82,6 +83,18 @@ def build_parser() -> argparse.ArgumentParser:
                     help="GB/s of the simulated KV transfer link")
     pd.add_argument("--kv-lease-s", type=float, default=DEFAULT_LEASE_S,
                     help="simulated seconds a prefill holds its blocks for the decode replica to read")
+    ag = p.add_argument_group("the agentic APIs (/v1/responses: responses.py; /v1/messages: anthropic.py)")
+    ag.add_argument("--enable-responses-api-store", action="store_true",
+                    help="keep responses in memory for previous_response_id, GET, cancel and background "
+                         "(also: VLLM_ENABLE_RESPONSES_API_STORE=1, vLLM's switch); without it `store` is "
+                         "ignored, as in vLLM")
+    ag.add_argument("--responses-store-size", type=int, default=4096,
+                    help="stored responses kept, the oldest finished dropped first (vLLM keeps all)")
+    ag.add_argument("--tool-call-parser", default="sim",
+                    help="vLLM's flag; the simulator never emits tool calls, but with 'none' it refuses "
+                         "tool_choice auto/required/named like vLLM without a parser (default: accepts them)")
+    ag.add_argument("--enable-auto-tool-choice", action=argparse.BooleanOptionalAction, default=True,
+                    help="vLLM's flag (on by default in the simulator)")
     lo = p.add_argument_group("LoRA adapters (vLLM's flags; engines/sim/lora.py)")
     lo.add_argument("--enable-lora", action="store_true")
     lo.add_argument("--lora-modules", nargs="+", default=[], metavar="NAME=PATH",
@@ -187,7 +200,12 @@ async def serve(args: argparse.Namespace) -> None:
                                      default_output_len=args.default_output_len,
                                      max_num_queued_reqs=args.max_num_queued_reqs or None,
                                      runtime_lora_updating=args.allow_runtime_lora_updating
-                                     or runtime_updating_allowed()),
+                                     or runtime_updating_allowed(),
+                                     responses_store=args.enable_responses_api_store or store_enabled_by_env(),
+                                     responses_store_size=args.responses_store_size,
+                                     tool_call_parser=None if args.tool_call_parser in ("", "none")
+                                     else args.tool_call_parser,
+                                     enable_auto_tool_choice=args.enable_auto_tool_choice),
                        kv_cfg, publisher, transfer)
     runner = web.AppRunner(server.build_app(), access_log=None, handler_cancellation=True)
     await runner.setup()

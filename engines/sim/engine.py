@@ -237,8 +237,13 @@ class Engine:
         m.generation_tokens.inc()
         if req.first_token is None:
             req.first_token = now
-            # vLLM's created_cache_tokens: prompt tokens now in the prefix cache, minus the hit.
-            cached_now = min(req.alloc.num_cached_blocks * self.kv.block_size, len(req.prompt_ids))
+            # vLLM's created_cache_tokens (chat) / cache_write_tokens (Responses): prompt tokens in
+            # the prefix cache when the prefill ends, minus the hit.  Only the prompt's full blocks
+            # count: the block the first sampled token completes is not computed yet (its KV comes
+            # with the next step), so real vLLM reports 96, not 127, for a 127-token prompt in
+            # 32-token blocks (tests/reference/agentic/responses_chain_turn1.json).
+            bs = self.kv.block_size
+            cached_now = min(req.alloc.num_cached_blocks * bs, len(req.prompt_ids) // bs * bs)
             req.num_cache_creation_tokens = max(0, cached_now - max(req.num_cached_tokens, 0))
             m.on_first_token(len(req.prompt_ids), max(req.num_cached_tokens, 0), now - req.arrival)
         else:

@@ -3,6 +3,9 @@
 GET  /health /ping /v1/models /version /metrics /load /kv_event_sources
 POST /v1/completions /v1/chat/completions /v1/embeddings /tokenize /detokenize
      /v1/completions/render /v1/chat/completions/render
+The agentic APIs, in their own modules: /v1/responses (GET /v1/responses/{id}, POST
+/v1/responses/{id}/cancel, /v1/responses/render; responses.py) and /v1/messages
+(/v1/messages/count_tokens, /v1/messages/render; anthropic.py).
 Admin (the simulator's own): GET|POST /admin/faults, POST /admin/reset (and vLLM's
 /reset_prefix_cache), GET /admin/stats.
 
@@ -22,11 +25,14 @@ import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, NoReturn
+from typing import Any
 
 import orjson
 from aiohttp import web
 
+from engines.sim.agentic import Cut as _Cut
+from engines.sim.agentic import cut as _cut
+from engines.sim.anthropic import MessagesAPI
 from engines.sim.engine import Engine, OutputChannel
 from engines.sim.faults import Faults
 from engines.sim.kv_cache import Allocation, BlockKeys
@@ -47,8 +53,9 @@ from engines.sim.protocol import (
     random_id,
     usage,
 )
+from engines.sim.responses import ResponsesAPI
 from engines.sim.scheduler import SimRequest
-from engines.sim.tokenizer import RealTokenizer, Tokenizer, content_text
+from engines.sim.tokenizer import RealTokenizer, Tokenizer, content_text, developer_as_system
 
 log = logging.getLogger("engines.sim")
 
@@ -66,6 +73,10 @@ class ServerOptions:
     embedding_dim: int = 256
     max_num_queued_reqs: int | None = 10_000  # vLLM: unlimited by default; here a hard bound
     runtime_lora_updating: bool = False  # /v1/load_lora_adapter and /v1/unload_lora_adapter
+    responses_store: bool = False  # vLLM's VLLM_ENABLE_RESPONSES_API_STORE (responses.py)
+    responses_store_size: int = 4096  # stored responses kept (vLLM: unbounded)
+    tool_call_parser: str | None = "sim"  # None: like vLLM without --tool-call-parser (anthropic.py)
+    enable_auto_tool_choice: bool = True
 
 
 def _json(body: Any, status: int = 200) -> web.Response:
@@ -98,6 +109,8 @@ class SimServer:
         self.created = int(time.time())
         self.in_flight = 0
         self.answered = 0
+        self.responses = ResponsesAPI(self)
+        self.messages = MessagesAPI(self)
 
     # -- app --------------------------------------------------------------------------------
     def build_app(self) -> web.Application:
@@ -122,6 +135,8 @@ class SimServer:
         r.add_post("/admin/reset", self.reset)
         r.add_post("/reset_prefix_cache", self.reset)
         r.add_get("/admin/stats", self.stats)
+        self.responses.register(r)
+        self.messages.register(r)
         if self.transfer is not None:
             r.add_post("/sim/kv_transfer/{request_id}", self.kv_read)
         if self.engine.adapters is not None and self.opts.runtime_lora_updating:
@@ -158,6 +173,7 @@ class SimServer:
     async def close(self) -> None:
         for lease in list(self._leases):
             lease.cancel()
+        await self.responses.close()
         if self.transfer is not None:
             await self.transfer.close()
 
@@ -240,6 +256,7 @@ class SimServer:
                       "kv_events_buffered": self.publisher.buffered if self.publisher else 0,
                       "lora_loads": self.engine.adapters.loads if self.engine.adapters else 0,
                       "lora_slots": list(self.engine.adapters.slots) if self.engine.adapters else [],
+                      "responses_store": self.responses.stats(),
                       "kv_transfer": {"held": len(self.transfer.held), "reads": self.transfer.pulls,
                                       "read_failures": self.transfer.pull_failures}
                       if self.transfer else None})
@@ -263,6 +280,12 @@ class SimServer:
         return web.Response(status=200)
 
     # -- tokenizer endpoints ----------------------------------------------------------------
+    def chat_ids(self, body: dict[str, Any]) -> list[int]:
+        """The prompt ids of chat-shaped messages built by the agentic APIs (responses.py,
+        anthropic.py): as vLLM does, they go through the chat template, so a Responses or
+        Messages conversation and its chat equivalent are the same tokens."""
+        return self._chat_ids(body)
+
     def _chat_ids(self, body: dict[str, Any]) -> list[int]:
         """A chat body's prompt token ids (the model's chat template, then the tokenizer)."""
         messages = body.get("messages")
@@ -275,6 +298,8 @@ class SimServer:
                 content_text(m.get("content"))
             except TypeError as exc:
                 raise ApiError(400, f"messages: {exc}", "messages") from None
+        if not self.tok.supports_developer_role and any(m["role"] == "developer" for m in messages):
+            body = {**body, "messages": developer_as_system(messages)}
         try:
             return self.tok.encode_chat(body)
         except Exception as exc:  # noqa: BLE001 - a real template may raise on odd input
@@ -371,10 +396,6 @@ class SimServer:
         check_length(len(ids), max_tokens, self.max_model_len)
         return GenerationParams(kind, model, ids, max_tokens, stream, include_usage, continuous, seed, body)
 
-    def _injected_failure(self) -> web.Response:
-        return _error(ApiError(self.faults.fail_status, "Simulated failure (fault injection)"),
-                      self.faults.failure_headers())
-
     async def completions(self, request: web.Request) -> web.StreamResponse:
         return await self._generate(request, "completion")
 
@@ -388,14 +409,9 @@ class SimServer:
                 params = self._parse(kind, parse_json(await request.read()))
             except ApiError as exc:
                 return _error(exc)
-            if self.faults.draw_fail():
-                return self._injected_failure()
-            if self.faults.draw_hang():
-                await asyncio.Future()  # until the client goes away (handler cancelled)
-            limit = self.opts.max_num_queued_reqs
-            if limit is not None and self.engine.num_unfinished() + 1 > limit:
-                self.engine.metrics.rejected_queue_full.inc()
-                return _error(ApiError.queue_full())
+            refused = await self.admission()
+            if refused is not None:
+                return _error(*refused)
             cut = self.faults.draw_cut()
             transfer_params = params.body.get("kv_transfer_params")
             if transfer_params is not None and not isinstance(transfer_params, dict):
@@ -419,19 +435,9 @@ class SimServer:
                 await self.engine.clock.sleep(self.transfer.transfer_seconds(external))
             if wants_remote_decode(transfer_params):
                 params.max_tokens = 1  # vLLM's _truncate_request_for_prefill
-            if params.max_tokens is None:
-                max_tokens = min(self.opts.default_output_len, self.max_model_len - len(params.prompt_ids))
-                req = SimRequest(random_id("req-"), params.prompt_ids, max(1, max_tokens), "stop", params.seed)
-            else:
-                req = SimRequest(random_id("req-"), params.prompt_ids, params.max_tokens, "length", params.seed)
-            salt = params.body.get("cache_salt")
-            adapter = self.engine.adapters.get(params.model) if self.engine.adapters is not None else None
+            req = self.new_request(params.prompt_ids, params.max_tokens, params.seed, params.body, params.model)
             req.external_tokens = external
             req.hold_blocks = wants_remote_decode(transfer_params)
-            req.keys = BlockKeys(cache_salt=salt if isinstance(salt, str) and salt else None,
-                                 lora_name=adapter.name if adapter else None,
-                                 lora_id=adapter.id if adapter else None,
-                                 lora_path=adapter.path if adapter else None)
             chan = self.engine.submit(req)
             try:
                 if params.stream:
@@ -444,10 +450,47 @@ class SimServer:
         finally:
             self.in_flight -= 1
 
+    async def admission(self) -> tuple[ApiError, dict[str, str]] | None:
+        """Before a generation request enters the engine: fault injection and the queue bound.
+        The error to answer (and its headers), or None; a drawn hang never returns (until the
+        client goes away and the handler is cancelled)."""
+        if self.faults.draw_fail():
+            return (ApiError(self.faults.fail_status, "Simulated failure (fault injection)"),
+                    self.faults.failure_headers())
+        if self.faults.draw_hang():
+            await asyncio.Future()
+        limit = self.opts.max_num_queued_reqs
+        if limit is not None and self.engine.num_unfinished() + 1 > limit:
+            self.engine.metrics.rejected_queue_full.inc()
+            return ApiError.queue_full(), {}
+        return None
+
+    def new_request(self, prompt_ids: list[int], max_tokens: int | None, seed: int, body: dict[str, Any],
+                    model: str) -> SimRequest:
+        """An engine request: ``max_tokens`` None generates --default-output-len tokens and
+        finishes with "stop" (a simulated EOS); the body's cache_salt and the model's LoRA
+        adapter enter its block hashes."""
+        if max_tokens is None:
+            n = min(self.opts.default_output_len, self.max_model_len - len(prompt_ids))
+            req = SimRequest(random_id("req-"), prompt_ids, max(1, n), "stop", seed)
+        else:
+            req = SimRequest(random_id("req-"), prompt_ids, max_tokens, "length", seed)
+        salt = body.get("cache_salt")
+        adapter = self.engine.adapters.get(model) if self.engine.adapters is not None else None
+        req.keys = BlockKeys(cache_salt=salt if isinstance(salt, str) and salt else None,
+                             lora_name=adapter.name if adapter else None,
+                             lora_id=adapter.id if adapter else None,
+                             lora_path=adapter.path if adapter else None)
+        return req
+
     def _usage(self, req: SimRequest, kind: str, stream: bool, n_out: int | None = None) -> dict[str, Any]:
         cached = max(req.num_cached_tokens, 0) if self.opts.prompt_tokens_details else None
         return usage(len(req.prompt_ids), len(req.output_ids) if n_out is None else n_out, cached,
                      stream=stream, created=req.num_cache_creation_tokens, chat=kind == "chat")
+
+    def answered_one(self) -> None:
+        """A generation answered in full (the exit_after fault counts these)."""
+        self._answered()
 
     def _answered(self) -> None:
         self.answered += 1
@@ -522,7 +565,8 @@ class SimServer:
         except ApiError as exc:
             return _error(exc)
         if self.faults.draw_fail():
-            return self._injected_failure()
+            return _error(ApiError(self.faults.fail_status, "Simulated failure (fault injection)"),
+                          self.faults.failure_headers())
         n = sum(len(ids) for ids in token_lists)
         await self.engine.clock.sleep(self.engine.cost.step_time([(n, n)], []) * self.faults.slow_factor)
         data = [{"index": i, "object": "embedding", "embedding": _embedding(ids, self.opts.embedding_dim)}
@@ -543,17 +587,6 @@ def _embedding(ids: list[int], dim: int) -> list[float]:
     vec = vec[:dim]
     norm = math.sqrt(sum(v * v for v in vec)) or 1.0
     return [v / norm for v in vec]
-
-
-def _cut(request: web.Request) -> NoReturn:
-    """Fault injection: drop the connection without finishing the response."""
-    if request.transport is not None:
-        request.transport.abort()
-    raise _Cut()
-
-
-class _Cut(Exception):
-    pass
 
 
 @web.middleware

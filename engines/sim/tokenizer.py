@@ -22,6 +22,8 @@ import hashlib
 import re
 from collections.abc import Iterable, Mapping, Sequence
 
+import orjson
+
 CHARS_PER_TOKEN = 4
 
 SPECIAL_TOKENS: dict[str, int] = {"<|endoftext|>": 0, "<|im_start|>": 1, "<|im_end|>": 2}
@@ -37,6 +39,8 @@ _OUTPUT_PIECES = ("The ", "sim ", "says", " hel", "lo, ", "and ", "this", " is "
 
 class Tokenizer:
     """Chunk tokenizer with a bounded decode memory."""
+
+    supports_developer_role = False  # the ChatML-like template does not name it (see developer_as_system)
 
     def __init__(self, vocab_size: int = 128256, decode_memory: int = 65536) -> None:
         if vocab_size <= _FIRST_REGULAR_ID:
@@ -102,20 +106,26 @@ class Tokenizer:
         messages = body.get("messages")
         assert isinstance(messages, list)
         return self.encode(render_chat(messages, bool(body.get("add_generation_prompt", True)),
-                                       bool(body.get("continue_final_message", False))))
+                                       bool(body.get("continue_final_message", False)), body.get("tools")))
 
 
 def render_chat(messages: Sequence[Mapping[str, object]], add_generation_prompt: bool = True,
-                continue_final_message: bool = False) -> str:
+                continue_final_message: bool = False, tools: object = None) -> str:
     """Render messages with a ChatML-like template (the tiny reference model uses one too).
 
     ``<|im_start|>{role}\\n{content}<|im_end|>\\n`` per message, then
-    ``<|im_start|>assistant\\n`` when a generation prompt is asked for.
+    ``<|im_start|>assistant\\n`` when a generation prompt is asked for.  Like the templates of
+    tool-calling models (Qwen's, Hermes'), a non-empty ``tools`` list is rendered first, as a
+    ``<|im_start|>tools`` block of one JSON line per tool, and an assistant message's
+    ``tool_calls`` follow its content as ``\\n<tool_call>{"name": ..., "arguments": ...}</tool_call>``;
+    so tool definitions are a prefix every turn shares, and turn N+1 still extends turn N.
     """
     parts = []
+    if isinstance(tools, list) and tools:
+        parts.append(f"<|im_start|>tools\n{_json_lines(tools)}<|im_end|>\n")
     last = len(messages) - 1
     for i, msg in enumerate(messages):
-        content = content_text(msg.get("content"))
+        content = content_text(msg.get("content")) + _tool_calls_text(msg.get("tool_calls"))
         if continue_final_message and i == last:
             parts.append(f"<|im_start|>{msg.get('role')}\n{content}")
         else:
@@ -123,6 +133,49 @@ def render_chat(messages: Sequence[Mapping[str, object]], add_generation_prompt:
     if add_generation_prompt and not continue_final_message:
         parts.append("<|im_start|>assistant\n")
     return "".join(parts)
+
+
+def _json_lines(items: list[object]) -> str:
+    """One compact JSON line per item (sorted keys, so equal definitions render equally); an item
+    that cannot be serialized (too deep, not JSON) renders as a placeholder, never an error."""
+    lines = []
+    for item in items:
+        try:
+            lines.append(orjson.dumps(item, option=orjson.OPT_SORT_KEYS).decode())
+        except (TypeError, orjson.JSONEncodeError):
+            lines.append("<unrenderable>")
+    return "\n".join(lines)
+
+
+def _tool_calls_text(tool_calls: object) -> str:
+    if not isinstance(tool_calls, list):
+        return ""
+    out = []
+    for call in tool_calls:
+        fn = call.get("function") if isinstance(call, Mapping) else None
+        if not isinstance(fn, Mapping):
+            continue
+        args = fn.get("arguments")
+        args_text = args if isinstance(args, str) else _json_lines([args])
+        out.append(f'\n<tool_call>{{"name": {orjson.dumps(str(fn.get("name", ""))).decode()}, '
+                   f'"arguments": {args_text}}}</tool_call>')
+    return "".join(out)
+
+
+def developer_as_system(messages: list[dict[str, object]]) -> list[dict[str, object]]:
+    """vLLM's rendering of ``developer`` messages for a chat template that does not name the
+    role (the tiny model's ChatML, the simulator's own): each becomes a system message, then
+    all system messages merge into one at the start, their texts joined by a blank line
+    (vllm/renderers/hf.py, _convert_developer_to_system + _consolidate_system_messages)."""
+    converted = [{**m, "role": "system"} if m.get("role") == "developer" else m for m in messages]
+    systems = [i for i, m in enumerate(converted) if m.get("role") == "system"]
+    if not systems or systems == [0]:
+        return converted
+    texts = [t for m in converted if m.get("role") == "system"
+             and (t := "\n".join(p["text"] for p in m["content"] if isinstance(p, dict) and "text" in p)
+                  if isinstance(m.get("content"), list) else str(m.get("content") or ""))]
+    rest = [m for m in converted if m.get("role") != "system"]
+    return [{"role": "system", "content": "\n\n".join(texts)}, *rest]
 
 
 def content_text(content: object) -> str:
@@ -152,6 +205,8 @@ class RealTokenizer:
         if self.model.template is None:
             raise SystemExit(f"--tokenizer {path}: no chat template in tokenizer_config.json")
         self.vocab_size = self.model.tokenizer.get_vocab_size()
+        # vLLM's test: does the template's source name the "developer" role?
+        self.supports_developer_role = any(f"{q}developer{q}" in _template_source(path) for q in "'\"")
         self._output = self.model.encode("".join(_OUTPUT_PIECES), False) or [0]
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
@@ -170,3 +225,21 @@ class RealTokenizer:
 
     def output_token(self, index: int, seed: int = 0) -> int:
         return self._output[(index + seed) % len(self._output)]
+
+
+def _template_source(path: str) -> str:
+    """The chat template's text (tokenizer_config.json's chat_template, or chat_template.jinja)."""
+    import json
+    from pathlib import Path
+
+    directory = Path(path) if Path(path).is_dir() else Path(path).parent
+    try:
+        template = json.loads((directory / "tokenizer_config.json").read_text()).get("chat_template")
+    except (OSError, ValueError):
+        template = None
+    if isinstance(template, list):
+        template = next((t.get("template") for t in template if isinstance(t, dict)
+                         and t.get("name") == "default"), None)
+    if template is None and (directory / "chat_template.jinja").is_file():
+        template = (directory / "chat_template.jinja").read_text()
+    return template if isinstance(template, str) else ""

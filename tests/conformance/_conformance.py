@@ -211,10 +211,18 @@ def block_hashes(token_ids: list[int], block_size: int) -> list[int]:
     return out
 
 
+# The agentic APIs (tests/conformance/test_agentic_conformance.py): both kinds keep responses
+# (vLLM's VLLM_ENABLE_RESPONSES_API_STORE=1), and neither has a tool-call parser (the real one
+# is started without --tool-call-parser; the simulator is told to refuse alike).
+STORE_ENV = {"VLLM_ENABLE_RESPONSES_API_STORE": "1"}
+SIM_AGENTIC_ARGS = ("--enable-responses-api-store", "--tool-call-parser", "none")
+
 _ROOT = Path(__file__).resolve().parents[2]
 _VLLM_VENV = _ROOT / ".venv-vllm"
 _TINY_MODEL = _ROOT / ".engines/models/tiny-llama"
-REPLICAS = 2  # replicas per engine kind
+# Replicas per engine kind (the router test routes between two).  On a 2-core machine a single
+# test file that needs one replica can run with CONFORMANCE_REPLICAS=1 (one real vLLM server).
+REPLICAS = int(os.environ.get("CONFORMANCE_REPLICAS", "2"))
 
 
 def vllm_skip_reason() -> str | None:
@@ -247,5 +255,6 @@ def vllm_registry_entry(replicas: int = REPLICAS) -> dict:
         "kv_events": {"port": "auto", "replay_port": "auto", "topic": "kv"},
         "replicas": replicas,
         "extra_args": ["--disable-uvicorn-access-log"],
+        "env": dict(STORE_ENV),
         "health_timeout_s": 240,
     }

@@ -24,6 +24,7 @@ from _conformance import (  # noqa: E402
     MODEL,
     NUM_BLOCKS,
     REPLICAS,
+    SIM_AGENTIC_ARGS,
     Engine,
     vllm_registry_entry,
     vllm_skip_reason,
@@ -56,7 +57,7 @@ def _start_sim(state_dir: Path):
     loop = asyncio.new_event_loop()
     sims = [SimProcess(MODEL, kv_events=True, kv_topic="kv", log_path=state_dir / f"sim-{i}.log",
                        args=["--block-size", str(BLOCK_SIZE), "--num-gpu-blocks", str(NUM_BLOCKS),
-                             "--max-model-len", str(MAX_MODEL_LEN)])
+                             "--max-model-len", str(MAX_MODEL_LEN), *SIM_AGENTIC_ARGS])
             for i in range(REPLICAS)]
     async def start_all():
         await asyncio.gather(*(s.start() for s in sims))

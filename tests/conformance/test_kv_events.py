@@ -114,6 +114,26 @@ async def test_block_stored_chain_matches_the_prompt(engine, http, sub):
     assert hashes == block_hashes(ids, bs), "block hashes differ from vLLM's sha256 chain"
 
 
+async def test_agentic_requests_publish_their_prompt_blocks(engine, http, sub):
+    """A Responses and a Messages request store their prompt's blocks like a chat request: the
+    token ids of the chat conversation they are served as, with vLLM's hashes."""
+    bs = engine.block_size
+    cases = (("/v1/responses", {"model": engine.model, "instructions": "Be brief.", "input": unique_text(160),
+                                "max_output_tokens": 1}),
+             ("/v1/messages", {"model": engine.model, "system": "Be brief.", "max_tokens": 1,
+                               "messages": [{"role": "user", "content": unique_text(160)}]}))
+    for path, body in cases:
+        user = body.get("input") or body["messages"][0]["content"]
+        chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": user}]
+        async with http.post(engine.url + "/tokenize", json={"model": engine.model, "messages": chat}) as r:
+            ids = (await r.json())["tokens"]
+        async with http.post(engine.url + path, json=body) as r:
+            assert r.status == 200, await r.text()
+        events = stored(await sub.drain())
+        assert [h for ev in events for h in ev["block_hashes"]] == block_hashes(ids, bs), path
+        assert [t for ev in events for t in ev["token_ids"]] == ids[: len(ids) // bs * bs], path
+
+
 async def text_with_remainder(http, engine: Engine, n_words: int, want_partial: bool):
     """Unique text whose token count is (want_partial) or is not a multiple of the block size."""
     for _ in range(200):

@@ -1,5 +1,8 @@
 """The simulator answers like vLLM 0.32: the shapes of ../shared/reference/*.json and *.sse,
-field for field, through plain HTTP and through the official `openai` client."""
+field for field, through plain HTTP and through the official `openai` client (chat,
+completions, and the Responses API) and `anthropic` client (the Messages API; skipped while
+the package is not in the test environment).  test_sim_agentic.py compares the agentic APIs
+with real vLLM's captured answers."""
 
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ from engines.sim.process import SimProcess
 
 REFERENCE = Path(__file__).resolve().parents[1] / "reference"
 MODEL = "sim-a"
-ARGS = ["--num-gpu-blocks", "512", "--max-model-len", "4096", "--block-size", "16"]
+ARGS = ["--num-gpu-blocks", "512", "--max-model-len", "4096", "--block-size", "16", "--enable-responses-api-store"]
 
 
 def _ref_json(name: str) -> dict:
@@ -240,3 +243,81 @@ async def test_chat_without_max_tokens_stops(sim, http):
                                {"model": MODEL, "messages": [{"role": "user", "content": "go"}]})
     assert status == 200
     assert body["choices"][0]["finish_reason"] == "stop" and body["usage"]["completion_tokens"] == 128
+
+
+# -- the agentic APIs through the official SDKs ------------------------------------------------------
+
+def test_openai_responses_create_and_the_store(sim):
+    """`make run` then `client.responses.create(...)`: the simulated replica answers."""
+    client = openai.OpenAI(base_url=sim.url + "/v1", api_key="x")
+    first = client.responses.create(model=MODEL, instructions="Be brief.", input="Say hello.", max_output_tokens=6)
+    assert first.id.startswith("resp_") and first.status == "incomplete" and first.output_text
+    assert first.usage.output_tokens == 6 and first.usage.input_tokens_details.cached_tokens == 0
+    second = client.responses.create(model=MODEL, instructions="Be brief.", input="And then?",
+                                     previous_response_id=first.id, max_output_tokens=4)
+    assert second.previous_response_id == first.id
+    assert second.usage.input_tokens > first.usage.input_tokens
+    assert client.responses.retrieve(second.id).output_text == second.output_text
+    done = client.responses.create(model=MODEL, input="no limit")  # no max_output_tokens: ends with EOS
+    assert done.status == "completed" and done.usage.output_tokens == 128 and done.incomplete_details is None
+    job = client.responses.create(model=MODEL, input="long job", background=True, max_output_tokens=3000)
+    assert job.status == "queued"
+    assert client.responses.cancel(job.id).status == "cancelled"
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve("resp_doesnotexist")
+    with pytest.raises(openai.BadRequestError):
+        client.responses.cancel(first.id)
+
+
+async def test_openai_responses_stream(sim):
+    client = openai.AsyncOpenAI(base_url=sim.url + "/v1", api_key="x")
+    stream = await client.responses.create(model=MODEL, input="stream please", max_output_tokens=5, stream=True)
+    kinds, text, final = [], "", None
+    async for event in stream:
+        kinds.append(event.type)
+        if event.type == "response.output_text.delta":
+            text += event.delta
+        elif event.type == "response.completed":
+            final = event.response
+    assert kinds[:2] == ["response.created", "response.in_progress"] and kinds[-1] == "response.completed"
+    assert final is not None and final.output_text == text and final.usage.output_tokens == 5
+    async with client.responses.stream(model=MODEL, input="helper", max_output_tokens=3) as helper:
+        async for _ in helper:
+            pass
+        got = await helper.get_final_response()
+    assert got.usage.output_tokens == 3
+    await client.close()
+
+
+def test_anthropic_messages_through_its_sdk(sim):
+    anthropic = pytest.importorskip("anthropic")
+    client = anthropic.Anthropic(base_url=sim.url, api_key="x")
+    msg = client.messages.create(model=MODEL, max_tokens=5, system="Be brief.",
+                                 messages=[{"role": "user", "content": "Say hello."}])
+    assert msg.id.startswith("chatcmpl-") and msg.stop_reason == "max_tokens" and msg.content[0].text
+    assert msg.usage.output_tokens == 5 and msg.usage.cache_read_input_tokens == 0
+    with client.messages.stream(model=MODEL, max_tokens=4, messages=[{"role": "user", "content": "Hi"}]) as stream:
+        text = "".join(stream.text_stream)
+        final = stream.get_final_message()
+    assert text and final.content[0].text == text and final.usage.output_tokens == 4
+    count = client.messages.count_tokens(model=MODEL, messages=[{"role": "user", "content": "Hi"}])
+    assert count.input_tokens == final.usage.input_tokens + final.usage.cache_read_input_tokens \
+        + final.usage.cache_creation_input_tokens
+    with pytest.raises(anthropic.NotFoundError):
+        client.messages.create(model="nope", max_tokens=1, messages=[{"role": "user", "content": "x"}])
+
+
+async def test_messages_over_plain_http(sim, http):
+    status, body = await _post(http, sim.url + "/v1/messages", {
+        "model": MODEL, "max_tokens": 5, "system": "Be brief.", "messages": [{"role": "user", "content": "hi"}]})
+    assert status == 200 and body["type"] == "message" and body["stop_reason"] == "max_tokens"
+    assert set(body["usage"]) == {"input_tokens", "output_tokens", "cache_creation_input_tokens",
+                                  "cache_read_input_tokens"}
+    parts = await _sse(http, sim.url + "/v1/messages", {
+        "model": MODEL, "max_tokens": 3, "stream": True, "messages": [{"role": "user", "content": "hi"}]})
+    names = [p.split(b"\n", 1)[0].decode() for p in parts]
+    assert names == ["event: message_start", "event: content_block_start", *["event: content_block_delta"] * 3,
+                     "event: content_block_stop", "event: message_delta", "event: message_stop"]
+    status, count = await _post(http, sim.url + "/v1/messages/count_tokens", {
+        "model": MODEL, "messages": [{"role": "user", "content": "hi"}]})
+    assert status == 200 and count["input_tokens"] == count["context_management"]["original_input_tokens"] > 0
