@@ -61,7 +61,7 @@ class RouteRequest:
     # id that names its replica, router/response_ids.py); None: `body` for every attempt.
     replica_body: Callable[[Replica], bytes] | None = field(default=None, compare=False, repr=False)
 
-    
+
 
     def body_for(self, replica: Replica) -> bytes | bytearray:
         """The bytes an attempt on `replica` sends."""
