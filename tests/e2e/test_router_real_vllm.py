@@ -80,6 +80,24 @@ async def test_router_launches_routes_and_stops_real_vllm(start_router, make_rou
         cached.append(body["usage"]["prompt_tokens_details"]["cached_tokens"])
     assert cached[0] == 0 and cached[1] >= 256, cached
 
+    # Stored responses (the store is on in config/engines-cpu.yaml): a 10-turn
+    # previous_response_id chain through two routers taking turns reaches, every turn, the
+    # replica holding the previous response (another one answers 404); then its retrieval.
+    other = await start_router(make_routes([r.url for r in replicas], model="tiny-llama",
+                                           policy="cache_aware"), timeout=60)
+    previous = None
+    for turn in range(10):
+        body: dict = {"model": "tiny-llama", "input": f"Turn {turn}: go on.", "max_output_tokens": 2}
+        if previous is not None:
+            body["previous_response_id"] = previous
+        async with http.post((server, other)[turn % 2].url + "/v1/responses", json=body) as resp:
+            answer = await resp.json()
+            assert resp.status == 200, (turn, answer)
+        previous = answer["id"]
+    for router in (server, other):
+        async with http.get(router.url + f"/v1/responses/{previous}") as resp:
+            assert resp.status == 200 and (await resp.json())["id"] == previous
+
     await server.close()
     await server.router.close()
     assert not any(_alive(pid) for pid in pids), "launched replicas outlived the router"
