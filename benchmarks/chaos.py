@@ -580,6 +580,8 @@ def plot(results: dict[str, Any], out: Path) -> list[str]:
 def markdown(results: dict[str, Any], figures: list[str]) -> str:
     lines = ["# Reliability: the router under faults and hostile load", "",
              f"Command: `{results['command']}`", "",
+             *([f"Sections from other runs: {earlier}", ""] if (earlier := sorted(
+                 {c for c in results.get("commands", {}).values()} - {results["command"]})) else []),
              f"Machine: {results['machine']}; versions: {results['versions']}", ""]
     if "faults" in results:
         lines += ["## Faults on one of the replicas under steady load", "",
@@ -632,11 +634,19 @@ def markdown(results: dict[str, Any], figures: list[str]) -> str:
 async def run_chaos(settings: Settings, procs: Processes) -> Path:
     out = settings.output
     out.mkdir(parents=True, exist_ok=True)
-    results: dict[str, Any] = {"command": settings.command, "versions": versions(),
-                               "machine": f"{psutil.cpu_count()} CPUs, "
-                                          f"{round(psutil.virtual_memory().total / 2**30)} GiB",
-                               "settings": {k: v for k, v in asdict(settings).items()
-                                            if k not in ("output", "command")}}
+    # A run of some experiments updates their sections of the results already there (each
+    # section says which command produced it); the others stay as they were measured.
+    earlier: dict[str, Any] = {}
+    if (out / "results.json").exists():
+        earlier = json.loads((out / "results.json").read_text())
+    known = set(Settings.experiments)
+    results: dict[str, Any] = {k: v for k, v in earlier.items() if k in known and k not in settings.experiments}
+    commands = {k: earlier.get("commands", {}).get(k, earlier.get("command", "")) for k in results}
+    commands.update({e: settings.command for e in settings.experiments})
+    results.update({"command": settings.command, "commands": commands, "versions": versions(),
+                    "machine": f"{psutil.cpu_count()} CPUs, "
+                               f"{round(psutil.virtual_memory().total / 2**30)} GiB",
+                    "settings": {k: v for k, v in asdict(settings).items() if k not in ("output", "command")}})
     if "faults" in settings.experiments:
         results["faults"] = []
         for kind in settings.faults:

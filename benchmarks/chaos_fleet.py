@@ -190,6 +190,7 @@ async def reload_run(settings: Settings, procs: Processes) -> dict[str, Any]:
 
 SLOW_CASES = (
     ("healthy", False, {}),
+    ("healthy, hedging on", False, {"proxy": {"hedge": {"enabled": True}}}),  # what hedging costs
     ("slow, no latency ejection, no hedging", True, {"circuit_breaker": {"latency_factor": 0}}),
     ("slow, latency ejection (default)", True, {}),
     ("slow, latency ejection + hedging", True, {"proxy": {"hedge": {"enabled": True}}}),
@@ -207,7 +208,7 @@ async def slow_run(settings: Settings, procs: Processes) -> list[dict[str, Any]]
 
 async def _slow_case(settings: Settings, procs: Processes, policy: str, case: str, slow: bool,
                      extra: dict[str, Any]) -> dict[str, Any]:
-    sims = await _sims(4, settings.time_scale)
+    sims = await _sims(4, 1.0)  # real time (H100-calibrated): TTFTs of tens of ms, as in production
     config: dict[str, Any] = {"models": [{"name": MODEL, "backends": [s.url for s in sims]}],
                               "routing": {"policy": policy}, **extra}
     name = f"slow-{policy}-{SLOW_CASES.index(next(c for c in SLOW_CASES if c[0] == case))}"

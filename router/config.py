@@ -326,7 +326,7 @@ class HedgeConfig:
     byte after a delay derived from the replica's expected time to first byte."""
 
     enabled: bool = False  # off by default: a hedge is a second copy of the request's work
-    min_delay: float = 0.05  # seconds: never hedge sooner
+    min_delay: float = 0.01  # seconds: never hedge sooner (the delay is mostly multiplier x the expected TTFT)
     multiplier: float = 2.0  # hedge after this many times the expected time to first byte ...
     max_delay: float = 30.0  # ... but no later than this (also the delay while nothing is known)
     paths: tuple[str, ...] = DEFAULT_HEDGE_PATHS  # requests without side effects

@@ -325,7 +325,7 @@ def test_front_door_defaults() -> None:
     assert cfg.circuit_breaker.latency_factor == 2.5 and cfg.circuit_breaker.latency_min_requests == 10
     assert cfg.circuit_breaker.max_ejection_percent == 50
     hedge = cfg.proxy.hedge
-    assert not hedge.enabled and hedge.min_delay == 0.05 and hedge.max_delay == 30
+    assert not hedge.enabled and hedge.min_delay == 0.01 and hedge.max_delay == 30
     assert hedge.paths == ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
 
 
