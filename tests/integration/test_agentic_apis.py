@@ -6,8 +6,6 @@ sent as x-api-key), prefix-routed."""
 
 from __future__ import annotations
 
-import asyncio
-
 import anthropic
 import openai
 import pytest
@@ -39,7 +37,7 @@ async def test_responses_chain_of_ten_turns_through_two_routers(fleet) -> None:
         response = await client.responses.create(
             model=MODEL, input=f"Turn {turn}: continue the plan.", max_output_tokens=8,
             instructions="You are a planning agent. " * 20, previous_response_id=previous)
-        assert response.status == "completed" and response.output_text
+        assert response.status in ("completed", "incomplete") and response.output_text  # (max_output_tokens)
         previous = response.id
         ids.append(response.id)
     # Every turn of the chain stayed on the replica that holds it (a wrong one answers 404).
@@ -47,7 +45,7 @@ async def test_responses_chain_of_ten_turns_through_two_routers(fleet) -> None:
     assert len(holders) == 1
     for client in clients:
         again = await client.responses.retrieve(ids[-1])
-        assert again.id == ids[-1] and again.status == "completed"
+        assert again.id == ids[-1] and again.status == response.status
     # A later turn reuses the chain's cached prefix (the replica's own prefix cache).
     assert response.usage is not None and response.usage.input_tokens_details.cached_tokens > 0
 
@@ -90,27 +88,57 @@ async def test_anthropic_messages_create_and_stream(fleet) -> None:
             model=MODEL, max_tokens=4, messages=[{"role": "user", "content": "hi"}])
 
 
-async def test_an_agent_loop_stays_where_its_prefix_is(fleet, http) -> None:
-    """Several agents sharing a tool preamble, each looping through Responses input items
-    (function calls and their outputs): every agent's later calls hit its cached prefix."""
+async def test_agent_loops_stay_where_their_prefix_is_through_every_api(fleet) -> None:
+    """Agents sharing a tool preamble, each looping with tool calls and their results, one
+    after another (no load to balance): through chat, Responses and Messages alike, every
+    later call finds most of its previous call's prompt cached (the next turn's routing text
+    extends the previous one's, so the prefix index sends it back).  (Concurrent agents are
+    the scheduler's business, measured in benchmarks/scenarios/agent_loop_*.yaml.)"""
     sims, first, _ = fleet
-    client = _openai(first)
-    tools = [{"type": "function", "name": "run", "parameters": {"type": "object", "properties": {}}}]
+    oai = _openai(first)
+    claude = anthropic.AsyncAnthropic(base_url=first.url, api_key=KEY, max_retries=0)
+    preamble = "Shared tool preamble. " * 40
 
-    async def agent(a: int) -> list[tuple[int, int]]:
-        items: list = [{"role": "user", "content": f"Agent {a}: " + "task details " * 60}]
+    async def chat(a: int) -> list[tuple[int, int]]:
+        messages: list = [{"role": "system", "content": preamble},
+                          {"role": "user", "content": f"Chat agent {a}: " + "task details " * 200}]
         usage = []
-        for step in range(5):
-            response = await client.responses.create(
-                model=MODEL, instructions="Shared tool preamble. " * 40, input=items, tools=tools,
-                max_output_tokens=4)
-            assert response.usage is not None
-            usage.append((response.usage.input_tokens, response.usage.input_tokens_details.cached_tokens))
+        for step in range(4):
+            r = await oai.chat.completions.create(model=MODEL, messages=messages, max_tokens=4, tools=[
+                {"type": "function", "function": {"name": "run", "parameters": {"type": "object"}}}])
+            usage.append((r.usage.prompt_tokens, r.usage.prompt_tokens_details.cached_tokens))
+            messages += [{"role": "assistant", "content": None, "tool_calls": [
+                {"id": f"c{step}", "type": "function", "function": {"name": "run", "arguments": "{}"}}]},
+                {"role": "tool", "tool_call_id": f"c{step}", "content": "ok " * 30}]
+        return usage
+
+    async def responses(a: int) -> list[tuple[int, int]]:
+        items: list = [{"role": "user", "content": f"Responses agent {a}: " + "task details " * 200}]
+        usage = []
+        for step in range(4):
+            r = await oai.responses.create(model=MODEL, instructions=preamble, input=items, max_output_tokens=4,
+                                           tools=[{"type": "function", "name": "run",
+                                                   "parameters": {"type": "object"}}])
+            usage.append((r.usage.input_tokens, r.usage.input_tokens_details.cached_tokens))
             items += [{"type": "function_call", "call_id": f"c{step}", "name": "run", "arguments": "{}"},
                       {"type": "function_call_output", "call_id": f"c{step}", "output": "ok " * 30}]
         return usage
 
-    results = await asyncio.gather(*(agent(a) for a in range(4)))
-    for usage in results:  # each later call found most of its previous call's prompt cached
-        for (prompt, _), (_, cached) in zip(usage, usage[1:]):
-            assert cached >= prompt // 2, results
+    async def messages(a: int) -> list[tuple[int, int]]:
+        turns: list = [{"role": "user", "content": f"Messages agent {a}: " + "task details " * 200}]
+        usage = []
+        for step in range(4):
+            r = await claude.messages.create(model=MODEL, system=preamble, messages=turns, max_tokens=4)
+            cached = r.usage.cache_read_input_tokens or 0
+            usage.append((r.usage.input_tokens + cached, cached))
+            turns += [{"role": "assistant", "content": [
+                {"type": "tool_use", "id": f"t{step}", "name": "run", "input": {}}]},
+                {"role": "user", "content": [{"type": "tool_result", "tool_use_id": f"t{step}",
+                                              "content": "ok " * 30}]}]
+        return usage
+
+    for loop in (chat, responses, messages):
+        for a in range(3):
+            usage = await loop(a)
+            for (prompt, _), (_, cached) in zip(usage, usage[1:]):
+                assert cached >= prompt // 2, (loop.__name__, a, usage)

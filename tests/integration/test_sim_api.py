@@ -7,6 +7,7 @@ with real vLLM's captured answers."""
 from __future__ import annotations
 
 import json
+import uuid
 from pathlib import Path
 
 import aiohttp
@@ -292,7 +293,8 @@ async def test_openai_responses_stream(sim):
 def test_anthropic_messages_through_its_sdk(sim):
     anthropic = pytest.importorskip("anthropic")
     client = anthropic.Anthropic(base_url=sim.url, api_key="x")
-    msg = client.messages.create(model=MODEL, max_tokens=5, system="Be brief.",
+    fresh = uuid.uuid4().hex  # (this module's simulator is shared: a prompt no test sent before)
+    msg = client.messages.create(model=MODEL, max_tokens=5, system=f"Be brief. {fresh}",
                                  messages=[{"role": "user", "content": "Say hello."}])
     assert msg.id.startswith("chatcmpl-") and msg.stop_reason == "max_tokens" and msg.content[0].text
     assert msg.usage.output_tokens == 5 and msg.usage.cache_read_input_tokens == 0
