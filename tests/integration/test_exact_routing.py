@@ -317,3 +317,37 @@ async def test_a_reload_whose_tokenizer_does_not_load_changes_nothing(make_sim, 
         assert "models[0].tokenizer" in (await r.json())["error"]["message"]
     assert server.router.prompt_tokens.local(MODEL) is before
     assert server.router.policy.name == "cache_aware"  # nothing changed
+
+
+async def test_exact_mode_predicts_the_agentic_apis_cached_tokens(make_sim, start_router, http, tiny_tokenizer):
+    """Responses and Anthropic Messages conversations tokenized by the model's chat template
+    (router/prefix/agentic.py maps them onto chat messages, as vLLM does): the tokens the
+    router predicts cached equal what the replica reports, turn after turn."""
+    sims = await make_exact_sims(make_sim, tiny_tokenizer, 2)
+    server = await start_router(exact_routes(sims, tiny_tokenizer))
+    await wait_exact(server.router, 2)
+    rng = random.Random(11)
+    system = text(rng, 300)
+    answered = cached_seen = 0
+    for api in ("responses", "messages"):
+        turns: list = [{"role": "user", "content": text(rng, 40)}]
+        for _ in range(3):
+            if api == "responses":
+                body = {"model": MODEL, "instructions": system, "input": turns, "max_output_tokens": 8}
+            else:
+                body = {"model": MODEL, "system": system, "messages": turns, "max_tokens": 8}
+            async with http.post(server.url + f"/v1/{api}", json=body) as resp:
+                data = await resp.json()
+                assert resp.status == 200, data
+            if api == "responses":
+                reply = data["output"][0]["content"][0]["text"]
+                cached = data["usage"]["input_tokens_details"]["cached_tokens"]
+            else:
+                reply = data["content"][0]["text"]
+                cached = data["usage"].get("cache_read_input_tokens") or 0
+            answered += 1
+            cached_seen += cached > 0
+            turns += [{"role": "assistant", "content": reply}, {"role": "user", "content": text(rng, 30)}]
+    got = await predictions(http, server.url)
+    assert got.get(("exact", "within_block"), 0) == answered, got
+    assert cached_seen >= 4
