@@ -62,6 +62,7 @@ log = logging.getLogger("router.outliers")
 ALPHA = 0.2  # weight of a new sample in the EWMAs
 MIN_PEERS = 2  # peers with a typical time for the shape before a replica is compared
 MIN_TYPICAL = 3  # samples before a replica's typical time for a shape counts
+ABSOLUTE_SLACK_S = 0.02  # a time to first byte within this of the peers' median is never slow
 MAX_REPLICAS_PER_MODEL = 4096
 _BANDS = 5  # size bands of 4x
 MAX_SHAPES = _BANDS * 8  # (prompt band, answer band or stream)
@@ -132,8 +133,10 @@ class LatencyOutliers:
         return sum(len(group) for group in self._models.values())
 
     def observe(self, replica: Replica, route: RouteRequest, decision: Decision,
-                seconds: float) -> None:
-        """An attempt's time to first byte (or the lower bound of a cancelled one)."""
+                seconds: float, *, lost_hedge: bool = False) -> None:
+        """An attempt's time to first byte, or (`lost_hedge`) the lower bound of a first
+        attempt that a hedge beat: the hedge delay already judged it slow against what is
+        expected of it, so the absolute slack does not apply to it."""
         if replica.breaker.state is BreakerState.OPEN:
             return  # out: what its last requests say is from before, and it is judged afresh
         sample = max(seconds, 1e-6) * capacity_of(replica)
@@ -158,7 +161,10 @@ class LatencyOutliers:
         reference = self._peers_median(group, entry, shape, MIN_PEERS)
         if reference is None:
             return
-        ratio = math.log(sample / reference)
+        # Slower by less than ABSOLUTE_SLACK_S is no slowness, whatever the ratio: 7 ms
+        # against its peers' 1 ms is noise (a new connection, a busy loop), not a sick replica.
+        slower = lost_hedge or sample - reference > ABSOLUTE_SLACK_S
+        ratio = math.log(sample / reference) if slower else 0.0
         entry.slowness = ratio if entry.compared == 0 else entry.slowness + ALPHA * (ratio - entry.slowness)
         entry.compared += 1
         limit = math.log(cfg.latency_factor)
@@ -270,8 +276,8 @@ class LatencyFeedback(Hook):
         # The first attempt lost a hedge race despite its head start: it is at least this
         # slow.  (A hedge that lost says nothing: it started later.)
         if outcome == ABANDONED and attempt.superseded and attempt.number == 1:
-            self._observe(attempt)
+            self._observe(attempt, lost_hedge=True)
 
-    def _observe(self, attempt: Attempt) -> None:
+    def _observe(self, attempt: Attempt, *, lost_hedge: bool = False) -> None:
         self.outliers.observe(attempt.replica, attempt.route, attempt.decision,
-                              self.clock() - attempt.state["sent_at"])
+                              self.clock() - attempt.state["sent_at"], lost_hedge=lost_hedge)

@@ -163,3 +163,24 @@ def test_expected_time_is_the_lesser_of_its_own_and_its_peers_and_capacity_count
     outliers.forget_replica(replicas[0].id)
     assert len(outliers) == 2 and outliers.slowness(replicas[0].id) is None
     assert math.isfinite(outliers.expected(replicas[0], ROUTE, NO_MATCH) or 0.0)
+
+
+def test_a_few_milliseconds_over_a_tiny_median_is_no_slowness() -> None:
+    """Ratios of tiny times are noise: 7 ms against its peers' 1 ms (a new connection after
+    its ejection, a busy event loop) is not slow, not even on probation; 250 ms is."""
+    clock = Clock()
+    replicas = fleet(4)
+    outliers = detector(replicas, clock)
+    feed(outliers, replicas, [0.007, 0.001, 0.0012, 0.0009], rounds=30)  # 7x, but 6 ms
+    assert all(r.breaker.state is BreakerState.CLOSED for r in replicas)
+    assert outliers.slowness(replicas[0].id) == 1.0  # (as a factor: not slower at all)
+    feed(outliers, replicas, [0.25, 0.001, 0.0012, 0.0009], rounds=12)
+    slow = replicas[0]
+    assert slow.breaker.state is BreakerState.OPEN
+    # Back on probation: its first answer is 7 ms against 1 ms, which keeps it in.
+    clock.now += 5
+    breakers = outliers.breakers
+    assert breakers.allows(slow.id, slow.breaker)
+    breakers.on_success(slow.id, slow.breaker, breakers.on_dispatch(slow.breaker))
+    outliers.observe(slow, ROUTE, NO_MATCH, 0.007)
+    assert slow.breaker.state is BreakerState.CLOSED
