@@ -72,6 +72,7 @@ import email.utils
 import functools
 import itertools
 import logging
+import re
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING
@@ -165,6 +166,11 @@ _DROP_RESPONSE = frozenset({"content-length", "date", "x-request-id", "server", 
 _ERROR_BODY_CAP = 64 * 1024  # bytes kept of a failed upstream response
 _RESCHEDULE_SLACK_S = 1.0  # a relay's read deadline is moved only when it gains more than this
 _HEAD_ALLOWANCE = 8 * 1024  # bytes a response head may take in the client's write buffer
+# Streams whose opening events come before the prompt's prefill: committed at the first
+# token's event instead (Proxy._until_first_token).
+FIRST_TOKEN_PATHS = frozenset({"/v1/responses", "/v1/messages"})
+_FIRST_TOKEN_EVENT = re.compile(rb"(?m)^event: *(?:[\w.]*delta|error|response\.(?:failed|incomplete|completed))\r?$")
+_TOKEN_HEAD_MAX = 1 << 20
 CLIENT_CLOSED = 499  # nginx's status for "client closed the request"
 
 _UPSTREAM_ERRORS = (UpstreamError, OSError)
@@ -840,6 +846,8 @@ class Proxy:
                             raise self._fail(route, replica, "bad_stream",
                                              "a 200 text/event-stream answer that is not SSE: "
                                              f"{first[:64]!r}")
+                        if route.path in FIRST_TOKEN_PATHS and route.method == "POST":
+                            first = await self._until_first_token(resp, first)
                     else:
                         first, complete = await self._buffer(resp, timeout, wait)
             except UpstreamConnectError as exc:
@@ -1003,6 +1011,24 @@ class Proxy:
         leg.slot.release(self.upstream)  # (a leg cancelled before it sent anything)
         self._finish(leg.attempt, leg.wait, leg.outcome,
                      leg.answer[0] if leg.answer is not None else None, leg.finished)
+
+    async def _until_first_token(self, resp: UpstreamResponse, head: bytes) -> bytes:
+        """A Responses or Messages stream's head up to its first token's event.
+
+        vLLM sends these APIs' opening events (``response.created``, ``message_start``...)
+        before the prompt's prefill, so their first bytes say nothing of the time to first
+        token, which is what the answer's commit stands for: the scheduler learns prefill
+        rates from it, the latency detector and hedging compare it, and failover is still
+        possible while it has not come.  So the answer is committed at the first ``*delta``
+        event (or an error, or its end), at most ``_TOKEN_HEAD_MAX`` bytes in, its opening
+        events sent with it; the first-byte timeout bounds the wait."""
+        content = resp.content
+        while not _FIRST_TOKEN_EVENT.search(head) and len(head) < _TOKEN_HEAD_MAX:
+            more = await content.readany()
+            if not more:
+                break
+            head += more
+        return head
 
     async def _stream_head(self, resp: UpstreamResponse) -> bytes:
         """A stream's first bytes: its first read, and more only while `sse_verdict` cannot

@@ -180,9 +180,8 @@ def validate_body(path: str, data: object) -> dict[str, Any]:
 
 def _check_responses(data: dict[str, Any]) -> None:
     """The Responses fields the router reads (routing text, the stored response's replica)."""
-    if "input" not in data:
-        raise BodyError("'input' is required", "input")
-    if not isinstance(data["input"], (str, list)):
+    # (`input` may be absent: a stored `prompt` template, or vLLM's own 400 to give)
+    if "input" in data and not isinstance(data["input"], (str, list)):
         raise BodyError(f"'input' must be a string or an array, found {_type_name(data['input'])}", "input")
     for key in ("instructions", "previous_response_id"):
         if data.get(key) is not None and not isinstance(data[key], str):

@@ -142,3 +142,24 @@ async def test_agent_loops_stay_where_their_prefix_is_through_every_api(fleet) -
             usage = await loop(a)
             for (prompt, _), (_, cached) in zip(usage, usage[1:]):
                 assert cached >= prompt // 2, (loop.__name__, a, usage)
+
+
+async def test_an_agentic_stream_commits_at_its_first_token(make_sims, start_router, make_routes, http) -> None:
+    """vLLM opens a Responses (or Messages) stream with events sent before the prefill; the
+    router commits the answer at the first token's event, so what it learns of a replica's
+    prefill rate is the real one (it learned ~10x too fast from the opening events, and the
+    agent loops through these APIs lost a fifth of their hit rate to it)."""
+    sims = await make_sims(2, time_scale=1.0, args=STORE_ARGS)
+    server = await start_router(make_routes([s.url for s in sims], policy="cache_aware"))
+    for i in range(6):
+        for path, body in (("/v1/responses", {"input": f"agent {i} " + "lorem ipsum dolor " * 400,
+                                              "max_output_tokens": 4}),
+                           ("/v1/messages", {"max_tokens": 4, "messages": [
+                               {"role": "user", "content": f"other {i} " + "lorem ipsum dolor " * 400}]})):
+            async with http.post(server.url + path, json={"model": MODEL, "stream": True, **body}) as r:
+                assert r.status == 200
+                raw = await r.read()
+            assert raw.startswith(b"event: ")  # the opening events are relayed, with the first token
+    profile = server.router.flow.profile()
+    rates = [profile.prefill_rate(r) for r in server.router.fleet]
+    assert all(rate is not None and rate < 60_000 for rate in rates), rates  # the prior is 20,000/s
