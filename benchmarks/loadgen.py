@@ -38,7 +38,7 @@ class LoadSpec:
     url: str  # the target's base URL, e.g. http://127.0.0.1:9000
     model: str
     api: str = "chat"  # chat | completions | responses | messages (benchmarks/agent_apis.py)
-    arrival: str = "closed"  # poisson | closed
+    arrival: str = "closed"  # poisson | closed | trace (each session at its start_s, open loop)
     qps: float = 0.0
     concurrency: int = 8
     max_requests: int = 1000
@@ -64,7 +64,7 @@ class _Ready:
     """Turns ready to send, earliest first; knows when the whole workload is finished."""
 
     def __init__(self, workload: Workload, now: float) -> None:
-        self._heap: list[tuple[float, int, int]] = [(now, i, 0) for i in range(len(workload.sessions))]
+        self._heap: list[tuple[float, int, int]] = [(now + s.start_s, i, 0) for i, s in enumerate(workload.sessions)]
         heapq.heapify(self._heap)
         self._sessions = workload.sessions
         self._in_flight = 0
@@ -119,7 +119,9 @@ def request_body(spec: LoadSpec, session: Session, answers: list[str], turn: int
         body["stream_options"] = {"include_usage": True}
     if spec.ignore_eos:
         body["ignore_eos"] = True
-    if spec.api == "completions":
+    if session.prompt is not None:  # a trace's request: its prompt as synthesized, nothing around it
+        body["prompt"] = session.prompt
+    elif spec.api == "completions":
         body["prompt"] = render(messages)
     else:
         encode(spec.api, body, messages, tools=session.tool_loop)
@@ -286,6 +288,18 @@ async def run(spec: LoadSpec, workload: Workload,
         if tasks:
             await asyncio.gather(*list(tasks), return_exceptions=True)
 
+    async def timed() -> None:
+        """Open loop at the sessions' own times (a trace): each request when it is due."""
+        while may_dispatch():
+            item = await _next_before(ready, deadline)
+            if not may_dispatch() or item is None:
+                break
+            task = asyncio.create_task(one(*item))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+        if tasks:
+            await asyncio.gather(*list(tasks), return_exceptions=True)
+
     async def worker(index: int) -> None:
         if spec.ramp_s > 0:
             await asyncio.sleep(spec.ramp_s * index / spec.concurrency)
@@ -298,6 +312,8 @@ async def run(spec: LoadSpec, workload: Workload,
     try:
         if spec.arrival == "poisson":
             await poisson()
+        elif spec.arrival == "trace":
+            await timed()
         else:
             await asyncio.gather(*(worker(i) for i in range(spec.concurrency)))
     finally:

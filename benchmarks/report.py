@@ -184,7 +184,7 @@ def spread_table(rows: dict[str, Row], names: list[str]) -> str:
 
 def ratio_table(rows: dict[str, Row], names: list[str]) -> str:
     ours = [n for n in names if n.startswith("ours:")]
-    peers = [n for n in names if n.split(":")[0] in ("vllm-router", "sglang-router")]
+    peers = [n for n in names if n.split(":")[0] in ("vllm-router", "smg", "sglang-router")]
     cols = [c for c in COLUMNS if c[0] in RATIO_COLUMNS]
     header = ["ours vs"] + [f"{c[0]}" for c in cols]
     lines = ["Ratios (ours / reference; latency and busiest share: < 1 is better; others: > 1 is better):", "",
@@ -219,6 +219,7 @@ def _color(name: str, i: int) -> str:
     palette = {"ours": ["#1f77b4", "#2ca02c", "#17becf", "#9467bd", "#08306b", "#6baed6", "#74c476"],
                "vllm-router": ["#d62728", "#ff7f0e", "#e377c2", "#f4a582", "#b2182b"],
                "sglang-router": ["#8c564b", "#bcbd22", "#c49c94"],
+               "smg": ["#17becf", "#9edae5", "#393b79"],
                "direct": ["#7f7f7f"]}
     options = palette.get(name.split(":")[0], ["#000000"])
     return options[i % len(options)]

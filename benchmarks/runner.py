@@ -204,7 +204,8 @@ async def measure(scenario: Scenario, fleet: Fleet, target: RunningTarget, workl
     arrival = scenario.arrival
     spec = loadgen.LoadSpec(
         url=target.url, alt_urls=tuple(target.urls[1:]), model=scenario.model, api=scenario.api,
-        arrival="poisson" if qps is not None else "closed", qps=qps or 0.0,
+        arrival="trace" if scenario.arrival.kind == "trace" else "poisson" if qps is not None else "closed",
+        qps=qps or 0.0,
         concurrency=arrival.concurrency or 1, max_requests=scenario.limits.max_requests,
         max_duration_s=scenario.limits.max_duration_s, request_timeout_s=scenario.limits.request_timeout_s,
         ignore_eos=scenario.ignore_eos, seed=scenario.seed)

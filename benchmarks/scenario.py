@@ -14,8 +14,8 @@ from typing import Any
 
 from yamlcheck import ConfigError, Node, describe, load_yaml
 
-WORKLOAD_KINDS = ("multi_turn", "shared_prefix", "agentic", "no_reuse", "lora")
-ARRIVAL_KINDS = ("poisson", "sweep", "closed")
+WORKLOAD_KINDS = ("multi_turn", "shared_prefix", "agentic", "no_reuse", "lora", "trace")
+ARRIVAL_KINDS = ("poisson", "sweep", "closed", "trace")
 FLEET_KINDS = ("sim", "real")
 MODES = ("routing", "overhead")
 
@@ -25,10 +25,13 @@ PEER_POLICIES = {
     "vllm-router": ("cache_aware", "round_robin", "kv_aware", "power_of_two", "random",
                     "consistent_hash", "sticky_least_loaded"),
     "sglang-router": ("cache_aware", "round_robin", "power_of_two", "random"),
+    # smg (Shepherd Model Gateway) 1.13, the successor of sglang-router
+    "smg": ("cache_aware", "least_load", "prefix_hash", "round_robin", "power_of_two", "random",
+            "consistent_hashing"),
 }
-TARGET_KINDS = ("ours", "vllm-router", "sglang-router", "direct")
+TARGET_KINDS = ("ours", "vllm-router", "smg", "sglang-router", "direct")
 
-# Per workload kind: parameter -> (default, kind) where kind is "int", "num" or "bool".
+# Per workload kind: parameter -> (default, kind) where kind is "int", "num", "bool" or "str".
 WORKLOAD_PARAMS: dict[str, dict[str, tuple[Any, str]]] = {
     "multi_turn": {
         "users": (16, "int"),
@@ -65,6 +68,15 @@ WORKLOAD_PARAMS: dict[str, dict[str, tuple[Any, str]]] = {
         "answer_tokens": (48, "int"),
         "zipf": (1.0, "num"),
     },
+    "trace": {  # a public production trace, replayed at its timestamps (benchmarks/trace.py)
+        "file": ("benchmarks/traces/mooncake/conversation_trace.jsonl", "str"),
+        "start_s": (0.0, "num"),  # the window: trace seconds [start_s, start_s + duration_s)
+        "duration_s": (120.0, "num"),
+        "time_scale": (1.0, "num"),  # arrivals this many times faster (load)
+        "token_scale": (0.25, "num"),  # prompt lengths (and the 512-token blocks) times this
+        "output_scale": (1.0, "num"),
+        "max_requests": (0, "int"),  # 0: the whole window
+    },
     "no_reuse": {
         "requests": (128, "int"),
         "prompt_tokens": (1000, "int"),
@@ -87,7 +99,7 @@ class WorkloadSpec:
 
 @dataclass(frozen=True, slots=True)
 class ArrivalSpec:
-    kind: str  # poisson | sweep | closed
+    kind: str  # poisson | sweep | closed | trace (each request at its trace timestamp)
     qps: float = 0.0  # poisson
     qps_values: tuple[float, ...] = ()  # sweep
     concurrency: int = 0  # closed
@@ -246,7 +258,11 @@ def parse_scenario(root: Node) -> Scenario:
         return Scenario(overhead=_overhead(root.get("overhead", {})), **common)
     if root.has("overhead"):
         root.get("overhead").fail("only valid with mode: overhead")
-    return Scenario(workload=_workload(root.get("workload")), arrival=_arrival(root.get("arrival")), **common)
+    workload, arrival = _workload(root.get("workload")), _arrival(root.get("arrival"))
+    if (workload.kind == "trace") != (arrival.kind == "trace"):
+        root.get("arrival").fail("a trace workload arrives at its own timestamps: use arrival {kind: trace} "
+                                 "with workload {kind: trace}, and only there")
+    return Scenario(workload=workload, arrival=arrival, **common)
 
 
 def _workload(node: Node) -> WorkloadSpec:
@@ -261,6 +277,8 @@ def _workload(node: Node) -> WorkloadSpec:
             params[key] = child.integer(minimum=0)
         elif typ == "bool":
             params[key] = child.boolean()
+        elif typ == "str":
+            params[key] = child.string()
         else:
             params[key] = child.number(minimum=0)
     for key in ("users", "rounds", "groups", "prompts_per_group", "agents", "steps", "requests", "adapters",
@@ -275,6 +293,9 @@ def _workload(node: Node) -> WorkloadSpec:
 def _arrival(node: Node) -> ArrivalSpec:
     node.mapping(("kind", "qps", "qps_values", "concurrency"))
     kind = node.get("kind").choice(ARRIVAL_KINDS)
+    if kind == "trace":
+        node.mapping(("kind",))
+        return ArrivalSpec(kind)
     if kind == "poisson":
         node.mapping(("kind", "qps"))
         return ArrivalSpec(kind, qps=node.get("qps").number(minimum=0, exclusive_minimum=True))

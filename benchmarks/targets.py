@@ -3,7 +3,8 @@
 - `ours:POLICY` starts our router as a subprocess, `python -m router --config routes.yaml`,
   with a routes.yaml generated for the run: the fleet's URLs as backends (with their
   tensor-parallel sizes), the policy, and no `launch:` block.
-- `vllm-router:POLICY` and `sglang-router:POLICY` start the peers installed from PyPI into
+- `vllm-router:POLICY`, `smg:POLICY` (Shepherd Model Gateway 1.13, the successor of
+  sglang-router) and `sglang-router:POLICY` (its 0.3.2, for history) start the peers installed from PyPI into
   the benchmark environment (`pip install -e '.[bench]'`), with their default knobs, on the
   same fleet URLs.  `vllm-router:kv_aware` subscribes to the replicas' KV events.
 - `direct` sends everything to the first replica: the no-router baseline for overhead.
@@ -115,13 +116,15 @@ def router_argv(target: TargetSpec, *, model: str, backends: list[dict[str, Any]
         return argv
     if target.kind == "sglang-router":
         return [sys.executable, "-m", "sglang_router.launch_router", *common, "--log-level", "warn", *target.args]
+    if target.kind == "smg":
+        return [_bin("smg"), "launch", *common, "--log-level", "warn", *target.args]
     raise ValueError(f"no command for target {target.name}")
 
 
 def versions() -> dict[str, str]:
     """Versions of every router the harness can run."""
     out = {}
-    for dist in ("vllm-smart-router", "vllm-router", "sglang-router", "aiohttp"):
+    for dist in ("vllm-smart-router", "vllm-router", "smg", "sglang-router", "aiohttp"):
         try:
             out[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:

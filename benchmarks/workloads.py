@@ -52,6 +52,8 @@ class Session:
     group: str = ""  # shared_prefix: the group; others: the session id
     model: str | None = None  # lora: the adapter it names; None: the scenario's model
     tool_loop: bool = False  # agentic with tool_calls: turns after the first are tool results
+    start_s: float = 0.0  # trace: when its first turn is sent (seconds from the run's start)
+    prompt: str | None = None  # trace: the whole prompt, sent as is (api: completions)
 
     @property
     def requests(self) -> int:
@@ -88,6 +90,7 @@ def build(spec: WorkloadSpec, seed: int) -> Workload:
         "agentic": _agentic,
         "no_reuse": _no_reuse,
         "lora": _lora,
+        "trace": _trace,
     }[spec.kind]
     rng = random.Random(f"{spec.kind}:{seed}")
     return Workload(spec.kind, tuple(builder(spec, rng)))
@@ -175,6 +178,21 @@ def _lora(spec: WorkloadSpec, rng: random.Random) -> list[Session]:
             sessions.append(Session(sid, tasks[k], (), (turn,), group=adapter_name(k), model=adapter_name(k)))
     rng.shuffle(sessions)
     return sessions
+
+
+def _trace(spec: WorkloadSpec, rng: random.Random) -> list[Session]:
+    """A window of a Mooncake trace (benchmarks/trace.py): one session a request, sent at
+    its (compressed) timestamp; sessions of the same first block share a group."""
+    from pathlib import Path
+
+    from benchmarks.trace import read_mooncake, window
+
+    requests = window(read_mooncake(Path(spec.file)), start_s=spec.start_s, duration_s=spec.duration_s,
+                      time_scale=spec.time_scale, token_scale=spec.token_scale,
+                      output_scale=spec.output_scale, max_requests=spec.max_requests)
+    return [Session(f"t{i:05d}", None, (), (Turn(text=r.prompt, max_tokens=r.output_tokens),),
+                    group=f"h{r.hash_ids[0] if r.hash_ids else i}", start_s=r.at_s, prompt=r.prompt)
+            for i, r in enumerate(requests)]
 
 
 def _no_reuse(spec: WorkloadSpec, rng: random.Random) -> list[Session]:
