@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from router.prefix.agentic import MESSAGES_PATH, RESPONSES_PATH, anthropic_to_chat, responses_to_chat
+from router.prefix.agentic import MESSAGES_PATH, RESPONSES_PATH, as_chat
 from router.prefix.hashing import prefix_hashes
 
 if TYPE_CHECKING:
@@ -211,13 +211,10 @@ def routing_input_of(path: str, data: dict[str, Any]) -> RoutingInput | None:
     """The routing input of a request on `path` (None: the path is not prefix-routed)."""
     if path in (_CHAT, _COMPLETIONS, _EMBEDDINGS):
         return routing_input(data)
-    if path == _RESPONSES:
-        messages, tools = responses_to_chat(data)
-    elif path == _MESSAGES:
-        messages, tools = anthropic_to_chat(data)
-    else:
+    chat = as_chat(path, data)  # Responses, Messages: their conversation as chat messages
+    if chat is None:
         return None
-    return RoutingInput(text=render_messages(messages, tools) or None)
+    return RoutingInput(text=render_messages(*chat) or None)
 
 
 def build_route_request(

@@ -164,15 +164,22 @@ def anthropic_to_chat(data: Mapping[str, Any]) -> tuple[Messages, list[Any] | No
     return out, (tools if isinstance(tools, list) and tools else None)
 
 
+def as_chat(path: str, data: Mapping[str, Any]) -> tuple[Messages, list[Any] | None] | None:
+    """(chat messages, tools) of a request on an agentic API's path (None for other paths)."""
+    if path == RESPONSES_PATH:
+        return responses_to_chat(data)
+    if path == MESSAGES_PATH:
+        return anthropic_to_chat(data)
+    return None
+
+
 def chat_body(path: str, data: Mapping[str, Any]) -> dict[str, Any] | None:
     """The chat-completions body equivalent to an agentic request (None for other paths):
     what the local chat template or the replica's /tokenize is given in exact mode."""
-    if path == RESPONSES_PATH:
-        messages, tools = responses_to_chat(data)
-    elif path == MESSAGES_PATH:
-        messages, tools = anthropic_to_chat(data)
-    else:
+    chat = as_chat(path, data)
+    if chat is None:
         return None
+    messages, tools = chat
     body: dict[str, Any] = {"model": data.get("model"), "messages": messages}
     if tools:
         body["tools"] = tools
