@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     from router.fleet import Replica
 
 _ID = re.compile(r"^resp_([0-9a-f]{16})-[0-9a-f]{32}$")
+MAX_CACHED_TOKENS = 4096  # replica URLs whose token is kept
 ID_LIMIT = 200  # characters of a response id the router looks at (a path segment or a body field)
 
 
@@ -47,9 +48,19 @@ class ResponseIds:
 
     def __init__(self, secret: str | None = None) -> None:
         self._key = (secret or "").encode("utf-8")
+        # Each replica's token, computed once: a follow-up compares the id with every
+        # candidate's token, on the request path.  Bounded: cleared when full (the fleet's
+        # URLs come back at one HMAC each).
+        self._tokens: dict[str, str] = {}
 
     def token(self, replica: Replica) -> str:
-        return hmac.new(self._key, replica.url.encode("utf-8"), hashlib.sha256).hexdigest()[:16]
+        token = self._tokens.get(replica.url)
+        if token is None:
+            if len(self._tokens) >= MAX_CACHED_TOKENS:
+                self._tokens.clear()
+            token = self._tokens[replica.url] = hmac.new(
+                self._key, replica.url.encode("utf-8"), hashlib.sha256).hexdigest()[:16]
+        return token
 
     def new_id(self, replica: Replica) -> str:
         """A fresh response id for an attempt on `replica`."""

@@ -93,3 +93,16 @@ async def test_stored_responses_obey_keys_and_model_access(fakes, start_router, 
                         headers={"Authorization": "Bearer key-a-0123456789"}) as r:
         assert r.status == 200
     assert len(fake.seen) == 1
+
+
+def test_replica_tokens_are_cached_within_a_bound() -> None:
+    from router import response_ids
+
+    ids = ResponseIds("a-secret-of-16-chars")
+    replica = type("R", (), {"url": "http://10.0.0.1:8000"})()
+    first = ids.token(replica)
+    assert ids.token(replica) == first and ResponseIds("other-secret-0123456").token(replica) != first
+    for i in range(response_ids.MAX_CACHED_TOKENS + 10):
+        ids.token(type("R", (), {"url": f"http://10.0.{i // 250}.{i % 250}:8000"})())
+    assert len(ids._tokens) <= response_ids.MAX_CACHED_TOKENS
+    assert ids.token(replica) == first  # recomputed, the same
