@@ -86,6 +86,8 @@ class Replica:
     consecutive_failures: int = 0
     consecutive_successes: int = 0
     in_flight: int = 0  # requests the router has dispatched and not yet finished
+    # Uncached prompt tokens of the router's requests there not yet answered (hooks.InFlight).
+    pending_prefill_tokens: int = 0
     load: EngineLoad = field(default_factory=EngineLoad)
     breaker: Breaker = field(default_factory=Breaker)  # request-path outlier ejection (breaker.py)
     # Where the replica publishes vLLM KV-cache events (ZMQ), when it does (None: it does not).

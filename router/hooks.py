@@ -15,7 +15,7 @@ listener of four moments, in this order for one attempt:
 
 The listeners, each owning one concern, in the order they are called:
 
-* `InFlight`       the replica's in-flight count and its gauge;
+* `InFlight`       the replica's in-flight count (and its gauge) and prompt tokens to prefill;
 * `BreakerFeedback` the circuit breaker's trial slot, successes and failures (breaker.py);
 * `IndexFeedback`  the prefix-index record made at dispatch, forgotten when the replica
                    refused the request (4xx), the attempt failed or it lost a hedge race;
@@ -151,14 +151,41 @@ class Hooks:
                 log.exception("hook %s failed on completion", name)
 
 
+def uncached_tokens(replica: Replica, route: RouteRequest, decision: Decision) -> int:
+    """The prompt tokens `replica` must compute: the prompt less what the ranking matched."""
+    return max(0, route.estimated_prompt_tokens - decision.matched_tokens.get(replica.id, 0))
+
+
 class InFlight(Hook):
-    """A replica's in-flight count (its gauge reads it at scrape time, router/telemetry.py)."""
+    """What a replica has in flight from the router: the request count (its gauge reads it
+    at scrape time, router/telemetry.py) and the prompt tokens still to prefill, those of
+    the attempts sent and not yet answered (``Replica.pending_prefill_tokens``).  The
+    tokens are the wait a new request faces there: vLLM prefills the prompts ahead of it
+    first, a token budget per step, so three 12k-token prompts ahead cost more than ten
+    short ones (the queue term, scheduling/terms/queue.py)."""
 
     def on_dispatch(self, attempt: Attempt) -> None:
-        attempt.replica.in_flight += 1
+        replica = attempt.replica
+        replica.in_flight += 1
+        if attempt.route.method == "POST":
+            tokens = uncached_tokens(replica, attempt.route, attempt.decision)
+            attempt.state["prefill_tokens"] = tokens
+            replica.pending_prefill_tokens += tokens
+
+    @staticmethod
+    def _prefilled(attempt: Attempt) -> None:
+        tokens = attempt.state.pop("prefill_tokens", 0)
+        if tokens:
+            replica = attempt.replica
+            left = replica.pending_prefill_tokens - tokens
+            replica.pending_prefill_tokens = left if left > 0 else 0
+
+    def on_first_byte(self, attempt: Attempt, status: int) -> None:
+        self._prefilled(attempt)
 
     def on_complete(self, attempt: Attempt, outcome: str) -> None:
         attempt.replica.in_flight -= 1
+        self._prefilled(attempt)
 
 
 class AdapterFeedback(Hook):

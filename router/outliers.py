@@ -48,7 +48,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from router.breaker import BreakerState
-from router.hooks import ABANDONED, Attempt, Hook
+from router.hooks import ABANDONED, Attempt, Hook, uncached_tokens
 from router.scheduling.candidates import capacity_of
 
 if TYPE_CHECKING:
@@ -88,11 +88,6 @@ def shape_of(route: RouteRequest, uncached_tokens: int) -> int:
         return prompt + _STREAM
     limit = route.max_tokens
     return prompt + (_UNKNOWN_LENGTH if limit is None else _ANSWER_BANDS[min(limit.bit_length(), 64)])
-
-
-def uncached_tokens(replica: Replica, route: RouteRequest, decision: Decision) -> int:
-    """The prompt tokens `replica` must compute: the prompt less what the ranking matched."""
-    return max(0, route.estimated_prompt_tokens - decision.matched_tokens.get(replica.id, 0))
 
 
 @dataclass(slots=True)

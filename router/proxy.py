@@ -107,9 +107,10 @@ from router.hooks import (
     PolicyFeedback,
     PredictionAccuracy,
     SuspectMarking,
+    uncached_tokens,
 )
 from router.loop_lag import LoopLag
-from router.outliers import LatencyFeedback, LatencyOutliers, uncached_tokens
+from router.outliers import LatencyFeedback, LatencyOutliers
 from router.retry_budget import RetryBudget
 from router.scheduling import Decision, Profile
 from router.telemetry import RequestRecord, Telemetry

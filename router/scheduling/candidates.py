@@ -18,7 +18,9 @@ Base columns, read from the replicas on first use (``ids`` at once):
 * ``capacity``: `capacity_of` each replica: tensor-parallel size x weight (a TP=4 replica
   prefills about four times as fast; ``weight`` is the operator's relative-capacity hint,
   <= 0 counts as 1);
-* ``waiting``: the replica's own last reported waiting queue (``vllm:num_requests_waiting``).
+* ``waiting``: the replica's own last reported waiting queue (``vllm:num_requests_waiting``);
+* ``pending_prefill``: ``Replica.pending_prefill_tokens``, the uncached prompt tokens of the
+  router's requests there that have not had their first byte yet (hooks.InFlight).
 Producers add what they compute to ``data`` under their own name.
 """
 
@@ -44,7 +46,7 @@ class Candidates:
     """The routable candidates of one request, as columns; see the module docstring."""
 
     __slots__ = ("replicas", "ids", "group", "n", "n_healthy", "index", "exact", "data", "_queued",
-                 "_waiting", "_capacity", "_capacity_groups")
+                 "_waiting", "_capacity", "_capacity_groups", "_pending_prefill")
 
     def __init__(self, replicas: list[Replica], group: list[int], index: PrefixIndex,
                  exact: ExactIndex | None = None) -> None:
@@ -62,6 +64,14 @@ class Candidates:
         self._waiting: list[float] | None = None
         self._capacity: list[float] | None = None
         self._capacity_groups: tuple[tuple[float, set[float]], ...] | None = None
+        self._pending_prefill: list[int] | None = None
+
+    @property
+    def pending_prefill(self) -> list[int]:
+        pending = self._pending_prefill
+        if pending is None:
+            pending = self._pending_prefill = [r.pending_prefill_tokens for r in self.replicas]
+        return pending
 
     @property
     def waiting(self) -> list[float]:

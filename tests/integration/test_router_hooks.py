@@ -5,6 +5,8 @@ A recording hook is added to a real router's hooks; FakeReplicas answer, fail, o
 
 from __future__ import annotations
 
+import asyncio
+
 import aiohttp
 
 from router.hooks import Attempt, Hook
@@ -60,3 +62,47 @@ async def test_the_moments_of_success_failover_and_abandonment(fakes, start_rout
                 message="the abandoned attempt completed")
     assert recorder.events == [("dispatch", good.url, 1), ("complete", good.url, "abandoned")]
     assert all(r.in_flight == 0 for r in server.router.fleet)
+
+
+
+async def test_a_replica_counts_the_prompt_tokens_it_has_yet_to_prefill_until_its_first_byte(
+        fakes, start_router, make_routes, http, until) -> None:
+    """The queue term's fresh view of the wait on a replica (hooks.InFlight): an unanswered
+    request's uncached prompt tokens count there until its first byte; a request whose
+    client left stops counting."""
+    (replica,) = await fakes(1)
+    replica.mode = "hang"
+    server = await start_router(make_routes([replica.url]))
+    (target,) = server.router.fleet
+    prompt = "a long prompt that no replica has seen before " * 200
+    body = {"model": "sim-a", "prompt": prompt, "stream": True}
+
+    async def abandon() -> None:
+        try:
+            async with http.post(server.url + "/v1/completions", json=body,
+                                 timeout=aiohttp.ClientTimeout(total=1.0)) as r:
+                await r.read()
+        except TimeoutError:
+            pass
+
+    task = asyncio.create_task(abandon())
+    await until(lambda: target.in_flight == 1, message="the request was dispatched")
+    held = target.pending_prefill_tokens
+    assert held >= len(prompt) // 8  # the router's estimate of the prompt, all of it uncached
+    await task
+    await until(lambda: target.in_flight == 0, message="the abandoned attempt completed")
+    assert target.pending_prefill_tokens == 0
+
+    seen: list[int] = []
+
+    class Watch(Hook):
+        def on_first_byte(self, attempt: Attempt, status: int) -> None:
+            seen.append(attempt.replica.pending_prefill_tokens)
+
+    server.router.proxy.hooks.add(Watch())
+    replica.mode = "sse"
+    async with http.post(server.url + "/v1/completions", json=dict(body, prompt=prompt + "!")) as r:
+        assert r.status == 200
+        await r.read()
+    assert seen == [0]  # InFlight, the first hook, took it off at the first byte
+    assert target.pending_prefill_tokens == 0 and target.in_flight == 0

@@ -37,14 +37,17 @@ replica_spec = st.tuples(
 )
 
 
-def table(specs: list[tuple], text: str = TEXT) -> tuple[RouteRequest, Candidates]:
-    """A request and its candidates with every producer run, from replica specs."""
+def table(specs: list[tuple], text: str = TEXT, pending: tuple[int, ...] = ()) -> tuple[RouteRequest, Candidates]:
+    """A request and its candidates with every producer run, from replica specs (and the
+    prompt tokens the router has pending on each, if given)."""
     index = PrefixIndex(tokens_per_block=16)
     replicas = []
     for i, (in_flight, running, waiting, tp, matched, kv_blocks, usage) in enumerate(specs):
         r = Replica(url=f"http://r{i}", model="m", tensor_parallel_size=tp, health=Health.HEALTHY,
                     in_flight=in_flight, load=EngineLoad(running=running, waiting=waiting, kv_cache_usage=usage,
                                                          scraped_at=1.0))
+        if i < len(pending):
+            r.pending_prefill_tokens = pending[i]
         replicas.append(r)
         if matched:
             index.record(HASHES[:matched], r.id)
@@ -118,6 +121,21 @@ def test_queue_grows_with_waiting_requests_and_running_ones_count_by_their_weigh
     typical, rate = cands.data["typical_tokens"], cands.data["rates"][0]
     assert costs_of("queue", request, cands, running_weight=running_weight)[0] == pytest.approx(
         4 * running_weight * typical / rate)
+
+
+@settings(max_examples=100, deadline=None)
+@given(spec=replica_spec, pending=st.integers(1, 200_000))
+def test_queue_counts_the_prompt_tokens_pending_there_or_the_waiting_queue_whichever_is_more(
+        spec: tuple, pending: int) -> None:
+    """Three 12k-token prompts ahead are a longer wait than ten short ones: the router's
+    own pending prefill is counted in tokens, and the scraped waiting queue (other
+    clients) in typical prompts; the larger of the two."""
+    request, cands = table([spec, spec], pending=(0, pending))
+    base, loaded = costs_of("queue", request, cands)
+    typical, rate = cands.data["typical_tokens"], cands.data["rates"][1]
+    waiting_tokens = spec[2] * typical
+    assert loaded >= base
+    assert loaded - base == pytest.approx(max(0.0, pending - waiting_tokens) / rate)
 
 
 @settings(max_examples=100, deadline=None)

@@ -1,19 +1,25 @@
 """`queue`: the wait for the requests ahead on the replica, in seconds.
 
-Of the requests ahead (``Candidates.queued``), ``waiting`` are the ones the replica itself
-last reported waiting (``vllm:num_requests_waiting``) and the rest are running.  A waiting
-request must be prefilled before this one: it costs a typical request's prefill,
-``typical_tokens`` (producers.LearnedRates: EWMA of the uncached prompt tokens of the
-answered requests).  A running request spends most of its life decoding, and continuous
-batching prefills the new request beside it, so it only slows the shared steps: it counts
-``running_weight`` of a waiting one.  (Counting every in-flight request as a full prefill
-moves a conversation off its cached history as soon as another replica has one request
-less in flight.)  A replica that saturates (KV cache full, max_num_seqs reached) reports a
-waiting queue and is then avoided.  The requests a replica took beyond its bounded share
-of the recent traffic (producers.RecentShare) count as waiting too: under sustained skew
-they will be.
+What is ahead of the request on a replica is, first, prompt tokens to prefill: vLLM
+prefills the prompts ahead of a new one before it (a token budget per step, chunked), so
+the wait is those tokens over the replica's prefill rate.  Two views of them:
+``pending_prefill`` (Candidates), the uncached tokens of the router's own requests there
+not answered yet, fresh at dispatch and counted in tokens (three 12k-token prompts ahead
+are not three short ones); and ``waiting`` (``vllm:num_requests_waiting``, what the
+replica itself last reported, other clients included, one scrape old), each standing for
+a typical request's prefill, ``typical_tokens`` (producers.LearnedRates: EWMA of the
+uncached prompt tokens of the answered requests).  The larger of the two counts.  A
+running request spends most of its life decoding, and continuous batching prefills the
+new request beside it, so it only slows the shared steps: it counts ``running_weight`` of
+a waiting one.  (Counting every in-flight request as a full prefill moves a conversation
+off its cached history as soon as another replica has one request less in flight.)  A
+replica that saturates (KV cache full, max_num_seqs reached) reports a waiting queue and
+is then avoided.  The requests a replica took beyond its bounded share of the recent
+traffic (producers.RecentShare) count as waiting too: under sustained skew they will be.
 
-    queue_s_r = (waiting_r + running_weight x running_r + over_share_r) x typical / rate_r
+    ahead_r = max(pending_prefill_r, waiting_r x typical)
+              + (running_weight x running_r + over_share_r) x typical
+    queue_s_r = ahead_r / rate_r
 
 Parameters: running_weight (0 <= w <= 1, default 0).  0 since benchmarks/scenarios/
 multi_turn.yaml, same seed, 3 repeats each on the 2-core dev machine: 0.1 gave hit rate
@@ -43,18 +49,16 @@ class Queue:
         self.running_weight = running_weight
 
     def costs(self, request: RouteRequest, cands: Candidates) -> list[float] | None:
-        typical = cands.data["typical_tokens"]
         data = cands.data
+        typical = data["typical_tokens"]
+        ahead = [p if p > (t := wt * typical) else t for p, wt in zip(cands.pending_prefill, cands.waiting)]
         w = self.running_weight
-        recent = data["recent"]  # None: nobody is over its share
         if w:
-            ahead = [wt + w * (q - wt) for wt, q in zip(cands.waiting, cands.queued)]
-            if recent is not None:
-                ahead = [a + over for a, over in zip(ahead, recent)]
-            return [a * typical / rate for a, rate in zip(ahead, data["rates"])]
-        if recent is None:
-            return [wt * typical / rate for wt, rate in zip(cands.waiting, data["rates"])]
-        return [(wt + over) * typical / rate for wt, over, rate in zip(cands.waiting, recent, data["rates"])]
+            ahead = [a + w * (q - wt) * typical for a, wt, q in zip(ahead, cands.waiting, cands.queued)]
+        recent = data["recent"]  # None: nobody is over its share
+        if recent is not None:
+            ahead = [a + over * typical for a, over in zip(ahead, recent)]
+        return [a / rate for a, rate in zip(ahead, data["rates"])]
 
     def explain(self, cands: Candidates, winner: int, why: dict[str, object]) -> None:
         recent = cands.data["recent"]
