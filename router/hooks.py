@@ -169,6 +169,7 @@ class InFlight(Hook):
         replica.in_flight += 1
         if attempt.route.method == "POST":
             tokens = uncached_tokens(replica, attempt.route, attempt.decision)
+            attempt.state["prefill_ahead"] = replica.pending_prefill_tokens  # the rates learn from it
             attempt.state["prefill_tokens"] = tokens
             replica.pending_prefill_tokens += tokens
 
@@ -348,6 +349,6 @@ class PolicyFeedback(Hook):
             return  # an error answer's timing teaches nothing about prefill
         try:
             policy.observe(replica, route, time_to_first_byte_s=ttfb, matched_blocks=matched,
-                           matched_tokens=matched_tokens)
+                           matched_tokens=matched_tokens, tokens_ahead=attempt.state.get("prefill_ahead", 0))
         except Exception:  # noqa: BLE001 - feedback is best effort
             log.exception("policy %s observe() failed", policy.name)

@@ -14,10 +14,20 @@ What is compared, so that like is compared with like:
   (`LatencyFeedback`).  Error answers teach nothing and are skipped.  A first attempt that
   lost a hedge race (router/proxy.py) gives the time it had taken when it was cancelled: a
   lower bound, and the only sample a replica too slow to ever win one gives.
-* per request shape: a stream or not, its uncached prompt tokens in bands of 4x (under 256,
-  1k, 4k, 16k, more), and for a whole answer its ``max_tokens`` in bands of 4x (its first
+* per request shape: a stream or not, the prompt tokens the replica had to prefill before
+  its first byte in bands of 4x (under 256, 1k, 4k, 16k, more): its own uncached ones and
+  the router's prompts pending there when it was sent (``Replica.pending_prefill_tokens``;
+  vLLM prefills those first), so that a replica busy with a queue of long prompts is
+  compared with peers' answers that waited as long, not judged slow for its load
+  (benchmarks/scenarios/trace_conversation*.yaml near saturation: healthy replicas were
+  ejected at "5.3x their peers", and their load cascaded onto the rest), and for a whole
+  answer its ``max_tokens`` in bands of 4x (its first
   byte comes after the generation); times are multiplied by the replica's capacity hint
-  (tensor_parallel_size x weight: a replica configured as half the size may be twice as slow).
+  (tensor_parallel_size x weight: a replica configured as half the size may be twice as slow)
+  for what is expected of a replica (the hedge delay), but a replica is *judged* only
+  against peers of its own capacity: a short or cached prompt takes a TP=4 replica about
+  as long as a TP=1 one (step overheads, not compute), so x4 made a healthy TP=4 replica
+  read "2.7x its peers" and be ejected again and again on a heterogeneous fleet.
 * per replica and shape, an EWMA of those times (its typical time, also what a hedge
   expects of it); per replica, its slowness: an EWMA of log(sample / the median of its
   peers' typical times for the sample's shape), so the geometric mean of how many times
@@ -128,14 +138,21 @@ class LatencyOutliers:
         return sum(len(group) for group in self._models.values())
 
     def observe(self, replica: Replica, route: RouteRequest, decision: Decision,
-                seconds: float, *, lost_hedge: bool = False) -> None:
+                seconds: float, *, lost_hedge: bool = False, tokens_ahead: int = 0) -> None:
         """An attempt's time to first byte, or (`lost_hedge`) the lower bound of a first
         attempt that a hedge beat: the hedge delay already judged it slow against what is
         expected of it, so the absolute slack does not apply to it."""
         if replica.breaker.state is BreakerState.OPEN:
             return  # out: what its last requests say is from before, and it is judged afresh
+        uncached = uncached_tokens(replica, route, decision)
+        if not lost_hedge and 2 * uncached < route.estimated_prompt_tokens:
+            # Predicted mostly cached: when the replica had evicted the prefix (which the
+            # router learns only later, if at all) the answer takes a whole prefill, many
+            # times what a hit takes, and a healthy replica would read as a slow one
+            # (benchmarks/scenarios/multi_turn.yaml: ejected at "7x its peers").
+            return
         sample = max(seconds, 1e-6) * capacity_of(replica)
-        shape = shape_of(route, uncached_tokens(replica, route, decision))
+        shape = shape_of(route, uncached + tokens_ahead)
         group = self._models.get(replica.model)
         if group is None:
             group = self._models[replica.model] = {}
@@ -153,7 +170,7 @@ class LatencyOutliers:
         cfg = self.breakers.config
         if cfg.latency_factor <= 0:
             return
-        reference = self._peers_median(group, entry, shape, MIN_PEERS)
+        reference = self._peers_median(group, entry, shape, MIN_PEERS, capacity=capacity_of(replica))
         if reference is None:
             return
         # Slower by less than ABSOLUTE_SLACK_S is no slowness, whatever the ratio: 7 ms
@@ -174,14 +191,15 @@ class LatencyOutliers:
             return
         self._eject(group, entry)
 
-    def expected(self, replica: Replica, route: RouteRequest, decision: Decision) -> float | None:
+    def expected(self, replica: Replica, route: RouteRequest, decision: Decision,
+                 tokens_ahead: int = 0) -> float | None:
         """The time to first byte to expect of `replica` for this request: the lesser of its
         own typical time and its peers' median for the request's shape (so a replica that
         became slow is not expected to be slow); None before either is known."""
         group = self._models.get(replica.model)
         if group is None:
             return None
-        shape = shape_of(route, uncached_tokens(replica, route, decision))
+        shape = shape_of(route, uncached_tokens(replica, route, decision) + tokens_ahead)
         entry = group.get(replica.id)
         best = self._peers_median(group, entry, shape, 1)
         if entry is not None:
@@ -209,10 +227,12 @@ class LatencyOutliers:
 
     @staticmethod
     def _peers_median(group: dict[str, ReplicaLatency], entry: ReplicaLatency | None,
-                      shape: int, min_peers: int) -> float | None:
+                      shape: int, min_peers: int, capacity: float | None = None) -> float | None:
+        """The median typical time of `entry`'s peers for `shape` (of those of `capacity`
+        only, when given); None with fewer than `min_peers` of them."""
         values = []
         for other in group.values():
-            if other is entry:
+            if other is entry or (capacity is not None and capacity_of(other.replica) != capacity):
                 continue
             typical = other.typical.get(shape)
             if typical is not None and typical.count >= MIN_TYPICAL:
@@ -275,4 +295,5 @@ class LatencyFeedback(Hook):
 
     def _observe(self, attempt: Attempt, *, lost_hedge: bool = False) -> None:
         self.outliers.observe(attempt.replica, attempt.route, attempt.decision,
-                              self.clock() - attempt.state["sent_at"], lost_hedge=lost_hedge)
+                              self.clock() - attempt.state["sent_at"], lost_hedge=lost_hedge,
+                              tokens_ahead=attempt.state.get("prefill_ahead", 0))

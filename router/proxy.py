@@ -889,14 +889,17 @@ class Proxy:
         ``multiplier`` x the time to first byte expected of it, within [``min_delay``,
         ``max_delay``].  Expected: what the latency detector learned of this request shape
         on it and its peers (router/outliers.py); before that, for a stream, its prefill
-        time at the profile's learned prefill rate (router/scheduling/producers.py);
-        otherwise ``max_delay``."""
+        time, the prompts pending ahead of it included, at the profile's learned prefill
+        rate (router/scheduling/producers.py); otherwise ``max_delay``.  (Called with the
+        attempt sent: the replica's pending tokens include its own.)"""
         hedge = self.config.hedge
-        expected = self.outliers.expected(replica, route, decision)
+        own = uncached_tokens(replica, route, decision)
+        ahead = max(0, replica.pending_prefill_tokens - own)
+        expected = self.outliers.expected(replica, route, decision, tokens_ahead=ahead)
         if expected is None and route.stream:
             rate = self.profile().prefill_rate(replica)
             if rate:
-                expected = max(1, uncached_tokens(replica, route, decision)) / rate
+                expected = max(1, own + ahead) / rate
         if expected is None:
             return hedge.max_delay
         return min(hedge.max_delay, max(hedge.min_delay, hedge.multiplier * expected))

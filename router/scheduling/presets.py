@@ -29,6 +29,7 @@ from __future__ import annotations
 import math
 
 from router.scheduling import guard, order, ring
+from router.scheduling.order import OrderKey
 from router.scheduling.producers import (
     RATES_PARAMS,
     AdapterResidency,
@@ -58,7 +59,7 @@ DEFAULT_TERMS: dict[str, float] = {"queue": 1.0, "prefill": 1.0, "eviction": DEF
 COST_PRESETS = ("cache_aware", "session")  # the presets that sum cost terms
 
 _TERM_PARAMS: tuple[str, ...] = tuple(p for name in TERM_NAMES for p in term_module(name).PARAMS)
-CACHE_AWARE_PARAMS: tuple[str, ...] = guard.PARAMS + RATES_PARAMS + _TERM_PARAMS + ("eviction_weight",)
+CACHE_AWARE_PARAMS: tuple[str, ...] = guard.PARAMS + RATES_PARAMS + _TERM_PARAMS + ("eviction_weight", "bounded_load")
 PARAMS: dict[str, tuple[str, ...]] = {
     "cache_aware": CACHE_AWARE_PARAMS,
     "prefix_affinity": (),
@@ -107,8 +108,9 @@ def _cache_aware(params: Node, terms: Node | None) -> Profile:
         producers.append(build_recent(params))
     if "adapters" in needs:
         producers.append(AdapterResidency())
+    keys: list[OrderKey] = [guard.build(params)] if params.get("bounded_load", True).boolean() else []
     return Profile("cache_aware", producers=producers,
-                   keys=[guard.build(params), Cost(built)],
+                   keys=[*keys, Cost(built)],
                    ties=[order.LoadPerCapacity(), order.LongestMatch(), order.Rotation()])
 
 

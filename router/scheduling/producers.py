@@ -117,7 +117,11 @@ class LearnedRates:
     streamed answer had at least ``min_learn_tokens`` uncached prompt tokens, the sample
     uncached / ttfb enters an EWMA (``ewma_alpha``) of that replica's rate, clamped to
     [prior / 16, prior x 16].  Queueing inside ttfb makes a busy replica read slower than
-    it is, which steers work away from it: the safe direction.  A non-streamed answer's
+    it is, which steers work away from it: the safe direction; but the router's own prompts
+    ahead of it (``tokens_ahead``: ``Replica.pending_prefill_tokens`` at its dispatch) are
+    work the replica did in that time, so they count in the sample, and the queue term,
+    which charges them again, does not see a replica that is merely busy as slow too.
+    A non-streamed answer's
     first byte comes after the whole generation, so it teaches no rate.
     ``typical_tokens``: EWMA of the uncached prompt tokens of every answered request, the
     work a queued request stands for (terms/queue.py).
@@ -151,7 +155,7 @@ class LearnedRates:
         cands.data["typical_tokens"] = self.typical_tokens
 
     def observe(self, replica: Replica, request: RouteRequest, *, time_to_first_byte_s: float,
-                matched_blocks: int, matched_tokens: int | None = None) -> None:
+                matched_blocks: int, matched_tokens: int | None = None, tokens_ahead: int = 0) -> None:
         prompt = request.estimated_prompt_tokens
         cached = matched_blocks * self._tokens_per_block if matched_tokens is None else matched_tokens
         uncached = prompt - min(prompt, cached)
@@ -160,7 +164,8 @@ class LearnedRates:
         if not request.stream or uncached < self.min_learn_tokens or time_to_first_byte_s <= 0:
             return
         prior = self.prior_rate(replica)
-        sample = min(max(uncached / time_to_first_byte_s, prior / RATE_CLAMP), prior * RATE_CLAMP)
+        worked = uncached + tokens_ahead  # the prompts ahead of it were prefilled first
+        sample = min(max(worked / time_to_first_byte_s, prior / RATE_CLAMP), prior * RATE_CLAMP)
         rates = self._rates
         old = rates.get(replica.id)
         if old is None:

@@ -182,13 +182,14 @@ class Profile:
                         exact_replicas=_exact_ids(ids, prefix.exact) if prefix is not None else frozenset())
 
     def observe(self, replica: Replica, request: RouteRequest, *, time_to_first_byte_s: float,
-                matched_blocks: int, matched_tokens: int | None = None) -> None:
-        """Feedback after the first response byte from `replica`."""
+                matched_blocks: int, matched_tokens: int | None = None, tokens_ahead: int = 0) -> None:
+        """Feedback after the first response byte from `replica` (``tokens_ahead``: the
+        router's prompt tokens pending there when the request was sent)."""
         for producer in self._all_producers():
             observe = getattr(producer, "observe", None)
             if observe is not None:
                 observe(replica, request, time_to_first_byte_s=time_to_first_byte_s, matched_blocks=matched_blocks,
-                        matched_tokens=matched_tokens)
+                        matched_tokens=matched_tokens, tokens_ahead=tokens_ahead)
 
     def adopt(self, old: Profile) -> None:
         """After a reload: keep what `old`'s producers learned (by producer name)."""

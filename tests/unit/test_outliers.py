@@ -184,3 +184,48 @@ def test_a_few_milliseconds_over_a_tiny_median_is_no_slowness() -> None:
     breakers.on_success(slow.id, slow.breaker, breakers.on_dispatch(slow.breaker))
     outliers.observe(slow, ROUTE, NO_MATCH, 0.007)
     assert slow.breaker.state is BreakerState.CLOSED
+
+
+def test_a_replica_is_judged_only_against_peers_of_its_own_capacity() -> None:
+    """A cached or short prompt takes a TP=4 replica about as long as a TP=1 one (step
+    overheads, not compute): times x capacity made a healthy TP=4 replica read 4x slow."""
+    clock = Clock()
+    replicas = fleet(4)
+    replicas[3].tensor_parallel_size = 4
+    outliers = detector(replicas, clock)
+    feed(outliers, replicas, [0.1, 0.1, 0.1, 0.1], rounds=20)
+    assert all(r.breaker.state is BreakerState.CLOSED for r in replicas)
+    assert outliers.slowness(replicas[3].id) is None  # no peer of its size: never compared
+    feed(outliers, replicas, [1.0, 0.1, 0.1, 0.1], rounds=20)  # ... while a TP=1 one is
+    assert replicas[0].breaker.state is BreakerState.OPEN
+
+
+def test_an_answer_that_waited_behind_a_queue_is_compared_with_answers_that_waited_as_long() -> None:
+    """A replica busy with the router's long prompts answers late for its load, not for
+    being sick: the prompt tokens pending ahead of a request count in its shape."""
+    clock = Clock()
+    replicas = fleet(4)
+    outliers = detector(replicas, clock)
+    for _ in range(20):
+        for replica in replicas[1:]:
+            outliers.observe(replica, ROUTE, NO_MATCH, 0.1)
+            outliers.observe(replica, ROUTE, NO_MATCH, 1.0, tokens_ahead=20_000)
+        outliers.observe(replicas[0], ROUTE, NO_MATCH, 1.0, tokens_ahead=20_000)  # always busy
+    assert replicas[0].breaker.state is BreakerState.CLOSED
+    assert outliers.slowness(replicas[0].id) == pytest.approx(1.0)
+
+
+def test_an_answer_predicted_mostly_cached_does_not_judge_the_replica() -> None:
+    """The router's prediction of a hit is wrong when the replica evicted the prefix, and the
+    answer then takes a whole prefill: no sign of a slow replica."""
+    clock = Clock()
+    replicas = fleet(4)
+    outliers = detector(replicas, clock)
+    prompt = RouteRequest(model="m", path="/v1/completions", body=b"{}", prompt_chars=8_000)
+    hit = {r.id: prompt.estimated_prompt_tokens - 10 for r in replicas}
+    predicted_hit = Decision(ranked=[], matched_tokens=hit)
+    for _ in range(20):
+        for replica, s in zip(replicas, [1.5, 0.05, 0.05, 0.05]):
+            outliers.observe(replica, prompt, predicted_hit, s)
+    assert all(r.breaker.state is BreakerState.CLOSED for r in replicas)
+    assert outliers.slowness(replicas[0].id) is None

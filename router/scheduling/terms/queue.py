@@ -66,5 +66,4 @@ class Queue:
 
 
 def build(params: Node) -> Queue:
-    return Queue(running_weight=params.get("running_weight", DEFAULT_RUNNING_WEIGHT).number(minimum=0.0,
-                                                                                          maximum=1.0))
+    return Queue(running_weight=params.get("running_weight", DEFAULT_RUNNING_WEIGHT).number(minimum=0.0, maximum=1.0))
