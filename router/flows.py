@@ -180,7 +180,8 @@ class Disaggregated:
 
         prefill = self.single.rank(route, prefill_pool, record)
         record.why = {"disaggregation": reason, "prefill": record.why, "decode": decode_why}
-        hop = replace(route, body=prefill_body(orjson.loads(route.body)), stream=False)
+        # A whole answer of one token: its first byte comes when the prefill ends.
+        hop = replace(route, body=prefill_body(orjson.loads(route.body)), stream=False, max_tokens=1)
         started = time.perf_counter()
         try:
             async with asyncio.timeout(settings.transfer_timeout):
@@ -203,8 +204,8 @@ class Disaggregated:
         if params is not None:
             data["kv_transfer_params"] = params
         # Never hedged: the prefill replica hands its KV blocks to one reader.
-        out = await proxy.forward(request, replace(route, body=orjson.dumps(data)), decode, record,
-                                  hedge=False)
+        decode_hop = replace(route, body=orjson.dumps(data), prefilled_elsewhere=params is not None)
+        out = await proxy.forward(request, decode_hop, decode, record, hedge=False)
         if out.status >= 500 and not out.prepared:
             record.error = f"decode hop: upstream {out.status} after the prefill on {record.prefill_replica}"
             return error_response(502, "The decode replica could not complete this request after its "

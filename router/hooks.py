@@ -162,13 +162,23 @@ class InFlight(Hook):
     the attempts sent and not yet answered (``Replica.pending_prefill_tokens``).  The
     tokens are the wait a new request faces there: vLLM prefills the prompts ahead of it
     first, a token budget per step, so three 12k-token prompts ahead cost more than ten
-    short ones (the queue term, scheduling/terms/queue.py)."""
+    short ones (the queue term, scheduling/terms/queue.py).
+
+    Counted only where the first byte marks the prefill's end: a stream's first chunk, or
+    a whole answer of at most one token (the prefill hop of a disaggregated request).  Any
+    other whole answer's first byte comes after its generation, and its prompt would count
+    as waiting all that time; the decode hop of a disaggregated request computes no prompt
+    tokens.  ``attempt.state["prefill_ahead"]``, the replica's pending tokens before this
+    attempt, is read by PolicyFeedback and outliers.LatencyFeedback (work done before
+    its first byte)."""
 
     def on_dispatch(self, attempt: Attempt) -> None:
         replica = attempt.replica
         replica.in_flight += 1
-        if attempt.route.method == "POST":
-            tokens = uncached_tokens(replica, attempt.route, attempt.decision)
+        route = attempt.route
+        if route.method == "POST" and not route.prefilled_elsewhere and (
+                route.stream or (route.max_tokens is not None and route.max_tokens <= 1)):
+            tokens = uncached_tokens(replica, route, attempt.decision)
             attempt.state["prefill_ahead"] = replica.pending_prefill_tokens  # the rates learn from it
             attempt.state["prefill_tokens"] = tokens
             replica.pending_prefill_tokens += tokens

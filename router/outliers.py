@@ -32,8 +32,12 @@ What is compared, so that like is compared with like:
   expects of it); per replica, its slowness: an EWMA of log(sample / the median of its
   peers' typical times for the sample's shape), so the geometric mean of how many times
   slower than its peers it has been lately, which one long request does not swing.
-* only with at least `MIN_PEERS` peers (other replicas of the same model with a typical time
-  for the shape), and only after ``latency_min_requests`` compared samples.
+* only with at least `MIN_PEERS` peers (other replicas of the same model and capacity with
+  a typical time for the shape: a fleet with fewer than three replicas of a size never
+  ejects those by latency), and only after ``latency_min_requests`` compared samples;
+* never an answer the router predicted mostly cached there (its uncached tokens under half
+  the prompt): when the replica had evicted the prefix unseen, the answer takes a whole
+  prefill, many times a hit's time, and a healthy replica would read as a slow one.
 
 A replica whose slowness passes ``latency_factor`` is ejected through its breaker
 (`CircuitBreakers.eject`) for ``ejection_time`` x 2^strikes (at most ``max_ejection_time``),
@@ -70,7 +74,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("router.outliers")
 
 ALPHA = 0.2  # weight of a new sample in the EWMAs
-MIN_PEERS = 2  # peers with a typical time for the shape before a replica is compared
+MIN_PEERS = 2  # peers (same capacity) with a typical time for the shape before a replica is compared
 MIN_TYPICAL = 3  # samples before a replica's typical time for a shape counts
 ABSOLUTE_SLACK_S = 0.02  # a time to first byte within this of the peers' median is never slow
 MAX_REPLICAS_PER_MODEL = 4096

@@ -60,6 +60,9 @@ class RouteRequest:
     # The bytes for an attempt on a given replica, when they depend on it (the Responses
     # id that names its replica, router/response_ids.py); None: `body` for every attempt.
     replica_body: Callable[[Replica], bytes] | None = field(default=None, compare=False, repr=False)
+    # The decode hop of a disaggregated request reads the prompt's KV blocks from the
+    # prefill replica: it computes no prompt tokens (hooks.InFlight counts none).
+    prefilled_elsewhere: bool = False
 
 
 

@@ -22,6 +22,11 @@ the pipeline (tests/unit/test_preset_equivalence.py replays a recorded decision 
     round_robin      -                      per-model turn
     power_of_two     -                      two random choices, load per capacity
     random           -                      shuffle
+
+cache_aware's ``bounded_load: false`` leaves its guard out (the recent share stays in the
+queue term): the guard bounds requests in flight, most of them decoding, and near
+saturation that held long prompts off the fastest replicas (benchmarks/scenarios/
+trace_conversation_busy.yaml); on multi_turn it keeps sessions from crowding one cache.
 """
 
 from __future__ import annotations
@@ -63,7 +68,7 @@ CACHE_AWARE_PARAMS: tuple[str, ...] = guard.PARAMS + RATES_PARAMS + _TERM_PARAMS
 PARAMS: dict[str, tuple[str, ...]] = {
     "cache_aware": CACHE_AWARE_PARAMS,
     "prefix_affinity": (),
-    "session": ring.PARAMS + CACHE_AWARE_PARAMS,
+    "session": ring.PARAMS + tuple(p for p in CACHE_AWARE_PARAMS if p != "bounded_load"),
     "least_load": ("use_scraped", "use_weight"),
     "round_robin": (),
     "power_of_two": ("seed",),

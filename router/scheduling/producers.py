@@ -121,6 +121,8 @@ class LearnedRates:
     ahead of it (``tokens_ahead``: ``Replica.pending_prefill_tokens`` at its dispatch) are
     work the replica did in that time, so they count in the sample, and the queue term,
     which charges them again, does not see a replica that is merely busy as slow too.
+    (They are counted whole although some may be part done at the dispatch: that leans
+    the sample high, by at most the prompts ahead over the answer's own.)
     A non-streamed answer's
     first byte comes after the whole generation, so it teaches no rate.
     ``typical_tokens``: EWMA of the uncached prompt tokens of every answered request, the

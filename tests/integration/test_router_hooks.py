@@ -106,3 +106,16 @@ async def test_a_replica_counts_the_prompt_tokens_it_has_yet_to_prefill_until_it
         await r.read()
     assert seen == [0]  # InFlight, the first hook, took it off at the first byte
     assert target.pending_prefill_tokens == 0 and target.in_flight == 0
+
+    # A whole answer's first byte comes after its generation: its prompt is not counted
+    # (it would read as waiting all that time).
+    replica.mode = "hang"
+    whole = asyncio.create_task(http.post(server.url + "/v1/completions",
+                                          json={"model": "sim-a", "prompt": prompt + "?"},
+                                          timeout=aiohttp.ClientTimeout(total=1.0)))
+    await until(lambda: target.in_flight == 1, message="the whole-answer request was dispatched")
+    assert target.pending_prefill_tokens == 0
+    try:
+        (await whole).close()
+    except TimeoutError:
+        pass

@@ -13,7 +13,7 @@ from router.prefix.hashing import hash_text
 from router.prefix.index import PrefixIndex
 from router.requests import RouteRequest
 from router.scheduling import build_profile as build_policy
-from yamlcheck import Node
+from yamlcheck import ConfigError, Node
 
 POLICIES = ["cache_aware", "prefix_affinity", "session", "power_of_two", "random"]
 SYSTEM = "You are a careful assistant. Answer briefly and cite sources. " * 8
@@ -281,3 +281,32 @@ def test_round_robin_counters_stay_bounded(monkeypatch) -> None:
         request = RouteRequest(model=f"m{i}", path="/v1/completions", body=b"")
         policy.rank(request, replicas, PrefixIndex())
         assert len(turns._next) <= 3
+
+
+def test_learned_rates_count_the_prompts_that_were_ahead_as_work_done() -> None:
+    """A replica that answered 10k uncached tokens in 2 s behind 30k tokens of the router's
+    own prompts prefilled 40k tokens in that time: busy, not slow (the queue term charges
+    the prompts ahead separately, so reading it as slow would charge them twice)."""
+    busy = Replica(url="http://busy", model="m", health=Health.HEALTHY)
+    policy = build_policy("cache_aware", Node({}, ""))
+    request = make_request("x" * 40_000)  # 10k tokens, nothing cached
+    for _ in range(30):
+        policy.observe(busy, request, time_to_first_byte_s=2.0, matched_blocks=0, tokens_ahead=30_000)
+    assert policy.producer("rates").prefill_rate(busy) == pytest.approx(20_000, rel=0.05)
+
+
+def test_cache_aware_without_its_bounded_load_guard() -> None:
+    """`bounded_load: false`: no replica is held back, whatever its load; the session preset,
+    whose ring walk is the guard, does not take the key."""
+    hot = Replica(url="http://hot", model="m", health=Health.HEALTHY, in_flight=40)
+    cold = Replica(url="http://cold", model="m", health=Health.HEALTHY)
+    index = PrefixIndex()
+    text = SYSTEM * 4
+    index.record(hash_text(text, "m"), hot.id)
+    guarded = build_policy("cache_aware", Node({}, "")).rank(make_request(text + "?"), [hot, cold], index)
+    assert guarded.ranked[0] is cold and guarded.why["held_back"] == 1
+    free = build_policy("cache_aware", Node({"bounded_load": False}, "")).rank(make_request(text + "?"), [hot, cold],
+                                                                              index)
+    assert free.ranked[0] is hot and "held_back" not in free.why
+    with pytest.raises(ConfigError, match="bounded_load"):
+        build_policy("session", Node({"bounded_load": False}, "routing.params"))
