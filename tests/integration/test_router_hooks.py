@@ -12,6 +12,15 @@ import aiohttp
 from router.hooks import Attempt, Hook
 
 
+async def post_and_leave(http, url: str, body: dict, seconds: float) -> None:
+    """A client that sends `body` and leaves after `seconds` without its answer."""
+    try:
+        async with http.post(url, json=body, timeout=aiohttp.ClientTimeout(total=seconds)) as r:
+            await r.read()
+    except TimeoutError:
+        pass
+
+
 class Recorder(Hook):
     def __init__(self) -> None:
         self.events: list[tuple[str, str, object]] = []
@@ -52,17 +61,11 @@ async def test_the_moments_of_success_failover_and_abandonment(fakes, start_rout
     recorder.events.clear()
     bad.status, good.mode = 200, "hang"
     server.router.fleet.remove(server.router.fleet.find("sim-a", bad.url))
-    try:
-        async with http.post(server.url + "/v1/completions", json=body,
-                             timeout=aiohttp.ClientTimeout(total=0.3)) as r:
-            await r.read()
-    except TimeoutError:
-        pass
+    await post_and_leave(http, server.url + "/v1/completions", body, 0.3)
     await until(lambda: ("complete", good.url, "abandoned") in recorder.events,
                 message="the abandoned attempt completed")
     assert recorder.events == [("dispatch", good.url, 1), ("complete", good.url, "abandoned")]
     assert all(r.in_flight == 0 for r in server.router.fleet)
-
 
 
 async def test_a_replica_counts_the_prompt_tokens_it_has_yet_to_prefill_until_its_first_byte(
@@ -77,15 +80,7 @@ async def test_a_replica_counts_the_prompt_tokens_it_has_yet_to_prefill_until_it
     prompt = "a long prompt that no replica has seen before " * 200
     body = {"model": "sim-a", "prompt": prompt, "stream": True}
 
-    async def abandon() -> None:
-        try:
-            async with http.post(server.url + "/v1/completions", json=body,
-                                 timeout=aiohttp.ClientTimeout(total=1.0)) as r:
-                await r.read()
-        except TimeoutError:
-            pass
-
-    task = asyncio.create_task(abandon())
+    task = asyncio.create_task(post_and_leave(http, server.url + "/v1/completions", body, 1.0))
     await until(lambda: target.in_flight == 1, message="the request was dispatched")
     held = target.pending_prefill_tokens
     assert held >= len(prompt) // 8  # the router's estimate of the prompt, all of it uncached
@@ -110,12 +105,8 @@ async def test_a_replica_counts_the_prompt_tokens_it_has_yet_to_prefill_until_it
     # A whole answer's first byte comes after its generation: its prompt is not counted
     # (it would read as waiting all that time).
     replica.mode = "hang"
-    whole = asyncio.create_task(http.post(server.url + "/v1/completions",
-                                          json={"model": "sim-a", "prompt": prompt + "?"},
-                                          timeout=aiohttp.ClientTimeout(total=1.0)))
+    whole = asyncio.create_task(post_and_leave(http, server.url + "/v1/completions",
+                                               {"model": "sim-a", "prompt": prompt + "?"}, 1.0))
     await until(lambda: target.in_flight == 1, message="the whole-answer request was dispatched")
     assert target.pending_prefill_tokens == 0
-    try:
-        (await whole).close()
-    except TimeoutError:
-        pass
+    await whole
