@@ -562,6 +562,8 @@ class Api:
                 # what it serves instead of its configured model (then it gets no traffic)
                 "model_mismatch": sorted(r.model_mismatch) or None,
                 "max_model_len": r.max_model_len, "in_flight": r.in_flight,
+                # uncached prompt tokens of its unanswered streams: what the queue term charges
+                "pending_prefill_tokens": r.pending_prefill_tokens,
                 "consecutive_failures": r.consecutive_failures,
                 "circuit_breaker": {"state": r.breaker.state.value,
                                     "consecutive_failures": r.breaker.failures,

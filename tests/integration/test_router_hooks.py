@@ -84,6 +84,9 @@ async def test_a_replica_counts_the_prompt_tokens_it_has_yet_to_prefill_until_it
     await until(lambda: target.in_flight == 1, message="the request was dispatched")
     held = target.pending_prefill_tokens
     assert held >= len(prompt) // 8  # the router's estimate of the prompt, all of it uncached
+    async with http.get(server.url + "/admin/replicas") as r:  # what an operator sees
+        listed = (await r.json())["replicas"]
+    assert [rep["pending_prefill_tokens"] for rep in listed] == [held]
     await task
     await until(lambda: target.in_flight == 0, message="the abandoned attempt completed")
     assert target.pending_prefill_tokens == 0
