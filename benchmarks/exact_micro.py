@@ -30,8 +30,8 @@ from router.prefix.events import BlockStored
 from router.prefix.exact import ExactIndex
 from router.prefix.hashing import prefix_hashes
 from router.prefix.index import PrefixIndex
-from router.requests import RouteRequest
-from router.scheduling import build_profile
+from router.core.requests import RouteRequest
+from router.core.scheduling import build_profile
 from tokenization import ModelTokenizer
 from yamlcheck import Node
 

@@ -24,7 +24,7 @@ import aiohttp
 from benchmarks.procs import Proc, Processes
 from benchmarks.scenario import FleetSpec, ReplicaSpec
 from engines.sim.process import free_port, parse_metrics
-from router.vllm_metrics import parse_engine_load
+from router.fleet.vllm_metrics import parse_engine_load
 
 # counter -> names to try, first found wins (vLLM renamed the prefix-cache metrics)
 COUNTERS: dict[str, tuple[str, ...]] = {

@@ -4,7 +4,7 @@
 
 Decision = chained block hashes of the routing text (router.prefix.hashing) + longest
 prefix match for every replica (router.prefix.index) + ranking (the scheduling profile of
-router/scheduling/, the default cache_aware unless --policies says otherwise), the work the router does per request
+router/core/scheduling/, the default cache_aware unless --policies says otherwise), the work the router does per request
 before forwarding it.  Measured against prompt length (up to 32k characters) and replica
 count (up to 64), median (and p90) over repeats, on an index that holds a realistic
 state: a shared system prompt held by every replica, this conversation's earlier turns
@@ -33,11 +33,11 @@ import time
 import tracemalloc
 from pathlib import Path
 
-from router.fleet import EngineLoad, Health, Replica
+from router.fleet.replicas import EngineLoad, Health, Replica
 from router.prefix.hashing import prefix_hashes
 from router.prefix.index import DEFAULT_CAPACITY_BLOCKS, PrefixIndex
-from router.requests import RouteRequest
-from router.scheduling import build_profile
+from router.core.requests import RouteRequest
+from router.core.scheduling import build_profile
 from yamlcheck import Node
 
 MODEL = "meta-llama/Llama-3.1-8B-Instruct"

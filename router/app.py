@@ -24,26 +24,26 @@ import aiohttp
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from router.api import Api
 from router.config import BackendConfig, Config, LaunchConfig
-from router.connections import ConnectionLimits, FrontDoorRunner, default_connection_cap, raise_fd_limit
-from router.cors import Cors
-from router.discovery import Discovery
-from router.fleet import EngineLoad, Health, Replica
-from router.flows import DECODE_TERMS, Disaggregated, SingleHop
-from router.hooks import AdmissionRelease
-from router.loop_lag import LoopLag
-from router.lora import AdapterLoader
-from router.membership import FleetWiring, Reloader, build_fleet, merge_backends
-from router.monitor import Monitor
+from router.core.flows import DECODE_TERMS, Disaggregated, SingleHop
+from router.core.scheduling.presets import build_profile
+from router.fleet.discovery import Discovery
+from router.fleet.kv_events import KVEvents
+from router.fleet.lora import AdapterLoader
+from router.fleet.membership import FleetWiring, Reloader, build_fleet, merge_backends
+from router.fleet.monitor import Monitor
+from router.fleet.replicas import EngineLoad, Health, Replica
+from router.frontdoor.api import Api
+from router.frontdoor.connections import ConnectionLimits, FrontDoorRunner, default_connection_cap, raise_fd_limit
+from router.frontdoor.cors import Cors
+from router.observability.loop_lag import LoopLag
+from router.observability.telemetry import Telemetry, init_sentry, multiprocess_dir
 from router.prefix.exact import ExactIndex
 from router.prefix.index import DEFAULT_CAPACITY_BLOCKS, PrefixIndex
-from router.prefix.prompt_tokens import PromptTokens
-from router.prefix.subscriber import KVEvents
-from router.proxy import Proxy
-from router.scheduling.presets import build_profile
-from router.telemetry import Telemetry, init_sentry, multiprocess_dir
-from router.upstream import UpstreamPool
+from router.transport.hooks import AdmissionRelease
+from router.transport.prompt_tokens import PromptTokens
+from router.transport.proxy import Proxy
+from router.transport.upstream import UpstreamPool
 from tokenization import ModelTokenizer
 from yamlcheck import Node
 
@@ -156,7 +156,7 @@ class Router:
 
     def _build(self) -> None:
         cfg = self.config
-        # The clients' requests go through the lean pool (router/upstream.py); the session
+        # The clients' requests go through the lean pool (router/transport/upstream.py); the session
         # carries the router's own requests to replicas (adapter loads, /tokenize).
         self.upstream = UpstreamPool(limit=cfg.proxy.max_connections)
         connector = aiohttp.TCPConnector(limit=cfg.proxy.max_connections, limit_per_host=0,
@@ -226,7 +226,7 @@ class Router:
 
     def apply_config(self, config: Config, *, rebuild_policy: bool,
                      tokenizers: dict[str, ModelTokenizer] | None = None) -> None:
-        """Make `config` the running one (router/membership.py decides what may change);
+        """Make `config` the running one (router/fleet/membership.py decides what may change);
         `tokenizers`: its tokenizer files, loaded beforehand (prompt_tokens.load)."""
         assert self.monitor is not None and self.proxy is not None and self.api is not None
         assert self.prompt_tokens is not None

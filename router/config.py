@@ -46,12 +46,12 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
+from router.core.scheduling.presets import DEFAULT_PRESET, PRESET_NAMES, build_profile
 from router.paths import DEFAULT_FORWARD_PATHS, forward_path_problem
-from router.scheduling.presets import DEFAULT_PRESET, PRESET_NAMES, build_profile
 from yamlcheck import ConfigError, Node, describe, load_yaml
 
 if TYPE_CHECKING:
-    from router.scheduling.profile import Profile
+    from router.core.scheduling.profile import Profile
 
 LOG_FORMATS = ("json", "text")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
@@ -103,7 +103,7 @@ class AuthConfig:
     keys: tuple[ClientKeyConfig, ...] = ()  # empty: no client authentication
     admin_key: str | None = field(default=None, repr=False)  # None: /admin only from loopback
     protect_metrics: bool = False  # /metrics needs the admin key too
-    # Where POST /admin/replicas may point the router (router/replica_networks.py); None:
+    # Where POST /admin/replicas may point the router (router/fleet/replica_networks.py); None:
     # loopback and the hosts the router already serves from.
     admin_replica_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] | None = None
 
@@ -145,7 +145,7 @@ class CircuitBreakerConfig:
     ejection_time: float = 5.0  # seconds out for the first ejection; doubles each time
     max_ejection_time: float = 60.0
     max_retry_after: float = 60.0  # cap on how long an upstream Retry-After keeps it out
-    # Latency outliers (router/outliers.py): a replica whose time to first byte runs this many
+    # Latency outliers (router/transport/outliers.py): a replica whose time to first byte runs this many
     # times its peers' median (same model, same request size) is ejected; 0: off.
     latency_factor: float = 2.5
     latency_min_requests: int = 10  # compared samples a replica needs before it is judged
@@ -170,7 +170,7 @@ ROLES = ("prefill", "decode", "both")
 
 @dataclass(frozen=True, slots=True)
 class LoraConfig:
-    """A model's LoRA adapters the router may load itself (router/lora.py)."""
+    """A model's LoRA adapters the router may load itself (router/fleet/lora.py)."""
 
     adapters: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))  # name -> path
     dynamic_loading: bool = False  # POST /v1/load_lora_adapter when no replica serves one
@@ -180,7 +180,7 @@ class LoraConfig:
 
 @dataclass(frozen=True, slots=True)
 class DisaggregationConfig:
-    """When a model with prefill and decode pools skips the prefill hop (router/flows.py)."""
+    """When a model with prefill and decode pools skips the prefill hop (router/core/flows.py)."""
 
     min_prompt_tokens: int = 256  # shorter prompts go to a decode replica whole
     skip_cached_fraction: float = 0.8  # ... as do prompts the decode replica mostly holds
@@ -192,7 +192,7 @@ DNS_RECORDS = ("A", "AAAA", "SRV")
 
 @dataclass(frozen=True, slots=True)
 class DnsDiscoveryConfig:
-    """Replicas are the addresses a DNS name resolves to (router/discovery/dns.py)."""
+    """Replicas are the addresses a DNS name resolves to (router/fleet/discovery/dns.py)."""
 
     name: str
     record: str = "A"  # A | AAAA | SRV (SRV records carry each replica's port)
@@ -205,7 +205,7 @@ class DnsDiscoveryConfig:
 
 @dataclass(frozen=True, slots=True)
 class KubernetesDiscoveryConfig:
-    """Replicas are the ready endpoints of EndpointSlices (router/discovery/kubernetes.py)."""
+    """Replicas are the ready endpoints of EndpointSlices (router/fleet/discovery/kubernetes.py)."""
 
     namespace: str
     service: str | None = None  # the Service's slices (label kubernetes.io/service-name)
@@ -219,7 +219,7 @@ class KubernetesDiscoveryConfig:
 
 @dataclass(frozen=True, slots=True)
 class DiscoveryConfig:
-    """Where a model's replicas come from besides `backends:` (router/discovery/)."""
+    """Where a model's replicas come from besides `backends:` (router/fleet/discovery/)."""
 
     dns: DnsDiscoveryConfig | None = None
     kubernetes: KubernetesDiscoveryConfig | None = None
@@ -255,11 +255,11 @@ class ModelConfig:
 
 @dataclass(frozen=True, slots=True)
 class RoutingConfig:
-    policy: str = DEFAULT_PRESET  # a preset of router/scheduling/presets.py
+    policy: str = DEFAULT_PRESET  # a preset of router/core/scheduling/presets.py
     params: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
     terms: Mapping[str, Any] | None = None  # cost term -> weight; None: the preset's own
     session_header: str = "X-Session-Id"  # session key header (else the body's `user`)
-    # Keys the replica token in the Responses ids the router issues (router/response_ids.py);
+    # Keys the replica token in the Responses ids the router issues (router/core/response_ids.py);
     # None: an unkeyed hash.  The same on every router process in front of one fleet.
     response_id_secret: str | None = field(default=None, repr=False)
     file: str | None = None  # for params_node() error messages
@@ -303,7 +303,7 @@ class HealthConfig:
     failure_threshold: int = 3  # consecutive failed probes: SUSPECT -> UNHEALTHY
     success_threshold: int = 2  # consecutive passed probes: UNHEALTHY -> HEALTHY
     # A reload's dropped replicas keep serving until their successors pass a probe, at most
-    # this long (router/handover.py); 0: they leave at once.
+    # this long (router/fleet/handover.py); 0: they leave at once.
     handover_timeout: float = 30.0
 
 
@@ -322,7 +322,7 @@ DEFAULT_HEDGE_PATHS: tuple[str, ...] = ("/v1/chat/completions", "/v1/completions
 
 @dataclass(frozen=True, slots=True)
 class HedgeConfig:
-    """Hedged requests (router/proxy.py): a second attempt for a first one without its first
+    """Hedged requests (router/transport/proxy.py): a second attempt for a first one without its first
     byte after a delay derived from the replica's expected time to first byte."""
 
     enabled: bool = False  # off by default: a hedge is a second copy of the request's work

@@ -5,7 +5,7 @@ Every error the router itself produces has the body vLLM uses::
     {"error": {"message": "...", "type": "NotFoundError", "param": "model", "code": 404}}
 
 so a client cannot tell a router-made 404 from a replica-made one.  `error_answer` (called
-by the router's front-door middleware, router/api.py) turns aiohttp's own HTTP errors
+by the router's front-door middleware, router/frontdoor/api.py) turns aiohttp's own HTTP errors
 (unknown path 404, wrong method 405, body too large 413) and anything unexpected (500,
 logged, never a traceback on the wire) into that shape.
 """

@@ -27,7 +27,7 @@ from aiohttp import web
 from engines.sim.process import SimProcess
 from router.app import Router, Server, serve
 from router.config import Config, parse_config
-from router.fleet import Health
+from router.fleet.replicas import Health
 
 MODEL = "sim-a"
 

@@ -1,4 +1,4 @@
-"""DNS discovery (router/discovery/dns.py) against a real DNS server on loopback: Debian's
+"""DNS discovery (router/fleet/discovery/dns.py) against a real DNS server on loopback: Debian's
 dnsmasq, answering for `*.test` from a hosts directory that the test rewrites (dnsmasq
 re-reads it through inotify), records with a TTL of 1 s.
 
@@ -151,7 +151,7 @@ async def test_dns_discovery_join_leave_ttl_and_outage(dnsmasq, start_router, ht
 async def test_srv_records_give_each_replica_its_port(tmp_path):
     """SRV (a Consul-style name): targets resolved to addresses, ports from the records."""
     from router.config import DnsDiscoveryConfig
-    from router.discovery.dns import DnsSource
+    from router.fleet.discovery.dns import DnsSource
 
     server = Dnsmasq(tmp_path, extra=("--srv-host=_http._tcp.vllm.test,replicas.vllm.test,8001,0,10",
                                       "--srv-host=_http._tcp.vllm.test,replicas.vllm.test,8002,0,10"))

@@ -1,4 +1,4 @@
-"""Kubernetes discovery (router/discovery/kubernetes.py) against a stand-in API server.
+"""Kubernetes discovery (router/fleet/discovery/kubernetes.py) against a stand-in API server.
 
 No Kubernetes API server can run on our machines.  This test serves, on loopback, the
 two requests the informer makes - LIST and WATCH of

@@ -15,9 +15,9 @@ import aiohttp
 from conftest import MODEL, routes, wait_for
 
 from engines.sim.process import SimProcess
-from router.fleet import EngineLoad
-from router.lora import MAX_SLOTS, AdapterSlots
-from router.vllm_metrics import parse_engine_load
+from router.fleet.lora import MAX_SLOTS, AdapterSlots
+from router.fleet.replicas import EngineLoad
+from router.fleet.vllm_metrics import parse_engine_load
 
 ADAPTERS = ("a1", "a2", "a3")
 

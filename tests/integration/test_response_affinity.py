@@ -1,4 +1,4 @@
-"""Stored responses on their replica (router/response_ids.py): the id the router has vLLM
+"""Stored responses on their replica (router/core/response_ids.py): the id the router has vLLM
 give a response names its replica, and every follow-up (previous_response_id, GET, resumed
 stream, cancel) goes there, through any router process in front of the fleet."""
 
@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import orjson
 
-from router.response_ids import ResponseIds
+from router.core.response_ids import ResponseIds
 
 
 def _seen_ids(fake) -> list[str]:
@@ -96,7 +96,7 @@ async def test_stored_responses_obey_keys_and_model_access(fakes, start_router, 
 
 
 def test_replica_tokens_are_cached_within_a_bound() -> None:
-    from router import response_ids
+    from router.core import response_ids
 
     ids = ResponseIds("a-secret-of-16-chars")
     replica = type("R", (), {"url": "http://10.0.0.1:8000"})()

@@ -7,13 +7,13 @@ import orjson
 import pytest
 
 from router.config import HealthConfig, MetricsConfig
-from router.fleet import EngineLoad, Fleet, Health, Replica
-from router.monitor import Monitor
+from router.core.requests import BodyError, RouteRequest, build_route_request, rewrite_model, validate_body
+from router.core.scheduling import build_profile as build_policy
+from router.fleet.monitor import Monitor
+from router.fleet.replicas import EngineLoad, Fleet, Health, Replica
+from router.fleet.vllm_metrics import parse_engine_load, parse_models
+from router.observability.telemetry import Telemetry
 from router.prefix.index import PrefixIndex
-from router.requests import BodyError, RouteRequest, build_route_request, rewrite_model, validate_body
-from router.scheduling import build_profile as build_policy
-from router.telemetry import Telemetry
-from router.vllm_metrics import parse_engine_load, parse_models
 from yamlcheck import Node
 
 # Two data-parallel engines of one server (vLLM 0.32 names), plus another model's series.

@@ -9,7 +9,7 @@ import aiohttp
 import orjson
 import pytest
 
-from router.fleet import Health
+from router.fleet.replicas import Health
 
 PROMPT = "You are a helpful assistant. Answer briefly. " * 4
 

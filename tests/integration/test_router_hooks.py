@@ -1,4 +1,4 @@
-"""Request lifecycle hooks (router/hooks.py): which moments an attempt goes through.
+"""Request lifecycle hooks (router/transport/hooks.py): which moments an attempt goes through.
 
 A recording hook is added to a real router's hooks; FakeReplicas answer, fail, or hang.
 """
@@ -9,7 +9,7 @@ import asyncio
 
 import aiohttp
 
-from router.hooks import Attempt, Hook
+from router.transport.hooks import Attempt, Hook
 
 
 async def post_and_leave(http, url: str, body: dict, seconds: float) -> None:

@@ -14,7 +14,7 @@ import aiohttp
 import yaml
 
 from router.config import load_config
-from router.fleet import Health
+from router.fleet.replicas import Health
 
 PROMPT = "You are a helpful assistant. Answer the question briefly, please. " * 3
 

@@ -1,4 +1,4 @@
-"""The request path's upstream client (router/upstream.py) against real loopback servers
+"""The request path's upstream client (router/transport/upstream.py) against real loopback servers
 that answer with hand-written HTTP bytes: the framings vLLM and proxies in front of it use
 (length, chunked, until close, an interim 100), keep-alive reuse, a replica that closes an
 idle connection, broken and cut answers, and the bounds (slots, idle connections, unread
@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable
 import pytest
 from conftest import wait_for
 
-from router.upstream import (
+from router.transport.upstream import (
     HIGH_WATER,
     Endpoint,
     UpstreamConnectError,
@@ -395,7 +395,7 @@ async def test_the_untimed_relay_guard_admits_only_what_fits_the_client_write_bu
     client that does not read); larger ones, or a closing transport, take the timed path."""
     from types import SimpleNamespace
 
-    from router.proxy import _fits_write_buffer
+    from router.transport.proxy import _fits_write_buffer
 
     server = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
@@ -417,7 +417,7 @@ async def test_a_relayed_answer_sends_its_head_with_its_first_body_bytes():
     release drop the class attribute this leans on, the head would go out at prepare()."""
     from aiohttp import web
 
-    from router.proxy import RelayedResponse
+    from router.transport.proxy import RelayedResponse
 
     written = asyncio.Event()
 
@@ -454,7 +454,7 @@ def test_response_headers_lose_hop_by_hop_ones_and_those_their_connection_header
     ones the router recomputes, the replica's own that are not the client's business
     (Server, Set-Cookie...) and any header a Connection header names are dropped
     (whatever their case); the rest keep their order and repeats."""
-    from router.proxy import client_response_headers
+    from router.transport.proxy import client_response_headers
 
     received = [("Content-Type", "text/event-stream"), ("transfer-encoding", "chunked"),
                 ("Connection", "keep-alive, X-Hop"), ("x-hop", "dropped"), ("Date", "now"),

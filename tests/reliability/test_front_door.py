@@ -11,8 +11,8 @@ import logging
 import orjson
 import pytest
 
-from router.auth import KeyRing
 from router.config import AuthConfig
+from router.frontdoor.auth import KeyRing
 
 FAULTS_BODY = b'{"fail_rate": 1.0, "model": "sim-a"}'
 TRAVERSALS = [

@@ -187,7 +187,7 @@ async def test_listen_backlog_is_configurable(fakes, start_router, make_routes) 
 
 
 def test_fd_limit_is_raised_at_start() -> None:
-    from router.connections import raise_fd_limit
+    from router.frontdoor.connections import raise_fd_limit
 
     soft = raise_fd_limit()
     now_soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)

@@ -14,7 +14,7 @@ import time
 import aiohttp
 import pytest
 
-from router.fleet import Health
+from router.fleet.replicas import Health
 
 PROMPT = "You are a helpful assistant. Answer briefly. " * 4
 
@@ -398,8 +398,8 @@ async def test_a_probe_that_cannot_even_be_sent_neither_spins_nor_leaks(caplog) 
     import logging
 
     from router.config import HealthConfig, MetricsConfig
-    from router.fleet import Fleet, Replica
-    from router.monitor import Monitor
+    from router.fleet.monitor import Monitor
+    from router.fleet.replicas import Fleet, Replica
 
     caplog.set_level(logging.DEBUG)
     with pytest.raises(ValueError, match="credentials"):  # refused wherever a replica is made

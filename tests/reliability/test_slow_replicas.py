@@ -1,8 +1,8 @@
 """Replicas that are alive but slow, and the first requests after a fault clears.
 
 A slow replica fails nothing, so neither failover nor the failure breaker leaves it: the
-latency outlier ejection (router/outliers.py) takes it out of rotation, and hedging
-(router/proxy.py, ``proxy.hedge``) answers a request stuck on it from the next replica.
+latency outlier ejection (router/transport/outliers.py) takes it out of rotation, and hedging
+(router/transport/proxy.py, ``proxy.hedge``) answers a request stuck on it from the next replica.
 Real servers on loopback: FakeReplicas (tests/conftest.py) and routers via start_router.
 """
 
@@ -13,8 +13,8 @@ import time
 
 import aiohttp
 
-from router.breaker import BreakerState
-from router.hooks import Hook
+from router.fleet.breaker import BreakerState
+from router.transport.hooks import Hook
 
 NO_LATENCY_EJECTION = {"latency_factor": 0}
 PROMPT = "You are a helpful assistant. Answer briefly. " * 6  # a few prefix blocks

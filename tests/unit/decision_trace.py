@@ -3,7 +3,7 @@
 Used by tests/unit/test_preset_equivalence.py: the fixture ``decision_trace.json`` holds the
 rankings the *old* monolithic policies (router/policies/, before the scheduling pipeline,
 commit 2153b69) made on this stream; the test replays the same stream through the presets
-of router/scheduling/ and asserts every ranking is the same.
+of router/core/scheduling/ and asserts every ranking is the same.
 
 The stream exercises what the policies look at: six replicas of mixed tensor-parallel
 sizes and weights, two models, in-flight and scraped loads that move every step, replicas
@@ -27,10 +27,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from router.fleet import EngineLoad, Health, Replica
+from router.core.requests import RouteRequest
+from router.fleet.replicas import EngineLoad, Health, Replica
 from router.prefix.hashing import prefix_hashes
 from router.prefix.index import PrefixIndex
-from router.requests import RouteRequest
 from yamlcheck import Node
 
 MODELS = ("model-a", "model-b")
@@ -148,7 +148,7 @@ def record(build: Callable[[str, Node], Any]) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    from router.scheduling import build_profile
+    from router.core.scheduling import build_profile
 
     json.dump(record(build_profile), sys.stdout, indent=1)
     sys.stdout.write("\n")

@@ -6,8 +6,8 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from router.core.requests import build_route_request, routing_input_of, validate_body
 from router.prefix.agentic import anthropic_to_chat, chat_body, responses_to_chat
-from router.requests import build_route_request, routing_input_of, validate_body
 
 TOOLS_OPENAI = [{"type": "function", "name": "read_file", "parameters": {"type": "object"}}]
 

@@ -6,12 +6,12 @@ import asyncio
 
 import pytest
 
-from router.admission import Admission, QueueRejection, RateLimiter, RateLimitExceeded
-from router.auth import Client
-from router.breaker import Breaker, BreakerState, CircuitBreakers
 from router.config import AdmissionConfig, CircuitBreakerConfig, ClientKeyConfig, RateLimitConfig
-from router.fleet import Replica
-from router.retry_budget import RetryBudget
+from router.core.admission import Admission, QueueRejection, RateLimiter, RateLimitExceeded
+from router.fleet.breaker import Breaker, BreakerState, CircuitBreakers
+from router.fleet.replicas import Replica
+from router.frontdoor.auth import Client
+from router.transport.retry_budget import RetryBudget
 
 
 class Clock:

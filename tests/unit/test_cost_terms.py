@@ -13,14 +13,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from router.fleet import EngineLoad, Health, Replica
+from router.core.requests import RouteRequest
+from router.core.scheduling import TERM_NAMES, build_profile
+from router.core.scheduling.candidates import Candidates, gather
+from router.core.scheduling.producers import LearnedRates, PrefixMatch, RecentShare
+from router.core.scheduling.terms import build_term, term_module
+from router.fleet.replicas import EngineLoad, Health, Replica
 from router.prefix.hashing import hash_text
 from router.prefix.index import PrefixIndex
-from router.requests import RouteRequest
-from router.scheduling import TERM_NAMES, build_profile
-from router.scheduling.candidates import Candidates, gather
-from router.scheduling.producers import LearnedRates, PrefixMatch, RecentShare
-from router.scheduling.terms import build_term, term_module
 from yamlcheck import Node
 
 TEXT = "The quick brown fox jumps over the lazy dog, again and again. " * 40  # 39 blocks

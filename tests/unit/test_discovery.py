@@ -1,4 +1,4 @@
-"""router/discovery/: how a source's answers become fleet membership (no network here:
+"""router/fleet/discovery/: how a source's answers become fleet membership (no network here:
 tests/integration/test_discovery_dns.py and test_discovery_kubernetes.py run the sources
 against a real DNS server and a stand-in API server)."""
 
@@ -7,9 +7,9 @@ from __future__ import annotations
 import asyncio
 
 from router.config import parse_config
-from router.discovery import Discovery, Endpoint, backend_for
-from router.discovery.kubernetes import endpoints_of, label_selector
-from router.membership import build_fleet
+from router.fleet.discovery import Discovery, Endpoint, backend_for
+from router.fleet.discovery.kubernetes import endpoints_of, label_selector
+from router.fleet.membership import build_fleet
 
 MODEL = "m"
 

@@ -44,7 +44,7 @@ async def _echo(request: web.Request) -> web.Response:
 
 @web.middleware
 async def _shaped(request: web.Request, handler) -> web.StreamResponse:
-    """What the router's front door does with a handler's exception (router/api.py)."""
+    """What the router's front door does with a handler's exception (router/frontdoor/api.py)."""
     try:
         return await handler(request)
     except Exception as exc:

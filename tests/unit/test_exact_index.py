@@ -183,7 +183,7 @@ def test_a_flood_of_events_stays_within_the_bounds(num_gpu_blocks, global_cap):
 
 # -- advertised event sources (GET /kv_event_sources) ---------------------------------------
 def test_advertised_sources_are_reached_at_the_replica_host():
-    from router.prefix.event_sources import EventSource, parse_sources, reachable
+    from router.fleet.event_sources import EventSource, parse_sources, reachable
 
     assert reachable("tcp://*:5557", "http://10.0.0.7:8000") == "tcp://10.0.0.7:5557"
     assert reachable("tcp://0.0.0.0:5557", "http://[fd00::7]:8000") == "tcp://[fd00::7]:5557"
@@ -210,7 +210,7 @@ def test_settled_pending_records_are_bounded():
 def test_the_replica_tokenizer_cache_is_bounded():
     from array import array
 
-    from router.prefix.replica_tokens import ReplicaTokenizer
+    from router.transport.replica_tokens import ReplicaTokenizer
 
     cache = ReplicaTokenizer(None, max_entries=4, max_tokens=100)  # type: ignore[arg-type]
     for i in range(40):

@@ -1,4 +1,4 @@
-"""router/handover.py: when the replicas a reload dropped leave (make-before-break).
+"""router/fleet/handover.py: when the replicas a reload dropped leave (make-before-break).
 
 No network: a Fleet of Replica objects whose health the test sets, as the monitor would,
 telling the handover through `on_health`."""
@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import asyncio
 
-from router.fleet import Fleet, Health, Replica
-from router.handover import Handover
+from router.fleet.handover import Handover
+from router.fleet.replicas import Fleet, Health, Replica
 
 
 def fleet_of(*urls: str, model: str = "m", health: Health = Health.HEALTHY) -> tuple[Fleet, Handover, list[str]]:

@@ -9,8 +9,8 @@ from __future__ import annotations
 import asyncio
 import time
 
-from router.loop_lag import LoopLag
-from router.proxy import ConnectWatch
+from router.observability.loop_lag import LoopLag
+from router.transport.proxy import ConnectWatch
 
 
 async def test_loop_lag_sees_a_stall_and_forgets_it() -> None:

@@ -1,4 +1,4 @@
-"""Latency outlier ejection (router/outliers.py) on a fake clock, without servers."""
+"""Latency outlier ejection (router/transport/outliers.py) on a fake clock, without servers."""
 
 from __future__ import annotations
 
@@ -6,12 +6,12 @@ import math
 
 import pytest
 
-from router.breaker import BreakerState, CircuitBreakers
 from router.config import CircuitBreakerConfig
-from router.fleet import Replica
-from router.outliers import MAX_SHAPES, LatencyOutliers, shape_of
-from router.requests import RouteRequest
-from router.scheduling import Decision
+from router.core.requests import RouteRequest
+from router.core.scheduling import Decision
+from router.fleet.breaker import BreakerState, CircuitBreakers
+from router.fleet.replicas import Replica
+from router.transport.outliers import MAX_SHAPES, LatencyOutliers, shape_of
 
 
 class Clock:

@@ -9,9 +9,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from multidict import CIMultiDict
 
-from router.auth import ANONYMOUS, KeyRing, presented_key
 from router.config import AuthConfig, ClientKeyConfig
 from router.errors import RouterError
+from router.frontdoor.auth import ANONYMOUS, KeyRing, presented_key
 from router.paths import (
     DEFAULT_FORWARD_PATHS,
     MANAGEMENT_PATHS,

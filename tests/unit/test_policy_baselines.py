@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from collections import Counter
 
-from router.fleet import Health, Replica
+from router.core.requests import RouteRequest
+from router.core.scheduling import build_profile as build_policy
+from router.fleet.replicas import Health, Replica
 from router.prefix.hashing import hash_text
 from router.prefix.index import PrefixIndex
-from router.requests import RouteRequest
-from router.scheduling import build_profile as build_policy
 from yamlcheck import Node
 
 

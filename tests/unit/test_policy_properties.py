@@ -8,11 +8,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from router.fleet import EngineLoad, Health, Replica
+from router.core.requests import RouteRequest
+from router.core.scheduling import build_profile as build_policy
+from router.fleet.replicas import EngineLoad, Health, Replica
 from router.prefix.hashing import hash_text
 from router.prefix.index import PrefixIndex
-from router.requests import RouteRequest
-from router.scheduling import build_profile as build_policy
 from yamlcheck import ConfigError, Node
 
 POLICIES = ["cache_aware", "prefix_affinity", "session", "power_of_two", "random"]
@@ -240,7 +240,7 @@ def test_cache_aware_spreads_sustained_traffic_even_when_nothing_is_in_flight() 
 
 
 def test_recent_dispatch_counts_decay_and_stay_bounded() -> None:
-    from router.scheduling.producers import RecentDispatches
+    from router.core.scheduling.producers import RecentDispatches
 
     recent = RecentDispatches(window=10, max_tracked=3)
     for _ in range(5000):  # far past the point where the weights are rescaled
@@ -258,7 +258,7 @@ def test_recent_dispatch_counts_decay_and_stay_bounded() -> None:
 
 
 def test_learned_rates_stay_bounded(monkeypatch) -> None:
-    from router.scheduling import producers
+    from router.core.scheduling import producers
 
     monkeypatch.setattr(producers, "MAX_TRACKED_REPLICAS", 3)
     policy = producers.LearnedRates(min_learn_tokens=1)
@@ -270,7 +270,7 @@ def test_learned_rates_stay_bounded(monkeypatch) -> None:
 
 
 def test_round_robin_counters_stay_bounded(monkeypatch) -> None:
-    from router.scheduling import order
+    from router.core.scheduling import order
 
     monkeypatch.setattr(order, "MAX_MODEL_COUNTERS", 3)
     policy = build_policy("round_robin", Node({}, ""))

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from router.fleet import Health, Replica
+from router.core.requests import RouteRequest
+from router.core.scheduling import Profile
+from router.core.scheduling import build_profile as build_policy
+from router.core.scheduling.ring import RingOrder
+from router.fleet.replicas import Health, Replica
 from router.prefix.index import PrefixIndex
-from router.requests import RouteRequest
-from router.scheduling import Profile
-from router.scheduling import build_profile as build_policy
-from router.scheduling.ring import RingOrder
 from yamlcheck import Node
 
 

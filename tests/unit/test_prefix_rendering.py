@@ -6,9 +6,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from router.core.requests import build_route_request
 from router.prefix.hashing import hash_tokens
 from router.prefix.rendering import RoutingInput, render_messages, render_prompt, routing_input
-from router.requests import build_route_request
 
 text = st.text(max_size=80)
 text_part = st.fixed_dictionaries({"type": st.just("text"), "text": text})

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from router.scheduling import PRESET_NAMES, build_profile
+from router.core.scheduling import PRESET_NAMES, build_profile
 from tests.unit import decision_trace
 from yamlcheck import Node
 

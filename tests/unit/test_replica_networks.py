@@ -1,4 +1,4 @@
-"""Where the admin API may point the router (router/replica_networks.py), with a fake resolver."""
+"""Where the admin API may point the router (router/fleet/replica_networks.py), with a fake resolver."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 
 from router.config import BackendConfig
 from router.errors import RouterError
-from router.replica_networks import ReplicaNetworks, allowed, ip, registration_hosts
+from router.fleet.replica_networks import ReplicaNetworks, allowed, ip, registration_hosts
 
 
 def nets(*cidrs: str) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry
 
-from router import telemetry as telemetry_module
-from router.telemetry import Telemetry
+from router.observability import telemetry as telemetry_module
+from router.observability.telemetry import Telemetry
 
 
 def test_remembered_children_are_bounded_and_forgotten_with_a_replica(monkeypatch) -> None:
@@ -33,7 +33,7 @@ def _series(registry: CollectorRegistry) -> dict[tuple[str, tuple], float]:
 
 
 def test_a_handle_writes_what_the_public_call_writes() -> None:
-    """The handles (router/metric_handles.py) read prometheus_client's private layout: their
+    """The handles (router/observability/metric_handles.py) read prometheus_client's private layout: their
     exposition must equal the public calls' for the same values, or the layout changed."""
     public, handled = Telemetry(CollectorRegistry()), Telemetry(CollectorRegistry())
     for value in VALUES:
@@ -84,7 +84,7 @@ def test_a_child_of_another_layout_is_used_as_it_is() -> None:
     is handed back (slower, never wrong); gauges are always handed back as they are."""
     from prometheus_client import Counter, Gauge, Histogram
 
-    from router.metric_handles import handle
+    from router.observability.metric_handles import handle
 
     registry = CollectorRegistry()
     gauge = Gauge("g", "g", ["a"], registry=registry).labels("x")
