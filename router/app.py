@@ -26,7 +26,7 @@ from prometheus_client import CollectorRegistry
 
 from router.config import BackendConfig, Config, LaunchConfig
 from router.core.flows import DECODE_TERMS, Disaggregated, SingleHop
-from router.core.scheduling.presets import build_profile
+from router.core.scheduling.presets import build_profile, profile_of
 from router.fleet.discovery import Discovery
 from router.fleet.kv_events import KVEvents
 from router.fleet.lora import AdapterLoader
@@ -113,7 +113,7 @@ class Router:
         self.kv_events = KVEvents(self.exact, replay_timeout=exact.replay_timeout,
                                   on_subscribed=self.watch_kv_stream)
         self.prompt_tokens: PromptTokens | None = None  # set by _build (it needs the session)
-        self.policy = config.routing.build_profile()
+        self.policy = profile_of(config.routing)
         self.telemetry.set_info(self.policy.name)
         self.upstream: UpstreamPool | None = None  # the clients' requests to replicas
         self.session: aiohttp.ClientSession | None = None  # the router's own requests to replicas
@@ -231,7 +231,7 @@ class Router:
         assert self.monitor is not None and self.proxy is not None and self.api is not None
         assert self.prompt_tokens is not None
         if rebuild_policy:
-            policy = config.routing.build_profile()
+            policy = profile_of(config.routing)
             policy.adopt(self.policy)  # what it learned about the replicas stays (rates, shares)
             self.policy = policy  # the flow and the feedback hook read it through getters
             self.telemetry.set_info(policy.name)

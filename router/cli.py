@@ -23,7 +23,8 @@ from collections.abc import Coroutine, Sequence
 from typing import Any
 
 from router import __version__
-from router.config import DEFAULT_CONFIG_PATH, Config, load_config, validate_policy_params
+from router.config import DEFAULT_CONFIG_PATH, Config, load_config
+from router.core.scheduling import validate_policy_params
 from yamlcheck import ConfigError
 
 log = logging.getLogger("router.cli")

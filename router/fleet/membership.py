@@ -37,7 +37,8 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from router.config import BackendConfig, Config, ModelConfig, load_config, parse_backend, validate_policy_params
+from router.config import BackendConfig, Config, ModelConfig, load_config, parse_backend
+from router.core.scheduling import validate_policy_params
 from router.fleet.handover import Handover
 from router.fleet.replica_networks import ReplicaNetworks, Resolver, registration_hosts, system_resolver
 from router.fleet.replicas import Fleet, Replica

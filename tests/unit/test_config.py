@@ -10,7 +10,8 @@ import pytest
 import yaml
 
 from router.cli import main as cli_main
-from router.config import DEFAULT_CONFIG_PATH, Config, load_config, parse_config, validate_policy_params
+from router.config import DEFAULT_CONFIG_PATH, Config, load_config, parse_config
+from router.core.scheduling import profile_of, validate_policy_params
 from yamlcheck import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -154,14 +155,14 @@ def test_routing_terms_are_validated_with_their_path(routing: dict, path: str, f
 
 def test_routing_terms_set_the_profile_weights() -> None:
     cfg = parse_config({**GOOD, "routing": {"terms": {"prefill": 1.0, "queue": 0.5, "kv_pressure": 2}}})
-    cost = cfg.routing.build_profile().cost
+    cost = profile_of(cfg.routing).cost
     assert cost is not None and cost.weights == {"prefill": 1.0, "queue": 0.5, "kv_pressure": 2.0}
-    default = parse_config(GOOD).routing.build_profile().cost
+    default = profile_of(parse_config(GOOD).routing).cost
     assert default is not None and default.weights == {"queue": 1.0, "prefill": 1.0, "eviction": 2.0, "lora": 1.0}
-    legacy = parse_config({**GOOD, "routing": {"params": {"eviction_weight": 0.5}}}).routing.build_profile().cost
+    legacy = profile_of(parse_config({**GOOD, "routing": {"params": {"eviction_weight": 0.5}}}).routing).cost
     assert legacy is not None and legacy.weights["eviction"] == 0.5
     session = parse_config({**GOOD, "routing": {"policy": "session", "terms": {"prefill": 1}}})
-    cost = session.routing.build_profile().cost  # the cache_aware fallback of requests without a key
+    cost = profile_of(session.routing).cost  # the cache_aware fallback of requests without a key
     assert cost is not None and cost.weights == {"prefill": 1.0}
 
 

@@ -13,9 +13,11 @@ cost presets, ``routing.terms``.
 
 from __future__ import annotations
 
+from router.config.routing import DEFAULT_PRESET, PRESET_NAMES
 from router.core.scheduling.decision import Decision
-from router.core.scheduling.presets import DEFAULT_PRESET, PRESET_NAMES, build_profile
+from router.core.scheduling.presets import build_profile, profile_of, validate_policy_params
 from router.core.scheduling.profile import Profile
 from router.core.scheduling.terms import TERM_NAMES
 
-__all__ = ["DEFAULT_PRESET", "PRESET_NAMES", "TERM_NAMES", "Decision", "Profile", "build_profile"]
+__all__ = ["DEFAULT_PRESET", "PRESET_NAMES", "TERM_NAMES", "Decision", "Profile", "build_profile",
+           "profile_of", "validate_policy_params"]

@@ -33,6 +33,8 @@ from __future__ import annotations
 
 import math
 
+from router.config.loader import Config
+from router.config.routing import PRESET_NAMES, RoutingConfig
 from router.core.scheduling import guard, order, ring
 from router.core.scheduling.order import OrderKey
 from router.core.scheduling.producers import (
@@ -47,16 +49,6 @@ from router.core.scheduling.profile import Cost, Profile
 from router.core.scheduling.terms import TERM_NAMES, build_term, term_module
 from yamlcheck import Node
 
-PRESET_NAMES: tuple[str, ...] = (
-    "cache_aware",
-    "prefix_affinity",
-    "session",
-    "least_load",
-    "round_robin",
-    "power_of_two",
-    "random",
-)
-DEFAULT_PRESET = "cache_aware"
 DEFAULT_EVICTION_WEIGHT = 2.0  # future recompute of an evicted block, in prefills of that block
 # lora costs nothing for requests without an adapter (the term returns None).
 DEFAULT_TERMS: dict[str, float] = {"queue": 1.0, "prefill": 1.0, "eviction": DEFAULT_EVICTION_WEIGHT,
@@ -65,7 +57,7 @@ COST_PRESETS = ("cache_aware", "session")  # the presets that sum cost terms
 
 _TERM_PARAMS: tuple[str, ...] = tuple(p for name in TERM_NAMES for p in term_module(name).PARAMS)
 CACHE_AWARE_PARAMS: tuple[str, ...] = guard.PARAMS + RATES_PARAMS + _TERM_PARAMS + ("eviction_weight", "bounded_load")
-PARAMS: dict[str, tuple[str, ...]] = {
+PARAMS: dict[str, tuple[str, ...]] = {  # one entry per name of PRESET_NAMES (config)
     "cache_aware": CACHE_AWARE_PARAMS,
     "prefix_affinity": (),
     "session": ring.PARAMS + tuple(p for p in CACHE_AWARE_PARAMS if p != "bounded_load"),
@@ -151,3 +143,16 @@ def build_profile(name: str, params: Node, terms: Node | None = None) -> Profile
 def _without(params: Node, keys: tuple[str, ...]) -> Node:
     value = {k: v for k, v in (params.value or {}).items() if k not in keys}
     return Node(value, params.path, params.file)
+
+
+def profile_of(routing: RoutingConfig) -> Profile:
+    """The scheduling profile routes.yaml's ``routing:`` section describes (ConfigError, with
+    the key path, on bad params or terms)."""
+    return build_profile(routing.policy, routing.params_node(), routing.terms_node())
+
+
+def validate_policy_params(config: Config) -> None:
+    """Build the profile once so bad `routing.params` / `routing.terms` are config errors,
+    not a crash later."""
+    profile_of(config.routing)
+
