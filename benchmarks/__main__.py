@@ -54,7 +54,8 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _chaos(args: argparse.Namespace, argv: list[str] | None) -> int:
-    from benchmarks.chaos import run_chaos, settings_from
+    from benchmarks.chaos import run_chaos
+    from benchmarks.chaos_settings import settings_from
 
     settings = settings_from(args, "python -m benchmarks " + " ".join(
         sys.argv[1:] if argv is None else argv))
@@ -134,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     rep = sub.add_parser("report", help="rebuild results.md and the plots from OUTPUT/runs/*.json")
     rep.add_argument("output")
     chaos = sub.add_parser("chaos", help="the reliability experiments (benchmarks/chaos.py)")
-    from benchmarks.chaos import add_arguments
+    from benchmarks.chaos_settings import add_arguments
 
     add_arguments(chaos)
     check = sub.add_parser("check", help="validate a scenario file")

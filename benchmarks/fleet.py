@@ -22,7 +22,7 @@ from typing import Any
 import aiohttp
 
 from benchmarks.procs import Proc, Processes
-from benchmarks.scenario import FleetSpec, ReplicaSpec
+from benchmarks.scenario_specs import FleetSpec, ReplicaSpec
 from engines.sim.process import free_port, parse_metrics
 from router.fleet.vllm_metrics import parse_engine_load
 

@@ -33,9 +33,12 @@ from typing import Any
 from benchmarks import loadgen
 from benchmarks.fleet import Fleet
 from benchmarks.procs import Processes
-from benchmarks.report import dig, load_runs, provenance, pyplot, read_meta, target_colors, target_order
+from benchmarks.report import provenance
+from benchmarks.report_columns import dig
+from benchmarks.report_plots import pyplot, save_figure, target_colors
+from benchmarks.report_runs import load_runs, read_meta, target_order
 from benchmarks.runner import Progress, clear_runs, git_state, load_with_resources, write_meta
-from benchmarks.scenario import Scenario, TargetSpec
+from benchmarks.scenario_specs import Scenario, TargetSpec
 from benchmarks.stats import median, summarize
 from benchmarks.targets import start_target, stop_target
 from benchmarks.workloads import Session, Turn, Workload
@@ -313,6 +316,4 @@ def _plot(agg, targets: list[str], rates: list[float], path: Path, plt) -> None:
         ax.set_title("added ITL, many concurrent streams")
         ax.axhline(0, color="black", linewidth=0.6)
         ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(plt, fig, path)

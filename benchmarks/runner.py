@@ -22,7 +22,7 @@ from benchmarks import loadgen, report
 from benchmarks.fleet import Fleet, fleet_counters
 from benchmarks.oracle import oracle
 from benchmarks.procs import Processes
-from benchmarks.scenario import Scenario, TargetSpec
+from benchmarks.scenario_specs import Scenario, TargetSpec
 from benchmarks.stats import summarize
 from benchmarks.targets import RunningTarget, start_target, stop_target, versions
 from benchmarks.workloads import Workload, build

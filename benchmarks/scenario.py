@@ -3,213 +3,38 @@
 A scenario is YAML validated with `yamlcheck.Node`, so every mistake names the
 file, the key path, what was found and what was expected (unknown keys get a "did you
 mean").  See benchmarks/README.md for the full schema with an example per workload.
+
+This module reads and validates a file into the typed `Scenario` (benchmarks/scenario_specs.py)
+against the names it may use (benchmarks/scenario_schema.py); both are importable from here too.
 """
 
 from __future__ import annotations
 
 import difflib
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from benchmarks.scenario_schema import (
+    ARRIVAL_KINDS,
+    FLEET_KINDS,
+    MODES,
+    OUR_POLICIES,
+    PEER_POLICIES,
+    TARGET_KINDS,
+    WORKLOAD_KINDS,
+    WORKLOAD_PARAMS,
+)
+from benchmarks.scenario_specs import (
+    ArrivalSpec,
+    FleetSpec,
+    LimitsSpec,
+    OverheadSpec,
+    ReplicaSpec,
+    Scenario,
+    TargetSpec,
+    WorkloadSpec,
+)
 from yamlcheck import ConfigError, Node, describe, load_yaml
-
-WORKLOAD_KINDS = ("multi_turn", "shared_prefix", "agentic", "no_reuse", "lora", "trace")
-ARRIVAL_KINDS = ("poisson", "sweep", "closed", "trace")
-FLEET_KINDS = ("sim", "real")
-MODES = ("routing", "overhead")
-
-OUR_POLICIES = ("round_robin", "least_load", "prefix_affinity", "session", "cache_aware",
-                "power_of_two", "random")
-PEER_POLICIES = {
-    "vllm-router": ("cache_aware", "round_robin", "kv_aware", "power_of_two", "random",
-                    "consistent_hash", "sticky_least_loaded"),
-    "sglang-router": ("cache_aware", "round_robin", "power_of_two", "random"),
-    # smg (Shepherd Model Gateway) 1.13, the successor of sglang-router
-    "smg": ("cache_aware", "least_load", "prefix_hash", "round_robin", "power_of_two", "random",
-            "consistent_hashing"),
-}
-TARGET_KINDS = ("ours", "vllm-router", "smg", "sglang-router", "direct")
-
-# Per workload kind: parameter -> (default, kind) where kind is "int", "num", "bool" or "str".
-WORKLOAD_PARAMS: dict[str, dict[str, tuple[Any, str]]] = {
-    "multi_turn": {
-        "users": (16, "int"),
-        "rounds": (4, "int"),
-        "system_prompt_tokens": (1000, "int"),
-        "history_tokens": (0, "int"),  # each user's own earlier conversation, before round 1
-        "question_tokens": (50, "int"),
-        "answer_tokens": (100, "int"),
-        "think_time_s": (1.0, "num"),
-    },
-    "shared_prefix": {
-        "groups": (16, "int"),
-        "prompts_per_group": (8, "int"),
-        "prefix_tokens": (2000, "int"),
-        "question_tokens": (128, "int"),
-        "answer_tokens": (64, "int"),
-        "zipf": (0.0, "num"),  # 0: every group gets prompts_per_group; s > 0: Zipf(s) popularity
-    },
-    "agentic": {
-        "agents": (4, "int"),
-        "steps": (12, "int"),
-        "system_prompt_tokens": (1500, "int"),
-        "context_tokens": (4000, "int"),
-        "tool_result_tokens": (200, "int"),
-        "answer_tokens": (48, "int"),
-        "think_time_s": (0.0, "num"),
-        "tool_calls": (False, "bool"),  # a real tool loop: each answer calls the tool (agent_apis.py)
-    },
-    "lora": {  # one adapter per task: its own instructions, Zipf-popular; names adapter-0..N-1
-        "adapters": (8, "int"),
-        "requests": (200, "int"),
-        "prompt_tokens": (600, "int"),  # the adapter's task instructions, shared by its requests
-        "question_tokens": (60, "int"),
-        "answer_tokens": (48, "int"),
-        "zipf": (1.0, "num"),
-    },
-    "trace": {  # a public production trace, replayed at its timestamps (benchmarks/trace.py)
-        "file": ("benchmarks/traces/mooncake/conversation_trace.jsonl", "str"),
-        "start_s": (0.0, "num"),  # the window: trace seconds [start_s, start_s + duration_s)
-        "duration_s": (120.0, "num"),
-        "time_scale": (1.0, "num"),  # arrivals this many times faster (load)
-        "token_scale": (0.25, "num"),  # prompt lengths (and the 512-token blocks) times this
-        "output_scale": (1.0, "num"),
-        "max_requests": (0, "int"),  # 0: the whole window
-    },
-    "no_reuse": {
-        "requests": (128, "int"),
-        "prompt_tokens": (1000, "int"),
-        "answer_tokens": (64, "int"),
-    },
-}
-
-
-@dataclass(frozen=True, slots=True)
-class WorkloadSpec:
-    kind: str
-    params: dict[str, Any]
-
-    def __getattr__(self, name: str) -> Any:  # spec.users reads params["users"]
-        try:
-            return self.params[name]
-        except KeyError:
-            raise AttributeError(name) from None
-
-
-@dataclass(frozen=True, slots=True)
-class ArrivalSpec:
-    kind: str  # poisson | sweep | closed | trace (each request at its trace timestamp)
-    qps: float = 0.0  # poisson
-    qps_values: tuple[float, ...] = ()  # sweep
-    concurrency: int = 0  # closed
-
-    @property
-    def points(self) -> list[float | None]:
-        """The load points of a run: one per QPS for a sweep, else a single one."""
-        if self.kind == "sweep":
-            return list(self.qps_values)
-        return [self.qps if self.kind == "poisson" else None]
-
-
-@dataclass(frozen=True, slots=True)
-class ReplicaSpec:
-    tp: int = 1
-    count: int = 1
-    kv_blocks: int | None = None  # None: the fleet default
-    role: str = "both"  # prefill / decode / both: the router's pools (routes.yaml backends' role)
-
-
-@dataclass(frozen=True, slots=True)
-class FleetSpec:
-    kind: str = "sim"
-    replicas: tuple[ReplicaSpec, ...] = (ReplicaSpec(tp=1, count=2),)
-    kv_blocks: int = 512
-    block_size: int = 16
-    time_scale: float = 1.0
-    max_num_seqs: int = 64
-    kv_events: bool = False
-    sim_args: tuple[str, ...] = ()
-    engines_config: str = "config/engines-cpu.yaml"  # real mode
-    startup_timeout_s: float = 60.0
-
-    @property
-    def size(self) -> int:
-        return sum(r.count for r in self.replicas)
-
-    def expanded(self) -> list[ReplicaSpec]:
-        """One ReplicaSpec per replica, kv_blocks filled in."""
-        out = []
-        for spec in self.replicas:
-            for _ in range(spec.count):
-                out.append(ReplicaSpec(tp=spec.tp, count=1, kv_blocks=spec.kv_blocks or self.kv_blocks,
-                                       role=spec.role))
-        return out
-
-
-@dataclass(frozen=True, slots=True)
-class TargetSpec:
-    kind: str  # ours | vllm-router | sglang-router | direct
-    policy: str = ""
-    variant: str = ""  # a name from the scenario's `variants:`, e.g. "balanced"
-    args: tuple[str, ...] = ()  # peers: extra command-line flags of the variant
-    params: tuple[tuple[str, Any], ...] = ()  # ours: routing.params of the variant (`terms`: routing.terms)
-
-    @property
-    def name(self) -> str:
-        if self.kind == "direct":
-            return "direct"
-        return f"{self.kind}:{self.policy}" + (f"@{self.variant}" if self.variant else "")
-
-    @property
-    def slug(self) -> str:
-        return self.name.replace(":", "__").replace("@", "__")
-
-
-@dataclass(frozen=True, slots=True)
-class LimitsSpec:
-    max_requests: int = 1000
-    max_duration_s: float = 120.0
-    request_timeout_s: float = 60.0
-
-
-@dataclass(frozen=True, slots=True)
-class OverheadSpec:
-    rates: tuple[float, ...] = (50.0, 200.0)
-    duration_s: float = 10.0
-    prompt_tokens: int = 64
-    output_tokens: int = 8
-    saturation_concurrency: int = 64
-    saturation_duration_s: float = 10.0
-    streams: int = 1000
-    stream_tokens: int = 40
-    stream_step_s: float = 0.2  # many-streams phase: every engine step lasts at least this (paces tokens)
-    stream_ramp_s: float = 2.0  # the streams start evenly over this long
-    router_core: int = 0
-    client_core: int = 1
-
-
-@dataclass(frozen=True, slots=True)
-class Scenario:
-    name: str
-    file: str
-    output: Path
-    fleet: FleetSpec
-    targets: tuple[TargetSpec, ...]
-    workload: WorkloadSpec | None = None
-    arrival: ArrivalSpec = ArrivalSpec(kind="closed", concurrency=8)
-    description: str = ""
-    mode: str = "routing"
-    seed: int = 0
-    model: str = "sim-model"
-    api: str = "chat"
-    ignore_eos: bool = True
-    limits: LimitsSpec = LimitsSpec()
-    slo_ttft_s: float = 1.0
-    repeats: int = 1
-    overhead: OverheadSpec | None = None
-    raw: dict[str, Any] = field(default_factory=dict)
-
 
 _TOP_KEYS = ("name", "description", "mode", "output", "seed", "model", "api", "ignore_eos",
              "workload", "arrival", "limits", "slo", "fleet", "targets", "variants", "repeats", "overhead")
@@ -427,4 +252,7 @@ def _overhead(node: Node) -> OverheadSpec:
     )
 
 
-__all__ = ["ConfigError", "Scenario", "load_scenario", "parse_scenario", "parse_target"]
+__all__ = ["ARRIVAL_KINDS", "FLEET_KINDS", "MODES", "OUR_POLICIES", "PEER_POLICIES", "TARGET_KINDS",
+           "WORKLOAD_KINDS", "WORKLOAD_PARAMS", "ArrivalSpec", "ConfigError", "FleetSpec", "LimitsSpec",
+           "OverheadSpec", "ReplicaSpec", "Scenario", "TargetSpec", "WorkloadSpec", "load_scenario",
+           "parse_scenario", "parse_target"]

@@ -27,7 +27,7 @@ import aiohttp
 import yaml
 
 from benchmarks.procs import Proc, Processes, ResourceSampler, ResourceSamplers
-from benchmarks.scenario import TargetSpec
+from benchmarks.scenario_specs import TargetSpec
 from engines.sim.process import free_port
 
 

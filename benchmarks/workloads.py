@@ -27,7 +27,7 @@ import random
 from dataclasses import dataclass
 from typing import Any
 
-from benchmarks.scenario import WorkloadSpec
+from benchmarks.scenario_specs import WorkloadSpec
 from engines.sim.tokenizer import render_chat
 
 CHARS_PER_TOKEN = 4

@@ -1,6 +1,7 @@
 """What the agentic APIs (responses.py: OpenAI Responses; anthropic.py: Anthropic Messages)
-share: JSON and SSE answers, request validation errors in the shape vLLM's FastAPI layer
-gives them, and running one request through the engine, token by token.
+share: request validation errors in the shape vLLM's FastAPI layer gives them, the render
+endpoints' GenerateRequest, tools and message content as the chat template gets them, and
+the tool-choice check.  (Their JSON and SSE answers: answers.py.)
 
 Both APIs turn their request into chat messages (plus tools) and tokenize those through the
 chat template, exactly as vLLM 0.32 does, so a later turn extends the earlier turn's tokens
@@ -9,38 +10,10 @@ scheduler, KV cache, KV events and metrics)."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import Any
 
-import orjson
-from aiohttp import web
-
+from engines.sim.options import ServerOptions
 from engines.sim.protocol import ApiError
-from engines.sim.scheduler import SimRequest
-
-if TYPE_CHECKING:
-    from engines.sim.server import SimServer
-
-
-class Cut(Exception):
-    """Fault injection dropped the connection; the server's middleware turns it into a
-    cancellation."""
-
-
-def cut(request: web.Request) -> NoReturn:
-    """Fault injection: drop the connection without finishing the response."""
-    if request.transport is not None:
-        request.transport.abort()
-    raise Cut()
-
-
-def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
-    return web.Response(body=body if isinstance(body, bytes) else orjson.dumps(body), status=status,
-                        content_type="application/json", headers=headers)
-
-
-def openai_error(exc: ApiError, headers: dict[str, str] | None = None) -> web.Response:
-    """vLLM's ``{"error": {message, type, param, code}}``."""
-    return web.Response(body=exc.body(), status=exc.status, content_type="application/json", headers=headers)
 
 
 def missing(field: str, body: dict[str, Any]) -> ApiError:
@@ -56,35 +29,6 @@ def invalid(field: str, kind: str, msg: str, value: object) -> ApiError:
         shown = shown[:97] + "..."
     text = f"1 validation error:\n  {{'type': '{kind}', 'loc': 'body.{field}', 'msg': {msg!r}, 'input': {shown}}}"
     return ApiError(400, text, f"body.{field}", "Bad Request")
-
-
-def sse_event(name: str, data: dict[str, Any]) -> bytes:
-    """A named server-sent event, as both APIs frame them: ``event: NAME`` then ``data: JSON``."""
-    return b"event: " + name.encode() + b"\ndata: " + orjson.dumps(data) + b"\n\n"
-
-
-class SSEWriter:
-    """An event-stream answer with the simulator's cut fault (the connection drops after N events)."""
-
-    def __init__(self, request: web.Request, cut_after: int | None) -> None:
-        self.request = request
-        self.cut_after = cut_after
-        self.sent = 0
-        self.resp = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8"})
-
-    async def start(self) -> web.StreamResponse:
-        await self.resp.prepare(self.request)
-        return self.resp
-
-    async def send(self, chunk: bytes) -> None:
-        if self.cut_after is not None and self.sent >= self.cut_after:
-            cut(self.request)
-        await self.resp.write(chunk)
-        self.sent += 1
-
-    async def end(self) -> web.StreamResponse:
-        await self.resp.write_eof()
-        return self.resp
 
 
 def generate_request(request_id: str, ids: list[int], sampling: dict[str, Any], model: Any, stream: bool,
@@ -135,15 +79,15 @@ def template_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def check_tool_choice(server: SimServer, tool_choice: object) -> None:
+def check_tool_choice(opts: ServerOptions, tool_choice: object) -> None:
     """vLLM refuses a tool choice other than none when it has no tool-call parser
     (--tool-call-parser), and "auto" without --enable-auto-tool-choice; the simulator has one
     unless started with ``--tool-call-parser none``."""
     if tool_choice in (None, "none"):
         return
-    parser = server.opts.tool_call_parser
+    parser = opts.tool_call_parser
     if tool_choice == "auto":
-        if parser is None or not server.opts.enable_auto_tool_choice:
+        if parser is None or not opts.enable_auto_tool_choice:
             raise ApiError(400, '"auto" tool choice requires --enable-auto-tool-choice and --tool-call-parser '
                                 "to be set")
         return
@@ -154,8 +98,3 @@ def check_tool_choice(server: SimServer, tool_choice: object) -> None:
         else:
             desc = f'"{tool_choice}"'
         raise ApiError(400, f"tool_choice={desc} requires --tool-call-parser to be set")
-
-
-def cache_counts(server: SimServer, req: SimRequest) -> tuple[int, int]:
-    """(prompt tokens read from the prefix cache, prompt tokens this request wrote to it)."""
-    return max(req.num_cached_tokens, 0), req.num_cache_creation_tokens

@@ -25,9 +25,10 @@ from engines.sim.kv_events import KVEventPublisher, KVEventsConfig
 from engines.sim.kv_transfer import DEFAULT_BANDWIDTH_GBPS, DEFAULT_LEASE_S, KVTransfer, TransferConfig
 from engines.sim.lora import Adapters, parse_lora_modules, runtime_updating_allowed
 from engines.sim.metrics import SimMetrics
+from engines.sim.options import ServerOptions
 from engines.sim.protocol import VLLM_VERSION
-from engines.sim.responses import store_enabled_by_env
-from engines.sim.server import ServerOptions, SimServer
+from engines.sim.response_store import store_enabled_by_env
+from engines.sim.server import SimServer
 from engines.sim.tokenizer import RealTokenizer, Tokenizer
 
 log = logging.getLogger("engines.sim")

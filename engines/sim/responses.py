@@ -8,10 +8,10 @@ GET  /v1/responses/{id}                a stored response; ``?stream=true&startin
                                        replays a background stream's events after N and follows it
 POST /v1/responses/{id}/cancel         cancels a queued background job
 
-The store (previous_response_id, GET, cancel, background) is off unless
-``VLLM_ENABLE_RESPONSES_API_STORE=1`` (vLLM's switch) or ``--enable-responses-api-store``;
-off, ``store: true`` is silently ignored, as in vLLM.  It is this process's memory, like
-vLLM's dicts, but bounded (``--responses-store-size``, the oldest finished entries go first).
+The store (previous_response_id, GET, cancel, background: response_store.py) is off unless
+``VLLM_ENABLE_RESPONSES_API_STORE=1`` or ``--enable-responses-api-store``; off, ``store:
+true`` is silently ignored, as in vLLM.  Parsing a request: responses_request.py; the wire
+shapes: responses_shapes.py; this module runs the jobs and answers.
 """
 
 from __future__ import annotations
@@ -19,135 +19,26 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from aiohttp import web
 
-from engines.sim.agentic import (
-    SSEWriter,
-    cut,
-    generate_request,
-    invalid,
-    json_response,
-    missing,
-    openai_error,
-    template_messages,
-)
-from engines.sim.protocol import ApiError, check_model, parse_json, random_id
-from engines.sim.responses_shapes import (
-    EventStream,
-    ResponseShape,
-    chat_tools,
-    continues_final_message,
-    input_messages,
-    output_message,
-    usage,
-)
-
-if TYPE_CHECKING:
-    from engines.sim.server import SimServer
+from engines.sim.agentic import generate_request
+from engines.sim.answers import SSEWriter, cut, json_response, openai_error
+from engines.sim.host import SimHost
+from engines.sim.protocol import ApiError, parse_json
+from engines.sim.response_store import ResponseStore, StoredResponse
+from engines.sim.responses_request import Job, not_found, parse_job, query_bool, query_int
+from engines.sim.responses_shapes import EventStream, ResponseShape, output_message, usage
 
 log = logging.getLogger("engines.sim")
 
-STORE_ENV = "VLLM_ENABLE_RESPONSES_API_STORE"
 _COMPLETED = b"event: response.completed\n"
-_NO_STORE_BACKGROUND = ("This vLLM engine does not support `store=True` and therefore does not support the "
-                        "background mode. To enable these features, set the environment variable "
-                        "`VLLM_ENABLE_RESPONSES_API_STORE=1` when launching the vLLM server.")
-
-
-def store_enabled_by_env() -> bool:
-    """vLLM's reading of the switch: ``bool(int(value))``, unset meaning off."""
-    value = os.environ.get(STORE_ENV, "0")
-    try:
-        return bool(int(value))
-    except ValueError:
-        raise SystemExit(f"{STORE_ENV}={value!r}: not an integer") from None
-
-
-@dataclass(eq=False)
-class StoredResponse:
-    body: dict[str, Any]  # the response object GET answers (status changes in place)
-    messages: list[dict[str, Any]]  # this turn's chat messages: the next turn's history
-    events: list[bytes] | None = None  # a background stream's SSE events, for GET ?stream=true
-    task: asyncio.Task[None] | None = None  # a background job while it runs
-    _changed: asyncio.Event = field(default_factory=asyncio.Event)
-
-    def notify(self) -> None:
-        self._changed.set()
-        self._changed = asyncio.Event()
-
-    async def changed(self) -> None:
-        await self._changed.wait()
-
-
-class ResponseStore:
-    """The newest `capacity` responses of this process (vLLM keeps every one forever, a leak
-    its own log warns about).  A running background job is never dropped."""
-
-    def __init__(self, capacity: int) -> None:
-        self.capacity = max(1, capacity)
-        self._items: OrderedDict[str, StoredResponse] = OrderedDict()
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    def get(self, response_id: str) -> StoredResponse | None:
-        return self._items.get(response_id)
-
-    def put(self, response_id: str, entry: StoredResponse) -> None:
-        self._items[response_id] = entry
-        self._items.move_to_end(response_id)
-        while len(self._items) > self.capacity:
-            victim = next((k for k, e in self._items.items() if e.task is None or e.task.done()), None)
-            if victim is None:
-                break
-            del self._items[victim]
-
-
-@dataclass
-class Job:
-    """One parsed request."""
-
-    id: str
-    body: dict[str, Any]
-    model: str
-    prompt_ids: list[int]
-    max_tokens: int | None  # what the engine generates (None: --default-output-len, then "stop")
-    echo_max: int  # max_output_tokens in the answer: vLLM's sampling max_tokens
-    seed: int
-    messages: list[dict[str, Any]]
-    stream: bool
-    background: bool
-    store: bool
-
-
-def _not_found(response_id: str) -> ApiError:
-    return ApiError(404, f"Response with id '{response_id}' not found.", "response_id", "invalid_request_error")
-
-
-def _bool(body: dict[str, Any], name: str, default: bool) -> bool:
-    value = body.get(name, default)
-    if value is None:
-        return default
-    if not isinstance(value, bool):
-        raise invalid(name, "bool_type", "Input should be a valid boolean", value)
-    return value
-
-
-def _typed(body: dict[str, Any], name: str, types: tuple[type, ...], what: str) -> Any:
-    value = body.get(name)
-    if value is not None and (not isinstance(value, types) or isinstance(value, bool)):
-        raise invalid(name, f"{what}_type", f"Input should be a valid {what}", value)
-    return value
 
 
 class ResponsesAPI:
-    def __init__(self, server: SimServer) -> None:
+    def __init__(self, server: SimHost) -> None:
         self.srv = server
         opts = server.opts
         self.store: ResponseStore | None = ResponseStore(opts.responses_store_size) if opts.responses_store else None
@@ -170,72 +61,13 @@ class ResponsesAPI:
         return {"enabled": self.store is not None, "stored": len(self.store) if self.store else 0,
                 "capacity": self.store.capacity if self.store else 0, "background_running": len(self._tasks)}
 
-    # -- parsing ---------------------------------------------------------------------------
-    def _parse(self, body: dict[str, Any], *, render: bool = False) -> Job:
-        srv = self.srv
-        if body.get("input") is None:
-            # vLLM's "before" validators have set tool_choice by then (to "none" without tools)
-            raise missing("input", body if body.get("tools") else {**body, "tool_choice": "none"})
-        input_ = body["input"]
-        if not isinstance(input_, (str, list)):
-            raise invalid("input", "string_type", "Input should be a valid string", input_)
-        background = _bool(body, "background", False)
-        store = body.get("store", True) is not False and body.get("store", True) is not None
-        if background and not store:
-            raise ApiError(400, "background can only be used when `store` is true (parameter=background)",
-                           "background")
-        if body.get("prompt") is not None:
-            raise ApiError(400, "prompt template is not supported (parameter=prompt)", "prompt")
-        instructions = _typed(body, "instructions", (str,), "string")
-        requested = _typed(body, "max_output_tokens", (int,), "integer")
-        previous = _typed(body, "previous_response_id", (str,), "string")
-        for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty"):
-            _typed(body, name, (int, float), "number")
-        seed = _typed(body, "seed", (int,), "integer") or 0
-        stream = _bool(body, "stream", False)
-        tools = body.get("tools") or []
-        if not isinstance(tools, list):
-            raise invalid("tools", "list_type", "Input should be a valid list", tools)
-        model = check_model(body, srv.model, srv._adapter_names())
-        prev = None
-        if render:
-            if previous is not None:
-                raise ApiError(400, "previous_response_id is not supported by the stateless render endpoint.",
-                               "previous_response_id", "invalid_request_error")
-        else:
-            if store and background and self.store is None:
-                raise ApiError(400, _NO_STORE_BACKGROUND, "background", "invalid_request_error")
-            store = store and self.store is not None  # vLLM: `store` silently off without the switch
-            if previous is not None:
-                prev = self.store.get(previous) if self.store is not None else None
-                if prev is None:
-                    raise _not_found(previous)
-        messages = input_messages(instructions, input_, prev.messages if prev else None,
-                                  prev.body.get("output") if prev else None)
-        continue_final = continues_final_message(input_)
-        ids = srv.chat_ids({"messages": template_messages(messages), "tools": chat_tools(tools) or None,
-                            "add_generation_prompt": not continue_final,
-                            "continue_final_message": continue_final})
-        limit = srv.max_model_len
-        if len(ids) >= limit:
-            raise ApiError(400, f"The engine prompt length {len(ids)} exceeds the max_model_len {limit}. "
-                                "Please reduce prompt.", "input", "invalid_request_error")
-        room = limit - len(ids)
-        if requested is not None and requested < 1:
-            raise ApiError(400, f"max_tokens must be at least 1, got {requested}.", "max_output_tokens")
-        max_tokens = None if requested is None else min(requested, room)
-        rid = body.get("request_id")
-        return Job(id=rid if isinstance(rid, str) and rid else random_id("resp_"), body=body, model=model,
-                   prompt_ids=ids, max_tokens=max_tokens, echo_max=room if max_tokens is None else max_tokens,
-                   seed=seed, messages=messages, stream=stream, background=background, store=store)
-
     # -- handlers --------------------------------------------------------------------------
     async def create(self, request: web.Request) -> web.StreamResponse:
         srv = self.srv
         srv.in_flight += 1
         try:
             try:
-                job = self._parse(parse_json(await request.read()))
+                job = parse_job(srv, self.store, parse_json(await request.read()))
             except ApiError as exc:
                 return openai_error(exc)
             refused = await srv.admission()
@@ -256,7 +88,7 @@ class ResponsesAPI:
     async def render(self, request: web.Request) -> web.Response:
         try:
             body = parse_json(await request.read())
-            job = self._parse(body, render=True)
+            job = parse_job(self.srv, self.store, body, render=True)
         except ApiError as exc:
             return openai_error(exc)
         sampling = {"presence_penalty": float(body.get("presence_penalty") or 0.0),
@@ -272,13 +104,13 @@ class ResponsesAPI:
     async def retrieve(self, request: web.Request) -> web.StreamResponse:
         rid = request.match_info["response_id"]
         try:
-            stream = _query_bool(request, "stream")
-            after = _query_int(request, "starting_after")
+            stream = query_bool(request, "stream")
+            after = query_int(request, "starting_after")
         except ApiError as exc:
             return openai_error(exc)
         entry = self.store.get(rid) if self.store is not None else None
         if entry is None:
-            return openai_error(_not_found(rid))
+            return openai_error(not_found(rid))
         if not stream:
             return json_response(entry.body)
         if entry.events is None:
@@ -292,7 +124,7 @@ class ResponsesAPI:
         rid = request.match_info["response_id"]
         entry = self.store.get(rid) if self.store is not None else None
         if entry is None:
-            return openai_error(_not_found(rid))
+            return openai_error(not_found(rid))
         if entry.body["status"] not in ("queued", "in_progress"):
             return openai_error(ApiError(400, "Cannot cancel a synchronous response.", "response_id",
                                          "invalid_request_error"))
@@ -330,8 +162,7 @@ class ResponsesAPI:
         output = events.output() if emit is not None else [output_message(events.item_id,
                                                                            srv.tok.decode(req.output_ids))]
         status = "completed" if req.finish_reason == "stop" else "incomplete"
-        final = shape.obj(status, output, usage(len(req.prompt_ids), len(req.output_ids),
-                                                max(req.num_cached_tokens, 0), req.num_cache_creation_tokens))
+        final = shape.obj(status, output, usage(len(req.prompt_ids), len(req.output_ids), *req.cache_counts()))
         if job.store and self.store is not None:
             entry = self.store.get(job.id)
             if entry is None:
@@ -392,28 +223,3 @@ class ResponsesAPI:
                 if ev.startswith(_COMPLETED):
                     return await writer.end()
             await entry.changed()
-
-
-_TRUE = ("1", "true", "t", "yes", "y", "on")
-_FALSE = ("0", "false", "f", "no", "n", "off")
-
-
-def _query_bool(request: web.Request, name: str) -> bool:
-    raw = request.query.get(name)
-    if raw is None:
-        return False
-    if raw.lower() in _TRUE:
-        return True
-    if raw.lower() in _FALSE:
-        return False
-    raise ApiError(400, f"{name}: Input should be a valid boolean", f"query.{name}", "Bad Request")
-
-
-def _query_int(request: web.Request, name: str) -> int | None:
-    raw = request.query.get(name)
-    if raw is None:
-        return None
-    try:
-        return int(raw)
-    except ValueError:
-        raise ApiError(400, f"{name}: Input should be a valid integer", f"query.{name}", "Bad Request") from None

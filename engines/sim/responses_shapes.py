@@ -15,7 +15,8 @@ import json
 import time
 from typing import Any
 
-from engines.sim.agentic import function_tool, sse_event, text_of
+from engines.sim.agentic import function_tool, text_of
+from engines.sim.answers import sse_event
 from engines.sim.protocol import ApiError, random_id
 
 # function tools as the openai types vLLM 0.32 validates them into echo these keys, in order

@@ -70,6 +70,11 @@ class SimRequest:
     def num_tokens(self) -> int:
         return len(self.token_ids)
 
+    def cache_counts(self) -> tuple[int, int]:
+        """(prompt tokens read from the prefix cache, prompt tokens this request wrote to it):
+        what every answer's usage reports (0 read before the first scheduling)."""
+        return max(self.num_cached_tokens, 0), self.num_cache_creation_tokens
+
 
 @dataclass(slots=True)
 class StepPlan:

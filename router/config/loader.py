@@ -23,7 +23,7 @@ from router.config.routing import RoutingConfig, parse_routing
 from router.config.server import ServerConfig, parse_server
 from yamlcheck import Node, load_yaml
 
-DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent.parent / "config" / "routes.yaml"
+DEFAULT_CONFIG_PATH = Path(__file__).resolve().parents[2] / "config" / "routes.yaml"
 
 
 @dataclass(frozen=True, slots=True)

@@ -5,7 +5,9 @@ import json
 import pytest
 
 from benchmarks.fleet import counters, fleet_counters
-from benchmarks.report import aggregate, ratio_table, routing_tables, write_report
+from benchmarks.report import write_report
+from benchmarks.report_runs import aggregate
+from benchmarks.report_tables import ratio_table, routing_tables
 
 PAGE = """
 # TYPE vllm:prefix_cache_queries_total counter
