@@ -33,11 +33,12 @@ import time
 import tracemalloc
 from pathlib import Path
 
-from router.fleet.replicas import EngineLoad, Health, Replica
-from router.prefix.hashing import prefix_hashes
-from router.prefix.index import DEFAULT_CAPACITY_BLOCKS, PrefixIndex
 from router.core.requests import RouteRequest
 from router.core.scheduling import build_profile
+from router.fleet.engine_load import EngineLoad
+from router.fleet.replicas import Health, Replica
+from router.prefix.hashing import prefix_hashes
+from router.prefix.index import DEFAULT_CAPACITY_BLOCKS, PrefixIndex
 from yamlcheck import Node
 
 MODEL = "meta-llama/Llama-3.1-8B-Instruct"

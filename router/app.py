@@ -25,14 +25,15 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from router.config import BackendConfig, Config, LaunchConfig
-from router.core.flows import DECODE_TERMS, Disaggregated, SingleHop
+from router.core.disaggregation import DECODE_TERMS
 from router.core.scheduling.presets import build_profile, profile_of
 from router.fleet.discovery import Discovery
+from router.fleet.engine_load import EngineLoad
 from router.fleet.kv_events import KVEvents
 from router.fleet.lora import AdapterLoader
-from router.fleet.membership import FleetWiring, Reloader, build_fleet, merge_backends
+from router.fleet.membership import build_fleet, merge_backends
 from router.fleet.monitor import Monitor
-from router.fleet.replicas import EngineLoad, Health, Replica
+from router.fleet.replicas import Health, Replica
 from router.frontdoor.api import Api
 from router.frontdoor.connections import ConnectionLimits, FrontDoorRunner, default_connection_cap, raise_fd_limit
 from router.frontdoor.cors import Cors
@@ -40,6 +41,8 @@ from router.observability.loop_lag import LoopLag
 from router.observability.telemetry import Telemetry, init_sentry, multiprocess_dir
 from router.prefix.exact import ExactIndex
 from router.prefix.index import DEFAULT_CAPACITY_BLOCKS, PrefixIndex
+from router.reload import FleetWiring, Reloader
+from router.transport.flows import Disaggregated, SingleHop
 from router.transport.hooks import AdmissionRelease
 from router.transport.prompt_tokens import PromptTokens
 from router.transport.proxy import Proxy

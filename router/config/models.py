@@ -27,7 +27,7 @@ class LoraConfig:
 
 @dataclass(frozen=True, slots=True)
 class DisaggregationConfig:
-    """When a model with prefill and decode pools skips the prefill hop (router/core/flows.py)."""
+    """When a model with prefill and decode pools skips the prefill hop (router/core/disaggregation.py)."""
 
     min_prompt_tokens: int = 256  # shorter prompts go to a decode replica whole
     skip_cached_fraction: float = 0.8  # ... as do prompts the decode replica mostly holds

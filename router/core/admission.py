@@ -44,9 +44,9 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 
 from router.config import AdmissionConfig, RateLimitConfig
+from router.core.clients import Client
 from router.errors import RouterError
 from router.fleet.replicas import Replica
-from router.frontdoor.auth import Client
 
 
 class TokenBucket:

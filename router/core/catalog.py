@@ -20,8 +20,8 @@ from router.fleet.replicas import Health
 
 if TYPE_CHECKING:
     from router.config import Config
+    from router.core.clients import Client
     from router.fleet.replicas import Fleet, Replica
-    from router.frontdoor.auth import Client
 
 
 class ModelCatalog:

@@ -144,7 +144,7 @@ def validate_body(path: str, data: object) -> dict[str, Any]:
                         "stream_options")
     if "kv_transfer_params" in data:
         # They name a host and port a decode replica would read KV blocks from: only the
-        # router's own prefill/decode flow (router/core/flows.py) may set them.
+        # router's own prefill/decode flow (router/transport/flows.py) may set them.
         raise BodyError("'kv_transfer_params' is set by the router for disaggregated serving; "
                         "clients may not send it", "kv_transfer_params")
     for key in ("user", "cache_salt"):

@@ -39,7 +39,8 @@ from collections.abc import Callable
 import aiohttp
 
 from router.config import HealthConfig, MetricsConfig
-from router.fleet.replicas import EngineLoad, Fleet, Health, Replica
+from router.fleet.engine_load import EngineLoad
+from router.fleet.replicas import Fleet, Health, Replica
 from router.fleet.vllm_metrics import parse_engine_load, parse_model_cards
 from router.observability.loop_lag import LoopLag
 from router.observability.telemetry import Telemetry

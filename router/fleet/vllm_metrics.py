@@ -16,7 +16,7 @@ from collections.abc import Iterable
 import orjson
 from prometheus_client.parser import text_string_to_metric_families
 
-from router.fleet.replicas import EngineLoad
+from router.fleet.engine_load import EngineLoad
 
 # Sample names read from vLLM /metrics: the current name first, then older fallbacks.
 RUNNING = ("vllm:num_requests_running",)

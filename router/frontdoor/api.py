@@ -28,22 +28,25 @@ import os
 import re
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
 from aiohttp import web
 
 from router.core.admission import Admission, QueueRejection, RateLimitExceeded
 from router.core.catalog import ModelCatalog
+from router.core.clients import Client
 from router.core.requests import BodyError, RouteRequest, build_route_request, rewrite_model, validate_body
 from router.core.response_ids import ID_LIMIT, ResponseIds, with_request_id
 from router.core.scheduling import Decision
-from router.errors import Handler, RouterError, bad_request, error_answer
+from router.errors import RouterError, bad_request
+from router.fleet.handover import Handover
 from router.fleet.membership import NoSuchReplica
 from router.fleet.replicas import Fleet, Health, Replica
-from router.frontdoor.auth import Client, KeyRing
+from router.frontdoor.auth import KeyRing
 from router.frontdoor.limits import BodyBudget, BodyLease, read_body
 from router.frontdoor.request_ids import RequestIds
+from router.http_errors import Handler, error_answer, response_of
 from router.observability.telemetry import NO_REPLICA, RequestRecord, Telemetry, write_access_log
 from router.paths import raw_path_problem
 from router.prefix.agentic import RESPONSES_PATH
@@ -54,14 +57,25 @@ if TYPE_CHECKING:
     from aiohttp.typedefs import Middleware
 
     from router.config import Config
-    from router.core.flows import Disaggregated, SingleHop
     from router.fleet.discovery import Discovery
     from router.fleet.kv_events import KVEvents
-    from router.fleet.membership import Reloader
     from router.frontdoor.cors import Cors
     from router.prefix.exact import ExactIndex
     from router.prefix.index import PrefixIndex
+    from router.transport.flows import Disaggregated, SingleHop
     from router.transport.prompt_tokens import PromptTokens
+
+class FleetControl(Protocol):
+    """What the admin handlers ask of the live fleet (router/reload.py: `Reloader`), named
+    here because that wiring sits above the front door in the layers."""
+
+    registered: dict[tuple[str, str], Replica]
+    handover: Handover
+
+    async def reload(self, path: str | None = None) -> dict[str, Any]: ...
+    async def register(self, body: Any) -> Replica: ...
+    async def deregister(self, body: Any) -> Replica: ...
+
 
 INFERENCE_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
 GENERATION_PATHS = ("/v1/chat/completions", "/v1/completions")  # what a P/D flow splits
@@ -82,7 +96,7 @@ async def expect_continue(request: web.Request) -> web.StreamResponse | None:
             await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
             request.writer.output_size = 0
         return None
-    return RouterError(417, "Only 'Expect: 100-continue' is supported", param="Expect").response()
+    return response_of(RouterError(417, "Only 'Expect: 100-continue' is supported", param="Expect"))
 
 class Api:
     """The handlers, bound to the objects the app created."""
@@ -113,7 +127,7 @@ class Api:
         self.bodies = bodies or BodyBudget(config.server.max_inflight_body_bytes,
                                            config.proxy.retry_after)
         telemetry.set_function(telemetry.body_bytes, (), lambda: float(self.bodies.used))  # read at scrape
-        self.reloader: Reloader | None = None  # set by the Router: reload and registration
+        self.reloader: FleetControl | None = None  # set by the Router: reload and registration
         self.catalog = ModelCatalog(config, fleet, on_forbidden=lambda: telemetry.rejections.labels(
             "forbidden_model").inc())
         self.draining = False
@@ -216,7 +230,7 @@ class Api:
             try:
                 response = await route(request, record, lease)
             except RouterError as exc:
-                response = exc.response()
+                response = response_of(exc)
             return response
         except asyncio.CancelledError:
             record.client_gone = True

@@ -37,12 +37,11 @@ import hashlib
 import hmac
 import ipaddress
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 
 from router.config import AuthConfig, ClientKeyConfig
+from router.core.clients import ANONYMOUS, Client
 from router.errors import RouterError
 
-ANONYMOUS = "anonymous"
 _LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
 IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -61,20 +60,6 @@ def presented_key(headers: Mapping[str, str]) -> str | None:
         return None
     key = headers.get("x-api-key")
     return key.strip() if key and key.strip() else None
-
-
-@dataclass(frozen=True, slots=True)
-class Client:
-    """The caller of one request, as admission and routing see it."""
-
-    name: str  # the key's name, or ANONYMOUS
-    identity: str  # rate-limit and fairness bucket: the key's name, else the address
-    address: str | None
-    key: ClientKeyConfig | None = None
-
-    @property
-    def priority(self) -> int:
-        return self.key.priority if self.key is not None else 0
 
 
 def unauthorized(message: str = "Invalid or missing API key. Send it as 'Authorization: "

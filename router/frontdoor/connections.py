@@ -38,7 +38,8 @@ from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 
-from router.errors import error_body, error_response
+from router.errors import error_body
+from router.http_errors import error_response
 
 log = logging.getLogger("router.connections")
 

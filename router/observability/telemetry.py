@@ -24,7 +24,8 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from enum import Enum
+from typing import Any, Protocol
 
 import orjson
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
@@ -33,8 +34,6 @@ from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from router import __version__
-from router.fleet.breaker import Breaker, BreakerState
-from router.fleet.replicas import Health, Replica
 from router.observability.metric_handles import handle
 
 access_log = logging.getLogger("router.access")
@@ -57,6 +56,46 @@ _PD_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 GaugeFunction = tuple[Gauge, Callable[[], float]]
+
+
+class BreakerView(Protocol):
+    """What the metrics read of a replica's circuit breaker (router/fleet/breaker.py).
+
+    Protocols, not the fleet's classes: observability sits below the fleet in the layers
+    (the fleet's monitor records its probes here), so it names only what it reads."""
+
+    @property
+    def state(self) -> Enum: ...
+
+
+class LoadView(Protocol):
+    """What the metrics read of a replica's scraped engine load (router/fleet/replicas.py)."""
+
+    @property
+    def running(self) -> float: ...
+    @property
+    def waiting(self) -> float: ...
+    @property
+    def kv_cache_usage(self) -> float: ...
+
+
+class ReplicaView(Protocol):
+    """What the metrics read of a replica (router/fleet/replicas.py: `Replica`)."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def model(self) -> str: ...
+    @property
+    def in_flight(self) -> int: ...
+    @property
+    def model_mismatch(self) -> frozenset[str]: ...
+    @property
+    def health(self) -> Enum: ...
+    @property
+    def breaker(self) -> BreakerView: ...
+    @property
+    def load(self) -> LoadView: ...
 
 
 def multiprocess_dir() -> str | None:
@@ -243,7 +282,7 @@ class Telemetry:
     def set_info(self, policy: str) -> None:
         self.build_info.info({"version": __version__, "policy": policy})
 
-    def init_replica(self, replica: Replica) -> None:
+    def init_replica(self, replica: ReplicaView) -> None:
         """Create every per-replica series at 0 so dashboards show replicas before traffic."""
         # In flight is read at scrape time: setting it on every dispatch and completion cost
         # two locked gauge writes per request.
@@ -272,15 +311,15 @@ class Telemetry:
             del self._functions[key]
         self._children.clear()
 
-    def set_breaker(self, replica_id: str, breaker: Breaker, reason: str) -> None:
-        for state in BreakerState:
+    def set_breaker(self, replica_id: str, breaker: BreakerView, reason: str) -> None:
+        for state in type(breaker.state):  # every state of the breaker's enum
             self.breaker_state.labels(replica_id, state.value).set(
                 1 if breaker.state is state else 0)
-        if breaker.state is BreakerState.OPEN and reason:
+        if breaker.state.value == "open" and reason:
             self.ejections.labels(replica_id).inc()
 
-    def set_health(self, replica: Replica) -> None:
-        for state in Health:
+    def set_health(self, replica: ReplicaView) -> None:
+        for state in type(replica.health):  # every state of the replica's Health enum
             self.health.labels(replica.model, replica.id, state.value).set(
                 1 if replica.health is state else 0)
 
@@ -329,7 +368,7 @@ class Telemetry:
             found = self._children[key] = handle(metric.labels(*labels))
         return found
 
-    def set_engine_load(self, replica: Replica) -> None:
+    def set_engine_load(self, replica: ReplicaView) -> None:
         load = replica.load
         self.engine_load.labels(replica.model, replica.id, "running").set(load.running)
         self.engine_load.labels(replica.model, replica.id, "waiting").set(load.waiting)

@@ -2,7 +2,7 @@
 
 One request's life here:
 
-1. A flow (router/core/flows.py) had the scheduling profile (router/core/scheduling/) order the
+1. A flow (router/transport/flows.py) had the scheduling profile (router/core/scheduling/) order the
    candidate replicas (best first, healthy before suspect), after the breakers
    (router/fleet/breaker.py) took out ejected ones.  The ranking is computed once; failover
    walks down it without asking again.
@@ -558,7 +558,7 @@ class Proxy:
     async def forward(self, request: web.Request, route: RouteRequest, decision: Decision,
                       record: RequestRecord, *, relay: bool = True,
                       hedge: bool = True) -> web.StreamResponse:
-        """Attempts down `decision.ranked` (not empty; a flow ranked it, router/core/flows.py).
+        """Attempts down `decision.ranked` (not empty; a flow ranked it, router/transport/flows.py).
 
         ``relay=False`` (a flow's inner hop, e.g. a prefill): the answer must be whole and
         is returned as a ``web.Response`` for the flow to read; nothing reaches the client.

@@ -35,12 +35,12 @@ import socket
 import ssl
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from typing import cast
-from urllib.parse import urlsplit
 
 import httptools
 from multidict import CIMultiDict, CIMultiDictProxy
+
+from router.fleet.endpoint import Endpoint
 
 HIGH_WATER = 64 * 1024  # unread answer bytes at which the socket stops being read
 DEFAULT_IDLE_TIMEOUT_S = 4.0
@@ -70,29 +70,6 @@ class UpstreamPoolTimeout(Exception):
 
 class _Stale(Exception):
     """A reused connection closed before its answer's first byte (internal: retried)."""
-
-
-@dataclass(frozen=True, slots=True)
-class Endpoint:
-    """A replica base URL, parsed once: where to connect and what to put in the request line."""
-
-    key: tuple[str, str, int]  # (scheme, host, port): the pool key
-    host: str
-    port: int
-    tls: bool
-    path_prefix: str  # the URL's path (no trailing slash), before each request's path
-    host_header: bytes
-
-    @classmethod
-    def parse(cls, url: str) -> Endpoint:
-        parts = urlsplit(url)
-        tls = parts.scheme == "https"
-        host = parts.hostname or ""
-        port = parts.port or (443 if tls else 80)
-        default = port == (443 if tls else 80)
-        shown = f"[{host}]" if ":" in host else host
-        return cls((parts.scheme, host, port), host, port, tls, parts.path.rstrip("/"),
-                   (shown if default else f"{shown}:{port}").encode("idna"))
 
 
 def _has_line_break(text: str) -> bool:

@@ -15,8 +15,8 @@ import aiohttp
 from conftest import MODEL, routes, wait_for
 
 from engines.sim.process import SimProcess
-from router.fleet.lora import MAX_SLOTS, AdapterSlots
-from router.fleet.replicas import EngineLoad
+from router.fleet.adapter_slots import MAX_SLOTS, AdapterSlots
+from router.fleet.engine_load import EngineLoad
 from router.fleet.vllm_metrics import parse_engine_load
 
 ADAPTERS = ("a1", "a2", "a3")

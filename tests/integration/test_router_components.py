@@ -9,8 +9,9 @@ import pytest
 from router.config import HealthConfig, MetricsConfig
 from router.core.requests import BodyError, RouteRequest, build_route_request, rewrite_model, validate_body
 from router.core.scheduling import build_profile as build_policy
+from router.fleet.engine_load import EngineLoad
 from router.fleet.monitor import Monitor
-from router.fleet.replicas import EngineLoad, Fleet, Health, Replica
+from router.fleet.replicas import Fleet, Health, Replica
 from router.fleet.vllm_metrics import parse_engine_load, parse_models
 from router.observability.telemetry import Telemetry
 from router.prefix.index import PrefixIndex

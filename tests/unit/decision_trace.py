@@ -28,7 +28,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from router.core.requests import RouteRequest
-from router.fleet.replicas import EngineLoad, Health, Replica
+from router.fleet.engine_load import EngineLoad
+from router.fleet.replicas import Health, Replica
 from router.prefix.hashing import prefix_hashes
 from router.prefix.index import PrefixIndex
 from yamlcheck import Node

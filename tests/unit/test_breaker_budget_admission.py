@@ -8,9 +8,9 @@ import pytest
 
 from router.config import AdmissionConfig, CircuitBreakerConfig, ClientKeyConfig, RateLimitConfig
 from router.core.admission import Admission, QueueRejection, RateLimiter, RateLimitExceeded
+from router.core.clients import Client
 from router.fleet.breaker import Breaker, BreakerState, CircuitBreakers
 from router.fleet.replicas import Replica
-from router.frontdoor.auth import Client
 from router.transport.retry_budget import RetryBudget
 
 

@@ -18,7 +18,8 @@ from router.core.scheduling import TERM_NAMES, build_profile
 from router.core.scheduling.candidates import Candidates, gather
 from router.core.scheduling.producers import LearnedRates, PrefixMatch, RecentShare
 from router.core.scheduling.terms import build_term, term_module
-from router.fleet.replicas import EngineLoad, Health, Replica
+from router.fleet.engine_load import EngineLoad
+from router.fleet.replicas import Health, Replica
 from router.prefix.hashing import hash_text
 from router.prefix.index import PrefixIndex
 from yamlcheck import Node

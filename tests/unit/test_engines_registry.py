@@ -142,7 +142,7 @@ def test_auto_ports_are_free_and_distinct():
     ports += [int(p.kv_events_endpoint.rsplit(":", 1)[1]) for p in plans]
     ports += [int(p.kv_replay_endpoint.rsplit(":", 1)[1]) for p in plans]
     assert len(set(ports)) == 9
-    from engines.vllm.registry import AUTO_PORT_FLOOR, _ephemeral_low
+    from engines.vllm.ports import AUTO_PORT_FLOOR, _ephemeral_low
     assert all(AUTO_PORT_FLOOR <= port < _ephemeral_low() for port in ports)
 
 

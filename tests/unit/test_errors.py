@@ -5,7 +5,8 @@ from __future__ import annotations
 import orjson
 from aiohttp import web
 
-from router.errors import RouterError, error_answer, error_body, error_payload, sse_error_event
+from router.errors import RouterError, error_body, error_payload, sse_error_event
+from router.http_errors import error_answer
 
 # What real vLLM 0.32 answers for an unknown model (shared/reference/error_404.json).
 VLLM_404 = {"error": {"message": "The model `nope` does not exist. Valid aliases: tiny-llama.",

@@ -10,7 +10,8 @@ from hypothesis import strategies as st
 
 from router.core.requests import RouteRequest
 from router.core.scheduling import build_profile as build_policy
-from router.fleet.replicas import EngineLoad, Health, Replica
+from router.fleet.engine_load import EngineLoad
+from router.fleet.replicas import Health, Replica
 from router.prefix.hashing import hash_text
 from router.prefix.index import PrefixIndex
 from yamlcheck import ConfigError, Node

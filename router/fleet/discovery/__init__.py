@@ -28,29 +28,18 @@ import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import Callable, Coroutine, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 from router.config import BackendConfig, Config, DiscoveryConfig
+from router.fleet.discovery.endpoints import Endpoint, Publish
 
 if TYPE_CHECKING:
     from router.fleet.replicas import Fleet, Replica
 
 log = logging.getLogger("router.discovery")
-
-
-@dataclass(frozen=True, slots=True)
-class Endpoint:
-    """One replica as a directory lists it."""
-
-    host: str  # an IP address (or a name the router can resolve)
-    port: int
-    labels: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
-
-
-Publish = Callable[[list[Endpoint]], None]
 
 
 def endpoint_url(scheme: str, host: str, port: int) -> str:

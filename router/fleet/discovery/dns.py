@@ -29,7 +29,7 @@ import dns.rdatatype
 import dns.resolver
 
 from router.config import DnsDiscoveryConfig
-from router.fleet.discovery import Endpoint, Publish
+from router.fleet.discovery.endpoints import Endpoint, Publish
 
 log = logging.getLogger("router.discovery.dns")
 

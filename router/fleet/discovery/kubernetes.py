@@ -31,7 +31,7 @@ from collections.abc import Callable
 from typing import Any
 
 from router.config import KubernetesDiscoveryConfig
-from router.fleet.discovery import Endpoint, Publish
+from router.fleet.discovery.endpoints import Endpoint, Publish
 
 log = logging.getLogger("router.discovery.kubernetes")
 

@@ -16,15 +16,22 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import orjson
 from aiohttp import web
 
+from router.core.disaggregation import (
+    DISAGGREGATED,
+    prefill_body,
+    prefill_path,
+    transfer_params_of,
+)
 from router.core.scheduling import Decision
 from router.core.scheduling.candidates import health_order
-from router.errors import RouterError, error_response
+from router.errors import RouterError
 from router.fleet.lora import AdapterLoader
+from router.http_errors import error_response
 
 if TYPE_CHECKING:
     from router.config import DisaggregationConfig, LoraConfig
@@ -93,47 +100,6 @@ class SingleHop:
         return replace(decision, ranked=[chosen] + [r for r in serving if r is not chosen])
 
 
-# vLLM's disaggregated protocol (NixlConnector-style connectors): the prefill request asks
-# for a remote decode; its answer carries the params the decode replica needs to read the
-# KV blocks.  Shared-storage connectors (ExampleConnector, LMCache) answer without params and
-# the decode replica finds the KV by the prompt: the decode hop then goes without them.
-PREFILL_TRANSFER_PARAMS: dict[str, Any] = {
-    "do_remote_decode": True, "do_remote_prefill": False, "remote_engine_id": None,
-    "remote_block_ids": None, "remote_host": None, "remote_port": None}
-_PREFILL_DROPS = ("stream_options", "min_tokens", "max_completion_tokens", "logprobs", "top_logprobs", "n")
-MAX_TRANSFER_PARAMS_BYTES = 256 * 1024  # of the params a prefill answer may hand to a decode hop
-
-# The decode pool's cost terms: its queue and KV room, and the adapter's slot (no prefill).
-DECODE_TERMS: dict[str, float] = {"queue": 1.0, "kv_pressure": 1.0, "lora": 1.0}
-
-# Why a request of a disaggregated model took the path it took (router_pd_requests_total).
-DISAGGREGATED = "disaggregated"
-SKIP_SHORT = "skipped_short_prompt"
-SKIP_CACHED = "skipped_decode_holds_prefix"
-SKIP_NO_PREFILL = "skipped_no_prefill_replica"
-
-
-def prefill_body(data: dict[str, Any]) -> bytes:
-    """The prefill hop's body: the client's request computing the prompt and one token."""
-    body = {k: v for k, v in data.items() if k not in _PREFILL_DROPS}
-    body.update(stream=False, max_tokens=1, kv_transfer_params=PREFILL_TRANSFER_PARAMS)
-    if "max_completion_tokens" in data:
-        body["max_completion_tokens"] = 1
-    return orjson.dumps(body)
-
-
-def transfer_params_of(answer: bytes) -> dict[str, Any] | None:
-    """The kv_transfer_params of a prefill hop's JSON answer (None: none, or not a JSON object)."""
-    if len(answer) > MAX_TRANSFER_PARAMS_BYTES + 64 * 1024:
-        return None
-    try:
-        data = orjson.loads(answer)
-    except orjson.JSONDecodeError:
-        return None
-    params = data.get("kv_transfer_params") if isinstance(data, dict) else None
-    return params if isinstance(params, dict) and params else None
-
-
 class Disaggregated:
     """Prefill on one replica, decode on another (vLLM's disaggregated serving).
 
@@ -172,7 +138,7 @@ class Disaggregated:
         if not decode.ranked:
             raise proxy.unavailable(route.model, "no decode replica is available")
         decode_why = record.why
-        reason = self._skip(route, decode, prefill_pool, settings)
+        reason = prefill_path(route, decode, prefill_pool, settings)
         telemetry.pd_requests.labels(route.model, reason).inc()
         if reason != DISAGGREGATED:
             record.why = {"disaggregation": reason, "decode": decode_why}
@@ -212,16 +178,3 @@ class Disaggregated:
                                        f"prefill (it answered {out.status}: a KV transfer it could not "
                                        "read, or an engine error)")
         return out
-
-    @staticmethod
-    def _skip(route: RouteRequest, decode: Decision, prefill_pool: Sequence[Replica],
-              settings: DisaggregationConfig) -> str:
-        prompt = route.estimated_prompt_tokens
-        if prompt < settings.min_prompt_tokens:
-            return SKIP_SHORT
-        held = decode.matched_tokens.get(decode.ranked[0].id, 0)
-        if held and held >= settings.skip_cached_fraction * prompt:
-            return SKIP_CACHED
-        if not prefill_pool:
-            return SKIP_NO_PREFILL
-        return DISAGGREGATED
