@@ -26,12 +26,12 @@ import time
 from pathlib import Path
 
 from benchmarks.routing_micro import MODEL, machine, make_fleet, text_of
+from router.core.requests import RouteRequest
+from router.core.scheduling import build_profile
 from router.prefix.events import BlockStored
 from router.prefix.exact import ExactIndex
 from router.prefix.hashing import prefix_hashes
 from router.prefix.index import PrefixIndex
-from router.core.requests import RouteRequest
-from router.core.scheduling import build_profile
 from tokenization import ModelTokenizer
 from yamlcheck import Node
 

@@ -50,7 +50,9 @@ from router.http_errors import Handler, error_answer, response_of
 from router.observability.telemetry import NO_REPLICA, RequestRecord, Telemetry, write_access_log
 from router.paths import raw_path_problem
 from router.prefix.agentic import RESPONSES_PATH
-from router.transport.proxy import CLIENT_CLOSED, Proxy, forwardable_request_headers
+from router.transport.failures import CLIENT_CLOSED
+from router.transport.headers import forwardable_request_headers
+from router.transport.proxy import Proxy
 from yamlcheck import ConfigError
 
 if TYPE_CHECKING:

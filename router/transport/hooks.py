@@ -55,7 +55,7 @@ if TYPE_CHECKING:
     from router.observability.telemetry import RequestRecord, Telemetry
     from router.prefix.exact import ExactIndex
     from router.prefix.index import PrefixIndex
-    from router.transport.proxy import UpstreamFailure
+    from router.transport.failures import UpstreamFailure
 
 log = logging.getLogger("router.hooks")
 

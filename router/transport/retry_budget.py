@@ -8,6 +8,9 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
+from tenacity import RetryCallState
+from tenacity.stop import stop_base
+
 
 class RetryBudget:
     """Retries allowed: `ratio` of the requests plus `min_per_s` a second (a token bucket).
@@ -46,3 +49,14 @@ class RetryBudget:
             return True
         self.denied += 1
         return False
+
+
+class StopWhen(stop_base):
+    """A tenacity stop condition from a plain predicate (the retry budget's: the proxy's
+    failover loop stops when a retry finds no token)."""
+
+    def __init__(self, predicate: Callable[[RetryCallState], bool]) -> None:
+        self.predicate = predicate
+
+    def __call__(self, retry_state: RetryCallState) -> bool:
+        return bool(self.predicate(retry_state))

@@ -452,7 +452,7 @@ async def test_a_200_event_stream_that_is_not_sse_fails_over(fakes, start_router
 
 
 def test_sse_verdict_reads_the_first_line() -> None:
-    from router.transport.proxy import sse_verdict
+    from router.transport.relay import sse_verdict
 
     for good in (b"data: {}\n\n", b"data:{}", b": keep-alive\n\n", b"event: x\ndata: 1\n\n",
                  b"id: 1\n", b"retry: 100\n", b"\xef\xbb\xbfdata: 1\n\n", b"\n\ndata: 1", b"data\n"):

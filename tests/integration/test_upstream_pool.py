@@ -395,7 +395,7 @@ async def test_the_untimed_relay_guard_admits_only_what_fits_the_client_write_bu
     client that does not read); larger ones, or a closing transport, take the timed path."""
     from types import SimpleNamespace
 
-    from router.transport.proxy import _fits_write_buffer
+    from router.transport.relay import _fits_write_buffer
 
     server = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
@@ -417,7 +417,7 @@ async def test_a_relayed_answer_sends_its_head_with_its_first_body_bytes():
     release drop the class attribute this leans on, the head would go out at prepare()."""
     from aiohttp import web
 
-    from router.transport.proxy import RelayedResponse
+    from router.transport.relay import RelayedResponse
 
     written = asyncio.Event()
 
@@ -454,7 +454,7 @@ def test_response_headers_lose_hop_by_hop_ones_and_those_their_connection_header
     ones the router recomputes, the replica's own that are not the client's business
     (Server, Set-Cookie...) and any header a Connection header names are dropped
     (whatever their case); the rest keep their order and repeats."""
-    from router.transport.proxy import client_response_headers
+    from router.transport.headers import client_response_headers
 
     received = [("Content-Type", "text/event-stream"), ("transfer-encoding", "chunked"),
                 ("Connection", "keep-alive, X-Hop"), ("x-hop", "dropped"), ("Date", "now"),

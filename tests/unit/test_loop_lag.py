@@ -10,7 +10,7 @@ import asyncio
 import time
 
 from router.observability.loop_lag import LoopLag
-from router.transport.proxy import ConnectWatch
+from router.transport.attempts import ConnectWatch
 
 
 async def test_loop_lag_sees_a_stall_and_forgets_it() -> None:
