@@ -87,7 +87,8 @@ def _down(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from engines.launcher import STATE_FILE, _health_ok, is_ours, read_state
+    from engines.fleet import health_ok
+    from engines.launcher import STATE_FILE, is_ours, read_state
 
     state_file = _state_dir(args) / STATE_FILE
     records = read_state(state_file).get("replicas", [])
@@ -96,7 +97,7 @@ def _status(args: argparse.Namespace) -> int:
         return 0
     for r in records:
         alive = is_ours(r)
-        health = "healthy" if alive and _health_ok(r["url"]) else ("up" if alive else "gone")
+        health = "healthy" if alive and health_ok(r["url"]) else ("up" if alive else "gone")
         print(f"{r['name']:24s} {r['kind']:5s} {r['url']:28s} pid {r['pid']:<8} {health}")
     if args.json:
         print(json.dumps(records, indent=2))

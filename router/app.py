@@ -38,7 +38,8 @@ from router.frontdoor.api import Api
 from router.frontdoor.connections import ConnectionLimits, FrontDoorRunner, default_connection_cap, raise_fd_limit
 from router.frontdoor.cors import Cors
 from router.observability.loop_lag import LoopLag
-from router.observability.telemetry import Telemetry, init_sentry, multiprocess_dir
+from router.observability.sentry import init_sentry
+from router.observability.telemetry import Telemetry, multiprocess_dir
 from router.prefix.exact import ExactIndex
 from router.prefix.index import DEFAULT_CAPACITY_BLOCKS, PrefixIndex
 from router.reload import FleetWiring, Reloader

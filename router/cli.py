@@ -165,7 +165,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    from router.observability.telemetry import setup_logging
+    from router.observability.logs import setup_logging
 
     server = config.server
     setup_logging(args.log_level or server.log_level, server.log_format, server.access_log)

@@ -42,6 +42,7 @@ import math
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from router.config import AdmissionConfig, RateLimitConfig
 from router.core.clients import Client
@@ -316,3 +317,9 @@ class QueueRejection(Exception):
         super().__init__(error.message)
         self.reason = reason
         self.error = error
+
+
+def token_cost(prompt_tokens: int, data: dict[str, Any]) -> int:
+    """What a request costs a tokens-per-minute bucket: its prompt plus its max output."""
+    out = data.get("max_completion_tokens", data.get("max_tokens", data.get("max_output_tokens")))
+    return prompt_tokens + (out if isinstance(out, int) and not isinstance(out, bool) and out > 0 else 0)

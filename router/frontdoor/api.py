@@ -26,34 +26,35 @@ from __future__ import annotations
 import asyncio
 import os
 import re
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from aiohttp import web
 
-from router.core.admission import Admission, QueueRejection, RateLimitExceeded
+from router.core.admission import Admission, QueueRejection, RateLimitExceeded, token_cost
 from router.core.catalog import ModelCatalog
 from router.core.clients import Client
 from router.core.requests import BodyError, RouteRequest, build_route_request, rewrite_model, validate_body
-from router.core.response_ids import ID_LIMIT, ResponseIds, with_request_id
-from router.core.scheduling import Decision
+from router.core.response_ids import ResponseIds, with_request_id
 from router.errors import RouterError, bad_request
-from router.fleet.handover import Handover
-from router.fleet.membership import NoSuchReplica
-from router.fleet.replicas import Fleet, Health, Replica
+from router.fleet.replicas import Fleet, Replica
+from router.frontdoor.admin import Admin
+from router.frontdoor.api_state import FleetControl
 from router.frontdoor.auth import KeyRing
-from router.frontdoor.limits import BodyBudget, BodyLease, read_body
+from router.frontdoor.limits import BodyBudget, BodyLease, expect_continue, read_body
 from router.frontdoor.request_ids import RequestIds
+from router.frontdoor.status import Status
+from router.frontdoor.stored_responses import StoredResponses
 from router.http_errors import Handler, error_answer, response_of
-from router.observability.telemetry import NO_REPLICA, RequestRecord, Telemetry, write_access_log
+from router.observability.access_log import RequestRecord, write_access_log
+from router.observability.telemetry import NO_REPLICA, Telemetry
 from router.paths import raw_path_problem
 from router.prefix.agentic import RESPONSES_PATH
 from router.transport.failures import CLIENT_CLOSED
 from router.transport.headers import forwardable_request_headers
 from router.transport.proxy import Proxy
-from yamlcheck import ConfigError
 
 if TYPE_CHECKING:
     from aiohttp.typedefs import Middleware
@@ -67,18 +68,6 @@ if TYPE_CHECKING:
     from router.transport.flows import Disaggregated, SingleHop
     from router.transport.prompt_tokens import PromptTokens
 
-class FleetControl(Protocol):
-    """What the admin handlers ask of the live fleet (router/reload.py: `Reloader`), named
-    here because that wiring sits above the front door in the layers."""
-
-    registered: dict[tuple[str, str], Replica]
-    handover: Handover
-
-    async def reload(self, path: str | None = None) -> dict[str, Any]: ...
-    async def register(self, body: Any) -> Replica: ...
-    async def deregister(self, body: Any) -> Replica: ...
-
-
 INFERENCE_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
 GENERATION_PATHS = ("/v1/chat/completions", "/v1/completions")  # what a P/D flow splits
 _REQUEST_ID_RE = re.compile(r"^[\x21-\x7e]{1,200}$")  # visible ASCII, bounded
@@ -86,19 +75,6 @@ REQUEST_ID_KEY = web.RequestKey("request_id", str)
 _PRIORITY_RE = re.compile(r"^[+-]?\d{1,6}$")
 
 
-
-async def expect_continue(request: web.Request) -> web.StreamResponse | None:
-    """`Expect: 100-continue` is answered at once; any other expectation is a JSON 417.
-
-    aiohttp's own handler answers the second in text/plain, outside the middlewares.
-    """
-    expect = request.headers.get("Expect", "")
-    if expect.lower() == "100-continue":
-        if request.version >= (1, 1):
-            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-            request.writer.output_size = 0
-        return None
-    return response_of(RouterError(417, "Only 'Expect: 100-continue' is supported", param="Expect"))
 
 class Api:
     """The handlers, bound to the objects the app created."""
@@ -133,12 +109,16 @@ class Api:
         self.catalog = ModelCatalog(config, fleet, on_forbidden=lambda: telemetry.rejections.labels(
             "forbidden_model").inc())
         self.draining = False
-        self._rid_header = config.server.request_id_header
+        self.rid_header = config.server.request_id_header
         self._new_ids = RequestIds()
         self._session_header = config.routing.session_header
         self._priority_header = config.admission.priority_header
         self._models = {m.name: m for m in config.models}  # per-model settings (lora, disaggregation)
         self.response_ids = ResponseIds(config.routing.response_id_secret)
+        # The handlers apart from forwarding, each reading this object's state (api_state.py).
+        self.status = Status(self)
+        self.admin = Admin(self)
+        self.stored = StoredResponses(self)
 
     def apply_config(self, config: Config) -> None:
         """A reload: new models, aliases, keys; the server settings stay (router/fleet/membership.py)."""
@@ -154,19 +134,19 @@ class Api:
         post = [web.post(path, self.handle_inference, expect_handler=expect_continue)
                 for path in self.config.server.forward_paths]
         if RESPONSES_PATH in self.config.server.forward_paths:  # stored responses, on their replica
-            post += [web.get(RESPONSES_PATH + "/{response_id}", self.handle_stored_response),
-                     web.post(RESPONSES_PATH + "/{response_id}/cancel", self.handle_stored_response)]
+            post += [web.get(RESPONSES_PATH + "/{response_id}", self.stored.handle),
+                     web.post(RESPONSES_PATH + "/{response_id}/cancel", self.stored.handle)]
         return [
             *post,
-            web.get("/v1/models", self.handle_models),
-            web.get("/v1/models/{model:.+}", self.handle_model),
-            web.get("/health", self.handle_health),
-            web.get("/ready", self.handle_ready),
-            web.get("/metrics", self.handle_metrics),
-            web.get("/admin/replicas", self.handle_replicas),
-            web.post("/admin/replicas", self.handle_register),
-            web.delete("/admin/replicas", self.handle_deregister),
-            web.post("/admin/reload", self.handle_reload),
+            web.get("/v1/models", self.status.handle_models),
+            web.get("/v1/models/{model:.+}", self.status.handle_model),
+            web.get("/health", self.status.handle_health),
+            web.get("/ready", self.status.handle_ready),
+            web.get("/metrics", self.status.handle_metrics),
+            web.get("/admin/replicas", self.admin.handle_replicas),
+            web.post("/admin/replicas", self.admin.handle_register),
+            web.delete("/admin/replicas", self.admin.handle_deregister),
+            web.post("/admin/reload", self.admin.handle_reload),
         ]
 
     def front_door(self, cors: Cors) -> Middleware:
@@ -186,8 +166,8 @@ class Api:
                 response = cors.preflight(request) if request.method == "OPTIONS" else await handler(request)
             except Exception as exc:  # noqa: BLE001 - error_answer re-raises what it must not answer
                 response = error_answer(request, exc)
-            if not response.prepared and self._rid_header not in response.headers:
-                response.headers[self._rid_header] = request.get(REQUEST_ID_KEY) or self._request_id(request)
+            if not response.prepared and self.rid_header not in response.headers:
+                response.headers[self.rid_header] = request.get(REQUEST_ID_KEY) or self._request_id(request)
             return response
 
         return front_door
@@ -205,20 +185,16 @@ class Api:
 
     # -- POST: inference and pass-through --------------------------------------------
     def _request_id(self, request: web.Request) -> str:
-        given = request.headers.get(self._rid_header)
+        given = request.headers.get(self.rid_header)
         if given and _REQUEST_ID_RE.match(given):
             return given
         return self._new_ids.new()
 
     async def handle_inference(self, request: web.Request) -> web.StreamResponse:
-        return await self._serve(request, self._route)
+        return await self.serve(request, self._route)
 
-    async def handle_stored_response(self, request: web.Request) -> web.StreamResponse:
-        """GET /v1/responses/{id} (``stream``, ``starting_after``) and POST .../cancel: to the
-        replica that holds the response (router/core/response_ids.py), never another."""
-        return await self._serve(request, self._stored_response)
 
-    async def _serve(self, request: web.Request, route: Callable[
+    async def serve(self, request: web.Request, route: Callable[
             [web.Request, RequestRecord, BodyLease], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
         """One forwarded request's bookkeeping around `route`: its record, the drain's count,
         its body lease and admission slot given back, its request id, metrics and log line."""
@@ -243,12 +219,12 @@ class Api:
             if record.admitted and record.model is not None and not record.slot_released:
                 self.admission.on_request_end(record.model)
             if response is not None and not response.prepared:
-                response.headers[self._rid_header] = record.request_id
+                response.headers[self.rid_header] = record.request_id
             status = CLIENT_CLOSED if record.client_gone else (
                 response.status if response is not None else 500)
             self._finish(record, status)
 
-    def _reject(self, reason: str, error: RouterError) -> RouterError:
+    def reject(self, reason: str, error: RouterError) -> RouterError:
         self.telemetry.rejections.labels(reason).inc()
         return error
 
@@ -272,7 +248,7 @@ class Api:
         try:
             client = self.keyring.client(request.headers, request.remote)
         except RouterError as exc:
-            raise self._reject("auth", exc) from None
+            raise self.reject("auth", exc) from None
         record.client = client.address
         record.client_name = client.name
         server = self.config.server
@@ -308,7 +284,7 @@ class Api:
         if canonical != requested and "model" in data:
             body = rewrite_model(body, data, canonical)
         if path == RESPONSES_PATH and isinstance(data.get("previous_response_id"), str):
-            replicas = self._holder(data["previous_response_id"], replicas, "previous_response_id")
+            replicas = self.stored.holder(data["previous_response_id"], replicas, "previous_response_id")
         candidates = [r for r in replicas if r.routable]
         if not candidates:
             raise self.proxy.unavailable(canonical)
@@ -316,12 +292,12 @@ class Api:
         if not admissible:  # a half-open trial's verdict may be due: wait for it, not 503
             admissible = await self.proxy.admissible_or_wait(candidates, record)
             if not admissible:
-                raise self._reject("ejected", self.proxy.ejected_error(canonical, candidates))
+                raise self.reject("ejected", self.proxy.ejected_error(canonical, candidates))
         session_key = request.headers.get(self._session_header) or None
         prefix = self.config.prefix
         route = build_route_request(
             model=canonical, path=path, data=data, body=body, request_id=record.request_id,
-            headers=forwardable_request_headers(request.headers, self._rid_header),
+            headers=forwardable_request_headers(request.headers, self.rid_header),
             session_key=session_key, block_chars=prefix.block_chars,
             block_tokens=prefix.block_tokens, max_blocks=prefix.max_blocks_per_request)
         if path == RESPONSES_PATH and "request_id" not in data:
@@ -330,15 +306,15 @@ class Api:
         if adapter is not None:
             route = replace(route, lora=canonical, base_model=adapter[0], adapter_path=adapter[1])
         try:
-            self.admission.limiter.check(client, _token_cost(route.estimated_prompt_tokens, data))
+            self.admission.limiter.check(client, token_cost(route.estimated_prompt_tokens, data))
         except RateLimitExceeded as exc:
-            raise self._reject(f"rate_limit_{exc.kind}", exc.error) from None
+            raise self.reject(f"rate_limit_{exc.kind}", exc.error) from None
         priority = self._priority(request, client)
         try:
             waited = 0.0 if self.admission.passes(canonical, admissible) else \
                 await self.admission.admit(canonical, admissible, client, priority)
         except QueueRejection as exc:
-            raise self._reject(exc.reason, exc.error) from None
+            raise self.reject(exc.reason, exc.error) from None
         record.admitted = True
         if waited:
             record.queued_s = waited
@@ -382,51 +358,7 @@ class Api:
         ids = self.response_ids
         return lambda replica: with_request_id(body, ids.new_id(replica))
 
-    def _holder(self, response_id: str, replicas: Sequence[Replica], param: str) -> list[Replica]:
-        """The one replica among `replicas` that holds `response_id`, when the id is one the
-        router issued; 404 when none of them does; `replicas` unchanged for other ids."""
-        if ResponseIds.token_of(response_id) is None:
-            return list(replicas)
-        holder = self.response_ids.replica_of(response_id, replicas)
-        if holder is None:
-            self.telemetry.rejections.labels("response_not_found").inc()
-            raise _not_found(response_id, param)
-        return [holder]
 
-    async def _stored_response(self, request: web.Request, record: RequestRecord,
-                               lease: BodyLease) -> web.StreamResponse:
-        if self.draining:
-            raise RouterError(503, "The router is shutting down", headers={
-                "Retry-After": str(self.config.proxy.retry_after), "Connection": "close"})
-        client = self._client(request)
-        record.client, record.client_name = client.address, client.name
-        response_id = request.match_info["response_id"]
-        if ResponseIds.token_of(response_id) is None:
-            raise _not_found(response_id, "response_id")  # not an id the router issued
-        replica = self._holder(response_id, list(self.fleet), "response_id")[0]
-        if not self.catalog.may_use(client, replica.model):
-            raise _not_found(response_id, "response_id")  # a model the key may not use: as if absent
-        record.model = replica.model
-        try:
-            self.admission.limiter.check(client, 0)
-        except RateLimitExceeded as exc:
-            raise self._reject(f"rate_limit_{exc.kind}", exc.error) from None
-        if not self.proxy.admissible(replica):
-            raise RouterError(503, f"The replica that holds response '{response_id}' is unavailable "
-                                   "right now; retry shortly",
-                              headers={"Retry-After": str(self.config.proxy.retry_after)})
-        path = request.path
-        stream = False
-        if request.method == "GET":
-            query = _stored_response_query(request)
-            stream = query.get("stream") == "true"
-            if query:
-                path += "?" + "&".join(f"{k}={v}" for k, v in query.items())
-        route = RouteRequest(model=replica.model, path=path, body=b"", stream=stream,
-                             request_id=record.request_id, method=request.method,
-                             headers=forwardable_request_headers(request.headers, self._rid_header))
-        decision = Decision(ranked=[replica], why={"stored_response": True})
-        return await self.proxy.forward(request, route, decision, record)
 
     def on_load(self, replica: Replica) -> None:
         """A replica's fresh load report: the admission queue may admit more."""
@@ -449,193 +381,8 @@ class Api:
             write_access_log(record, duration, self.config.server.log_format)
 
     # -- GET endpoints --------------------------------------------------------------
-    def _client(self, request: web.Request) -> Client:
+    def client_of(self, request: web.Request) -> Client:
         try:
             return self.keyring.client(request.headers, request.remote)
         except RouterError as exc:
-            raise self._reject("auth", exc) from None
-
-    async def handle_models(self, request: web.Request) -> web.Response:
-        client = self._client(request)
-        catalog = self.catalog
-        return _json({"object": "list",
-                      "data": [e for e in catalog.model_list() if catalog.may_use(client, e["id"])]})
-
-    async def handle_model(self, request: web.Request) -> web.Response:
-        client = self._client(request)
-        name = request.match_info["model"]
-        catalog = self.catalog
-        for entry in catalog.model_list():
-            if entry["id"] == name and catalog.may_use(client, name):
-                return _json(entry)
-        catalog.resolve(name, client)  # 404 with the valid names if it is unknown altogether
-        raise self.proxy.unavailable(name)
-
-    async def handle_health(self, request: web.Request) -> web.Response:
-        return _json({"status": "draining" if self.draining else "ok"})
-
-    async def handle_ready(self, request: web.Request) -> web.Response:
-        """200 ready / 503 not.  Anyone gets the bare status (load balancers and Kubernetes
-        call it without keys); the per-model counts name every model, so only a client the
-        admin endpoints would answer gets them (a key's 404 must not be undone here)."""
-        models = {}
-        for name in self.catalog.model_names:
-            replicas = self.fleet.for_model(name)
-            models[name] = {
-                # (a replica serving another model than its configured one gets no traffic)
-                "healthy": sum(1 for r in replicas if r.health is Health.HEALTHY and not r.model_mismatch),
-                "total": len(replicas),
-            }
-        ready = not self.draining and bool(models) and all(m["healthy"] > 0 for m in models.values())
-        payload: dict[str, Any] = {"ready": ready, "draining": self.draining}
-        if self.keyring.is_admin(request.headers, request.remote):
-            payload["models"] = models
-        return _json(payload, status=200 if ready else 503)
-
-    async def handle_metrics(self, request: web.Request) -> web.Response:
-        if self.keyring.protect_metrics:
-            self.keyring.check_admin(request.headers, request.remote)
-        body, content_type = self.telemetry.render()
-        response = web.Response(body=body)
-        response.headers["Content-Type"] = content_type
-        return response
-
-    async def handle_reload(self, request: web.Request) -> web.Response:
-        """Re-read routes.yaml and apply it; 400 naming the file and key if it is invalid."""
-        self.keyring.check_admin(request.headers, request.remote)
-        assert self.reloader is not None
-        try:
-            summary = await self.reloader.reload()
-        except ConfigError as exc:
-            raise RouterError(400, f"Reload refused, nothing changed: {exc}") from None
-        return _json({"reloaded": True, **summary})
-
-    async def _admin_body(self, request: web.Request) -> Any:
-        self.keyring.check_admin(request.headers, request.remote)
-        lease = self.bodies.lease()
-        try:
-            raw = await read_body(request, 64 * 1024, timeout=self.config.server.body_timeout,
-                                  lease=lease)
-        finally:
-            lease.release()
-        try:
-            return orjson.loads(raw)
-        except orjson.JSONDecodeError as exc:
-            raise bad_request(f"Malformed JSON in the request body: {exc}") from None
-
-    async def _membership(self, request: web.Request,
-                          change: Callable[[Any], Awaitable[Replica]]) -> Replica:
-        """Apply one admin membership change: 400 for a bad body, 404 for an unknown replica
-        (403 for a registration outside auth.admin_replica_networks, raised as it is)."""
-        body = await self._admin_body(request)
-        try:
-            return await change(body)
-        except ConfigError as exc:
-            raise bad_request(str(exc)) from None
-        except NoSuchReplica as exc:
-            raise RouterError(404, str(exc)) from None
-
-    async def handle_register(self, request: web.Request) -> web.Response:
-        """POST /admin/replicas {model, url, ...}: a new replica (traffic after its first probe)."""
-        assert self.reloader is not None
-        replica = await self._membership(request, self.reloader.register)
-        return _json({"registered": {"model": replica.model, "url": replica.url,
-                                     "health": replica.health.value}}, status=201)
-
-    async def handle_deregister(self, request: web.Request) -> web.Response:
-        """DELETE /admin/replicas {url, model?}: no new requests; in-flight ones finish."""
-        assert self.reloader is not None
-        replica = await self._membership(request, self.reloader.deregister)
-        return _json({"removed": {"model": replica.model, "url": replica.url,
-                                  "in_flight": replica.in_flight}})
-
-    def _source(self, replica: Replica) -> str:
-        """Where a replica came from: the config, the admin API or discovery."""
-        if self.discovery is not None and self.discovery.owns(replica.model, replica.url):
-            return "discovery"
-        if self.reloader is not None and (replica.model, replica.url) in self.reloader.registered:
-            return "admin"
-        return "config"
-
-    async def handle_replicas(self, request: web.Request) -> web.Response:
-        self.keyring.check_admin(request.headers, request.remote)
-        replicas = []
-        profile = self.flow.profile()
-        for r in self.fleet:
-            rate = profile.prefill_rate(r)
-            replicas.append({
-                "url": r.url, "model": r.model, "health": r.health.value,
-                "tensor_parallel_size": r.tensor_parallel_size, "weight": r.weight,
-                "prefill_tokens_per_s": round(rate, 1) if rate is not None else None,
-                "labels": dict(r.labels), "served_models": sorted(r.served_models),
-                "role": r.role, "adapters": sorted(r.adapters),
-                "adapter_slots": {"likely_loaded": r.lora_slots.names(),
-                                  "max_loras": r.lora_slots.max_loras,
-                                  "running": sorted(r.lora_slots.running)},
-                "source": self._source(r),
-                # a reload dropped it; it serves until its successors are healthy (handover.py)
-                "leaving": self.reloader is not None and self.reloader.handover.is_leaving(r),
-                # what it serves instead of its configured model (then it gets no traffic)
-                "model_mismatch": sorted(r.model_mismatch) or None,
-                "max_model_len": r.max_model_len, "in_flight": r.in_flight,
-                # uncached prompt tokens of its unanswered streams: what the queue term charges
-                "pending_prefill_tokens": r.pending_prefill_tokens,
-                "consecutive_failures": r.consecutive_failures,
-                "circuit_breaker": {"state": r.breaker.state.value,
-                                    "consecutive_failures": r.breaker.failures,
-                                    "retry_in_s": round(self.proxy.breakers.retry_in(r.breaker), 3),
-                                    "last_failure": r.breaker.last_reason},
-                "load": {"running": r.load.running, "waiting": r.load.waiting,
-                         "kv_cache_usage": r.load.kv_cache_usage,
-                         "prefix_cache_queries": r.load.prefix_cache_queries,
-                         "prefix_cache_hits": r.load.prefix_cache_hits,
-                         "block_size": r.load.block_size, "num_gpu_blocks": r.load.num_gpu_blocks},
-                "kv_events": self.kv_events.stats(r.id) if self.kv_events is not None else None,
-            })
-        payload: dict[str, Any] = {**profile.describe(), "worker": self.worker, "replicas": replicas,
-                                   "active_requests": len(self.proxy.active),
-                                   "admission_queue": self.admission.waiting,
-                                   "request_body_bytes_held": self.bodies.used}
-        if self.discovery is not None and self.discovery.states:
-            payload["discovery"] = self.discovery.stats()
-        if self.index is not None and hasattr(self.index, "stats"):
-            stats = self.index.stats()
-            payload["prefix_index"] = {k: v for k, v in stats.items() if k != "replicas"}
-        if self.exact is not None and self.exact.replicas:
-            payload["exact_prefix_index"] = self.exact.stats()
-        return _json(payload)
-
-
-def _not_found(response_id: str, param: str) -> RouterError:
-    """vLLM's own answer for a stored response it does not hold (404, its wording)."""
-    shown = response_id if len(response_id) <= ID_LIMIT else response_id[:ID_LIMIT] + "..."
-    return RouterError(404, f"Response with id '{shown}' not found.", param=param,
-                       type="invalid_request_error")
-
-
-_STORED_QUERY = {"stream": re.compile(r"^(true|false)$"), "starting_after": re.compile(r"^-?\d{1,9}$")}
-
-
-def _stored_response_query(request: web.Request) -> dict[str, str]:
-    """The query parameters vLLM reads on GET /v1/responses/{id}, checked (400 otherwise);
-    nothing else of the client's query string is forwarded."""
-    out: dict[str, str] = {}
-    for name, value in request.query.items():
-        pattern = _STORED_QUERY.get(name)
-        if pattern is None:
-            continue
-        lowered = value.lower()
-        if not pattern.match(lowered):
-            raise bad_request(f"Invalid value for query parameter '{name}'", name)
-        out[name] = lowered
-    return out
-
-
-def _json(payload: Any, status: int = 200) -> web.Response:
-    return web.Response(status=status, body=orjson.dumps(payload), content_type="application/json")
-
-
-def _token_cost(prompt_tokens: int, data: dict[str, Any]) -> int:
-    """What a request costs a tokens-per-minute bucket: its prompt plus its max output."""
-    out = data.get("max_completion_tokens", data.get("max_tokens", data.get("max_output_tokens")))
-    return prompt_tokens + (out if isinstance(out, int) and not isinstance(out, bool) and out > 0 else 0)
+            raise self.reject("auth", exc) from None

@@ -27,6 +27,7 @@ import zlib
 from aiohttp import StreamReader, web
 
 from router.errors import RouterError
+from router.http_errors import response_of
 
 _READ_CHUNK = 256 * 1024
 
@@ -189,3 +190,17 @@ def _inflate(decoder: zlib._Decompress, data: bytes, room: int, limit: int) -> b
     if len(out) > room or decoder.unconsumed_tail:
         raise too_large(limit)
     return out
+
+
+async def expect_continue(request: web.Request) -> web.StreamResponse | None:
+    """`Expect: 100-continue` is answered at once; any other expectation is a JSON 417.
+
+    aiohttp's own handler answers the second in text/plain, outside the middlewares.
+    """
+    expect = request.headers.get("Expect", "")
+    if expect.lower() == "100-continue":
+        if request.version >= (1, 1):
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            request.writer.output_size = 0
+        return None
+    return response_of(RouterError(417, "Only 'Expect: 100-continue' is supported", param="Expect"))

@@ -1,4 +1,4 @@
-"""The router's own observability: Prometheus metrics, the access log, Sentry.
+"""The router's own Prometheus metrics (`Telemetry`).
 
 Metrics live in a `CollectorRegistry` that the app creates (no module globals, so two
 routers in one process - as in the tests - never share counters).  Every name starts with
@@ -11,23 +11,18 @@ histograms are sums over workers and each gauge says how it combines (``multipro
 a sum for in-flight counts, the most recent value for what a worker read off a replica).
 Gauges computed at scrape time are set every second in that mode instead.
 
-The access log writes one line per request on the ``router.access`` logger: JSON (one
-object per line) or a compact ``key=value`` text line.
+The access log is router/observability/access_log.py, the process's log setup logs.py,
+Sentry sentry.py.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import sys
-import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Protocol
 
-import orjson
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.metrics import MetricWrapperBase
@@ -36,7 +31,6 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from router import __version__
 from router.observability.metric_handles import handle
 
-access_log = logging.getLogger("router.access")
 log = logging.getLogger("router")
 
 # Latency buckets (seconds): sub-millisecond router overhead up to multi-minute generations.
@@ -382,139 +376,3 @@ class Telemetry:
         MultiProcessCollector(every_worker, path=self.multiprocess)  # type: ignore[no-untyped-call]
         every_worker.register(_Collected(self.build_info))  # Info has no multiprocess mode
         return generate_latest(every_worker), CONTENT_TYPE_LATEST
-
-
-@dataclass(slots=True)
-class RequestRecord:
-    """What happened to one request: filled in along the way, logged once at the end."""
-
-    request_id: str
-    method: str
-    path: str
-    started: float = field(default_factory=time.perf_counter)
-    model: str | None = None
-    stream: bool = False
-    replica: str | None = None
-    attempts: int = 0
-    policy: str | None = None
-    why: dict[str, Any] | None = None
-    status: int = 0
-    ttfb: float | None = None  # seconds, first body byte from the replica
-    error: str | None = None
-    client: str | None = None
-    client_gone: bool = False  # the client went away before the response was complete
-    client_name: str | None = None  # the API key's name (never the key), or "anonymous"
-    queued_s: float | None = None  # seconds waited in the admission queue
-    cached_tokens: int | None = None  # usage.prompt_tokens_details.cached_tokens of the answer
-    predicted_tokens: int | None = None  # what the router predicted cached on that replica
-    admitted: bool = False  # passed admission (holds a slot the queue hands on)
-    slot_released: bool = False  # ... handed on already (at its first byte: the engine took it)
-    # Disaggregated serving (flows.Disaggregated): the prefill hop, before the decode hop's
-    # fields above (replica, attempts, ttfb) are filled in.
-    prefill_replica: str | None = None
-    prefill_attempts: int = 0
-    prefill_s: float | None = None  # the prefill hop, start to its whole answer
-
-    def elapsed(self) -> float:
-        return time.perf_counter() - self.started
-
-    def as_dict(self, duration: float) -> dict[str, Any]:
-        return {
-            "ts": round(time.time(), 3),
-            "request_id": self.request_id,
-            "method": self.method,
-            "path": self.path,
-            "model": self.model,
-            "stream": self.stream,
-            "replica": self.replica,
-            "attempts": self.attempts,
-            "policy": self.policy,
-            "why": self.why,
-            "status": self.status,
-            "ttfb_ms": None if self.ttfb is None else round(self.ttfb * 1000, 3),
-            "duration_ms": round(duration * 1000, 3),
-            "error": self.error,
-            "client": self.client,
-            "key": self.client_name,
-            "queued_ms": None if self.queued_s is None else round(self.queued_s * 1000, 3),
-            "cached_tokens": self.cached_tokens,
-            "predicted_cached_tokens": self.predicted_tokens,
-            "prefill_replica": self.prefill_replica,
-            "prefill_attempts": self.prefill_attempts or None,
-            "prefill_ms": None if self.prefill_s is None else round(self.prefill_s * 1000, 3),
-        }
-
-
-def _text_value(value: Any) -> str:
-    if isinstance(value, (dict, list)):
-        return orjson.dumps(value).decode()
-    text = str(value)
-    # Client-chosen strings (model, request id) are quoted and escaped unless plainly safe,
-    # so no byte of theirs can break or forge a log line.
-    if text and text.isascii() and text.isprintable() and not any(c in text for c in ' "='):
-        return text
-    return json.dumps(text)
-
-
-def write_access_log(record: RequestRecord, duration: float, fmt: str = "json") -> None:
-    if not access_log.isEnabledFor(logging.INFO):
-        return
-    data = record.as_dict(duration)
-    if fmt == "json":
-        line = orjson.dumps(data, default=str).decode()
-    else:
-        line = " ".join(f"{k}={_text_value(v)}" for k, v in data.items() if v is not None)
-    access_log.info(line)
-
-
-def setup_logging(level: str = "info", fmt: str = "json", access: bool = True) -> None:
-    """Root logging for the CLI: plain messages to stderr; the access log as given."""
-    root = logging.getLogger()
-    if not any(getattr(h, "_router", False) for h in root.handlers):
-        handler = logging.StreamHandler(sys.stderr)
-        handler._router = True  # type: ignore[attr-defined]
-        if fmt == "json":
-            handler.setFormatter(_JsonFormatter())
-        else:
-            handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        root.addHandler(handler)
-    root.setLevel(level.upper())
-    access_log.setLevel(logging.INFO if access else logging.WARNING)
-    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
-
-
-class _JsonFormatter(logging.Formatter):
-    """Access-log lines are already JSON and pass through; other records become JSON."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        if record.name == access_log.name:
-            return record.getMessage()
-        data = {"ts": round(record.created, 3), "level": record.levelname.lower(),
-                "logger": record.name, "message": record.getMessage()}
-        if record.exc_info:
-            data["exc"] = self.formatException(record.exc_info)
-        return orjson.dumps(data, default=str).decode()
-
-
-def init_sentry(dsn: str | None, *, environment: str | None = None) -> bool:
-    """Initialise Sentry when a DSN is configured (config or SENTRY_DSN); never fatal."""
-    dsn = dsn or os.environ.get("SENTRY_DSN")
-    if not dsn:
-        return False
-    try:
-        import sentry_sdk
-        from sentry_sdk.scrubber import DEFAULT_DENYLIST, EventScrubber
-
-        # No PII, no request bodies and no frame locals: prompts are the users' data and
-        # keys pass through locals (tests/reliability/test_sentry.py caught one).  The
-        # scrubber also removes the header spellings of API keys that clients send.
-        scrubber = EventScrubber(denylist=[*DEFAULT_DENYLIST, "x-api-key", "api-key",
-                                           "x-admin-key", "proxy-authorization"], recursive=True)
-        sentry_sdk.init(dsn=dsn, environment=environment, release=f"vllm-smart-router@{__version__}",
-                        traces_sample_rate=float(os.environ.get("SENTRY_TRACES_SAMPLE_RATE", "0")),
-                        send_default_pii=False, max_request_body_size="never",
-                        include_local_variables=False, event_scrubber=scrubber)
-        return True
-    except Exception as exc:  # noqa: BLE001 - telemetry must never stop the router
-        log.warning("Sentry init failed: %s", exc)
-        return False

@@ -20,8 +20,9 @@ from router.config import ProxyConfig
 from router.core.scheduling import Decision
 from router.errors import RouterError
 from router.fleet.replicas import Replica
+from router.observability.access_log import RequestRecord
 from router.observability.loop_lag import LoopLag
-from router.observability.telemetry import RequestRecord, Telemetry
+from router.observability.telemetry import Telemetry
 from router.transport.failures import UPSTREAM_ERRORS, UpstreamFailure, retry_after_seconds
 from router.transport.headers import client_response_headers
 from router.transport.hooks import (
@@ -32,12 +33,8 @@ from router.transport.hooks import (
     Hooks,
 )
 from router.transport.relay import FIRST_TOKEN_PATHS, Relay, sse_verdict
-from router.transport.upstream import (
-    UpstreamConnectError,
-    UpstreamPool,
-    UpstreamPoolTimeout,
-    UpstreamResponse,
-)
+from router.transport.upstream import UpstreamPool
+from router.transport.upstream_connection import UpstreamConnectError, UpstreamPoolTimeout, UpstreamResponse
 from router.transport.waits import DRAIN, UNHEALTHY, Wait, Waits
 
 if TYPE_CHECKING:

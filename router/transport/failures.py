@@ -11,9 +11,7 @@ from typing import TYPE_CHECKING
 from multidict import CIMultiDict
 
 from router.fleet.replicas import Replica
-from router.transport.upstream import (
-    UpstreamError,
-)
+from router.transport.upstream_connection import UpstreamError
 
 if TYPE_CHECKING:
     pass

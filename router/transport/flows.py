@@ -38,7 +38,8 @@ if TYPE_CHECKING:
     from router.core.requests import RouteRequest
     from router.core.scheduling import Profile
     from router.fleet.replicas import Replica
-    from router.observability.telemetry import RequestRecord, Telemetry
+    from router.observability.access_log import RequestRecord
+    from router.observability.telemetry import Telemetry
     from router.prefix.exact import ExactIndex
     from router.prefix.index import PrefixIndex
     from router.transport.proxy import Proxy

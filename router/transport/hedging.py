@@ -30,7 +30,7 @@ from aiohttp import web
 
 from router.core.scheduling import Decision, Profile
 from router.fleet.replicas import Replica
-from router.observability.telemetry import RequestRecord
+from router.observability.access_log import RequestRecord
 from router.transport.attempts import Attempts, PoolSlot
 from router.transport.failures import UpstreamFailure
 from router.transport.hooks import (
@@ -42,9 +42,7 @@ from router.transport.hooks import (
 )
 from router.transport.outliers import LatencyOutliers
 from router.transport.retry_budget import RetryBudget
-from router.transport.upstream import (
-    UpstreamResponse,
-)
+from router.transport.upstream_connection import UpstreamResponse
 from router.transport.waits import Wait
 
 if TYPE_CHECKING:

@@ -52,7 +52,8 @@ if TYPE_CHECKING:
     from router.fleet.breaker import CircuitBreakers
     from router.fleet.monitor import Monitor
     from router.fleet.replicas import Replica
-    from router.observability.telemetry import RequestRecord, Telemetry
+    from router.observability.access_log import RequestRecord
+    from router.observability.telemetry import Telemetry
     from router.prefix.exact import ExactIndex
     from router.prefix.index import PrefixIndex
     from router.transport.failures import UpstreamFailure

@@ -71,8 +71,9 @@ from router.core.scheduling import Decision, Profile
 from router.errors import RouterError, error_body
 from router.fleet.breaker import BreakerState, CircuitBreakers
 from router.fleet.replicas import Health, Replica
+from router.observability.access_log import RequestRecord
 from router.observability.loop_lag import LoopLag
-from router.observability.telemetry import RequestRecord, Telemetry
+from router.observability.telemetry import Telemetry
 from router.transport.attempts import Attempts
 from router.transport.failures import KIND_TEXT, TIMEOUT_KINDS, NoReplicaLeft, UpstreamFailure
 from router.transport.hedging import Hedging

@@ -27,13 +27,11 @@ from aiohttp import web
 from router.config import ProxyConfig
 from router.errors import sse_error_event
 from router.fleet.replicas import Replica
-from router.observability.telemetry import RequestRecord, Telemetry
+from router.observability.access_log import RequestRecord
+from router.observability.telemetry import Telemetry
 from router.transport.failures import UPSTREAM_ERRORS
 from router.transport.headers import client_response_headers
-from router.transport.upstream import (
-    UpstreamDisconnected,
-    UpstreamResponse,
-)
+from router.transport.upstream_connection import UpstreamDisconnected, UpstreamResponse
 from router.transport.usage import cached_tokens_of
 from router.transport.waits import DRAIN, UNHEALTHY, Wait
 

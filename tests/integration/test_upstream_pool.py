@@ -13,12 +13,11 @@ from collections.abc import Awaitable, Callable
 import pytest
 from conftest import wait_for
 
-from router.transport.upstream import (
+from router.transport.upstream import Endpoint, UpstreamPool
+from router.transport.upstream_connection import (
     HIGH_WATER,
-    Endpoint,
     UpstreamConnectError,
     UpstreamDisconnected,
-    UpstreamPool,
     UpstreamPoolTimeout,
     request_head,
 )
