@@ -40,7 +40,6 @@ DECISION_BUCKETS = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 1e-2, 
 BLOCK_BUCKETS = (0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)
 # Predicted minus actual cached tokens: symmetric, so over- and under-prediction both show.
 PREDICTION_BUCKETS = (-4096, -1024, -256, -64, -16, -1, 0, 16, 64, 256, 1024, 4096)
-STREAM_MODES = ("exact", "approximate")
 MAX_CACHED_CHILDREN = 65536
 NO_REPLICA = "none"  # replica label of requests answered by the router itself
 
