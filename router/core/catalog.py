@@ -113,7 +113,6 @@ class ModelCatalog:
         return RouterError(404, f"The model `{name}` does not exist or you do not have access "
                                 f"to it. Valid models: {valid}.", param="model")
 
-
     def model_entry(self, name: str, replicas: list[Replica], parent: str | None) -> dict[str, Any]:
         lengths = [r.max_model_len for r in replicas if r.max_model_len]
         return {

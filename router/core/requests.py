@@ -65,7 +65,6 @@ class RouteRequest:
     prefilled_elsewhere: bool = False
 
 
-
     def body_for(self, replica: Replica) -> bytes | bytearray:
         """The bytes an attempt on `replica` sends."""
         return self.body if self.replica_body is None else self.replica_body(replica)

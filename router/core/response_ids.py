@@ -35,6 +35,8 @@ import secrets
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
+from router.errors import RouterError
+
 if TYPE_CHECKING:
     from router.fleet.replicas import Replica
 
@@ -83,6 +85,24 @@ class ResponseIds:
             if hmac.compare_digest(self.token(replica), token):
                 return replica
         return None
+
+    def holder(self, response_id: str, replicas: Iterable[Replica], param: str) -> list[Replica]:
+        """The one replica among `replicas` that holds `response_id`, when the id is one the
+        router issued (`not_found` when none of them does); `replicas` as they are for an id
+        the router did not issue."""
+        if self.token_of(response_id) is None:
+            return list(replicas)
+        found = self.replica_of(response_id, replicas)
+        if found is None:
+            raise not_found(response_id, param)
+        return [found]
+
+
+def not_found(response_id: str, param: str) -> RouterError:
+    """vLLM's own answer for a stored response it does not hold (404, its wording)."""
+    shown = response_id if len(response_id) <= ID_LIMIT else response_id[:ID_LIMIT] + "..."
+    return RouterError(404, f"Response with id '{shown}' not found.", param=param,
+                       type="invalid_request_error")
 
 
 def with_request_id(body: bytes | bytearray, request_id: str) -> bytes:

@@ -5,7 +5,7 @@ register and deregister replicas, and /admin/replicas, the fleet as the router s
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import orjson
 from aiohttp import web
@@ -16,10 +16,6 @@ from router.fleet.replicas import Replica
 from router.frontdoor.api_state import ApiState, json_response
 from router.frontdoor.limits import read_body
 from yamlcheck import ConfigError
-
-if TYPE_CHECKING:
-
-    pass
 
 
 class Admin:

@@ -30,14 +30,14 @@ from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
-import orjson
 from aiohttp import web
 
-from router.core.admission import Admission, QueueRejection, RateLimitExceeded, token_cost
+from router.core.admission import Admission
 from router.core.catalog import ModelCatalog
 from router.core.clients import Client
-from router.core.requests import BodyError, RouteRequest, build_route_request, rewrite_model, validate_body
-from router.core.response_ids import ResponseIds, with_request_id
+from router.core.intake import Arrival, Intake
+from router.core.requests import RouteRequest
+from router.core.response_ids import ResponseIds
 from router.errors import RouterError, bad_request
 from router.fleet.replicas import Fleet, Replica
 from router.frontdoor.admin import Admin
@@ -68,11 +68,8 @@ if TYPE_CHECKING:
     from router.transport.flows import Disaggregated, SingleHop
     from router.transport.prompt_tokens import PromptTokens
 
-INFERENCE_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
-GENERATION_PATHS = ("/v1/chat/completions", "/v1/completions")  # what a P/D flow splits
 _REQUEST_ID_RE = re.compile(r"^[\x21-\x7e]{1,200}$")  # visible ASCII, bounded
 REQUEST_ID_KEY = web.RequestKey("request_id", str)
-_PRIORITY_RE = re.compile(r"^[+-]?\d{1,6}$")
 
 
 
@@ -111,10 +108,11 @@ class Api:
         self.draining = False
         self.rid_header = config.server.request_id_header
         self._new_ids = RequestIds()
-        self._session_header = config.routing.session_header
-        self._priority_header = config.admission.priority_header
-        self._models = {m.name: m for m in config.models}  # per-model settings (lora, disaggregation)
         self.response_ids = ResponseIds(config.routing.response_id_secret)
+        # The checks of a forwarded request, shared with the Envoy endpoint picker (core/intake.py).
+        self.intake = Intake(config=config, catalog=self.catalog, admission=self.admission,
+                             rotation=proxy.rotation, telemetry=telemetry, response_ids=self.response_ids,
+                             wants_exact=self._wants_exact_tokens, exact_tokens=self._exact_tokens)
         # The handlers apart from forwarding, each reading this object's state (api_state.py).
         self.status = Status(self)
         self.admin = Admin(self)
@@ -128,7 +126,8 @@ class Api:
             self.response_ids = ResponseIds(config.routing.response_id_secret)
         self.config = config
         self.catalog.apply_config(config)
-        self._models = {m.name: m for m in config.models}
+        self.intake.apply_config(config)
+        self.intake.response_ids = self.response_ids
 
     def routes(self) -> list[web.RouteDef]:
         post = [web.post(path, self.handle_inference, expect_handler=expect_continue)
@@ -193,7 +192,6 @@ class Api:
     async def handle_inference(self, request: web.Request) -> web.StreamResponse:
         return await self.serve(request, self._route)
 
-
     async def serve(self, request: web.Request, route: Callable[
             [web.Request, RequestRecord, BodyLease], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
         """One forwarded request's bookkeeping around `route`: its record, the drain's count,
@@ -225,17 +223,7 @@ class Api:
             self._finish(record, status)
 
     def reject(self, reason: str, error: RouterError) -> RouterError:
-        self.telemetry.rejections.labels(reason).inc()
-        return error
-
-    def _priority(self, request: web.Request, client: Client) -> int:
-        """The key's priority, or lower if the request's priority header asks for it."""
-        given = request.headers.get(self._priority_header)
-        if given is None:
-            return client.priority
-        if not _PRIORITY_RE.match(given.strip()):
-            raise bad_request(f"'{self._priority_header}' must be an integer")
-        return min(int(given), client.priority)
+        return self.intake.reject(reason, error)
 
     async def _route(self, request: web.Request, record: RequestRecord,
                      lease: BodyLease) -> web.StreamResponse:
@@ -259,81 +247,12 @@ class Api:
             if exc.status == 503:
                 self.telemetry.rejections.labels("body_budget").inc()
             raise
-        if not body or body.isspace():  # (no strip(): a copy of a body up to 32 MiB)
-            raise bad_request("The request body is empty; expected a JSON object")
-        try:
-            data: Any = orjson.loads(body)
-        except orjson.JSONDecodeError as exc:
-            raise bad_request(f"Malformed JSON in the request body: {exc}") from None
-        try:
-            data = validate_body(path, data)
-        except BodyError as exc:
-            raise bad_request(exc.message, exc.param) from None
-        requested = data.get("model")
-        if requested is None:
-            catalog = self.catalog
-            if path in INFERENCE_PATHS or len(catalog.model_names) != 1:
-                raise bad_request("'model' is required", "model")
-            requested = catalog.model_names[0]  # e.g. /tokenize without a model: the only one
-            if requested not in catalog.known_models(client):
-                raise catalog.no_such_model(requested, client)
-        record.model = requested
-        canonical, replicas = self.catalog.resolve(requested, client)
-        record.model = canonical
-        record.stream = data.get("stream") is True
-        if canonical != requested and "model" in data:
-            body = rewrite_model(body, data, canonical)
-        if path == RESPONSES_PATH and isinstance(data.get("previous_response_id"), str):
-            replicas = self.stored.holder(data["previous_response_id"], replicas, "previous_response_id")
-        candidates = [r for r in replicas if r.routable]
-        if not candidates:
-            raise self.proxy.unavailable(canonical)
-        admissible = [r for r in candidates if self.proxy.admissible(r)]
-        if not admissible:  # a half-open trial's verdict may be due: wait for it, not 503
-            admissible = await self.proxy.admissible_or_wait(candidates, record)
-            if not admissible:
-                raise self.reject("ejected", self.proxy.ejected_error(canonical, candidates))
-        session_key = request.headers.get(self._session_header) or None
-        prefix = self.config.prefix
-        route = build_route_request(
-            model=canonical, path=path, data=data, body=body, request_id=record.request_id,
-            headers=forwardable_request_headers(request.headers, self.rid_header),
-            session_key=session_key, block_chars=prefix.block_chars,
-            block_tokens=prefix.block_tokens, max_blocks=prefix.max_blocks_per_request)
-        if path == RESPONSES_PATH and "request_id" not in data:
-            route = replace(route, replica_body=self._response_body(route.body))
-        adapter = self.catalog.adapter_of(canonical, replicas)
-        if adapter is not None:
-            route = replace(route, lora=canonical, base_model=adapter[0], adapter_path=adapter[1])
-        try:
-            self.admission.limiter.check(client, token_cost(route.estimated_prompt_tokens, data))
-        except RateLimitExceeded as exc:
-            raise self.reject(f"rate_limit_{exc.kind}", exc.error) from None
-        priority = self._priority(request, client)
-        try:
-            waited = 0.0 if self.admission.passes(canonical, admissible) else \
-                await self.admission.admit(canonical, admissible, client, priority)
-        except QueueRejection as exc:
-            raise self.reject(exc.reason, exc.error) from None
-        record.admitted = True
-        if waited:
-            record.queued_s = waited
-            self.telemetry.queue_wait.labels(canonical).observe(waited)
-            # The fleet may have changed while the request waited.
-            admissible = [r for r in replicas if r.routable and self.proxy.admissible(r)]
-            if not admissible:
-                admissible = await self.proxy.admissible_or_wait(
-                    [r for r in replicas if r.routable], record)
-            if not admissible:
-                raise self.proxy.unavailable(canonical)
-        if self._wants_exact_tokens(admissible):
-            route = await self._exact_tokens(route, data, admissible)
-        # The parsed body is not needed past the decision: let it go before the request
-        # is forwarded, so an in-flight body is held once (its bytes), not twice.
-        del data
-        model = self._models.get(route.index_model)
-        if model is not None and model.disaggregated and self.pd_flow is not None \
-                and route.adapter_path is None and path in GENERATION_PATHS:
+        arrival = Arrival(path=path, headers=request.headers, client=client, body=body,
+                          forward_headers=forwardable_request_headers(request.headers, self.rid_header))
+        admitted = await self.intake.admit(arrival, record, deadline_left=lambda: (
+            self.config.proxy.deadline - record.elapsed()))
+        route, admissible, model = admitted.route, admitted.candidates, admitted.model
+        if model is not None and self.pd_flow is not None and admitted.disaggregated():
             return await self.pd_flow.forward(request, route, admissible, record, model.disaggregation)
         return await self.flow.forward(request, route, admissible, record,
                                        lora=model.lora if model is not None else None)
@@ -351,14 +270,6 @@ class Api:
         assert self.prompt_tokens is not None  # _wants_exact_tokens said so
         tokens = await self.prompt_tokens.tokens(route, data, candidates)
         return route if tokens is None else replace(route, prompt_token_ids=tokens)
-
-    # -- stored responses (router/core/response_ids.py) -------------------------------------
-    def _response_body(self, body: bytes | bytearray) -> Callable[[Replica], bytes]:
-        """The Responses body for an attempt on a replica: with a `request_id` naming it."""
-        ids = self.response_ids
-        return lambda replica: with_request_id(body, ids.new_id(replica))
-
-
 
     def on_load(self, replica: Replica) -> None:
         """A replica's fresh load report: the admission queue may admit more."""

@@ -4,16 +4,12 @@ readiness (/ready: a bare status for anyone, per-model counts for the admin) and
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from aiohttp import web
 
 from router.fleet.replicas import Health
 from router.frontdoor.api_state import ApiState, json_response
-
-if TYPE_CHECKING:
-
-    pass
 
 
 class Status:

@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 from aiohttp import web
 
 from router.core.admission import RateLimitExceeded
 from router.core.requests import RouteRequest
-from router.core.response_ids import ID_LIMIT, ResponseIds
+from router.core.response_ids import ResponseIds, not_found
 from router.core.scheduling import Decision
 from router.errors import RouterError, bad_request
 from router.fleet.replicas import Replica
@@ -22,18 +21,6 @@ from router.frontdoor.api_state import ApiState
 from router.frontdoor.limits import BodyLease
 from router.observability.access_log import RequestRecord
 from router.transport.headers import forwardable_request_headers
-
-if TYPE_CHECKING:
-
-    pass
-
-
-def _not_found(response_id: str, param: str) -> RouterError:
-    """vLLM's own answer for a stored response it does not hold (404, its wording)."""
-    shown = response_id if len(response_id) <= ID_LIMIT else response_id[:ID_LIMIT] + "..."
-    return RouterError(404, f"Response with id '{shown}' not found.", param=param,
-                       type="invalid_request_error")
-
 
 _STORED_QUERY = {"stream": re.compile(r"^(true|false)$"), "starting_after": re.compile(r"^-?\d{1,9}$")}
 
@@ -65,15 +52,11 @@ class StoredResponses:
         return await self.api.serve(request, self._stored_response)
 
     def holder(self, response_id: str, replicas: Sequence[Replica], param: str) -> list[Replica]:
-        """The one replica among `replicas` that holds `response_id`, when the id is one the
-        router issued; 404 when none of them does; `replicas` unchanged for other ids."""
-        if ResponseIds.token_of(response_id) is None:
-            return list(replicas)
-        holder = self.api.response_ids.replica_of(response_id, replicas)
-        if holder is None:
-            self.api.telemetry.rejections.labels("response_not_found").inc()
-            raise _not_found(response_id, param)
-        return [holder]
+        """`ResponseIds.holder`, its 404 counted as a rejection."""
+        try:
+            return self.api.response_ids.holder(response_id, replicas, param)
+        except RouterError as exc:
+            raise self.api.reject("response_not_found", exc) from None
 
     async def _stored_response(self, request: web.Request, record: RequestRecord,
                                lease: BodyLease) -> web.StreamResponse:
@@ -84,10 +67,10 @@ class StoredResponses:
         record.client, record.client_name = client.address, client.name
         response_id = request.match_info["response_id"]
         if ResponseIds.token_of(response_id) is None:
-            raise _not_found(response_id, "response_id")  # not an id the router issued
+            raise not_found(response_id, "response_id")  # not an id the router issued
         replica = self.holder(response_id, list(self.api.fleet), "response_id")[0]
         if not self.api.catalog.may_use(client, replica.model):
-            raise _not_found(response_id, "response_id")  # a model the key may not use: as if absent
+            raise not_found(response_id, "response_id")  # a model the key may not use: as if absent
         record.model = replica.model
         try:
             self.api.admission.limiter.check(client, 0)

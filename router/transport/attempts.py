@@ -140,14 +140,12 @@ class Attempts:
             headers.append(("Content-Type", "application/json"))
         return headers
 
-
     def fail(self, route: RouteRequest, replica: Replica, kind: str, message: str,
               **extra: object) -> UpstreamFailure:
         self.telemetry.upstream_errors.labels(route.model, replica.id, kind).inc()
         log.info("request %s: replica %s failed before the answer (%s): %s",
                  route.request_id, replica.id, kind, message)
         return UpstreamFailure(replica, kind, message, **extra)  # type: ignore[arg-type]
-
 
     def _timed_out(self, route: RouteRequest, replica: Replica, wait: Wait,
                    seconds: float) -> UpstreamFailure:
@@ -161,7 +159,6 @@ class Attempts:
                               "the replica turned unhealthy before answering")
         kind = "first_byte_timeout" if route.stream else "read_timeout"
         return self.fail(route, replica, kind, f"no answer within {seconds:g}s")
-
 
     async def wait_for_slot(self, route: RouteRequest, record: RequestRecord) -> None:
         """A slot of the upstream pool for the next attempt, waited for within
@@ -183,7 +180,6 @@ class Attempts:
                               headers={"Retry-After": str(cfg.retry_after)}) from None
         t.child(t.pool_wait, route.model).observe(waited)
 
-
     async def _connect(self, route: RouteRequest, replica: Replica, number: int,
                        watch: ConnectWatch) -> UpstreamResponse:
         """POST upstream with the slot the attempt holds; a new connection is bounded by
@@ -202,7 +198,6 @@ class Attempts:
                 method=route.method)
         finally:
             watch.cancel()
-
 
     async def run(self, request: web.Request, route: RouteRequest, replica: Replica,
                        number: int, decision: Decision, record: RequestRecord,
@@ -238,7 +233,6 @@ class Attempts:
             slot.release(self.upstream)
             self.finish(attempt, wait, outcome, resp, finished)
 
-
     def finish(self, attempt: Attempt, wait: Wait, outcome: str, resp: UpstreamResponse | None,
                 finished: bool) -> None:
         """An attempt's end: its waits and hooks, and its upstream response released - or,
@@ -250,7 +244,6 @@ class Attempts:
                 resp.release()
             else:
                 resp.close()
-
 
     async def head(self, route: RouteRequest, replica: Replica, number: int, wait: Wait,
                     relay: bool, slot: PoolSlot) -> tuple[UpstreamResponse, bytes, bool, bool]:
@@ -316,7 +309,6 @@ class Attempts:
             if resp is not None:
                 resp.close()  # unfinished: drop the connection so vLLM aborts the request
             raise
-
 
     async def deliver(self, request: web.Request, attempt: Attempt, resp: UpstreamResponse,
                        first: bytes, complete: bool, streaming: bool,

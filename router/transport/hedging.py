@@ -110,7 +110,6 @@ class Hedging:
             return hedge.max_delay
         return min(hedge.max_delay, max(hedge.min_delay, hedge.multiplier * expected))
 
-
     async def race(self, request: web.Request, route: RouteRequest, decision: Decision,
                     record: RequestRecord, tried: list[Replica]) -> web.StreamResponse:
         """The first attempt (on ``tried[0]``), hedged: after `delay` without its first
@@ -160,7 +159,6 @@ class Hedging:
             for leg in legs:
                 self._end_leg(leg, winner)
 
-
     def _launch(self, route: RouteRequest, replica: Replica, number: int, decision: Decision,
                 record: RequestRecord) -> _Leg:
         """Dispatch one attempt of a hedged request (its pool slot taken), its wait for the
@@ -177,7 +175,6 @@ class Hedging:
         leg.task.add_done_callback(_retrieved)
         return leg
 
-
     async def _leg_head(self, leg: _Leg) -> tuple[UpstreamResponse, bytes, bool, bool]:
         attempt = leg.attempt
         try:
@@ -188,7 +185,6 @@ class Hedging:
                 leg.outcome = FAILURE
                 self.attempts.hooks.failure(attempt, failure)
             raise
-
 
     @staticmethod
     async def _first_answer(legs: list[_Leg]) -> _Leg:
@@ -209,7 +205,6 @@ class Hedging:
                 failure = error
         assert failure is not None
         raise failure
-
 
     def _end_leg(self, leg: _Leg, winner: _Leg | None) -> None:
         """A leg's end: the winner's like any attempt's; a loser's task cancelled (its

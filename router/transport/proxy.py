@@ -69,8 +69,9 @@ from tenacity import (
 from router.config import CircuitBreakerConfig, ProxyConfig
 from router.core.scheduling import Decision, Profile
 from router.errors import RouterError, error_body
-from router.fleet.breaker import BreakerState, CircuitBreakers
+from router.fleet.breaker import CircuitBreakers
 from router.fleet.replicas import Health, Replica
+from router.fleet.rotation import Rotation
 from router.observability.access_log import RequestRecord
 from router.observability.loop_lag import LoopLag
 from router.observability.telemetry import Telemetry
@@ -125,8 +126,12 @@ class Proxy:
         self.waits = Waits(config.unhealthy_grace)
         self.breakers = CircuitBreakers(breaker_config or CircuitBreakerConfig(),
                                         on_change=telemetry.set_breaker)
-        self.breakers.on_trial_end = self._trial_ended
-        self._verdict: asyncio.Event | None = None  # set at the next trial's end, while awaited
+        # Which replicas may take a request now (the breakers' view), and the 503s of a model
+        # with none; its methods are this object's too (read per candidate: no extra call).
+        self.rotation = Rotation(self.breakers, config.retry_after)
+        self.admissible = self.rotation.admissible
+        self.ejected_error = self.rotation.ejected_error
+        self.unavailable = self.rotation.unavailable
         # Replicas far slower than their peers are ejected through their breakers.
         self.outliers = LatencyOutliers(
             self.breakers, fleet.for_model if fleet is not None else None,
@@ -151,7 +156,6 @@ class Proxy:
         self._idle = asyncio.Event()
         self._idle.set()
 
-
     def apply_config(self, config: ProxyConfig, breakers: CircuitBreakerConfig) -> None:
         """A reload's new timeouts, attempts and breaker settings, for the next attempts."""
         if (config.retry_budget_ratio, config.retry_budget_min_per_s) != (
@@ -162,7 +166,7 @@ class Proxy:
         self.hedging.retry_budget = self.retry_budget
         self._hedge_paths = self._hedge_paths_of(config)
         self.breakers.config = breakers
-
+        self.rotation.retry_after = config.retry_after
 
     @staticmethod
     def _hedge_paths_of(config: ProxyConfig) -> frozenset[str]:
@@ -171,11 +175,9 @@ class Proxy:
         hedge = config.hedge
         return frozenset(hedge.paths) if hedge.enabled and config.max_attempts >= 2 else frozenset()
 
-
     def forget_replica(self, replica_id: str) -> None:
         """The replica left the fleet: what the latency detector learned of it goes too."""
         self.outliers.forget_replica(replica_id)
-
 
     # -- bookkeeping ------------------------------------------------------------------
     def begin(self, record: RequestRecord) -> int:
@@ -184,12 +186,10 @@ class Proxy:
         self._idle.clear()
         return key
 
-
     def end(self, key: int) -> None:
         self.active.pop(key, None)
         if not self.active:
             self._idle.set()
-
 
     async def wait_idle(self, timeout: float) -> bool:
         """Wait until no request is active (drain); False if `timeout` ran out first."""
@@ -199,65 +199,22 @@ class Proxy:
         except TimeoutError:
             return not self.active
 
-
     async def cut_and_wait(self, timeout: float = 5.0) -> bool:
         """The drain ran out: end every wait now (streams get their error event), then wait."""
         self.waits.cut_all()
         return await self.wait_idle(timeout)
-
 
     def on_health(self, replica: Replica, old: Health, new: Health) -> None:
         """Monitor listener: waits on a replica that turned UNHEALTHY are cut short."""
         if new is Health.UNHEALTHY:
             self.waits.cut_replica(replica)
 
-
-    # -- candidates and ranking ---------------------------------------------------------
-    def admissible(self, replica: Replica) -> bool:
-        return replica.routable and self.breakers.allows(replica.id, replica.breaker)
-
-
+    # -- candidates (router/fleet/rotation.py) ------------------------------------------
     async def admissible_or_wait(self, candidates: Sequence[Replica],
                                  record: RequestRecord) -> list[Replica]:
-        """The candidates a request may be sent to now; when there is none only because
-        half-open replicas have their one trial in flight, wait for a trial's verdict (or an
-        ejection's end) rather than refuse the request, up to ``proxy.deadline`` after it
-        arrived.  An empty list: every candidate is ejected (the caller's 503)."""
-        while True:
-            usable = [r for r in candidates if self.admissible(r)]
-            if usable:
-                return usable
-            on_trial = self.breakers.on_trial
-            if not any(r.routable and on_trial(r.breaker) for r in candidates):
-                return usable
-            left = self.config.deadline - record.elapsed()
-            reopen = [self.breakers.retry_in(r.breaker) for r in candidates
-                      if r.routable and r.breaker.state is BreakerState.OPEN]
-            wait = min([left, *reopen])
-            if left <= 0:
-                return usable
-            if self._verdict is None:
-                self._verdict = asyncio.Event()
-            try:
-                await asyncio.wait_for(self._verdict.wait(), timeout=max(wait, 0.001))
-            except TimeoutError:
-                pass
-
-
-    def _trial_ended(self) -> None:
-        verdict, self._verdict = self._verdict, None
-        if verdict is not None:
-            verdict.set()
-
-
-    def ejected_error(self, model: str, replicas: Sequence[Replica]) -> RouterError:
-        """503 for a model whose routable replicas are all ejected by their breakers."""
-        wait = min((self.breakers.retry_in(r.breaker) for r in replicas), default=0.0)
-        seconds = max(1, int(wait + 0.999))
-        return RouterError(503, f"Every replica of model `{model}` is out of rotation after "
-                                f"failing requests; retry in {seconds}s",
-                           headers={"Retry-After": str(seconds)})
-
+        """`Rotation.admissible_or_wait` within what is left of ``proxy.deadline``."""
+        return await self.rotation.admissible_or_wait(candidates,
+                                                      self.config.deadline - record.elapsed())
 
     # -- forwarding -------------------------------------------------------------------
     async def forward(self, request: web.Request, route: RouteRequest, decision: Decision,
@@ -337,14 +294,12 @@ class Proxy:
             stopped.append("none_left")
         return self._give_up(route, record, last, tried, stopped)
 
-
     def _hedge_target(self, ranked: Sequence[Replica], tried: Sequence[Replica]) -> Replica | None:
         """The best admissible replica not tried yet (a hedge goes nowhere else)."""
         for replica in ranked:
             if replica not in tried and self.admissible(replica):
                 return replica
         return None
-
 
     def _pick(self, ranked: Sequence[Replica], tried: Sequence[Replica]) -> Replica:
         """The best admissible replica not tried yet; else cycle through the admissible ones."""
@@ -355,14 +310,6 @@ class Proxy:
             if replica not in tried:
                 return replica
         return usable[len(tried) % len(usable)]
-
-
-    def unavailable(self, model: str, detail: str = "") -> RouterError:
-        retry_after = str(self.config.retry_after)
-        message = f"No healthy replica is available for model `{model}`"
-        return RouterError(503, message + (f": {detail}" if detail else ""),
-                           headers={"Retry-After": retry_after})
-
 
     def _give_up(self, route: RouteRequest, record: RequestRecord,
                  last: UpstreamFailure | None, tried: Sequence[Replica],

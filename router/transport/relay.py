@@ -145,7 +145,6 @@ class Relay:
             head += more
         return head
 
-
     async def stream_head(self, resp: UpstreamResponse) -> bytes:
         """A stream's first bytes: its first read, and more only while `sse_verdict` cannot
         tell yet (at most ``_SSE_HEAD_MAX`` bytes; b"" when it ended with none)."""
@@ -157,7 +156,6 @@ class Relay:
                 break
             head += more
         return head
-
 
     async def buffer(self, resp: UpstreamResponse, timeout: asyncio.Timeout,
                       wait: Wait) -> tuple[bytes, bool]:
@@ -179,7 +177,6 @@ class Relay:
                 return b"".join(parts), False
             timeout.reschedule(loop.time() + wait.limit(self.config.read_timeout))
 
-
     def _cut_reason(self, wait: Wait, exc: BaseException | None) -> tuple[str, str]:
         """(log detail, client message) for a relay that stopped early."""
         reason = wait.why() if isinstance(exc, TimeoutError) else None
@@ -194,7 +191,6 @@ class Relay:
                     f"The replica went silent mid-stream for {self.config.read_timeout:g}s")
         detail = (str(exc) or type(exc).__name__) if exc is not None else "stream ended early"
         return detail, "The replica serving this request failed mid-stream (its connection broke)"
-
 
     async def whole(self, request: web.Request, route: RouteRequest, replica: Replica,
                            resp: UpstreamResponse, head: bytes, complete: bool,
@@ -223,7 +219,6 @@ class Relay:
             await out.write_eof()
         return out
 
-
     async def stream(self, request: web.Request, route: RouteRequest, replica: Replica,
                             resp: UpstreamResponse, first: bytes, wait: Wait,
                             record: RequestRecord) -> web.StreamResponse:
@@ -246,7 +241,6 @@ class Relay:
         except ConnectionResetError:  # incl. aiohttp.ClientConnectionResetError
             record.client_gone = True  # the caller's `finally` closes the upstream connection
         return out
-
 
     async def _pump(self, request: web.Request, out: web.StreamResponse,
                     resp: UpstreamResponse, first: bytes, wait: Wait,
