@@ -64,7 +64,8 @@ async def _watch_parent(parent: int, stop: asyncio.Event) -> None:
 
 
 async def _serve(config: Config, host: str | None, port: int | None, launch: bool,
-                 worker_fd: int | None = None, worker_index: int | None = None) -> int:
+                 worker_fd: int | None = None, worker_index: int | None = None,
+                 picker: tuple[str, int] | None = None) -> int:
     from router.app import Router, serve
     from router.workers import LAUNCHED_ENV, decode_launched
 
@@ -84,6 +85,13 @@ async def _serve(config: Config, host: str | None, port: int | None, launch: boo
     except BaseException:
         await router.close()
         raise
+    picker_server = None
+    if picker is not None:
+        try:
+            picker_server = await _start_picker(router, *picker)
+        except BaseException:
+            await server.drain_and_close()
+            raise
     reloads: set[asyncio.Task[object]] = set()
 
     async def reload() -> None:
@@ -114,9 +122,26 @@ async def _serve(config: Config, host: str | None, port: int | None, launch: boo
     if watcher is not None:
         watcher.cancel()
     log.info("signal received: draining")
+    if picker_server is not None:
+        await picker_server.stop(config.server.drain_timeout)
     drained = await server.drain_and_close()
     log.info("router stopped (%s)", "drained" if drained else "drain timeout")
     return 0
+
+
+async def _start_picker(router: Any, host: str, port: int) -> Any:
+    """The Envoy endpoint picker over the router's own parts (router/picker/)."""
+    from router.picker.extproc import EndpointPicker
+    from router.picker.server import start_picker
+
+    api = router.api
+    picker = EndpointPicker(
+        intake=api.intake, keyring=lambda: api.keyring, flow=router.flow, proxy=router.proxy,
+        fleet=router.fleet, max_body_bytes=lambda: router.config.server.max_body_bytes)
+    server = await start_picker(picker, host, port, ready=lambda: any(
+        router.proxy.admissible(r) for r in router.fleet))
+    print(f"endpoint picker (Envoy ext_proc) listening on {host}:{server.port}", file=sys.stderr, flush=True)
+    return server
 
 
 def _run(coro: Coroutine[Any, Any, int]) -> int:
@@ -131,7 +156,9 @@ def _run(coro: Coroutine[Any, Any, int]) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="router", description="A prefix-cache-aware, load-aware router for vLLM replicas.",
-        epilog="Also: `router check-config FILE` validates a routes.yaml and exits.")
+        epilog="Also: `router check-config FILE` validates a routes.yaml and exits; `router pick "
+               "[options]` runs as the endpoint picker of an Envoy gateway (ext_proc over gRPC, "
+               "--picker-port) beside the usual HTTP server.")
     parser.add_argument("--config", "-c", default=None,
                         help=f"routes.yaml (default: {DEFAULT_CONFIG_PATH})")
     parser.add_argument("--host", default=None, help="override server.host")
@@ -145,8 +172,45 @@ def build_parser() -> argparse.ArgumentParser:
                              "supervisor that restarts them (default 1: no supervisor)")
     parser.add_argument("--worker-fd", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--picker-host", default="127.0.0.1",
+                        help="`router pick`: the address of the ext_proc gRPC server (default 127.0.0.1)")
+    parser.add_argument("--picker-port", type=int, default=9002,
+                        help="`router pick`: its port (default 9002, the GIE's)")
     parser.add_argument("--version", action="version", version=f"router {__version__}")
     return parser
+
+
+def _host_port(text: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def envoy_bootstrap(argv: Sequence[str]) -> int:
+    """`router envoy-bootstrap`: print an Envoy bootstrap whose endpoint picker is `router pick`."""
+    sub = argparse.ArgumentParser(
+        prog="router envoy-bootstrap",
+        description="Print an Envoy bootstrap (YAML) that asks `router pick` where each request "
+                    "goes: an ext_proc filter, and the replicas of routes.yaml as one cluster.")
+    sub.add_argument("--config", "-c", default=str(DEFAULT_CONFIG_PATH))
+    sub.add_argument("--listen", default="127.0.0.1:10000", help="Envoy's listener (host:port)")
+    sub.add_argument("--picker", default="127.0.0.1:9002", help="the picker's gRPC address (host:port)")
+    sub.add_argument("--admin-port", type=int, default=None, help="Envoy's admin port (none by default)")
+    sub.add_argument("--fail-open", action="store_true",
+                     help="let requests through (round robin) when the picker is down; the body is "
+                          "then buffered by Envoy instead of streamed through the picker")
+    args = sub.parse_args(list(argv))
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    from router.app import launch_plan
+    from router.picker.bootstrap import render
+
+    launched = [plan.url for plan in launch_plan(config.launch)[1]] if config.launch is not None else []
+    sys.stdout.write(render(config, listen=_host_port(args.listen), picker=_host_port(args.picker),
+                            admin_port=args.admin_port, fail_open=args.fail_open, launched=launched))
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -156,7 +220,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                                       description="Validate a routes.yaml and exit.")
         sub.add_argument("file")
         return check_config(sub.parse_args(argv[1:]).file)
-    args = build_parser().parse_args(argv)
+    if argv and argv[0] == "envoy-bootstrap":
+        return envoy_bootstrap(argv[1:])
+    pick = bool(argv) and argv[0] == "pick"
+    args = build_parser().parse_args(argv[1:] if pick else argv)
     path = args.config or str(DEFAULT_CONFIG_PATH)
     try:
         config = _check(path) if not args.no_launch else load_config(path)
@@ -175,10 +242,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: --workers: expected 1 to {MAX_WORKERS}, got {args.workers}", file=sys.stderr)
         return EXIT_CONFIG
     try:
+        if pick and args.workers > 1:
+            print("error: router pick runs one process (--workers 1)", file=sys.stderr)
+            return EXIT_CONFIG
         if args.workers > 1 and args.worker_fd is None:
             return _run(Supervisor(config, argv, args.workers, host=args.host, port=args.port).run())
         return _run(_serve(config, args.host, args.port, launch=not args.no_launch,
-                           worker_fd=args.worker_fd, worker_index=args.worker_index))
+                           worker_fd=args.worker_fd, worker_index=args.worker_index,
+                           picker=(args.picker_host, args.picker_port) if pick else None))
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_CONFIG

@@ -1,6 +1,6 @@
 """`Client`: who a request comes from, as admission, rate limits and model access see it.
 
-The front door (router/frontdoor/auth.py) resolves it from the request's key and address;
+The front door (router/core/auth.py) resolves it from the request's key and address;
 the core only reads it, so it lives here, below the front door.
 """
 

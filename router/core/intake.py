@@ -27,8 +27,8 @@ from router.core.response_ids import ResponseIds, with_request_id
 from router.errors import RouterError, bad_request
 from router.fleet.replicas import Replica
 from router.fleet.rotation import Rotation
-from router.observability.access_log import RequestRecord
-from router.observability.telemetry import Telemetry
+from router.observability.access_log import RequestRecord, write_access_log
+from router.observability.telemetry import NO_REPLICA, Telemetry
 from router.prefix.agentic import RESPONSES_PATH
 
 INFERENCE_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
@@ -86,6 +86,21 @@ class Intake:
         self.models = {m.name: m for m in config.models}
         self._session_header = config.routing.session_header
         self._priority_header = config.admission.priority_header
+
+    def finish(self, record: RequestRecord, status: int) -> None:
+        """A request's end, whichever data plane carried it: its metrics and access-log line."""
+        record.status = status
+        duration = record.elapsed()
+        # Only names the fleet knows become label values (a client's typo must not mint series).
+        model = record.model if record.model and self.catalog.knows(record.model) else NO_REPLICA
+        t = self.telemetry
+        t.child(t.requests, model, record.replica or NO_REPLICA, str(status)).inc()
+        t.child(t.duration, model).observe(duration)
+        if record.client_gone:
+            t.client_disconnects.labels(model).inc()
+        server = self.config.server
+        if server.access_log:
+            write_access_log(record, duration, server.log_format)
 
     def reject(self, reason: str, error: RouterError) -> RouterError:
         """`error`, counted as a rejection for `reason`."""

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from router.core.admission import Admission
+from router.core.auth import KeyRing
 from router.core.catalog import ModelCatalog
 from router.core.clients import Client
 from router.core.intake import Arrival, Intake
@@ -42,14 +43,13 @@ from router.errors import RouterError, bad_request
 from router.fleet.replicas import Fleet, Replica
 from router.frontdoor.admin import Admin
 from router.frontdoor.api_state import FleetControl
-from router.frontdoor.auth import KeyRing
 from router.frontdoor.limits import BodyBudget, BodyLease, expect_continue, read_body
 from router.frontdoor.request_ids import RequestIds
 from router.frontdoor.status import Status
 from router.frontdoor.stored_responses import StoredResponses
 from router.http_errors import Handler, error_answer, response_of
-from router.observability.access_log import RequestRecord, write_access_log
-from router.observability.telemetry import NO_REPLICA, Telemetry
+from router.observability.access_log import RequestRecord
+from router.observability.telemetry import Telemetry
 from router.paths import raw_path_problem
 from router.prefix.agentic import RESPONSES_PATH
 from router.transport.failures import CLIENT_CLOSED
@@ -279,17 +279,7 @@ class Api:
             self.admission.on_load(model, replicas)
 
     def _finish(self, record: RequestRecord, status: int) -> None:
-        record.status = status
-        duration = record.elapsed()
-        # Only names the fleet knows become label values (a client's typo must not mint series).
-        model = record.model if record.model and self.catalog.knows(record.model) else NO_REPLICA
-        t = self.telemetry
-        t.child(t.requests, model, record.replica or NO_REPLICA, str(status)).inc()
-        t.child(t.duration, model).observe(duration)
-        if record.client_gone:
-            t.client_disconnects.labels(model).inc()
-        if self.config.server.access_log:
-            write_access_log(record, duration, self.config.server.log_format)
+        self.intake.finish(record, status)
 
     # -- GET endpoints --------------------------------------------------------------
     def client_of(self, request: web.Request) -> Client:

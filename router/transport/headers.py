@@ -31,7 +31,7 @@ _DROP_REQUEST = frozenset({"host", "content-length", "authorization", "x-api-key
 
 # What a client says about the path its request took: never passed on, and the router adds
 # none of its own.  A replica has no use for the client's address (the router's access log
-# holds it, read through `server.trusted_proxies`, router/frontdoor/auth.py), and a value a client
+# holds it, read through `server.trusted_proxies`, router/core/auth.py), and a value a client
 # wrote must not reach a replica (or the logs behind it) looking like a proxy's.
 FORWARDING_HEADERS = frozenset({
     "forwarded", "x-forwarded-for", "x-forwarded-host", "x-forwarded-proto", "x-forwarded-port",

