@@ -10,7 +10,7 @@ COPY yamlcheck ./yamlcheck
 COPY tokenization ./tokenization
 COPY benchmarks ./benchmarks
 COPY config ./config
-RUN pip install ".[sim,kubernetes]"
+RUN pip install ".[sim,kubernetes,picker]"
 RUN useradd --system --uid 10001 router
 USER router
 EXPOSE 8000
