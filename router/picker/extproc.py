@@ -36,7 +36,7 @@ from router.errors import RouterError, error_body
 from router.fleet.replicas import Fleet, Replica
 from router.observability.access_log import RequestRecord
 from router.picker import messages
-from router.transport.failures import UpstreamFailure
+from router.transport.failures import CLIENT_CLOSED, UpstreamFailure
 from router.transport.flows import SingleHop
 from router.transport.hooks import ABANDONED, FAILURE, SUCCESS, Attempt
 from router.transport.proxy import Proxy
@@ -260,7 +260,7 @@ class EndpointPicker(epg.ExternalProcessorServicer):  # type: ignore[misc]
             self.proxy.end(x.drain_key)
         if record.admitted and record.model is not None and not record.slot_released:
             self.intake.admission.on_request_end(record.model)
-        self.intake.finish(record, status or record.status or 500)
+        self.intake.finish(record, CLIENT_CLOSED if record.client_gone else (status or record.status or 500))
 
 
 def _peer_of(context: Any) -> str | None:
