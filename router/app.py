@@ -230,7 +230,7 @@ class Router:
 
     def apply_config(self, config: Config, *, rebuild_policy: bool,
                      tokenizers: dict[str, ModelTokenizer] | None = None) -> None:
-        """Make `config` the running one (router/fleet/membership.py decides what may change);
+        """Make `config` the running one (router/reload.py decides what may change);
         `tokenizers`: its tokenizer files, loaded beforehand (prompt_tokens.load)."""
         assert self.monitor is not None and self.proxy is not None and self.api is not None
         assert self.prompt_tokens is not None

@@ -135,11 +135,11 @@ async def _start_picker(router: Any, host: str, port: int) -> Any:
     from router.picker.server import start_picker
 
     api = router.api
-    picker = EndpointPicker(
-        intake=api.intake, keyring=lambda: api.keyring, flow=router.flow, proxy=router.proxy,
-        fleet=router.fleet, max_body_bytes=lambda: router.config.server.max_body_bytes)
+    picker = EndpointPicker(intake=api.intake, keyring=lambda: api.keyring, flow=router.flow,
+                            proxy=router.proxy)
     server = await start_picker(picker, host, port, ready=lambda: any(
-        router.proxy.admissible(r) for r in router.fleet))
+        router.proxy.admissible(r) for r in router.fleet),
+        max_message_bytes=router.config.server.max_body_bytes + (1 << 20))
     print(f"endpoint picker (Envoy ext_proc) listening on {host}:{server.port}", file=sys.stderr, flush=True)
     return server
 

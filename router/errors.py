@@ -36,6 +36,7 @@ ERROR_TYPES: dict[int, str] = {
     504: "GatewayTimeoutError",
 }
 
+CLIENT_CLOSED = 499  # nginx's status for "client closed the request" (logs and metrics)
 JSON_CONTENT_TYPE = "application/json"
 
 

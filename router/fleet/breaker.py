@@ -26,7 +26,7 @@ chooses, then the same half-open trial.
 
 While a trial is in flight the replica takes no other request; a request that finds every
 candidate in that state (or ejected) waits for a trial's verdict (``on_trial_end``,
-`Proxy.admissible_or_wait`) instead of being answered 503: after a fault that hit every
+`Rotation.admissible_or_wait`, rotation.py) instead of being answered 503: after a fault that hit every
 replica, the first requests are the trials, and the ones behind them are not refused.
 
 The state lives on each Replica (``replica.breaker``, bounded by the fleet); the rules are

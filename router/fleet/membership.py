@@ -8,17 +8,9 @@ make-before-break) is wiring across the router's parts: router/reload.py.
 from __future__ import annotations
 
 import dataclasses
-import logging
-from typing import TYPE_CHECKING
 
 from router.config import BackendConfig, Config, ModelConfig
 from router.fleet.replicas import Fleet, Replica
-
-if TYPE_CHECKING:
-    pass
-
-log = logging.getLogger("router.membership")
-
 
 
 def replica_from(model: str, backend: BackendConfig) -> Replica:

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import re
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
@@ -37,14 +36,14 @@ from router.core.auth import KeyRing
 from router.core.catalog import ModelCatalog
 from router.core.clients import Client
 from router.core.intake import Arrival, Intake
+from router.core.request_ids import RequestIds
 from router.core.requests import RouteRequest
 from router.core.response_ids import ResponseIds
-from router.errors import RouterError, bad_request
+from router.errors import CLIENT_CLOSED, RouterError, bad_request
 from router.fleet.replicas import Fleet, Replica
 from router.frontdoor.admin import Admin
 from router.frontdoor.api_state import FleetControl
 from router.frontdoor.limits import BodyBudget, BodyLease, expect_continue, read_body
-from router.frontdoor.request_ids import RequestIds
 from router.frontdoor.status import Status
 from router.frontdoor.stored_responses import StoredResponses
 from router.http_errors import Handler, error_answer, response_of
@@ -52,7 +51,6 @@ from router.observability.access_log import RequestRecord
 from router.observability.telemetry import Telemetry
 from router.paths import raw_path_problem
 from router.prefix.agentic import RESPONSES_PATH
-from router.transport.failures import CLIENT_CLOSED
 from router.transport.headers import forwardable_request_headers
 from router.transport.proxy import Proxy
 
@@ -68,7 +66,6 @@ if TYPE_CHECKING:
     from router.transport.flows import Disaggregated, SingleHop
     from router.transport.prompt_tokens import PromptTokens
 
-_REQUEST_ID_RE = re.compile(r"^[\x21-\x7e]{1,200}$")  # visible ASCII, bounded
 REQUEST_ID_KEY = web.RequestKey("request_id", str)
 
 
@@ -119,7 +116,8 @@ class Api:
         self.stored = StoredResponses(self)
 
     def apply_config(self, config: Config) -> None:
-        """A reload: new models, aliases, keys; the server settings stay (router/fleet/membership.py)."""
+        """A reload: new models, aliases, keys, the Retry-After of refusals; the server
+        settings stay (router/reload.py says which sections apply)."""
         if config.auth != self.config.auth:
             self.keyring = KeyRing(config.auth, config.server.trusted_proxies)
         if config.routing.response_id_secret != self.config.routing.response_id_secret:
@@ -128,6 +126,7 @@ class Api:
         self.catalog.apply_config(config)
         self.intake.apply_config(config)
         self.intake.response_ids = self.response_ids
+        self.admission.retry_after = self.bodies.retry_after = config.proxy.retry_after
 
     def routes(self) -> list[web.RouteDef]:
         post = [web.post(path, self.handle_inference, expect_handler=expect_continue)
@@ -184,10 +183,7 @@ class Api:
 
     # -- POST: inference and pass-through --------------------------------------------
     def _request_id(self, request: web.Request) -> str:
-        given = request.headers.get(self.rid_header)
-        if given and _REQUEST_ID_RE.match(given):
-            return given
-        return self._new_ids.new()
+        return self._new_ids.accept(request.headers.get(self.rid_header))
 
     async def handle_inference(self, request: web.Request) -> web.StreamResponse:
         return await self.serve(request, self._route)

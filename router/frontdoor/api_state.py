@@ -18,6 +18,7 @@ from router.core.admission import Admission
 from router.core.auth import KeyRing
 from router.core.catalog import ModelCatalog
 from router.core.clients import Client
+from router.core.intake import Intake
 from router.core.response_ids import ResponseIds
 from router.errors import RouterError
 from router.fleet.handover import Handover
@@ -68,6 +69,7 @@ class ApiState(Protocol):
     draining: bool
     worker: dict[str, int | None]
     response_ids: ResponseIds
+    intake: Intake
     rid_header: str
 
     def client_of(self, request: web.Request) -> Client: ...

@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
 
 from aiohttp import web
 
@@ -16,7 +15,6 @@ from router.core.requests import RouteRequest
 from router.core.response_ids import ResponseIds, not_found
 from router.core.scheduling import Decision
 from router.errors import RouterError, bad_request
-from router.fleet.replicas import Replica
 from router.frontdoor.api_state import ApiState
 from router.frontdoor.limits import BodyLease
 from router.observability.access_log import RequestRecord
@@ -51,13 +49,6 @@ class StoredResponses:
         replica that holds the response (router/core/response_ids.py), never another."""
         return await self.api.serve(request, self._stored_response)
 
-    def holder(self, response_id: str, replicas: Sequence[Replica], param: str) -> list[Replica]:
-        """`ResponseIds.holder`, its 404 counted as a rejection."""
-        try:
-            return self.api.response_ids.holder(response_id, replicas, param)
-        except RouterError as exc:
-            raise self.api.reject("response_not_found", exc) from None
-
     async def _stored_response(self, request: web.Request, record: RequestRecord,
                                lease: BodyLease) -> web.StreamResponse:
         if self.api.draining:
@@ -68,7 +59,7 @@ class StoredResponses:
         response_id = request.match_info["response_id"]
         if ResponseIds.token_of(response_id) is None:
             raise not_found(response_id, "response_id")  # not an id the router issued
-        replica = self.holder(response_id, list(self.api.fleet), "response_id")[0]
+        replica = self.api.intake.holder(response_id, list(self.api.fleet), "response_id")[0]
         if not self.api.catalog.may_use(client, replica.model):
             raise not_found(response_id, "response_id")  # a model the key may not use: as if absent
         record.model = replica.model

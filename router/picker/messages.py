@@ -12,6 +12,7 @@ in ``envoy.lb.subset_hint/x-gateway-destination-endpoint-subset``.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Mapping
 from typing import Any
 from urllib.parse import urlsplit
@@ -55,6 +56,7 @@ def metadata_value(request: Any, namespace: str, key: str) -> Any:
     return None
 
 
+@functools.lru_cache(maxsize=4096)  # the fleet's URLs, parsed once each (bounded)
 def address_of(url: str) -> str:
     """A replica's ``ip:port`` as Envoy names an upstream host (IPv6 in brackets)."""
     parts = urlsplit(url)

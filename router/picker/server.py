@@ -40,7 +40,11 @@ class PickerServer:
         serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
         last: bool | None = None
         while True:
-            ready = self._ready()
+            try:
+                ready = self._ready()
+            except Exception:  # noqa: BLE001 - the watch must outlive a broken check
+                log.exception("the readiness check failed")
+                ready = False
             if ready != last:
                 await self.health.set("readiness", serving if ready else not_serving)
                 last = ready
@@ -55,9 +59,10 @@ class PickerServer:
 
 
 async def start_picker(picker: EndpointPicker, host: str, port: int, *,
-                       ready: Callable[[], bool]) -> PickerServer:
-    """Listen on host:port (0: a free port) for Envoy's ext_proc streams (plaintext HTTP/2)."""
-    server = grpc.aio.server()
+                       ready: Callable[[], bool], max_message_bytes: int) -> PickerServer:
+    """Listen on host:port (0: a free port) for Envoy's ext_proc streams (plaintext HTTP/2).
+    `max_message_bytes`: a buffered body comes in one message (gRPC's default cap is 4 MiB)."""
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", max_message_bytes)])
     epg.add_ExternalProcessorServicer_to_server(picker, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -204,7 +204,7 @@ class Attempts:
                        relay: bool = True) -> web.StreamResponse:
         if not self.upstream.take_slot_now():  # (every connection in use: wait, bounded)
             await self.wait_for_slot(route, record)
-        # The slot is this attempt's until `_head` hands it to the pool; it is given back
+        # The slot is this attempt's until `head` hands it to the pool; it is given back
         # if the attempt ends before that (nothing between here and there waits).
         slot = PoolSlot()
         attempt = Attempt(route, replica, decision, record, number)

@@ -1,24 +1,17 @@
-"""How an attempt fails before its answer is committed (`UpstreamFailure`, a failover), how
-the attempts end when none answered, and what a replica's Retry-After asks.
+"""How an attempt fails before its answer is committed (`UpstreamFailure`, a failover), the
+words for each kind of failure in the client's error when none answered (the proxy's
+`_give_up`), and what a replica's Retry-After asks.
 """
 
 from __future__ import annotations
 
 import email.utils
 import time
-from typing import TYPE_CHECKING
 
 from multidict import CIMultiDict
 
 from router.fleet.replicas import Replica
 from router.transport.upstream_connection import UpstreamError
-
-if TYPE_CHECKING:
-    pass
-
-
-CLIENT_CLOSED = 499  # nginx's status for "client closed the request"
-
 
 UPSTREAM_ERRORS = (UpstreamError, OSError)
 

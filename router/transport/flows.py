@@ -78,12 +78,19 @@ class SingleHop:
 
     async def forward(self, request: web.Request, route: RouteRequest, candidates: Sequence[Replica],
                       record: RequestRecord, lora: LoraConfig | None = None) -> web.StreamResponse:
+        decision = await self.decide(route, candidates, record, lora)
+        return await self.proxy.forward(request, route, decision, record)
+
+    async def decide(self, route: RouteRequest, candidates: Sequence[Replica], record: RequestRecord,
+                     lora: LoraConfig | None = None) -> Decision:
+        """The ranking a single hop goes down (any data plane's): the profile's, with the
+        request's adapter loaded first when no replica serves it (dynamic loading)."""
         decision = self.rank(route, candidates, record)
         if not decision.ranked:
             raise self.proxy.unavailable(route.model)
         if route.adapter_path is not None and route.lora is not None and lora is not None:
             decision = await self.load_adapter(route, decision, record, lora)
-        return await self.proxy.forward(request, route, decision, record)
+        return decision
 
     async def load_adapter(self, route: RouteRequest, decision: Decision, record: RequestRecord,
                            lora: LoraConfig) -> Decision:

@@ -7,13 +7,8 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING
 
 from multidict import CIMultiDictProxy
-
-if TYPE_CHECKING:
-    pass
-
 
 # RFC 9110 7.6.1 hop-by-hop headers (+ the de-facto Proxy-Connection): never forwarded.
 HOP_BY_HOP = frozenset({

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
+from router.config import ProxyConfig
 from router.core.scheduling import Decision, Profile
 from router.fleet.replicas import Replica
 from router.observability.access_log import RequestRecord
@@ -85,22 +86,29 @@ class Hedging:
         self.profile = profile  # the routing profile's getter (a reload may swap it)
         self.retry_budget = retry_budget  # the proxy's (replaced on a reload that changes it)
         self.target = target  # the best admissible replica not tried yet
-        self.config = attempts.config
         self.telemetry = attempts.telemetry
         self.upstream = attempts.upstream
 
+    @property
+    def config(self) -> ProxyConfig:
+        return self.attempts.config  # (one holder: a reload sets it there)
+
     # -- hedging ------------------------------------------------------------------------
-    def delay(self, replica: Replica, route: RouteRequest, decision: Decision) -> float:
+    def delay(self, attempt: Attempt) -> float:
         """How long the first attempt on `replica` waits for its first byte before a hedge:
         ``multiplier`` x the time to first byte expected of it, within [``min_delay``,
         ``max_delay``].  Expected: what the latency detector learned of this request shape
         on it and its peers (router/transport/outliers.py); before that, for a stream, its prefill
         time, the prompts pending ahead of it included, at the profile's learned prefill
-        rate (router/core/scheduling/producers.py); otherwise ``max_delay``.  (Called with the
-        attempt sent: the replica's pending tokens include its own.)"""
+        rate (router/core/scheduling/producers.py); otherwise ``max_delay``.  The prompt tokens
+        ahead are what the attempt's dispatch recorded (hooks.InFlight: none for an answer whose
+        first byte comes after its generation), as the latency detector records them."""
         hedge = self.config.hedge
-        own = uncached_tokens(replica, route, decision)
-        ahead = max(0, replica.pending_prefill_tokens - own)
+        replica, route, decision = attempt.replica, attempt.route, attempt.decision
+        own = attempt.state.get("prefill_tokens")
+        if own is None:
+            own = uncached_tokens(replica, route, decision)
+        ahead = attempt.state.get("prefill_ahead", 0)
         expected = self.outliers.expected(replica, route, decision, tokens_ahead=ahead)
         if expected is None and route.stream:
             rate = self.profile().prefill_rate(replica)
@@ -122,7 +130,7 @@ class Hedging:
         legs = [self._launch(route, tried[0], 1, decision, record)]
         winner: _Leg | None = None
         try:
-            delay = self.delay(tried[0], route, decision)
+            delay = self.delay(legs[0].attempt)
             done, _ = await asyncio.wait((legs[0].task,), timeout=delay)
             if not done:
                 target = self.target(decision.ranked, tried)

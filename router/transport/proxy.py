@@ -50,7 +50,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import logging
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
@@ -103,7 +102,6 @@ if TYPE_CHECKING:
     from router.prefix.exact import ExactIndex
     from router.prefix.index import PrefixIndex
 
-log = logging.getLogger("router.proxy")
 
 
 class Proxy:
@@ -115,13 +113,8 @@ class Proxy:
                  breaker_config: CircuitBreakerConfig | None = None,
                  loop_lag: LoopLag | None = None, exact: ExactIndex | None = None,
                  fleet: Fleet | None = None) -> None:
-        self.upstream = upstream  # the client's requests (router/transport/upstream.py)
-        self.profile = feedback_to  # the routing profile's getter (a reload may swap it)
-        self.loop_lag = loop_lag
-        self.index = index
         self.config = config
         self.telemetry = telemetry
-        self.request_id_header = request_id_header
         # Waits are the router's own (router/transport/waits.py); the connect's is a ConnectWatch.
         self.waits = Waits(config.unhealthy_grace)
         self.breakers = CircuitBreakers(breaker_config or CircuitBreakerConfig(),
@@ -130,7 +123,6 @@ class Proxy:
         # with none; its methods are this object's too (read per candidate: no extra call).
         self.rotation = Rotation(self.breakers, config.retry_after)
         self.admissible = self.rotation.admissible
-        self.ejected_error = self.rotation.ejected_error
         self.unavailable = self.rotation.unavailable
         # Replicas far slower than their peers are ejected through their breakers.
         self.outliers = LatencyOutliers(
@@ -162,7 +154,7 @@ class Proxy:
                 self.config.retry_budget_ratio, self.config.retry_budget_min_per_s):
             self.retry_budget = RetryBudget(config.retry_budget_ratio, config.retry_budget_min_per_s)
         self.waits.unhealthy_grace = config.unhealthy_grace
-        self.config = self.relay.config = self.attempts.config = self.hedging.config = config
+        self.config = self.relay.config = self.attempts.config = config
         self.hedging.retry_budget = self.retry_budget
         self._hedge_paths = self._hedge_paths_of(config)
         self.breakers.config = breakers
@@ -208,13 +200,6 @@ class Proxy:
         """Monitor listener: waits on a replica that turned UNHEALTHY are cut short."""
         if new is Health.UNHEALTHY:
             self.waits.cut_replica(replica)
-
-    # -- candidates (router/fleet/rotation.py) ------------------------------------------
-    async def admissible_or_wait(self, candidates: Sequence[Replica],
-                                 record: RequestRecord) -> list[Replica]:
-        """`Rotation.admissible_or_wait` within what is left of ``proxy.deadline``."""
-        return await self.rotation.admissible_or_wait(candidates,
-                                                      self.config.deadline - record.elapsed())
 
     # -- forwarding -------------------------------------------------------------------
     async def forward(self, request: web.Request, route: RouteRequest, decision: Decision,
@@ -303,12 +288,12 @@ class Proxy:
 
     def _pick(self, ranked: Sequence[Replica], tried: Sequence[Replica]) -> Replica:
         """The best admissible replica not tried yet; else cycle through the admissible ones."""
+        untried = self._hedge_target(ranked, tried)
+        if untried is not None:
+            return untried
         usable = [r for r in ranked if self.admissible(r)]
         if not usable:
             raise NoReplicaLeft()
-        for replica in usable:
-            if replica not in tried:
-                return replica
         return usable[len(tried) % len(usable)]
 
     def _give_up(self, route: RouteRequest, record: RequestRecord,

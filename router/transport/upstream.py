@@ -38,11 +38,11 @@ from collections.abc import Callable, Iterable
 from router.fleet.endpoint import Endpoint
 from router.transport.upstream_connection import (
     Connection,
+    Stale,
     UpstreamConnectError,
     UpstreamDisconnected,
     UpstreamPoolTimeout,
     UpstreamResponse,
-    _Stale,
     request_head,
 )
 
@@ -100,13 +100,13 @@ class UpstreamPool:
             if connection is not None:
                 try:
                     return await self._exchange(connection, head, body)
-                except _Stale:
+                except Stale:
                     self._lent.discard(connection)  # its slot comes back to this call
                     connection = None  # closed under us before answering: once more, on a new one
             connection = await self._connect(endpoint, on_connecting, on_connected)
             try:
                 return await self._exchange(connection, head, body)
-            except _Stale:
+            except Stale:
                 raise UpstreamDisconnected("the replica closed the connection before answering") from None
         except BaseException:
             if connection is None:

@@ -52,7 +52,7 @@ class UpstreamPoolTimeout(Exception):
         self.waited = waited
 
 
-class _Stale(Exception):
+class Stale(Exception):
     """A reused connection closed before its answer's first byte (internal: retried)."""
 
 
@@ -266,7 +266,7 @@ class Connection(asyncio.Protocol):
         self.pool.lost(self)
         response = self.response
         if self._head is not None:
-            error: Exception = _Stale() if self.reused and not self.got_bytes else UpstreamDisconnected(
+            error: Exception = Stale() if self.reused and not self.got_bytes else UpstreamDisconnected(
                 "the replica closed the connection before answering")
             self._fail_head(error)
         elif response is not None and not response.content._done:

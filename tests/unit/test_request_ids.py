@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from router.frontdoor.request_ids import ID_BYTES, POOL_IDS, RequestIds
+from router.core.request_ids import ID_BYTES, POOL_IDS, RequestIds
 
 
 def test_ids_are_128_bit_hex_unique_across_refills_and_the_pool_stays_bounded() -> None:

@@ -12,6 +12,7 @@ processes (router/workers.py), never by forking one that holds a filled pool.
 from __future__ import annotations
 
 import os
+import re
 
 ID_BYTES = 16
 POOL_IDS = 256
@@ -33,3 +34,11 @@ class RequestIds:
             at = 0
         self._at = at + ID_BYTES
         return self._pool[at:at + ID_BYTES].hex()
+
+    def accept(self, given: str | None) -> str:
+        """The client's own id when it is plain (visible ASCII, at most 200 characters: it goes
+        into logs and to the replica), else a fresh one."""
+        return given if given and CLIENT_ID.match(given) else self.new()
+
+
+CLIENT_ID = re.compile(r"^[\x21-\x7e]{1,200}$")  # a client-chosen request id, bounded
