@@ -151,7 +151,9 @@ async def test_prefill_decode_on_real_vllm_with_the_example_connector(pd_engines
             # 10 clean-clone runs; the router had taken the disaggregated path each time): then
             # one more prompt, which must come through.
             retried = disaggregated["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
-            if retried:
+            if retried:  # only a miss of the connector's: the router did split the request
+                async with http.get(server.url + "/metrics") as resp:
+                    assert f'router_pd_requests_total{{model="{MODEL}",path="disaggregated"}} 1.0' in await resp.text()
                 body = {**body, "prompt": unique_text(300)}
                 disaggregated = await ask(http, server.url, body)
                 prompt_tokens = disaggregated["usage"]["prompt_tokens"]

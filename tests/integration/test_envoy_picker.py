@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -36,6 +37,7 @@ class Stack:
     def __init__(self, tmp: Path) -> None:
         self.tmp = tmp
         self.processes: list[asyncio.subprocess.Process] = []
+        self.drains: list[asyncio.Task[None]] = []
         self.router_url = ""
         self.envoy_port = 0
         self.picker_port = free_port()
@@ -58,7 +60,7 @@ class Stack:
                 ready.add("http")
             elif line.startswith("endpoint picker"):
                 ready.add("grpc")
-        asyncio.get_running_loop().create_task(_drain(picker.stderr))
+        self.drains.append(asyncio.get_running_loop().create_task(_drain(picker.stderr)))
 
     async def start_envoy(self, doc: dict[str, Any], *, fail_open: bool = False) -> None:
         config = self.tmp / "routes-envoy.yaml"
@@ -87,13 +89,23 @@ class Stack:
         async with aiohttp.ClientSession() as http, http.get(self.router_url + "/admin/replicas") as r:
             return list((await r.json())["replicas"])
 
+    async def metrics(self) -> str:
+        async with aiohttp.ClientSession() as http, http.get(self.router_url + "/metrics") as r:
+            return await r.text()
+
     async def close(self) -> None:
         for process in reversed(self.processes):
             with contextlib.suppress(ProcessLookupError):
                 process.terminate()
         for process in self.processes:
-            with contextlib.suppress(Exception):
+            try:
                 await asyncio.wait_for(process.wait(), 10)
+            except TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    process.kill()
+                await process.wait()
+        for task in self.drains:
+            task.cancel()
 
 
 async def _drain(stream: asyncio.StreamReader) -> None:
@@ -122,7 +134,7 @@ def _doc(sims: list[Any], **sections: Any) -> dict[str, Any]:
 
 
 async def test_openai_sdk_through_envoy_streamed_and_not_with_prefix_placement(make_sims, stack) -> None:
-    sims = await make_sims(2, model=MODEL)
+    sims = await make_sims(3, model=MODEL)
     await stack.start_picker(_doc(sims))
     await stack.start_envoy(_doc(sims))
     client = stack.client()
@@ -134,8 +146,9 @@ async def test_openai_sdk_through_envoy_streamed_and_not_with_prefix_placement(m
         stream_options={"include_usage": True})
     chunks = [chunk async for chunk in stream]
     assert chunks and chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 4
-    # Conversations: each one's second turn lands where its first turn's prefix is cached.
-    for n in range(4):
+    # Conversations: each one's second turn lands where its first turn's prefix is cached (by
+    # chance, on 3 replicas, all 6 would: 1 in 729).
+    for n in range(6):
         history = [{"role": "system", "content": f"{n}: {SYSTEM}"}, {"role": "user", "content": "Trains?"}]
         first = await client.chat.completions.create(model=MODEL, messages=history, max_tokens=8)
         history += [{"role": "assistant", "content": first.choices[0].message.content or ""},
@@ -156,12 +169,22 @@ async def test_a_dead_replica_is_walked_past_by_envoys_retry(make_sims, stack) -
     doc = _doc(sims, health={"interval": 5.0})  # the monitor does not see the death in time
     await stack.start_picker(doc)
     await stack.start_envoy(doc)
-    await sims[0].stop()
     client = stack.client()
-    for i in range(6):  # half of them are ranked on the dead one first: Envoy takes the next
+    history = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Trains?"}]
+    await client.chat.completions.create(model=MODEL, messages=history, max_tokens=2)
+    served = re.findall(r'router_requests_total\{[^}]*replica="([^"]+)",status="200"\} 1\.0', await stack.metrics())
+    assert len(served) == 1, served
+    holder = served[0]
+    dead = next(s for s in sims if s.url == holder)
+    await dead.stop()
+    # The same prefix again: ranked on the dead replica first, Envoy walks to the next endpoint.
+    for i in range(3):
         answer = await client.chat.completions.create(
-            model=MODEL, messages=[{"role": "user", "content": f"question {i}"}], max_tokens=2)
+            model=MODEL, messages=[*history, {"role": "user", "content": f"again {i}"}], max_tokens=2)
         assert answer.choices[0].message.content
+    failed = next(r for r in await stack.replicas() if r["url"] == holder)
+    assert failed["circuit_breaker"]["consecutive_failures"] >= 1, failed  # the picker heard the walk
+    assert failed["in_flight"] == 0
 
 
 async def test_a_client_over_its_rate_limit_gets_a_429_with_retry_after(make_sims, stack) -> None:
@@ -179,20 +202,34 @@ async def test_a_client_over_its_rate_limit_gets_a_429_with_retry_after(make_sim
     with pytest.raises(openai.AuthenticationError):  # no key: the picker's 401
         await stack.client("wrong-key-12").chat.completions.create(
             model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+    # Requests without a body never reach a replica: the model list is the picker's, keyed.
+    assert [m.id async for m in stack.client("team-secret-1").models.list()] == [MODEL, "alias-a"]
+    with pytest.raises(openai.AuthenticationError):
+        await stack.client("wrong-key-12").models.list()
+    async with aiohttp.ClientSession() as http:
+        headers = {"Authorization": "Bearer team-secret-1"}
+        url = f"http://127.0.0.1:{stack.envoy_port}"
+        async with http.get(url + "/metrics", headers=headers) as r:  # the replica's own page
+            assert r.status == 404 and (await r.json())["error"]["code"] == 404
+        async with http.post(url + "/v1/load_lora_adapter", headers=headers,  # not a forwarded path
+                              json={"lora_name": "x", "lora_path": "/tmp"}) as r:
+            assert r.status == 404
 
 
 async def test_a_client_that_leaves_mid_stream_frees_its_replica(make_sims, stack) -> None:
     sims = await make_sims(1, model=MODEL, time_scale=1.0)
     await stack.start_picker(_doc(sims))
     await stack.start_envoy(_doc(sims))
-    body = {"model": MODEL, "messages": [{"role": "user", "content": "a long story"}], "max_tokens": 400,
+    # About 7 ms a token: 4,000 tokens would take half a minute; the client leaves at once.
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "a long story"}], "max_tokens": 4000,
             "stream": True}
     async with aiohttp.ClientSession() as http:
         async with http.post(f"http://127.0.0.1:{stack.envoy_port}/v1/chat/completions", json=body) as r:
             assert r.status == 200
             await r.content.readany()
             assert any(rep["in_flight"] == 1 for rep in await stack.replicas())
-    await wait_async(lambda: _none_in_flight(stack), timeout=10, message="in-flight back to 0")
+    await wait_async(lambda: _none_in_flight(stack), timeout=3, message="in-flight back to 0")
+    assert 'status="499"' in await stack.metrics()  # counted and logged as the proxy does
 
 
 async def test_picker_down_fails_closed_or_open_as_configured(make_sims, stack) -> None:
@@ -204,9 +241,12 @@ async def test_picker_down_fails_closed_or_open_as_configured(make_sims, stack) 
     body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
     async with aiohttp.ClientSession() as http:
         async with http.post(f"http://127.0.0.1:{closed_port}/v1/chat/completions", json=body) as r:
-            assert r.status >= 500  # fail-closed: nothing reaches a replica unpicked
+            assert r.status == 500  # fail-closed: Envoy's answer to a picker it cannot reach
         async with http.post(f"http://127.0.0.1:{stack.envoy_port}/v1/chat/completions", json=body) as r:
             assert r.status == 200  # fail-open: Envoy's round robin over the pool
+        await stack.start_picker(doc)  # the same fail-closed Envoy, its picker back: served
+        async with http.post(f"http://127.0.0.1:{closed_port}/v1/chat/completions", json=body) as r:
+            assert r.status == 200
 
 
 def test_the_shipped_bootstrap_is_what_envoy_bootstrap_prints() -> None:

@@ -114,8 +114,21 @@ def test_the_pieces_agree() -> None:
     assert ref["name"] == picker_service["metadata"]["name"]
     grpc = next(p for p in picker_service["spec"]["ports"] if p["name"] == "grpc")
     assert ref["port"]["number"] == grpc["port"] and grpc["appProtocol"] == "kubernetes.io/h2c"
-    args = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+    pod = deployment["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    args = container["args"]
     assert args[0] == "pick" and args[args.index("--picker-port") + 1] == str(grpc["port"])
+    assert {"name": "grpc", "containerPort": grpc["port"]} in container["ports"]
+    assert container["readinessProbe"]["grpc"] == {"port": grpc["port"], "service": "readiness"}
+    assert container["livenessProbe"]["grpc"] == {"port": grpc["port"], "service": "liveness"}
+    # The pod's account may do what discovery does: list and watch EndpointSlices.
+    role, binding = find("Role"), find("RoleBinding")
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": pod["serviceAccountName"]}]
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    assert any("endpointslices" in rule["resources"] and {"list", "watch"} <= set(rule["verbs"])
+               for rule in role["rules"])
+    assert discovery.kubernetes.namespace == yaml.safe_load(
+        (PICKER / "kustomization.yaml").read_text())["namespace"]
     # The route sends the API to the pool.
     backend = route["spec"]["rules"][0]["backendRefs"][0]
     assert (backend["group"], backend["kind"], backend["name"]) == (
