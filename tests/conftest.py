@@ -177,6 +177,7 @@ class FakeReplica:
         self.mode = "json"
         self.extra_headers: dict[str, str] = {}
         self.waiting = 0.0  # reported as vllm:num_requests_waiting
+        self.running: float | None = None  # reported as vllm:num_requests_running (None: in_flight)
         self.kv_usage = 0.0  # reported as vllm:kv_cache_usage_perc
         self.big_size = 4 * 1024 * 1024
         self.sse_body = b'{"error": {"message": "engine dead", "code": 500}}'
@@ -217,9 +218,10 @@ class FakeReplica:
 
     async def metrics(self, request: web.Request) -> web.Response:
         name = self.models[0]
+        running = float(self.in_flight) if self.running is None else self.running
         return web.Response(text=(
             "# TYPE vllm:num_requests_running gauge\n"
-            f'vllm:num_requests_running{{engine="0",model_name="{name}"}} {float(self.in_flight)}\n'
+            f'vllm:num_requests_running{{engine="0",model_name="{name}"}} {running}\n'
             "# TYPE vllm:num_requests_waiting gauge\n"
             f'vllm:num_requests_waiting{{engine="0",model_name="{name}"}} {self.waiting}\n'
             "# TYPE vllm:kv_cache_usage_perc gauge\n"

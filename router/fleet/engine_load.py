@@ -36,3 +36,20 @@ class EngineLoad:
     running_adapters: frozenset[str] = frozenset()
     waiting_adapters: frozenset[str] = frozenset()
     max_loras: int | None = None
+    # The router's requests this scrape counted that have been answered since (request_left).
+    left: int = 0
+
+    def request_left(self) -> None:
+        """One of the router's requests in flight at this scrape has since been answered.
+
+        The scrape is up to an interval old, and a request it saw waiting that has since
+        been answered is not waiting any more: counted as waiting until the next scrape,
+        it moved a conversation's next turn off the replica holding its prefix (the queue
+        term charged a typical prompt for it).  Which of the requests was running and which
+        waiting the scrape does not say; vLLM schedules first come first served, so the
+        running ones are taken to leave first: once more have left than were running, each
+        one more is one fewer waiting.  (Other clients' running requests make this lean
+        to counting too many waiting, as without the correction.)"""
+        self.left += 1
+        if self.left > self.running and self.waiting >= 1.0:
+            self.waiting -= 1.0

@@ -199,6 +199,7 @@ class Monitor:
 
     async def scrape_metrics(self, replica: Replica) -> bool:
         timeout = aiohttp.ClientTimeout(total=self.metrics_cfg.timeout)
+        sent = time.monotonic()  # what the page counts was in flight by then (InFlight hook)
         try:
             async with self.session.get(f"{replica.url}/metrics", headers=self._headers(replica),
                                         timeout=timeout) as resp:
@@ -209,7 +210,8 @@ class Monitor:
             return False
         try:
             names = replica.served_models | {replica.model}
-            old, replica.load = replica.load, parse_engine_load(text, names, previous=replica.load)
+            old, replica.load = replica.load, parse_engine_load(text, names, scraped_at=sent,
+                                                                  previous=replica.load)
             replica.lora_slots.observe(replica.load)
         except Exception as exc:  # noqa: BLE001 - a malformed page must not kill the task
             log.debug("replica %s: unreadable /metrics: %s", replica.id, exc)

@@ -40,6 +40,7 @@ around each of its hops.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
@@ -171,11 +172,16 @@ class InFlight(Hook):
     as waiting all that time; the decode hop of a disaggregated request computes no prompt
     tokens.  ``attempt.state["prefill_ahead"]``, the replica's pending tokens before this
     attempt, is read by PolicyFeedback and outliers.LatencyFeedback (work done before
-    its first byte)."""
+    its first byte).
+
+    A request sent before the replica's last scrape and answered since corrects that
+    scrape's waiting count (``EngineLoad.request_left``): the next turn of a conversation
+    is not held off its replica by its own previous turn."""
 
     def on_dispatch(self, attempt: Attempt) -> None:
         replica = attempt.replica
         replica.in_flight += 1
+        attempt.state["sent_at"] = time.monotonic()
         route = attempt.route
         if route.method == "POST" and not route.prefilled_elsewhere and (
                 route.stream or (route.max_tokens is not None and route.max_tokens <= 1)):
@@ -194,6 +200,10 @@ class InFlight(Hook):
 
     def on_first_byte(self, attempt: Attempt, status: int) -> None:
         self._prefilled(attempt)
+        sent = attempt.state.get("sent_at")
+        load = attempt.replica.load
+        if status == 200 and sent is not None and sent < load.scraped_at:
+            load.request_left()  # the scrape counted it in flight; it has left the queue
 
     def on_complete(self, attempt: Attempt, outcome: str) -> None:
         attempt.replica.in_flight -= 1

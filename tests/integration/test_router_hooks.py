@@ -113,3 +113,45 @@ async def test_a_replica_counts_the_prompt_tokens_it_has_yet_to_prefill_until_it
     await until(lambda: target.in_flight == 1, message="the whole-answer request was dispatched")
     assert target.pending_prefill_tokens == 0
     await whole
+
+
+async def test_a_request_answered_since_the_last_scrape_no_longer_counts_as_waiting(
+        fakes, start_router, make_routes, http, until) -> None:
+    """The scrape is up to an interval old: a request it saw waiting that the router has
+    since seen answered stops counting there (EngineLoad.request_left), or a conversation's
+    next turn is moved off the replica holding its prefix (CI saw it once)."""
+    (replica,) = await fakes(1)
+    server = await start_router(make_routes([replica.url], metrics={"scrape_interval": 3600}))
+    (target,) = server.router.fleet
+    monitor = server.router.monitor
+
+    async def held_request(stream: bool) -> None:
+        """One request held on the replica while the router scrapes it, then answered."""
+        replica.mode, replica.release = "hold", asyncio.Event()
+        body = {"model": "sim-a", "prompt": "hello", "stream": stream}
+        task = asyncio.create_task(http.post(server.url + "/v1/completions", json=body))
+        await until(lambda: replica.in_flight == 1, message="the request reached the replica")
+        assert await monitor.scrape_metrics(target)
+        assert target.load.waiting == replica.waiting
+        replica.release.set()
+        async with await task as r:
+            assert r.status == 200
+            await r.read()
+
+    # The engine reports it waiting (a stream, then a whole answer): answered, it is not.
+    replica.running, replica.waiting = 0.0, 1.0
+    await held_request(stream=True)
+    assert target.load.waiting == 0.0
+    await held_request(stream=False)
+    assert target.load.waiting == 0.0
+    # Running and waiting one each (the other client's is waiting): vLLM takes requests
+    # first come first served, so the router's, sent first, is taken to be the running one.
+    replica.running, replica.waiting = 1.0, 1.0
+    await held_request(stream=False)
+    assert target.load.waiting == 1.0
+    # A request sent after the scrape was not in its count: it corrects nothing.
+    replica.running, replica.waiting, replica.mode = 0.0, 1.0, "json"
+    assert await monitor.scrape_metrics(target)
+    async with http.post(server.url + "/v1/completions", json={"model": "sim-a", "prompt": "x"}) as r:
+        assert r.status == 200
+    assert target.load.waiting == 1.0
