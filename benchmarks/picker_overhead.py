@@ -9,7 +9,9 @@ the other on the same machine:
 * **proxy**: `router` (the aiohttp data plane) carries every byte: its CPU per request;
 * **picker**: Envoy 1.40 (``--concurrency 1``) carries the bytes and asks `router pick` over
   ext_proc (full-duplex streamed bodies, response bodies streamed back for the usage): the
-  picker's CPU per request, Envoy's, and both together.
+  picker's CPU per request, Envoy's, and both together;
+* **picker, lean**: the same with ``router envoy-bootstrap --lean`` (the body buffered by
+  Envoy, no response body sent to the picker).
 CPU = user + system seconds of the process (psutil) over the requests answered 200 in the
 measured window, after a warm-up; the router and Envoy on core 0, the simulator and the
 clients on core 1.  Medians over the repeats.
@@ -35,6 +37,11 @@ from benchmarks.profile_router import MODEL, closed_loop
 from engines.sim.process import SimProcess, free_port
 
 ENVOY = Path(sys.executable).with_name("envoy")
+# The picker's two bootstraps: the GIE protocol's full-duplex bodies with the answer streamed
+# back (every signal), and --lean (buffered body, no answer body: three messages each way).
+PICKER_MODES = {"envoy_and_picker": [], "envoy_and_picker_lean": ["--lean"]}
+LABELS = {"envoy_and_picker": "Envoy + `router pick` (full duplex)",
+          "envoy_and_picker_lean": "Envoy + `router pick` (`--lean`)"}
 
 
 def _cpu(process: psutil.Process) -> float:
@@ -82,7 +89,7 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
 
 
 async def _one_repeat(sim_url: str, tmp: Path, args: argparse.Namespace) -> dict[str, dict[str, float]]:
-    port, picker_port, envoy_port = free_port(), free_port(), free_port()
+    port = free_port()
     routes = tmp / "routes.yaml"
     routes.write_text(yaml.safe_dump({
         "server": {"host": "127.0.0.1", "port": port, "access_log": False, "log_level": "warning"},
@@ -94,9 +101,17 @@ async def _one_repeat(sim_url: str, tmp: Path, args: argparse.Namespace) -> dict
         results["proxy"] = await _measure(f"http://127.0.0.1:{port}", {"router": psutil.Process(router.pid)}, args)
     finally:
         _stop(router)
+    for mode, options in PICKER_MODES.items():
+        results[mode] = await _picker_run(routes, tmp, options, args)
+    return results
+
+
+async def _picker_run(routes: Path, tmp: Path, options: list[str], args: argparse.Namespace) -> dict[str, float]:
+    """Envoy + `router pick` with the bootstrap `options`: their CPU per request."""
+    picker_port, envoy_port = free_port(), free_port()
     bootstrap = subprocess.run([sys.executable, "-m", "router", "envoy-bootstrap", "--config", str(routes),
-                                "--listen", f"127.0.0.1:{envoy_port}", "--picker", f"127.0.0.1:{picker_port}"],
-                               capture_output=True, check=True).stdout
+                                "--listen", f"127.0.0.1:{envoy_port}", "--picker", f"127.0.0.1:{picker_port}",
+                                *options], capture_output=True, check=True).stdout
     (tmp / "envoy.yaml").write_bytes(bootstrap)
     picker = _spawn([sys.executable, "-m", "router", "pick", "--config", str(routes),
                      "--picker-port", str(picker_port)], "0", tmp / "picker.log")
@@ -109,11 +124,10 @@ async def _one_repeat(sim_url: str, tmp: Path, args: argparse.Namespace) -> dict
                                   {"picker": psutil.Process(picker.pid), "envoy": psutil.Process(envoy.pid)}, args)
         measured["together_cpu_ms_per_request"] = (measured["picker_cpu_ms_per_request"]
                                                    + measured["envoy_cpu_ms_per_request"])
-        results["envoy_and_picker"] = measured
+        return measured
     finally:
         for process in (envoy, picker):
             _stop(process)
-    return results
 
 
 def _median(runs: list[dict[str, dict[str, float]]]) -> dict[str, dict[str, float]]:
@@ -124,7 +138,6 @@ def _median(runs: list[dict[str, dict[str, float]]]) -> dict[str, dict[str, floa
 def _markdown(runs: list[dict[str, dict[str, float]]], args: argparse.Namespace) -> str:
     med = _median(runs)
     proxy = med["proxy"]["router_cpu_ms_per_request"]
-    both = med["envoy_and_picker"]
     lines = [
         "# The router as Envoy's endpoint picker: CPU per request against the proxy mode",
         "",
@@ -137,23 +150,25 @@ def _markdown(runs: list[dict[str, dict[str, float]]], args: argparse.Namespace)
         "|---|---:|---:|---:|---:|---:|",
         f"| proxy (`router`) | {proxy:.3f} | – | {proxy:.3f} | {med['proxy']['requests_per_s']:.0f} "
         f"| {med['proxy']['errors']:.0f} |",
-        f"| Envoy + `router pick` | {both['picker_cpu_ms_per_request']:.3f} | {both['envoy_cpu_ms_per_request']:.3f} "
-        f"| {both['together_cpu_ms_per_request']:.3f} | {both['requests_per_s']:.0f} | {both['errors']:.0f} |",
+        *[f"| {LABELS[mode]} | {both['picker_cpu_ms_per_request']:.3f} | {both['envoy_cpu_ms_per_request']:.3f} "
+          f"| {both['together_cpu_ms_per_request']:.3f} | {both['requests_per_s']:.0f} | {both['errors']:.0f} |"
+          for mode, both in ((m, med[m]) for m in PICKER_MODES)],
         "",
-        f"Picker / proxy CPU per request: **{both['picker_cpu_ms_per_request'] / proxy:.2f}x**.",
+        *[f"Picker / proxy CPU per request, {LABELS[mode]}: "
+          f"**{med[mode]['picker_cpu_ms_per_request'] / proxy:.2f}x**.  " for mode in PICKER_MODES],
         "",
         "Only the CPU columns compare: the proxy has core 0 to itself, while Envoy and the picker "
         "share it, so the two req/s are not the same setup.",
         "",
         "Every repeat:",
         "",
-        "| repeat | proxy | picker | Envoy |",
-        "|---:|---:|---:|---:|",
+        "| repeat | proxy | picker | Envoy | picker (lean) | Envoy (lean) |",
+        "|---:|---:|---:|---:|---:|---:|",
     ]
     for i, run in enumerate(runs, 1):
-        lines.append(f"| {i} | {run['proxy']['router_cpu_ms_per_request']:.3f} | "
-                     f"{run['envoy_and_picker']['picker_cpu_ms_per_request']:.3f} | "
-                     f"{run['envoy_and_picker']['envoy_cpu_ms_per_request']:.3f} |")
+        cells = [f"{run[m][k]:.3f}" for m in PICKER_MODES
+                 for k in ("picker_cpu_ms_per_request", "envoy_cpu_ms_per_request")]
+        lines.append(f"| {i} | {run['proxy']['router_cpu_ms_per_request']:.3f} | {' | '.join(cells)} |")
     return "\n".join(lines) + "\n"
 
 

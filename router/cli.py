@@ -198,6 +198,10 @@ def envoy_bootstrap(argv: Sequence[str]) -> int:
     sub.add_argument("--fail-open", action="store_true",
                      help="let requests through (round robin) when the picker is down; the body is "
                           "then buffered by Envoy instead of streamed through the picker")
+    sub.add_argument("--lean", action="store_true",
+                     help="the least CPU per request: Envoy buffers the body and sends the picker no "
+                          "answer bodies (the picker then learns no first-token times or cached "
+                          "tokens, and cannot tell a client that left from an answered one)")
     args = sub.parse_args(list(argv))
     try:
         config = load_config(args.config)
@@ -209,7 +213,8 @@ def envoy_bootstrap(argv: Sequence[str]) -> int:
 
     launched = [plan.url for plan in launch_plan(config.launch)[1]] if config.launch is not None else []
     sys.stdout.write(render(config, listen=_host_port(args.listen), picker=_host_port(args.picker),
-                            admin_port=args.admin_port, fail_open=args.fail_open, launched=launched))
+                            admin_port=args.admin_port, fail_open=args.fail_open, lean=args.lean,
+                            launched=launched))
     return 0
 
 

@@ -42,14 +42,14 @@ def replica_addresses(config: Config, launched: Sequence[str] = ()) -> list[str]
 
 
 def bootstrap(config: Config, *, listen: tuple[str, int], picker: tuple[str, int],
-              admin_port: int | None = None, fail_open: bool = False,
+              admin_port: int | None = None, fail_open: bool = False, lean: bool = False,
               launched: Sequence[str] = ()) -> dict[str, Any]:
     """The bootstrap as a mapping (`render` writes it as YAML)."""
     hosts = []
     for address in replica_addresses(config, launched):
         host, port = address.rsplit(":", 1)
         hosts.append({"endpoint": {"address": _address(host.strip("[]"), int(port))}})
-    body_mode = "BUFFERED" if fail_open else "FULL_DUPLEX_STREAMED"
+    body_mode = "BUFFERED" if fail_open or lean else "FULL_DUPLEX_STREAMED"
     ext_proc = {
         "@type": f"{_TYPES}.filters.http.ext_proc.v3.ExternalProcessor",
         "grpc_service": {"envoy_grpc": {"cluster_name": "endpoint_picker"}, "timeout": "10s"},
@@ -58,10 +58,11 @@ def bootstrap(config: Config, *, listen: tuple[str, int], picker: tuple[str, int
         "processing_mode": {
             "request_header_mode": "SEND",
             "request_body_mode": body_mode,
-            "request_trailer_mode": "SKIP" if fail_open else "SEND",
+            "request_trailer_mode": "SKIP" if body_mode == "BUFFERED" else "SEND",
             "response_header_mode": "SEND",
-            "response_body_mode": "FULL_DUPLEX_STREAMED",  # the answer's usage: cached tokens
-            "response_trailer_mode": "SEND",
+            # the answer's first byte and usage (cached tokens); lean: its status and end only
+            "response_body_mode": "NONE" if lean else "FULL_DUPLEX_STREAMED",
+            "response_trailer_mode": "SKIP" if lean else "SEND",
         },
         "metadata_options": {"forwarding_namespaces": {"untyped": [LB_NAMESPACE, f"{LB_NAMESPACE}.subset_hint"]},
                              "receiving_namespaces": {"untyped": [LB_NAMESPACE]}},

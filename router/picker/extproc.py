@@ -20,6 +20,14 @@ or 429 is a failure; the first body byte is the first byte; the body's end (or h
 end the answer) completes the attempt and its last bytes give ``cached_tokens``.  A stream
 that ends before that (the client left, Envoy gave up) completes it as abandoned, logged 499.
 
+Lean mode (``router envoy-bootstrap --lean``: the body buffered, no response body): three
+messages each way per request instead of one per chunk.  The status and the served endpoint
+still come with the response headers; the stream's end, which Envoy sends when the answer
+has ended, is the answer's first byte and end, as for a whole answer in proxy mode (a
+stream's prompt is not counted pending on its replica, its timing teaches no prefill rate).
+Lost: ``cached_tokens`` (the prediction-accuracy metric), and a client that leaves in the
+middle of an answer reads as answered (Envoy ends the stream the same way).
+
 Not in picker mode: prefill/decode flows (a disaggregated model's requests are single hops
 over all its replicas) and the subset hint before admission (it filters the admitted
 candidates, so a request may queue for replicas outside the subset).
@@ -30,7 +38,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import orjson
@@ -58,6 +66,7 @@ from router.transport.usage import cached_tokens_of
 log = logging.getLogger("router.picker")
 
 FULL_DUPLEX = processing_mode_pb2.ProcessingMode.FULL_DUPLEX_STREAMED
+NO_BODY = processing_mode_pb2.ProcessingMode.NONE
 MODELS_PATH = "/v1/models"
 
 
@@ -67,6 +76,7 @@ class _Exchange:
 
     record: RequestRecord
     duplex: bool
+    lean: bool = False  # Envoy sends no response body: the stream's end is the answer's
     headers: CIMultiDict[str] = field(default_factory=CIMultiDict)
     body: bytearray = field(default_factory=bytearray)
     decided: bool = False  # the request phase is answered (routed, or refused)
@@ -100,8 +110,9 @@ class EndpointPicker(epg.ExternalProcessorServicer):  # type: ignore[misc]
         try:
             async for request in request_iterator:
                 kind = request.WhichOneof("request")
-                if request.HasField("protocol_config"):
+                if request.HasField("protocol_config"):  # (the stream's first message)
                     x.duplex = request.protocol_config.request_body_mode == FULL_DUPLEX
+                    x.lean = request.protocol_config.response_body_mode == NO_BODY
                 answers: list[Any] = []
                 if kind == "request_headers":
                     self._read_headers(x, request.request_headers)
@@ -135,6 +146,9 @@ class EndpointPicker(epg.ExternalProcessorServicer):  # type: ignore[misc]
                     if answer.HasField("immediate_response"):
                         status = answer.immediate_response.status.code
                         return
+            if x.lean and status:  # the answer has ended (or its client left: Envoy does not say)
+                self._first_byte(x, status)
+                self._complete(x, SUCCESS)
         except asyncio.CancelledError:
             record.client_gone = True  # Envoy ended the stream: its client left
             raise
@@ -188,7 +202,10 @@ class EndpointPicker(epg.ExternalProcessorServicer):  # type: ignore[misc]
             return [self._refuse(x, exc)]
         route = admitted.route
         ranked = decision.ranked[:max(1, self.proxy.config.max_attempts)]
-        x.attempt = Attempt(route, ranked[0], decision, record, 1)
+        # Lean: the first byte of a stream is not seen, only the end, so the hooks hear it as
+        # a whole answer (its prompt is not counted pending, its timing teaches no rate).
+        heard = replace(route, stream=False) if x.lean and route.stream else route
+        x.attempt = Attempt(heard, ranked[0], decision, record, 1)
         record.attempts, record.replica = 1, ranked[0].id
         self.proxy.hooks.dispatch(x.attempt)
         endpoints = ",".join(messages.address_of(r.url) for r in ranked)
@@ -245,7 +262,7 @@ class EndpointPicker(epg.ExternalProcessorServicer):  # type: ignore[misc]
                                       f"replica answered {status}", status=status)
             self.proxy.hooks.failure(attempt, failure)
             self._complete(x, FAILURE)
-        elif request.response_headers.end_of_stream:  # an answer without a body
+        elif request.response_headers.end_of_stream and not x.lean:  # an answer without a body
             self._first_byte(x, status)
             self._complete(x, SUCCESS)
         return status

@@ -181,7 +181,7 @@ class InFlight(Hook):
     def on_dispatch(self, attempt: Attempt) -> None:
         replica = attempt.replica
         replica.in_flight += 1
-        attempt.state["sent_at"] = time.monotonic()
+        attempt.state["dispatched_at"] = time.monotonic()
         route = attempt.route
         if route.method == "POST" and not route.prefilled_elsewhere and (
                 route.stream or (route.max_tokens is not None and route.max_tokens <= 1)):
@@ -200,7 +200,7 @@ class InFlight(Hook):
 
     def on_first_byte(self, attempt: Attempt, status: int) -> None:
         self._prefilled(attempt)
-        sent = attempt.state.get("sent_at")
+        sent = attempt.state.get("dispatched_at")
         load = attempt.replica.load
         if status == 200 and sent is not None and sent < load.scraped_at:
             load.request_left()  # the scrape counted it in flight; it has left the queue

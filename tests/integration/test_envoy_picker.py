@@ -62,18 +62,16 @@ class Stack:
                 ready.add("grpc")
         self.drains.append(asyncio.get_running_loop().create_task(_drain(picker.stderr)))
 
-    async def start_envoy(self, doc: dict[str, Any], *, fail_open: bool = False) -> None:
+    async def start_envoy(self, doc: dict[str, Any], *options: str) -> None:
         config = self.tmp / "routes-envoy.yaml"
         config.write_text(yaml.safe_dump(doc))
         self.envoy_port = free_port()
         args = [sys.executable, "-m", "router", "envoy-bootstrap", "--config", str(config),
                 "--listen", f"127.0.0.1:{self.envoy_port}", "--picker", f"127.0.0.1:{self.picker_port}"]
-        if fail_open:
-            args.append("--fail-open")
-        made = await asyncio.create_subprocess_exec(*args, stdout=asyncio.subprocess.PIPE)
+        made = await asyncio.create_subprocess_exec(*args, *options, stdout=asyncio.subprocess.PIPE)
         bootstrap, _ = await made.communicate()
         assert made.returncode == 0
-        path = self.tmp / ("envoy-open.yaml" if fail_open else "envoy.yaml")
+        path = self.tmp / f"envoy{''.join(options)}.yaml"
         path.write_bytes(bootstrap)
         envoy = await asyncio.create_subprocess_exec(
             str(ENVOY), "-c", str(path), "--use-dynamic-base-id", "-l", "warning",
@@ -232,12 +230,68 @@ async def test_a_client_that_leaves_mid_stream_frees_its_replica(make_sims, stac
     assert 'status="499"' in await stack.metrics()  # counted and logged as the proxy does
 
 
+async def test_lean_mode_places_prefixes_walks_past_a_dead_replica_and_counts_until_the_end(
+        make_sims, stack) -> None:
+    """`router envoy-bootstrap --lean`: the body buffered, no answer body for the picker.  The
+    status and served endpoint come with the answer's headers, its end with the stream's."""
+    sims = await make_sims(3, model=MODEL, time_scale=1.0)
+    doc = _doc(sims, health={"interval": 5.0})  # the monitor does not see the death in time
+    await stack.start_picker(doc)
+    await stack.start_envoy(doc, "--lean")
+    client = stack.client()
+    stream = await client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "hello"}], max_tokens=4, stream=True)
+    assert len([chunk async for chunk in stream]) >= 4
+    holders = []
+    for n in range(4):  # each conversation's second turn where its first turn's prefix is
+        history = [{"role": "system", "content": f"{n}: {SYSTEM}"}, {"role": "user", "content": "Trains?"}]
+        first = await client.chat.completions.create(model=MODEL, messages=history, max_tokens=4)
+        history += [{"role": "assistant", "content": first.choices[0].message.content or ""},
+                    {"role": "user", "content": "And museums?"}]
+        second = await client.chat.completions.create(model=MODEL, messages=history, max_tokens=4)
+        details = second.usage.prompt_tokens_details if second.usage else None
+        assert details is not None and details.cached_tokens and details.cached_tokens >= first.usage.prompt_tokens - 16
+        holders.append(history)
+    # A long answer counts in flight until its end, not only until its headers.
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "a story"}], "max_tokens": 150, "stream": True}
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"http://127.0.0.1:{stack.envoy_port}/v1/chat/completions", json=body) as r:
+            assert r.status == 200
+            await r.content.readany()
+            await asyncio.sleep(0.3)
+            assert sum(rep["in_flight"] for rep in await stack.replicas()) == 1
+            await r.read()
+    await wait_async(lambda: _none_in_flight(stack), timeout=5, message="in-flight back to 0")
+    # The replica that took a new prefix dies: Envoy walks the list, and the picker hears it.
+    before = _served(await stack.metrics())
+    history = [{"role": "system", "content": f"last: {SYSTEM}"}, {"role": "user", "content": "Trains?"}]
+    await client.chat.completions.create(model=MODEL, messages=history, max_tokens=2)
+    after = _served(await stack.metrics())
+    (holder,) = [url for url in after if after[url] > before.get(url, 0.0)]
+    await next(s for s in sims if s.url == holder).stop()
+    answer = await client.chat.completions.create(
+        model=MODEL, messages=[*history, {"role": "user", "content": "again"}], max_tokens=2)
+    assert answer.choices[0].message.content
+    states = {r["url"]: r for r in await stack.replicas()}
+    assert states[holder]["circuit_breaker"]["consecutive_failures"] >= 1, states[holder]
+    assert all(r["in_flight"] == 0 for r in states.values())
+
+
+def _served(metrics: str) -> dict[str, float]:
+    """Requests answered 200, per replica URL, from the picker's /metrics."""
+    counts: dict[str, float] = {}
+    for url, value in re.findall(r'router_requests_total\{[^}]*replica="([^"]+)",status="200"\} ([0-9.e+]+)',
+                                 metrics):
+        counts[url] = counts.get(url, 0.0) + float(value)
+    return counts
+
+
 async def test_picker_down_fails_closed_or_open_as_configured(make_sims, stack) -> None:
     sims = await make_sims(1, model=MODEL)
     doc = _doc(sims)
     await stack.start_envoy(doc)  # no picker listens on its port
     closed_port = stack.envoy_port
-    await stack.start_envoy(doc, fail_open=True)
+    await stack.start_envoy(doc, "--fail-open")
     body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
     async with aiohttp.ClientSession() as http:
         async with http.post(f"http://127.0.0.1:{closed_port}/v1/chat/completions", json=body) as r:
