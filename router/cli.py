@@ -25,26 +25,34 @@ from typing import Any
 from router import __version__
 from router.config import DEFAULT_CONFIG_PATH, Config, load_config
 from router.core.scheduling import validate_policy_params
-from yamlcheck import ConfigError
+from yamlcheck import ConfigError, ConfigErrors
 
 log = logging.getLogger("router.cli")
 EXIT_CONFIG = 2
 PARENT_POLL_S = 1.0  # how often a worker checks that its supervisor is alive
 
 
-def _check(path: str) -> Config:
-    config = load_config(path)
+def _checked(config: Config) -> None:
+    """What `check-config` checks beyond the file's own shape (ConfigError on a problem)."""
     validate_policy_params(config)
     if config.launch is not None:
         from router.app import launch_plan
 
         launch_plan(config.launch)
-    return config
+
+
+def _check(path: str) -> Config:
+    return load_config(path, then=_checked)
 
 
 def check_config(path: str) -> int:
     try:
         config = _check(path)
+    except ConfigErrors as exc:  # every problem of the file, in file order
+        for error in exc.errors:
+            print(f"error: {error}", file=sys.stderr)
+        print(f"{path}: {len(exc.errors)} problems", file=sys.stderr)
+        return EXIT_CONFIG
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_CONFIG

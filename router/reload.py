@@ -154,9 +154,9 @@ class Reloader:
             raise ConfigError(None, "", "this router was not started from a config file: nothing to reload")
         async with self._lock:
             try:
-                config = await asyncio.to_thread(load_config, path)
+                config = await asyncio.to_thread(
+                    load_config, path, then=lambda c: validate_policy_params(self.overrides(c)))
                 config = self.overrides(config)
-                validate_policy_params(config)
                 loaded = router.prompt_tokens.files if router.prompt_tokens is not None else {}
                 tokenizers = await asyncio.to_thread(prompt_tokens.load, config, loaded)
             except ConfigError as exc:

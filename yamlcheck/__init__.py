@@ -11,8 +11,10 @@ build frozen dataclasses from them.
 
 from __future__ import annotations
 
+import copy
 import difflib
-from collections.abc import Iterable, Mapping
+import re
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
@@ -180,3 +182,149 @@ def load_yaml(file: str | Path) -> Node:
         problem = getattr(exc, "problem", None) or str(exc)
         raise ConfigError(path, "", f"not valid YAML{where}: {problem}") from None
     return Node(data, "", path)
+
+
+class ConfigErrors(ConfigError):
+    """Several configuration problems found in one run, in file order (``every_error``)."""
+
+    def __init__(self, errors: list[ConfigError]) -> None:
+        first = errors[0]
+        super().__init__(first.file, first.path, first.message)
+        self.errors = errors
+        self.args = ("\n".join(str(e) for e in errors),)
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+_TOKEN = re.compile(r"([^.\[\]]+)|\[(\d+)\]")
+
+
+def _tokens(path: str) -> list[str | int]:
+    if path in ("", "(top level)"):
+        return []
+    return [int(index) if index else key for key, index in _TOKEN.findall(path)]
+
+
+def _render(tokens: list[str | int]) -> str:
+    out = ""
+    for token in tokens:
+        out += f"[{token}]" if isinstance(token, int) else (f".{token}" if out else token)
+    return out
+
+
+def every_error(data: Any, file: str | Path | None, validate: Callable[[Any], T], *, limit: int = 100) -> T:
+    """`validate(data)`, or every ConfigError it finds, in file order, as one ConfigErrors.
+
+    Validators stop at their first problem.  So that a file with four mistakes is fixed in one
+    run, not four, each problem's key is taken out of a copy of the document (its default then
+    applies; a missing key takes out the nearest enclosing item) and the copy validated again,
+    until it passes or nothing more can be taken out.  A problem reported on an item that
+    encloses one already taken out (``models: expected at least one model`` after the only
+    model went) is a consequence, not a mistake of the file, and ends the search."""
+    work = copy.deepcopy(data)
+    removed: dict[tuple[str | int, ...], list[int]] = {}  # list path (file indices) -> items taken out
+    taken: list[tuple[str | int, ...]] = []  # paths taken out, in file indices
+    errors: list[tuple[tuple[str | int, ...], ConfigError]] = []
+    for _ in range(limit):
+        try:
+            result = validate(work)
+        except ConfigErrors:
+            raise
+        except ConfigError as exc:
+            tokens = _tokens(exc.path if exc.path != "(top level)" else "")
+            original = _to_file_indices(tokens, removed)
+            if any(original == t[:len(original)] for t in taken):
+                break  # a consequence of something already reported
+            errors.append((original, ConfigError(exc.file, _render(list(original)), exc.message)))
+            cut = _take_out(work, tokens, removed, original)
+            if cut is None:
+                break
+            taken.append(cut)
+            continue
+        if not errors:
+            return result
+        break
+    if len(errors) == 1:
+        raise errors[0][1]
+    lines = _line_numbers(file)
+    order = sorted(range(len(errors)), key=lambda i: (_line_of(errors[i][0], lines), i))
+    raise ConfigErrors([errors[i][1] for i in order])
+
+
+def _to_file_indices(tokens: list[str | int], removed: dict[tuple[str | int, ...], list[int]]) -> tuple[str | int, ...]:
+    """A path in the trimmed copy's list indices, in the file's."""
+    out: list[str | int] = []
+    for token in tokens:
+        if isinstance(token, int):
+            gone = removed.get(tuple(out), [])
+            index = token
+            for g in sorted(gone):  # the token-th item not taken out
+                if g <= index:
+                    index += 1
+            token = index
+        out.append(token)
+    return tuple(out)
+
+
+def _take_out(work: Any, tokens: list[str | int], removed: dict[tuple[str | int, ...], list[int]],
+              original: tuple[str | int, ...]) -> tuple[str | int, ...] | None:
+    """Remove the deepest existing item on `tokens` (not the root); its file path, or None."""
+    depth = len(tokens)
+    while depth > 0:
+        parent = work
+        for token in tokens[:depth - 1]:
+            parent = _child(parent, token)
+            if parent is _MISSING:
+                break
+        last = tokens[depth - 1]
+        if isinstance(parent, Mapping) and isinstance(last, str) and last in parent:
+            del parent[last]  # type: ignore[attr-defined]
+            return original[:depth]
+        if isinstance(parent, list) and isinstance(last, int) and 0 <= last < len(parent):
+            parent.pop(last)
+            removed.setdefault(tuple(original[:depth - 1]), []).append(int(original[depth - 1]))
+            return original[:depth]
+        depth -= 1
+    return None
+
+
+def _child(value: Any, token: str | int) -> Any:
+    if isinstance(token, int):
+        return value[token] if isinstance(value, list) and 0 <= token < len(value) else _MISSING
+    return value.get(token, _MISSING) if isinstance(value, Mapping) else _MISSING
+
+
+def _line_numbers(file: str | Path | None) -> dict[tuple[str | int, ...], int]:
+    """Key path -> line in the file (empty when it cannot be read again)."""
+    if file is None:
+        return {}
+    try:
+        root = yaml.compose(Path(file).read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return {}
+    lines: dict[tuple[str | int, ...], int] = {}
+
+    def walk(node: Any, path: tuple[str | int, ...]) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                child = (*path, str(key.value))
+                lines[child] = key.start_mark.line + 1
+                walk(value, child)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                lines[(*path, i)] = item.start_mark.line + 1
+                walk(item, (*path, i))
+
+    if root is not None:
+        walk(root, ())
+    return lines
+
+
+def _line_of(path: tuple[str | int, ...], lines: dict[tuple[str | int, ...], int]) -> int:
+    """The line of `path`, or of its nearest enclosing key that the file has (a missing key)."""
+    for depth in range(len(path), 0, -1):
+        line = lines.get(path[:depth])
+        if line is not None:
+            return line
+    return 0

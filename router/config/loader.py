@@ -5,7 +5,7 @@ routes.yaml into it, every error naming the file, the key path and what is expec
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,7 +21,7 @@ from router.config.prefix import PrefixConfig, parse_prefix
 from router.config.proxy import ProxyConfig, parse_proxy
 from router.config.routing import RoutingConfig, parse_routing
 from router.config.server import ServerConfig, parse_server
-from yamlcheck import Node, load_yaml
+from yamlcheck import Node, every_error, load_yaml
 
 DEFAULT_CONFIG_PATH = Path(__file__).resolve().parents[2] / "config" / "routes.yaml"
 
@@ -86,7 +86,18 @@ def parse_config(data: Any, file: str | Path | None = None, *,
     )
 
 
-def load_config(path: str | Path, *, env: Mapping[str, str] | None = None) -> Config:
-    """Read and validate routes.yaml; ConfigError names file, key path, found and expected."""
+def load_config(path: str | Path, *, env: Mapping[str, str] | None = None,
+                then: Callable[[Config], object] | None = None) -> Config:
+    """Read and validate routes.yaml; ConfigError names file, key path, found and expected,
+    and a file with several problems raises them all, in file order, as one ConfigErrors.
+    `then` checks the Config further (the scheduling parameters: core/scheduling/presets.py),
+    its problems counted with the others."""
     root = load_yaml(path)
-    return parse_config(root.value, root.file, env=env)
+
+    def validate(data: Any) -> Config:
+        config = parse_config(data, root.file, env=env)
+        if then is not None:
+            then(config)
+        return config
+
+    return every_error(root.value, root.file, validate)

@@ -142,6 +142,12 @@ async def test_an_invalid_reload_changes_nothing_and_says_why(
     assert "routing.polcy" in message and "did you mean 'policy'" in message
     assert (router.config, list(router.fleet), router.policy) == before
     assert "reload of" in caplog.text and "refused" in caplog.text
+    doc["server"] = {"log_format": "jsn"}  # two mistakes: both in the one answer
+    path.write_text(yaml.safe_dump(doc))
+    async with http.post(server.url + "/admin/reload") as r:
+        assert r.status == 400
+        message = (await r.json())["error"]["message"]
+    assert "routing.polcy" in message and "server.log_format" in message
     path.write_text("models: [unclosed")  # not even YAML
     async with http.post(server.url + "/admin/reload") as r:
         assert r.status == 400

@@ -217,6 +217,57 @@ def test_check_config_command_exit_status(tmp_path: Path) -> None:
     assert "OK" in proc.stdout
 
 
+FOUR_MISTAKES = """\
+server:
+  log_format: jsn
+models:
+  - backends: ["http://127.0.0.1:8101"]
+  - name: m2
+    backends: ["http://127.0.0.1:8102"]
+    aliasses: [x]
+routing:
+  policy: cache_aware
+  params: {load_factr: 2}
+health:
+  interval: -1
+"""
+
+
+def test_check_config_reports_every_error_in_file_order(tmp_path: Path) -> None:
+    """Four mistakes, found in one run (not four) and listed in file order: the routing
+    parameter is checked after the whole file is read, a model without a name is taken out
+    and the next one keeps its index in the file."""
+    bad = tmp_path / "routes.yaml"
+    bad.write_text(FOUR_MISTAKES)
+    proc = subprocess.run([sys.executable, "-m", "router", "check-config", str(bad)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    paths = [line.split(": ")[2] for line in lines]
+    assert paths == ["server.log_format", "models[0].name", "models[1].aliasses",
+                     "routing.params.load_factr", "health.interval"], proc.stderr
+    assert "did you mean 'json'" in lines[0] and "required key is missing" in lines[1]
+    assert proc.stderr.splitlines()[-1] == f"{bad}: 5 problems"
+    # One mistake reads as before: one error, no count.
+    one = tmp_path / "one.yaml"
+    one.write_text(FOUR_MISTAKES.split("models:")[0] + "models: [{name: m, backends: [http://h:1]}]\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(one)
+    assert not hasattr(info.value, "errors") and info.value.path == "server.log_format"
+
+
+def test_a_consequence_of_a_reported_mistake_is_not_reported() -> None:
+    """The only model has no name: taken out, "expected at least one model" would follow.
+    The search ends there (what the file says after it is checked on the next run)."""
+    from yamlcheck import every_error
+
+    with pytest.raises(ConfigError) as info:
+        every_error({"models": [{"backends": ["http://h:1"]}], "server": {"port": "x"}}, None,
+                    lambda data: parse_config(data, None))
+    assert info.value.path == "models[0].name" and "required key is missing" in str(info.value)
+    assert "at least one model" not in str(info.value)
+
+
 # -- the front door's keys (production hardening) ----------------------------------------
 def test_credentials_in_backend_urls_are_refused_without_quoting_them() -> None:
     for url in ("http://user:hunter2secret@h:1", "http://hunter2secret@h:1"):
