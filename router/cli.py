@@ -25,6 +25,7 @@ from typing import Any
 from router import __version__
 from router.config import DEFAULT_CONFIG_PATH, Config, load_config
 from router.core.scheduling import validate_policy_params
+from router.observability.logs import announce
 from yamlcheck import ConfigError, ConfigErrors
 
 log = logging.getLogger("router.cli")
@@ -125,7 +126,7 @@ async def _serve(config: Config, host: str | None, port: int | None, launch: boo
     log.info("router %s %sserving on %s (policy %s, %d replica(s) of %s)", __version__, who, server.url,
              policy, len(router.fleet), ", ".join(router.fleet.models()) or "no model")
     if worker_index is None:
-        print(f"router listening on {server.url} (policy {policy})", file=sys.stderr, flush=True)
+        announce(f"router listening on {server.url} (policy {policy})")
     await stop.wait()
     if watcher is not None:
         watcher.cancel()
@@ -148,7 +149,7 @@ async def _start_picker(router: Any, host: str, port: int) -> Any:
     server = await start_picker(picker, host, port, ready=lambda: any(
         router.proxy.admissible(r) for r in router.fleet),
         max_message_bytes=router.config.server.max_body_bytes + (1 << 20))
-    print(f"endpoint picker (Envoy ext_proc) listening on {host}:{server.port}", file=sys.stderr, flush=True)
+    announce(f"endpoint picker (Envoy ext_proc) listening on {host}:{server.port}")
     return server
 
 

@@ -13,6 +13,7 @@ import logging
 from collections.abc import Awaitable, Callable, Mapping
 from http import HTTPStatus
 
+import orjson
 from aiohttp import web
 
 from router.errors import JSON_CONTENT_TYPE, RouterError, error_body
@@ -66,3 +67,13 @@ def error_answer(request: web.Request, exc: Exception) -> web.StreamResponse:
     # The last line of defence: logged with its traceback, never one on the wire.
     log.error("unhandled error on %s %s", request.method, request.path, exc_info=exc)
     return error_response(500, "Internal router error")
+
+
+def error_message(body: bytes) -> str | None:
+    """The message of an OpenAI-shaped error body (None if it is not one)."""
+    try:
+        error = orjson.loads(body).get("error")
+    except (orjson.JSONDecodeError, AttributeError):
+        return None
+    message = error.get("message") if isinstance(error, dict) else None
+    return message if isinstance(message, str) else None

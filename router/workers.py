@@ -50,6 +50,7 @@ from types import MappingProxyType
 from typing import Any
 
 from router.config import BackendConfig, Config
+from router.observability.logs import announce
 
 log = logging.getLogger("router.workers")
 
@@ -183,8 +184,7 @@ class Supervisor:
             for task in watchers:
                 task.add_done_callback(self._watcher_done)
             bound = self.sock.getsockname()[1]
-            print(f"router listening on http://{self._display_host()}:{bound} "
-                  f"({self.count} workers)", file=sys.stderr, flush=True)
+            announce(f"router listening on http://{self._display_host()}:{bound} ({self.count} workers)")
             log.info("supervising %d router workers on port %d", self.count, bound)
             stopped = loop.create_task(stop.wait())
             failed = loop.create_task(self._failed.wait())

@@ -46,7 +46,7 @@ from router.frontdoor.api_state import FleetControl
 from router.frontdoor.limits import BodyBudget, BodyLease, expect_continue, read_body
 from router.frontdoor.status import Status
 from router.frontdoor.stored_responses import StoredResponses
-from router.http_errors import Handler, error_answer, response_of
+from router.http_errors import Handler, error_answer, error_message, response_of
 from router.observability.access_log import RequestRecord
 from router.observability.telemetry import Telemetry
 from router.paths import raw_path_problem
@@ -67,6 +67,8 @@ if TYPE_CHECKING:
     from router.transport.prompt_tokens import PromptTokens
 
 REQUEST_ID_KEY = web.RequestKey("request_id", str)
+# Scrapes and probes, answered fine, are neither counted nor logged (each would be a line a second).
+_PROBES = frozenset(("/health", "/ready", "/metrics"))
 
 
 
@@ -164,8 +166,12 @@ class Api:
                 response = cors.preflight(request) if request.method == "OPTIONS" else await handler(request)
             except Exception as exc:  # noqa: BLE001 - error_answer re-raises what it must not answer
                 response = error_answer(request, exc)
+            served = REQUEST_ID_KEY in request  # by `serve`: counted and logged there
             if not response.prepared and self.rid_header not in response.headers:
-                response.headers[self.rid_header] = request.get(REQUEST_ID_KEY) or self._request_id(request)
+                request[REQUEST_ID_KEY] = request.get(REQUEST_ID_KEY) or self._request_id(request)
+                response.headers[self.rid_header] = request[REQUEST_ID_KEY]
+            if not served and (response.status >= 400 or request.path not in _PROBES):
+                self._finish_own(request, response)
             return response
 
         return front_door
@@ -203,6 +209,7 @@ class Api:
                 response = await route(request, record, lease)
             except RouterError as exc:
                 response = response_of(exc)
+                record.error = record.error or exc.message  # the router's own refusal: why
             return response
         except asyncio.CancelledError:
             record.client_gone = True
@@ -276,6 +283,17 @@ class Api:
 
     def _finish(self, record: RequestRecord, status: int) -> None:
         self.intake.finish(record, status)
+
+    def _finish_own(self, request: web.Request, response: web.StreamResponse) -> None:
+        """An answer the router made itself, not through `serve` (a 404 or 405 from aiohttp's
+        routing, a path refused, the model list, an admin call): counted and logged as well,
+        an error with its reason."""
+        record = RequestRecord(request_id=request.get(REQUEST_ID_KEY) or "", method=request.method,
+                               path=request.path, client=request.remote)
+        body = getattr(response, "body", None)
+        if response.status >= 400 and isinstance(body, bytes):
+            record.error = error_message(body)
+        self._finish(record, response.status)
 
     # -- GET endpoints --------------------------------------------------------------
     def client_of(self, request: web.Request) -> Client:

@@ -92,8 +92,9 @@ def write_access_log(record: RequestRecord, duration: float, fmt: str = "json") 
     if not access_log.isEnabledFor(logging.INFO):
         return
     data = record.as_dict(duration)
-    if fmt == "json":
-        line = orjson.dumps(data, default=str).decode()
+    if fmt == "json":  # the keys every other JSON log line has, then the request's
+        line = orjson.dumps({"ts": data.pop("ts"), "level": "info", "logger": access_log.name, **data},
+                            default=str).decode()
     else:
         line = " ".join(f"{k}={_text_value(v)}" for k, v in data.items() if v is not None)
     access_log.info(line)

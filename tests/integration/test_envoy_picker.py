@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import re
 import sys
 import time
@@ -55,10 +56,11 @@ class Stack:
         while len(ready) < 2:
             line = (await asyncio.wait_for(picker.stderr.readline(), deadline - time.monotonic())).decode()
             assert line, "router pick exited"
-            if line.startswith("router listening on "):
-                self.router_url = line.split()[3]
+            message = json.loads(line).get("message", "") if line.startswith("{") else line  # (JSON logs)
+            if message.startswith("router listening on "):
+                self.router_url = message.split()[3]
                 ready.add("http")
-            elif line.startswith("endpoint picker"):
+            elif message.startswith("endpoint picker"):
                 ready.add("grpc")
         self.drains.append(asyncio.get_running_loop().create_task(_drain(picker.stderr)))
 
@@ -266,8 +268,15 @@ async def test_lean_mode_places_prefixes_walks_past_a_dead_replica_and_counts_un
     before = _served(await stack.metrics())
     history = [{"role": "system", "content": f"last: {SYSTEM}"}, {"role": "user", "content": "Trains?"}]
     await client.chat.completions.create(model=MODEL, messages=history, max_tokens=2)
-    after = _served(await stack.metrics())
-    (holder,) = [url for url in after if after[url] > before.get(url, 0.0)]
+    grown: list[str] = []
+
+    async def counted() -> bool:  # (the picker hears the end just after the client does)
+        after = _served(await stack.metrics())
+        grown[:] = [url for url in after if after[url] > before.get(url, 0.0)]
+        return bool(grown)
+
+    await wait_async(counted, timeout=5, message="the answer counted")
+    (holder,) = grown
     await next(s for s in sims if s.url == holder).stop()
     answer = await client.chat.completions.create(
         model=MODEL, messages=[*history, {"role": "user", "content": "again"}], max_tokens=2)

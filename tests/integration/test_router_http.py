@@ -461,3 +461,71 @@ def test_sse_verdict_reads_the_first_line() -> None:
         assert sse_verdict(bad) is False, bad
     for undecided in (b"", b"d", b"da", b"data", b"\r\n\r\n", b"\xef\xbb\xbf", b"ret"):
         assert sse_verdict(undecided) is None, undecided
+
+
+async def test_every_answer_is_counted_and_logged_with_its_reason(fakes, start_router, make_routes, http,
+                                                                  caplog) -> None:
+    """405s, GET 404s, refused paths and the router's own 400s: counted in
+    router_requests_total and logged with their reason (not `"error": null`); probes and
+    scrapes answered fine are neither."""
+    (fake,) = await fakes(1)
+    server = await start_router(make_routes([fake.url]))
+    caplog.set_level("INFO", logger="router.access")
+    async with http.put(server.url + "/v1/completions", data=b"{}") as r:
+        assert r.status == 405
+    async with http.get(server.url + "/v2/nothing") as r:
+        assert r.status == 404
+    await post(http, server.url + "/v1/completions", b'{"model": "sim-a", "prompt": ',
+               headers={"X-Request-Id": "own-400"})
+    async with http.get(server.url + "/v1/models") as r:
+        assert r.status == 200
+    for probe in ("/health", "/ready"):
+        async with http.get(server.url + probe) as r:
+            assert r.status == 200
+    async with http.get(server.url + "/metrics") as r:
+        text = await r.text()
+    for status, count in (("405", 1), ("404", 1), ("400", 1), ("200", 1)):
+        assert f'router_requests_total{{model="none",replica="none",status="{status}"}} {count}.0' in text, status
+    await asyncio.sleep(0)
+    lines = [orjson.loads(r.getMessage()) for r in caplog.records if r.name == "router.access"]
+    by_path = {(line["method"], line["path"]): line for line in lines}
+    assert "not allowed" in by_path[("PUT", "/v1/completions")]["error"]
+    assert by_path[("GET", "/v2/nothing")]["error"] == "Not found: GET /v2/nothing"
+    own = next(line for line in lines if line["request_id"] == "own-400")
+    assert own["status"] == 400 and own["error"].startswith("Malformed JSON")
+    assert by_path[("GET", "/v1/models")]["status"] == 200
+    assert ("GET", "/health") not in by_path and ("GET", "/metrics") not in by_path
+    # The JSON log's keys on every line, the access log's too.
+    from router.observability.access_log import RequestRecord, write_access_log
+
+    record = RequestRecord(request_id="r", method="GET", path="/x")
+    write_access_log(record, 0.001, "json")
+    line = orjson.loads(caplog.records[-1].getMessage())
+    assert list(line)[:3] == ["ts", "level", "logger"] and line["logger"] == "router.access"
+
+
+def test_the_listening_line_is_in_the_logs_format(tmp_path) -> None:
+    """With log_format json every stderr line is JSON, the address line included."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    from tests.conftest import free_port, routes
+
+    port = free_port()
+    doc = routes(["http://127.0.0.1:9"], server={"port": port, "log_format": "json", "log_level": "warning"})
+    (tmp_path / "routes.yaml").write_text(yaml.safe_dump(doc))
+    child = subprocess.Popen([sys.executable, "-m", "router", "--config", str(tmp_path / "routes.yaml")],
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        assert child.stderr is not None
+        first = child.stderr.readline()
+    finally:
+        child.terminate()
+        rest = child.communicate(timeout=20)[1]
+    for line in [first, *rest.splitlines()]:
+        if line.strip():
+            entry = orjson.loads(line)
+            assert {"ts", "level", "logger", "message"} <= set(entry), line
+    assert orjson.loads(first)["message"].startswith(f"router listening on http://127.0.0.1:{port}")
