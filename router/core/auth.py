@@ -33,6 +33,8 @@ Secrets never appear in logs, metrics or messages: only the key's ``name`` does.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import hmac
 import ipaddress
@@ -60,6 +62,23 @@ def presented_key(headers: Mapping[str, str]) -> str | None:
         return None
     key = headers.get("x-api-key")
     return key.strip() if key and key.strip() else None
+
+
+def basic_password(headers: Mapping[str, str]) -> str | None:
+    """The password of ``Authorization: Basic``: the admin key as a browser sends it (the
+    status page's 401 asks for it; the user name is not read)."""
+    auth = headers.get("Authorization")
+    if not auth:
+        return None
+    scheme, _, token = auth.strip().partition(" ")
+    if scheme.lower() != "basic" or not token.strip() or len(token) > 4096:
+        return None
+    try:
+        decoded = base64.b64decode(token.strip(), validate=True).decode("utf-8")
+    except (binascii.Error, UnicodeDecodeError):
+        return None
+    _, colon, password = decoded.partition(":")
+    return password if colon and password else None
 
 
 def unauthorized(message: str = "Invalid or missing API key. Send it as 'Authorization: "
@@ -113,7 +132,7 @@ class KeyRing:
                                         "loopback address, also behind a proxy) unless "
                                         "auth.admin_key is configured")
             return None
-        secret = presented_key(headers)
+        secret = presented_key(headers) or basic_password(headers)
         if secret is None or not hmac.compare_digest(_digest(secret), self._admin):
             return unauthorized("Invalid or missing admin key")
         return None

@@ -28,6 +28,7 @@ from router.errors import RouterError, bad_request
 from router.fleet.replicas import Replica
 from router.fleet.rotation import Rotation
 from router.observability.access_log import RequestRecord, write_access_log
+from router.observability.recent import RecentRequests
 from router.observability.telemetry import NO_REPLICA, Telemetry
 from router.prefix.agentic import RESPONSES_PATH
 
@@ -71,8 +72,9 @@ class Intake:
     def __init__(self, *, config: Config, catalog: ModelCatalog, admission: Admission,
                  rotation: Rotation, telemetry: Telemetry, response_ids: ResponseIds,
                  wants_exact: Callable[[list[Replica]], bool] | None = None,
-                 exact_tokens: ExactTokens | None = None) -> None:
+                 exact_tokens: ExactTokens | None = None, recent: RecentRequests | None = None) -> None:
         self.catalog = catalog
+        self.recent = recent  # the last requests, for the status page
         self.admission = admission
         self.rotation = rotation
         self.telemetry = telemetry
@@ -98,6 +100,8 @@ class Intake:
         t.child(t.duration, model).observe(duration)
         if record.client_gone:
             t.client_disconnects.labels(model).inc()
+        if self.recent is not None and record.model is not None:  # (a request for a model)
+            self.recent.add(record, duration)
         server = self.config.server
         if server.access_log:
             write_access_log(record, duration, server.log_format)

@@ -83,12 +83,17 @@ class Admin:
 
     async def handle_replicas(self, request: web.Request) -> web.Response:
         self.api.keyring.check_admin(request.headers, request.remote)
+        return json_response(self.fleet_state())
+
+    def fleet_state(self) -> dict[str, Any]:
+        """What /admin/replicas answers (and the status page shows): each replica's health,
+        breaker, load, KV-event stream; the profile, the queue and the prefix index."""
         replicas = []
         profile = self.api.flow.profile()
         for r in self.api.fleet:
             rate = profile.prefill_rate(r)
             replicas.append({
-                "url": r.url, "model": r.model, "health": r.health.value,
+                "id": r.id, "url": r.url, "model": r.model, "health": r.health.value,
                 "tensor_parallel_size": r.tensor_parallel_size, "weight": r.weight,
                 "prefill_tokens_per_s": round(rate, 1) if rate is not None else None,
                 "labels": dict(r.labels), "served_models": sorted(r.served_models),
@@ -127,4 +132,4 @@ class Admin:
             payload["prefix_index"] = {k: v for k, v in stats.items() if k != "replicas"}
         if self.api.exact is not None and self.api.exact.replicas:
             payload["exact_prefix_index"] = self.api.exact.stats()
-        return json_response(payload)
+        return payload

@@ -45,9 +45,11 @@ from router.frontdoor.admin import Admin
 from router.frontdoor.api_state import FleetControl
 from router.frontdoor.limits import BodyBudget, BodyLease, expect_continue, read_body
 from router.frontdoor.status import Status
+from router.frontdoor.status_page import StatusPage
 from router.frontdoor.stored_responses import StoredResponses
 from router.http_errors import Handler, error_answer, error_message, response_of
 from router.observability.access_log import RequestRecord
+from router.observability.recent import RecentRequests
 from router.observability.telemetry import Telemetry
 from router.paths import raw_path_problem
 from router.prefix.agentic import RESPONSES_PATH
@@ -67,8 +69,9 @@ if TYPE_CHECKING:
     from router.transport.prompt_tokens import PromptTokens
 
 REQUEST_ID_KEY = web.RequestKey("request_id", str)
-# Scrapes and probes, answered fine, are neither counted nor logged (each would be a line a second).
-_PROBES = frozenset(("/health", "/ready", "/metrics"))
+# Scrapes, probes and the status page's polls, answered fine, are neither counted nor logged
+# (each would be a line a second).
+_PROBES = frozenset(("/health", "/ready", "/metrics", "/admin/status.json"))
 
 
 
@@ -109,12 +112,15 @@ class Api:
         self._new_ids = RequestIds()
         self.response_ids = ResponseIds(config.routing.response_id_secret)
         # The checks of a forwarded request, shared with the Envoy endpoint picker (core/intake.py).
+        self.recent = RecentRequests()  # the status page's last requests and traffic shares
         self.intake = Intake(config=config, catalog=self.catalog, admission=self.admission,
                              rotation=proxy.rotation, telemetry=telemetry, response_ids=self.response_ids,
-                             wants_exact=self._wants_exact_tokens, exact_tokens=self._exact_tokens)
+                             wants_exact=self._wants_exact_tokens, exact_tokens=self._exact_tokens,
+                             recent=self.recent)
         # The handlers apart from forwarding, each reading this object's state (api_state.py).
         self.status = Status(self)
         self.admin = Admin(self)
+        self.status_page = StatusPage(self, self.admin)
         self.stored = StoredResponses(self)
 
     def apply_config(self, config: Config) -> None:
@@ -147,6 +153,8 @@ class Api:
             web.post("/admin/replicas", self.admin.handle_register),
             web.delete("/admin/replicas", self.admin.handle_deregister),
             web.post("/admin/reload", self.admin.handle_reload),
+            web.get("/admin/status", self.status_page.handle_page),
+            web.get("/admin/status.json", self.status_page.handle_data),
         ]
 
     def front_door(self, cors: Cors) -> Middleware:

@@ -25,6 +25,7 @@ from router.fleet.handover import Handover
 from router.fleet.replicas import Fleet, Replica
 from router.frontdoor.limits import BodyBudget, BodyLease
 from router.observability.access_log import RequestRecord
+from router.observability.recent import RecentRequests
 from router.observability.telemetry import Telemetry
 from router.transport.proxy import Proxy
 
@@ -70,6 +71,7 @@ class ApiState(Protocol):
     worker: dict[str, int | None]
     response_ids: ResponseIds
     intake: Intake
+    recent: RecentRequests
     rid_header: str
 
     def client_of(self, request: web.Request) -> Client: ...
