@@ -97,7 +97,7 @@ class Intake:
         model = record.model if record.model and self.catalog.knows(record.model) else NO_REPLICA
         t = self.telemetry
         t.child(t.requests, model, record.replica or NO_REPLICA, str(status)).inc()
-        t.child(t.duration, model).observe(duration)
+        t.child(t.duration, model, record.replica or NO_REPLICA).observe(duration)
         if record.client_gone:
             t.client_disconnects.labels(model).inc()
         if self.recent is not None and record.model is not None:  # (a request for a model)

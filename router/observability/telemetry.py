@@ -128,7 +128,14 @@ class Telemetry:
             "router) and HTTP status.", ["model", "replica", "status"], registry=r)
         self.duration = Histogram(
             "router_request_duration_seconds", "Time from request arrival to the last byte "
-            "sent to the client.", ["model"], buckets=LATENCY_BUCKETS, registry=r)
+            "sent to the client, by model and the replica that answered (none: the router).",
+            ["model", "replica"], buckets=LATENCY_BUCKETS, registry=r)
+        self.prefix_tokens = Counter(
+            "router_prefix_tokens", "Prompt tokens of the answered requests (kind=prompt, the "
+            "router's estimate), those the router's index matched on the replica it chose "
+            "(kind=matched: the predicted hit rate is matched / prompt) and on the replica of the "
+            "fleet with the longest match (kind=best: the hit rate no placement could beat, as far "
+            "as the index knows).", ["model", "kind"], registry=r)
         self.ttfb = Histogram(
             "router_time_to_first_byte_seconds", "Time from request arrival to the first "
             "response body byte from the replica (TTFT for streams).", ["model", "replica"],

@@ -355,6 +355,19 @@ class PolicyFeedback(Hook):
         self.policy = policy  # a getter: a reload may swap the policy
         self.telemetry = telemetry
 
+    def _count_prefix(self, attempt: Attempt, matched: int | None) -> None:
+        """The dashboard's hit rates: the prompt, its match on the chosen replica and the
+        longest match anywhere in the fleet (``router_prefix_tokens_total``)."""
+        prompt = attempt.route.estimated_prompt_tokens
+        if prompt <= 0:
+            return
+        found = attempt.decision.matched_tokens
+        best = max(found.values()) if found else 0
+        t, model = self.telemetry, attempt.route.model
+        t.child(t.prefix_tokens, model, "prompt").inc(prompt)
+        t.child(t.prefix_tokens, model, "matched").inc(min(prompt, matched or 0))
+        t.child(t.prefix_tokens, model, "best").inc(min(prompt, best))
+
     def on_first_byte(self, attempt: Attempt, status: int) -> None:
         route, replica, record = attempt.route, attempt.replica, attempt.record
         if route.method != "POST":
@@ -368,6 +381,7 @@ class PolicyFeedback(Hook):
         self.telemetry.child(self.telemetry.matched_blocks, policy.name).observe(matched)
         if status >= 300:
             return  # an error answer's timing teaches nothing about prefill
+        self._count_prefix(attempt, matched_tokens)
         try:
             policy.observe(replica, route, time_to_first_byte_s=ttfb, matched_blocks=matched,
                            matched_tokens=matched_tokens, tokens_ahead=attempt.state.get("prefill_ahead", 0))

@@ -29,31 +29,69 @@ PROMTOOL = shutil.which("promtool")
 
 pytestmark = pytest.mark.skipif(PROMETHEUS is None, reason="prometheus binary not installed (make test installs it)")
 
-# Queries that must return data after traffic; the others (failovers, retries...) only
-# have to be valid PromQL over metrics that exist.
+# Queries that must return data after traffic; the others (failovers, retries, exact-mode
+# predictions...) only have to be valid PromQL over metrics that exist.
 MUST_HAVE_DATA = {
+    "Fleet prefix-cache hit rate (engines)",
+    "Hit rate the router predicted",
+    "Upper bound: longest match in the fleet",
+    "Prefix-cache hit rate per replica (engines)",
+    "Routing decision time (p50, p99)",
+    "Routing decisions per replica",
     "Requests per second by status",
     "Requests per second by replica",
-    "Time to first byte (p50, p99)",
-    "Request duration (p50, p99)",
-    "Prefix-cache hit rate per replica (replicas' own counters)",
+    "Requests per second by model",
+    "Time to first token per model (p50, p99)",
+    "Time to first token per replica (p99)",
+    "End-to-end latency per model (p50, p99)",
+    "End-to-end latency per replica (p99)",
     "Replica health (1 = in state)",
-    "Routing decisions per replica",
     "Circuit breakers (1 = in state)",
-    "Client connections and event-loop lag",
+    "KV cache usage per replica",
+    "Client connections",
 }
+# Grafana's variables as "All" selects them.
+VARIABLES = {"$model": ".*", "$replica": ".*"}
+SHIPPED = yaml.safe_load((ROOT / "config" / "prometheus.yml").read_text())
 
 
 def dashboard_queries() -> list[tuple[str, str]]:
     dashboard = json.loads(DASHBOARD.read_text())
-    return [(panel["title"], target["expr"]) for panel in dashboard["panels"] for target in panel["targets"]]
+    out = []
+    for panel in dashboard["panels"]:
+        for target in panel.get("targets", []):  # (rows have none)
+            expr = target["expr"]
+            for name, value in VARIABLES.items():
+                expr = expr.replace(name, value)
+            out.append((panel["title"], expr))
+    return out
+
+
+def test_dashboard_v2_has_its_variables_units_and_one_replica_label() -> None:
+    """Model and replica variables used by the panels; decision time and loop lag in
+    seconds on panels of their own; no panel keyed by Prometheus' `instance`."""
+    dashboard = json.loads(DASHBOARD.read_text())
+    assert [v["name"] for v in dashboard["templating"]["list"]] == ["model", "replica"]
+    panels = {p["title"]: p for p in dashboard["panels"] if p["type"] != "row"}
+    assert len(panels) == len([p for p in dashboard["panels"] if p["type"] != "row"])  # titles unique
+    for title in ("Routing decision time (p50, p99)", "Event-loop lag", "Time to first token per model (p50, p99)"):
+        assert panels[title]["fieldConfig"]["defaults"]["unit"] == "s", title
+    queries = [expr for _, expr in dashboard_queries()]
+    assert not any("instance" in q for q in queries)
+    assert sum("$model" in t["expr"] for p in panels.values() for t in p["targets"]) >= 10
+    assert sum("$replica" in t["expr"] for p in panels.values() for t in p["targets"]) >= 10
 
 
 @pytest.mark.skipif(PROMTOOL is None, reason="promtool not installed")
-def test_shipped_prometheus_config_is_valid() -> None:
-    result = subprocess.run([PROMTOOL, "check", "config", str(ROOT / "config" / "prometheus.yml")],
-                            capture_output=True, text=True)
-    assert result.returncode == 0, result.stdout + result.stderr
+def test_shipped_prometheus_config_and_alert_rules_are_valid_and_fire_as_tested() -> None:
+    for args in (["check", "config", "prometheus.yml"], ["check", "rules", "prometheus-alerts.yml"],
+                 ["test", "rules", "prometheus-alerts.test.yml"]):
+        result = subprocess.run([PROMTOOL, *args], capture_output=True, text=True, cwd=ROOT / "config")
+        assert result.returncode == 0, result.stdout + result.stderr
+    rules = yaml.safe_load((ROOT / "config" / "prometheus-alerts.yml").read_text())
+    names = {rule["alert"] for group in rules["groups"] for rule in group["rules"]}
+    assert {"RouterReplicaEjected", "RouterQueueRejecting", "RouterKVEventStreamLost",
+            "RouterHitRateCollapsed", "RouterDecisionTimeHigh"} <= names
 
 
 async def query(http: aiohttp.ClientSession, base: str, expr: str) -> dict:
@@ -76,8 +114,15 @@ async def test_every_dashboard_query_runs_on_real_prometheus(
             await response.read()
 
     targets = [urlparse(u).netloc for u in [server.url, *(s.url for s in sims)]]
+    # The shipped config's jobs, pointed at this fleet: its relabelling gives the replicas'
+    # own series the router's `replica` label.
+    vllm_job = next(job for job in SHIPPED["scrape_configs"] if job["job_name"] == "vllm")
     config = {"global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-              "scrape_configs": [{"job_name": "stack", "static_configs": [{"targets": targets}]}]}
+              "rule_files": [str(ROOT / "config" / "prometheus-alerts.yml")],
+              "scrape_configs": [
+                  {"job_name": "stack", "static_configs": [{"targets": targets[:1]}]},
+                  {"job_name": "stack-vllm", "static_configs": [{"targets": targets[1:]}],
+                   "relabel_configs": vllm_job["relabel_configs"]}]}
     (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
     base = f"http://127.0.0.1:{unused_port}"
     log = open(tmp_path / "prometheus.log", "wb")
@@ -91,7 +136,7 @@ async def test_every_dashboard_query_runs_on_real_prometheus(
         for _ in range(300):
             await asyncio.sleep(0.1)
             try:
-                data = await query(http, base, 'count(count_over_time(up{job="stack"}[1m]) >= 2)')
+                data = await query(http, base, 'count(count_over_time(up{job=~"stack.*"}[1m]) >= 2)')
             except aiohttp.ClientError:
                 continue
             if data["result"] and float(data["result"][0]["value"][1]) == len(targets):
@@ -103,8 +148,11 @@ async def test_every_dashboard_query_runs_on_real_prometheus(
             pytest.fail("Prometheus never scraped every target twice: "
                         + (tmp_path / "prometheus.log").read_text()[-2000:])
 
-        up = await query(http, base, 'up{job="stack"}')
+        up = await query(http, base, 'up{job=~"stack.*"}')
         assert {r["metric"]["instance"] for r in up["result"] if r["value"][1] == "1"} == set(targets)
+        # One replica label: the replicas' own series carry the router's replica URLs.
+        hits = await query(http, base, "vllm:prefix_cache_queries_total")
+        assert {r["metric"]["replica"] for r in hits["result"]} == {s.url for s in sims}
         empty = []
         for title, expr in dashboard_queries():
             data = await query(http, base, expr)
