@@ -146,13 +146,15 @@ class EndpointPicker(epg.ExternalProcessorServicer):  # type: ignore[misc]
                     if answer.HasField("immediate_response"):
                         status = answer.immediate_response.status.code
                         return
-            if x.lean and status:  # the answer has ended (or its client left: Envoy does not say)
-                self._first_byte(x, status)
-                self._complete(x, SUCCESS)
         except asyncio.CancelledError:
-            record.client_gone = True  # Envoy ended the stream: its client left
+            # Envoy reset the stream: its client left, unless the answer had already ended
+            # (Envoy resets as often as it half-closes once the last message is answered;
+            # `finally` tells the two apart).
             raise
         finally:
+            if x.lean and status and not x.done:  # the answer has ended (or its client left:
+                self._first_byte(x, status)        # Envoy does not say which)
+                self._complete(x, SUCCESS)
             if not x.done and (x.attempt is not None or not x.decided):
                 record.client_gone = True
             if not x.done and x.attempt is not None:
