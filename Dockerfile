@@ -1,5 +1,5 @@
 # One image for the router and the simulated vLLM replicas (the sim is part of the package).
-# Real vLLM replicas use vLLM's own images (vllm/vllm-openai); see README "Real vLLM replicas".
+# Real vLLM replicas use vLLM's own images (vllm/vllm-openai); see docs/engines.md ("Real vLLM on GPUs").
 FROM python:3.11-slim
 ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /app

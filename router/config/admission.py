@@ -12,7 +12,7 @@ from yamlcheck import Node
 
 @dataclass(frozen=True, slots=True)
 class AdmissionConfig:
-    enabled: bool = True
+    enabled: bool = True  # queue requests when every replica is saturated (else forward at once)
     queue_size: int = 1024  # requests waiting at once for a saturated fleet (0: 429 at once)
     max_wait: float = 30.0  # seconds a request may wait; then 429
     max_waiting_per_replica: float = 16  # a replica with this many waiting requests is saturated

@@ -17,7 +17,7 @@ from yamlcheck import Node, load_yaml
 class RateLimitConfig:
     """Token buckets of one client: requests per second (with a burst) and tokens per minute."""
 
-    requests_per_s: float | None = None
+    requests_per_s: float | None = None  # a token bucket per key: refill rate (null: no request limit)
     burst: float | None = None  # requests the bucket holds (default: one second's worth, >= 1)
     tokens_per_min: float | None = None  # prompt tokens (estimated) + requested max_tokens
 
@@ -25,7 +25,7 @@ class RateLimitConfig:
 @dataclass(frozen=True, slots=True)
 class ClientKeyConfig:
     name: str  # shown in logs and metrics instead of the key
-    key: str = field(repr=False)
+    key: str = field(repr=False)  # the secret (or key_env / key_file); compared in constant time, never logged
     models: tuple[str, ...] = ()  # models (or aliases) this key may use; empty: all
     priority: int = 0  # admission priority class (higher first)
     rate_limit: RateLimitConfig | None = None  # overrides admission.rate_limit

@@ -16,9 +16,11 @@ from yamlcheck import Node
 @dataclass(frozen=True, slots=True)
 class BackendConfig:
     url: str  # normalized: scheme://host:port[/path] without trailing slash
-    tensor_parallel_size: int = 1
-    weight: float = 1.0
+    tensor_parallel_size: int = 1  # GPUs per replica: its capacity in the load terms
+    weight: float = 1.0  # relative capacity beyond tensor parallelism
+    # free-form labels (shown in /admin/replicas)
     labels: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    # the replica's own key, sent as Authorization (or api_key_env / api_key_file)
     api_key: str | None = field(default=None, repr=False)
     kv_events_endpoint: str | None = None  # tcp://host:port of the replica's KV-event publisher
     kv_replay_endpoint: str | None = None

@@ -13,7 +13,7 @@ from yamlcheck import Node
 class CircuitBreakerConfig:
     failure_threshold: int = 5  # consecutive request-path failures that eject a replica
     ejection_time: float = 5.0  # seconds out for the first ejection; doubles each time
-    max_ejection_time: float = 60.0
+    max_ejection_time: float = 60.0  # most seconds a replica stays ejected before a trial request
     max_retry_after: float = 60.0  # cap on how long an upstream Retry-After keeps it out
     # Latency outliers (router/transport/outliers.py): a replica whose time to first byte runs this many
     # times its peers' median (same model, same request size) is ejected; 0: off.

@@ -13,12 +13,13 @@ from yamlcheck import Node, describe
 @dataclass(frozen=True, slots=True)
 class CorsConfig:
     allow_origins: tuple[str, ...] = ()  # empty: no CORS headers at all; "*": any origin
-    allow_methods: tuple[str, ...] = ("GET", "POST", "OPTIONS")
+    allow_methods: tuple[str, ...] = ("GET", "POST", "OPTIONS")  # methods a browser may use
+    # request headers a browser may send (`*` patterns allowed)
     allow_headers: tuple[str, ...] = ("Authorization", "Content-Type", "X-Request-Id",
                                       "X-Session-Id", "X-Priority", "OpenAI-Organization",
                                       "OpenAI-Project", "X-Stainless-*")
-    expose_headers: tuple[str, ...] = ("X-Request-Id", "Retry-After")
-    allow_credentials: bool = False
+    expose_headers: tuple[str, ...] = ("X-Request-Id", "Retry-After")  # answer headers a browser's script may read
+    allow_credentials: bool = False  # browsers may send cookies (never with origin `*`)
     max_age: int = 600  # seconds a browser may cache a preflight answer
 
 

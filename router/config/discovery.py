@@ -21,24 +21,24 @@ DNS_RECORDS = ("A", "AAAA", "SRV")
 class DnsDiscoveryConfig:
     """Replicas are the addresses a DNS name resolves to (router/fleet/discovery/dns.py)."""
 
-    name: str
+    name: str  # the DNS name to resolve
     record: str = "A"  # A | AAAA | SRV (SRV records carry each replica's port)
     port: int | None = None  # A / AAAA: the replicas' port
     nameservers: tuple[tuple[str, int], ...] = ()  # (host, port); empty: the system's resolver
     interval: float = 10.0  # longest wait between resolutions (a shorter record TTL wins)
     min_interval: float = 1.0  # shortest (a TTL of 0 must not make it spin)
-    timeout: float = 2.0
+    timeout: float = 2.0  # seconds a lookup may take
 
 
 @dataclass(frozen=True, slots=True)
 class KubernetesDiscoveryConfig:
     """Replicas are the ready endpoints of EndpointSlices (router/fleet/discovery/kubernetes.py)."""
 
-    namespace: str
+    namespace: str  # the Service's namespace
     service: str | None = None  # the Service's slices (label kubernetes.io/service-name)
     selector: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))  # or these labels
     port: int | None = None  # the replicas' port; None: the slice's port named `port_name` (or its only one)
-    port_name: str | None = None
+    port_name: str | None = None  # the EndpointSlice port to use (null: the only one)
     kubeconfig: str | None = None  # None: the in-cluster service account
     context: str | None = None  # a kubeconfig context (None: its current one)
     resync: float = 300.0  # seconds between full re-lists (a watch also restarts on any error)
@@ -48,9 +48,9 @@ class KubernetesDiscoveryConfig:
 class DiscoveryConfig:
     """Where a model's replicas come from besides `backends:` (router/fleet/discovery/)."""
 
-    dns: DnsDiscoveryConfig | None = None
-    kubernetes: KubernetesDiscoveryConfig | None = None
-    scheme: str = "http"
+    dns: DnsDiscoveryConfig | None = None  # replicas from a DNS name's A/AAAA or SRV records
+    kubernetes: KubernetesDiscoveryConfig | None = None  # replicas from a Service's EndpointSlices
+    scheme: str = "http"  # http or https, for the discovered replicas' URLs
     max_replicas: int = 1024  # bound on the replicas one source may add
     template: BackendConfig = field(default_factory=lambda: BackendConfig(url=""))  # url unused
     kv_events_port: int | None = None  # per replica: tcp://ITS_ADDRESS:port

@@ -12,8 +12,8 @@ from yamlcheck import Node
 
 @dataclass(frozen=True, slots=True)
 class HealthConfig:
-    interval: float = 1.0
-    timeout: float = 2.0
+    interval: float = 1.0  # seconds between health probes of a replica
+    timeout: float = 2.0  # seconds a probe may take
     failure_threshold: int = 3  # consecutive failed probes: SUSPECT -> UNHEALTHY
     success_threshold: int = 2  # consecutive passed probes: UNHEALTHY -> HEALTHY
     # A reload's dropped replicas keep serving until their successors pass a probe, at most
@@ -24,7 +24,7 @@ class HealthConfig:
 @dataclass(frozen=True, slots=True)
 class MetricsConfig:
     scrape_interval: float = 1.0  # replica /metrics polling
-    timeout: float = 2.0
+    timeout: float = 2.0  # seconds a scrape of a replica's /metrics may take
     models_interval: float = 10.0  # replica /v1/models discovery
 
 

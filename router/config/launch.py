@@ -15,12 +15,12 @@ from yamlcheck import Node
 
 @dataclass(frozen=True, slots=True)
 class LaunchConfig:
-    """Local engines to start before serving (engines.launcher); see the engines README."""
+    """Local engines to start before serving (engines.launcher); see docs/engines.md."""
 
     config: str | None = None  # path to an engines.yaml (relative to routes.yaml)
     inline: Mapping[str, Any] | None = None  # or an engines.yaml body inline (`models:`)
     only: tuple[str, ...] = ()  # start only these registry entries
-    ready_timeout: float = 300.0
+    ready_timeout: float = 300.0  # seconds the launched engines may take to become healthy
     file: str | None = None  # the routes.yaml this came from
 
 

@@ -39,13 +39,15 @@ REPLICA_TOKENIZER = "replica"  # `tokenizer: replica`: the replica's own POST /t
 
 @dataclass(frozen=True, slots=True)
 class ModelConfig:
-    name: str
-    aliases: tuple[str, ...] = ()
+    name: str  # the model name clients send (as the replicas serve it)
+    aliases: tuple[str, ...] = ()  # other names clients may send for it
+    # its replicas (URLs, or entries with tensor_parallel_size, weight, labels, api_key, kv_events)
     backends: tuple[BackendConfig, ...] = ()
     tokenizer: str | None = None  # the model's tokenizer.json (or its directory): exact prefix index
-    lora: LoraConfig = field(default_factory=LoraConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)  # LoRA adapters the router may load itself
+    # when prefill/decode pools skip the prefill hop
     disaggregation: DisaggregationConfig = field(default_factory=DisaggregationConfig)
-    discovery: DiscoveryConfig | None = None
+    discovery: DiscoveryConfig | None = None  # replicas found in DNS or Kubernetes instead of (or beside) backends
     # Served prefill-then-decode: it has a prefill pool and a decode pool.  Derived once
     # here (every request of the model asks).
     disaggregated: bool = field(init=False, default=False)

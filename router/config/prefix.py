@@ -15,7 +15,7 @@ class PrefixConfig:
     block_tokens: int = 16  # token ids per hashed block when the client sent tokens
     capacity_blocks: int | None = None  # global prefix-index bound (None: the index's default)
     max_blocks_per_request: int = 8192  # blocks hashed per request (one huge prompt cannot flush the index)
-    exact: ExactConfig = field(default_factory=lambda: ExactConfig())
+    exact: ExactConfig = field(default_factory=lambda: ExactConfig())  # the exact prefix index from vLLM's KV events
 
 
 @dataclass(frozen=True, slots=True)

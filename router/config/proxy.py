@@ -28,13 +28,13 @@ class HedgeConfig:
 
 @dataclass(frozen=True, slots=True)
 class ProxyConfig:
-    connect_timeout: float = 2.0
+    connect_timeout: float = 2.0  # seconds to connect to a replica before failing over
     first_byte_timeout: float = 60.0  # a stream's wait for its first byte (its TTFT)
     read_timeout: float = 600.0  # max silence between upstream bytes (and a non-stream answer's wait)
     unhealthy_grace: float = 2.0  # max silence while the replica is unhealthy
     max_attempts: int = 3  # upstream attempts per request, first one included
     backoff_initial: float = 0.02  # seconds; full-jitter exponential backoff between attempts
-    backoff_max: float = 0.5
+    backoff_max: float = 0.5  # most seconds between attempts
     deadline: float = 30.0  # no new attempt starts this long after the request arrived
     retry_after: int = 1  # Retry-After seconds on 503
     max_connections: int = 0  # upstream connection pool size (0: unlimited)
@@ -42,6 +42,7 @@ class ProxyConfig:
     retry_budget_ratio: float = 0.2  # retries may add at most this share of the requests ...
     retry_budget_min_per_s: float = 5.0  # ... plus this many per second
     buffer_bytes: int = 1024 * 1024  # non-stream answers up to this size are buffered whole
+    # a second attempt on another replica when the first is slow to answer
     hedge: HedgeConfig = field(default_factory=HedgeConfig)
 
 

@@ -31,6 +31,7 @@ DEFAULT_PRESET = "cache_aware"
 @dataclass(frozen=True, slots=True)
 class RoutingConfig:
     policy: str = DEFAULT_PRESET  # a preset of router/core/scheduling/presets.py
+    # the preset's parameters (load_factor, running_weight, ...: see Routing)
     params: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
     terms: Mapping[str, Any] | None = None  # cost term -> weight; None: the preset's own
     session_header: str = "X-Session-Id"  # session key header (else the body's `user`)

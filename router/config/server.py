@@ -19,14 +19,14 @@ LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 @dataclass(frozen=True, slots=True)
 class ServerConfig:
-    host: str = "127.0.0.1"
-    port: int = 8000
+    host: str = "127.0.0.1"  # address to listen on (0.0.0.0: every interface)
+    port: int = 8000  # port to listen on (0: any free one)
     max_body_bytes: int = 32 * 1024 * 1024  # request bodies above this get 413
     drain_timeout: float = 30.0  # seconds SIGTERM waits for in-flight requests
-    request_id_header: str = "X-Request-Id"
-    access_log: bool = True
+    request_id_header: str = "X-Request-Id"  # the header a request id is read from and echoed in (one made when absent)
+    access_log: bool = True  # one line per answered request
     log_format: str = "json"  # json | text
-    log_level: str = "info"
+    log_level: str = "info"  # debug | info | warning | error | critical
     sentry_dsn: str | None = field(default=None, repr=False)  # or SENTRY_DSN in the environment
     backlog: int = 4096  # listen backlog (the kernel caps it at net.core.somaxconn)
     max_connections: int | None = None  # client connections at once (None: from the fd limit)
@@ -34,6 +34,7 @@ class ServerConfig:
     body_timeout: float = 60.0  # seconds for its body to arrive
     keepalive_timeout: float = 75.0  # an idle keep-alive connection is closed after this
     max_inflight_body_bytes: int = 256 * 1024 * 1024  # request bodies held at once, all together
+    # proxies whose X-Forwarded-For / Forwarded name the client (CIDRs)
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     forward_paths: tuple[str, ...] = DEFAULT_FORWARD_PATHS  # POST paths forwarded to replicas
 
