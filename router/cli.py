@@ -253,11 +253,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     from router.workers import MAX_WORKERS, Supervisor
 
     if not 1 <= args.workers <= MAX_WORKERS:
-        print(f"error: --workers: expected 1 to {MAX_WORKERS}, got {args.workers}", file=sys.stderr)
+        announce(f"error: --workers: expected 1 to {MAX_WORKERS}, got {args.workers}", logging.ERROR)
         return EXIT_CONFIG
     try:
         if pick and args.workers > 1:
-            print("error: router pick runs one process (--workers 1)", file=sys.stderr)
+            announce("error: router pick runs one process (--workers 1)", logging.ERROR)
             return EXIT_CONFIG
         if args.workers > 1 and args.worker_fd is None:
             return _run(Supervisor(config, argv, args.workers, host=args.host, port=args.port).run())
@@ -265,15 +265,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                            worker_fd=args.worker_fd, worker_index=args.worker_index,
                            picker=(args.picker_host, args.picker_port) if pick else None))
     except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        announce(f"error: {exc}", logging.ERROR)
         return EXIT_CONFIG
     except KeyboardInterrupt:
         return 0
     except OSError as exc:
-        print(f"error: cannot start the router: {exc}", file=sys.stderr)
+        announce(f"error: cannot start the router: {exc}", logging.ERROR)
         return 1
     except Exception as exc:  # noqa: BLE001 - e.g. engines.launcher.LaunchError
-        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        announce(f"error: {type(exc).__name__}: {exc}", logging.ERROR)
         return 1
 
 

@@ -171,7 +171,7 @@ class Supervisor:
         try:
             self.sock = listening_socket(self.host, self.port, self.config.server.backlog)
         except OSError as exc:
-            print(f"error: cannot start the router: {exc}", file=sys.stderr)
+            announce(f"error: cannot start the router: {exc}", logging.ERROR)
             return 1
         try:
             if self.config.launch is not None and "--no-launch" not in self.argv:
@@ -193,7 +193,7 @@ class Supervisor:
             failed.cancel()
             if self.failure is not None:
                 log.error("%s: the supervisor stops", self.failure)
-                print(f"error: {self.failure}", file=sys.stderr, flush=True)
+                announce(f"error: {self.failure}", logging.ERROR)
                 await self._stop(watchers)
                 return self.failure_status
             log.info("signal received: draining %d workers", self.count)

@@ -43,9 +43,10 @@ class _JsonFormatter(logging.Formatter):
         return orjson.dumps(data, default=str).decode()
 
 
-def announce(message: str) -> None:
+def announce(message: str, level: int = logging.INFO) -> None:
     """A line that reaches stderr whatever the log level (the address a launcher or a test
-    waits for), in the log's own format: a JSON log is JSON on every line."""
-    record = logging.LogRecord("router", logging.INFO, __file__, 0, message, None, None)
+    waits for, an error that stops the router), in the log's own format: a JSON log is JSON
+    on every line."""
+    record = logging.LogRecord("router", level, __file__, 0, message, None, None)
     handler = next((h for h in logging.getLogger().handlers if getattr(h, "_router", False)), None)
     print(handler.format(record) if handler is not None else message, file=sys.stderr, flush=True)
