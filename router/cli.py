@@ -145,7 +145,7 @@ async def _start_picker(router: Any, host: str, port: int) -> Any:
 
     api = router.api
     picker = EndpointPicker(intake=api.intake, keyring=lambda: api.keyring, flow=router.flow,
-                            proxy=router.proxy)
+                            proxy=router.proxy, bodies=api.bodies)
     server = await start_picker(picker, host, port, ready=lambda: any(
         router.proxy.admissible(r) for r in router.fleet),
         max_message_bytes=router.config.server.max_body_bytes + (1 << 20))

@@ -247,10 +247,12 @@ class Admission:
         return (queue is None or not queue.size) and not all(self.saturated(r) for r in candidates)
 
     async def admit(self, model: str, candidates: Sequence[Replica], client: Client,
-                    priority: int) -> float:
-        """Return when the request may go on (seconds waited); 429 when it may not."""
+                    priority: int, *, max_wait: float | None = None) -> float:
+        """Return when the request may go on (seconds waited); 429 when it may not.
+        `max_wait`: at most this long (default ``admission.max_wait``)."""
         if self.passes(model, candidates):
             return 0.0
+        wait = self.config.max_wait if max_wait is None else max_wait
         queue = self._queues.get(model)
         if self.waiting >= self.config.queue_size:
             raise QueueRejection("queue_full", RouterError(
@@ -265,7 +267,7 @@ class Admission:
         self._changed(model, queue)
         started = loop.time()
         try:
-            async with asyncio.timeout(self.config.max_wait):
+            async with asyncio.timeout(wait):
                 await asyncio.shield(waiter.future)
         except TimeoutError:
             if not waiter.future.done():

@@ -49,6 +49,9 @@ class Arrival:
     client: Client  # who sent it (the data plane's key check)
     body: bytes | bytearray  # the whole body, decoded
     forward_headers: tuple[tuple[str, str], ...]  # the client's headers a replica may see
+    # The data plane's own restriction of the replicas (an Envoy subset hint), applied before
+    # admission so a request never queues for replicas it may not use; None: every replica.
+    allowed: Callable[[Replica], bool] | None = None
 
 
 @dataclass(slots=True)
@@ -106,6 +109,22 @@ class Intake:
         if server.access_log:
             write_access_log(record, duration, server.log_format)
 
+    async def _queue(self, model: str, candidates: list[Replica], client: Client, priority: int, *,
+                     restricted: bool) -> float:
+        """Wait in the model's admission queue.  The queue lets a waiter go when any replica
+        of the model has room; a request restricted to some of them (a data plane's subset)
+        waits again, for what is left of ``admission.max_wait``, while all of its own are
+        saturated."""
+        admission = self.admission
+        waited = await admission.admit(model, candidates, client, priority)
+        while restricted and all(admission.saturated(r) for r in candidates):
+            left = admission.config.max_wait - waited
+            if left <= 0:
+                waited += await admission.admit(model, candidates, client, priority, max_wait=0.0)
+                break
+            waited += await admission.admit(model, candidates, client, priority, max_wait=left)
+        return waited
+
     def reject(self, reason: str, error: RouterError) -> RouterError:
         """`error`, counted as a rejection for `reason`."""
         self.telemetry.rejections.labels(reason).inc()
@@ -159,6 +178,10 @@ class Intake:
         if path == RESPONSES_PATH and isinstance(data.get("previous_response_id"), str):
             replicas = self.holder(data["previous_response_id"], replicas, "previous_response_id")
         rotation = self.rotation
+        if arrival.allowed is not None:
+            replicas = [r for r in replicas if arrival.allowed(r)]
+            if not replicas:
+                raise rotation.unavailable(canonical, "none of its replicas is in the data plane's subset")
         candidates = [r for r in replicas if r.routable]
         if not candidates:
             raise rotation.unavailable(canonical)
@@ -188,7 +211,7 @@ class Intake:
         priority = self.priority(arrival.headers, client)
         try:
             waited = 0.0 if admission.passes(canonical, admissible) else \
-                await admission.admit(canonical, admissible, client, priority)
+                await self._queue(canonical, admissible, client, priority, restricted=arrival.allowed is not None)
         except QueueRejection as exc:
             raise self.reject(exc.reason, exc.error) from None
         record.admitted = True

@@ -33,6 +33,7 @@ from aiohttp import web
 
 from router.core.admission import Admission
 from router.core.auth import KeyRing
+from router.core.body_budget import BodyBudget, BodyLease
 from router.core.catalog import ModelCatalog
 from router.core.clients import Client
 from router.core.intake import Arrival, Intake
@@ -43,7 +44,7 @@ from router.errors import CLIENT_CLOSED, RouterError, bad_request
 from router.fleet.replicas import Fleet, Replica
 from router.frontdoor.admin import Admin
 from router.frontdoor.api_state import FleetControl
-from router.frontdoor.limits import BodyBudget, BodyLease, expect_continue, read_body
+from router.frontdoor.limits import expect_continue, read_body
 from router.frontdoor.status import Status
 from router.frontdoor.status_page import StatusPage
 from router.frontdoor.stored_responses import StoredResponses

@@ -16,6 +16,7 @@ from aiohttp import web
 
 from router.core.admission import Admission
 from router.core.auth import KeyRing
+from router.core.body_budget import BodyBudget, BodyLease
 from router.core.catalog import ModelCatalog
 from router.core.clients import Client
 from router.core.intake import Intake
@@ -23,7 +24,6 @@ from router.core.response_ids import ResponseIds
 from router.errors import RouterError
 from router.fleet.handover import Handover
 from router.fleet.replicas import Fleet, Replica
-from router.frontdoor.limits import BodyBudget, BodyLease
 from router.observability.access_log import RequestRecord
 from router.observability.recent import RecentRequests
 from router.observability.telemetry import Telemetry

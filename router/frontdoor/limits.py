@@ -26,6 +26,7 @@ import zlib
 
 from aiohttp import StreamReader, web
 
+from router.core.body_budget import BodyLease
 from router.errors import RouterError
 from router.http_errors import response_of
 
@@ -34,44 +35,6 @@ _READ_CHUNK = 256 * 1024
 
 def too_large(limit: int) -> RouterError:
     return RouterError(413, f"Request body too large: the limit is {limit} bytes")
-
-
-class BodyBudget:
-    """Bytes of request bodies held at once, across all requests (one per server)."""
-
-    def __init__(self, limit: int, retry_after: int = 1) -> None:
-        self.limit = limit
-        self.used = 0
-        self.retry_after = retry_after
-        self.refused = 0
-
-    def lease(self) -> BodyLease:
-        return BodyLease(self)
-
-
-class BodyLease:
-    """One request's share of the budget; `release()` in a finally gives it back."""
-
-    __slots__ = ("budget", "held")
-
-    def __init__(self, budget: BodyBudget) -> None:
-        self.budget = budget
-        self.held = 0
-
-    def take(self, n: int) -> None:
-        budget = self.budget
-        if n <= 0:
-            return
-        if budget.used + n > budget.limit:
-            budget.refused += 1
-            raise RouterError(503, "The router is holding too many request bodies; retry shortly",
-                              headers={"Retry-After": str(budget.retry_after)})
-        budget.used += n
-        self.held += n
-
-    def release(self) -> None:
-        self.budget.used -= self.held
-        self.held = 0
 
 
 def _decoder(encoding: str) -> zlib._Decompress | None:

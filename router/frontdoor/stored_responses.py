@@ -11,12 +11,12 @@ import re
 from aiohttp import web
 
 from router.core.admission import RateLimitExceeded
+from router.core.body_budget import BodyLease
 from router.core.requests import RouteRequest
 from router.core.response_ids import ResponseIds, not_found
 from router.core.scheduling import Decision
 from router.errors import RouterError, bad_request
 from router.frontdoor.api_state import ApiState
-from router.frontdoor.limits import BodyLease
 from router.observability.access_log import RequestRecord
 from router.transport.headers import forwardable_request_headers
 

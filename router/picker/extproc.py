@@ -28,9 +28,10 @@ stream's prompt is not counted pending on its replica, its timing teaches no pre
 Lost: ``cached_tokens`` (the prediction-accuracy metric), and a client that leaves in the
 middle of an answer reads as answered (Envoy ends the stream the same way).
 
-Not in picker mode: prefill/decode flows (a disaggregated model's requests are single hops
-over all its replicas) and the subset hint before admission (it filters the admitted
-candidates, so a request may queue for replicas outside the subset).
+The data plane's subset hint restricts the replicas before admission (a request never queues
+for replicas it may not use); the body is held against ``server.max_inflight_body_bytes``
+(shared with the proxy mode) until the decision.  Not in picker mode: prefill/decode flows (a
+disaggregated model's requests are single hops over all its replicas).
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from router.config import Config
 from router.core.auth import KeyRing
+from router.core.body_budget import BodyBudget, BodyLease
 from router.core.clients import Client
 from router.core.intake import Arrival, Intake
 from router.core.request_ids import RequestIds
@@ -84,14 +86,17 @@ class _Exchange:
     first_byte: bool = False
     done: bool = False  # the attempt's hooks heard its end
     tail: bytes = b""  # the last bytes of the answer: its usage
+    lease: BodyLease | None = None  # the body's share of server.max_inflight_body_bytes
+    subset: Any = None  # the data plane's subset hint, from whichever message carried it
 
 
 class EndpointPicker(epg.ExternalProcessorServicer):  # type: ignore[misc]
     """Decides each request Envoy asks about; one per router process."""
 
     def __init__(self, *, intake: Intake, keyring: Callable[[], KeyRing], flow: SingleHop,
-                 proxy: Proxy, default_duplex: bool = True) -> None:
+                 proxy: Proxy, bodies: BodyBudget, default_duplex: bool = True) -> None:
         self.intake = intake
+        self.bodies = bodies  # shared with the proxy mode's front door in this process
         self.keyring = keyring  # the current keys (a reload may replace them)
         self.flow = flow
         self.proxy = proxy
@@ -104,12 +109,15 @@ class EndpointPicker(epg.ExternalProcessorServicer):  # type: ignore[misc]
 
     async def Process(self, request_iterator: AsyncIterator[Any], context: Any) -> AsyncIterator[Any]:
         record = RequestRecord(request_id="", method="POST", path="", client=_peer_of(context))
-        x = _Exchange(record, duplex=self.default_duplex)
+        x = _Exchange(record, duplex=self.default_duplex, lease=self.bodies.lease())
         key = self.proxy.begin(record)
         status = 0
         try:
             async for request in request_iterator:
                 kind = request.WhichOneof("request")
+                if not x.decided and request.HasField("metadata_context"):
+                    hint = messages.metadata_value(request, messages.SUBSET_NAMESPACE, messages.SUBSET)
+                    x.subset = hint if hint is not None else x.subset
                 if request.HasField("protocol_config"):  # (the stream's first message)
                     x.duplex = request.protocol_config.request_body_mode == FULL_DUPLEX
                     x.lean = request.protocol_config.response_body_mode == NO_BODY
@@ -121,9 +129,13 @@ class EndpointPicker(epg.ExternalProcessorServicer):  # type: ignore[misc]
                     elif not x.duplex:
                         answers = [messages.empty_headers(request=True)]
                 elif kind == "request_body":
-                    x.body += request.request_body.body
+                    chunk = request.request_body.body
+                    x.body += chunk
                     limit = self.config.server.max_body_bytes
-                    if len(x.body) > limit:
+                    refused = self._lease(x, len(chunk))
+                    if refused is not None:
+                        answers = [refused]
+                    elif len(x.body) > limit:
                         answers = [self._refuse(x, RouterError(
                             413, f"Request body too large: the limit is {limit} bytes"))]
                     elif request.request_body.end_of_stream:
@@ -152,6 +164,8 @@ class EndpointPicker(epg.ExternalProcessorServicer):  # type: ignore[misc]
             # `finally` tells the two apart).
             raise
         finally:
+            if x.lease is not None:
+                x.lease.release()
             if x.lean and status and not x.done:  # the answer has ended (or its client left:
                 self._first_byte(x, status)        # Envoy does not say which)
                 self._complete(x, SUCCESS)
@@ -175,8 +189,15 @@ class EndpointPicker(epg.ExternalProcessorServicer):  # type: ignore[misc]
     async def _decide(self, x: _Exchange, request: Any, body_ends: bool = True) -> list[Any]:
         """The answer to a request whose body (if any) has arrived: where it goes, or why not."""
         x.decided = True
-        record = x.record
         sent, x.body = bytes(x.body), bytearray()  # held once, not for the whole answer
+        try:
+            return await self._route(x, request, sent, body_ends)
+        finally:
+            if x.lease is not None:
+                x.lease.release()  # Envoy holds the body from here
+
+    async def _route(self, x: _Exchange, request: Any, sent: bytes, body_ends: bool) -> list[Any]:
+        record = x.record
         try:
             problem = raw_path_problem(x.headers.get(":path", "/"))
             if problem is not None:
@@ -188,17 +209,15 @@ class EndpointPicker(epg.ExternalProcessorServicer):  # type: ignore[misc]
             if record.method != "POST" or record.path not in self.config.server.forward_paths:
                 raise RouterError(404, f"Not found: {record.method} {record.path}")
             headers = CIMultiDictProxy(CIMultiDict((k, v) for k, v in x.headers.items() if not k.startswith(":")))
+            hint = x.subset
             arrival = Arrival(path=record.path, headers=headers, client=client, body=sent,
                               forward_headers=forwardable_request_headers(
-                                  headers, self.config.server.request_id_header))
+                                  headers, self.config.server.request_id_header),
+                              allowed=None if hint is None else _subset(hint))
             admitted = await self.intake.admit(arrival, record, deadline_left=lambda: (
                 self.proxy.config.deadline - record.elapsed()))
-            candidates = _in_subset(admitted.candidates, messages.metadata_value(
-                request, messages.SUBSET_NAMESPACE, messages.SUBSET))
-            if not candidates:
-                raise self.proxy.unavailable(admitted.route.model, "no endpoint of the subset hint")
             model = admitted.model
-            decision = await self.flow.decide(admitted.route, candidates, record,
+            decision = await self.flow.decide(admitted.route, admitted.candidates, record,
                                               model.lora if model is not None else None)
         except RouterError as exc:
             return [self._refuse(x, exc)]
@@ -219,6 +238,15 @@ class EndpointPicker(epg.ExternalProcessorServicer):  # type: ignore[misc]
             return [messages.route_headers(endpoints, extra),
                     *messages.streamed_body(bytes(body), request=True, end=body_ends)]
         return [messages.route_body(endpoints, None if body is sent else bytes(body), extra)]
+
+    def _lease(self, x: _Exchange, n: int) -> Any:
+        """Hold `n` more body bytes, or the 503 that refuses the request (the budget is full)."""
+        assert x.lease is not None
+        try:
+            x.lease.take(n)
+        except RouterError as exc:
+            return self._refuse(x, self.intake.reject("body_budget", exc))
+        return None
 
     def _client(self, x: _Exchange) -> Client:
         try:
@@ -323,17 +351,15 @@ def _peer_of(context: Any) -> str | None:
     return None
 
 
-def _in_subset(candidates: list[Replica], hint: Any) -> list[Replica]:
-    """The candidates the data plane's subset hint allows (matched on the address; GIE matches
-    on the IP alone, the port included here when the hint names one)."""
-    if hint is None:
-        return candidates
+def _subset(hint: Any) -> Callable[[Replica], bool]:
+    """Whether a replica is in the data plane's subset hint (matched on the address; GIE
+    matches on the IP alone, the port included here when the hint names one)."""
     wanted = hint if isinstance(hint, list) else [h.strip() for h in str(hint).split(",")]
-    wanted = [w for w in wanted if w]
-    out = []
-    for replica in candidates:
+    names = frozenset(w for w in wanted if w)
+
+    def allowed(replica: Replica) -> bool:
         address = messages.address_of(replica.url)
         host = address.rsplit(":", 1)[0]
-        if address in wanted or host in wanted or host.strip("[]") in wanted:
-            out.append(replica)
-    return out
+        return address in names or host in names or host.strip("[]") in names
+
+    return allowed
