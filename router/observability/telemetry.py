@@ -183,8 +183,9 @@ class Telemetry:
             "router_failovers", "Requests that left a replica for the next one in the ranking "
             "before any byte reached the client.", ["model", "replica"], registry=r)
         self.upstream_errors = Counter(
-            "router_upstream_errors", "Upstream failures by kind: connect, timeout, status_5xx, "
-            "status_429, disconnect, stream_cut.", ["model", "replica", "kind"], registry=r)
+            "router_upstream_errors", "Upstream failures by kind: connect, connect_timeout, "
+            "first_byte_timeout, read_timeout, status_5xx, status_429, disconnect, stream_cut.",
+            ["model", "replica", "kind"], registry=r)
         self.pool_timeouts = Counter(
             "router_upstream_pool_timeouts", "Requests answered 503 because no upstream "
             "connection came free within proxy.pool_timeout (or the deadline): every one of "
@@ -213,7 +214,7 @@ class Telemetry:
         self.rejections = Counter(
             "router_rejections", "Requests the router refused before routing, by reason: "
             "auth, forbidden_model, bad_path, rate_limit_requests, rate_limit_tokens, "
-            "queue_full, queue_timeout, body_budget, ejected.", ["reason"], registry=r)
+            "queue_full, wait_timeout, body_budget, ejected, response_not_found.", ["reason"], registry=r)
         self.queue_length = Gauge(
             "router_admission_queue_length", "Requests waiting for a saturated fleet.",
             ["model"], registry=r,
