@@ -165,7 +165,8 @@ def _fleet(node: Node) -> FleetSpec:
 
 
 def parse_target(node: Node, variants: dict[str, Node] | None = None) -> TargetSpec:
-    """`direct`, `ours:POLICY`, `vllm-router:POLICY` or `sglang-router:POLICY`, each optionally
+    """`direct`, `ours:POLICY`, `envoy-picker:POLICY`, `vllm-router:POLICY`, `smg:POLICY` or
+    `sglang-router:POLICY`, each optionally
     `@VARIANT` naming an entry of the scenario's `variants:` (peer flags, or our routing params)."""
     text = node.string()
     text, _, variant = text.partition("@")
@@ -177,7 +178,8 @@ def parse_target(node: Node, variants: dict[str, Node] | None = None) -> TargetS
         return TargetSpec("direct")
     if not policy:
         node.fail(f"expected '{kind}:POLICY'")
-    options = OUR_POLICIES if kind == "ours" else PEER_POLICIES[kind]
+    ours = kind in ("ours", "envoy-picker")
+    options = OUR_POLICIES if ours else PEER_POLICIES[kind]
     policy = Node(policy, node.path, node.file).choice(options)
     if not variant:
         return TargetSpec(kind, policy)
@@ -187,7 +189,7 @@ def parse_target(node: Node, variants: dict[str, Node] | None = None) -> TargetS
         node.fail(f"unknown variant '{variant}'" + (f"; did you mean '{hint[0]}'?" if hint else "")
                   + f" (variants: {', '.join(variants) or 'none defined'})")
     spec = variants[variant]
-    if kind == "ours":
+    if ours:
         if not isinstance(spec.value, dict):
             spec.fail("a variant used by our router is a mapping of routing params (and `terms`: weights)")
         return TargetSpec(kind, policy, variant, params=tuple(sorted(spec.value.items())))

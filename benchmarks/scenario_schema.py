@@ -25,7 +25,8 @@ PEER_POLICIES = {
     "smg": ("cache_aware", "least_load", "prefix_hash", "round_robin", "power_of_two", "random",
             "consistent_hashing"),
 }
-TARGET_KINDS = ("ours", "vllm-router", "smg", "sglang-router", "direct")
+# envoy-picker: Envoy 1.40 carries the bytes and asks our router over ext_proc (`router pick`)
+TARGET_KINDS = ("ours", "envoy-picker", "vllm-router", "smg", "sglang-router", "direct")
 
 # Per workload kind: parameter -> (default, kind) where kind is "int", "num", "bool" or "str".
 WORKLOAD_PARAMS: dict[str, dict[str, tuple[Any, str]]] = {

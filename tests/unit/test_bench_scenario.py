@@ -129,3 +129,12 @@ def test_variant_errors():
     assert "variants.balanced: a variant used by our router is a mapping of routing params" in error(data)
     data["variants"] = {"balanced": 3}
     assert "variants.balanced: expected a list of peer flags" in error(data)
+
+
+def test_envoy_picker_targets_take_our_policies_and_variants():
+    data = with_("targets", ["envoy-picker:cache_aware", "envoy-picker:cache_aware@lean"])
+    data["variants"] = {"lean": {"lean": True}}
+    targets = parse(data).targets
+    assert [t.name for t in targets] == ["envoy-picker:cache_aware", "envoy-picker:cache_aware@lean"]
+    assert dict(targets[1].params) == {"lean": True}
+    assert "did you mean 'cache_aware'?" in error(with_("targets", ["envoy-picker:cache_awre"]))
