@@ -37,14 +37,14 @@ def test_a_handle_writes_what_the_public_call_writes() -> None:
     exposition must equal the public calls' for the same values, or the layout changed."""
     public, handled = Telemetry(CollectorRegistry()), Telemetry(CollectorRegistry())
     for value in VALUES:
-        public.duration.labels("m").observe(value)
-        handled.child(handled.duration, "m").observe(value)
+        public.duration.labels("m", "r").observe(value)
+        handled.child(handled.duration, "m", "r").observe(value)
         public.matched_blocks.labels("p").observe(abs(value) if value == value else value)
         handled.child(handled.matched_blocks, "p").observe(abs(value) if value == value else value)
         public.requests.labels("m", "r", "200").inc()
         handled.child(handled.requests, "m", "r", "200").inc()
     # not the fallback: the single-process handles that add to the floats themselves
-    assert type(handled.child(handled.duration, "m")).__name__ == "LocalHistogramHandle"
+    assert type(handled.child(handled.duration, "m", "r")).__name__ == "LocalHistogramHandle"
     assert type(handled.child(handled.requests, "m", "r", "200")).__name__ == "LocalCounterHandle"
     assert _series(handled.registry) == _series(public.registry)
 
