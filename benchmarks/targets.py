@@ -75,7 +75,7 @@ def router_argv(target: TargetSpec, *, model: str, backends: list[dict[str, Any]
     """The command line that starts `target` (not `direct`) on `port` in front of `backends`."""
     urls = [b["url"] for b in backends]
     if target.kind in ("ours", "envoy-picker"):
-        config = run_dir / "configs" / f"routes-{target.slug}.yaml"
+        config = run_dir / "configs" / f"routes-{target.slug.removeprefix('ours__')}.yaml"
         config.parent.mkdir(parents=True, exist_ok=True)
         routes = routes_yaml(model, backends, target.policy, port)
         params = dict(target.params)
