@@ -185,8 +185,10 @@ def content_text(content: object) -> str:
     if isinstance(content, str):
         return content
     if isinstance(content, list):
-        return "".join(str(p.get("text", "")) for p in content
-                       if isinstance(p, dict) and p.get("type", "text") == "text")
+        texts = [p.get("text", "") for p in content if isinstance(p, dict) and p.get("type", "text") == "text"]
+        if not all(isinstance(t, str) for t in texts):  # vLLM's schema: 400, "a valid string"
+            raise TypeError("a text content part's text must be a string")
+        return "".join(texts)
     raise TypeError("message content must be a string or a list of content parts")
 
 
