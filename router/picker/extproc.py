@@ -36,7 +36,6 @@ disaggregated model's requests are single hops over all its replicas).
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
@@ -158,12 +157,9 @@ class EndpointPicker(epg.ExternalProcessorServicer):  # type: ignore[misc]
                     if answer.HasField("immediate_response"):
                         status = answer.immediate_response.status.code
                         return
-        except asyncio.CancelledError:
-            # Envoy reset the stream: its client left, unless the answer had already ended
-            # (Envoy resets as often as it half-closes once the last message is answered;
-            # `finally` tells the two apart).
-            raise
-        finally:
+        finally:  # the stream ended: half-closed, or reset (CancelledError) by Envoy, which
+            # resets as often as it half-closes once the last message is answered: whether the
+            # client left is told by whether the answer had ended, not by how the stream did
             if x.lease is not None:
                 x.lease.release()
             if x.lean and status and not x.done:  # the answer has ended (or its client left:
