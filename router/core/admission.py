@@ -145,12 +145,14 @@ class RateLimitExceeded(Exception):
 
 
 class _Waiter:
-    __slots__ = ("future", "identity", "priority")
+    __slots__ = ("future", "identity", "priority", "only")
 
-    def __init__(self, future: asyncio.Future[None], identity: str, priority: int) -> None:
+    def __init__(self, future: asyncio.Future[None], identity: str, priority: int,
+                 only: Sequence[Replica] | None = None) -> None:
         self.future = future
         self.identity = identity
         self.priority = priority
+        self.only = only  # the replicas it may use, when fewer than the model's (a subset hint)
 
 
 class _ModelQueue:
@@ -165,21 +167,25 @@ class _ModelQueue:
         band.setdefault(waiter.identity, deque()).append(waiter)
         self.size += 1
 
-    def pop(self) -> _Waiter | None:
-        if not self.bands:
-            return None
-        priority = max(self.bands)
-        band = self.bands[priority]
-        identity, fifo = next(iter(band.items()))
-        waiter = fifo.popleft()
-        if fifo:
-            band.move_to_end(identity)  # this client's turn is over
-        else:
-            del band[identity]
-        if not band:
-            del self.bands[priority]
-        self.size -= 1
-        return waiter
+    def pop(self, eligible: Callable[[_Waiter], bool] | None = None) -> _Waiter | None:
+        """The next waiter in turn (highest priority, then round robin over clients) that
+        `eligible` lets go; a client whose first waiter may not go keeps its place."""
+        for priority in sorted(self.bands, reverse=True):
+            band = self.bands[priority]
+            for identity, fifo in band.items():
+                waiter = fifo[0]
+                if eligible is not None and not eligible(waiter):
+                    continue
+                fifo.popleft()
+                if fifo:
+                    band.move_to_end(identity)  # this client's turn is over
+                else:
+                    del band[identity]
+                if not band:
+                    del self.bands[priority]
+                self.size -= 1
+                return waiter
+        return None
 
     def remove(self, waiter: _Waiter) -> None:
         band = self.bands.get(waiter.priority)
@@ -247,12 +253,12 @@ class Admission:
         return (queue is None or not queue.size) and not all(self.saturated(r) for r in candidates)
 
     async def admit(self, model: str, candidates: Sequence[Replica], client: Client,
-                    priority: int, *, max_wait: float | None = None) -> float:
+                    priority: int, *, restricted: bool = False) -> float:
         """Return when the request may go on (seconds waited); 429 when it may not.
-        `max_wait`: at most this long (default ``admission.max_wait``)."""
+        `restricted`: `candidates` are fewer than the model's replicas (a data plane's subset
+        hint); the queue then lets the request go only when one of them has room."""
         if self.passes(model, candidates):
             return 0.0
-        wait = self.config.max_wait if max_wait is None else max_wait
         queue = self._queues.get(model)
         if self.waiting >= self.config.queue_size:
             raise QueueRejection("queue_full", RouterError(
@@ -261,13 +267,13 @@ class Admission:
         if queue is None:
             queue = self._queues[model] = _ModelQueue()
         loop = asyncio.get_running_loop()
-        waiter = _Waiter(loop.create_future(), client.identity, priority)
+        waiter = _Waiter(loop.create_future(), client.identity, priority, candidates if restricted else None)
         queue.push(waiter)
         self.waiting += 1
         self._changed(model, queue)
         started = loop.time()
         try:
-            async with asyncio.timeout(wait):
+            async with asyncio.timeout(self.config.max_wait):
                 await asyncio.shield(waiter.future)
         except TimeoutError:
             if not waiter.future.done():
@@ -291,7 +297,7 @@ class Admission:
         queue = self._queues.get(model)
         released = 0
         while queue is not None and released < n:
-            waiter = queue.pop()
+            waiter = queue.pop(self._may_go)
             if waiter is None:
                 break
             self.waiting -= 1
@@ -301,6 +307,11 @@ class Admission:
         if queue is not None:
             self._changed(model, queue)
         return released
+
+    def _may_go(self, waiter: _Waiter) -> bool:
+        """A waiter restricted to some replicas goes only when one of them has room."""
+        only = waiter.only
+        return only is None or not all(self.saturated(r) for r in only)
 
     def on_request_end(self, model: str) -> None:
         """A request of `model` ended (or got its first byte: the engine took it off its own

@@ -109,22 +109,6 @@ class Intake:
         if server.access_log:
             write_access_log(record, duration, server.log_format)
 
-    async def _queue(self, model: str, candidates: list[Replica], client: Client, priority: int, *,
-                     restricted: bool) -> float:
-        """Wait in the model's admission queue.  The queue lets a waiter go when any replica
-        of the model has room; a request restricted to some of them (a data plane's subset)
-        waits again, for what is left of ``admission.max_wait``, while all of its own are
-        saturated."""
-        admission = self.admission
-        waited = await admission.admit(model, candidates, client, priority)
-        while restricted and all(admission.saturated(r) for r in candidates):
-            left = admission.config.max_wait - waited
-            if left <= 0:
-                waited += await admission.admit(model, candidates, client, priority, max_wait=0.0)
-                break
-            waited += await admission.admit(model, candidates, client, priority, max_wait=left)
-        return waited
-
     def reject(self, reason: str, error: RouterError) -> RouterError:
         """`error`, counted as a rejection for `reason`."""
         self.telemetry.rejections.labels(reason).inc()
@@ -211,7 +195,7 @@ class Intake:
         priority = self.priority(arrival.headers, client)
         try:
             waited = 0.0 if admission.passes(canonical, admissible) else \
-                await self._queue(canonical, admissible, client, priority, restricted=arrival.allowed is not None)
+                await admission.admit(canonical, admissible, client, priority, restricted=arrival.allowed is not None)
         except QueueRejection as exc:
             raise self.reject(exc.reason, exc.error) from None
         record.admitted = True
