@@ -112,8 +112,9 @@ def allowed_keys(where: tuple[Any, ...]) -> list[str]:
     raise RuntimeError(f"probing {where}: the parser accepted an unknown key")
 
 
-def _field_comments(cls: type) -> dict[str, str]:
-    """Field name -> the comment on its line in the class's source."""
+def _field_docs(cls: type) -> dict[str, tuple[str, str]]:
+    """Field name -> (its annotation, the comment on its line or just above it), from one
+    parse of the class's source."""
     source = inspect.getsource(cls)
     comments: dict[int, str] = {}
     whole_lines: set[int] = set()  # comments on a line of their own
@@ -122,32 +123,21 @@ def _field_comments(cls: type) -> dict[str, str]:
             comments[token.start[0]] = token.string.lstrip("#").strip()
             if token.line.strip().startswith("#"):
                 whole_lines.add(token.start[0])
-    out: dict[str, str] = {}
+    out: dict[str, tuple[str, str]] = {}
     body = ast.parse(source).body[0]
     assert isinstance(body, ast.ClassDef)
     for item in body.body:
         if isinstance(item, ast.AnnAssign) and isinstance(item.target, ast.Name):
             text = comments.get(item.end_lineno or item.lineno) or comments.get(item.lineno)
             above = item.lineno - 1
-            if text is None and above in whole_lines:  # a comment of its own just above it
+            if text is None and above in whole_lines:
                 lines: list[str] = []
                 while above in whole_lines:
                     lines.insert(0, comments[above])
                     above -= 1
                 text = " ".join(lines)
-            if text:
-                out[item.target.id] = text
+            out[item.target.id] = (ast.unparse(item.annotation), text or "")
     return out
-
-
-def _annotation(cls: type, name: str) -> str:
-    source = inspect.getsource(cls)
-    body = ast.parse(source).body[0]
-    assert isinstance(body, ast.ClassDef)
-    for item in body.body:
-        if isinstance(item, ast.AnnAssign) and isinstance(item.target, ast.Name) and item.target.id == name:
-            return ast.unparse(item.annotation)
-    return ""
 
 
 _TYPE_WORDS = (
@@ -234,7 +224,7 @@ def render() -> str:
     ]
     for path, where, cls in SECTIONS:
         fields = {f.name: f for f in dataclasses.fields(cls)}
-        comments = _field_comments(cls)
+        docs = _field_docs(cls)
         summary = _summary(cls, top="." not in path and "[" not in path)
         lines += [f"## `{path}`", "", *([summary, ""] if summary else []),
                   "| key | type | default | what |", "|---|---|---|---|"]
@@ -243,8 +233,8 @@ def render() -> str:
             if f is None:
                 lines.append(f"| `{key}` | | | {_key_doc(key, fields) or _nested_note(path, key)} |")
                 continue
-            annotation = _type(_annotation(cls, key)).replace("|", "\\|")
-            doc = comments.get(key, "").replace("|", "\\|")
+            annotation, doc = docs.get(key, ("", ""))
+            annotation, doc = _type(annotation).replace("|", "\\|"), doc.replace("|", "\\|")
             lines.append(f"| `{key}` | `{annotation}` | {_default(f).replace('|', chr(92) + '|')} | {doc} |")
         lines.append("")
     return "\n".join(lines)
