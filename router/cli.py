@@ -138,15 +138,20 @@ async def _serve(config: Config, host: str | None, port: int | None, launch: boo
     return 0
 
 
-async def _start_picker(router: Any, host: str, port: int) -> Any:
+def build_picker(router: Any) -> Any:
     """The Envoy endpoint picker over the router's own parts (router/picker/)."""
     from router.picker.extproc import EndpointPicker
-    from router.picker.server import start_picker
 
     api = router.api
-    picker = EndpointPicker(intake=api.intake, keyring=lambda: api.keyring, flow=router.flow,
-                            proxy=router.proxy, bodies=api.bodies)
-    server = await start_picker(picker, host, port, ready=lambda: any(
+    return EndpointPicker(intake=api.intake, keyring=lambda: api.keyring, flow=router.flow,
+                          proxy=router.proxy, bodies=api.bodies)
+
+
+async def _start_picker(router: Any, host: str, port: int) -> Any:
+    """`build_picker`, served over gRPC."""
+    from router.picker.server import start_picker
+
+    server = await start_picker(build_picker(router), host, port, ready=lambda: any(
         router.proxy.admissible(r) for r in router.fleet),
         max_message_bytes=router.config.server.max_body_bytes + (1 << 20))
     announce(f"endpoint picker (Envoy ext_proc) listening on {host}:{server.port}")

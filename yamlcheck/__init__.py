@@ -222,6 +222,12 @@ def every_error(data: Any, file: str | Path | None, validate: Callable[[Any], T]
     until it passes or nothing more can be taken out.  A problem reported on an item that
     encloses one already taken out (``models: expected at least one model`` after the only
     model went) is a consequence, not a mistake of the file, and ends the search."""
+    try:
+        return validate(data)  # the common case: valid, no copy (validators do not change it)
+    except ConfigErrors:
+        raise
+    except ConfigError:
+        pass
     work = copy.deepcopy(data)
     removed: dict[tuple[str | int, ...], list[int]] = {}  # list path (file indices) -> items taken out
     taken: list[tuple[str | int, ...]] = []  # paths taken out, in file indices

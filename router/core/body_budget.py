@@ -49,3 +49,8 @@ class BodyLease:
     def release(self) -> None:
         self.budget.used -= self.held
         self.held = 0
+
+
+def too_large(limit: int) -> RouterError:
+    """The 413 of a body over ``server.max_body_bytes`` (both data planes)."""
+    return RouterError(413, f"Request body too large: the limit is {limit} bytes")

@@ -93,7 +93,10 @@ class Intake:
         self._priority_header = config.admission.priority_header
 
     def finish(self, record: RequestRecord, status: int) -> None:
-        """A request's end, whichever data plane carried it: its metrics and access-log line."""
+        """A request's end, whichever data plane carried it: its admission slot handed on (if
+        its first byte has not done so already), its metrics and access-log line."""
+        if record.admitted and record.model is not None and not record.slot_released:
+            self.admission.on_request_end(record.model)
         record.status = status
         duration = record.elapsed()
         # Only names the fleet knows become label values (a client's typo must not mint series).

@@ -177,7 +177,7 @@ class Api:
                 response = error_answer(request, exc)
             served = REQUEST_ID_KEY in request  # by `serve`: counted and logged there
             if not response.prepared and self.rid_header not in response.headers:
-                request[REQUEST_ID_KEY] = request.get(REQUEST_ID_KEY) or self._request_id(request)
+                request[REQUEST_ID_KEY] = self._request_id(request)  # (not served: none yet)
                 response.headers[self.rid_header] = request[REQUEST_ID_KEY]
             if not served and (response.status >= 400 or request.path not in _PROBES):
                 self._finish_own(request, response)
@@ -226,8 +226,6 @@ class Api:
         finally:
             lease.release()
             self.proxy.end(key)
-            if record.admitted and record.model is not None and not record.slot_released:
-                self.admission.on_request_end(record.model)
             if response is not None and not response.prepared:
                 response.headers[self.rid_header] = record.request_id
             status = CLIENT_CLOSED if record.client_gone else (

@@ -26,15 +26,11 @@ import zlib
 
 from aiohttp import StreamReader, web
 
-from router.core.body_budget import BodyLease
+from router.core.body_budget import BodyLease, too_large
 from router.errors import RouterError
 from router.http_errors import response_of
 
 _READ_CHUNK = 256 * 1024
-
-
-def too_large(limit: int) -> RouterError:
-    return RouterError(413, f"Request body too large: the limit is {limit} bytes")
 
 
 def _decoder(encoding: str) -> zlib._Decompress | None:

@@ -6,7 +6,9 @@ health, breaker, load, KV-cache usage, prefix-cache hit rate (the engine's own c
 share of the recent traffic, the prefix index's size, and the last requests with their
 routing decision and its per-term costs.  Admin-protected like the rest of /admin; with
 ``auth.admin_key`` set, a browser is asked for it (HTTP Basic: any user name, the key as the
-password), and the page's own requests then carry it.  Client-chosen strings (model names,
+password), and the page's own requests then carry it.  With ``--workers N`` each worker keeps
+its own last requests and traffic shares (no state is shared between workers): the page says
+which worker answered; the fleet-wide view is the dashboard's.  Client-chosen strings (model names,
 request ids, error messages) reach the page only as text nodes, never as markup.
 """
 
@@ -105,7 +107,7 @@ th{background:#eef0f4;font-weight:600}
 </style></head>
 <body>
 <header><h1>vLLM smart router</h1><span id="policy"></span><span id="version"></span>
-<span id="updated"></span><span id="error"></span></header>
+<span id="worker"></span><span id="updated"></span><span id="error"></span></header>
 <main>
 <section class="cards" id="cards"></section>
 <section><h2>Replicas</h2><table><thead><tr><th>replica</th><th>model</th><th>health</th>
@@ -157,6 +159,9 @@ function render(data) {
   const s = data.summary, fleet = data.fleet;
   document.getElementById("policy").textContent = "policy " + (fleet.policy || "?");
   const draining = data.router.draining ? " (draining)" : "";
+  const worker = fleet.worker && fleet.worker.index !== null && fleet.worker.index !== undefined ?
+    "worker " + fleet.worker.index + " (its own requests)" : "";
+  document.getElementById("worker").textContent = worker;
   document.getElementById("version").textContent = "v" + data.router.version + draining;
   document.getElementById("updated").textContent = "updated " + new Date().toLocaleTimeString();
   document.getElementById("error").textContent = "";

@@ -48,7 +48,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from router.config import Config
 from router.core.auth import KeyRing
-from router.core.body_budget import BodyBudget, BodyLease
+from router.core.body_budget import BodyBudget, BodyLease, too_large
 from router.core.clients import Client
 from router.core.intake import Arrival, Intake
 from router.core.request_ids import RequestIds
@@ -135,8 +135,7 @@ class EndpointPicker(epg.ExternalProcessorServicer):  # type: ignore[misc]
                     if refused is not None:
                         answers = [refused]
                     elif len(x.body) > limit:
-                        answers = [self._refuse(x, RouterError(
-                            413, f"Request body too large: the limit is {limit} bytes"))]
+                        answers = [self._refuse(x, too_large(limit))]
                     elif request.request_body.end_of_stream:
                         answers = await self._decide(x, request)
                 elif kind == "request_trailers":  # trailers end a body whose chunks did not
@@ -170,8 +169,6 @@ class EndpointPicker(epg.ExternalProcessorServicer):  # type: ignore[misc]
             if not x.done and x.attempt is not None:
                 self._complete(x, ABANDONED)
             self.proxy.end(key)
-            if record.admitted and record.model is not None and not record.slot_released:
-                self.intake.admission.on_request_end(record.model)
             self.intake.finish(record, CLIENT_CLOSED if record.client_gone else (status or record.status or 500))
 
     # -- the request phase ---------------------------------------------------------------
@@ -326,7 +323,7 @@ class EndpointPicker(epg.ExternalProcessorServicer):  # type: ignore[misc]
         if body or end:
             self._first_byte(x, status)
         if body:
-            x.tail = (x.tail + body)[-8192:]
+            x.tail = body[-8192:] if len(body) >= 8192 else (x.tail + body)[-8192:]
         if end:
             if status == 200:
                 x.record.cached_tokens = cached_tokens_of(x.tail)

@@ -20,6 +20,7 @@ from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2 as pm 
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep  # noqa: E402
 from google.protobuf import struct_pb2  # noqa: E402
 
+from router.cli import build_picker  # noqa: E402
 from router.picker import messages  # noqa: E402
 from router.picker.extproc import EndpointPicker  # noqa: E402
 
@@ -27,10 +28,9 @@ BODY = orjson.dumps({"model": "sim-a", "messages": [{"role": "user", "content": 
 
 
 def picker_of(server: Any) -> EndpointPicker:
-    """The picker `router pick` builds over this router's parts (router/cli.py)."""
-    router, api = server.router, server.router.api
-    return EndpointPicker(intake=api.intake, keyring=lambda: api.keyring, flow=router.flow,
-                          proxy=router.proxy, bodies=api.bodies)
+    """The picker `router pick` builds over this router's parts."""
+    picker: EndpointPicker = build_picker(server.router)
+    return picker
 
 
 def headers(path: str = "/v1/chat/completions", *, lean: bool = True, subset: str | None = None) -> Any:
