@@ -144,7 +144,7 @@ def build_picker(router: Any) -> Any:
 
     api = router.api
     return EndpointPicker(intake=api.intake, keyring=lambda: api.keyring, flow=router.flow,
-                          proxy=router.proxy, bodies=api.bodies)
+                          proxy=router.proxy, bodies=api.bodies, pd_flow=api.pd_flow)
 
 
 async def _start_picker(router: Any, host: str, port: int) -> Any:

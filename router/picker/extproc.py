@@ -30,8 +30,16 @@ middle of an answer reads as answered (Envoy ends the stream the same way).
 
 The data plane's subset hint restricts the replicas before admission (a request never queues
 for replicas it may not use); the body is held against ``server.max_inflight_body_bytes``
-(shared with the proxy mode) until the decision.  Not in picker mode: prefill/decode flows (a
-disaggregated model's requests are single hops over all its replicas).
+(shared with the proxy mode) until the decision.
+
+Prefill/decode disaggregation (a model with prefill and decode pools): the core's flow
+(transport/flows.Disaggregated.prefill) ranks the decode pool, decides whether the prefill
+hop is worth it, and sends it from the picker's process (a whole answer of one token, with
+failover, bounded by ``disaggregation.transfer_timeout``); the picker then routes the request
+to the decode ranking with its body rewritten to carry the prefill's ``kv_transfer_params``
+(a body mutation), and Envoy carries the decode hop and its stream.  A prefill answer other
+than 200 goes to the client as it is.  Unlike the proxy, a decode replica's 5xx after a
+prefill reaches the client as the replica's (no 502 rewrite: Envoy relays it).
 """
 
 from __future__ import annotations
@@ -42,6 +50,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import orjson
+from aiohttp import web
 from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as epg
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -58,7 +67,7 @@ from router.observability.access_log import RequestRecord
 from router.paths import raw_path_problem
 from router.picker import messages
 from router.transport.failures import UpstreamFailure
-from router.transport.flows import SingleHop
+from router.transport.flows import Disaggregated, SingleHop
 from router.transport.headers import forwardable_request_headers
 from router.transport.hooks import ABANDONED, FAILURE, SUCCESS, Attempt
 from router.transport.proxy import Proxy
@@ -93,8 +102,10 @@ class EndpointPicker(epg.ExternalProcessorServicer):  # type: ignore[misc]
     """Decides each request Envoy asks about; one per router process."""
 
     def __init__(self, *, intake: Intake, keyring: Callable[[], KeyRing], flow: SingleHop,
-                 proxy: Proxy, bodies: BodyBudget, default_duplex: bool = True) -> None:
+                 proxy: Proxy, bodies: BodyBudget, pd_flow: Disaggregated | None = None,
+                 default_duplex: bool = True) -> None:
         self.intake = intake
+        self.pd_flow = pd_flow  # models with prefill and decode pools: the prefill hop's half
         self.bodies = bodies  # shared with the proxy mode's front door in this process
         self.keyring = keyring  # the current keys (a reload may replace them)
         self.flow = flow
@@ -209,12 +220,21 @@ class EndpointPicker(epg.ExternalProcessorServicer):  # type: ignore[misc]
                               allowed=None if hint is None else _subset(hint))
             admitted = await self.intake.admit(arrival, record, deadline_left=lambda: (
                 self.proxy.config.deadline - record.elapsed()))
-            model = admitted.model
-            decision = await self.flow.decide(admitted.route, admitted.candidates, record,
-                                              model.lora if model is not None else None)
+            model, route = admitted.model, admitted.route
+            if model is not None and self.pd_flow is not None and admitted.disaggregated():
+                # The picker sends the prefill hop itself (its answer is one token); Envoy
+                # carries the decode hop, its body now with the prefill's kv_transfer_params.
+                handoff = await self.pd_flow.prefill(None, route, admitted.candidates, record,
+                                                     model.disaggregation)
+                if isinstance(handoff, web.Response):
+                    return [self._prefill_answer(x, handoff)]
+                assert not isinstance(handoff, web.StreamResponse)  # (an inner hop's is whole)
+                route, decision = handoff
+            else:
+                decision = await self.flow.decide(route, admitted.candidates, record,
+                                                  model.lora if model is not None else None)
         except RouterError as exc:
             return [self._refuse(x, exc)]
-        route = admitted.route
         ranked = decision.ranked[:max(1, self.proxy.config.max_attempts)]
         # Lean: the first byte of a stream is not seen, only the end, so the hooks hear it as
         # a whole answer (its prompt is not counted pending, its timing teaches no rate).
@@ -259,6 +279,15 @@ class EndpointPicker(epg.ExternalProcessorServicer):  # type: ignore[misc]
             return messages.immediate(200, orjson.dumps(listing), {})
         raise RouterError(404, f"Not found: {record.method} {record.path} (the endpoint picker routes "
                                f"the inference API: {', '.join(self.config.server.forward_paths)})")
+
+    def _prefill_answer(self, x: _Exchange, answer: web.Response) -> Any:
+        """A disaggregated request's prefill hop answered other than 200 (a 4xx is the
+        request's own error, a 5xx came after failover): the client gets it as it is."""
+        x.decided = True
+        x.record.status = answer.status
+        body = answer.body if isinstance(answer.body, bytes) else b""
+        kept = {k: v for k, v in answer.headers.items() if k.lower() == "retry-after"}
+        return messages.immediate(answer.status, body, kept)
 
     def _refuse(self, x: _Exchange, error: RouterError) -> Any:
         x.decided = True

@@ -95,9 +95,11 @@ def route_headers(endpoints: str, extra: Iterable[tuple[str, str]] = ()) -> ep.P
 def route_body(endpoints: str, body: bytes | None,
                extra: Iterable[tuple[str, str]] = ()) -> ep.ProcessingResponse:
     """The answer to a buffered body: the destination set from the body response (allowed in
-    BUFFERED mode), and the body replaced only when the router rewrote it (an alias)."""
+    BUFFERED mode), and the body replaced only when the router rewrote it (an alias, a decode
+    hop's transfer params), its Content-Length with it (Envoy refuses a mismatch with a 500)."""
+    length = [] if body is None else [("content-length", str(len(body)))]
     common = ep.CommonResponse(
-        header_mutation=_set_headers([(DESTINATION, endpoints), *extra], CLIENT_CREDENTIALS),
+        header_mutation=_set_headers([(DESTINATION, endpoints), *extra, *length], CLIENT_CREDENTIALS),
         clear_route_cache=True)
     if body is not None:
         common.body_mutation.body = body

@@ -199,7 +199,7 @@ class Attempts:
         finally:
             watch.cancel()
 
-    async def run(self, request: web.Request, route: RouteRequest, replica: Replica,
+    async def run(self, request: web.Request | None, route: RouteRequest, replica: Replica,
                        number: int, decision: Decision, record: RequestRecord,
                        relay: bool = True) -> web.StreamResponse:
         if not self.upstream.take_slot_now():  # (every connection in use: wait, bounded)
@@ -310,7 +310,7 @@ class Attempts:
                 resp.close()  # unfinished: drop the connection so vLLM aborts the request
             raise
 
-    async def deliver(self, request: web.Request, attempt: Attempt, resp: UpstreamResponse,
+    async def deliver(self, request: web.Request | None, attempt: Attempt, resp: UpstreamResponse,
                        first: bytes, complete: bool, streaming: bool,
                        wait: Wait) -> web.StreamResponse:
         """The answer is committed: its first byte's hooks, then the relay."""
@@ -318,5 +318,6 @@ class Attempts:
         record.ttfb = record.elapsed()
         self.hooks.first_byte(attempt, resp.status)
         if streaming:
+            assert request is not None  # (an inner hop's answer is whole: see `head`)
             return await self.relay.stream(request, route, replica, resp, first, wait, record)
         return await self.relay.whole(request, route, replica, resp, first, complete, wait, record)

@@ -137,6 +137,27 @@ class Disaggregated:
 
     async def forward(self, request: web.Request, route: RouteRequest, candidates: Sequence[Replica],
                       record: RequestRecord, settings: DisaggregationConfig) -> web.StreamResponse:
+        handoff = await self.prefill(request, route, candidates, record, settings)
+        if isinstance(handoff, web.StreamResponse):
+            return handoff  # the prefill hop's own answer (not 200)
+        decode_route, decode = handoff
+        prefilled = decode_route is not route
+        # Never hedged after a prefill: the prefill replica hands its KV blocks to one reader.
+        out = await self.proxy.forward(request, decode_route, decode, record, hedge=not prefilled)
+        if prefilled and out.status >= 500 and not out.prepared:
+            record.error = f"decode hop: upstream {out.status} after the prefill on {record.prefill_replica}"
+            return error_response(502, "The decode replica could not complete this request after its "
+                                       f"prefill (it answered {out.status}: a KV transfer it could not "
+                                       "read, or an engine error)")
+        return out
+
+    async def prefill(self, request: web.Request | None, route: RouteRequest, candidates: Sequence[Replica],
+                      record: RequestRecord, settings: DisaggregationConfig
+                      ) -> tuple[RouteRequest, Decision] | web.StreamResponse:
+        """Steps 1-3 and the decode hop's request: (its route, the decode ranking), or the
+        prefill hop's answer when it was not a 200.  The decode route is `route` itself when
+        the prefill hop is skipped.  Any data plane carries the decode hop from here: the
+        proxy (`forward`) or Envoy (the endpoint picker, which passes ``request=None``)."""
         proxy, telemetry = self.proxy, self.telemetry
         decode_pool = [r for r in candidates if r.role != "prefill"]
         prefill_pool = [r for r in candidates if r.role != "decode" and proxy.admissible(r)]
@@ -150,7 +171,7 @@ class Disaggregated:
         telemetry.pd_requests.labels(route.model, reason).inc()
         if reason != DISAGGREGATED:
             record.why = {"disaggregation": reason, "decode": decode_why}
-            return await proxy.forward(request, route, decode, record)
+            return route, decode
 
         prefill = self.single.rank(route, prefill_pool, record)
         record.why = {"disaggregation": reason, "prefill": record.why, "decode": decode_why}
@@ -177,12 +198,4 @@ class Disaggregated:
         data = orjson.loads(route.body)
         if params is not None:
             data["kv_transfer_params"] = params
-        # Never hedged: the prefill replica hands its KV blocks to one reader.
-        decode_hop = replace(route, body=orjson.dumps(data), prefilled_elsewhere=params is not None)
-        out = await proxy.forward(request, decode_hop, decode, record, hedge=False)
-        if out.status >= 500 and not out.prepared:
-            record.error = f"decode hop: upstream {out.status} after the prefill on {record.prefill_replica}"
-            return error_response(502, "The decode replica could not complete this request after its "
-                                       f"prefill (it answered {out.status}: a KV transfer it could not "
-                                       "read, or an engine error)")
-        return out
+        return replace(route, body=orjson.dumps(data), prefilled_elsewhere=params is not None), decode

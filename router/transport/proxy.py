@@ -202,15 +202,18 @@ class Proxy:
             self.waits.cut_replica(replica)
 
     # -- forwarding -------------------------------------------------------------------
-    async def forward(self, request: web.Request, route: RouteRequest, decision: Decision,
+    async def forward(self, request: web.Request | None, route: RouteRequest, decision: Decision,
                       record: RequestRecord, *, relay: bool = True,
                       hedge: bool = True) -> web.StreamResponse:
         """Attempts down `decision.ranked` (not empty; a flow ranked it, router/transport/flows.py).
 
         ``relay=False`` (a flow's inner hop, e.g. a prefill): the answer must be whole and
-        is returned as a ``web.Response`` for the flow to read; nothing reaches the client.
+        is returned as a ``web.Response`` for the flow to read; nothing reaches the client
+        (`request` may then be None: a hop sent for another data plane, the endpoint picker).
         ``hedge=False``: never a hedge (a hop of a disaggregated request); otherwise the
         first attempt is hedged when ``proxy.hedge`` says so (see the module docstring)."""
+        if request is None and relay:
+            raise ValueError("only an inner hop (relay=False) goes without a client request")
         cfg = self.config
         self.retry_budget.on_request()
         tried: list[Replica] = []
@@ -233,7 +236,7 @@ class Proxy:
             tried.append(replica)
             record.attempts = 1
             record.replica = replica.id
-            if (route.path not in self._hedge_paths or not relay or not hedge
+            if (request is None or route.path not in self._hedge_paths or not relay or not hedge
                     or self._hedge_target(decision.ranked, tried) is None):
                 return await self.attempts.run(request, route, replica, 1, decision, record, relay)
             return await self.hedging.race(request, route, decision, record, tried)

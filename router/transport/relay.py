@@ -192,7 +192,7 @@ class Relay:
         detail = (str(exc) or type(exc).__name__) if exc is not None else "stream ended early"
         return detail, "The replica serving this request failed mid-stream (its connection broke)"
 
-    async def whole(self, request: web.Request, route: RouteRequest, replica: Replica,
+    async def whole(self, request: web.Request | None, route: RouteRequest, replica: Replica,
                            resp: UpstreamResponse, head: bytes, complete: bool,
                            wait: Wait, record: RequestRecord) -> web.StreamResponse:
         headers = client_response_headers(resp.raw_headers)
@@ -201,6 +201,7 @@ class Relay:
                 record.cached_tokens = cached_tokens_of(head)
             return web.Response(status=resp.status, body=head, headers=headers)
         # Too large to buffer: relay it as it comes (the status is committed now).
+        assert request is not None  # (an inner hop's answer is whole: see Attempts.head)
         out = RelayedResponse(status=resp.status, headers=headers)
         if resp.content_length is not None:
             out.content_length = resp.content_length

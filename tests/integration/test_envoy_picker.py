@@ -262,6 +262,10 @@ async def test_lean_mode_places_prefixes_walks_past_a_dead_replica_and_counts_un
     stream = await client.chat.completions.create(
         model=MODEL, messages=[{"role": "user", "content": "hello"}], max_tokens=4, stream=True)
     assert len([chunk async for chunk in stream]) >= 4
+    # An alias: the picker rewrites the body's model, and its Content-Length with it.
+    aliased = await client.chat.completions.create(
+        model="alias-a", messages=[{"role": "user", "content": "hello"}], max_tokens=2)
+    assert aliased.choices[0].message.content
     await _conversations(client, 4)
     # A long answer counts in flight until its end, not only until its headers.
     body = {"model": MODEL, "messages": [{"role": "user", "content": "a story"}], "max_tokens": 150, "stream": True}
@@ -304,6 +308,49 @@ def _served(metrics: str) -> dict[str, float]:
         if url != "none":  # (answered by the picker's own HTTP server: /admin, /metrics)
             counts[url] = counts.get(url, 0.0) + float(value)
     return counts
+
+
+PD = ["--kv-transfer-config", '{"kv_connector": "NixlConnector", "kv_role": "kv_both"}']
+LONG = " ".join(f"token{i}" for i in range(400))  # ~1,500 characters: over min_prompt_tokens
+
+
+@pytest.mark.parametrize("mode", ["full_duplex", "lean"])
+async def test_prefill_decode_through_envoy_the_picker_sends_the_prefill_envoy_the_decode(
+        make_sims, stack, mode) -> None:
+    """A disaggregated model behind Envoy: the picker sends the prefill hop, then routes the
+    request, its body now carrying the prefill's kv_transfer_params, to a decode replica,
+    and Envoy carries that hop (streamed or not).  The decode replica read the KV blocks: its
+    answer's cached_tokens covers the prompt the prefill computed."""
+    prefill, decode = await asyncio.gather(make_sims(1, model=MODEL, args=PD), make_sims(2, model=MODEL, args=PD))
+    doc = routes([{"url": prefill[0].url, "role": "prefill"}, *({"url": s.url, "role": "decode"} for s in decode)],
+                 policy="cache_aware")
+    doc["models"][0]["disaggregation"] = {"min_prompt_tokens": 64}
+    await stack.start_picker(doc)
+    await stack.start_envoy(doc, *(["--lean"] if mode == "lean" else []))
+    client = stack.client()
+    whole = await client.completions.create(model=MODEL, prompt=LONG, max_tokens=8)
+    assert whole.usage is not None and whole.usage.completion_tokens == 8
+    assert whole.usage.prompt_tokens_details.cached_tokens == whole.usage.prompt_tokens - 1
+    stream = await client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": LONG}], max_tokens=6, stream=True,
+        stream_options={"include_usage": True})
+    chunks = [c async for c in stream]
+    usage = chunks[-1].usage
+    assert usage is not None and usage.completion_tokens == 6
+    assert usage.prompt_tokens_details.cached_tokens == usage.prompt_tokens - 1
+    short = await client.completions.create(model=MODEL, prompt="hi there", max_tokens=3)  # no prefill hop
+    assert short.usage is not None and short.usage.completion_tokens == 3
+    async with aiohttp.ClientSession() as http:
+        stats = [await (await http.get(s.url + "/admin/stats")).json() for s in (*prefill, *decode)]
+    assert stats[0]["answered"] == 2  # the two long prompts' prefill hops, nothing else
+    assert sum(s["kv_transfer"]["reads"] for s in stats[1:]) == 2
+    assert sum(s["answered"] for s in stats[1:]) == 3
+    metrics = await stack.metrics()
+    assert re.search(r'router_pd_requests_total\{model="[^"]+",path="disaggregated"\} 2\.0', metrics), metrics
+    await wait_async(lambda: _none_in_flight(stack), timeout=5, message="in-flight back to 0")
+    # A prefill hop refused by its replica (a 4xx is the request's own error) reaches the client.
+    with pytest.raises(openai.BadRequestError):
+        await client.completions.create(model=MODEL, prompt=LONG, max_tokens=8, extra_body={"top_p": "high"})
 
 
 async def test_picker_down_fails_closed_or_open_as_configured(make_sims, stack) -> None:
