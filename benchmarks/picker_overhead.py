@@ -11,7 +11,10 @@ the other on the same machine:
   ext_proc (full-duplex streamed bodies, response bodies streamed back for the usage): the
   picker's CPU per request, Envoy's, and both together;
 * **picker, lean**: the same with ``router envoy-bootstrap --lean`` (the body buffered by
-  Envoy, no response body sent to the picker).
+  Envoy, no response body sent to the picker);
+* **no-op, lean**: the lean bootstrap with benchmarks/noop_extproc.py in the picker's place
+  (the same gRPC stack answering the same messages, deciding nothing): the floor that the
+  transport alone costs.
 CPU = user + system seconds of the process (psutil) over the requests answered 200 in the
 measured window, after a warm-up; the router and Envoy on core 0, the simulator and the
 clients on core 1.  Medians over the repeats.
@@ -39,9 +42,10 @@ from engines.sim.process import SimProcess, free_port
 ENVOY = Path(sys.executable).with_name("envoy")
 # The picker's two bootstraps: the GIE protocol's full-duplex bodies with the answer streamed
 # back (every signal), and --lean (buffered body, no answer body: three messages each way).
-PICKER_MODES = {"envoy_and_picker": [], "envoy_and_picker_lean": ["--lean"]}
+PICKER_MODES = {"envoy_and_picker": [], "envoy_and_picker_lean": ["--lean"], "envoy_and_noop_lean": ["--lean"]}
 LABELS = {"envoy_and_picker": "Envoy + `router pick` (full duplex)",
-          "envoy_and_picker_lean": "Envoy + `router pick` (`--lean`)"}
+          "envoy_and_picker_lean": "Envoy + `router pick` (`--lean`)",
+          "envoy_and_noop_lean": "Envoy + a no-op ext_proc server (`--lean`; the gRPC floor)"}
 
 
 def _cpu(process: psutil.Process) -> float:
@@ -102,19 +106,24 @@ async def _one_repeat(sim_url: str, tmp: Path, args: argparse.Namespace) -> dict
     finally:
         _stop(router)
     for mode, options in PICKER_MODES.items():
-        results[mode] = await _picker_run(routes, tmp, options, args)
+        noop = sim_url.split("//", 1)[1] if mode == "envoy_and_noop_lean" else None
+        results[mode] = await _picker_run(routes, tmp, options, args, noop=noop)
     return results
 
 
-async def _picker_run(routes: Path, tmp: Path, options: list[str], args: argparse.Namespace) -> dict[str, float]:
-    """Envoy + `router pick` with the bootstrap `options`: their CPU per request."""
+async def _picker_run(routes: Path, tmp: Path, options: list[str], args: argparse.Namespace,
+                      noop: str | None = None) -> dict[str, float]:
+    """Envoy + `router pick` with the bootstrap `options`: their CPU per request.  `noop`: a
+    replica's ip:port, and benchmarks/noop_extproc.py in the picker's place (the floor)."""
     picker_port, envoy_port = free_port(), free_port()
     bootstrap = subprocess.run([sys.executable, "-m", "router", "envoy-bootstrap", "--config", str(routes),
                                 "--listen", f"127.0.0.1:{envoy_port}", "--picker", f"127.0.0.1:{picker_port}",
                                 *options], capture_output=True, check=True).stdout
     (tmp / "envoy.yaml").write_bytes(bootstrap)
-    picker = _spawn([sys.executable, "-m", "router", "pick", "--config", str(routes),
-                     "--picker-port", str(picker_port)], "0", tmp / "picker.log")
+    serve = ([sys.executable, "-m", "benchmarks.noop_extproc", "--port", str(picker_port), "--destination", noop]
+             if noop is not None else
+             [sys.executable, "-m", "router", "pick", "--config", str(routes), "--picker-port", str(picker_port)])
+    picker = _spawn(serve, "0", tmp / "picker.log")
     envoy = _spawn([str(ENVOY), "-c", str(tmp / "envoy.yaml"), "--concurrency", "1", "--use-dynamic-base-id",
                     "-l", "error"], "0", tmp / "envoy.log")
     try:
@@ -162,8 +171,8 @@ def _markdown(runs: list[dict[str, dict[str, float]]], args: argparse.Namespace)
         "",
         "Every repeat:",
         "",
-        "| repeat | proxy | picker | Envoy | picker (lean) | Envoy (lean) |",
-        "|---:|---:|---:|---:|---:|---:|",
+        "| repeat | proxy | picker | Envoy | picker (lean) | Envoy (lean) | no-op (lean) | Envoy (no-op) |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for i, run in enumerate(runs, 1):
         cells = [f"{run[m][k]:.3f}" for m in PICKER_MODES
