@@ -1,9 +1,10 @@
 """The fleet under test: simulated or real vLLM replicas, their cache resets and counters.
 
 The same fleet serves every target of a run; between targets each replica's prefix cache
-is dropped (`POST /admin/reset` on the simulator; `POST /reset_prefix_cache` on real vLLM,
-which serves it when started with VLLM_SERVER_DEV_MODE=1, as Fleet._start_real does; a
-replica offering neither stops the run) so no target inherits another's warm cache.
+is dropped (`POST /admin/reset?fresh=1` on the simulator, which also restarts its KV-event
+stream as a fresh engine's; `POST /reset_prefix_cache` on real vLLM, which serves it when
+started with VLLM_SERVER_DEV_MODE=1, as Fleet._start_real does, and keeps its replay buffer;
+a replica offering neither stops the run) so no target inherits another's warm cache.
 
 Counters are read from each replica's own /metrics (vLLM's names; the older
 `gpu_prefix_cache_*` names are accepted) before and after a run, and the deltas give the
@@ -225,7 +226,10 @@ class Fleet:
         """Drop every replica's prefix cache; returns how ("admin/reset", ...)."""
         how = set()
         for replica in self.replicas:
-            for path in ("/admin/reset", "/reset_prefix_cache"):
+            # The simulator's fresh reset also restarts its KV-event stream: a router started
+            # for the next target would otherwise replay this one's events (up to the replay
+            # buffer's 10,000 batches), CPU taken from the run it measures.
+            for path in ("/admin/reset?fresh=1", "/reset_prefix_cache"):
                 try:
                     async with http.post(replica.url + path, timeout=aiohttp.ClientTimeout(total=10)) as r:
                         if r.status == 200:

@@ -122,6 +122,14 @@ class KVEventPublisher:
         self._queue.append(item)
         self._ready.set()
 
+    def restart(self) -> None:
+        """Publish as a freshly started engine would: the replay buffer and the unsent queue
+        emptied, the sequence back at 0 (the benchmark harness's reset between targets, so
+        that a router started for the next target does not replay the last one's events)."""
+        self._buffer.clear()
+        self._queue.clear()
+        self._seq = 0
+
     async def _send_loop(self) -> None:
         while True:
             while not self._queue:

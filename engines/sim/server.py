@@ -10,8 +10,8 @@ The agentic APIs, in their own modules: /v1/responses (GET /v1/responses/{id}, P
 /v1/responses/{id}/cancel, /v1/responses/render; responses.py) and /v1/messages
 (/v1/messages/count_tokens, /v1/messages/render; anthropic.py).
 Admin (the simulator's own): GET|POST /admin/faults, POST /admin/reset (and vLLM's
-/reset_prefix_cache), GET /admin/stats.  With runtime LoRA updating: POST
-/v1/load_lora_adapter and /v1/unload_lora_adapter; with --kv-transfer-config: POST
+/reset_prefix_cache; ``?fresh=1``: the KV-event stream restarts too), GET /admin/stats.
+With runtime LoRA updating: POST /v1/load_lora_adapter and /v1/unload_lora_adapter; with --kv-transfer-config: POST
 /sim/kv_transfer/{request_id}.
 
 The endpoint modules get this server as a `host.SimHost` (what they use of it), so none of
@@ -231,8 +231,14 @@ class SimServer:
         return json_response(self.faults.state())
 
     async def reset(self, request: web.Request) -> web.Response:
+        """vLLM's /reset_prefix_cache (and /admin/reset): the prefix cache dropped, an
+        ``AllBlocksCleared`` event published.  ``/admin/reset?fresh=1`` (the simulator's own):
+        the KV-event stream also starts again as a fresh engine's (nothing to replay,
+        sequence 0), which a real vLLM has only after a restart."""
         if not self.engine.reset_prefix_cache():
             return openai_error(ApiError(400, "cannot reset the prefix cache while requests hold blocks"))
+        if request.path == "/admin/reset" and request.query.get("fresh") == "1" and self.publisher is not None:
+            self.publisher.restart()
         return web.Response(status=200)
 
     # -- a generation request's life (host.SimHost, for the endpoint modules) ---------------

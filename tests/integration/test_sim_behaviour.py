@@ -190,6 +190,21 @@ async def test_kv_events_publish_vllms_wire_format_with_replay():
                 seqs.append(seq_n)
                 msgpack.unpackb(frames[3])
             assert seqs == list(range(len(seqs))) and len(seqs) >= 1
+            # The harness's fresh reset: the stream starts again as a fresh engine's, nothing
+            # left to replay, the next batch numbered 0.
+            async with http.post(sim.url + "/admin/reset?fresh=1") as r:
+                assert r.status == 200
+            await dealer.send_multipart([b"", (0).to_bytes(8, "big")])
+            frames = await asyncio.wait_for(dealer.recv_multipart(), 5)
+            assert int.from_bytes(frames[2], "big", signed=True) == -1  # the end marker at once
+            while True:  # (the reset's own AllBlocksCleared may have gone out before it)
+                try:
+                    await asyncio.wait_for(sub.recv_multipart(), 0.3)
+                except TimeoutError:
+                    break
+            await complete(http, sim, LONG[600:1200], max_tokens=2)
+            _, seq, _ = await asyncio.wait_for(sub.recv_multipart(), 5)
+            assert int.from_bytes(seq, "big") == 0
             dealer.close(0)
         finally:
             sub.close(0)
