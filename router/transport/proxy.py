@@ -236,6 +236,7 @@ class Proxy:
             tried.append(replica)
             record.attempts = 1
             record.replica = replica.id
+            # (`request is None` implies `not relay`; it is spelled out for the type checker)
             if (request is None or route.path not in self._hedge_paths or not relay or not hedge
                     or self._hedge_target(decision.ranked, tried) is None):
                 return await self.attempts.run(request, route, replica, 1, decision, record, relay)
