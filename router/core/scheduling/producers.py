@@ -90,9 +90,10 @@ class PrefixMatch:
         tokens = request.prompt_token_ids
         if exact is None or tokens is None or not exact.replicas:
             free = index.free_blocks(ids)
+            matched_tokens = [m * tpb for m in matched]
             cands.data["prefix"] = PrefixData(
-                matched=matched, by_id=by_id, matched_tokens=[m * tpb for m in matched],
-                tokens_by_id={rid: m * tpb for rid, m in by_id.items()}, need_tokens=[n * tpb] * cands.n,
+                matched=matched, by_id=by_id, matched_tokens=matched_tokens,
+                tokens_by_id=dict(zip(ids, matched_tokens)), need_tokens=[n * tpb] * cands.n,
                 free_tokens=[f * tpb for f in free], blocks=n, tokens_per_block=tpb)
             return
         held, sizes, exact_free = exact.rows(request.index_model, tokens, request.cache_salt, ids,

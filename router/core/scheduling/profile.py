@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from itertools import repeat
-from operator import add, itemgetter, mul
+from operator import add, mul
 from typing import TYPE_CHECKING, Any
 
 from router.core.scheduling.candidates import gather
@@ -41,9 +41,6 @@ if TYPE_CHECKING:
     from router.fleet.replicas import Replica
     from router.prefix.exact import ExactIndex
     from router.prefix.index import PrefixIndex
-
-
-_last = itemgetter(-1)
 
 
 def _exact_ids(ids: list[str], rows: list[bool] | None) -> frozenset[str]:
@@ -154,7 +151,12 @@ class Profile:
         if len(by) == 1:
             order = sorted(range(n), key=by[0].__getitem__)  # stable: equal rows by row number
         elif by:
-            order = list(map(_last, sorted(zip(*by, range(n)))))
+            # The order of sorted(zip(*by, range(n))) without building a tuple per row: stable
+            # sorts, the least significant column first (each keeps the order of the rows it
+            # finds equal).
+            order = list(range(n))
+            for column in reversed(by):
+                order.sort(key=column.__getitem__)
         else:
             order = list(range(n))
         winner = order[0]
