@@ -45,6 +45,9 @@ MODEL = "meta-llama/Llama-3.1-8B-Instruct"
 TARGET_US = 100.0  # per decision at 64 replicas and 32k characters
 PROMPT_CHARS = (1_000, 4_000, 8_000, 16_000, 32_000)
 REPLICA_COUNTS = (4, 16, 64)
+GROWTH_REPLICAS = (64, 128, 256)  # the growth curve, on an index of GROWTH_BLOCKS stored blocks
+GROWTH_BLOCKS = 1_000_000
+GROWTH_CAPACITY = 1 << 20  # an index configured to hold them (the default holds ~559k)
 WORDS = ("the of and to in is that for it as with was on be by at this from or have an "
          "are not which one you all were her when there can more if will about up out "
          "would so what their other into time has them some could these two may first").split()
@@ -91,10 +94,11 @@ def populate(index: PrefixIndex, replicas: list[Replica], rng: random.Random, ba
 
 
 def time_decisions(policy_name: str, chars: int, n_replicas: int, repeats: int,
-                   background_blocks: int, seed: int = 1) -> dict[str, float]:
+                   background_blocks: int, seed: int = 1,
+                   capacity_blocks: int = DEFAULT_CAPACITY_BLOCKS) -> dict[str, float]:
     rng = random.Random(seed)
     replicas = make_fleet(n_replicas, rng)
-    index = PrefixIndex()
+    index = PrefixIndex(capacity_blocks)
     populate(index, replicas, rng, background_blocks)
     system = text_of(rng, 2_000)
     conversation = system + text_of(rng, chars - len(system)) if chars > len(system) else system[:chars]
@@ -135,7 +139,7 @@ def time_decisions(policy_name: str, chars: int, n_replicas: int, repeats: int,
     return {
         "policy": policy_name, "prompt_chars": chars, "replicas": n_replicas,
         "blocks": len(hashes), "matched_blocks": max(index.match(hashes, ids).values()),
-        "stored_blocks": index.records,
+        "stored_blocks": index.records, "index_estimate_mib": round(index.memory_bytes() / 2**20, 1),
         "decision_us_median": round(med(decision_ns), 1), "decision_us_p90": round(p90(decision_ns), 1),
         "wall_us_median": round(med(wall_ns), 1),
         "hash_us_median": round(med(hash_ns), 1), "match_us_median": round(med(match_ns), 1),
@@ -203,6 +207,17 @@ def markdown(result: dict) -> str:
     for row in result["vs_stored"]:
         lines.append(f"| {row['stored_blocks']:,} | {row['decision_us_median']} ({row['decision_us_p90']}) | "
                      f"{row['match_us_median']} |")
+    lines += ["", f"## Growth: replicas up to {GROWTH_REPLICAS[-1]} on an index of {result['growth_blocks']:,} blocks "
+              "(cache_aware, 32k characters)", "",
+              f"The index is configured for {GROWTH_CAPACITY:,} blocks (the default budget holds "
+              f"{DEFAULT_CAPACITY_BLOCKS:,}); its memory is the index's own estimate, which the tracemalloc "
+              "table below checks.", "",
+              "| replicas | stored blocks | decision us (p90) | hash us | match us | rank us (incl. match) "
+              "| index estimate MiB |", "|---:|---:|---:|---:|---:|---:|---:|"]
+    for row in result["growth"]:
+        lines.append(f"| {row['replicas']} | {row['stored_blocks']:,} | {row['decision_us_median']} "
+                     f"({row['decision_us_p90']}) | {row['hash_us_median']} | {row['match_us_median']} | "
+                     f"{row['rank_us_median']} | {row['index_estimate_mib']} |")
     lines += ["", "## Index memory against stored prompts (~2k characters = 31 blocks each, 16 replicas)", "",
               "| prompts sent | blocks sent | capacity | stored blocks | tracemalloc MiB (peak) | "
               "estimate MiB | bytes/block |", "|---:|---:|---:|---:|---:|---:|---:|"]
@@ -232,7 +247,8 @@ def main(argv: list[str] | None = None) -> int:
                    + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip(),
         "machine": machine(), "loadavg": " ".join(f"{x:.2f}" for x in os.getloadavg()),
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "repeats": repeats,
-        "background_blocks": background, "target_us": TARGET_US, "decisions": [], "vs_stored": [], "memory": [],
+        "background_blocks": background, "target_us": TARGET_US, "decisions": [], "vs_stored": [], "growth": [],
+        "memory": [],
     }
     for chars in PROMPT_CHARS:
         for n in REPLICA_COUNTS:
@@ -250,9 +266,18 @@ def main(argv: list[str] | None = None) -> int:
         row = time_decisions("cache_aware", PROMPT_CHARS[-1], REPLICA_COUNTS[-1], repeats, stored)
         result["vs_stored"].append(row)
         print(json.dumps(row), flush=True)
+    growth_blocks = result["growth_blocks"] = 50_000 if args.quick else GROWTH_BLOCKS
+    for n in GROWTH_REPLICAS:
+        row = time_decisions("cache_aware", PROMPT_CHARS[-1], n, repeats, growth_blocks,
+                             capacity_blocks=GROWTH_CAPACITY)
+        result["growth"].append(row)
+        print(json.dumps(row), flush=True)
     sizes = (1_000, 10_000) if args.quick else (1_000, 10_000, 30_000, 100_000)
-    for n_prompts in sizes:
-        row = index_memory(n_prompts, DEFAULT_CAPACITY_BLOCKS)
+    cells = [(n, DEFAULT_CAPACITY_BLOCKS) for n in sizes]
+    if not args.quick:  # the growth curve's index: 1M blocks held under a budget that allows them
+        cells.append((40_000, GROWTH_CAPACITY))
+    for n_prompts, capacity in cells:
+        row = index_memory(n_prompts, capacity)
         result["memory"].append(row)
         print(json.dumps(row), flush=True)
     out = Path(args.out)
