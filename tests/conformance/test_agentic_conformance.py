@@ -385,7 +385,11 @@ async def test_messages_next_turn_reads_the_previous_turns_blocks(engine, http):
     conv += [{"role": "assistant", "content": t1["content"]}, {"role": "user", "content": "More?"}]
     t2 = await post_json(http, url, {**MBASE, "max_tokens": 5, "system": system, "messages": conv})
     read = t2["usage"]["cache_read_input_tokens"]
-    assert read % bs == 0 and read >= prompt1 // bs * bs
+    # Turn 1's last token is the open assistant header's, which the next turn's reply extends
+    # (a partial chunk for the simulator's tokenizer, a merge for a BPE): only the blocks
+    # before it are shared.  When turn 1 ended on a block boundary (1 run in 32), that block
+    # is not read back.
+    assert read % bs == 0 and read >= (prompt1 - 1) // bs * bs
 
 
 async def test_tool_blocks_become_tool_calls_and_tool_messages(engine, http):
