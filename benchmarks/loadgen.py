@@ -328,10 +328,16 @@ async def run(spec: LoadSpec, workload: Workload,
 
 async def _next_before(ready: _Ready, deadline: float) -> tuple[int, int] | None:
     """The next ready turn, or None if the deadline passes first."""
-    remaining = deadline - asyncio.get_running_loop().time()
+    loop = asyncio.get_running_loop()
+    remaining = deadline - loop.time()
     if remaining <= 0:
         return None
     try:
         return await asyncio.wait_for(ready.next(), remaining)
     except TimeoutError:
+        # A timer can fire a little before the loop's clock reaches its time (uvloop rounds
+        # to milliseconds): wait out the rest, so the caller sees the deadline as passed and
+        # records max_duration rather than "done".
+        while (late := deadline - loop.time()) > 0:
+            await asyncio.sleep(late)
         return None
