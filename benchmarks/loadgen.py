@@ -335,9 +335,9 @@ async def _next_before(ready: _Ready, deadline: float) -> tuple[int, int] | None
     try:
         return await asyncio.wait_for(ready.next(), remaining)
     except TimeoutError:
-        # A timer can fire a little before the loop's clock reaches its time (uvloop rounds
-        # to milliseconds): wait out the rest, so the caller sees the deadline as passed and
-        # records max_duration rather than "done".
+        # The timer can fire while the loop's clock still reads a hair below the deadline
+        # (uvloop counts milliseconds; the deadline is a float sum): wait out the rest, so
+        # the caller sees the deadline as passed and records max_duration, not "done".
         while (late := deadline - loop.time()) > 0:
             await asyncio.sleep(late)
         return None

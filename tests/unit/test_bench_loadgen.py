@@ -145,3 +145,20 @@ async def test_malformed_chunk_is_an_error_not_a_crash(aiohttp_server):
     w = multi_turn(users=2, rounds=2)
     result = await loadgen.run(loadgen.LoadSpec(url=str(srv.make_url("")).rstrip("/"), model="m", concurrency=2), w)
     assert len(result.records) == 2 and all(r["error"].startswith("bad response") for r in result.records)
+
+
+class _NeverReady:
+    async def next(self):
+        await asyncio.get_running_loop().create_future()  # no turn ever becomes ready
+
+
+async def test_a_wait_cut_by_the_deadline_returns_only_once_the_deadline_has_passed():
+    """The caller tells "stopped by the deadline" from "the workload is done" by reading the
+    loop's clock after the wait; a timer that fired while the clock still read a hair below
+    the deadline (float rounding of the loop's millisecond clock) made a time-bounded run
+    report "done" (test_bounded_by_time, 1 CI run in many)."""
+    loop = asyncio.get_running_loop()
+    for k in range(150):
+        deadline = loop.time() + 0.001 + k * 1.37e-5
+        assert await loadgen._next_before(_NeverReady(), deadline) is None
+        assert loop.time() >= deadline, k

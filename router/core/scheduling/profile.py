@@ -148,17 +148,12 @@ class Profile:
                 column = key.values(request, cands)
                 if column is not None:
                     by.append(column)
-        if len(by) == 1:
-            order = sorted(range(n), key=by[0].__getitem__)  # stable: equal rows by row number
-        elif by:
-            # The order of sorted(zip(*by, range(n))) without building a tuple per row: stable
-            # sorts, the least significant column first (each keeps the order of the rows it
-            # finds equal).
-            order = list(range(n))
-            for column in reversed(by):
-                order.sort(key=column.__getitem__)
-        else:
-            order = list(range(n))
+        # The order of sorted(zip(*by, range(n))) without building a tuple per row: stable
+        # sorts, the least significant column first (each keeps the order of the rows it finds
+        # equal, so equal rows end in row order).
+        order = list(range(n))
+        for column in reversed(by):
+            order.sort(key=column.__getitem__)
         winner = order[0]
         runner_up = order[1] if n > 1 else None
         ids = cands.ids
