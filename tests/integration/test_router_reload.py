@@ -256,7 +256,7 @@ async def test_sighup_reloads_the_file(make_sims, make_routes, unused_port, tmp_
     assert "Traceback" not in log_path.read_text()
 
 
-async def test_a_reload_keeps_what_the_policy_learned_about_replicas_that_stay(
+async def test_a_reload_keeps_the_learned_prefill_rates(
         make_sims, start_router, make_routes, http, tmp_path) -> None:
     a, b = await make_sims(2)
     path = write_routes(tmp_path / "routes.yaml", make_routes, [a.url, b.url], policy="cache_aware")
@@ -269,10 +269,12 @@ async def test_a_reload_keeps_what_the_policy_learned_about_replicas_that_stay(
             assert r.status == 200
             await r.read()
     old_policy = router.policy
-    learned = dict(old_policy.producer("rates")._rates)
+    old_rates = old_policy.producer("rates")
+    learned = dict(old_rates._class_rates)  # per capacity class (both replicas are TP=1)
     assert learned, "the policy learned no rate"
-    stays = next(iter(learned))  # a replica the policy learned about stays, the other goes
-    goes = b.url if stays == a.url else a.url
+    stays = a.url  # one replica stays, the other (b) goes
+    rate_before = old_rates.prefill_rate(next(r for r in router.fleet if r.url == stays))
+    assert rate_before == learned[1.0] != old_rates.prior_rate(next(r for r in router.fleet if r.url == stays))
     doc = make_routes([stays], policy="cache_aware")
     doc["routing"]["params"] = {"load_factor": 1.5}
     doc["routing"]["terms"] = {"queue": 1.0, "prefill": 1.0, "eviction": 1.0}  # new weights, same rates
@@ -285,13 +287,12 @@ async def test_a_reload_keeps_what_the_policy_learned_about_replicas_that_stay(
         listing = await r.json()
     assert listing["policy"] == "cache_aware" and listing["cost_terms"] == summary["cost_terms"]
     (shown,) = [entry for entry in listing["replicas"] if entry["url"] == stays]
-    assert shown["prefill_tokens_per_s"] == round(learned[stays], 1)  # the learned rate, kept
+    assert shown["prefill_tokens_per_s"] == round(rate_before, 1)  # the learned rate, kept
     assert router.policy is not old_policy and router.policy.keys[0].load_factor == 1.5  # the guard
     cost = router.policy.cost
     assert cost is not None and cost.weights["eviction"] == 1.0
-    kept = router.policy.producer("rates")._rates
-    assert kept[stays] == learned[stays]
-    assert goes not in kept
+    kept = router.policy.producer("rates")
+    assert kept._class_rates == learned  # learned per capacity class: nothing to forget of b
 
 
 class Paced:

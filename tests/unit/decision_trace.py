@@ -3,7 +3,10 @@
 Used by tests/unit/test_preset_equivalence.py: the fixture ``decision_trace.json`` holds the
 rankings the *old* monolithic policies (router/policies/, before the scheduling pipeline,
 commit 2153b69) made on this stream; the test replays the same stream through the presets
-of router/core/scheduling/ and asserts every ranking is the same.
+of router/core/scheduling/ and asserts every ranking is the same.  The cache_aware and
+session cases were re-recorded once since, on purpose, when prefill rates came to be
+learned per capacity class (producers.LearnedRates): their rankings are the pipeline's
+from then on; the other presets' are still the old policies'.
 
 The stream exercises what the policies look at: six replicas of mixed tensor-parallel
 sizes and weights, two models, in-flight and scraped loads that move every step, replicas

@@ -118,24 +118,52 @@ def test_cache_aware_prefers_tp4_for_long_uncached_prompts_and_cache_for_short_o
 
 
 def test_cache_aware_learns_prefill_rates_from_observed_ttfb() -> None:
-    a = Replica(url="http://a", model="m", health=Health.HEALTHY)
+    """Rates are learned per capacity class: here a TP=2 replica observed 4x slower than the
+    prior says (so slower than the TP=1 one), which then wins long uncached prompts."""
+    a = Replica(url="http://a", model="m", tensor_parallel_size=2, health=Health.HEALTHY)
     b = Replica(url="http://b", model="m", health=Health.HEALTHY)
     policy = build_policy("cache_aware", Node({}, ""))
+    rates = policy.producer("rates")
+    assert rates.prefill_rate(a) == 40_000 and rates.prefill_rate(b) == 20_000  # the priors
     request = make_request("x" * 40_000)  # 10k tokens, nothing cached
-    for _ in range(30):  # a is observed to prefill 4x slower than b
-        policy.observe(a, request, time_to_first_byte_s=2.0, matched_blocks=0)
+    assert policy.rank(request, [b, a], PrefixIndex()).ranked[0] is a
+    for _ in range(30):  # a prefills 10k tokens in 1 s, b in 0.5 s
+        policy.observe(a, request, time_to_first_byte_s=1.0, matched_blocks=0)
         policy.observe(b, request, time_to_first_byte_s=0.5, matched_blocks=0)
-    assert policy.producer("rates").prefill_rate(a) == pytest.approx(5_000, rel=0.05)
-    assert policy.producer("rates").prefill_rate(b) == pytest.approx(20_000, rel=0.05)
+    assert rates.prefill_rate(a) == pytest.approx(10_000, rel=0.05)
+    assert rates.prefill_rate(b) == pytest.approx(20_000, rel=0.05)
     for _ in range(5):
         assert policy.rank(request, [a, b], PrefixIndex()).ranked[0] is b
     # Short prompts teach nothing (their ttfb is overhead).
+    slow = rates.prefill_rate(a)
     policy.observe(a, make_request("short"), time_to_first_byte_s=10.0, matched_blocks=0)
-    assert policy.producer("rates").prefill_rate(a) == pytest.approx(5_000, rel=0.05)
+    assert rates.prefill_rate(a) == slow
     # Non-streamed answers teach nothing either: their first byte comes after the generation.
+    fast = rates.prefill_rate(b)
     for _ in range(30):
         policy.observe(b, make_request("x" * 40_000, stream=False), time_to_first_byte_s=8.0, matched_blocks=0)
-    assert policy.producer("rates").prefill_rate(b) == pytest.approx(20_000, rel=0.05)
+    assert rates.prefill_rate(b) == fast
+
+
+def test_replicas_of_one_capacity_class_share_one_learned_rate() -> None:
+    """Equal replicas' answers differ by their queueing: those few percent must not make one
+    of them the cheapest place for every cold prompt (the cost would follow the noise, not
+    the load), nor charge one's queue at a slower rate.  Both learn one rate, and a cold
+    prompt, whose prefill then costs the same on both, goes where the load is lower."""
+    a = Replica(url="http://a", model="m", health=Health.HEALTHY)
+    b = Replica(url="http://b", model="m", health=Health.HEALTHY, in_flight=1)
+    policy = build_policy("cache_aware", Node({}, ""))
+    rates = policy.producer("rates")
+    request = make_request("x" * 40_000)  # 10k tokens, nothing cached
+    for _ in range(30):  # a reads 10% slower than b
+        policy.observe(a, request, time_to_first_byte_s=0.55, matched_blocks=0)
+        policy.observe(b, request, time_to_first_byte_s=0.5, matched_blocks=0)
+    assert rates.prefill_rate(a) == rates.prefill_rate(b)
+    assert 18_000 < rates.prefill_rate(a) < 20_000  # learned from both
+    assert policy.rank(request, [b, a], PrefixIndex()).ranked[0] is a
+    # Another capacity is another class: its prior, until it is observed.
+    tp2 = Replica(url="http://tp2", model="m", tensor_parallel_size=2, health=Health.HEALTHY)
+    assert rates.prefill_rate(tp2) == 40_000
 
 
 def test_cache_aware_spreads_a_prefix_shared_by_everyone_prefix_affinity_does_not() -> None:
@@ -264,10 +292,10 @@ def test_learned_rates_stay_bounded(monkeypatch) -> None:
     monkeypatch.setattr(producers, "MAX_TRACKED_REPLICAS", 3)
     policy = producers.LearnedRates(min_learn_tokens=1)
     request = make_request(SYSTEM * 4)
-    for i in range(10):  # replicas come and go; each teaches one rate
-        replica = Replica(url=f"http://r{i}", model="m", health=Health.HEALTHY)
+    for i in range(10):  # replicas come and go, each of its own size; each teaches one rate
+        replica = Replica(url=f"http://r{i}", model="m", health=Health.HEALTHY, weight=1.0 + i)
         policy.observe(replica, request, time_to_first_byte_s=0.01, matched_blocks=0)
-    assert list(policy._rates) == ["http://r7", "http://r8", "http://r9"]  # oldest dropped
+    assert list(policy._class_rates) == [8.0, 9.0, 10.0]  # oldest dropped
 
 
 def test_round_robin_counters_stay_bounded(monkeypatch) -> None:

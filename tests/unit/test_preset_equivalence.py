@@ -4,6 +4,8 @@ tests/unit/decision_trace.json holds the rankings the monolithic policies (route
 commit 2153b69) made on the deterministic stream of tests/unit/decision_trace.py: 10 cases
 (every preset, some with non-default parameters) x 400 decisions, with loads, health,
 candidate sets, conversations, index records and forgets, and learned rates all moving.
+(cache_aware and session: re-recorded when rates came to be learned per capacity class;
+see decision_trace.py.)
 """
 
 from __future__ import annotations

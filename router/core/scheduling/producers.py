@@ -41,7 +41,7 @@ DEFAULT_EWMA_ALPHA = 0.2  # weight of a new observation in learned rates
 DEFAULT_MIN_LEARN_TOKENS = 256  # below this many uncached tokens, ttfb is mostly overhead
 DEFAULT_TYPICAL_TOKENS = 512.0  # initial typical uncached prompt tokens per queued request
 RATE_CLAMP = 16.0  # a learned rate stays within [prior / 16, prior x 16]
-MAX_TRACKED_REPLICAS = 4096  # bound on the learned-rate table (replicas come and go)
+MAX_TRACKED_REPLICAS = 4096  # bound on the learned-rate table (capacity classes) and the recent counts
 RECENT_WINDOW = 100.0  # decisions over which each replica's share of requests is counted
 
 
@@ -114,18 +114,32 @@ class PrefixMatch:
 class LearnedRates:
     """Prefill tokens/s per candidate, learned from each answer's time to first byte.
 
-    ``rate_r`` starts at ``prefill_tokens_per_s x capacity_r`` (candidates.py) and, when a
-    streamed answer had at least ``min_learn_tokens`` uncached prompt tokens, the sample
-    uncached / ttfb enters an EWMA (``ewma_alpha``) of that replica's rate, clamped to
-    [prior / 16, prior x 16].  Queueing inside ttfb makes a busy replica read slower than
-    it is, which steers work away from it: the safe direction; but the router's own prompts
-    ahead of it (``tokens_ahead``: ``Replica.pending_prefill_tokens`` at its dispatch) are
-    work the replica did in that time, so they count in the sample, and the queue term,
-    which charges them again, does not see a replica that is merely busy as slow too.
-    (They are counted whole although some may be part done at the dispatch: that leans
-    the sample high, by at most the prompts ahead over the answer's own.)
-    A non-streamed answer's
-    first byte comes after the whole generation, so it teaches no rate.
+    A sample is uncached / ttfb of a streamed answer with at least ``min_learn_tokens``
+    uncached prompt tokens, clamped to [prior / 16, prior x 16] (the prior:
+    ``prefill_tokens_per_s x capacity_r``, candidates.py).  Queueing inside ttfb makes a busy
+    replica read slower than it is, which steers work away from it: the safe direction; but
+    the router's own prompts ahead of it (``tokens_ahead``: ``Replica.pending_prefill_tokens``
+    at its dispatch) are work the replica did in that time, so they count in the sample, and
+    the queue term, which charges them again, does not see a replica that is merely busy as
+    slow too.  (They are counted whole although some may be part done at the dispatch: that
+    leans the sample high, by at most the prompts ahead over the answer's own.)  A
+    non-streamed answer's first byte comes after the whole generation, so it teaches no rate.
+
+    **Learned per capacity class, not per replica.**  Every sample enters an EWMA
+    (``ewma_alpha``) of its capacity class's rate: the replicas of equal TP x weight, the
+    same hardware as far as the router knows.  Per-replica rates learned from single answers
+    follow each replica's load: a replica that is busy reads slow (its queue is in its
+    ttfb), gets less work, drains and reads fast again; between equal replicas those few
+    percent then decided where every cold prompt went (whose prefill costs the same
+    everywhere but for the rate), so one replica drew every new prefix while the cache hits
+    of the ones it held waited behind those prefills, and a replica that read slow had its
+    queue charged at the slow rate, which pushed its own cache hits away
+    (benchmarks/results/issue25_development/rate_classes/: shared_prefix at 32 req/s, TTFT
+    p99 129 -> 100 ms; agentic 1,594 -> 681 ms; a dead band that still let a replica more
+    than 1.25x off its class have its own rate left agentic at 1,472 ms).  A replica that
+    really is slower than its class (a throttled GPU) is the latency-outlier detector's to
+    eject (router/transport/outliers.py, which compares a replica with peers of its own
+    capacity, as this does); a known difference is ``weight``.
     ``typical_tokens``: EWMA of the uncached prompt tokens of every answered request, the
     work a queued request stands for (terms/queue.py).
     """
@@ -139,22 +153,22 @@ class LearnedRates:
         self.ewma_alpha = ewma_alpha
         self.min_learn_tokens = min_learn_tokens
         self.typical_tokens = typical_tokens
-        self._rates: dict[str, float] = {}  # replica id -> learned prefill tokens/s
+        self._class_rates: dict[float, float] = {}  # capacity -> learned prefill tokens/s
         self._tokens_per_block = 16  # from the index at rank time, for observe()
 
     def prior_rate(self, replica: Replica) -> float:
         return self.prefill_tokens_per_s * capacity_of(replica)
 
     def prefill_rate(self, replica: Replica) -> float:
-        """Prefill tokens/s of `replica`: learned if observed, else the prior."""
-        rate = self._rates.get(replica.id)
-        return rate if rate is not None else self.prior_rate(replica)
+        """Prefill tokens/s of `replica`: its capacity class's learned rate, else the prior."""
+        cap = capacity_of(replica)
+        return self._class_rates.get(cap) or self.prefill_tokens_per_s * cap
 
     def produce(self, request: RouteRequest, cands: Candidates) -> None:
-        get = self._rates.get
+        get = self._class_rates.get
         base = self.prefill_tokens_per_s
         self._tokens_per_block = cands.index.tokens_per_block
-        cands.data["rates"] = [get(rid) or base * cap for rid, cap in zip(cands.ids, cands.capacity)]
+        cands.data["rates"] = [get(cap) or base * cap for cap in cands.capacity]
         cands.data["typical_tokens"] = self.typical_tokens
 
     def observe(self, replica: Replica, request: RouteRequest, *, time_to_first_byte_s: float,
@@ -166,23 +180,21 @@ class LearnedRates:
         self.typical_tokens += alpha * (max(uncached, 1) - self.typical_tokens)
         if not request.stream or uncached < self.min_learn_tokens or time_to_first_byte_s <= 0:
             return
-        prior = self.prior_rate(replica)
+        cap = capacity_of(replica)
+        prior = self.prefill_tokens_per_s * cap
         worked = uncached + tokens_ahead  # the prompts ahead of it were prefilled first
         sample = min(max(worked / time_to_first_byte_s, prior / RATE_CLAMP), prior * RATE_CLAMP)
-        rates = self._rates
-        old = rates.get(replica.id)
+        classes = self._class_rates
+        old = classes.get(cap)
         if old is None:
-            if len(rates) >= MAX_TRACKED_REPLICAS:
-                del rates[next(iter(rates))]
+            if len(classes) >= MAX_TRACKED_REPLICAS:
+                del classes[next(iter(classes))]
             old = prior
-        rates[replica.id] = old + alpha * (sample - old)
+        classes[cap] = old + alpha * (sample - old)
 
     def adopt(self, old: LearnedRates) -> None:
-        """After a reload with new parameters: keep the rates learned about the replicas."""
-        self._rates = dict(old._rates)
-
-    def forget_replica(self, replica_id: str) -> None:
-        self._rates.pop(replica_id, None)
+        """After a reload with new parameters: keep the rates learned about the fleet."""
+        self._class_rates = dict(old._class_rates)
 
 
 def build_rates(params: Node) -> LearnedRates:
