@@ -103,7 +103,6 @@ class FleetWiring:
     def replica_removed(self, replica: Replica) -> None:
         router = self.router
         router.index.remove_replica(replica.id)
-        router.policy.forget_replica(replica.id)
         if router.proxy is not None:
             router.proxy.forget_replica(replica.id)  # its latency record
         router.kv_events.remove(replica.id)

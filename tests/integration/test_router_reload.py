@@ -268,13 +268,18 @@ async def test_a_reload_keeps_the_learned_prefill_rates(
                 "max_tokens": 2, "stream": True}) as r:
             assert r.status == 200
             await r.read()
+    # What an operator sees: the two equal replicas expect one learned rate, not each its own.
+    async with http.get(server.url + "/admin/replicas") as r:
+        before = {entry["url"]: entry["prefill_tokens_per_s"] for entry in (await r.json())["replicas"]}
+    assert before[a.url] == before[b.url] != 20_000.0, before
     old_policy = router.policy
     old_rates = old_policy.producer("rates")
     learned = dict(old_rates._class_rates)  # per capacity class (both replicas are TP=1)
     assert learned, "the policy learned no rate"
     stays = a.url  # one replica stays, the other (b) goes
-    rate_before = old_rates.prefill_rate(next(r for r in router.fleet if r.url == stays))
-    assert rate_before == learned[1.0] != old_rates.prior_rate(next(r for r in router.fleet if r.url == stays))
+    staying = next(r for r in router.fleet if r.url == stays)
+    rate_before = old_rates.prefill_rate(staying)
+    assert rate_before == learned[1.0] != old_rates.prior_rate(staying)
     doc = make_routes([stays], policy="cache_aware")
     doc["routing"]["params"] = {"load_factor": 1.5}
     doc["routing"]["terms"] = {"queue": 1.0, "prefill": 1.0, "eviction": 1.0}  # new weights, same rates

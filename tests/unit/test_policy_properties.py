@@ -289,7 +289,7 @@ def test_recent_dispatch_counts_decay_and_stay_bounded() -> None:
 def test_learned_rates_stay_bounded(monkeypatch) -> None:
     from router.core.scheduling import producers
 
-    monkeypatch.setattr(producers, "MAX_TRACKED_REPLICAS", 3)
+    monkeypatch.setattr(producers, "MAX_CAPACITY_CLASSES", 3)
     policy = producers.LearnedRates(min_learn_tokens=1)
     request = make_request(SYSTEM * 4)
     for i in range(10):  # replicas come and go, each of its own size; each teaches one rate

@@ -41,15 +41,15 @@ DEFAULT_EWMA_ALPHA = 0.2  # weight of a new observation in learned rates
 DEFAULT_MIN_LEARN_TOKENS = 256  # below this many uncached tokens, ttfb is mostly overhead
 DEFAULT_TYPICAL_TOKENS = 512.0  # initial typical uncached prompt tokens per queued request
 RATE_CLAMP = 16.0  # a learned rate stays within [prior / 16, prior x 16]
-MAX_TRACKED_REPLICAS = 4096  # bound on the learned-rate table (capacity classes) and the recent counts
+MAX_TRACKED_REPLICAS = 4096  # bound on the recent-dispatch counts (replicas come and go)
+MAX_CAPACITY_CLASSES = 256  # bound on the learned-rate table (distinct TP x weight values)
 RECENT_WINDOW = 100.0  # decisions over which each replica's share of requests is counted
 
 
 class Producer(Protocol):
     """Computes ``cands.data[name]`` once per request.  Optional methods, called when
     present: ``observe`` (answer feedback), ``chosen(replica_id)`` (the winner of each
-    decision), ``adopt(old)`` (a reload keeps what the same-named old producer learned),
-    ``forget_replica(replica_id)`` (a replica left the fleet)."""
+    decision), ``adopt(old)`` (a reload keeps what the same-named old producer learned)."""
 
     name: str
 
@@ -134,9 +134,10 @@ class LearnedRates:
     everywhere but for the rate), so one replica drew every new prefix while the cache hits
     of the ones it held waited behind those prefills, and a replica that read slow had its
     queue charged at the slow rate, which pushed its own cache hits away
-    (benchmarks/results/issue25_development/rate_classes/: shared_prefix at 32 req/s, TTFT
-    p99 129 -> 100 ms; agentic 1,594 -> 681 ms; a dead band that still let a replica more
-    than 1.25x off its class have its own rate left agentic at 1,472 ms).  A replica that
+    (benchmarks/results/issue25_development/rate_classes/: agentic, old and new in one run,
+    TTFT p99 1,594 -> 608 ms; shared_prefix at 32 req/s, p99 129 ms before and 100-105 ms
+    after, in separate runs; a dead band that still let a replica more than 1.25x off its
+    class have its own rate left agentic at 1,472 ms).  A replica that
     really is slower than its class (a throttled GPU) is the latency-outlier detector's to
     eject (router/transport/outliers.py, which compares a replica with peers of its own
     capacity, as this does); a known difference is ``weight``.
@@ -161,8 +162,7 @@ class LearnedRates:
 
     def prefill_rate(self, replica: Replica) -> float:
         """Prefill tokens/s of `replica`: its capacity class's learned rate, else the prior."""
-        cap = capacity_of(replica)
-        return self._class_rates.get(cap) or self.prefill_tokens_per_s * cap
+        return self._class_rates.get(capacity_of(replica)) or self.prior_rate(replica)
 
     def produce(self, request: RouteRequest, cands: Candidates) -> None:
         get = self._class_rates.get
@@ -187,7 +187,7 @@ class LearnedRates:
         classes = self._class_rates
         old = classes.get(cap)
         if old is None:
-            if len(classes) >= MAX_TRACKED_REPLICAS:
+            if len(classes) >= MAX_CAPACITY_CLASSES:
                 del classes[next(iter(classes))]
             old = prior
         classes[cap] = old + alpha * (sample - old)

@@ -5,8 +5,8 @@
 The ranked list keeps every routable candidate (the proxy fails over down it, without
 asking again).  A profile is what the proxy calls a policy: ``rank`` (pure, no I/O, no
 awaits), ``observe`` (feedback after each answer's first byte, for what producers learn),
-and ``adopt`` / ``forget_replica`` for the live fleet (a reload keeps what was learned; a
-replica that leaves is forgotten).
+and ``adopt`` (a reload keeps what was learned).  What the producers learn is per capacity
+class or decays (producers.py), so a replica that leaves needs no forgetting here.
 
 `Cost` is the order key that sums the weighted cost terms (terms/): each term returns one
 cost in seconds per candidate, in one call, the profile multiplies by the term's weight
@@ -196,13 +196,6 @@ class Profile:
             adopt = getattr(producer, "adopt", None)
             if adopt is not None and type(previous) is type(producer):
                 adopt(previous)
-
-    def forget_replica(self, replica_id: str) -> None:
-        """The replica left the fleet: what was learned about it goes too."""
-        for producer in self._all_producers():
-            forget = getattr(producer, "forget_replica", None)
-            if forget is not None:
-                forget(replica_id)
 
     def describe(self) -> dict[str, Any]:
         """What /admin/replicas and a reload's answer say of the running profile."""
