@@ -24,7 +24,7 @@ class ExactConfig:
 
     capacity_blocks: int | None = None  # global bound (None: the index's default)
     relearn_s: float = 10.0  # after lost events: approximate routing for this long
-    confirm_s: float = 2.0  # a finished request's blocks stay pending this long
+    confirm_s: float = 0.0  # a finished request's blocks its replica has not reported stored stay pending this long
     replay_timeout: float = 2.0  # wait for each replayed batch
 
 

@@ -24,23 +24,19 @@ replay (its exact entries were dropped; routing that replica uses the approximat
 until the window has passed and the entries are re-learned from new events).  A replica that
 reports ``AllBlocksCleared`` or restarts from sequence 0 is empty and known at once: exact.
 
-**Predict-on-route**: events arrive only after prefill, so a burst of requests sharing a
-new prefix would all see "nobody has it".  At dispatch the request's blocks are recorded as
-*pending* on the chosen replica (a second bounded index), kept while the request runs and
-for ``confirm_s`` after it ends (by then the replica's events have confirmed or denied
-them), forgotten at once if it failed before the replica started it.
+**Predict-on-route** (pending.py): the blocks of the requests in flight on each replica,
+before its events confirm them, count as held there.
 
 **Bounds**: each replica's entries are capped by its ``num_gpu_blocks`` (it cannot hold
 more) and all entries by ``capacity_blocks``; the hash map per replica by twice its cap;
-pending entries by ``pending_capacity_blocks`` (a running request's pending record lives
-with its attempt; ended ones wait in a queue of at most ``max_pending``).
+pending entries as pending.py says.
 """
 
 from __future__ import annotations
 
 import time
 from array import array
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -48,12 +44,10 @@ from typing import Any
 from router.prefix.events import GPU, AllBlocksCleared, BlockRemoved, BlockStored, Event, Unknown
 from router.prefix.hashing import chain_seed, chain_tokens
 from router.prefix.index import DEFAULT_CAPACITY_BLOCKS, PrefixIndex, Recording
+from router.prefix.pending import DEFAULT_CONFIRM_S, DEFAULT_MAX_PENDING, DEFAULT_PENDING_CAPACITY_BLOCKS, PendingBlocks
 
 EXACT, APPROXIMATE = "exact", "approximate"
 DEFAULT_RELEARN_S = 10.0
-DEFAULT_CONFIRM_S = 2.0
-DEFAULT_MAX_PENDING = 65_536
-DEFAULT_PENDING_CAPACITY_BLOCKS = 1_000_000
 DEFAULT_MAP_CAP = 1_000_000  # vLLM-hash map entries per replica when its size is unknown
 _TOKEN_KIND = "tokens-u32"
 
@@ -93,14 +87,12 @@ class ExactIndex:
                  pending_capacity_blocks: int = DEFAULT_PENDING_CAPACITY_BLOCKS,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.blocks = PrefixIndex(capacity_blocks, tokens_per_block=1)
-        self.pending = PrefixIndex(pending_capacity_blocks, tokens_per_block=1)
+        self.pending = PendingBlocks(pending_capacity_blocks, confirm_s=confirm_s, max_pending=max_pending,
+                                     clock=clock)
         self.relearn_s = relearn_s
         self.max_blocks_per_request = max_blocks_per_request  # as for the approximate index
-        self.confirm_s = confirm_s
-        self.max_pending = max_pending
         self.clock = clock
         self.replicas: dict[str, ReplicaKV] = {}
-        self._expiring: deque[tuple[float, Recording]] = deque()  # (deadline, pending record)
 
     # -- membership ---------------------------------------------------------------------
     def attach(self, replica_id: str, model: str) -> ReplicaKV:
@@ -213,6 +205,7 @@ class ExactIndex:
         mapping = state.vllm_to_ours
         ours = [own for h in hashes if (own := mapping.pop(h, None)) is not None]
         state.removed_blocks += self.blocks.discard(replica_id, ours)
+        self.pending.discard(replica_id, ours)  # a prediction the replica has just denied
 
     def _trim_map(self, state: ReplicaKV) -> None:
         cap = 2 * state.capacity_blocks if state.capacity_blocks else DEFAULT_MAP_CAP
@@ -248,7 +241,6 @@ class ExactIndex:
         `hashes_by_size` (optional) is filled with the request's hashes per block size, for
         `predict`."""
         now = self.clock()
-        self._expire(now)
         out: dict[str, int | None] = {}
         groups: dict[int, list[str]] = {}
         for rid in replica_ids:
@@ -264,7 +256,7 @@ class ExactIndex:
             if hashes_by_size is not None:
                 hashes_by_size[size] = hashes
             held = self.blocks.match(hashes, tuple(ids))
-            soon = self.pending.match(hashes, tuple(ids)) if self.pending.records else None
+            soon = self.pending.match(hashes, tuple(ids))
             for rid in ids:
                 blocks = held[rid]
                 if soon is not None and soon[rid] > blocks:
@@ -315,26 +307,17 @@ class ExactIndex:
     # -- predict-on-route -------------------------------------------------------------------
     def predict(self, replica_id: str, hashes: Sequence[int]) -> Recording | None:
         """Count `hashes` as pending on `replica_id` until `settle` (or `retract`)."""
-        if not hashes:
-            return None
-        self._expire(self.clock())
-        return self.pending.record(hashes, replica_id)
+        return self.pending.record(replica_id, hashes) if hashes else None
 
     def settle(self, recording: Recording) -> None:
-        """The request ended: its pending blocks expire after ``confirm_s``."""
-        expiring = self._expiring
-        if len(expiring) >= self.max_pending:
-            self.pending.forget(expiring.popleft()[1])  # the oldest goes early
-        expiring.append((self.clock() + self.confirm_s, recording))
+        """The request ended: its blocks stop being pending (pending.py says when)."""
+        rid = recording.replica_id
+        confirmed = self.blocks.match(recording.hashes, (rid,)).get(rid, 0) if self.pending.confirm_s > 0 else 0
+        self.pending.settle(recording, confirmed)
 
     def retract(self, recording: Recording) -> None:
-        """The request failed before the replica started it: nothing is pending."""
-        self.pending.forget(recording)
-
-    def _expire(self, now: float) -> None:
-        expiring = self._expiring
-        while expiring and expiring[0][0] <= now:
-            self.pending.forget(expiring.popleft()[1])
+        """The request failed before the replica started it."""
+        self.pending.retract(recording)
 
     def stats(self) -> dict[str, Any]:
         return {"records": self.blocks.records, "pending_records": self.pending.records,

@@ -262,18 +262,22 @@ class PrefixIndex:
             self._shrink_global()
         return Recording(replica_id, hashes, start, tick)
 
-    def forget(self, recording: Recording) -> None:
+    def forget(self, recording: Recording, *, added_only: bool = True) -> None:
         """Undo `recording` (the request failed before the replica started it).
 
         Only blocks this recording added and no later record touched are dropped, so a
-        concurrent request that sent the same prefix keeps its record.
+        concurrent request that sent the same prefix keeps its record.  ``added_only=False``
+        drops every block whose last record this was, those an earlier record added too:
+        for an index of what is *in use* (exact.py's pending blocks), where a finished
+        request's blocks must go even if an earlier, finished one sent them first (else a
+        conversation's first prompt stayed pending forever under its later turns).
         """
         held = self._held.get(recording.replica_id)
         if not held:
             return
         bit = 1 << self._slot[recording.replica_id]
         hashes = recording.hashes
-        for i in range(len(hashes) - 1, recording.start - 1, -1):
+        for i in range(len(hashes) - 1, recording.start - 1 if added_only else -1, -1):
             h = hashes[i]
             if held.get(h) == recording.tick:
                 del held[h]

@@ -158,6 +158,50 @@ def test_pending_blocks_count_until_settled_and_expired():
     assert index.pending.records == 0
 
 
+def test_a_finished_request_is_pending_no_longer():
+    """By a request's end its replica has published its prompt's blocks: pending now would
+    only hide an eviction (the default confirm_s is 0)."""
+    index = fresh(Clock())
+    tokens = list(range(16))
+    hashes: dict[int, tuple[int, ...]] = {}
+    index.match(MODEL, tokens + [0], None, ["a"], hashes_by_size=hashes)
+    index.settle(index.predict("a", hashes[BS]))
+    assert index.match(MODEL, tokens + [0], None, ["a"]) == {"a": 0}
+    assert index.pending.records == 0
+
+
+def test_a_conversations_first_prompt_does_not_stay_pending_under_its_later_turns():
+    """The second turn re-records the first turn's blocks; when both have ended and their
+    confirmation window passed, none may stay pending (they did, for good: an agent's first
+    prompt kept claiming its replica long after the replica evicted it)."""
+    clock = Clock()
+    index = fresh(clock, confirm_s=2.0)
+    first, second = list(range(16)), list(range(32))
+    one = index.predict("a", index.request_hashes(MODEL, first, BS, None))
+    two = index.predict("a", index.request_hashes(MODEL, second, BS, None))
+    index.settle(one)
+    index.settle(two)
+    clock.now += 3.0
+    assert index.match(MODEL, second + [0], None, ["a"]) == {"a": 0}
+    assert index.pending.records == 0
+
+
+def test_an_evicted_block_is_not_claimed_by_a_prediction():
+    clock = Clock()
+    index = fresh(clock, confirm_s=60.0)
+    tokens = list(range(16))
+    running = index.predict("a", index.request_hashes(MODEL, tokens, BS, None))
+    index.apply("a", [stored(tokens, [1, 2, 3, 4])])
+    index.settle(running)  # 4 of 4 blocks confirmed: not kept for the 60 s
+    index.apply("a", [BlockRemoved(block_hashes=(4, 3), medium="GPU")])
+    assert index.match(MODEL, tokens + [0], None, ["a"]) == {"a": 8}
+    waiting = index.predict("a", index.request_hashes(MODEL, tokens, BS, None))
+    index.settle(waiting)  # 2 of 4 shown stored: kept, as its events may lag ...
+    assert index.match(MODEL, tokens + [0], None, ["a"]) == {"a": 16}
+    index.apply("a", [BlockRemoved(block_hashes=(2,), medium="GPU")])  # ... until denied
+    assert index.match(MODEL, tokens + [0], None, ["a"]) == {"a": 4}
+
+
 # -- bounds ---------------------------------------------------------------------------------
 @settings(max_examples=25, deadline=None)
 @given(st.integers(min_value=1, max_value=64), st.integers(min_value=8, max_value=400))
@@ -203,7 +247,7 @@ def test_settled_pending_records_are_bounded():
         tokens = [i] * (2 * BS)
         recording = index.predict("a", index.request_hashes(MODEL, tokens, BS, None))
         index.settle(recording)
-        assert len(index._expiring) <= 5
+        assert len(index.pending._expiring) <= 5
     assert index.pending.records <= 5 * 2  # the oldest were forgotten early, not kept
 
 
