@@ -11,12 +11,12 @@ the first token, so by the end they are in the exact index, and what is not has 
 evicted since.  Kept 2 s after the end (the old default), they claimed a prefix the replica
 had lost: on benchmarks/scenarios/agentic.yaml, where an agent calls again 0.2 s after its
 last answer, a replica's events showed 94 blocks of an agent's context while its previous
-call's pending record claimed 493, and the agent was sent back to a replica that then
-reported a third of what the router expected cached.  (And under a conversation's later turns its first prompt stayed pending for good:
-`PrefixIndex.forget` leaves the blocks an earlier record added, so here ``added_only=False``.)
-``confirm_s`` > 0 keeps the blocks the events have not shown yet that long after the end,
-for a replica whose events lag.  A block the replica reports evicted is no longer pending
-anywhere (`discard`).
+call's pending record claimed 493, and the agent was sent back to a replica that then had
+about half of what the router expected cached.  And under a conversation's later turns its
+first prompt stayed pending for good: `PrefixIndex.forget` leaves the blocks an earlier
+record added, so here ``added_only=False``.  ``confirm_s`` > 0 keeps the blocks the events
+have not shown yet that long after the end, for a replica whose events lag.  A block the
+replica reports evicted is no longer pending anywhere (`discard`).
 
 Bounds: ``capacity_blocks`` records (the index's LRU), and at most ``max_pending`` ended
 requests waiting for ``confirm_s`` (the oldest go early).
