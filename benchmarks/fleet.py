@@ -1,10 +1,12 @@
 """The fleet under test: simulated or real vLLM replicas, their cache resets and counters.
 
 The same fleet serves every target of a run; between targets each replica's prefix cache
-is dropped (`POST /admin/reset?fresh=1` on the simulator, which also restarts its KV-event
-stream as a fresh engine's; `POST /reset_prefix_cache` on real vLLM, which serves it when
-started with VLLM_SERVER_DEV_MODE=1, as Fleet._start_real does, and keeps its replay buffer;
-a replica offering neither stops the run) so no target inherits another's warm cache.
+is dropped (before the target's router starts, `POST /admin/reset?fresh=1` on the
+simulator, which also restarts its KV-event stream as a fresh engine's; at each measured
+run's start, with the router up, `POST /reset_prefix_cache`, whose AllBlocksCleared event it
+hears; real vLLM serves the latter when started with VLLM_SERVER_DEV_MODE=1, as
+Fleet._start_real does, and keeps its replay buffer; a replica offering neither stops the
+run) so no target inherits another's warm cache, nor its router another's KV events.
 
 Counters are read from each replica's own /metrics (vLLM's names; the older
 `gpu_prefix_cache_*` names are accepted) before and after a run, and the deltas give the
@@ -222,14 +224,18 @@ class Fleet:
             replica.info = {k: v for k, v in counters(page).items() if k in ("block_size", "num_gpu_blocks")}
 
     # -- between targets -------------------------------------------------------------------
-    async def reset(self, http: aiohttp.ClientSession) -> str:
-        """Drop every replica's prefix cache; returns how ("admin/reset", ...)."""
+    async def reset(self, http: aiohttp.ClientSession, *, fresh: bool = True) -> str:
+        """Drop every replica's prefix cache; returns how ("admin/reset", ...).
+
+        `fresh` (before a target's router starts): the simulator's fresh reset also restarts
+        its KV-event stream, else a router started for the next target would replay this
+        one's events (up to the replay buffer's 10,000 batches), CPU taken from the run it
+        measures.  Not fresh (a router is running): a plain reset, whose AllBlocksCleared
+        event the router hears."""
         how = set()
+        paths = ("/admin/reset?fresh=1", "/reset_prefix_cache") if fresh else ("/reset_prefix_cache",)
         for replica in self.replicas:
-            # The simulator's fresh reset also restarts its KV-event stream: a router started
-            # for the next target would otherwise replay this one's events (up to the replay
-            # buffer's 10,000 batches), CPU taken from the run it measures.
-            for path in ("/admin/reset?fresh=1", "/reset_prefix_cache"):
+            for path in paths:
                 try:
                     async with http.post(replica.url + path, timeout=aiohttp.ClientTimeout(total=10)) as r:
                         if r.status == 200:

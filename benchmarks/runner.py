@@ -198,7 +198,7 @@ async def measure(scenario: Scenario, fleet: Fleet, target: RunningTarget, workl
                   http, progress: Progress, tokenize) -> dict[str, Any]:
     """One run: reset, counters, load, counters, oracle, summary."""
     await fleet.idle(http)  # nothing running (vLLM refuses to reset a cache in use)
-    reset_how = await fleet.reset(http)
+    reset_how = await fleet.reset(http, fresh=False)  # the router hears AllBlocksCleared
     before = await fleet.read_counters(http)
     predicted_before = await prediction_counts(http, target)
     arrival = scenario.arrival
@@ -256,6 +256,12 @@ async def run_routing(scenario: Scenario, procs: Processes, *, targets: list[Tar
         for rep in range(scenario.repeats):
             for target in targets:
                 bar.describe(f"{target.name}: starting")
+                # The fresh reset (a new KV-event stream) before the target starts: started
+                # first, a router replayed the last target's events and kept their blocks,
+                # the same prompts' (the stream restarting at sequence 0 read as batches it
+                # had replayed): exact mode began each run believing the prompts cached.
+                await fleet.idle(http)
+                await fleet.reset(http)
                 running = await start_target(target, procs=procs, model=scenario.model, backends=backends,
                                              run_dir=out, http=http,
                                              startup_timeout_s=scenario.fleet.startup_timeout_s)

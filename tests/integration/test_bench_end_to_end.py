@@ -72,6 +72,23 @@ async def test_tiny_scenario_end_to_end(tmp_path):
     assert "`ours:cache_aware`" in text and "Oracle hit rate" in text and "Command:" in text
 
 
+async def test_an_exact_mode_router_does_not_start_with_the_last_targets_blocks(tmp_path):
+    """Two targets on one fleet with KV events, the exact-mode one second.  Its router once
+    started before the fleet's reset and replayed the first target's events: it began the
+    run believing every prompt (the same prompts) cached, and its predictions missed."""
+    path = write(tmp_path, arrival="closed, concurrency: 1",
+                 targets="[ours:cache_aware, ours:cache_aware@exact]")
+    text = path.read_text().replace("  startup_timeout_s: 30", "  startup_timeout_s: 30\n  kv_events: true")
+    path.write_text(text.replace("variants: {lean: {lean: true}}", "variants: {exact: {tokenizer: replica}}"))
+    scenario = load_scenario(path)
+    with Processes() as procs:
+        out = await run_routing(scenario, procs, progress=False)
+    runs = {r["target"]: r for r in load_runs(out)}
+    prediction = runs["ours:cache_aware@exact"]["prediction"]
+    assert prediction["requests"] == 9 and prediction["exact_share"] == 1.0, prediction
+    assert prediction["within_block_share"] == 1.0, prediction  # each turn's cached tokens foreseen
+
+
 def _descendants(pid):
     try:
         return psutil.Process(pid).children(recursive=True)
