@@ -172,10 +172,17 @@ def developer_as_system(messages: list[dict[str, object]]) -> list[dict[str, obj
     if not systems or systems == [0]:
         return converted
     texts = [t for m in converted if m.get("role") == "system"
-             and (t := "\n".join(p["text"] for p in m["content"] if isinstance(p, dict) and "text" in p)
+             and (t := "\n".join(p["text"] for p in m["content"] if _is_text_part(p))
                   if isinstance(m.get("content"), list) else str(m.get("content") or ""))]
     rest = [m for m in converted if m.get("role") != "system"]
     return [{"role": "system", "content": "\n\n".join(texts)}, *rest]
+
+
+def _is_text_part(part: object) -> bool:
+    """A content part whose text the prompt takes: type ``text`` (the default) with a string
+    (`content_text` refuses a text part without one; other parts' ``text`` keys, a refusal's
+    say, are not the prompt's: joined, a non-string one crashed the simulator with a 500)."""
+    return isinstance(part, dict) and part.get("type", "text") == "text" and isinstance(part.get("text"), str)
 
 
 def content_text(content: object) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from engines.sim.prompts import chat_ids
 from engines.sim.tokenizer import SPECIAL_TOKENS, Tokenizer, render_chat
 
 texts = st.text(max_size=400)
@@ -61,3 +62,15 @@ def test_generated_tokens_decode_to_four_character_pieces() -> None:
     pieces = [tok.decode([tok.output_token(i, seed=3)]) for i in range(20)]
     assert all(len(p) == 4 for p in pieces)
     assert tok.encode("".join(pieces)) == [tok.output_token(i, seed=3) for i in range(20)]
+
+
+def test_a_developer_message_with_a_non_text_part_renders() -> None:
+    """Found by the router's fuzz test (tests/reliability/test_hostile_input.py): a developer
+    message merged into the system prompt joined every part with a ``text`` key, and a
+    refusal part's list there made the simulator answer 500 (which the router relays)."""
+    body = {"messages": [{"role": "user", "content": "hi"},
+                         {"role": "developer", "content": [{"type": "text", "text": "be brief"},
+                                                           {"type": "refusal", "text": []}]}]}
+    ids = chat_ids(Tokenizer(), body)
+    assert ids == chat_ids(Tokenizer(), {"messages": [{"role": "system", "content": "be brief"},
+                                                      {"role": "user", "content": "hi"}]})
