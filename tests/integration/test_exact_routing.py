@@ -42,7 +42,7 @@ def backend(sim: SimProcess) -> dict:
 
 def exact_routes(sims: list[SimProcess], tokenizer: str, **exact: float) -> dict:
     doc = routes([backend(s) for s in sims], policy="cache_aware",
-                 prefix={"exact": {"relearn_s": 0.5, "confirm_s": 0.5, **exact}})
+                 prefix={"exact": {"relearn_s": 0.5, **exact}})  # confirm_s: production's default
     doc["models"][0]["tokenizer"] = tokenizer
     return doc
 
@@ -108,6 +108,7 @@ async def test_predicted_cached_tokens_match_the_replicas_answers(make_sim, star
         answered += 1
     got = await predictions(http, server.url)
     assert got.get(("exact", "within_block"), 0) == answered, got
+    assert server.router.exact.pending.records == 0  # every request ended: nothing pending
     assert cached_seen >= 6  # most turns found their history cached
     assert not any(index == "approximate" for index, _ in got)
 
@@ -350,4 +351,5 @@ async def test_exact_mode_predicts_the_agentic_apis_cached_tokens(make_sim, star
             turns += [{"role": "assistant", "content": reply}, {"role": "user", "content": text(rng, 30)}]
     got = await predictions(http, server.url)
     assert got.get(("exact", "within_block"), 0) == answered, got
+    assert server.router.exact.pending.records == 0  # every request ended: nothing pending
     assert cached_seen >= 4
