@@ -240,51 +240,63 @@ class ExactIndex:
 
         `hashes_by_size` (optional) is filled with the request's hashes per block size, for
         `predict`."""
-        now = self.clock()
-        out: dict[str, int | None] = {}
-        groups: dict[int, list[str]] = {}
-        for rid in replica_ids:
-            state = self._exact_state(rid, now)
-            if state is None:
-                out[rid] = None
-            else:
-                groups.setdefault(state.block_size or 1, []).append(rid)
-        for size, ids in groups.items():
-            hashes = self.request_hashes(model, tokens, size, cache_salt, lora)
-            # vLLM recomputes at least the prompt's last token: a hit covers at most this many.
-            most = (len(tokens) - 1) // size if tokens else 0
-            if hashes_by_size is not None:
-                hashes_by_size[size] = hashes
-            held = self.blocks.match(hashes, tuple(ids))
-            soon = self.pending.match(hashes, tuple(ids))
-            for rid in ids:
-                blocks = held[rid]
-                if soon is not None and soon[rid] > blocks:
-                    blocks = soon[rid]
-                out[rid] = min(blocks, most) * size
-        return out
+        held, _, _ = self.rows(model, tokens, cache_salt, replica_ids, hashes_by_size, lora)
+        return dict(zip(replica_ids, held))
 
     def rows(self, model: str, tokens: Sequence[int], cache_salt: str | None, replica_ids: Sequence[str],
              hashes_by_size: dict[int, tuple[int, ...]] | None = None, lora: str | None = None,
              ) -> tuple[list[int | None], list[int], list[float]]:
-        """`match` as columns for the scheduler, in one pass: per row the matched tokens
-        (None: not in exact mode), the block size (1 if unknown) and the free tokens."""
-        matched = self.match(model, tokens, cache_salt, replica_ids, lora=lora, hashes_by_size=hashes_by_size)
+        """`match` as columns for the scheduler, in one pass over the replicas: per row the
+        matched tokens (None: not in exact mode), the block size (1 if unknown) and the free
+        tokens."""
+        now = self.clock()
         replicas = self.replicas
-        held = self.blocks.replica_blocks
+        held_blocks = self.blocks.replica_blocks
+        n = len(replica_ids)
         inf = float("inf")
-        sizes: list[int] = []
-        free: list[float] = []
-        for rid in replica_ids:
+        matched: list[int | None] = [None] * n
+        sizes = [1] * n
+        free = [inf] * n
+        groups: dict[int, list[int]] = {}  # block size -> the rows in exact mode with it
+        for i, rid in enumerate(replica_ids):
             state = replicas.get(rid)
-            if state is None or not state.block_size:
-                sizes.append(1)
-                free.append(inf)
+            if state is None:
                 continue
-            sizes.append(state.block_size)
+            if state.mode(now) == EXACT:
+                groups.setdefault(state.block_size or 1, []).append(i)
+            size = state.block_size
+            if not size:
+                continue
+            sizes[i] = size
             cap = state.capacity_blocks  # from its num_gpu_blocks (None: unknown, so unbounded)
-            free.append(float((cap - held(rid)) * state.block_size) if cap else inf)
-        return [matched[rid] for rid in replica_ids], sizes, free
+            if cap:
+                free[i] = float((cap - held_blocks(rid)) * size)
+        for size, rows in groups.items():
+            ids = tuple(replica_ids[i] for i in rows)
+            for i, tokens_held in zip(rows, self._held_tokens(model, tokens, size, cache_salt, lora, ids,
+                                                              hashes_by_size)):
+                matched[i] = tokens_held
+        return matched, sizes, free
+
+    def _held_tokens(self, model: str, tokens: Sequence[int], size: int, cache_salt: str | None,
+                     lora: str | None, ids: tuple[str, ...],
+                     hashes_by_size: dict[int, tuple[int, ...]] | None) -> list[int]:
+        """Per replica of `ids` (in exact mode, block size `size`), the tokens of the
+        request's prefix it holds or is about to hold (pending)."""
+        hashes = self.request_hashes(model, tokens, size, cache_salt, lora)
+        # vLLM recomputes at least the prompt's last token: a hit covers at most this many.
+        most = (len(tokens) - 1) // size if tokens else 0
+        if hashes_by_size is not None:
+            hashes_by_size[size] = hashes
+        held = self.blocks.match(hashes, ids)
+        soon = self.pending.match(hashes, ids)
+        out = []
+        for rid in ids:
+            blocks = held[rid]
+            if soon is not None and soon[rid] > blocks:
+                blocks = soon[rid]
+            out.append((blocks if blocks < most else most) * size)
+        return out
 
     def block_size_of(self, replica_id: str) -> int:
         """The block size of a replica in exact mode (1 if unknown, never 0)."""

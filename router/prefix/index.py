@@ -201,13 +201,14 @@ class PrefixIndex:
     def replica_capacity_blocks(self, replica_id: str) -> int | None:
         return self._caps.get(replica_id)
 
-    def free_blocks(self, replica_ids: Sequence[str]) -> list[float]:
+    def free_blocks(self, replica_ids: Sequence[str], unit: int = 1) -> list[float]:
         """Per replica, blocks it can still be sent before the index must forget some of
-        its prefixes (its capacity minus what it holds); infinite without a capacity."""
+        its prefixes (its capacity minus what it holds), times `unit` (tokens_per_block
+        gives tokens); infinite without a capacity."""
         caps = self._caps
         held = self._held
         inf = float("inf")
-        return [inf if (cap := caps.get(rid)) is None else cap - len(held.get(rid, ()))
+        return [inf if (cap := caps.get(rid)) is None else (cap - len(held.get(rid, ()))) * unit
                 for rid in replica_ids]
 
     def memory_bytes(self) -> int:

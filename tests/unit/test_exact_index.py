@@ -139,6 +139,36 @@ def test_lost_events_mean_approximate_until_relearned():
     assert index.match(MODEL, list(range(9)), None, ["a"]) == {"a": 8}
 
 
+def test_rows_give_the_scheduler_each_replicas_match_block_size_and_room():
+    """`rows` (the scheduler's columns, in candidate order): matched tokens only for replicas in
+    exact mode (None for one relearning, one never attached), each replica's block size (1 if
+    unknown) and its free tokens (capacity minus the blocks its events stored; inf if unknown)."""
+    clock = Clock()
+    index = fresh(clock, relearn_s=5.0)
+    index.attach("c", MODEL)  # relearning after lost events, 2-token blocks, 10 of them
+    index.set_capacity("c", 10, 2)
+    index.reset("c", empty=False)
+    index.attach("d", MODEL)  # known empty, another block size: matched in its own group
+    index.reset("d", empty=True)
+    index.set_capacity("d", 6, 8)
+    index.set_capacity("a", 20, BS)
+    tokens = list(range(100, 116))
+    index.apply("a", [stored(tokens[:12], [1, 2, 3])])
+    index.apply("d", [stored(tokens[:8], [7], bs=8)])
+    hashes: dict[int, tuple[int, ...]] = {}
+    order = ["d", "unknown", "b", "c", "a"]
+    held, sizes, free = index.rows(MODEL, tokens + [0], None, order, hashes_by_size=hashes)
+    assert held == [8, None, 0, None, 12]
+    assert sizes == [8, 1, BS, 2, BS]
+    assert free == [(6 - 1) * 8, float("inf"), float("inf"), 10 * 2, (20 - 3) * BS]
+    assert set(hashes) == {BS, 8}  # both block sizes' hashes, for predict
+    assert index.match(MODEL, tokens + [0], None, order) == dict(zip(order, held))
+    index.predict("b", hashes[BS][:2])  # pending counts as held, up to the prompt's last token
+    assert index.rows(MODEL, tokens + [0], None, ["b"])[0] == [8]
+    assert index.rows(MODEL, tokens, None, ["a"])[0] == [12]  # (16 - 1) // 4 blocks at most
+    assert index.rows(MODEL, tokens[:12], None, ["a"])[0] == [8]
+
+
 def test_pending_blocks_count_until_settled_and_expired():
     clock = Clock()
     index = fresh(clock, confirm_s=2.0)

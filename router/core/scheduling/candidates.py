@@ -77,16 +77,36 @@ class Candidates:
     def waiting(self) -> list[float]:
         waiting = self._waiting
         if waiting is None:
-            waiting = self._waiting = [r.load.waiting for r in self.replicas]
+            self._read_load()
+            waiting = self._waiting
+            assert waiting is not None
         return waiting
 
     @property
     def queued(self) -> list[float]:
         queued = self._queued
         if queued is None:
-            queued = self._queued = [f if (f := float(r.in_flight)) > (s := r.load.running + w) else s
-                                     for r, w in zip(self.replicas, self.waiting)]
+            self._read_load()
+            queued = self._queued
+            assert queued is not None
         return queued
+
+    def _read_load(self) -> None:
+        """``waiting`` and ``queued`` in one pass over the replicas (the guard and the
+        queue term both read them; one loop costs less than a comprehension each)."""
+        waiting: list[float] = []
+        queued: list[float] = []
+        add_waiting = waiting.append
+        add_queued = queued.append
+        for r in self.replicas:
+            load = r.load
+            w = load.waiting
+            add_waiting(w)
+            s = load.running + w
+            f = r.in_flight
+            add_queued(float(f) if f > s else s)
+        self._waiting = waiting
+        self._queued = queued
 
     @property
     def capacity(self) -> list[float]:

@@ -88,17 +88,16 @@ class PrefixMatch:
         n = len(request.block_hashes)
         exact = cands.exact
         tokens = request.prompt_token_ids
+        free = index.free_blocks(ids, tpb)  # in tokens
         if exact is None or tokens is None or not exact.replicas:
-            free = index.free_blocks(ids)
             matched_tokens = [m * tpb for m in matched]
             cands.data["prefix"] = PrefixData(
                 matched=matched, by_id=by_id, matched_tokens=matched_tokens,
                 tokens_by_id=dict(zip(ids, matched_tokens)), need_tokens=[n * tpb] * cands.n,
-                free_tokens=[f * tpb for f in free], blocks=n, tokens_per_block=tpb)
+                free_tokens=free, blocks=n, tokens_per_block=tpb)
             return
         held, sizes, exact_free = exact.rows(request.index_model, tokens, request.cache_salt, ids,
                                              hashes_by_size=request.exact_hashes, lora=request.lora)
-        free = index.free_blocks(ids)
         rows = [t is not None for t in held]
         matched_tokens = [m * tpb if t is None else t for t, m in zip(held, matched)]
         exact_blocks = [m if t is None else t // s for t, s, m in zip(held, sizes, matched)]
@@ -107,7 +106,7 @@ class PrefixMatch:
             matched=exact_blocks, by_id=dict(zip(ids, exact_blocks)), matched_tokens=matched_tokens,
             tokens_by_id=dict(zip(ids, matched_tokens)),
             need_tokens=[whole - whole % s if e else n * tpb for s, e in zip(sizes, rows)],
-            free_tokens=[x if e else f * tpb for x, e, f in zip(exact_free, rows, free)],
+            free_tokens=[x if e else f for x, e, f in zip(exact_free, rows, free)],
             blocks=n, tokens_per_block=tpb, exact=rows)
 
 

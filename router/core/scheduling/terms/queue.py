@@ -51,11 +51,14 @@ class Queue:
     def costs(self, request: RouteRequest, cands: Candidates) -> list[float] | None:
         data = cands.data
         typical = data["typical_tokens"]
-        ahead = [p if p > (t := wt * typical) else t for p, wt in zip(cands.pending_prefill, cands.waiting)]
         w = self.running_weight
+        recent = data["recent"]  # None: nobody is over its share
+        if not w and recent is None:  # the common case, in one pass
+            return [(p if p > (t := wt * typical) else t) / rate
+                    for p, wt, rate in zip(cands.pending_prefill, cands.waiting, data["rates"])]
+        ahead = [p if p > (t := wt * typical) else t for p, wt in zip(cands.pending_prefill, cands.waiting)]
         if w:
             ahead = [a + w * (q - wt) * typical for a, wt, q in zip(ahead, cands.waiting, cands.queued)]
-        recent = data["recent"]  # None: nobody is over its share
         if recent is not None:
             ahead = [a + over * typical for a, over in zip(ahead, recent)]
         return [a / rate for a, rate in zip(ahead, data["rates"])]
