@@ -246,9 +246,9 @@ class ExactIndex:
     def rows(self, model: str, tokens: Sequence[int], cache_salt: str | None, replica_ids: Sequence[str],
              hashes_by_size: dict[int, tuple[int, ...]] | None = None, lora: str | None = None,
              ) -> tuple[list[int | None], list[int], list[float]]:
-        """`match` as columns for the scheduler, in one pass over the replicas: per row the
-        matched tokens (None: not in exact mode), the block size (1 if unknown) and the free
-        tokens."""
+        """`match` as columns for the scheduler, reading each replica's state once: per row
+        the matched tokens (None: not in exact mode), the block size (1 if unknown) and the
+        free tokens."""
         now = self.clock()
         replicas = self.replicas
         held_blocks = self.blocks.replica_blocks

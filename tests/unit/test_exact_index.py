@@ -153,20 +153,23 @@ def test_rows_give_the_scheduler_each_replicas_match_block_size_and_room():
     index.set_capacity("d", 6, 8)
     index.set_capacity("a", 20, BS)
     tokens = list(range(100, 116))
-    index.apply("a", [stored(tokens[:12], [1, 2, 3])])
+    index.apply("a", [stored(tokens, [1, 2, 3, 4])])
     index.apply("d", [stored(tokens[:8], [7], bs=8)])
     hashes: dict[int, tuple[int, ...]] = {}
     order = ["d", "unknown", "b", "c", "a"]
     held, sizes, free = index.rows(MODEL, tokens + [0], None, order, hashes_by_size=hashes)
-    assert held == [8, None, 0, None, 12]
+    assert held == [8, None, 0, None, 16]
     assert sizes == [8, 1, BS, 2, BS]
-    assert free == [(6 - 1) * 8, float("inf"), float("inf"), 10 * 2, (20 - 3) * BS]
-    assert set(hashes) == {BS, 8}  # both block sizes' hashes, for predict
+    assert free == [(6 - 1) * 8, float("inf"), float("inf"), 10 * 2, (20 - 4) * BS]
+    assert all(isinstance(f, float) for f in free)
+    assert hashes == {BS: index.request_hashes(MODEL, tokens + [0], BS, None),
+                      8: index.request_hashes(MODEL, tokens + [0], 8, None)}  # for predict
     assert index.match(MODEL, tokens + [0], None, order) == dict(zip(order, held))
-    index.predict("b", hashes[BS][:2])  # pending counts as held, up to the prompt's last token
-    assert index.rows(MODEL, tokens + [0], None, ["b"])[0] == [8]
-    assert index.rows(MODEL, tokens, None, ["a"])[0] == [12]  # (16 - 1) // 4 blocks at most
-    assert index.rows(MODEL, tokens[:12], None, ["a"])[0] == [8]
+    # vLLM never counts the prompt's last token as cached: at most (16 - 1) // 4 = 3 blocks.
+    assert index.rows(MODEL, tokens, None, ["a"])[0] == [12]
+    index.predict("b", hashes[BS])  # pending counts as held, under the same cap
+    assert index.rows(MODEL, tokens + [0], None, ["b"])[0] == [16]
+    assert index.rows(MODEL, tokens, None, ["b"])[0] == [12]
 
 
 def test_pending_blocks_count_until_settled_and_expired():
