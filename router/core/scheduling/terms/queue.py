@@ -29,6 +29,7 @@ Running requests still count in the bounded-load guard.
 
 from __future__ import annotations
 
+from itertools import repeat
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -51,17 +52,18 @@ class Queue:
     def costs(self, request: RouteRequest, cands: Candidates) -> list[float] | None:
         data = cands.data
         typical = data["typical_tokens"]
+        # Requests counted beside the prompt tokens ahead: running ones at running_weight, and
+        # those over the recent share (None, the common case: no one, and no extra pass).
         w = self.running_weight
-        recent = data["recent"]  # None: nobody is over its share
-        if not w and recent is None:  # the common case, in one pass
-            return [(p if p > (t := wt * typical) else t) / rate
-                    for p, wt, rate in zip(cands.pending_prefill, cands.waiting, data["rates"])]
-        ahead = [p if p > (t := wt * typical) else t for p, wt in zip(cands.pending_prefill, cands.waiting)]
+        recent = data["recent"]
+        extra: list[float] | None = None
         if w:
-            ahead = [a + w * (q - wt) * typical for a, wt, q in zip(ahead, cands.waiting, cands.queued)]
+            extra = [w * (q - wt) for wt, q in zip(cands.waiting, cands.queued)]
         if recent is not None:
-            ahead = [a + over * typical for a, over in zip(ahead, recent)]
-        return [a / rate for a, rate in zip(ahead, data["rates"])]
+            extra = recent if extra is None else [e + over for e, over in zip(extra, recent)]
+        return [((p if p > (t := wt * typical) else t) + e * typical) / rate
+                for p, wt, e, rate in zip(cands.pending_prefill, cands.waiting,
+                                          repeat(0.0) if extra is None else extra, data["rates"])]
 
     def explain(self, cands: Candidates, winner: int, why: dict[str, object]) -> None:
         recent = cands.data["recent"]
